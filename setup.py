@@ -4,6 +4,7 @@ The table is the directory listing; one loop turns it into extensions, so adding
 module is adding a .pyx file and nothing else.
 """
 
+import os
 from pathlib import Path
 
 import numpy
@@ -15,6 +16,9 @@ from setuptools import Extension, setup
 COMPILE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
 
 KERNEL_MODULES = sorted(path.stem for path in Path("cykernels").glob("*.pyx"))
+# Development aid: ZEROTRAIN_KERNELS="optim losses" builds only those modules.
+if os.environ.get("ZEROTRAIN_KERNELS"):
+    KERNEL_MODULES = [m for m in KERNEL_MODULES if m in os.environ["ZEROTRAIN_KERNELS"].split()]
 
 extensions = [
     Extension(
