@@ -1,0 +1,692 @@
+"""Pipeline configuration: the schema, TOML loading, `--set` overrides and the config hash.
+
+A pipeline is one TOML file with these sections (every key optional unless noted; the
+defaults are the dataclass defaults below, so `Config()` is a valid, tiny configuration):
+
+    description = "one line shown by `zerotrain pipelines`"
+    [model]      name (required) + the model builder's keyword arguments
+    [data]       name (corpus | digits | friedman | digit_triplets) + that dataset's options
+    [loss]       name (a pipelines.model.losses registry entry, "" = the model's default)
+                 + the loss's keyword arguments
+    [optimizer]  name (sgd | adam | adamw), lr, betas, eps, weight_decay, momentum, ...
+    [schedule]   name (constant | warmup_cosine | step | linear), warmup_steps, ...
+    [cluster]    ranks, mode (ddp | zero1 | zero2), transport (ipc | tcp)
+    [checkpoint] every, keep_last, keep_best, best_metric, best_mode, dir
+    [hooks]      scripts ["PATH[:NAME]", ...], every
+    [eval]       every, split, metrics, batch_size, max_batches,
+                 [eval.early_stopping] metric, patience, mode, min_delta
+    [train]      steps, batch_size, grad_accum, seed, clip_norm, log_every
+
+`train.batch_size` is the GLOBAL batch: the samples behind one optimizer step, summed over
+ranks and accumulation micro-steps. Each rank computes batch_size / (ranks * grad_accum)
+samples per micro-step. Keeping the global batch fixed is what lets `--ranks 1` and
+`--ranks 4` reach the same parameters (tests/pipelines/test_step.py).
+
+Every mistake is a `ConfigError` whose message is ONE line naming the dotted key, what is
+accepted and what was received, e.g.
+
+    >>> load_config("char_lm", ["train.batch_size=0"])
+    ConfigError: train.batch_size: expected an integer >= 1, got 0
+
+Data before behaviour: each section is a frozen dataclass checked in `__post_init__`;
+`_build_section` turns a TOML table into one (unknown keys and types), the dataclass
+checks values, and `resolve` checks what spans sections (divisibility, model kwargs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+__all__ = [
+    "DEFAULT_PIPELINE",
+    "CONFIG_DIR",
+    "Config",
+    "ConfigError",
+    "builtin_pipelines",
+    "config_hash",
+    "load_config",
+    "parse_override",
+    "resume_hash",
+]
+
+DEFAULT_PIPELINE = "char_lm"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; `str(err)` is one line fit to print as it is."""
+
+
+def _fail(key: str, accepted: str, received: Any) -> typing.NoReturn:
+    raise ConfigError(f"{key}: expected {accepted}, got {_show(received)}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, "one of " + ", ".join(choices), value)
+
+
+def _check_range(key: str, value: float, lo=None, hi=None, lo_open=False, hi_open=False):
+    """Require lo <(=) value <(=) hi; the message states the accepted interval."""
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(key, "a finite number", value)
+    ok = True
+    if lo is not None:
+        ok &= value > lo if lo_open else value >= lo
+    if hi is not None:
+        ok &= value < hi if hi_open else value <= hi
+    if not ok:
+        kind = "an integer" if isinstance(value, int) else "a number"
+        parts = []
+        if lo is not None:
+            parts.append(f"{'>' if lo_open else '>='} {lo}")
+        if hi is not None:
+            parts.append(f"{'<' if hi_open else '<='} {hi}")
+        _fail(key, f"{kind} " + " and ".join(parts), value)
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+# Each dataclass names its dotted prefix in `_section`. Sections that carry free keyword
+# arguments for a builder (model, data, loss) keep them in `options`; their keys are
+# checked against the builder in `resolve`.
+
+MODEL_NAMES = ("char_transformer", "mlp_classifier", "mlp_regressor", "triplet_embedder")
+DATASET_NAMES = ("corpus", "digits", "friedman", "digit_triplets")
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+SCHEDULE_NAMES = ("constant", "warmup_cosine", "step", "linear")
+MODES = ("ddp", "zero1", "zero2")
+TRANSPORTS = ("ipc", "tcp")
+METRIC_NAMES = (
+    "loss", "accuracy", "precision", "recall", "macro_f1", "perplexity", "mse", "mae", "r2",
+)
+# Which eval metrics make sense for which model; `eval.metrics` is checked against it.
+MODEL_METRICS = {
+    "char_transformer": ("loss", "perplexity", "accuracy"),
+    "mlp_classifier": ("loss", "accuracy", "precision", "recall", "macro_f1"),
+    "mlp_regressor": ("loss", "mse", "mae", "r2"),
+    "triplet_embedder": ("loss", "accuracy"),
+}
+# Which datasets feed which model (the batch keys must match).
+MODEL_DATASETS = {
+    "char_transformer": ("corpus",),
+    "mlp_classifier": ("digits",),
+    "mlp_regressor": ("friedman",),
+    "triplet_embedder": ("digit_triplets",),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    _section: ClassVar[str] = "model"
+    _free_options: ClassVar[bool] = True
+    name: str = "mlp_classifier"
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_choice("model.name", self.name, MODEL_NAMES)
+
+
+# Per-dataset options: name -> {key: (type, default)}; checked like the fixed sections.
+DATASET_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
+    "corpus": {"seq_len": (int, 64), "eval_fraction": (float, 0.05)},
+    "digits": {"n_train": (int, 20000), "n_eval": (int, 2000), "noise": (float, 0.1)},
+    "friedman": {"n_train": (int, 20000), "n_eval": (int, 2000), "noise": (float, 1.0),
+                 "n_features": (int, 10)},
+    "digit_triplets": {"n_train": (int, 20000), "n_eval": (int, 2000),
+                       "noise": (float, 0.1)},
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """`seed` fixes the generated data (not the shuffling, which follows `train.seed`);
+    `cache_dir` ("" = keep in memory) materialises arrays as .npy and memory-maps them."""
+
+    _section: ClassVar[str] = "data"
+    _free_options: ClassVar[bool] = True
+    name: str = "digits"
+    seed: int = 0
+    cache_dir: str = ""
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_choice("data.name", self.name, DATASET_NAMES)
+        _check_range("data.seed", self.seed, lo=0)
+        known = DATASET_OPTIONS[self.name]
+        full = {}
+        for key, value in self.options.items():
+            if key not in known:
+                _unknown_key(f"data.{key}", key, list(known) + ["name", "seed", "cache_dir"],
+                             f" for dataset {self.name!r}")
+            full[key] = _coerce(f"data.{key}", value, known[key][0])
+        for key, (_, default) in known.items():
+            full.setdefault(key, default)
+        for key in ("n_train", "n_eval", "seq_len", "n_features"):
+            if key in full:
+                _check_range(f"data.{key}", full[key], lo=1)
+        if "n_features" in full:
+            _check_range("data.n_features", full["n_features"], lo=5)
+        if "noise" in full:
+            _check_range("data.noise", full["noise"], lo=0.0)
+        if "eval_fraction" in full:
+            _check_range("data.eval_fraction", full["eval_fraction"], lo=0.0, hi=0.5,
+                         lo_open=True)
+        object.__setattr__(self, "options", full)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """`name = ""` uses the model's default loss; other keys go to the loss function."""
+
+    _section: ClassVar[str] = "loss"
+    _free_options: ClassVar[bool] = True
+    name: str = ""
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """torch.optim defaults; `adamw` is Adam with decoupled weight decay."""
+
+    _section: ClassVar[str] = "optimizer"
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self):
+        _check_choice("optimizer.name", self.name, OPTIMIZER_NAMES)
+        _check_range("optimizer.lr", self.lr, lo=0.0, lo_open=True)
+        if len(self.betas) != 2:
+            _fail("optimizer.betas", "a list of two numbers [beta1, beta2]", self.betas)
+        for i, b in enumerate(self.betas):
+            _check_range(f"optimizer.betas[{i}]", b, lo=0.0, hi=1.0, hi_open=True)
+        _check_range("optimizer.eps", self.eps, lo=0.0, lo_open=True)
+        _check_range("optimizer.weight_decay", self.weight_decay, lo=0.0)
+        _check_range("optimizer.momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
+        _check_range("optimizer.dampening", self.dampening, lo=0.0, hi=1.0)
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            _fail("optimizer.nesterov", "false unless momentum > 0 and dampening = 0",
+                  self.nesterov)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """LR multiplier as a function of the step (pipelines.optim.lr_at).
+
+    warmup_steps apply to every schedule; `min_lr_ratio` is the floor of warmup_cosine and
+    linear as a fraction of optimizer.lr; `step` multiplies by gamma every step_size steps;
+    total_steps = 0 means train.steps.
+    """
+
+    _section: ClassVar[str] = "schedule"
+    name: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 0
+    min_lr_ratio: float = 0.0
+    step_size: int = 1000
+    gamma: float = 0.1
+
+    def __post_init__(self):
+        _check_choice("schedule.name", self.name, SCHEDULE_NAMES)
+        _check_range("schedule.warmup_steps", self.warmup_steps, lo=0)
+        _check_range("schedule.total_steps", self.total_steps, lo=0)
+        _check_range("schedule.min_lr_ratio", self.min_lr_ratio, lo=0.0, hi=1.0)
+        _check_range("schedule.step_size", self.step_size, lo=1)
+        _check_range("schedule.gamma", self.gamma, lo=0.0, hi=1.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    _section: ClassVar[str] = "cluster"
+    ranks: int = 1
+    mode: str = "ddp"
+    transport: str = "ipc"
+
+    def __post_init__(self):
+        _check_range("cluster.ranks", self.ranks, lo=1, hi=256)
+        _check_choice("cluster.mode", self.mode, MODES)
+        _check_choice("cluster.transport", self.transport, TRANSPORTS)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """every = 0 disables periodic checkpoints (the final one is still written);
+    keep_best = 0 keeps none for their metric; dir is relative to the run dir."""
+
+    _section: ClassVar[str] = "checkpoint"
+    every: int = 0
+    keep_last: int = 2
+    keep_best: int = 0
+    best_metric: str = "loss"
+    best_mode: str = "min"
+    dir: str = "checkpoints"
+
+    def __post_init__(self):
+        _check_range("checkpoint.every", self.every, lo=0)
+        _check_range("checkpoint.keep_last", self.keep_last, lo=1)
+        _check_range("checkpoint.keep_best", self.keep_best, lo=0)
+        _check_choice("checkpoint.best_metric", self.best_metric, METRIC_NAMES)
+        _check_choice("checkpoint.best_mode", self.best_mode, ("min", "max"))
+        if not self.dir:
+            _fail("checkpoint.dir", "a non-empty path", self.dir)
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    _section: ClassVar[str] = "hooks"
+    scripts: list[str] = field(default_factory=list)
+    every: int = 1
+
+    def __post_init__(self):
+        _check_range("hooks.every", self.every, lo=1)
+        for i, spec in enumerate(self.scripts):
+            if not spec or spec.startswith(":"):
+                _fail(f"hooks.scripts[{i}]", '"PATH" or "PATH:NAME"', spec)
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """patience = 0 disables it; patience evaluations without an improvement of more
+    than min_delta stop the run."""
+
+    _section: ClassVar[str] = "eval.early_stopping"
+    metric: str = "loss"
+    patience: int = 0
+    mode: str = "min"
+    min_delta: float = 0.0
+
+    def __post_init__(self):
+        _check_choice("eval.early_stopping.metric", self.metric, METRIC_NAMES)
+        _check_range("eval.early_stopping.patience", self.patience, lo=0)
+        _check_choice("eval.early_stopping.mode", self.mode, ("min", "max"))
+        _check_range("eval.early_stopping.min_delta", self.min_delta, lo=0.0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """every = 0 evaluates only at the end; max_batches = 0 evaluates the whole split."""
+
+    _section: ClassVar[str] = "eval"
+    every: int = 0
+    split: str = "eval"
+    metrics: list[str] = field(default_factory=lambda: ["loss"])
+    batch_size: int = 256
+    max_batches: int = 0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+    def __post_init__(self):
+        _check_range("eval.every", self.every, lo=0)
+        _check_choice("eval.split", self.split, ("eval", "train"))
+        for i, m in enumerate(self.metrics):
+            _check_choice(f"eval.metrics[{i}]", m, METRIC_NAMES)
+        _check_range("eval.batch_size", self.batch_size, lo=1)
+        _check_range("eval.max_batches", self.max_batches, lo=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """batch_size is the global batch of one optimizer step (see the module doc);
+    clip_norm = 0 disables clipping; log_every = 0 picks about 20 progress lines."""
+
+    _section: ClassVar[str] = "train"
+    steps: int = 100
+    batch_size: int = 32
+    grad_accum: int = 1
+    seed: int = 0
+    clip_norm: float = 0.0
+    log_every: int = 0
+
+    def __post_init__(self):
+        _check_range("train.steps", self.steps, lo=1)
+        _check_range("train.batch_size", self.batch_size, lo=1)
+        _check_range("train.grad_accum", self.grad_accum, lo=1)
+        _check_range("train.seed", self.seed, lo=0, hi=2**63 - 1)
+        _check_range("train.clip_norm", self.clip_norm, lo=0.0)
+        _check_range("train.log_every", self.log_every, lo=0)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "loss": LossConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "cluster": ClusterConfig,
+    "checkpoint": CheckpointConfig,
+    "hooks": HooksConfig,
+    "eval": EvalConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A resolved pipeline configuration. Build it with `load_config`."""
+
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples one rank computes per micro-step."""
+        return self.train.batch_size // (self.cluster.ranks * self.train.grad_accum)
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps or self.train.steps
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON-able); `load_config(from_dict(...))` gives the same Config."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections) -> Config:
+        """A copy with some sections replaced, re-checked by `resolve`."""
+        return resolve(dataclasses.replace(self, **sections))
+
+
+# ---------------------------------------------------------------------------------------
+# Building sections from TOML tables
+# ---------------------------------------------------------------------------------------
+
+
+def _unknown_key(dotted: str, key: str, accepted, where: str = "") -> typing.NoReturn:
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(
+        f"{dotted}: unknown key{where}{hint}; accepted: {', '.join(sorted(accepted))}"
+    )
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ')}s"
+    return {int: "an integer", float: "a number", bool: "a boolean (true/false)",
+            str: "a string", dict: "a table"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            _fail(key, _type_name(tp), value)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            _fail(key, "a number", value)
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, "an integer", value)
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, "a boolean (true/false)", value)
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, "a string", value)
+        return value
+    raise AssertionError(f"schema type {tp!r} of {key} is not handled")
+
+
+def _build_section(cls, table: Any):
+    prefix = cls._section
+    if not isinstance(table, dict):
+        _fail(prefix, "a table", table)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "options"}
+    kwargs, options = {}, {}
+    for key, value in table.items():
+        if key in fields:
+            tp = hints[key]
+            if dataclasses.is_dataclass(tp):
+                kwargs[key] = _build_section(tp, value)
+            else:
+                kwargs[key] = _coerce(f"{prefix}.{key}", value, tp)
+        elif getattr(cls, "_free_options", False):
+            _check_toml_value(f"{prefix}.{key}", value)
+            options[key] = value
+        else:
+            _unknown_key(f"{prefix}.{key}", key, list(fields))
+    if getattr(cls, "_free_options", False):
+        kwargs["options"] = options
+    return cls(**kwargs)
+
+
+def _check_toml_value(key: str, value: Any) -> None:
+    """Builder kwargs are scalars or lists of them (no tables, no dates)."""
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_toml_value(f"{key}[{i}]", v)
+    elif not isinstance(value, bool | int | float | str):
+        _fail(key, "a number, string, boolean or list of them", value)
+
+
+def from_dict(raw: dict, *, name: str = "custom") -> Config:
+    """Build and resolve a Config from a parsed TOML document (a dict)."""
+    if not isinstance(raw, dict):
+        _fail("<config>", "a table", raw)
+    sections = {}
+    description = ""
+    for key, value in raw.items():
+        if key == "description":
+            description = _coerce("description", value, str)
+        elif key in SECTIONS:
+            sections[key] = _build_section(SECTIONS[key], value)
+        else:
+            _unknown_key(key, key, list(SECTIONS) + ["description"], " (top level)")
+    return resolve(Config(name=name, description=description, **sections))
+
+
+# ---------------------------------------------------------------------------------------
+# Cross-section checks
+# ---------------------------------------------------------------------------------------
+
+
+def resolve(cfg: Config) -> Config:
+    """Check what spans sections; return `cfg` (it is already in canonical form)."""
+    model = cfg.model.name
+    if cfg.data.name not in MODEL_DATASETS[model]:
+        _fail("data.name", f"a dataset for model {model!r}: "
+              + ", ".join(MODEL_DATASETS[model]), cfg.data.name)
+    for i, m in enumerate(cfg.eval.metrics):
+        if m not in MODEL_METRICS[model]:
+            _fail(f"eval.metrics[{i}]", f"a metric of model {model!r}: "
+                  + ", ".join(MODEL_METRICS[model]), m)
+    for key, metric in (("eval.early_stopping.metric", cfg.eval.early_stopping.metric),
+                        ("checkpoint.best_metric", cfg.checkpoint.best_metric)):
+        if metric not in MODEL_METRICS[model]:
+            _fail(key, f"a metric of model {model!r}: " + ", ".join(MODEL_METRICS[model]),
+                  metric)
+    per = cfg.cluster.ranks * cfg.train.grad_accum
+    if cfg.train.batch_size % per:
+        _fail("train.batch_size",
+              f"a multiple of cluster.ranks * train.grad_accum = {per} (it is the global "
+              "batch, split evenly over ranks and micro-steps)", cfg.train.batch_size)
+    if cfg.schedule.total_steps and cfg.schedule.warmup_steps > cfg.schedule.total_steps:
+        _fail("schedule.warmup_steps", f"at most schedule.total_steps = "
+              f"{cfg.schedule.total_steps}", cfg.schedule.warmup_steps)
+    _check_builder_kwargs("model", cfg.model.options, _model_builder(model), model)
+    if cfg.loss.name:
+        _check_loss(cfg.loss)
+    return cfg
+
+
+def _model_builder(name: str):
+    """The callable that `build_model(name, **options)` dispatches to, if findable."""
+    try:
+        from pipelines import model as _model_pkg
+    except ImportError:  # the model core is not importable: skip the kwarg check
+        return None
+    registry = getattr(_model_pkg, "MODELS", None) or getattr(_model_pkg, "MODEL_BUILDERS", None)
+    if isinstance(registry, dict):
+        return registry.get(name)
+    return None
+
+
+def _check_builder_kwargs(section: str, options: dict, builder, what: str) -> None:
+    if builder is None or not options:
+        return
+    try:
+        sig = inspect.signature(builder)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items()
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"]
+    for key in options:
+        if key not in accepted:
+            _unknown_key(f"{section}.{key}", key, accepted + ["name"], f" for {what!r}")
+
+
+def _check_loss(loss: LossConfig) -> None:
+    try:
+        from pipelines.model import losses as _losses
+    except ImportError:
+        return
+    registry = getattr(_losses, "LOSSES", None) or getattr(_losses, "REGISTRY", None)
+    if isinstance(registry, dict):
+        if loss.name not in registry:
+            _fail("loss.name", "a registered loss: " + ", ".join(sorted(registry)), loss.name)
+        _check_builder_kwargs("loss", loss.options, registry[loss.name], loss.name)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overrides, hashing
+# ---------------------------------------------------------------------------------------
+
+
+def builtin_pipelines() -> dict[str, str]:
+    """name -> one-line description of every pipelines/configs/*.toml, sorted by name."""
+    out = {}
+    for path in sorted(CONFIG_DIR.glob("*.toml")):
+        with open(path, "rb") as f:
+            out[path.stem] = tomllib.load(f).get("description", "")
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """"a.b=VALUE" -> (["a", "b"], value); VALUE is a TOML value, or a bare string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set: expected KEY=VALUE (e.g. optimizer.lr=3e-4), got {text!r}")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"--set {key}: expected a dotted key like train.steps, got {key!r}")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as mode=zero2
+    return parts, value
+
+
+def _apply_override(raw: dict, parts: list[str], value: Any) -> None:
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            dotted = ".".join(parts[: i + 1])
+            raise ConfigError(f"--set {'.'.join(parts)}: {dotted} is a value, not a table")
+        node = child
+    node[parts[-1]] = value
+
+
+def _locate(source: str | Path | None) -> tuple[Path, str]:
+    if source is None:
+        source = DEFAULT_PIPELINE
+    path = Path(source)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config: no such file {str(path)!r}")
+        return path, path.stem
+    builtin = CONFIG_DIR / f"{source}.toml"
+    if builtin.is_file():
+        return builtin, str(source)
+    names = ", ".join(builtin_pipelines())
+    raise ConfigError(f"config: expected a .toml path or a built-in pipeline ({names}), "
+                      f"got {str(source)!r}")
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a pipeline by path or built-in name (None = the default) and apply `--set`s.
+
+    Raises ConfigError (one line) for anything wrong: a missing file, bad TOML, an unknown
+    key, a wrong type or an impossible value.
+    """
+    path, name = _locate(source)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    for text in overrides:
+        _apply_override(raw, *parse_override(text))
+    return from_dict(raw, name=name)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode()
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 hex of the canonical JSON of the whole resolved config."""
+    return hashlib.sha256(_canonical(cfg.to_dict())).hexdigest()
+
+
+# What may change between a checkpoint and a resume without changing the numbers' meaning
+# (world size and mode reshard; more steps continue; logging and eval do not touch params).
+_RESUME_FREE = ("cluster", "checkpoint", "hooks", "eval", "description", "name")
+
+
+def resume_hash(cfg: Config) -> str:
+    """sha256 of the parts a checkpoint must agree on to be resumed exactly."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "log_every")}
+    d["schedule"] = dict(d["schedule"], total_steps=cfg.total_steps)
+    return hashlib.sha256(_canonical(d)).hexdigest()
