@@ -1,0 +1,79 @@
+"""The model core: flat parameter buffers, layers, models, losses.
+
+Build a model by name from plain config, compute a loss and its gradient, leave the
+update to an optimizer working on a flat shard::
+
+    from pipelines.model import build_model
+
+    model = build_model("char_transformer", vocab=96, d_model=128, n_layer=2, seed=0)
+    loss, grads = model.compute_gradients({"tokens": tokens}, seed=step)
+    # model.params and grads share one layout (model.layout); shard k is a slice
+
+Public names live here and only here (tests/pipelines/model/test_api.py checks it);
+the implementation is in the private modules `_module`, `_layers`, `_model`, `_models`,
+plus the public `losses` (the loss registry) and `bench` (the benchmark).
+"""
+
+from pipelines.model._kernels import BACKENDS
+from pipelines.model._layers import (
+    MLP,
+    Activation,
+    Block,
+    CausalSelfAttention,
+    Dropout,
+    Embedding,
+    L2Normalize,
+    LayerNorm,
+    Linear,
+    LoRALinear,
+    RMSNorm,
+    SwiGLUMLP,
+)
+from pipelines.model._model import Model, ParamSlot
+from pipelines.model._models import (
+    MODELS,
+    CharTransformer,
+    MLPClassifier,
+    MLPRegressor,
+    TripletEmbedder,
+    build_model,
+    model_names,
+    register_model,
+)
+from pipelines.model._module import Module, ModuleList, Parameter, Pass
+from pipelines.model.losses import LOSSES, Loss, loss_names, register_loss, resolve_loss
+
+__all__ = [
+    "BACKENDS",
+    "LOSSES",
+    "MODELS",
+    "Activation",
+    "Block",
+    "CausalSelfAttention",
+    "CharTransformer",
+    "Dropout",
+    "Embedding",
+    "L2Normalize",
+    "LayerNorm",
+    "Linear",
+    "LoRALinear",
+    "Loss",
+    "MLP",
+    "MLPClassifier",
+    "MLPRegressor",
+    "Model",
+    "Module",
+    "ModuleList",
+    "ParamSlot",
+    "Parameter",
+    "Pass",
+    "RMSNorm",
+    "SwiGLUMLP",
+    "TripletEmbedder",
+    "build_model",
+    "loss_names",
+    "model_names",
+    "register_loss",
+    "register_model",
+    "resolve_loss",
+]
