@@ -1,0 +1,163 @@
+"""Bounded mailboxes: the only queue an actor has.
+
+Design note
+-----------
+OTP mailboxes are unbounded; ours are not, because a fast producer feeding a slow
+consumer must slow down instead of filling memory (GenStage's demand, expressed as
+"a sender waits until there is room"). A mailbox therefore has two lanes:
+
+``messages``
+    Calls, casts and plain sends. Holds at most ``capacity`` items. :meth:`Mailbox.put`
+    waits while the lane is full; waiting senders are admitted first come, first served.
+
+``signals``
+    What the runtime itself delivers: ``Down`` and exit signals, child-exit events, a stop
+    request. Putting a signal never waits -- the runtime must be able to tell an actor
+    that something died even when its message lane is full -- and signals are taken
+    before messages. The lane is bounded by construction, not by a number: every monitor
+    or link fires at most once and an actor holds finitely many, a supervisor gets one
+    exit event per child incarnation, a stop request is sent once. A caller that could
+    produce signals without such a bound must use the message lane.
+
+Closing a mailbox (its actor exited) wakes every waiting sender with
+:class:`MailboxClosed` and hands the leftovers to the runtime, which fails the calls among
+them (see the failure rules in ``actors._actor``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import trio
+
+__all__ = ["Mailbox", "MailboxClosed", "MailboxFull", "MailboxStats"]
+
+
+class MailboxClosed(Exception):
+    """The mailbox's actor has exited; nothing more will be taken from it."""
+
+
+class MailboxFull(Exception):
+    """:meth:`Mailbox.put_nowait` found the message lane at capacity."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MailboxStats:
+    """A snapshot of one mailbox.
+
+    ``depth`` is the number of queued messages (signals not included), ``high_water``
+    the largest depth ever seen, ``senders_waiting`` how many tasks are blocked in
+    :meth:`Mailbox.put` because the lane is full.
+    """
+
+    depth: int
+    capacity: int
+    high_water: int
+    senders_waiting: int
+    signals: int
+
+
+class Mailbox:
+    """A bounded two-lane inbox (see the module doc).
+
+    Only the owning actor calls :meth:`get`; any task may :meth:`put`.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise ValueError(f"mailbox capacity must be an int >= 1, got {capacity!r}")
+        self.capacity = capacity
+        self._messages: collections.deque[Any] = collections.deque()
+        self._signals: collections.deque[Any] = collections.deque()
+        self._not_empty = trio.lowlevel.ParkingLot()
+        self._not_full = trio.lowlevel.ParkingLot()
+        self._closed = False
+        self._high_water = 0
+
+    # ------------------------------------------------------------------ senders
+
+    async def put(self, item: Any) -> None:
+        """Queue ``item``, waiting while the message lane is full.
+
+        Raises :class:`MailboxClosed` if the mailbox is closed before or while waiting.
+        Cancellation while waiting leaves the mailbox untouched.
+        """
+        # A checkpoint even when there is room, so a producer that never finds the
+        # lane full still lets the consumer run (test_back_pressure_keeps_queue_bounded).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._closed and len(self._messages) >= self.capacity:
+            await self._not_full.park()
+        self._append(item)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def put_nowait(self, item: Any) -> None:
+        """Queue ``item`` or raise :class:`MailboxFull` / :class:`MailboxClosed`."""
+        if not self._closed and len(self._messages) >= self.capacity:
+            raise MailboxFull(f"mailbox full ({self.capacity} messages)")
+        self._append(item)
+
+    def _append(self, item: Any) -> None:
+        if self._closed:
+            raise MailboxClosed("mailbox closed: its actor has exited")
+        self._messages.append(item)
+        self._high_water = max(self._high_water, len(self._messages))
+        self._not_empty.unpark()
+
+    def signal(self, item: Any) -> None:
+        """Deliver a runtime signal; never waits. Dropped silently once closed."""
+        if self._closed:
+            return
+        self._signals.append(item)
+        self._not_empty.unpark()
+
+    def remove_signals(self, predicate) -> int:
+        """Drop queued signals for which ``predicate(signal)`` is true; return how many."""
+        keep = [s for s in self._signals if not predicate(s)]
+        removed = len(self._signals) - len(keep)
+        self._signals = collections.deque(keep)
+        return removed
+
+    # ----------------------------------------------------------------- receiver
+
+    async def get(self) -> Any:
+        """Take the next item: signals first, then messages in arrival order."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not (self._signals or self._messages):
+            if self._closed:
+                raise MailboxClosed("mailbox closed")
+            await self._not_empty.park()
+        if self._signals:
+            item = self._signals.popleft()
+        else:
+            item = self._messages.popleft()
+            self._not_full.unpark()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return item
+
+    def close(self) -> list[Any]:
+        """Close for good; wake all waiters; return what was left (signals, then messages)."""
+        self._closed = True
+        leftovers = [*self._signals, *self._messages]
+        self._signals.clear()
+        self._messages.clear()
+        self._not_full.unpark_all()
+        self._not_empty.unpark_all()
+        return leftovers
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def statistics(self) -> MailboxStats:
+        return MailboxStats(
+            depth=len(self._messages),
+            capacity=self.capacity,
+            high_water=self._high_water,
+            senders_waiting=self._not_full.statistics().tasks_waiting,
+            signals=len(self._signals),
+        )
+
+    def __len__(self) -> int:
+        return len(self._messages)

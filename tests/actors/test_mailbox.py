@@ -1,0 +1,129 @@
+"""Mailboxes: bounded message lane, never-blocking signal lane, close semantics."""
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actors import Mailbox, MailboxClosed, MailboxFull
+
+
+async def test_messages_come_out_in_arrival_order():
+    box = Mailbox(4)
+    for i in range(4):
+        await box.put(i)
+    assert [await box.get() for _ in range(4)] == [0, 1, 2, 3]
+
+
+async def test_signals_are_taken_before_messages():
+    box = Mailbox(4)
+    await box.put("message")
+    box.signal("signal")
+    assert await box.get() == "signal"
+    assert await box.get() == "message"
+
+
+async def test_a_sender_waits_while_the_mailbox_is_full(autojump_clock):
+    box = Mailbox(2)
+    await box.put(1)
+    await box.put(2)
+    done = trio.Event()
+
+    async def third():
+        await box.put(3)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(third)
+        await trio.sleep(10)
+        assert not done.is_set()
+        assert box.statistics().senders_waiting == 1
+        assert await box.get() == 1
+        await done.wait()
+    assert len(box) == 2
+
+
+def test_put_nowait_raises_when_full():
+    box = Mailbox(1)
+    box.put_nowait("a")
+    with pytest.raises(MailboxFull):
+        box.put_nowait("b")
+
+
+def test_signal_never_blocks_even_when_messages_are_full():
+    box = Mailbox(1)
+    box.put_nowait("a")
+    for i in range(10):
+        box.signal(i)
+    assert box.statistics().signals == 10
+
+
+async def test_closing_wakes_blocked_senders_with_mailbox_closed():
+    box = Mailbox(1)
+    await box.put("left over")
+    box.signal("sig")
+    errors = []
+
+    async def blocked_sender():
+        try:
+            await box.put("never")
+        except MailboxClosed as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(blocked_sender)
+        await trio.testing.wait_all_tasks_blocked()
+        assert box.close() == ["sig", "left over"]
+    assert len(errors) == 1
+    with pytest.raises(MailboxClosed):
+        box.put_nowait("late")
+    box.signal("late signal")  # dropped silently
+    with pytest.raises(MailboxClosed):
+        await box.get()
+
+
+async def test_cancelling_a_blocked_sender_leaves_the_mailbox_unchanged(autojump_clock):
+    box = Mailbox(1)
+    await box.put("a")
+    with trio.move_on_after(1):
+        await box.put("b")
+    assert box.statistics().depth == 1
+    assert box.statistics().senders_waiting == 0
+
+
+@pytest.mark.parametrize("capacity", [0, -1, 1.5, True])
+def test_capacity_must_be_a_positive_int(capacity):
+    with pytest.raises(ValueError, match="capacity"):
+        Mailbox(capacity)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    capacity=st.integers(1, 5),
+    ops=st.lists(st.sampled_from(["put", "get", "signal"]), max_size=40),
+)
+def test_depth_never_exceeds_capacity_and_order_is_kept(capacity, ops):
+    async def scenario():
+        box = Mailbox(capacity)
+        sent, received, n = [], [], 0
+        for op in ops:
+            if op == "put":
+                try:
+                    box.put_nowait(n)
+                    sent.append(n)
+                except MailboxFull:
+                    assert len(box) == capacity
+                n += 1
+            elif op == "signal":
+                box.signal(("s", n))
+            elif len(box) or box.statistics().signals:
+                item = await box.get()
+                if not isinstance(item, tuple):
+                    received.append(item)
+            assert box.statistics().depth <= capacity
+        assert box.statistics().high_water <= capacity
+        received.extend(x for x in box.close() if not isinstance(x, tuple))
+        assert received == sent
+
+    trio.run(scenario)
