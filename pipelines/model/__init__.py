@@ -40,7 +40,7 @@ from pipelines.model._models import (
     model_names,
     register_model,
 )
-from pipelines.model._module import Module, ModuleList, Parameter, Pass
+from pipelines.model._module import GradTracker, Module, ModuleList, Parameter, Pass
 from pipelines.model.losses import LOSSES, Loss, loss_names, register_loss, resolve_loss
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "CharTransformer",
     "Dropout",
     "Embedding",
+    "GradTracker",
     "L2Normalize",
     "LayerNorm",
     "Linear",
