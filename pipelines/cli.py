@@ -1,11 +1,235 @@
-"""The `zerotrain` command line (placeholder until the pipeline lands)."""
+"""The `zerotrain` command line.
 
+    zerotrain run [CONFIG] [--ranks N] [--mode ddp|zero1|zero2] [--steps N] [--seed S]
+                  [--run-dir DIR] [--set KEY=VALUE ...] [--resume [DIR]] [--hook PATH[:NAME]]
+    zerotrain simulate [CONFIG] --ranks N --chaos SPEC [run's options]
+    zerotrain pipelines
+    zerotrain ckpt inspect DIR
+    zerotrain ckpt verify DIR
+
+CONFIG is a .toml path or a built-in pipeline name (`zerotrain pipelines`); without it the
+default pipeline (char_lm) runs. `--set` overrides any config key by dotted path; the value
+is read as TOML (`--set optimizer.betas=[0.9,0.95]`), a bare word as a string.
+
+Exit codes: 0 success; 2 usage or config error (one line on stderr, no traceback);
+3 training failed (one line on stderr; the traceback of an unexpected error goes to
+error.txt in the run dir). `ckpt verify` exits 1 when a checkpoint is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+import traceback
+from pathlib import Path
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit code 2)."""
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None,
+                   help="a .toml path or a built-in pipeline name (default: char_lm)")
+    p.add_argument("--ranks", type=_positive_int, help="number of rank processes")
+    p.add_argument("--mode", choices=("ddp", "zero1", "zero2"), help="data-parallel mode")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps")
+    p.add_argument("--seed", type=_nonneg_int, help="run seed")
+    p.add_argument("--run-dir", help="output directory (default runs/<pipeline>-<time>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                   help="continue from the latest valid checkpoint in DIR (a run dir or a "
+                        "checkpoint root; default: --run-dir, else the newest run of this "
+                        "pipeline)")
+    p.add_argument("--hook", dest="hooks", action="append", default=[],
+                   metavar="PATH[:NAME]", help="a gradient-hook script (repeatable)")
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="zerotrain", description="Data-parallel training, OTP-style.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    run = sub.add_parser("run", help="train a pipeline")
+    _add_run_options(run)
+    sim = sub.add_parser("simulate", help="train with injected faults (chaos simulation)")
+    _add_run_options(sim)
+    sim.add_argument("--chaos", required=True, metavar="SPEC",
+                     help="';'-separated KIND:key=value,... events (kill, term, stall, "
+                          "delay, straggler, random-kill)")
+    sub.add_parser("pipelines", help="list the built-in pipelines")
+    ckpt = sub.add_parser("ckpt", help="inspect or verify checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", metavar="ACTION", parser_class=_Parser)
+    for name, text in (("inspect", "describe checkpoints"),
+                       ("verify", "check every file's size and SHA-256")):
+        c = ckpt_sub.add_parser(name, help=text)
+        c.add_argument("dir", help="a checkpoint dir, a checkpoint root or a run dir")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------
+
+
+def _resolve(args):
+    """The Config from CONFIG + --set + the flag shorthands (flags win)."""
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    for flag, key in (("ranks", "cluster.ranks"), ("mode", "cluster.mode"),
+                      ("steps", "train.steps"), ("seed", "train.seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    return load_config(args.config, overrides)
+
+
+def _resume_dir(args, cfg) -> Path | None:
+    if args.resume is None:
+        return None
+    if args.resume:
+        return Path(args.resume)
+    if args.run_dir:
+        return Path(args.run_dir)
+    runs = sorted(Path("runs").glob(f"{cfg.name}-*"), key=lambda p: p.stat().st_mtime)
+    runs = [r for r in runs if (r / "checkpoints").is_dir()]
+    if not runs:
+        raise _UsageError(f"zerotrain run: --resume without DIR found no runs/{cfg.name}-* "
+                          "with checkpoints")
+    return runs[-1]
+
+
+def _cmd_run(args, out) -> int:
+    from .local import TrainingFailed, load_hooks, run_local
+    from .rundir import default_run_dir
+
+    cfg = _resolve(args)
+    try:
+        load_hooks(args.hooks)
+    except ValueError as err:
+        raise _UsageError(f"zerotrain run: {err}") from None
+    resume = _resume_dir(args, cfg)
+    if getattr(args, "chaos", None) is not None:
+        from ._chaos import parse_chaos
+
+        parse_chaos(args.chaos, cfg.cluster.ranks)
+        print("zerotrain simulate: not yet implemented (the chaos simulation needs the "
+              "multi-rank cluster); arguments are valid", file=sys.stderr)
+        return EXIT_FAILED
+    if cfg.cluster.ranks > 1:
+        print(f"zerotrain run: --ranks {cfg.cluster.ranks} is not yet available: multi-rank "
+              "training (rank processes over ZeroMQ) is not built yet; use --ranks 1",
+              file=sys.stderr)
+        return EXIT_FAILED
+    run_dir = Path(args.run_dir) if args.run_dir else (resume if resume and
+                                                       (resume / "config.json").exists()
+                                                       else default_run_dir(cfg.name))
+    try:
+        run_local(cfg, run_dir, resume=resume, hooks=args.hooks, out=out)
+    except TrainingFailed as err:
+        print(f"zerotrain run: training failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("zerotrain run: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as err:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        print(f"zerotrain run: training failed: {type(err).__name__}: {err} "
+              f"(traceback in {run_dir / 'error.txt'})", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_pipelines(args, out) -> int:
+    from .config import DEFAULT_PIPELINE, builtin_pipelines
+
+    pipes = builtin_pipelines()
+    width = max(map(len, pipes))
+    for name, text in pipes.items():
+        mark = " (default)" if name == DEFAULT_PIPELINE else ""
+        print(f"{name:<{width}}  {text}{mark}", file=out)
+    return EXIT_OK
+
+
+def _cmd_ckpt(args, out) -> int:
+    from .checkpoint import inspect_checkpoint
+
+    target = Path(args.dir)
+    if not target.exists():
+        raise _UsageError(f"zerotrain ckpt {args.ckpt_command}: no such directory {str(target)!r}")
+    if (target / "checkpoints").is_dir() and not (target / "manifest.json").exists():
+        target = target / "checkpoints"
+    rows = inspect_checkpoint(target)
+    if not rows:
+        print(f"no checkpoints under {target}", file=out)
+        return EXIT_INVALID if args.ckpt_command == "verify" else EXIT_OK
+    if args.ckpt_command == "inspect":
+        for row in rows:
+            print(json.dumps(row, indent=1, sort_keys=True), file=out)
+        return EXIT_OK
+    bad = 0
+    for row in rows:
+        ok = row["status"] == "ok"
+        bad += not ok
+        print(f"{'OK ' if ok else 'BAD'} {row['path']}: "
+              + ("step {} world {} mode {} {} bytes".format(row.get("step"), row.get("world"),
+                                                           row.get("mode"), row.get("bytes"))
+                 if ok else row["status"]), file=out)
+    print(f"{len(rows) - bad} of {len(rows)} checkpoints valid", file=out)
+    return EXIT_INVALID if bad else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("zerotrain: the training pipeline is not built yet", file=sys.stderr)
-    return 3
+    from .config import ConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = _parser().parse_args(argv)
+        if args.command is None:
+            raise _UsageError("zerotrain: expected a command: run, simulate, pipelines, ckpt "
+                              "(see zerotrain --help)")
+        if args.command == "ckpt" and args.ckpt_command is None:
+            raise _UsageError("zerotrain ckpt: expected inspect DIR or verify DIR")
+        handler = {"run": _cmd_run, "simulate": _cmd_run, "pipelines": _cmd_pipelines,
+                   "ckpt": _cmd_ckpt}[args.command]
+        return handler(args, sys.stdout if args.command != "run" else sys.stderr)
+    except _UsageError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as err:
+        print(f"zerotrain: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

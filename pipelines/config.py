@@ -55,6 +55,7 @@ __all__ = [
     "builtin_pipelines",
     "config_hash",
     "load_config",
+    "loss_spec",
     "parse_override",
     "resume_hash",
 ]
@@ -554,25 +555,19 @@ def resolve(cfg: Config) -> Config:
 
 
 def _model_builder(name: str):
-    """The callable that `build_model(name, **options)` dispatches to, if findable."""
+    """The class `build_model(name, **options)` instantiates, when the model core imports."""
     try:
-        from pipelines import model as _model_pkg
-    except ImportError:  # the model core is not importable: skip the kwarg check
+        from pipelines.model import _models
+    except ImportError:  # no model core: the kwarg check is left to build time
         return None
-    registry = getattr(_model_pkg, "MODELS", None) or getattr(_model_pkg, "MODEL_BUILDERS", None)
-    if isinstance(registry, dict):
-        return registry.get(name)
-    return None
+    cls = getattr(_models, "_MODELS", {}).get(name)
+    return cls.__init__ if cls is not None else None
 
 
 def _check_builder_kwargs(section: str, options: dict, builder, what: str) -> None:
     if builder is None or not options:
         return
-    try:
-        sig = inspect.signature(builder)
-    except (TypeError, ValueError):
-        return
-    params = sig.parameters
+    params = inspect.signature(builder).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     accepted = [n for n, p in params.items()
@@ -582,16 +577,28 @@ def _check_builder_kwargs(section: str, options: dict, builder, what: str) -> No
             _unknown_key(f"{section}.{key}", key, accepted + ["name"], f" for {what!r}")
 
 
+def loss_spec(loss: LossConfig):
+    """The pipelines.model loss spec of a [loss] section (None = the model's default)."""
+    if not loss.name:
+        return None
+    if not loss.options:
+        return loss.name
+    return {loss.name: {"weight": 1.0, **loss.options}}
+
+
 def _check_loss(loss: LossConfig) -> None:
     try:
-        from pipelines.model import losses as _losses
+        from pipelines.model import loss_names, resolve_loss
     except ImportError:
         return
-    registry = getattr(_losses, "LOSSES", None) or getattr(_losses, "REGISTRY", None)
-    if isinstance(registry, dict):
-        if loss.name not in registry:
-            _fail("loss.name", "a registered loss: " + ", ".join(sorted(registry)), loss.name)
-        _check_builder_kwargs("loss", loss.options, registry[loss.name], loss.name)
+    names = loss_names()
+    if loss.name not in names:
+        _fail("loss.name", "a registered loss: " + ", ".join(sorted(names)), loss.name)
+    try:
+        resolve_loss(loss_spec(loss), "numpy")
+    except (TypeError, ValueError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"loss: {msg}") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ triplets are generated deterministically from `data.seed`.
 
 A batch is a dict of numpy arrays whose keys are the model's (BATCH_KEYS):
 
-    corpus          tokens (B, T) int64, targets (B, T) int64  (targets = tokens shifted)
+    corpus          x (B, T) int64, y (B, T) int64 (the next characters: x shifted by one)
     digits          x (B, 784) float32 in [0, 1], y (B,) int64 class
     friedman        x (B, F) float32 in [0, 1], y (B, 1) float32 standardised target
     digit_triplets  anchor, positive, negative (B, 784) float32
@@ -97,6 +97,10 @@ class Dataset:
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         return {k: np.ascontiguousarray(a[idx]) for k, a in self.arrays.items()}
 
+    def eval_indices(self) -> np.ndarray:
+        """The samples an evaluation walks, in order: every one."""
+        return np.arange(len(self))
+
     def __repr__(self) -> str:
         return f"<Dataset {self.name}/{self.split}: {len(self)} samples>"
 
@@ -113,10 +117,13 @@ class TokenWindows(Dataset):
     def __len__(self) -> int:
         return len(self.arrays["tokens"]) - self.seq_len
 
+    def eval_indices(self) -> np.ndarray:
+        """Non-overlapping windows: every character is scored once."""
+        return np.arange(0, len(self), self.seq_len)
+
     def take(self, idx):
         win = self.arrays["tokens"][np.asarray(idx)[:, None] + self._offsets]
-        return {"tokens": np.ascontiguousarray(win[:, :-1]),
-                "targets": np.ascontiguousarray(win[:, 1:])}
+        return {"x": np.ascontiguousarray(win[:, :-1]), "y": np.ascontiguousarray(win[:, 1:])}
 
 
 class Triplets(Dataset):
@@ -233,13 +240,3 @@ def batch_for(dataset: Dataset, seed: int, epoch: int, step: int, rank: int, wor
     idx = batch_indices(len(dataset), seed, epoch, step, rank, world, batch_size,
                         micro=micro, accum=accum)
     return dataset.take(idx)
-
-
-def eval_batches(dataset: Dataset, batch_size: int, max_batches: int = 0):
-    """The split in order, in batches of `batch_size` (the last one may be smaller)."""
-    n = len(dataset)
-    starts = range(0, n, batch_size)
-    if max_batches:
-        starts = starts[:max_batches]
-    for lo in starts:
-        yield dataset.take(np.arange(lo, min(lo + batch_size, n)))
