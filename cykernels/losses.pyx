@@ -108,7 +108,12 @@ def _ce_check(d_logits, logits, targets, ignore_index, label_smoothing):
     check_array("logits", logits, ndim=2)
     if logits.shape[1] < 1:
         raise ValueError(f"logits: expected at least one class, got shape {logits.shape}")
-    check_array("targets", targets, dtype="int64", shape=(logits.shape[0],))
+    check_array("targets", targets, dtype="int64", ndim=1)
+    if targets.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"targets: expected shape ({logits.shape[0]},) (one class id per row of logits "
+            f"{logits.shape}), got {targets.shape}"
+        )
     if d_logits is not None:
         check_array("d_logits", d_logits, writable=True)
         check_same_shape("logits", logits, d_logits=d_logits)
@@ -265,7 +270,8 @@ cdef double _kl_sum_backward(float[::1] d_log_input, const float[::1] log_input,
 
 def _kl_check(d_log_input, log_input, target):
     check_array("log_input", log_input, ndim=2)
-    check_array("target", target, shape=log_input.shape)
+    check_array("target", target)
+    check_same_shape("log_input", log_input, target=target)
     if d_log_input is not None:
         check_array("d_log_input", d_log_input, writable=True)
         check_same_shape("log_input", log_input, d_log_input=d_log_input)
@@ -370,8 +376,9 @@ cdef double _triplet_row(const float[:, ::1] anchor, const float[:, ::1] positiv
 
 def _triplet_check(d_anchor, d_positive, d_negative, anchor, positive, negative, p):
     check_array("anchor", anchor, ndim=2)
-    check_array("positive", positive, shape=anchor.shape)
-    check_array("negative", negative, shape=anchor.shape)
+    check_array("positive", positive)
+    check_array("negative", negative)
+    check_same_shape("anchor", anchor, positive=positive, negative=negative)
     if not p >= 1.0:
         raise ValueError(f"p: expected a norm degree >= 1, got {p}")
     if d_anchor is None:
