@@ -1,0 +1,99 @@
+# cython: language_level=3
+"""Fully connected layer, forward and backward side by side: out = x @ weight.T + bias.
+
+The matrix products go to BLAS through numpy (np.matmul with out=, so no copy of x, the
+weight or the result); the bias add and the bias-gradient column sums are the Cython
+loops here, run without the GIL. weight is (O, I), PyTorch's nn.Linear layout, so
+checkpoints load into the equivalent torch module.
+Parameter gradients (dweight, dbias) ACCUMULATE (+=, so tied weights such as an
+embedding shared with the output head work); dx OVERWRITES and may be None to skip it
+(the first layer needs no input gradient).
+
+Allocation: numpy's matmul has no "C += A @ B" form (BLAS beta = 1), so the dweight
+product goes through one temporary of dweight's size (O x I, small next to the N x O
+activations); nothing else allocates.
+
+References: llm.c matmul_forward / matmul_backward; torch.nn.Linear and its autograd
+formulas. The numpy twin is cykernels/linear_ref.py.
+
+Shape legend: N rows (B*T), I input features, O output features.
+  x, dx (N, I)    weight, dweight (O, I)    bias, dbias (O,)    out, dout (N, O)
+"""
+
+import numpy as np
+
+from cykernels._checks import check_array, check_no_alias
+
+
+# ---- argument checks -----------------------------------------------------------------
+
+
+def _dims(x, weight):
+    """(N, I, O) from x (N, I) and weight (O, I), both float32 C-contiguous matrices."""
+    check_array("x", x, ndim=2)
+    check_array("weight", weight, ndim=2)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight: expected shape (O, {x.shape[1]}) to match x's {x.shape[1]} input "
+            f"features, got {weight.shape}"
+        )
+    return x.shape[0], x.shape[1], weight.shape[0]
+
+
+# ---- linear --------------------------------------------------------------------------
+
+
+cdef void _add_bias(float[:, ::1] out, const float[::1] bias) noexcept nogil:
+    """out[n] += bias"""
+    cdef Py_ssize_t n, o
+    for n in range(out.shape[0]):
+        for o in range(out.shape[1]):
+            out[n, o] += bias[o]
+
+
+cdef void _bias_grad(float[::1] dbias, const float[:, ::1] dout) noexcept nogil:
+    """dbias += sum_n dout[n]   (rows in order n = 0..N-1: fixed bits)"""
+    cdef Py_ssize_t n, o
+    for n in range(dout.shape[0]):
+        for o in range(dout.shape[1]):
+            dbias[o] += dout[n, o]
+
+
+def linear_forward(out, x, weight, bias):
+    """out = x @ weight.T + bias   (bias may be None)"""
+    n, i, o = _dims(x, weight)
+    check_array("out", out, shape=(n, o), writable=True)
+    if bias is not None:
+        check_array("bias", bias, shape=(o,))
+    check_no_alias({"out": out}, {"x": x, "weight": weight, "bias": bias})
+    np.matmul(x, weight.T, out=out)
+    cdef float[:, ::1] ov = out
+    cdef const float[::1] b
+    if bias is not None and n > 0:
+        b = bias
+        with nogil:
+            _add_bias(ov, b)
+
+
+def linear_backward(dx, dweight, dbias, dout, x, weight):
+    """dx = dout @ weight; dweight += dout.T @ x; dbias += sum_n dout[n]
+    (dx and dbias may be None)"""
+    n, i, o = _dims(x, weight)
+    check_array("dout", dout, shape=(n, o))
+    check_array("dweight", dweight, shape=(o, i), writable=True)
+    if dx is not None:
+        check_array("dx", dx, shape=(n, i), writable=True)
+    if dbias is not None:
+        check_array("dbias", dbias, shape=(o,), writable=True)
+    check_no_alias({"dx": dx, "dweight": dweight, "dbias": dbias},
+                   {"dout": dout, "x": x, "weight": weight})
+    # forward: out = x @ weight.T + bias
+    if dx is not None:
+        np.matmul(dout, weight, out=dx)
+    dweight += np.matmul(dout.T, x)
+    cdef float[::1] db
+    cdef const float[:, ::1] g = dout
+    if dbias is not None:
+        db = dbias
+        with nogil:
+            _bias_grad(db, g)
