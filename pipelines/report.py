@@ -140,10 +140,14 @@ def _require_matplotlib():
 def _figure(rows=1, height=3.2):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(9, height * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    return fig, [fig.add_subplot(rows, 1, i + 1) for i in range(rows)]
+    axes = [fig.add_subplot(rows, 1, i + 1) for i in range(rows)]
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
+    return fig, axes
 
 
 def _save(fig, path, written):
