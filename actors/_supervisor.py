@@ -444,7 +444,7 @@ class Supervisor:
             child.spec.restart.value,
             action,
             self.strategy.value,
-            budget,
+            str(budget),  # now: the record may be formatted later
         )
 
     async def _handle_call(self, nursery: trio.Nursery, item: _Call) -> None:
