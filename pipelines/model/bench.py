@@ -1,0 +1,235 @@
+"""Training-step benchmark of the default transformer, ours against PyTorch, single thread.
+
+    python -m pipelines.model.bench            # prints the dict transformer_benchmark returns
+
+One step = forward + backward (compute_gradients) + an Adam update of the flat buffer
+(cykernels.optim.adam_step), against the same model in torch (nn modules, tied head,
+scaled_dot_product_attention, torch.optim.Adam) with torch.set_num_threads(1).
+
+Single thread for numpy's BLAS too: set OPENBLAS_NUM_THREADS=1 (or OMP_NUM_THREADS=1)
+before Python starts — running this module as a script does it for you; a caller that
+imported numpy already gets whatever threads its BLAS was started with (the result's
+"blas_threads_env" says what the environment asked for).
+"""
+
+import os
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from pipelines.model._models import build_model
+
+DEFAULT = {"vocab": 96, "d_model": 128, "n_head": 4, "n_layer": 2, "seq_len": 64}
+BATCH = 32
+
+
+def transformer_benchmark(
+    steps=20, warmup=3, batch=BATCH, torch_reference=True, profile=True, **config
+):
+    """Time training steps of the default char_transformer (config overrides allowed).
+
+    Returns a dict::
+
+        config            the model config and batch size
+        ours_ms, ours_cpu_ms  median wall / CPU milliseconds per step (fwd + bwd + Adam)
+        ours_steps_per_s      1000 / ours_cpu_ms
+        torch_ms, torch_cpu_ms, torch_steps_per_s, and ratio = ours_cpu_ms / torch_cpu_ms
+                              when torch is installed (< 1: we are faster)
+        profile               kernel name -> CPU ms per step inside it, "(python)" the rest
+    """
+    cfg = {**DEFAULT, **config}
+    model = build_model("char_transformer", **cfg)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg["vocab"], size=(batch, cfg["seq_len"] + 1))
+    data = {"x": tokens[:, :-1].copy(), "y": tokens[:, 1:].copy()}
+    result = {
+        "config": {**cfg, "batch": batch},
+        "blas_threads_env": os.environ.get(
+            "OPENBLAS_NUM_THREADS", os.environ.get("OMP_NUM_THREADS")
+        ),
+    }
+    result["ours_ms"], result["ours_cpu_ms"] = _time(_our_step(model, data), steps, warmup)
+    result["ours_steps_per_s"] = 1000.0 / result["ours_cpu_ms"]
+    if torch_reference:
+        try:
+            step = _torch_step(model, data, cfg)
+        except ImportError:
+            step = None
+        if step is not None:
+            result["torch_ms"], result["torch_cpu_ms"] = _time(step, steps, warmup)
+            result["torch_steps_per_s"] = 1000.0 / result["torch_cpu_ms"]
+            result["ratio"] = result["ours_cpu_ms"] / result["torch_cpu_ms"]
+    if profile:
+        result["profile"] = profile_step(model, data, steps=max(3, steps // 4))
+    return result
+
+
+def _time(step, steps, warmup):
+    """(median wall ms, median CPU ms) per step. CPU time (process_time, one thread) is
+    the number to trust on a shared machine: it does not count waiting for a core."""
+    for _ in range(warmup):
+        step()
+    wall, cpu = [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return 1000.0 * float(np.median(wall)), 1000.0 * float(np.median(cpu))
+
+
+def _our_step(model, data):
+    from cykernels.optim import adam_step
+
+    m = np.zeros_like(model.params)
+    v = np.zeros_like(model.params)
+    count = [0]
+
+    def step():
+        count[0] += 1
+        model.compute_gradients(data, seed=count[0])
+        adam_step(model.params, model.grads, m, v, None, count[0], lr=1e-3)
+
+    return step
+
+
+def _torch_step(model, data, cfg):
+    import torch
+
+    torch.set_num_threads(1)
+    module = _torch_transformer(torch, **cfg)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"]).reshape(-1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = module(x)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y).backward()
+        opt.step()
+
+    return step
+
+
+def _torch_transformer(torch, vocab, d_model, n_head, n_layer, seq_len, **_):
+    """The default char_transformer in torch, with our parameter names (GELU tanh, layernorm)."""
+    nn, F = torch.nn, torch.nn.functional
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(d_model, 3 * d_model)
+            self.proj = nn.Linear(d_model, d_model)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            q, k, v = (
+                z.view(b, t, n_head, c // n_head).transpose(1, 2)
+                for z in self.qkv(x).split(c, dim=2)
+            )
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(d_model, 4 * d_model)
+            self.proj = nn.Linear(4 * d_model, d_model)
+
+        def forward(self, x):
+            return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.attn = nn.LayerNorm(d_model), Attention()
+            self.ln2, self.mlp = nn.LayerNorm(d_model), MLP()
+
+        def forward(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+
+    class CharTransformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok_emb = nn.Embedding(vocab, d_model)
+            self.pos_emb = nn.Embedding(seq_len, d_model)
+            self.blocks = nn.ModuleList(Block() for _ in range(n_layer))
+            self.ln_f = nn.LayerNorm(d_model)
+
+        def forward(self, x):
+            h = self.tok_emb(x) + self.pos_emb(torch.arange(x.shape[1]))
+            for block in self.blocks:
+                h = block(h)
+            return self.ln_f(h) @ self.tok_emb.weight.T
+
+    return CharTransformer()
+
+
+# ---- where the time goes -----------------------------------------------------------------
+
+
+class _TimedKernels:
+    """Stands in for a kernel namespace: each call timed and summed under its name."""
+
+    def __init__(self, inner, totals):
+        self._inner, self._totals = inner, totals
+
+    def __getattr__(self, name):
+        fn = getattr(self._inner, name)
+        totals = self._totals
+
+        def timed(*args, **kwargs):
+            t0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] += time.process_time() - t0
+
+        return timed
+
+
+def profile_step(model, data, steps=5):
+    """CPU ms per compute_gradients step inside each kernel; "(python)" is everything
+    else (the model's own numpy, Python overhead). Sorted, largest first."""
+    totals = defaultdict(float)
+    # every module and the built-in loss terms call kernels through a `.k` attribute
+    modules = [m for _, m in model.named_modules()]
+    modules += [t for _, t in model._resolve_loss(None).terms if hasattr(t, "k")]
+    saved = [m.k for m in modules]
+    for m, k in zip(modules, saved, strict=True):
+        m.k = _TimedKernels(k, totals)
+    try:
+        model.compute_gradients(data, seed=0)
+        totals.clear()
+        t0 = time.process_time()
+        for i in range(steps):
+            model.compute_gradients(data, seed=i)
+        wall = time.process_time() - t0
+    finally:
+        for m, k in zip(modules, saved, strict=True):
+            m.k = k
+    out = {name: 1000.0 * t / steps for name, t in totals.items()}
+    out["(python)"] = 1000.0 * wall / steps - sum(out.values())
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def main():
+    result = transformer_benchmark()
+    for key, value in result.items():
+        if key == "profile":
+            print("profile (ms per step):")
+            for name, ms in value.items():
+                print(f"  {name:40s} {ms:8.2f}")
+        else:
+            print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    if os.environ.get("OPENBLAS_NUM_THREADS") is None:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "pipelines.model.bench", *sys.argv[1:]])
+    main()
