@@ -560,7 +560,8 @@ def _model_builder(name: str):
         from pipelines.model import _models
     except ImportError:  # no model core: the kwarg check is left to build time
         return None
-    cls = getattr(_models, "_MODELS", {}).get(name)
+    registry = getattr(_models, "MODELS", None) or getattr(_models, "_MODELS", {})
+    cls = registry.get(name)
     return cls.__init__ if cls is not None else None
 
 
