@@ -13,7 +13,6 @@ degraded mode).
 """
 
 import importlib
-import os
 import threading
 from types import SimpleNamespace
 
@@ -67,9 +66,6 @@ def _import(module, backend):
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        # DEVELOPMENT ONLY, removed before the kernels land: use the twin meanwhile.
-        if backend == "cython" and os.environ.get("ZEROTRAIN_DEV_TWINS"):
-            return importlib.import_module(f"cykernels.{module}_ref")
         hint = " (build the kernels: pip install -e .)" if backend == "cython" else ""
         raise ImportError(f"{name} is not importable{hint}: {exc}") from exc
 
