@@ -123,14 +123,16 @@ def _flat(outputs, inputs):
     """Check float32 C-contiguous arrays of one shape, outputs writable and unaliased.
 
     `outputs` and `inputs` are dicts name -> array (outputs may hold None, skipped).
-    Returns every array (None kept) reshaped to one flat view, outputs first.
+    Shapes are checked against the last input (x, or the saved y), so a mismatch names
+    the array that disagrees with it. Returns every array (None kept) reshaped to one
+    flat view, outputs first.
     """
     for name, arr in outputs.items():
         if arr is not None:
             check_array(name, arr, writable=True)
     for name, arr in inputs.items():
         check_array(name, arr)
-    ref_name, ref = next(iter(inputs.items()))
+    ref_name, ref = list(inputs.items())[len(inputs) - 1]  # x (or y): the array in charge
     check_same_shape(ref_name, ref, **outputs, **inputs)
     check_no_alias(outputs, inputs)
     return [None if a is None else a.reshape(-1) for a in (*outputs.values(), *inputs.values())]
@@ -388,12 +390,10 @@ cdef void _softmax_backward(float[:, ::1] dx, const float[:, ::1] dout,
 def _rows(outputs, inputs):
     """Like _flat, but each array viewed as (rows, C) with C its last axis (C >= 1)."""
     flat = _flat(outputs, inputs)
-    ref = next(iter(inputs.values()))
     # (no negative indices: this module compiles with wraparound=False)
+    ref_name, ref = list(inputs.items())[len(inputs) - 1]
     if ref.ndim < 1 or ref.shape[ref.ndim - 1] < 1:
-        raise ValueError(
-            f"{next(iter(inputs))}: expected at least one axis of length >= 1, got {ref.shape}"
-        )
+        raise ValueError(f"{ref_name}: expected at least one axis of length >= 1, got {ref.shape}")
     return [None if a is None else a.reshape(-1, ref.shape[ref.ndim - 1]) for a in flat]
 
 
