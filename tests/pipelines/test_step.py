@@ -1,0 +1,128 @@
+"""The per-rank step: ddp, zero1 and zero2 over N simulated ranks agree with world size 1.
+
+N ranks run as N tasks in one trio loop, each with its own model replica and an
+InProcessGroup member as its collective (sums in rank order, like the ring).
+"""
+
+import numpy as np
+import pytest
+import trio
+
+from pipelines.config import load_config
+from pipelines.data import load_dataset
+from pipelines.local import build_model_for, rank_batches, step_seed
+from pipelines.step import InProcessGroup, LocalCollective, RankStep, shard_bounds
+
+STEPS = 4
+
+
+def tiny(*extra):
+    # 784 -> 24 -> 10 = 19090 parameters: not divisible by 3 or 4, so shards are uneven
+    return load_config("mlp_classifier", [
+        "model.hidden=[24]", "data.n_train=512", "data.n_eval=64", "train.batch_size=48",
+        "train.clip_norm=0.5", "optimizer.lr=0.01", f"train.steps={STEPS}", *extra])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(tiny().data, "train")
+
+
+async def run_ranks(cfg, data, world, steps=STEPS, start=None):
+    """Train `steps` steps on `world` simulated ranks; return the RankSteps."""
+    coll = LocalCollective() if world == 1 else None
+    members = [coll] if world == 1 else InProcessGroup(world).members
+    ranks = []
+    for m in members:
+        rs = RankStep(build_model_for(cfg, data.meta), cfg, m)
+        if start is not None:
+            start(rs)
+        ranks.append(rs)
+    stats = [[] for _ in ranks]
+
+    async def one(r):
+        for s in range(steps):
+            batches = rank_batches(data, cfg, s, r, world)
+            stats[r].append(await ranks[r].step(s, batches, seed=step_seed(0, s, r)))
+
+    async with trio.open_nursery() as nursery:
+        for r in range(world):
+            nursery.start_soon(one, r)
+    return ranks, stats
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+async def test_ddp_zero1_and_zero2_on_n_ranks_match_world_one(data):
+    ref, ref_stats = await run_ranks(tiny(), data, 1)
+    ref_params = ref[0].model.params
+    moved = rel_err(ref_params, build_model_for(tiny(), data.meta).params)
+    assert moved > 1e-3  # the reference did train
+    assert ref_stats[0][0].clip_coef < 1.0  # and clipping was exercised
+    for world in (2, 3, 4):
+        finals = {}
+        for mode in ("ddp", "zero1", "zero2"):
+            cfg = tiny(f"cluster.ranks={world}", f"cluster.mode={mode}")
+            ranks, stats = await run_ranks(cfg, data, world)
+            for rs in ranks[1:]:  # every rank ends with the same parameters
+                np.testing.assert_array_equal(rs.model.params, ranks[0].model.params)
+            assert rel_err(ranks[0].model.params, ref_params) < 1e-5, (world, mode)
+            assert stats[0][-1].loss == pytest.approx(ref_stats[0][-1].loss, rel=1e-5)
+            finals[mode] = ranks[0].model.params.copy()
+        # same world, same sums in the same order: the modes agree bit for bit
+        np.testing.assert_array_equal(finals["ddp"], finals["zero1"])
+        np.testing.assert_array_equal(finals["ddp"], finals["zero2"])
+
+
+async def test_gradient_accumulation_gives_the_same_update_as_one_big_batch(data):
+    ref, _ = await run_ranks(tiny(), data, 1)
+    acc, _ = await run_ranks(tiny("train.grad_accum=4", "cluster.ranks=2",
+                                  "cluster.mode=zero2"), data, 2)
+    assert rel_err(acc[0].model.params, ref[0].model.params) < 1e-5
+
+
+async def test_zero2_shrinks_optimizer_state_and_gradients_per_rank(data):
+    cfg = tiny("cluster.ranks=4", "cluster.mode=zero2")
+    ranks, _ = await run_ranks(cfg, data, 4, steps=1)
+    n = ranks[0].n
+    ddp, _ = await run_ranks(tiny("cluster.ranks=4"), data, 4, steps=1)
+    assert ddp[0].memory()["optimizer_state_bytes"] == 2 * 4 * n
+    for rs in ranks:
+        lo, hi = shard_bounds(n, 4, rs.rank)
+        mem = rs.memory()
+        assert mem["optimizer_state_bytes"] == 2 * 4 * (hi - lo)
+        assert mem["reduced_grad_bytes"] == 4 * (hi - lo)
+    assert sum(r.memory()["optimizer_state_bytes"] for r in ranks) == 2 * 4 * n
+
+
+async def test_a_non_finite_gradient_on_one_rank_makes_every_rank_skip(data):
+    cfg = tiny("cluster.ranks=2", "cluster.mode=zero2")
+    members = InProcessGroup(2).members
+    ranks = [RankStep(build_model_for(cfg, data.meta), cfg, m) for m in members]
+    before = ranks[0].model.params.copy()
+    results = [None, None]
+
+    async def one(r):
+        batches = rank_batches(data, cfg, 0, r, 2)
+        if r == 1:
+            batches[0]["x"][0, 0] = np.nan
+        results[r] = await ranks[r].step(0, batches)
+
+    async with trio.open_nursery() as nursery:
+        for r in range(2):
+            nursery.start_soon(one, r)
+    assert [s.applied for s in results] == [False, False]
+    assert all(rs.opt.skipped == 1 for rs in ranks)
+    for rs in ranks:
+        np.testing.assert_array_equal(rs.model.params, before)
+
+
+def test_shards_tile_the_vector_with_sizes_differing_by_at_most_one():
+    for n, world in [(10, 3), (7, 4), (19090, 4), (3, 4)]:
+        bounds = [shard_bounds(n, world, r) for r in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+        sizes = [hi - lo for lo, hi in bounds]
+        assert max(sizes) - min(sizes) <= 1
