@@ -6,12 +6,19 @@ update to an optimizer working on a flat shard::
     from pipelines.model import build_model
 
     model = build_model("char_transformer", vocab=96, d_model=128, n_layer=2, seed=0)
-    loss, grads = model.compute_gradients({"tokens": tokens}, seed=step)
+    loss, grads = model.compute_gradients({"x": x, "y": y}, seed=step)
     # model.params and grads share one layout (model.layout); shard k is a slice
+    metrics_input = model.evaluate(eval_batch)        # {"loss": ..., "logits": ...}
+
+Models (build_model names; each class docstring lists its config, batch keys, outputs
+and parameter names): mlp_classifier, mlp_regressor, triplet_embedder, char_transformer.
+Losses by name or weighted sums: see pipelines.model.losses. Gradient checks for new
+layers: pipelines.model.testing.
 
 Public names live here and only here (tests/pipelines/model/test_api.py checks it);
 the implementation is in the private modules `_module`, `_layers`, `_model`, `_models`,
-plus the public `losses` (the loss registry) and `bench` (the benchmark).
+plus the public `losses` (the loss registry), `testing` (gradient checks) and `bench`
+(the training-step benchmark against torch).
 """
 
 from pipelines.model._kernels import BACKENDS

@@ -194,7 +194,10 @@ class Model(Module):
         seed        drives every dropout mask (a pure function of seed, layer, element)
         grad_ready  called as grad_ready(start, stop) each time grads[start:stop] is
                     final, from the end of the buffer toward the start; the ranges
-                    cover the buffer exactly once (none at all if nothing trains)
+                    cover the buffer exactly once (none at all if nothing trains).
+                    It runs on the thread running compute_gradients, inside the
+                    backward: hand the range off and return (an exception aborts the
+                    call and leaves `grads` undefined).
 
         Returns (loss, self.grads): the gradient is of the mean loss over the batch, in
         the model's own buffer, overwritten by the next call — copy it to keep it.

@@ -87,8 +87,27 @@ def _sizes(in_dim, hidden, out_dim):
 # ---- MLP models --------------------------------------------------------------------------
 
 
+class _MLPModel(Model):
+    """x (B, in_dim) -> the Linear stack -> one output; subclasses read the targets."""
+
+    def _prepare(self, batch, targets):
+        if isinstance(batch, np.ndarray):
+            batch = {"x": batch}
+        out = dict(batch)
+        out["x"] = self._array(batch, "x", self.dtype, 2, f"(B, {self.in_dim}) float")
+        if targets:
+            out["y"] = self._targets(batch)
+        return out
+
+    def _forward(self, ctx, batch):
+        return {self.output_names[0]: stack_forward(self, ctx, batch["x"])}
+
+    def _backward(self, ctx, doutputs):
+        stack_backward(self, ctx, doutputs[self.output_names[0]], need_dx=False)
+
+
 @register_model("mlp_classifier")
-class MLPClassifier(Model):
+class MLPClassifier(_MLPModel):
     """Multi-layer perceptron classifier: x -> [Linear -> act -> dropout]* -> Linear -> logits.
 
     batch    {"x": (B, in_dim) float, "y": (B,) int64 class ids}
@@ -118,24 +137,12 @@ class MLPClassifier(Model):
         build_stack(self, _sizes(in_dim, hidden, n_classes), activation, dropout)
         self._setup(seed=seed, backend=backend, dtype=dtype, lora=lora)
 
-    def _prepare(self, batch, targets):
-        if isinstance(batch, np.ndarray):
-            batch = {"x": batch}
-        out = dict(batch)
-        out["x"] = self._array(batch, "x", self.dtype, 2, f"(B, {self.in_dim}) float")
-        if targets:
-            out["y"] = self._array(batch, "y", np.int64, 1, "(B,) int64 class ids")
-        return out
-
-    def _forward(self, ctx, batch):
-        return {self.output_names[0]: stack_forward(self, ctx, batch["x"])}
-
-    def _backward(self, ctx, doutputs):
-        stack_backward(self, ctx, doutputs[self.output_names[0]], need_dx=False)
+    def _targets(self, batch):
+        return self._array(batch, "y", np.int64, 1, "(B,) int64 class ids")
 
 
 @register_model("mlp_regressor")
-class MLPRegressor(MLPClassifier):
+class MLPRegressor(_MLPModel):
     """Multi-layer perceptron regressor, trained with mean squared error.
 
     batch    {"x": (B, in_dim) float, "y": (B, out_dim) float (or (B,) when out_dim is 1)}
@@ -160,22 +167,16 @@ class MLPRegressor(MLPClassifier):
         backend="cython",
         dtype="float32",
     ):
-        Model.__init__(self)
+        super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
         build_stack(self, _sizes(in_dim, hidden, out_dim), activation, dropout)
         self._setup(seed=seed, backend=backend, dtype=dtype, lora=lora)
 
-    def _prepare(self, batch, targets):
-        if isinstance(batch, np.ndarray):
-            batch = {"x": batch}
-        out = dict(batch)
-        out["x"] = self._array(batch, "x", self.dtype, 2, f"(B, {self.in_dim}) float")
-        if targets:
-            y = batch.get("y")
-            ndim = 1 if isinstance(y, np.ndarray) and y.ndim == 1 and self.out_dim == 1 else 2
-            y = self._array(batch, "y", self.dtype, ndim, f"(B, {self.out_dim}) float")
-            out["y"] = y.reshape(-1, self.out_dim)
-        return out
+    def _targets(self, batch):
+        y = batch.get("y")
+        ndim = 1 if isinstance(y, np.ndarray) and y.ndim == 1 and self.out_dim == 1 else 2
+        y = self._array(batch, "y", self.dtype, ndim, f"(B, {self.out_dim}) float")
+        return y.reshape(-1, self.out_dim)
 
 
 @register_model("triplet_embedder")
@@ -247,11 +248,11 @@ class TripletEmbedder(Model):
 
     def _output_grads(self, outputs):
         b = outputs["anchor"].shape[0]
-        d = self.zeros("d_e", (3 * b, self.embed_dim))
-        return {"anchor": d[:b], "positive": d[b : 2 * b], "negative": d[2 * b :], "_all": d}
+        d = self._d_all = self.zeros("d_e", (3 * b, self.embed_dim))
+        return {"anchor": d[:b], "positive": d[b : 2 * b], "negative": d[2 * b :]}
 
     def _backward(self, ctx, doutputs):
-        d = doutputs["_all"]
+        d = self._d_all  # the three views' base: one backward pass for all of them
         if self.normalize is not None:
             d = self.normalize.backward(ctx, d)
         stack_backward(self, ctx, d, need_dx=False)
