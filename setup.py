@@ -5,6 +5,8 @@ module is adding a .pyx file and nothing else.
 """
 
 import os
+import platform
+import re
 from pathlib import Path
 
 import numpy
@@ -14,6 +16,26 @@ from setuptools import Extension, setup
 # -O3 vectorises the elementwise loops; -fno-math-errno lets sqrt/exp vectorise too.
 # No -ffast-math: it would break NaN/Inf detection and bitwise determinism.
 COMPILE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+
+
+def build_cpu_has_avx():
+    """True on an x86-64 build machine whose CPU reports AVX (Linux /proc/cpuinfo)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"^flags\s*:.*\bavx\b", cpuinfo, re.MULTILINE) is not None
+
+
+# -mavx: 8-wide float vectors (vsqrtps/vdivps ymm), ~1.5x on the Adam step when it is
+# compute-bound (1M params, in cache) -- what puts it ahead of torch's fused Adam, which
+# dispatches to AVX2 at run time. Numerics unchanged: AVX without FMA rounds every add and
+# multiply as SSE2 does (same bits, checked on Adam/SGD). The .so then needs AVX where it
+# runs, fine for local builds (pip install -e .); ZEROTRAIN_PORTABLE=1 leaves it out.
+if build_cpu_has_avx() and not os.environ.get("ZEROTRAIN_PORTABLE"):
+    COMPILE_ARGS.append("-mavx")
 
 KERNEL_MODULES = sorted(path.stem for path in Path("cykernels").glob("*.pyx"))
 # Development aid: ZEROTRAIN_KERNELS="optim losses" builds only those modules.
