@@ -226,20 +226,19 @@ def _plot_norms(hooks, out, written):
 def _plot_noise_scale(hooks, out, written):
     by_hook = {}
     for r in sorted(hooks, key=lambda r: r["step"]):
-        if isinstance(r["metrics"].get("b_simple"), int | float):
-            by_hook.setdefault(r["hook"], []).append(r)
-    if not by_hook:
+        value = r["metrics"].get("b_simple", "absent")
+        if value is None or isinstance(value, int | float):  # None: nan, e.g. early steps
+            by_hook.setdefault(r["hook"], []).append((r["step"], _num(value), r["metrics"]))
+    values = np.array([v for rs in by_hook.values() for _, v, _ in rs])
+    if not np.isfinite(values).any():
         return
     fig, (ax,) = _figure(height=4)
     for hook, records in by_hook.items():
-        ax.plot(
-            [r["step"] for r in records], [r["metrics"]["b_simple"] for r in records], label=hook
-        )
-        b_big = records[-1]["metrics"].get("b_big")
+        ax.plot([s for s, _, _ in records], [v for _, v, _ in records], label=hook)
+        b_big = records[-1][2].get("b_big")
         if isinstance(b_big, int | float):
             ax.axhline(b_big, color="grey", ls="--", lw=1, label=f"global batch ({b_big:g})")
-    values = [r["metrics"]["b_simple"] for rs in by_hook.values() for r in rs]
-    if min(values) > 0:
+    if np.nanmin(values) > 0:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("B_simple = tr(Σ) / |G|²")

@@ -164,7 +164,7 @@ class AnalyzerRunner:
 
     def run_hook(self, hook: Hook, ctx) -> dict | None:
         """One call under the failure rules: a record (metrics or error), or None if the
-        hook is not ACTIVE."""
+        hook is not ACTIVE or had nothing to say (returned None or {})."""
         stats = self._stats[hook.name]
         if stats.state is not HookState.ACTIVE:
             stats.skipped += 1
@@ -186,7 +186,7 @@ class AnalyzerRunner:
             stats.seconds += time.perf_counter() - start
         stats.ok += 1
         stats.streak = 0
-        return make_record(ctx.step, hook, metrics)
+        return make_record(ctx.step, hook, metrics) if metrics else None
 
     def note_dropped(self, n: int = 1):
         """Count `n` contexts the actor dropped because it was behind."""

@@ -81,7 +81,9 @@ class TransformRunner:
                 rank=self.rank,
                 rng=transform_rng(self.seed, step, self.rank, hook.name),
             )
-            records.append(make_record(step, hook, self._call(hook, ctx), rank=self.rank))
+            metrics = self._call(hook, ctx)
+            if metrics:
+                records.append(make_record(step, hook, metrics, rank=self.rank))
         return records
 
     def _call(self, hook: Hook, ctx):

@@ -12,7 +12,10 @@ SIZE = 35
 def make_step(step=0, ranks=4, batch_size=8, seed=0, loss=1.0, lr=1e-3, scale=1.0):
     """(ctx, buffers): a context of views into fresh flat buffers, and the buffers."""
     rng = np.random.default_rng([seed, step])
-    rank_grads = [(scale * rng.normal(size=SIZE)).astype(np.float32) for _ in range(ranks)]
+    true_grad = np.linspace(-1.0, 1.0, SIZE)  # rank gradients are noisy estimates of it
+    rank_grads = [
+        (scale * (true_grad + rng.normal(size=SIZE))).astype(np.float32) for _ in range(ranks)
+    ]
     grads = np.mean(rank_grads, axis=0).astype(np.float32)
     params = rng.normal(size=SIZE).astype(np.float32)
     update = (-lr * grads).astype(np.float32)
