@@ -1,0 +1,217 @@
+"""Kernel benchmarks against the numpy twins, PyTorch and the hardware, measured in one run.
+
+    python scripts/bench_kernels.py                  # Adam/AdamW at 1M and 10M params
+    python scripts/bench_kernels.py --sizes 100000 --repeat 5
+
+Prints one table per section, then one final JSON line with every number (for scripts and
+CI to parse). Everything runs on one thread (torch.set_num_threads(1)); times are the
+median and best of `--repeat` calls after warm-up, so a busy machine shows as a gap
+between the two. torch is optional: without it its rows are skipped.
+
+Sections are plain functions `(args) -> {"rows": [...], ...}` listed in SECTIONS at the
+bottom; main() runs them in order and prints each table. To add a benchmark (e.g. a
+transformer forward+backward), write one more function and append it to SECTIONS.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from cykernels import optim, optim_ref  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # torch is a reference, never a dependency
+    torch = None
+
+# Adam touches 28 bytes per parameter per step: reads p, g, m, v (16), writes p, m, v (12).
+ADAM_BYTES_PER_PARAM = 28
+
+
+# ---- timing helpers ------------------------------------------------------------------
+
+
+def time_calls(fn, repeat, warmup=2):
+    """(median, best) seconds of `repeat` calls of fn() after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), float(min(times))
+
+
+def minor_faults_per_call(fn, calls):
+    """Minor page faults of this process per fn() call (after the caller's warm-up)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
+def print_table(title, rows, columns):
+    """Print `rows` (dicts) as an aligned table of `columns` (key, header, format)."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append(["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    print(f"\n## {title}")
+    for i, line in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# ---- section: hardware ---------------------------------------------------------------
+
+
+def bench_hardware(args):
+    """Copy bandwidth: np.copyto of a 256 MB float32 array, counting read + write bytes."""
+    src = np.ones(64 * 2**20, np.float32)
+    dst = np.empty_like(src)
+    median, best = time_calls(lambda: np.copyto(dst, src), args.repeat)
+    moved = 2 * src.nbytes
+    row = {
+        "what": "np.copyto 256 MB",
+        "median_ms": median * 1e3,
+        "best_ms": best * 1e3,
+        "gbps_median": moved / median / 1e9,
+        "gbps_best": moved / best / 1e9,
+    }
+    print_table(
+        f"hardware ({platform.machine()}, {os.cpu_count()} cpus, numpy {np.__version__})",
+        [row],
+        [
+            ("what", "what", "{}"),
+            ("median_ms", "median ms", "{:.2f}"),
+            ("best_ms", "best ms", "{:.2f}"),
+            ("gbps_median", "GB/s median", "{:.1f}"),
+            ("gbps_best", "GB/s best", "{:.1f}"),
+        ],
+    )
+    return {"rows": [row], "copy_gbps": row["gbps_best"]}
+
+
+# ---- section: optimizers -------------------------------------------------------------
+
+
+def optimizer_contenders(variant, size, rng):
+    """name -> zero-arg step function, each over its own shard of `size` params."""
+    param = rng.standard_normal(size, dtype=np.float32)
+    grad = rng.standard_normal(size, dtype=np.float32)
+    weight_decay = 0.01 if variant == "adamw" else 0.0
+    decoupled = variant == "adamw"
+
+    def ours_and_twin(module):
+        p, m, v = param.copy(), np.zeros_like(param), np.zeros_like(param)
+        step = [0]
+
+        def run():
+            step[0] += 1
+            module.adam_step(p, grad, m, v, None, step[0], 1e-3, 0.9, 0.999, 1e-8,
+                             weight_decay, decoupled)  # fmt: skip
+
+        return run
+
+    contenders = {"zerotrain": ours_and_twin(optim), "numpy twin": ours_and_twin(optim_ref)}
+    if torch is not None:
+        for impl in ("fused", "foreach"):
+            tparam = torch.nn.Parameter(torch.from_numpy(param.copy()))
+            tparam.grad = torch.from_numpy(grad.copy())
+            cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+            opt = cls([tparam], lr=1e-3, weight_decay=weight_decay, **{impl: True})
+            contenders[f"torch {impl}"] = opt.step
+    return contenders
+
+
+def bench_optimizers(args):
+    """Adam and AdamW step time per implementation and size, GB/s, ratios, page faults."""
+    if torch is not None:
+        torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    rows = []
+    for variant in ("adam", "adamw"):
+        for size in args.sizes:
+            contenders = optimizer_contenders(variant, size, rng)
+            times = {}
+            for name, step in contenders.items():
+                # the numpy twin is ~10x slower: fewer calls keep the run short
+                repeat = max(3, args.repeat // 4) if name == "numpy twin" else args.repeat
+                times[name] = time_calls(step, repeat)
+            faults = minor_faults_per_call(contenders["zerotrain"], 50)
+            for name, (median, best) in times.items():
+                rows.append(
+                    {
+                        "optimizer": variant,
+                        "params": size,
+                        "impl": name,
+                        "median_ms": median * 1e3,
+                        "best_ms": best * 1e3,
+                        "gbps": ADAM_BYTES_PER_PARAM * size / median / 1e9,
+                        "speedup_vs_torch_fused": (
+                            times["torch fused"][0] / median if "torch fused" in times else None
+                        ),
+                        "speedup_vs_numpy": times["numpy twin"][0] / median,
+                        "minflt_per_step": faults if name == "zerotrain" else None,
+                    }
+                )
+            del contenders
+    print_table(
+        "optimizer step, single thread (median of calls; speedups are median / median)",
+        rows,
+        [
+            ("optimizer", "opt", "{}"),
+            ("params", "params", "{:,}"),
+            ("impl", "impl", "{}"),
+            ("median_ms", "median ms", "{:.3f}"),
+            ("best_ms", "best ms", "{:.3f}"),
+            ("gbps", "GB/s (28 B/param)", "{:.1f}"),
+            ("speedup_vs_torch_fused", "x torch fused", "{:.2f}"),
+            ("speedup_vs_numpy", "x numpy", "{:.2f}"),
+            ("minflt_per_step", "minflt/step", "{:.2f}"),
+        ],
+    )
+    return {"rows": rows}
+
+
+# ---- sections --------------------------------------------------------------------------
+# One function per section, run in this order; each prints its table and returns a dict
+# that lands under its name (without "bench_") in the final JSON line.
+# >>> Append new sections here (the transformer forward+backward section goes after
+# >>> bench_optimizers).
+SECTIONS = [
+    bench_hardware,
+    bench_optimizers,
+]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--repeat", type=int, default=20, help="timed calls per measurement")
+    args = parser.parse_args(argv)
+    results = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": None if torch is None else torch.__version__,
+        "cpus": os.cpu_count(),
+    }
+    for section in SECTIONS:
+        results[section.__name__.removeprefix("bench_")] = section(args)
+    print()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
