@@ -1,0 +1,143 @@
+"""The `zerotrain` command line: runs end to end in subprocesses; the argument and config
+errors in-process through `main()` (the same code path, without an interpreter start)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+# A run of a few steps on a few hundred samples: seconds, not minutes.
+TINY = ["mlp_regressor", "--steps", "4", "--set", "data.n_train=256", "--set",
+        "data.n_eval=64", "--set", "model.hidden=[16]", "--set", "checkpoint.every=2"]
+
+
+def zerotrain(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd or REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc, code=2):
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def run_main(capsys, *args):
+    """main(args) in-process, as a CompletedProcess-like result."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_run_writes_metrics_checkpoints_and_summary(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = zerotrain("run", *TINY, "--seed", "3", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert {"step", "loss", "lr", "grad_norm", "samples_per_s", "skipped"} <= r.keys()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("final_loss", "eval", "steps", "ranks", "mode", "seed", "wall_s",
+                "samples_per_s", "restarts", "params_sha256", "memory"):
+        assert key in summary, key
+    assert summary["steps"] == 4 and summary["seed"] == 3 and summary["ranks"] == 1
+    assert set(summary["eval"]) == {"loss", "mse", "mae", "r2"}
+    assert len(summary["params_sha256"]) == 64
+    mem = summary["memory"]["per_rank"][0]
+    assert mem["optimizer_state_bytes"] == 2 * 4 * summary["n_params"]
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000004"]
+    # not a terminal: plain progress lines
+    assert "step 4/4" in proc.stderr and "\r" not in proc.stderr
+
+
+def test_the_same_config_and_seed_give_the_same_params_sha256(tmp_path):
+    a = zerotrain("run", *TINY, "--run-dir", str(tmp_path / "a"))
+    b = zerotrain("run", *TINY, "--run-dir", str(tmp_path / "b"))
+    assert a.returncode == b.returncode == 0
+    sha = [json.loads((tmp_path / d / "summary.json").read_text())["params_sha256"]
+           for d in ("a", "b")]
+    assert sha[0] == sha[1]
+    c = zerotrain("run", *TINY, "--seed", "1", "--run-dir", str(tmp_path / "c"))
+    assert c.returncode == 0
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["params_sha256"] != sha[0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--set", "train.bogus=1"], "train.bogus: unknown key"),
+    (["--set", "train.batch_size=\"big\""], "train.batch_size: expected an integer"),
+    (["--set", "optimizer.lr=0"], "optimizer.lr: expected a number > 0.0"),
+    (["--mode", "zero3"], "invalid choice"),
+    (["--steps", "-1"], "expected a positive integer"),
+    (["--hook", "/no/such/hook.py"], "no such file"),
+])
+def test_a_config_or_usage_error_exits_2_with_one_line(capsys, args, fragment):
+    line = assert_one_line_error(run_main(capsys, "run", "mlp_regressor", *args))
+    assert fragment in line
+
+
+def test_a_config_error_in_a_subprocess_exits_2_without_a_traceback():
+    line = assert_one_line_error(zerotrain("run", "--set", "cluster.ranks=0"))
+    assert line == ("zerotrain: config error: cluster.ranks: expected an integer >= 1 and "
+                    "<= 256, got 0")
+
+
+def test_an_unknown_pipeline_and_a_missing_command_exit_2(capsys):
+    assert "built-in pipeline" in assert_one_line_error(run_main(capsys, "run", "nope"))
+    assert "expected a command" in assert_one_line_error(run_main(capsys))
+    assert_one_line_error(run_main(capsys, "frobnicate"))
+
+
+def test_pipelines_lists_every_builtin_with_a_description(capsys):
+    proc = run_main(capsys, "pipelines")
+    assert proc.returncode == 0
+    lines = proc.stdout.strip().splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == ["char_lm", "mlp_classifier", "mlp_regressor", "triplet_embedding"]
+    assert "(default)" in lines[0]
+
+
+def test_more_than_one_rank_is_not_yet_available_and_exits_3(tmp_path):
+    proc = zerotrain("run", *TINY, "--ranks", "2", "--run-dir", str(tmp_path / "r"))
+    assert proc.returncode == 3 and "not yet" in proc.stderr
+
+
+def test_simulate_validates_its_chaos_spec(capsys):
+    line = assert_one_line_error(run_main(capsys, "simulate", "mlp_regressor", "--ranks",
+                                          "2", "--chaos", "kill:rank=5,step=3"))
+    assert "kill.rank: expected 0 <= rank < 2" in line
+    line = assert_one_line_error(run_main(capsys, "simulate", "--chaos", "explode:rank=0"))
+    assert "event kind" in line
+    line = assert_one_line_error(run_main(capsys, "simulate", "--chaos", "stall:rank=0"))
+    assert "missing step, seconds" in line
+    ok = run_main(capsys, "simulate", "mlp_regressor", "--ranks", "2", "--chaos",
+                   "kill:rank=1,step=3;delay:rank=0,ms=5;random-kill:every=10,seed=1")
+    assert ok.returncode == 3 and "not yet implemented" in ok.stderr
+
+
+def test_ckpt_verify_and_inspect_report_a_corrupted_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    assert zerotrain("run", *TINY, "--run-dir", str(run_dir)).returncode == 0
+    ok = zerotrain("ckpt", "verify", str(run_dir))
+    assert ok.returncode == 0 and "2 of 2 checkpoints valid" in ok.stdout
+    shard = next((run_dir / "checkpoints" / "step-00000004").glob("*.safetensors"))
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 1
+    shard.write_bytes(bytes(raw))
+    bad = zerotrain("ckpt", "verify", str(run_dir / "checkpoints"))
+    assert bad.returncode == 1 and "SHA-256 mismatch" in bad.stdout
+    inspect = zerotrain("ckpt", "inspect", str(run_dir / "checkpoints" / "step-00000002"))
+    assert inspect.returncode == 0
+    row = json.loads(inspect.stdout)
+    assert row["status"] == "ok" and row["step"] == 2 and row["world"] == 1
+    assert zerotrain("ckpt", "verify", str(tmp_path / "missing")).returncode == 2
