@@ -25,6 +25,20 @@ drop-when-behind policy and the process it all runs in.
 - A sink that fails (disk full) is logged and counted; the records of that step are lost.
 
 None of these reach a rank: the ranks only offer contexts and never wait for answers.
+
+## What the HookAnalyzer actor does with it (phase 2)
+
+    hooks = [h for h in load_hooks(specs, base_dir=...) if h.kind == ANALYZER]
+    runner = AnalyzerRunner(hooks, sinks=[HooksLog(run_dir / "hooks.jsonl"),
+                                          EventWriter(run_dir / "tb")])
+    on each offered step:  if not runner.due(step): skip it (nothing to build)
+                           if behind:               runner.note_dropped()
+                           else:  ctx = HookContext.from_flat(step, layout, reduced,
+                                        rank_grads=..., params=..., update=..., ...)
+                                  await trio.to_thread.run_sync(runner.run, ctx)
+                           if runner.needs_restart: crash, to be restarted
+    on stats request:      runner.stats()
+    on stop:               runner.close()   (in `finally`)
 With `timeout_s=None` a hook runs inline in the caller's thread: cheaper, but a hang
 then hangs the runner (fine in tests and notebooks, never in a run).
 """

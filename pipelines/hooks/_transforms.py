@@ -60,8 +60,13 @@ class TransformRunner:
     def __bool__(self):
         return bool(self.hooks)
 
-    def apply(self, step, grad_flat, *, params_flat=None, batch_size=None, lr=math.nan):
-        """Run the transforms due at `step` on `grad_flat` (edited in place); their records."""
+    def apply(
+        self, step, grad_flat, *, params_flat=None, batch_size=None, loss=math.nan, lr=math.nan
+    ):
+        """Run the transforms due at `step` on `grad_flat` (edited in place); their records.
+
+        `loss` is this rank's own micro-batch loss (the global one is not known yet).
+        """
         due = [h for h in self.hooks if h.due(step)]
         if not due:
             return []
@@ -71,6 +76,7 @@ class TransformRunner:
         for hook in due:
             ctx = HookContext(
                 step=int(step),
+                loss=float(loss),
                 lr=float(lr),
                 grads=grads,
                 rank_grads={self.rank: grads},

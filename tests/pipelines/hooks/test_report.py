@@ -26,6 +26,7 @@ def fabricate(run_dir, step_ctx, steps=12, hooks=True):
 
 
 def test_a_run_with_hooks_renders_all_four_plots(tmp_path, step_ctx, capsys):
+    pytest.importorskip("matplotlib", reason="the report extra is not installed")
     run = fabricate(tmp_path / "run", step_ctx)
     assert main_report([str(run)]) == 0
     names = ["loss_lr.png", "gradient_flow.png", "layer_norms.png", "noise_scale.png"]
@@ -35,6 +36,7 @@ def test_a_run_with_hooks_renders_all_four_plots(tmp_path, step_ctx, capsys):
 
 
 def test_a_run_without_hooks_renders_loss_and_lr_only(tmp_path, step_ctx):
+    pytest.importorskip("matplotlib", reason="the report extra is not installed")
     run = fabricate(tmp_path / "run", step_ctx, hooks=False)
     written = render_report(run, out_dir=tmp_path / "out")
     assert [p.name for p in written] == ["loss_lr.png"]
