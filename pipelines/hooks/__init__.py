@@ -7,7 +7,7 @@ A research script is a plain Python file of decorated functions:
 
     @analyzer(every=10)
     def embedding_norm(ctx):
-        \"\"\"Does the embedding's gradient shrink as training goes on?\"\"\"
+        # Does the embedding's gradient shrink as training goes on?
         return {"norm": float(np.linalg.norm(ctx.grads["embed.weight"]))}
 
 run with `zerotrain run --hook path/to/script.py[:embedding_norm]`, listed in the

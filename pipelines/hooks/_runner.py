@@ -50,6 +50,7 @@ import queue
 import threading
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 from ._hook import ANALYZER, Hook, HookError
@@ -145,7 +146,9 @@ class AnalyzerRunner:
         logger: logging.Logger = _log,
     ):
         hooks = list(hooks)
-        wrong = [h.name for h in hooks if not isinstance(h, Hook) or h.kind != ANALYZER]
+        wrong = [
+            getattr(h, "name", h) for h in hooks if not isinstance(h, Hook) or h.kind != ANALYZER
+        ]
         if wrong:
             raise HookError(f"AnalyzerRunner takes analyzer hooks only, got {wrong}")
         names = [h.name for h in hooks]
@@ -235,6 +238,7 @@ class AnalyzerRunner:
             return hook(ctx)
         if self._worker is None:
             self._worker = _Worker()
+            weakref.finalize(self, self._worker.stop)  # a forgotten runner ends its thread
         return self._worker.call(hook, ctx, timeout)
 
     def _failed(self, hook, stats, step, exc):
