@@ -52,7 +52,9 @@ cdef extern from *:
         p = p * r + 1.6666665459e-1f;
         p = p * r + 5.0000001201e-1f;
         float y = p * (r * r) + r + 1.0f;
-        int32_t bits = ((int32_t)n + 127) << 23;
+        /* the bits of 2^n, (n + 127) << 23, formed in float arithmetic (exact: 8
+           significant bits) so no integer vector op is needed (AVX1 has none 8-wide) */
+        int32_t bits = (int32_t)((n + 127.0f) * 8388608.0f);
         float two_n;
         memcpy(&two_n, &bits, sizeof two_n);
         y = y * two_n;
