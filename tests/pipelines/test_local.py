@@ -1,0 +1,107 @@
+"""The single-process runner: convergence of each model, exact resume, early stopping,
+hooks that fail without stopping training."""
+
+import io
+import json
+
+import pytest
+
+from pipelines.config import load_config
+from pipelines.local import TrainingFailed, run_local
+
+QUIET = ["eval.every=0", "checkpoint.every=0"]
+
+
+def run(tmp_path, name, *overrides, sub="run", **kw):
+    cfg = load_config(name, [*QUIET, *overrides])
+    return run_local(cfg, tmp_path / sub, out=io.StringIO(), **kw)
+
+
+# Convergence: each model reaches a stated number on held-out data in a stated number of
+# steps (a few seconds each). Chance levels: LM loss ln 96 = 4.56; 10 classes 0.1;
+# regression r2 0; triplets 0.5.
+
+
+def test_the_char_transformer_learns_characters_in_150_steps(tmp_path):
+    s = run(tmp_path, "char_lm", "model.d_model=64", "model.n_layer=1", "model.seq_len=32",
+            "data.seq_len=32", "train.batch_size=16", "train.steps=150", "optimizer.lr=1e-2",
+            "schedule.warmup_steps=10", "eval.max_batches=2")
+    assert s["eval"]["loss"] < 3.1 and s["eval"]["perplexity"] < 22
+
+
+def test_the_mlp_classifier_reaches_85_percent_on_held_out_digits_in_150_steps(tmp_path):
+    s = run(tmp_path, "mlp_classifier", "model.hidden=[64]", "data.n_train=4000",
+            "data.n_eval=500", "train.steps=150", "train.batch_size=64",
+            "eval.early_stopping.patience=0")
+    assert s["eval"]["accuracy"] > 0.85 and s["eval"]["macro_f1"] > 0.85
+
+
+def test_the_mlp_regressor_reaches_r2_0_75_on_friedman_in_250_steps(tmp_path):
+    s = run(tmp_path, "mlp_regressor", "model.hidden=[64, 64]", "data.n_train=4000",
+            "data.n_eval=500", "train.steps=250")
+    assert s["eval"]["r2"] > 0.75 and s["eval"]["mse"] < 0.25
+
+
+def test_the_triplet_embedder_orders_90_percent_of_held_out_triplets_in_150_steps(tmp_path):
+    s = run(tmp_path, "triplet_embedding", "model.hidden=[64]", "data.n_train=2000",
+            "data.n_eval=500", "train.steps=150")
+    assert s["eval"]["accuracy"] > 0.9
+
+
+TINY = ["model.hidden=[16]", "data.n_train=256", "data.n_eval=64", "train.steps=8"]
+
+
+def test_a_resumed_run_ends_with_the_same_params_sha256(tmp_path):
+    full = run(tmp_path, "mlp_classifier", *TINY, sub="full")
+    part = run(tmp_path, "mlp_classifier", *TINY, "train.steps=5", sub="part")
+    assert part["steps"] == 5
+    resumed = run(tmp_path, "mlp_classifier", *TINY, sub="resumed",
+                  resume=tmp_path / "part")
+    assert resumed["steps"] == 8
+    assert resumed["params_sha256"] == full["params_sha256"]
+
+
+def test_resume_skips_a_corrupted_newest_checkpoint(tmp_path):
+    full = run(tmp_path, "mlp_classifier", *TINY, "checkpoint.every=3", sub="full")
+    part = run(tmp_path, "mlp_classifier", *TINY, "checkpoint.every=3", "train.steps=6",
+               sub="part")
+    assert part["steps"] == 6
+    shard = next((tmp_path / "part" / "checkpoints" / "step-00000006").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-8])
+    out = io.StringIO()
+    cfg = load_config("mlp_classifier", [*QUIET, *TINY, "checkpoint.every=3"])
+    resumed = run_local(cfg, tmp_path / "resumed", resume=tmp_path / "part", out=out)
+    assert "skipping checkpoint" in out.getvalue() and "truncated" in out.getvalue()
+    assert "resumed from" in out.getvalue() and "step 3" in out.getvalue()
+    assert resumed["params_sha256"] == full["params_sha256"]
+
+
+def test_early_stopping_ends_the_run_when_the_metric_stalls(tmp_path):
+    s = run(tmp_path, "mlp_classifier", *TINY, "train.steps=60", "eval.every=2",
+            "optimizer.lr=1e-9", "eval.early_stopping.patience=2",
+            "eval.early_stopping.min_delta=0.5")
+    assert s["stopped_early"] and s["steps"] == 6
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
+def test_a_run_whose_every_step_is_non_finite_fails(tmp_path):
+    with pytest.raises(TrainingFailed, match="consecutive steps skipped"):
+        run(tmp_path, "mlp_classifier", *TINY, "train.steps=40", "optimizer.lr=1e30",
+            "optimizer.name=sgd")
+
+
+def test_a_hook_that_raises_is_counted_and_training_goes_on(tmp_path):
+    script = tmp_path / "hooks.py"
+    script.write_text(
+        "import numpy as np\n"
+        "def norms(ctx):\n"
+        "    return {'layers.0.weight': float(np.linalg.norm(ctx['grads']['layers.0.weight']))}\n"
+        "def broken(ctx):\n"
+        "    raise RuntimeError('boom')\n")
+    plain = run(tmp_path, "mlp_classifier", *TINY, sub="plain")
+    hooked = run(tmp_path, "mlp_classifier", *TINY, sub="hooked",
+                 hooks=[f"{script}:norms", f"{script}:broken"])
+    assert hooked["params_sha256"] == plain["params_sha256"]
+    assert hooked["hooks"][f"{script}:broken"]["errors"] == 8
+    lines = (tmp_path / "hooked" / "hooks.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and json.loads(lines[0])["layers.0.weight"] > 0
