@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -294,6 +295,7 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
         "memory": {"per_rank": [rank.memory()]},
         "config_hash": chash,
         "kernels": KERNEL_BACKEND,
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "hooks": {h.spec: {"errors": h.errors} for h in loaded_hooks},
         "run_dir": str(rundir.path),
     }
