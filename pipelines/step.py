@@ -7,15 +7,22 @@ Written against a small collective interface so that the same code runs
   prove ddp == zero1 == zero2 == world 1), and
 - in N rank processes over the ZeroMQ ring (phase 2: an adapter over actors' Ring).
 
-The collective interface (all methods async, arrays 1-D and C-contiguous)::
+The collective interface is actors' `Ring` (so a Ring plugs in as it is): arrays are
+flat, C-contiguous, and every rank calls the same operations in the same order with the
+same `step`::
 
-    rank, world                     this member's rank and the group size
-    bounds(n, rank) -> (lo, hi)     the shard of a length-n flat vector owned by `rank`
-    await all_reduce(x)             x[:] = sum over ranks of x, same bits on every rank
-    await reduce_scatter(x) -> s    s = (sum over ranks of x)[lo:hi] for this rank
-    await all_gather(shard, out)    out[lo_r:hi_r] = rank r's shard, for every r
+    rank, world
+    await all_reduce(x, step=s)              x[:] = the sum over ranks, in place
+    await reduce_scatter(x, step=s) -> view  this rank's shard of the sum (shard_bounds);
+                                             the rest of x is left with partial sums
+    await all_gather(x, step=s)              on entry x[lo:hi] holds this rank's shard;
+                                             on return every shard is filled in
 
-Sums run in rank order (fixed), so results are bitwise reproducible run after run.
+Shard r of a length-n vector is `shard_bounds(n, world, r)` everywhere (actors'
+definition). Sums follow the ring's fixed order — segment s is
+x[s+1] + x[s+2] + ... + x[s] (ranks mod world), the same bits on every rank and run after
+run — and `InProcessGroup` sums in exactly that order, so a simulated run gives the bits
+of a real multi-process run.
 
 The modes (DeepSpeed ZeRO stages 0/1/2)::
 
@@ -43,6 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
+from actors._collectives import shard_bounds as _ring_shard_bounds
+
 from .optim import ShardOptimizer, StepResult, gradutil, lr_at
 
 __all__ = [
@@ -54,24 +63,9 @@ __all__ = [
 ]
 
 
-def _fallback_shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
-    """Contiguous shards; the first n % world ranks hold one element more."""
-    base, extra = divmod(n, world)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
-try:  # one definition of the sharding for the ring and the optimizer
-    from actors._collectives import shard_bounds as _ring_shard_bounds
-except ImportError:  # the runtime's collectives are not there yet
-    _ring_shard_bounds = None
-
-
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
-    """[lo, hi) of rank's contiguous shard of a length-n flat vector."""
-    if _ring_shard_bounds is not None:
-        return tuple(_ring_shard_bounds(n, world, rank))
-    return _fallback_shard_bounds(n, world, rank)
+    """[lo, hi) of rank's contiguous shard of a length-n flat vector (actors' ring)."""
+    return _ring_shard_bounds(n, world, rank)
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,30 +74,27 @@ def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
 
 
 class LocalCollective:
-    """World size 1: all_reduce and reduce_scatter are the identity, all_gather a copy."""
+    """World size 1: every operation leaves the array as it is."""
 
     rank, world = 0, 1
 
-    def bounds(self, n: int, rank: int = 0) -> tuple[int, int]:
-        return 0, n
-
-    async def all_reduce(self, x: np.ndarray) -> np.ndarray:
+    async def all_reduce(self, x: np.ndarray, *, step: int) -> np.ndarray:
         return x
 
-    async def reduce_scatter(self, x: np.ndarray) -> np.ndarray:
+    async def reduce_scatter(self, x: np.ndarray, *, step: int) -> np.ndarray:
         return x
 
-    async def all_gather(self, shard: np.ndarray, out: np.ndarray) -> None:
-        if not np.shares_memory(shard, out):
-            out[:] = shard
+    async def all_gather(self, x: np.ndarray, *, step: int) -> np.ndarray:
+        return x
 
 
 class InProcessGroup:
-    """N collective members in one trio loop: each rank runs as a task with its member.
+    """N collective members in one trio loop: run each rank as a task with its member.
 
-    An operation completes when all N members have entered it; the sum is taken in rank
-    order, in the dtype of the inputs (the ring sums in the same order and dtype).
-    Members must call the same operations in the same order (as real ranks must).
+    An operation completes when all N members have entered it. Sums follow the ring's
+    order per segment (see the module doc), in the inputs' dtype, so results are the
+    bits the real Ring would give. Members must call the same operations in the same
+    order with the same step, as real ranks must (a mismatch raises AssertionError).
     """
 
     def __init__(self, world: int):
@@ -111,18 +102,31 @@ class InProcessGroup:
         self.members = [_Member(self, r) for r in range(world)]
         self._pending: dict[int, dict] = {}
 
-    async def _exchange(self, seq: int, rank: int, value):
-        slot = self._pending.setdefault(seq, {"values": {}, "done": trio.Event()})
+    async def _exchange(self, seq: int, rank: int, key: tuple, value: np.ndarray):
+        slot = self._pending.setdefault(seq, {"values": {}, "done": trio.Event(),
+                                              "key": key, "left": self.world})
+        assert slot["key"] == key, f"rank {rank} called {key}, another rank {slot['key']}"
         slot["values"][rank] = value
         if len(slot["values"]) == self.world:
             slot["done"].set()
         await slot["done"].wait()
         values = [slot["values"][r] for r in range(self.world)]
-        slot.setdefault("left", self.world)
         slot["left"] -= 1
         if slot["left"] == 0:
             del self._pending[seq]
         return values
+
+    def ring_sum(self, values: list[np.ndarray]) -> np.ndarray:
+        """The sum the Ring computes: segment s folded from rank s+1 around to rank s."""
+        world = self.world
+        total = np.empty_like(values[0])
+        for seg in range(world):
+            lo, hi = shard_bounds(total.size, world, seg)
+            acc = values[(seg + 1) % world][lo:hi].copy()
+            for j in range(2, world + 1):
+                acc += values[(seg + j) % world][lo:hi]
+            total[lo:hi] = acc
+        return total
 
 
 class _Member:
@@ -130,32 +134,25 @@ class _Member:
         self.group, self.rank, self.world = group, rank, group.world
         self._seq = 0
 
-    def bounds(self, n: int, rank: int | None = None) -> tuple[int, int]:
-        return shard_bounds(n, self.world, self.rank if rank is None else rank)
-
-    async def _swap(self, value):
+    async def _swap(self, op: str, step: int, x: np.ndarray):
         self._seq += 1
-        return await self.group._exchange(self._seq, self.rank, value)
+        key = (op, step, x.size, x.dtype.str)
+        return await self.group._exchange(self._seq, self.rank, key, x.copy())
 
-    @staticmethod
-    def _sum(values):
-        total = values[0].copy()
-        for v in values[1:]:
-            total += v
-        return total
-
-    async def all_reduce(self, x):
-        x[:] = self._sum(await self._swap(x.copy()))
+    async def all_reduce(self, x, *, step):
+        x[:] = self.group.ring_sum(await self._swap("all_reduce", step, x))
         return x
 
-    async def reduce_scatter(self, x):
-        lo, hi = self.bounds(x.size)
-        return self._sum([v[lo:hi] for v in await self._swap(x.copy())])
+    async def reduce_scatter(self, x, *, step):
+        lo, hi = shard_bounds(x.size, self.world, self.rank)
+        x[lo:hi] = self.group.ring_sum(await self._swap("reduce_scatter", step, x))[lo:hi]
+        return x[lo:hi]
 
-    async def all_gather(self, shard, out):
-        for r, piece in enumerate(await self._swap(shard.copy())):
-            lo, hi = self.bounds(out.size, r)
-            out[lo:hi] = piece
+    async def all_gather(self, x, *, step):
+        for r, other in enumerate(await self._swap("all_gather", step, x)):
+            lo, hi = shard_bounds(x.size, self.world, r)
+            x[lo:hi] = other[lo:hi]
+        return x
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,7 +183,7 @@ class RankStep:
         self.rank, self.world = coll.rank, coll.world
         n = model.params.size
         self.n = n
-        self.lo, self.hi = coll.bounds(n, coll.rank)
+        self.lo, self.hi = shard_bounds(n, coll.world, coll.rank)
         # ddp keeps the full optimizer state on every rank; zero1/zero2 only the shard's.
         full = self.mode == "ddp"
         self.opt = ShardOptimizer(cfg.optimizer, n if full else self.hi - self.lo)
@@ -225,22 +222,22 @@ class RankStep:
                     gradutil.accumulate(self._acc, grads, 1.0)
         return (self._acc if self._acc is not None else grads), loss_sum
 
-    async def reduce(self, grads: np.ndarray, loss_sum: float):
+    async def reduce(self, grads: np.ndarray, loss_sum: float, step: int):
         """Reduce `grads` per the mode; return (this rank's averaged shard, sq-norm, loss).
 
         ddp returns the whole averaged gradient as the "shard" it updates.
         """
         denom = self.world * self.accum
         if self.mode == "zero2":
-            shard = await self.coll.reduce_scatter(grads)
+            shard = await self.coll.reduce_scatter(grads, step=step)
         else:
-            await self.coll.all_reduce(grads)
+            await self.coll.all_reduce(grads, step=step)
             shard = grads if self.mode == "ddp" else grads[self.lo : self.hi]
         if denom != 1:
             gradutil.scale(shard, 1.0 / denom)
         own = shard if self.mode != "ddp" else shard[self.lo : self.hi]
         totals = np.array([gradutil.sq_norm(own), loss_sum], dtype=np.float64)
-        await self.coll.all_reduce(totals)
+        await self.coll.all_reduce(totals, step=step)
         return shard, float(totals[0]), float(totals[1]) / denom
 
     def apply(self, shard: np.ndarray, total_sq_norm: float, step: int) -> tuple[float,
@@ -253,10 +250,9 @@ class RankStep:
                                  clip_norm=self.cfg.train.clip_norm)
         return lr, result
 
-    async def gather(self, result: StepResult) -> None:
+    async def gather(self, result: StepResult, step: int) -> None:
         if self.mode != "ddp" and result.applied:
-            params = self.model.params
-            await self.coll.all_gather(params[self.lo : self.hi], params)
+            await self.coll.all_gather(self.model.params, step=step)
 
     async def step(self, step: int, batches: list[dict], *, seed: int = 0,
                    run_sync: Callable | None = None) -> StepStats:
@@ -269,9 +265,9 @@ class RankStep:
             grads, loss_sum = self.compute(batches, seed)
         else:
             grads, loss_sum = await run_sync(self.compute, batches, seed)
-        shard, sq, loss = await self.reduce(grads, loss_sum)
+        shard, sq, loss = await self.reduce(grads, loss_sum, step)
         lr, result = self.apply(shard, sq, step)
-        await self.gather(result)
+        await self.gather(result, step)
         return StepStats(step, loss, lr, result.grad_norm, result.applied, result.clip_coef)
 
     # -- checkpoint support ------------------------------------------------------------

@@ -126,3 +126,33 @@ def test_shards_tile_the_vector_with_sizes_differing_by_at_most_one():
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
         sizes = [hi - lo for lo, hi in bounds]
         assert max(sizes) - min(sizes) <= 1
+
+
+async def test_the_simulated_group_gives_the_bits_of_the_real_zeromq_ring(tmp_path, data):
+    """RankStep over actors' Ring (N ranks as tasks in this process, ipc sockets) and
+    over InProcessGroup end with identical parameters: the simulation sums in the ring's
+    order, so phase 2's multi-process runs can be checked bit for bit."""
+    from actors._collectives import Ring
+
+    world = 3
+    for mode in ("ddp", "zero2"):
+        cfg = tiny(f"cluster.ranks={world}", f"cluster.mode={mode}")
+        simulated, _ = await run_ranks(cfg, data, world, steps=2)
+        endpoint = f"ipc://{tmp_path}/ring-{mode}-{{rank}}"
+        rings = [Ring(r, world, endpoint, timeout=20.0) for r in range(world)]
+        ranks = [RankStep(build_model_for(cfg, data.meta), cfg, ring) for ring in rings]
+
+        async def one(r, cfg=cfg, ranks=ranks):
+            for s in range(2):
+                await ranks[r].step(s, rank_batches(data, cfg, s, r, world),
+                                    seed=step_seed(0, s, r))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for r in range(world):
+                    nursery.start_soon(one, r)
+        finally:
+            for ring in rings:
+                ring.close()
+        for rs in ranks:
+            np.testing.assert_array_equal(rs.model.params, simulated[0].model.params)
