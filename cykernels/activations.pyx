@@ -97,16 +97,50 @@ cdef extern from *:
         return a < 0.625f ? small : copysignf(big, x);
     }
 
-    /* sum and dot product with 8 interleaved partial sums combined in a fixed tree:
-       the same bits on every call (no alignment-dependent order), and gcc can vectorise
-       the 8 independent chains without -ffast-math. */
-    static inline float zt_dot(const float *a, const float *b, Py_ssize_t n) {
-        float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    /* Row reductions on 8-float vectors (GCC/Clang vector extensions: one ymm register
+       with -mavx, two xmm without). Lane j sums elements j, j+8, j+16, ..., the lanes
+       meet in a fixed tree, the tail is added in order: the same bits on every call, and
+       vectorised without -ffast-math (which a plain sum loop would need). */
+    typedef float zt_v8 __attribute__((vector_size(32)));
+    typedef int32_t zt_v8i __attribute__((vector_size(32)));
+    #define ZT_LOAD8(v, p) memcpy(&(v), (p), sizeof(v))
+    #define ZT_HSUM8(s) ((((s)[0] + (s)[4]) + ((s)[1] + (s)[5])) + (((s)[2] + (s)[6]) + ((s)[3] + (s)[7])))
+
+    static inline float zt_sum(const float *x, Py_ssize_t n) {
+        zt_v8 s = {0}, v;
         Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8)
-            for (int j = 0; j < 8; j++) s[j] += a[i + j] * b[i + j];
-        float t = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+        for (; i + 8 <= n; i += 8) { ZT_LOAD8(v, x + i); s += v; }
+        float t = ZT_HSUM8(s);
+        for (; i < n; i++) t += x[i];
+        return t;
+    }
+
+    static inline float zt_dot(const float *a, const float *b, Py_ssize_t n) {
+        zt_v8 s = {0}, va, vb;
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) { ZT_LOAD8(va, a + i); ZT_LOAD8(vb, b + i); s += va * vb; }
+        float t = ZT_HSUM8(s);
         for (; i < n; i++) t += a[i] * b[i];
+        return t;
+    }
+
+    /* max of x[0..n), n >= 1; NaN elements are skipped unless x[0] is NaN (a NaN row
+       still comes out NaN from the softmax: exp(NaN - m) is NaN) */
+    static inline float zt_max(const float *x, Py_ssize_t n) {
+        float t = x[0];
+        Py_ssize_t i = 0;
+        if (n >= 8) {
+            zt_v8 m, v;
+            ZT_LOAD8(m, x);
+            for (i = 8; i + 8 <= n; i += 8) {
+                ZT_LOAD8(v, x + i);
+                zt_v8i gt = v > m;
+                m = (zt_v8)(((zt_v8i)v & gt) | ((zt_v8i)m & ~gt));
+            }
+            t = m[0];
+            for (int j = 1; j < 8; j++) t = m[j] > t ? m[j] : t;
+        }
+        for (; i < n; i++) t = x[i] > t ? x[i] : t;
         return t;
     }
     """
@@ -115,7 +149,9 @@ cdef extern from *:
     float zt_expf(float x) noexcept nogil
     float zt_erff(float x) noexcept nogil
     float zt_tanhf(float x) noexcept nogil
+    float zt_sum(const float *x, Py_ssize_t n) noexcept nogil
     float zt_dot(const float *a, const float *b, Py_ssize_t n) noexcept nogil
+    float zt_max(const float *x, Py_ssize_t n) noexcept nogil
 
 
 # ---- argument checks -----------------------------------------------------------------
@@ -339,40 +375,12 @@ def tanh_backward(dx, dout, y):
 cdef void _softmax_forward(float[:, ::1] out, const float[:, ::1] x) noexcept nogil:
     """out[n] = exp(x[n] - max x[n]) / sum exp(x[n] - max x[n])"""
     cdef Py_ssize_t n, c, C = x.shape[1]
-    cdef float m, v, total, inv
-    cdef float s[8]
-    cdef int j
+    cdef float m, inv
     for n in range(x.shape[0]):
-        # row max with 8 interleaved lanes (a plain max chain does not vectorise)
-        for j in range(8):
-            s[j] = x[n, 0]
-        c = 0
-        while c + 8 <= C:
-            for j in range(8):
-                v = x[n, c + j]
-                s[j] = v if v > s[j] else s[j]
-            c += 8
-        m = s[0]
-        for j in range(1, 8):
-            m = s[j] if s[j] > m else m
-        while c < C:
-            m = x[n, c] if x[n, c] > m else m
-            c += 1
+        m = zt_max(&x[n, 0], C)
         for c in range(C):
             out[n, c] = zt_expf(x[n, c] - m)
-        # fixed-order 8-way sum (the same bits every call)
-        for j in range(8):
-            s[j] = 0.0
-        c = 0
-        while c + 8 <= C:
-            for j in range(8):
-                s[j] += out[n, c + j]
-            c += 8
-        total = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))
-        while c < C:
-            total += out[n, c]
-            c += 1
-        inv = ZT_ONE / total
+        inv = ZT_ONE / zt_sum(&out[n, 0], C)
         for c in range(C):
             out[n, c] = out[n, c] * inv
 

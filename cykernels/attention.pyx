@@ -61,8 +61,56 @@ cdef extern from *:
         y = x > 88.0f ? INFINITY : y;
         return x < -87.0f ? 0.0f : y;
     }
+
+    /* Row reductions on 8-float vectors (GCC/Clang vector extensions), as in
+       activations.pyx: lanes meet in a fixed tree, the tail is added in order, so the
+       bits are the same on every call and the sums vectorise without -ffast-math. */
+    typedef float zt_v8 __attribute__((vector_size(32)));
+    typedef int32_t zt_v8i __attribute__((vector_size(32)));
+    #define ZT_LOAD8(v, p) memcpy(&(v), (p), sizeof(v))
+    #define ZT_HSUM8(s) ((((s)[0] + (s)[4]) + ((s)[1] + (s)[5])) + (((s)[2] + (s)[6]) + ((s)[3] + (s)[7])))
+
+    static inline float zt_att_sum(const float *x, Py_ssize_t n) {
+        zt_v8 s = {0}, v;
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) { ZT_LOAD8(v, x + i); s += v; }
+        float t = ZT_HSUM8(s);
+        for (; i < n; i++) t += x[i];
+        return t;
+    }
+
+    static inline float zt_att_dot(const float *a, const float *b, Py_ssize_t n) {
+        zt_v8 s = {0}, va, vb;
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) { ZT_LOAD8(va, a + i); ZT_LOAD8(vb, b + i); s += va * vb; }
+        float t = ZT_HSUM8(s);
+        for (; i < n; i++) t += a[i] * b[i];
+        return t;
+    }
+
+    /* max of x[0..n), n >= 1 */
+    static inline float zt_att_max(const float *x, Py_ssize_t n) {
+        float t = x[0];
+        Py_ssize_t i = 0;
+        if (n >= 8) {
+            zt_v8 m, v;
+            ZT_LOAD8(m, x);
+            for (i = 8; i + 8 <= n; i += 8) {
+                ZT_LOAD8(v, x + i);
+                zt_v8i gt = v > m;
+                m = (zt_v8)(((zt_v8i)v & gt) | ((zt_v8i)m & ~gt));
+            }
+            t = m[0];
+            for (int j = 1; j < 8; j++) t = m[j] > t ? m[j] : t;
+        }
+        for (; i < n; i++) t = x[i] > t ? x[i] : t;
+        return t;
+    }
     """
     float zt_att_expf(float x) noexcept nogil
+    float zt_att_sum(const float *x, Py_ssize_t n) noexcept nogil
+    float zt_att_dot(const float *a, const float *b, Py_ssize_t n) noexcept nogil
+    float zt_att_max(const float *x, Py_ssize_t n) noexcept nogil
 
 
 # ---- argument checks -----------------------------------------------------------------
@@ -101,42 +149,14 @@ def _merged(arr, n_head):
 cdef void _causal_softmax_forward(float[:, :, ::1] att, float scale) noexcept nogil:
     """att[t, :t+1] = softmax(att[t, :t+1] * scale); att[t, t+1:] = 0   (in place)"""
     cdef Py_ssize_t bh, t, t2, T = att.shape[1]
-    cdef float m, v, total, inv
-    cdef float s[8]
-    cdef int j
+    cdef float m, inv
     for bh in range(att.shape[0]):
         for t in range(T):
-            # row max over the t + 1 visible positions, 8 interleaved lanes; scale > 0,
-            # so max(scale x) = scale max(x) and the scaling folds into the exp pass
-            for j in range(8):
-                s[j] = att[bh, t, 0]
-            t2 = 0
-            while t2 + 8 <= t + 1:
-                for j in range(8):
-                    v = att[bh, t, t2 + j]
-                    s[j] = v if v > s[j] else s[j]
-                t2 += 8
-            m = s[0]
-            for j in range(1, 8):
-                m = s[j] if s[j] > m else m
-            while t2 <= t:
-                m = att[bh, t, t2] if att[bh, t, t2] > m else m
-                t2 += 1
+            # scale > 0, so max(scale x) = scale max(x): the scaling folds into the exp
+            m = zt_att_max(&att[bh, t, 0], t + 1)
             for t2 in range(t + 1):
                 att[bh, t, t2] = zt_att_expf((att[bh, t, t2] - m) * scale)
-            # fixed-order 8-way sum
-            for j in range(8):
-                s[j] = 0.0
-            t2 = 0
-            while t2 + 8 <= t + 1:
-                for j in range(8):
-                    s[j] += att[bh, t, t2 + j]
-                t2 += 8
-            total = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))
-            while t2 <= t:
-                total += att[bh, t, t2]
-                t2 += 1
-            inv = 1.0 / total
+            inv = 1.0 / zt_att_sum(&att[bh, t, 0], t + 1)
             for t2 in range(t + 1):
                 att[bh, t, t2] = att[bh, t, t2] * inv
             for t2 in range(t + 1, T):
@@ -148,22 +168,10 @@ cdef void _causal_softmax_backward(float[:, :, ::1] dpreatt, const float[:, :, :
     """dpreatt[t, :t+1] = scale att (datt - <datt, att>); dpreatt[t, t+1:] = 0"""
     cdef Py_ssize_t bh, t, t2, T = att.shape[1]
     cdef float d
-    cdef float s[8]
-    cdef int j
     for bh in range(att.shape[0]):
         for t in range(T):
             # forward: att = softmax(preatt) on the visible row, preatt = q k^T scale
-            for j in range(8):
-                s[j] = 0.0
-            t2 = 0
-            while t2 + 8 <= t + 1:
-                for j in range(8):
-                    s[j] += datt[bh, t, t2 + j] * att[bh, t, t2 + j]
-                t2 += 8
-            d = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))
-            while t2 <= t:
-                d += datt[bh, t, t2] * att[bh, t, t2]
-                t2 += 1
+            d = zt_att_dot(&datt[bh, t, 0], &att[bh, t, 0], t + 1)
             for t2 in range(t + 1):
                 dpreatt[bh, t, t2] = scale * att[bh, t, t2] * (datt[bh, t, t2] - d)
             for t2 in range(t + 1, T):

@@ -6,8 +6,8 @@ The forward saves the per-row statistics (mean, rstd) the backward needs, so the
 backward reads x once more instead of recomputing a square root per row.
 Parameter gradients (dweight, dbias) ACCUMULATE (+=, so tied weights work); dx
 OVERWRITES and may be None to skip it. Nothing allocates; the hot loops run without
-the GIL; row sums use 8 interleaved partial sums combined in a fixed tree, so the bits
-are the same on every call and gcc still vectorises them.
+the GIL; row sums run on 8-float vectors whose lanes meet in a fixed tree, so the bits
+are the same on every call and the sums still vectorise without -ffast-math.
 
 References: llm.c layernorm_forward / layernorm_backward (the backward's three-term form);
 torch.nn.LayerNorm (biased variance, eps inside the square root); torch.nn.RMSNorm and
@@ -22,6 +22,70 @@ Shape legend: N rows (B*T), C channels.
 from libc.math cimport sqrtf
 
 from cykernels._checks import check_array, check_no_alias
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+
+    /* Row reductions on 8-float vectors (GCC/Clang vector extensions: one ymm register
+       with -mavx, two xmm without). Lane j sums elements j, j+8, j+16, ..., the lanes
+       meet in a fixed tree, the tail is added in order: the same bits on every call.
+       The same scheme as activations.pyx and attention.pyx. */
+    typedef float zt_v8 __attribute__((vector_size(32)));
+    #define ZT_LOAD8(v, p) memcpy(&(v), (p), sizeof(v))
+    #define ZT_HSUM8(s) ((((s)[0] + (s)[4]) + ((s)[1] + (s)[5])) + (((s)[2] + (s)[6]) + ((s)[3] + (s)[7])))
+
+    /* sum x */
+    static inline float zt_sum(const float *x, Py_ssize_t n) {
+        zt_v8 s = {0}, v;
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) { ZT_LOAD8(v, x + i); s += v; }
+        float t = ZT_HSUM8(s);
+        for (; i < n; i++) t += x[i];
+        return t;
+    }
+
+    /* sum (x - m)^2 */
+    static inline float zt_sumsq_dev(const float *x, float m, Py_ssize_t n) {
+        zt_v8 s = {0}, v;
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) { ZT_LOAD8(v, x + i); v = v - m; s += v * v; }
+        float t = ZT_HSUM8(s);
+        for (; i < n; i++) t += (x[i] - m) * (x[i] - m);
+        return t;
+    }
+
+    /* sum a b */
+    static inline float zt_dot(const float *a, const float *b, Py_ssize_t n) {
+        zt_v8 s = {0}, va, vb;
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) { ZT_LOAD8(va, a + i); ZT_LOAD8(vb, b + i); s += va * vb; }
+        float t = ZT_HSUM8(s);
+        for (; i < n; i++) t += a[i] * b[i];
+        return t;
+    }
+
+    /* sum a b (x - m)   (m = 0 for RMSNorm) */
+    static inline float zt_dot3_dev(const float *a, const float *b, const float *x, float m,
+                                    Py_ssize_t n) {
+        zt_v8 s = {0}, va, vb, vx;
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            ZT_LOAD8(va, a + i); ZT_LOAD8(vb, b + i); ZT_LOAD8(vx, x + i);
+            s += va * vb * (vx - m);
+        }
+        float t = ZT_HSUM8(s);
+        for (; i < n; i++) t += a[i] * b[i] * (x[i] - m);
+        return t;
+    }
+    """
+    float zt_sum(const float *x, Py_ssize_t n) noexcept nogil
+    float zt_sumsq_dev(const float *x, float m, Py_ssize_t n) noexcept nogil
+    float zt_dot(const float *a, const float *b, Py_ssize_t n) noexcept nogil
+    float zt_dot3_dev(const float *a, const float *b, const float *x, float m,
+                      Py_ssize_t n) noexcept nogil
 
 
 # ---- argument checks -----------------------------------------------------------------
@@ -68,36 +132,11 @@ cdef void _layernorm_forward(float[:, ::1] out, float[::1] mean, float[::1] rstd
                              const float[::1] bias, bint has_bias, float eps) noexcept nogil:
     """out = (x - mean) rstd weight + bias, rstd = 1 / sqrt(var + eps), var biased"""
     cdef Py_ssize_t n, c, C = x.shape[1]
-    cdef float m, d, v, r, inv_c = 1.0 / C
-    cdef float s[8]
-    cdef int j
+    cdef float m, v, r, inv_c = 1.0 / C
     for n in range(x.shape[0]):
-        for j in range(8):
-            s[j] = 0.0
-        c = 0
-        while c + 8 <= C:
-            for j in range(8):
-                s[j] += x[n, c + j]
-            c += 8
-        m = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))
-        while c < C:
-            m += x[n, c]
-            c += 1
-        m = m * inv_c
+        m = zt_sum(&x[n, 0], C) * inv_c
         # two-pass variance: sum (x - m)^2, exact for rows with a large common offset
-        for j in range(8):
-            s[j] = 0.0
-        c = 0
-        while c + 8 <= C:
-            for j in range(8):
-                d = x[n, c + j] - m
-                s[j] += d * d
-            c += 8
-        v = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))
-        while c < C:
-            d = x[n, c] - m
-            v += d * d
-            c += 1
+        v = zt_sumsq_dev(&x[n, 0], m, C)
         r = 1.0 / sqrtf(v * inv_c + eps)
         mean[n] = m
         rstd[n] = r
@@ -115,10 +154,7 @@ cdef void _layernorm_backward(float[:, ::1] dx, float[::1] dweight, float[::1] d
                               const float[::1] rstd, bint has_dx, bint has_dbias) noexcept nogil:
     """dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dout weight; dweight += sum dout xhat"""
     cdef Py_ssize_t n, c, C = x.shape[1]
-    cdef float m, r, g, xh, mean_g, mean_gx, inv_c = 1.0 / C
-    cdef float s[8]
-    cdef float t[8]
-    cdef int j
+    cdef float m, r, xh, mean_g, mean_gx, inv_c = 1.0 / C
     for n in range(x.shape[0]):
         m = mean[n]
         r = rstd[n]
@@ -131,23 +167,8 @@ cdef void _layernorm_backward(float[:, ::1] dx, float[::1] dweight, float[::1] d
         if not has_dx:
             continue
         # forward: xhat = (x - mean(x)) / sqrt(var(x) + eps), through mean and var too
-        for j in range(8):
-            s[j] = 0.0
-            t[j] = 0.0
-        c = 0
-        while c + 8 <= C:
-            for j in range(8):
-                g = dout[n, c + j] * weight[c + j]
-                s[j] += g
-                t[j] += g * ((x[n, c + j] - m) * r)
-            c += 8
-        mean_g = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))
-        mean_gx = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]))
-        while c < C:
-            g = dout[n, c] * weight[c]
-            mean_g += g
-            mean_gx += g * ((x[n, c] - m) * r)
-            c += 1
+        mean_g = zt_dot(&dout[n, 0], &weight[0], C)
+        mean_gx = zt_dot3_dev(&dout[n, 0], &weight[0], &x[n, 0], m, C) * r
         mean_g = mean_g * inv_c
         mean_gx = mean_gx * inv_c
         for c in range(C):
@@ -194,20 +215,8 @@ cdef void _rmsnorm_forward(float[:, ::1] out, float[::1] rstd, const float[:, ::
     """out = x rstd weight, rstd = 1 / sqrt(mean(x^2) + eps)"""
     cdef Py_ssize_t n, c, C = x.shape[1]
     cdef float v, r, inv_c = 1.0 / C
-    cdef float s[8]
-    cdef int j
     for n in range(x.shape[0]):
-        for j in range(8):
-            s[j] = 0.0
-        c = 0
-        while c + 8 <= C:
-            for j in range(8):
-                s[j] += x[n, c + j] * x[n, c + j]
-            c += 8
-        v = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))
-        while c < C:
-            v += x[n, c] * x[n, c]
-            c += 1
+        v = zt_dot(&x[n, 0], &x[n, 0], C)
         r = 1.0 / sqrtf(v * inv_c + eps)
         rstd[n] = r
         for c in range(C):
@@ -220,8 +229,6 @@ cdef void _rmsnorm_backward(float[:, ::1] dx, float[::1] dweight, const float[:,
     """dx = rstd (g - xhat mean(g xhat)), g = dout weight, xhat = x rstd; dweight += sum dout xhat"""
     cdef Py_ssize_t n, c, C = x.shape[1]
     cdef float r, mean_gx, inv_c = 1.0 / C
-    cdef float s[8]
-    cdef int j
     for n in range(x.shape[0]):
         r = rstd[n]
         # forward: out = xhat weight, xhat = x rstd
@@ -230,17 +237,7 @@ cdef void _rmsnorm_backward(float[:, ::1] dx, float[::1] dweight, const float[:,
         if not has_dx:
             continue
         # forward: rstd = (mean(x^2) + eps)^(-1/2), so d rstd / dx = -rstd^3 x / C
-        for j in range(8):
-            s[j] = 0.0
-        c = 0
-        while c + 8 <= C:
-            for j in range(8):
-                s[j] += dout[n, c + j] * weight[c + j] * (x[n, c + j] * r)
-            c += 8
-        mean_gx = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))
-        while c < C:
-            mean_gx += dout[n, c] * weight[c] * (x[n, c] * r)
-            c += 1
+        mean_gx = zt_dot3_dev(&dout[n, 0], &weight[0], &x[n, 0], 0.0, C) * r
         mean_gx = mean_gx * inv_c
         for c in range(C):
             dx[n, c] = r * (dout[n, c] * weight[c] - (x[n, c] * r) * mean_gx)
