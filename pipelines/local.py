@@ -299,7 +299,11 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
         "hooks": {h.spec: {"errors": h.errors} for h in loaded_hooks},
         "run_dir": str(rundir.path),
     }
-    RunDir.write_summary(rundir, summary)
+    # Full weights by PyTorch name: safetensors.torch.load_file -> module.load_state_dict
+    ckpt_mod.export_weights(rundir.path / "weights.safetensors", model.state_dict(),
+                            {"pipeline": cfg.name, "step": str(state.step),
+                             "params_sha256": summary["params_sha256"]})
+    rundir.write_summary(summary)
     progress.message(f"done: {state.step} steps in {wall:.1f}s, final loss "
                      f"{state.last_loss:.4f}, eval {summary['eval']} -> {rundir.path}")
     return summary

@@ -9,6 +9,7 @@
       summary.json      final_loss, eval, steps, ranks, mode, seed, wall_s, samples_per_s,
                         restarts, skipped_steps, params_sha256, memory (per rank, bytes),
                         config_hash, stopped_early, status
+      weights.safetensors  the final weights by PyTorch parameter name
       hooks.jsonl       hook outputs, when hooks are loaded
 
 Every file a reader may open while the run goes on is appended line by line (jsonl) or

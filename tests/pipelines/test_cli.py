@@ -1,6 +1,7 @@
 """The `zerotrain` command line: runs end to end in subprocesses; the argument and config
 errors in-process through `main()` (the same code path, without an interpreter start)."""
 
+import io
 import json
 import os
 import subprocess
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.checkpoint import read_safetensors_file
 from pipelines.cli import main
+from pipelines.rundir import Progress
 
 REPO = Path(__file__).resolve().parents[2]
 # A run of a few steps on a few hundred samples: seconds, not minutes.
@@ -57,6 +60,10 @@ def test_run_writes_metrics_checkpoints_and_summary(tmp_path):
     assert mem["optimizer_state_bytes"] == 2 * 4 * summary["n_params"]
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["step-00000002", "step-00000004"]
+    weights = read_safetensors_file(run_dir / "weights.safetensors")[0]
+    assert sorted(weights) == ["layers.0.bias", "layers.0.weight", "layers.1.bias",
+                               "layers.1.weight"]
+    assert weights["layers.0.weight"].shape == (16, 10)
     # not a terminal: plain progress lines
     assert "step 4/4" in proc.stderr and "\r" not in proc.stderr
 
@@ -141,3 +148,16 @@ def test_ckpt_verify_and_inspect_report_a_corrupted_checkpoint(tmp_path):
     row = json.loads(inspect.stdout)
     assert row["status"] == "ok" and row["step"] == 2 and row["world"] == 1
     assert zerotrain("ckpt", "verify", str(tmp_path / "missing")).returncode == 2
+
+
+def test_progress_is_a_bar_redrawn_in_place_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    bar = Progress(total=3, every=1, out=out)
+    for step in (1, 2, 3):
+        bar.update(step, 1.0, 1e-3, 100.0)
+    text = out.getvalue()
+    assert text.startswith("\r[") and "step 3/3" in text and text.endswith("\n")
