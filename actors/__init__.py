@@ -43,6 +43,8 @@ from ._errors import (
     is_normal_exit,
 )
 from ._mailbox import Mailbox, MailboxClosed, MailboxFull, MailboxStats
+from ._node import Node, PeerInfo, open_node
+from ._process import ENV, ProcessChild, child_node, process_spec
 from ._registry import Address, registered, wait_registered, whereis
 from ._spec import ChildSpec, ChildType, Restart, child_spec
 from ._supervisor import (
@@ -56,6 +58,7 @@ from ._supervisor import (
     terminate_child,
     which_children,
 )
+from ._wire import WireError, from_wire, record, to_wire
 
 __all__ = [
     # actors and messages
@@ -103,6 +106,18 @@ __all__ = [
     "restart_child",
     "terminate_child",
     "which_children",
+    # nodes, processes, wire data
+    "ENV",
+    "Node",
+    "PeerInfo",
+    "ProcessChild",
+    "WireError",
+    "child_node",
+    "from_wire",
+    "open_node",
+    "process_spec",
+    "record",
+    "to_wire",
     # errors and exit reasons
     "ActorError",
     "ActorExited",

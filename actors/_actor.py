@@ -86,6 +86,7 @@ from ._errors import (
 )
 from ._mailbox import Mailbox, MailboxClosed
 from ._registry import Address
+from ._wire import record
 
 __all__ = [
     "NOREPLY",
@@ -263,6 +264,7 @@ class _ReplySlot:
 # =====================================================================================
 
 
+@record(name="actors.ActorStats")
 @dataclasses.dataclass(frozen=True)
 class ActorStats:
     """What every actor reports (``actors.statistics(target)``)."""
@@ -350,9 +352,9 @@ class ActorRef:
 
     # -- client side of call/cast ----------------------------------------------------
 
-    async def _call(self, request: Any, timeout: float | None) -> Any:
+    async def _call(self, request: Any, timeout: float | None, caller: str | None = None) -> Any:
         slot = _ReplySlot()
-        from_ = From(slot.deliver, self, _caller_label())
+        from_ = From(slot.deliver, self, caller or _caller_label())
         self._pending.add(from_)
         try:
             with trio.move_on_after(_deadline_arg(timeout)) as scope:

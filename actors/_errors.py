@@ -122,6 +122,8 @@ def is_normal_exit(reason: Any) -> bool:
 
 def format_reason(reason: Any) -> str:
     """One-line text for an exit reason: strings as they are, exceptions as ``Type: msg``."""
+    if isinstance(reason, RemoteError):
+        return str(reason)  # already "Type: message", as formatted where it happened
     if isinstance(reason, BaseException):
         text = str(reason)
         return f"{type(reason).__name__}: {text}" if text else type(reason).__name__

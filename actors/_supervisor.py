@@ -70,6 +70,7 @@ from ._errors import (
     is_normal_exit,
 )
 from ._spec import ChildSpec, ChildType, Restart, child_spec
+from ._wire import record
 
 __all__ = [
     "ABANDON_AFTER",
@@ -118,6 +119,7 @@ class ChildState(enum.Enum):
     DONE = "done"
 
 
+@record(name="actors.ChildInfo")
 @dataclasses.dataclass(frozen=True)
 class ChildInfo:
     """One row of :func:`which_children`."""
@@ -130,16 +132,19 @@ class ChildInfo:
     pid: int | None  # OS pid for process children
 
 
+@record(name="actors.WhichChildren")
 @dataclasses.dataclass(frozen=True)
 class _WhichChildren:
     pass
 
 
+@record(name="actors.TerminateChild")
 @dataclasses.dataclass(frozen=True)
 class _TerminateChild:
     id: Any
 
 
+@record(name="actors.RestartChild")
 @dataclasses.dataclass(frozen=True)
 class _RestartChild:
     id: Any

@@ -1,0 +1,904 @@
+"""Nodes: one per process, so that actors in different processes can reach each other.
+
+Design note
+-----------
+A process that talks to others opens one node (:func:`open_node`). The node binds a
+ROUTER *inbox* at its endpoint and opens one DEALER per peer it talks to, with
+``ROUTING_ID`` = its own node name. Everything a node sends goes out through a DEALER
+to the peer's ROUTER; everything it receives comes in on its own ROUTER. So one reader
+task sees all inbound traffic, and replies travel exactly like requests.
+
+Every frame is an ``actors._frames.Message``: ``type``, ``sender`` (node name),
+``generation`` (the sending node's boot id), ``seq`` (request id), a msgpack ``body``
+and raw tensor frames. Values inside bodies follow ``actors._wire`` -- no pickle.
+
+=========== ====================================== ==================================
+type        body (+ tensors)                       answer
+=========== ====================================== ==================================
+hb          endpoint, names (registered)           none: liveness, every interval
+call        to, request, timeout (+ tensors)       reply with the same seq
+stop        to, reason, timeout                    reply once the actor has exited
+stats       to                                     reply (an ActorStats record)
+reply       ok, value (+ tensors) | ok, kind, why  --
+cast, send  to, msg (+ tensors)                    none
+monitor     to, ref                                watching now; down when ``to`` exits
+link        to, ref, sender                        (noproc: down at once)
+watching    ref                                    --
+exit        ref, reason                            none: the linked remote actor died
+demonitor   ref                                    none
+down        ref, reason                            --
+error       reason                                 none: "your message was rejected"
+=========== ====================================== ==================================
+
+Liveness. Each node sends ``hb`` to each of its peers every ``heartbeat_interval`` from
+its trio loop -- a process whose loop is blocked or stopped falls silent. A peer not
+heard from within ``heartbeat_timeout`` (since its last message, or since we first
+tried to reach it) is *down*: calls waiting on it fail with ``ActorExited(reason=
+"noconnection")`` and monitors on its actors deliver ``Down(reason="noconnection")``.
+Detection takes at most ``heartbeat_timeout + heartbeat_interval / 2``. Any later
+message brings the peer back up; a new ``generation`` means a restarted process, and
+everything tied to the old one is down. A monitor or link request is acknowledged
+(``watching``) by the incarnation that took it; one not acknowledged within
+``heartbeat_timeout`` was lost with its peer and fires ``noconnection`` -- otherwise a
+process killed before answering, and restarted, would leave the watcher waiting for a
+``down`` that no one owes it. While the reader itself is paused by
+back-pressure (a local mailbox is full) it cannot hear anyone, so it judges no one,
+and deadlines restart when it resumes.
+
+Untrusted input. ``recv_message`` bounds and validates frames (``actors._frames``);
+this module validates bodies. A rejected message is logged with its reason, counted
+(``statistics()["rejected"]``), and answered -- with an error ``reply`` when it carried a
+request id, else with an ``error`` message when the sender can be reached. It never
+crashes the node or any actor.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from . import _registry
+from ._actor import (
+    ActorRef,
+    Down,
+    MonitorRef,
+    _Cast,
+    _ExitSignal,
+    _Info,
+    _ReplySlot,
+)
+from ._errors import (
+    ActorExited,
+    CallTimeout,
+    NoSuchActor,
+    RemoteError,
+    format_reason,
+    is_normal_exit,
+)
+from ._frames import FrameError, Message
+from ._mailbox import MailboxClosed, MailboxFull
+from ._registry import Address, check_name
+from ._transport import TrioSocket, ipc_directory, ipc_endpoint, open_socket
+from ._wire import WireError, from_wire, to_wire
+
+__all__ = ["Node", "PeerInfo", "open_node"]
+
+log = logging.getLogger("zerotrain.actors.node")
+
+_MAX_NAMES = 256  # registered names advertised per heartbeat
+_FORGET_AFTER = 30  # a peer down for this many heartbeat timeouts is forgotten
+
+
+class _Rejected(Exception):
+    """A message that decoded but makes no sense; ``reason`` goes back to the sender."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerInfo:
+    """What a node knows about one peer (``node.peer_info(name)``)."""
+
+    name: str
+    alive: bool | None  # None: never heard from
+    generation: int | None
+    names: tuple[str, ...]  # actors registered there, as of its last heartbeat
+    endpoint: str | None
+
+
+@dataclasses.dataclass(eq=False)
+class _Peer:
+    name: str
+    endpoint: str | None
+    last_seen: float
+    socket: TrioSocket | None = None
+    generation: int | None = None
+    alive: bool | None = None
+    names: tuple[str, ...] = ()
+    retired: collections.deque[int] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=8)
+    )
+    scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+    changed: trio.lowlevel.ParkingLot = dataclasses.field(default_factory=trio.lowlevel.ParkingLot)
+
+    def info(self) -> PeerInfo:
+        return PeerInfo(self.name, self.alive, self.generation, self.names, self.endpoint)
+
+
+@dataclasses.dataclass(eq=False)
+class _Outgoing:
+    """A monitor or link this node holds on an actor of another node."""
+
+    peer: str
+    target: Address
+    kind: str  # "monitor": sink gets Down; "link": sink gets an exit signal
+    sink: ActorRef
+    sent_at: float
+    link_end: Any = None
+    generation: int | None = None  # the incarnation that acknowledged it ("watching")
+
+
+@dataclasses.dataclass(eq=False)
+class _Pending:
+    """A call (or stop / stats request) sent to a peer, awaiting its reply."""
+
+    slot: _ReplySlot
+    peer: str
+    target: str
+    scope: trio.CancelScope  # the caller's wait (and send)
+
+    def fail(self, error: Exception) -> None:
+        self.slot.deliver(False, error)
+        self.scope.cancel()  # the caller may still be stuck sending to a dead peer
+
+
+class _RemoteWatcher:
+    """Stands, in the target's node, for a watcher (or linked actor) on another node:
+    the local target's exit is forwarded as a ``down`` message."""
+
+    def __init__(self, node: Node, peer: str, ref: MonitorRef, label: str) -> None:
+        self.node, self.peer, self.ref, self.label = node, peer, ref, label
+
+    def _deliver_signal(self, item: Any) -> None:  # Down (monitor) or _ExitSignal (link)
+        if self.node._served.pop((self.peer, self.ref), None) is not None:
+            body = {"ref": _ref_to_wire(self.ref), "reason": _reason_to_wire(item.reason)}
+            self.node._send_soon(self.peer, "down", body)
+
+
+class _RemoteLinkEnd:
+    """Sits in a local actor's links: when that actor exits, tell the remote end."""
+
+    def __init__(self, node: Node, target: Address, ref: MonitorRef) -> None:
+        self.node, self.target, self.ref = node, target, ref
+
+    def _deliver_signal(self, item: _ExitSignal) -> None:
+        if self.node._out.pop(self.ref, None) is not None:
+            body = {"ref": _ref_to_wire(self.ref), "reason": _reason_to_wire(item.reason)}
+            self.node._send_soon(self.target.node, "exit", body)
+
+
+class Node:
+    """This process's node. Open it with :func:`open_node`; do not construct it."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        endpoint: str,
+        directory: str | None,
+        peers: dict[str, str],
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+        send_timeout: float,
+        max_inflight: int,
+    ) -> None:
+        self.name = check_name(name, "node name")
+        self.endpoint = endpoint
+        self.directory = directory
+        self.generation = int.from_bytes(os.urandom(7), "big")  # boot id
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.send_timeout = send_timeout
+        self._configured = dict(peers)
+        self._peers: dict[str, _Peer] = {}
+        self._seq = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}  # seq -> a request awaiting its reply
+        self._out: dict[MonitorRef, _Outgoing] = {}
+        self._served: dict[tuple[str, MonitorRef], tuple[ActorRef, _RemoteWatcher]] = {}
+        self._inflight = trio.Semaphore(max_inflight)
+        self._paused = False
+        self._stats = {"received": 0, "sent": 0, "rejected": 0, "dropped": 0}
+        self._nursery: trio.Nursery | None = None
+        self._router: TrioSocket | None = None
+        self._label = f"[node {name}]"
+
+    def __repr__(self) -> str:
+        return f"Node({self.name!r}, {self.endpoint!r})"
+
+    # =================================================================================
+    # Public
+    # =================================================================================
+
+    def statistics(self) -> dict[str, int]:
+        """Counters: messages received / sent / rejected / dropped, and peers."""
+        return {**self._stats, "peers": len(self._peers)}
+
+    def peer_info(self, name: str) -> PeerInfo | None:
+        peer = self._peers.get(name)
+        return None if peer is None else peer.info()
+
+    def connect(self, name: str, endpoint: str | None = None) -> None:
+        """Start talking to (and heart-beating) node ``name`` now rather than on first use."""
+        self._peer(name, endpoint)
+
+    async def wait_peer(
+        self,
+        name: str,
+        *,
+        alive: bool = True,
+        newer_than: int | None = None,
+        names: tuple[str, ...] = (),
+    ) -> PeerInfo:
+        """Wait until peer ``name`` is up (``alive=True``; optionally with a generation
+        other than ``newer_than`` and with ``names`` registered) or down (``alive=False``).
+        Wrap it in a timeout."""
+
+        def ok(peer: _Peer) -> bool:
+            if not alive:
+                return peer.alive is False
+            return (
+                bool(peer.alive)
+                and (newer_than is None or peer.generation != newer_than)
+                and set(names) <= set(peer.names)
+            )
+
+        while not ok(peer := self._peer(name)):  # (re-fetched: a peer may be forgotten)
+            await peer.changed.park()
+        return peer.info()
+
+    # =================================================================================
+    # Client side (called by actors._actor for "name@node" targets)
+    # =================================================================================
+
+    async def _call(self, target: Address, request: Any, timeout: float | None) -> Any:
+        data, tensors = to_wire(request)  # WireError: the caller's mistake, raised here
+        body = {"to": target.name, "request": data, "timeout": timeout}
+        return await self._request(target, "call", body, tensors, timeout, request)
+
+    async def _stop(self, target: Address, reason: Any, timeout: float | None) -> None:
+        if not isinstance(reason, str):
+            raise TypeError(f"a remote stop reason must be a string, got {reason!r}")
+        body = {"to": target.name, "reason": reason, "timeout": timeout}
+        await self._request(target, "stop", body, [], timeout, f"stop({reason!r})")
+
+    async def _statistics(self, target: Address, timeout: float | None) -> Any:
+        return await self._request(target, "stats", {"to": target.name}, [], timeout, "stats")
+
+    async def _request(
+        self, target: Address, kind: str, body: dict, tensors: list, timeout, what: Any
+    ) -> Any:
+        peer = self._peer(target.node)
+        seq = next(self._seq)
+        slot = _ReplySlot()
+        scope = trio.CancelScope(deadline=trio.current_time() + _seconds(timeout))
+        self._pending[seq] = _Pending(slot, peer.name, str(target), scope)
+        try:
+            with scope:  # also cancelled when the answer comes early: the peer is down
+                if peer.alive is False:
+                    raise ActorExited(str(target), "noconnection", "before the call was sent")
+                await self._send(peer, kind, body, tensors, seq=seq)
+                await slot.event.wait()
+        finally:
+            if self._pending.pop(seq, None) is not None and not slot.event.is_set():
+                slot.abandoned = True
+        if not slot.event.is_set():
+            raise CallTimeout(str(target), what, timeout)
+        if slot.ok:
+            return slot.value
+        raise slot.value
+
+    async def _fire(self, target: Address, msg: Any, kind: str) -> None:
+        data, tensors = to_wire(msg)
+        peer = self._peer(target.node)
+        with trio.move_on_after(self.send_timeout):
+            await self._send(peer, kind, {"to": target.name, "msg": data}, tensors)
+            return
+        self._stats["dropped"] += 1
+        log.warning("%s dropped a %s to %s: not sent in time", self._label, kind, target)
+
+    def _monitor(self, target: Address, ref: MonitorRef, watcher: ActorRef) -> None:
+        self._out[ref] = _Outgoing(target.node, target, "monitor", watcher, trio.current_time())
+        self._send_soon(target.node, "monitor", {"to": target.name, "ref": _ref_to_wire(ref)})
+
+    def _link(self, target: Address, me: ActorRef) -> None:
+        ref = MonitorRef(next(_link_ids), self.name)
+        end = _RemoteLinkEnd(self, target, ref)
+        self._out[ref] = _Outgoing(target.node, target, "link", me, trio.current_time(), end)
+        me._links.add(end)
+        body = {"to": target.name, "ref": _ref_to_wire(ref), "sender": me.label}
+        self._send_soon(target.node, "link", body)
+
+    def _demonitor(self, ref: MonitorRef) -> None:
+        out = self._out.pop(ref, None)
+        if out is not None:
+            self._send_soon(out.peer, "demonitor", {"ref": _ref_to_wire(ref)})
+
+    # =================================================================================
+    # Peers and sending
+    # =================================================================================
+
+    def _resolve(self, name: str) -> str | None:
+        if name in self._configured:
+            return self._configured[name]
+        if self.directory is not None:
+            try:
+                return ipc_endpoint(name, self.directory)
+            except ValueError:
+                return None
+        return None
+
+    def _peer(self, name: str, endpoint: str | None = None) -> _Peer:
+        peer = self._peers.get(name)
+        if peer is None:
+            check_name(name, "node name")
+            peer = _Peer(name, endpoint or self._resolve(name), trio.current_time())
+            self._peers[name] = peer
+            self._connect(peer)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._heartbeat, peer)
+        elif endpoint and endpoint != peer.endpoint:
+            peer.endpoint = endpoint  # it moved (restarted elsewhere): reconnect
+            self._connect(peer)
+        return peer
+
+    def _connect(self, peer: _Peer) -> None:
+        if peer.socket is not None:
+            peer.socket.close(linger=0)
+            peer.socket = None
+        if peer.endpoint is not None:
+            peer.socket = open_socket(
+                "DEALER", connect=peer.endpoint, routing_id=self.name.encode(), linger=0
+            )
+
+    async def _send(
+        self, peer: _Peer, kind: str, body: dict, tensors: list = (), seq: int = 0
+    ) -> None:
+        if peer.socket is None:
+            raise ActorExited(
+                peer.name, "noconnection", f"(no endpoint known for node {peer.name!r})"
+            )
+        msg = Message(kind, self.name, self.generation, 0, seq, body, list(tensors))
+        await peer.socket.send_message(msg)
+        self._stats["sent"] += 1
+
+    def _send_soon(self, peer_name: str, kind: str, body: dict, seq: int = 0) -> None:
+        """Send from a helper task: for callers that must not wait (signals, replies
+        from the reader). Gives up after ``send_timeout``."""
+        if self._nursery is None:
+            return
+
+        async def send() -> None:
+            peer = self._peers.get(peer_name) or self._peer(peer_name)
+            with trio.move_on_after(self.send_timeout):
+                try:
+                    await self._send(peer, kind, body, seq=seq)
+                except (ActorExited, trio.ClosedResourceError) as exc:
+                    log.debug("%s could not send %s to %s: %s", self._label, kind, peer_name, exc)
+                return
+            self._stats["dropped"] += 1
+            log.warning("%s dropped %s to %s: not sent in time", self._label, kind, peer_name)
+
+        self._nursery.start_soon(send)
+
+    async def _heartbeat(self, peer: _Peer) -> None:
+        with peer.scope:
+            while True:
+                if peer.socket is not None:
+                    body = {"endpoint": self.endpoint, "names": _registry.registered()[:_MAX_NAMES]}
+                    with trio.move_on_after(self.heartbeat_interval):
+                        try:
+                            await self._send(peer, "hb", body)
+                        except trio.ClosedResourceError:
+                            pass  # reconnected meanwhile
+                await trio.sleep(self.heartbeat_interval)
+
+    async def _watchdog(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval / 2)
+            now = trio.current_time()
+            for peer in list(self._peers.values()):
+                if self._paused:
+                    peer.last_seen = max(peer.last_seen, now)  # cannot judge: see module doc
+                elif peer.alive is not False and now - peer.last_seen > self.heartbeat_timeout:
+                    silent = now - peer.last_seen
+                    log.warning("%s peer %s down: silent for %.2fs", self._label, peer.name, silent)
+                    self._peer_down(peer, "noconnection")
+                elif peer.alive is False and now - peer.last_seen > _FORGET_AFTER * (
+                    self.heartbeat_timeout
+                ):
+                    self._forget(peer)  # long gone: bound the peer table
+            for ref, out in list(self._out.items()):
+                if out.generation is None and now - out.sent_at > self.heartbeat_timeout:
+                    if not self._paused:  # never acknowledged: the request was lost
+                        del self._out[ref]
+                        self._deliver_remote_exit(out, ref, "noconnection")
+
+    def _forget(self, peer: _Peer) -> None:
+        if any(p.peer == peer.name for p in self._pending.values()):
+            return
+        del self._peers[peer.name]
+        peer.scope.cancel()
+        peer.changed.unpark_all()
+        if peer.socket is not None:
+            peer.socket.close(linger=0)
+
+    def _peer_down(self, peer: _Peer, reason: str) -> None:
+        peer.alive = False
+        for seq, pending in list(self._pending.items()):
+            if pending.peer == peer.name:
+                del self._pending[seq]
+                pending.fail(ActorExited(pending.target, reason))
+        for ref, out in list(self._out.items()):
+            if out.peer == peer.name:
+                del self._out[ref]
+                self._deliver_remote_exit(out, ref, reason)
+        for key, (target, watcher) in list(self._served.items()):
+            if key[0] == peer.name:  # the watchers are gone with their node
+                del self._served[key]
+                target._monitors.pop(key[1], None)
+                target._links.discard(watcher)
+        peer.changed.unpark_all()
+
+    def _heard_from(self, peer: _Peer, generation: int) -> bool:
+        """Note a message from ``peer``; False if it comes from a retired incarnation
+        (a restarted process's predecessor, still in the queue): drop it."""
+        if generation in peer.retired:
+            return False
+        if peer.generation is not None and generation != peer.generation:
+            self._retire(peer, "noconnection")  # a new incarnation: the old one is gone
+        peer.generation = generation
+        peer.last_seen = trio.current_time()
+        if not peer.alive:
+            peer.alive = True
+            log.info("%s peer %s up (generation %x)", self._label, peer.name, generation)
+        peer.changed.unpark_all()
+        return True
+
+    def _retire(self, peer: _Peer, reason: str) -> None:
+        """This incarnation of ``peer`` is gone for good (its process exited)."""
+        if peer.generation is not None:
+            peer.retired.append(peer.generation)
+        if peer.alive is not False:
+            self._peer_down(peer, reason)
+
+    def peer_exited(self, name: str) -> None:
+        """Tell the node that peer ``name``'s process is known to have exited (its
+        supervisor saw it): fail its calls and deliver its Downs now, without waiting for
+        the heartbeat deadline."""
+        peer = self._peers.get(name)
+        if peer is not None:
+            self._retire(peer, "noconnection")
+
+    def _deliver_remote_exit(self, out: _Outgoing, ref: MonitorRef, reason: Any) -> None:
+        if out.kind == "monitor":
+            out.sink._deliver_signal(Down(ref, str(out.target), reason))
+        else:
+            out.sink._links.discard(out.link_end)
+            out.sink._deliver_signal(_ExitSignal(str(out.target), reason))
+
+    # =================================================================================
+    # Receiving
+    # =================================================================================
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                routing_id, msg = await self._router.recv_message()
+            except FrameError as exc:
+                self._reject(_routing_name(exc.routing_id), exc.reason, None)
+                continue
+            except trio.ClosedResourceError:
+                return
+            self._stats["received"] += 1
+            try:
+                await self._dispatch(msg)
+            except _Rejected as exc:
+                self._reject(msg.sender, str(exc), msg)
+            except Exception:  # one bad message must never take the node down
+                log.exception("%s error handling %s from %s", self._label, msg.type, msg.sender)
+
+    async def _dispatch(self, msg: Message) -> None:
+        try:
+            check_name(msg.sender, "sender")
+        except ValueError as exc:
+            raise _Rejected(str(exc)) from None
+        handler = self._handlers.get(msg.type)
+        if handler is None:
+            accepted = ", ".join(sorted(self._handlers))
+            raise _Rejected(f"unknown message type {msg.type!r} (accepted: {accepted})")
+        endpoint = msg.body.get("endpoint") if msg.type == "hb" else None
+        if endpoint is not None and not isinstance(endpoint, str):
+            raise _Rejected("hb endpoint must be a string")
+        peer = self._peer(msg.sender, endpoint)
+        if self._heard_from(peer, msg.generation):
+            await handler(self, peer, msg)
+
+    def _reject(self, peer_name: str | None, reason: str, msg: Message | None) -> None:
+        self._stats["rejected"] += 1
+        what = "a malformed message" if msg is None else f"{msg.type!r} (seq {msg.seq})"
+        log.warning("%s rejected %s from %s: %s", self._label, what, peer_name or "?", reason)
+        if peer_name is None or (peer_name not in self._peers and self._resolve(peer_name) is None):
+            return
+        if msg is not None and msg.type in _REQUESTS and msg.seq:
+            self._send_soon(peer_name, "reply", _error("bad_request", reason), seq=msg.seq)
+        elif msg is None or msg.type not in ("error", "reply"):  # never answer an answer
+            self._send_soon(peer_name, "error", {"reason": reason})
+
+    # -- handlers: one per message type ------------------------------------------------
+
+    async def _on_hb(self, peer: _Peer, msg: Message) -> None:
+        names = msg.body.get("names", [])
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise _Rejected("hb names must be a list of strings")
+        peer.names = tuple(names)
+        peer.changed.unpark_all()
+
+    async def _on_call(self, peer: _Peer, msg: Message) -> None:
+        to = _field(msg, "to", str)
+        timeout = _field(msg, "timeout", (int, float, type(None)))
+        if "request" not in msg.body:
+            raise _Rejected("call without a request")
+        try:
+            request = from_wire(msg.body["request"], msg.tensors)
+        except WireError as exc:
+            raise _Rejected(f"bad request data: {exc}") from None
+        await self._spawn_request(self._serve_call, peer.name, msg.seq, to, request, timeout)
+
+    async def _serve_call(self, peer: str, seq: int, to: str, request: Any, timeout) -> None:
+        ref = _registry.whereis(to)
+        if ref is None:
+            body = _error("noproc", f"no actor registered as {to!r} on node {self.name}")
+        else:
+            try:
+                value = await ref._call(request, timeout, caller=f"<node {peer}>")
+                data, tensors = to_wire(value)
+            except ActorExited as exc:
+                body = _error("exited", exc.reason)
+            except CallTimeout:
+                body = _error("timeout", f"no reply within {timeout}s")
+            except WireError as exc:
+                body = _error("bad_reply", f"{to} replied with {exc}")
+            else:
+                await self._reply(peer, seq, {"ok": True, "value": data}, tensors)
+                return
+        await self._reply(peer, seq, body)
+
+    async def _on_stop(self, peer: _Peer, msg: Message) -> None:
+        to, reason = _field(msg, "to", str), _field(msg, "reason", str)
+        timeout = _field(msg, "timeout", (int, float, type(None)))
+        await self._spawn_request(self._serve_stop, peer.name, msg.seq, to, reason, timeout)
+
+    async def _serve_stop(self, peer: str, seq: int, to: str, reason: str, timeout) -> None:
+        ref = _registry.whereis(to)
+        if ref is None:
+            await self._reply(peer, seq, _error("noproc", f"no actor {to!r} on {self.name}"))
+            return
+        ref.request_stop(reason)
+        with trio.move_on_after(float("inf") if timeout is None else timeout):
+            await ref.wait_exited()
+            await self._reply(peer, seq, {"ok": True, "value": None})
+            return
+        await self._reply(peer, seq, _error("timeout", f"{to} did not stop in {timeout}s"))
+
+    async def _on_stats(self, peer: _Peer, msg: Message) -> None:
+        to = _field(msg, "to", str)
+        ref = _registry.whereis(to)
+        if ref is None:
+            body, tensors = _error("noproc", f"no actor {to!r} on {self.name}"), []
+        else:
+            data, tensors = to_wire(ref.statistics())
+            body = {"ok": True, "value": data}
+        self._send_soon(peer.name, "reply", body, seq=msg.seq)  # stats carry no tensors
+
+    async def _on_reply(self, peer: _Peer, msg: Message) -> None:
+        entry = self._pending.get(msg.seq)
+        if entry is None or entry.peer != peer.name:
+            return  # a late reply (the caller gave up), or not from the node we asked
+        del self._pending[msg.seq]
+        slot, target = entry.slot, entry.target
+        ok = msg.body.get("ok")
+        try:
+            if ok is True:
+                slot.deliver(True, from_wire(msg.body.get("value"), msg.tensors))
+            elif ok is False:
+                slot.deliver(False, _error_from_wire(target, msg.body))
+            else:
+                raise WireError("reply without ok")
+        except WireError as exc:
+            slot.deliver(False, RemoteError(f"bad reply from {peer.name}: {exc}"))
+
+    async def _on_cast(self, peer: _Peer, msg: Message) -> None:
+        to = _field(msg, "to", str)
+        try:
+            data = from_wire(msg.body.get("msg"), msg.tensors)
+        except WireError as exc:
+            raise _Rejected(f"bad {msg.type} data: {exc}") from None
+        ref = _registry.whereis(to)
+        if ref is None:
+            self._stats["dropped"] += 1
+            log.debug("%s dropped %s to unknown actor %r", self._label, msg.type, to)
+            return
+        envelope = _Cast(data) if msg.type == "cast" else _Info(data)
+        try:
+            ref.mailbox.put_nowait(envelope)
+        except MailboxFull:
+            self._paused = True  # back-pressure reaches the sender through ZMQ's HWM
+            try:
+                await ref.mailbox.put(envelope)
+            except MailboxClosed:
+                pass
+            finally:
+                self._paused = False
+        except MailboxClosed:
+            pass
+
+    async def _on_monitor(self, peer: _Peer, msg: Message) -> None:
+        self._serve_watch(peer, msg, "monitor")
+
+    async def _on_link(self, peer: _Peer, msg: Message) -> None:
+        self._serve_watch(peer, msg, "link")
+
+    def _serve_watch(self, peer: _Peer, msg: Message, kind: str) -> None:
+        to = _field(msg, "to", str)
+        ref = _ref_from_wire(msg.body.get("ref"))
+        label = _field(msg, "sender", str) if kind == "link" else peer.name
+        target = _registry.whereis(to)
+        if target is None:
+            body = {"ref": _ref_to_wire(ref), "reason": _reason_to_wire("noproc")}
+            self._send_soon(peer.name, "down", body)
+            return
+        watcher = _RemoteWatcher(self, peer.name, ref, label)
+        self._served[(peer.name, ref)] = (target, watcher)
+        self._send_soon(peer.name, "watching", {"ref": _ref_to_wire(ref)})
+        if kind == "monitor":
+            target._monitors[ref] = watcher
+        else:
+            target._links.add(watcher)
+
+    async def _on_watching(self, peer: _Peer, msg: Message) -> None:
+        out = self._out.get(_ref_from_wire(msg.body.get("ref")))
+        if out is not None and out.peer == peer.name:
+            out.generation = msg.generation  # from now on tied to this incarnation
+
+    async def _on_demonitor(self, peer: _Peer, msg: Message) -> None:
+        ref = _ref_from_wire(msg.body.get("ref"))
+        entry = self._served.pop((peer.name, ref), None)
+        if entry is not None:
+            entry[0]._monitors.pop(ref, None)
+
+    async def _on_exit(self, peer: _Peer, msg: Message) -> None:
+        ref = _ref_from_wire(msg.body.get("ref"))
+        entry = self._served.pop((peer.name, ref), None)
+        if entry is not None:
+            target, watcher = entry
+            target._links.discard(watcher)
+            reason = _reason_from_wire(msg.body.get("reason"))
+            target._deliver_signal(_ExitSignal(watcher.label, reason))
+
+    async def _on_down(self, peer: _Peer, msg: Message) -> None:
+        ref = _ref_from_wire(msg.body.get("ref"))
+        out = self._out.pop(ref, None)
+        if out is not None and out.peer == peer.name:
+            self._deliver_remote_exit(out, ref, _reason_from_wire(msg.body.get("reason")))
+
+    async def _on_error(self, peer: _Peer, msg: Message) -> None:
+        reason = msg.body.get("reason")
+        log.warning("%s %s rejected a message from us: %s", self._label, peer.name, reason)
+
+    _handlers: dict[str, Callable[..., Any]] = {
+        "hb": _on_hb,
+        "call": _on_call,
+        "stop": _on_stop,
+        "stats": _on_stats,
+        "reply": _on_reply,
+        "cast": _on_cast,
+        "send": _on_cast,
+        "monitor": _on_monitor,
+        "link": _on_link,
+        "watching": _on_watching,
+        "demonitor": _on_demonitor,
+        "exit": _on_exit,
+        "down": _on_down,
+        "error": _on_error,
+    }
+
+    async def _spawn_request(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Serve a request in its own task; at most ``max_inflight`` at once (the reader
+        waits for a free slot: back-pressure instead of an unbounded task pile)."""
+        if self._inflight.value == 0:
+            self._paused = True
+        try:
+            await self._inflight.acquire()
+        finally:
+            self._paused = False
+
+        async def serve() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self._inflight.release()
+
+        self._nursery.start_soon(serve)
+
+    async def _reply(self, peer: str, seq: int, body: dict, tensors: list = ()) -> None:
+        with trio.move_on_after(self.send_timeout):
+            try:
+                await self._send(self._peer(peer), "reply", body, tensors, seq=seq)
+            except (ActorExited, trio.ClosedResourceError):
+                pass
+            return
+        self._stats["dropped"] += 1
+
+
+_link_ids = itertools.count(1 << 40)  # disjoint from actors._actor's monitor ids
+
+_REQUESTS = ("call", "stop", "stats")
+
+
+def _seconds(timeout: float | None) -> float:
+    return float("inf") if timeout is None else timeout
+
+
+def _field(msg: Message, key: str, kind: Any) -> Any:
+    value = msg.body.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise _Rejected(f"{msg.type}: field {key!r} must be {_kind_name(kind)}, got {value!r:.40}")
+    return value
+
+
+def _kind_name(kind: Any) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+
+
+def _routing_name(routing_id: bytes | None) -> str | None:
+    try:
+        return check_name(routing_id.decode()) if routing_id else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _ref_to_wire(ref: MonitorRef) -> list:
+    return [ref.id, ref.node]
+
+
+def _ref_from_wire(data: Any) -> MonitorRef:
+    if not (
+        isinstance(data, list)
+        and len(data) == 2
+        and type(data[0]) is int
+        and isinstance(data[1], str | None)
+    ):
+        raise _Rejected(f"a monitor ref is [int, node name], got {data!r:.40}")
+    return MonitorRef(data[0], data[1])
+
+
+def _reason_to_wire(reason: Any) -> dict:
+    return {
+        "text": format_reason(reason),
+        "exc": isinstance(reason, BaseException),
+        "normal": is_normal_exit(reason),
+    }
+
+
+def _reason_from_wire(data: Any) -> Any:
+    if not (isinstance(data, dict) and isinstance(data.get("text"), str)):
+        raise _Rejected(f"an exit reason is {{text, exc, normal}}, got {data!r:.40}")
+    if not data.get("exc"):
+        return data["text"]
+    if data.get("normal"):  # e.g. RestartIntensityExceeded: keep it shutdown-class
+        return f"shutdown: {data['text']}"
+    return RemoteError(data["text"])
+
+
+def _error(kind: str, reason: Any) -> dict:
+    return {"ok": False, "kind": kind, "reason": _reason_to_wire(reason)}
+
+
+def _error_from_wire(target: str, body: dict) -> Exception:
+    kind = body.get("kind")
+    try:
+        reason = _reason_from_wire(body.get("reason"))
+    except _Rejected as exc:
+        return RemoteError(f"bad error reply for {target}: {exc}")
+    text = format_reason(reason)
+    if kind == "exited":
+        return ActorExited(target, reason)
+    if kind == "noproc":
+        return NoSuchActor(text)
+    if kind == "timeout":
+        return CallTimeout(target, text, float("nan"))
+    return RemoteError(f"{target}: {kind}: {text}")
+
+
+# =====================================================================================
+# open_node
+# =====================================================================================
+
+
+@asynccontextmanager
+async def open_node(
+    name: str,
+    *,
+    endpoint: str | None = None,
+    directory: str | None = None,
+    peers: dict[str, str] | None = None,
+    heartbeat_interval: float = 0.2,
+    heartbeat_timeout: float = 1.0,
+    send_timeout: float = 5.0,
+    max_inflight: int = 64,
+    rank: int | None = None,
+) -> AsyncIterator[Node]:
+    """Run this process's node for the duration of the block.
+
+    ``name``: this node's name (``"rank0"``); actors here are ``"<actor>@<name>"``.
+    ``endpoint``: where to bind the inbox; default ``ipc://<directory>/<name>``.
+    ``directory``: a shared (0700) ipc directory; peers not in ``peers`` are found at
+    ``ipc://<directory>/<peer>``. Default: a private one (``actors._transport``).
+    ``peers``: ``{node name: endpoint}`` for peers elsewhere (tcp://...).
+    ``rank``: the default rank in actor log prefixes.
+
+    Raises ValueError for a bad name and zmq.ZMQError if the endpoint cannot be bound.
+    """
+    if _registry.current_node(required=False) is not None:
+        raise RuntimeError("this process already runs a node (one node per process)")
+    if not 0 < heartbeat_interval < heartbeat_timeout:
+        raise ValueError(
+            "need 0 < heartbeat_interval < heartbeat_timeout, got "
+            f"{heartbeat_interval!r}, {heartbeat_timeout!r}"
+        )
+    if endpoint is None:
+        directory = directory or ipc_directory()
+        endpoint = ipc_endpoint(check_name(name, "node name"), directory)
+    node = Node(
+        name,
+        endpoint=endpoint,
+        directory=directory,
+        peers=peers or {},
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
+        send_timeout=send_timeout,
+        max_inflight=max_inflight,
+    )
+    node._router = open_socket("ROUTER", bind=endpoint, router_handover=1, linger=0)
+    previous_rank = _registry.default_rank()
+    _registry.set_node(node)
+    _registry.set_default_rank(rank if rank is not None else previous_rank)
+    try:
+        async with trio.open_nursery() as nursery:
+            node._nursery = nursery
+            nursery.start_soon(node._reader)
+            nursery.start_soon(node._watchdog)
+            for peer in list(node._peers.values()):
+                nursery.start_soon(node._heartbeat, peer)
+            try:
+                yield node
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        node._nursery = None
+        for pending in node._pending.values():
+            pending.fail(ActorExited(pending.target, "shutdown: node closed"))
+        node._pending.clear()
+        node._router.close(linger=0)
+        for peer in node._peers.values():
+            if peer.socket is not None:
+                peer.socket.close(linger=0)
+        _registry.set_node(None)
+        _registry.set_default_rank(previous_rank)

@@ -1,0 +1,71 @@
+"""A rank-like process for the actor tests: started by actors.process_spec, it serves an
+``Echo`` actor under a supervisor. Run only as a supervised child.
+PROC_WORKER_IGNORE_SIGTERM=1 makes it ignore SIGTERM (to test the SIGKILL fallback)."""
+
+import logging
+import os
+import signal
+import sys
+import time
+
+import trio
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+import actors  # noqa: E402
+
+
+class Echo(actors.Actor):
+    """Answers test requests; records the Down messages it gets."""
+
+    async def init(self):
+        self.casts = 0
+        self.downs = []
+
+    async def handle_call(self, request, from_):
+        match request:
+            case ("echo", value):
+                return value
+            case ("double", array):
+                return array * 2
+            case ("crash", text):
+                raise RuntimeError(text)
+            case ("sleep", seconds):
+                await trio.sleep(seconds)
+                return "slept"
+            case ("block", seconds):
+                time.sleep(seconds)  # blocks the whole trio loop: heartbeats stop too
+                return "blocked"
+            case ("call", target, inner):
+                return await actors.call(target, inner)
+            case ("monitor", target):
+                actors.monitor(target)
+                return None
+            case ("downs",):
+                return [(down.target, actors.format_reason(down.reason)) for down in self.downs]
+            case ("casts",):
+                return self.casts
+            case ("pid",):
+                return os.getpid()
+        raise ValueError(f"unknown request {request!r}")
+
+    async def handle_cast(self, msg):
+        self.casts += 1
+
+    async def handle_info(self, msg):
+        if isinstance(msg, actors.Down):
+            self.downs.append(msg)
+
+
+async def main():
+    stubborn = os.environ.get("PROC_WORKER_IGNORE_SIGTERM") == "1"
+    if stubborn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    async with actors.child_node(handle_sigterm=not stubborn):
+        await actors.Supervisor([Echo.child_spec(name="Echo")], max_restarts=100).run()
+
+
+if __name__ == "__main__":
+    level = os.environ.get("PROC_WORKER_LOG", "WARNING")
+    logging.basicConfig(level=level, format="%(relativeCreated)6d %(name)s %(message)s")
+    trio.run(main)

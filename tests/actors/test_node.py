@@ -1,0 +1,205 @@
+"""Remote call / cast / monitor / link between real processes, and untrusted input.
+
+Each test runs a node in the test process and one or two worker processes
+(``proc_worker.py``) under a supervisor. Real time, real sockets: every wait is under a
+``fail_after`` and nothing asserts on wall time.
+"""
+
+import os
+import signal
+import sys
+from contextlib import asynccontextmanager
+
+import msgpack
+import numpy as np
+import pytest
+import trio
+
+import actors
+from actors import ActorExited, CallTimeout, Down, Exit, NoSuchActor, WireError
+from actors._frames import Message
+from actors._transport import ipc_endpoint, open_socket
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proc_worker.py")
+LIMIT = 30  # seconds; a hang fails the test instead of the suite
+
+
+@asynccontextmanager
+async def cluster(*workers):
+    """A test node plus supervised worker processes serving Echo@<worker>."""
+    with trio.fail_after(LIMIT):
+        async with cluster_node(workers) as node:
+            yield node
+
+
+@asynccontextmanager
+async def cluster_node(workers):
+    async with actors.open_node("test", heartbeat_interval=0.1, heartbeat_timeout=0.6) as node:
+        async with trio.open_nursery() as nursery:
+            specs = [
+                actors.process_spec(w, [sys.executable, WORKER], wait_for=["Echo"], shutdown=2)
+                for w in workers
+            ]
+            sup = await nursery.start(actors.Supervisor(specs, name="workers").run)
+            yield node
+            await actors.stop(sup, timeout=None)
+
+
+class Watcher(actors.Actor):
+    trap_exits = True
+
+    async def init(self):
+        self.events = []
+        self.got = trio.Event()
+
+    async def handle_call(self, request, from_):
+        kind, target = request
+        return actors.monitor(target) if kind == "monitor" else actors.link(target)
+
+    async def handle_info(self, msg):
+        self.events.append(msg)
+        self.got.set()
+
+
+async def test_a_remote_call_carries_data_and_tensors_both_ways():
+    async with cluster("w1"):
+        value = {"a": [1, 2.5, (3, "x")], 7: None, "$odd": b"\x00"}
+        assert await actors.call("Echo@w1", ("echo", value)) == value
+        doubled = await actors.call("Echo@w1", ("double", np.arange(6.0).reshape(2, 3)))
+        assert doubled.shape == (2, 3) and doubled.tolist() == [[0, 2, 4], [6, 8, 10]]
+        stats = await actors.statistics("Echo@w1")
+        assert (stats.name, stats.processed) == ("Echo", 2)
+
+
+async def test_remote_failures_raise_the_same_errors_as_local_ones():
+    async with cluster("w1"):
+        with pytest.raises(ActorExited, match=r"Echo@w1 exited .*RuntimeError: kaboom"):
+            await actors.call("Echo@w1", ("crash", "kaboom"))
+        with pytest.raises(NoSuchActor, match="no actor registered as 'Nobody' on node w1"):
+            await actors.call("Nobody@w1", 1)
+        await wait_for_echo("w1")
+        with pytest.raises(CallTimeout, match=r"Echo@w1 timed out after 0.3s"):
+            await actors.call("Echo@w1", ("sleep", 5), timeout=0.3)
+        with pytest.raises(WireError, match="cannot travel"):
+            await actors.call("Echo@w1", ("echo", object()))  # never pickled, never sent
+
+
+async def wait_for_echo(worker):
+    """After a crash, wait until the worker's supervisor has restarted Echo."""
+    while True:
+        try:
+            return await actors.call(f"Echo@{worker}", ("pid",))
+        except (NoSuchActor, ActorExited):
+            await trio.sleep(0.05)
+
+
+async def test_casts_reach_a_remote_actor_in_order():
+    async with cluster("w1"):
+        for i in range(50):
+            await actors.cast("Echo@w1", i)
+        assert await actors.call("Echo@w1", ("casts",)) == 50
+
+
+async def test_one_rank_calls_another_by_name():
+    async with cluster("w1", "w2"):
+        assert await actors.call("Echo@w1", ("call", "Echo@w2", ("echo", "hi"))) == "hi"
+
+
+async def test_down_is_delivered_when_a_remote_process_is_sigkilled():
+    async with cluster("w1", "w2") as node:
+        async with trio.open_nursery() as nursery:
+            watcher = Watcher()
+            w = await actors.spawn(nursery, watcher)
+            ref = await actors.call(w, ("monitor", "Echo@w1"))
+            await actors.call("Echo@w2", ("monitor", "Echo@w1"))  # a watcher in another process
+            pid = await actors.call("Echo@w1", ("pid",))
+            os.kill(pid, signal.SIGKILL)
+            await watcher.got.wait()
+            assert watcher.events == [Down(ref, "Echo@w1", "noconnection")]
+            # w2 is not w1's parent: it learns from missed heartbeats (or w1's successor)
+            while not await actors.call("Echo@w2", ("downs",)):
+                await trio.sleep(0.1)
+            assert await actors.call("Echo@w2", ("downs",)) == [("Echo@w1", "noconnection")]
+            await actors.stop(w)
+        assert node.peer_info("w1").alive in (False, True)  # down, or already restarted
+
+
+async def test_monitoring_a_missing_remote_actor_gives_noproc():
+    async with cluster("w1"):
+        async with trio.open_nursery() as nursery:
+            watcher = Watcher()
+            w = await actors.spawn(nursery, watcher)
+            ref = await actors.call(w, ("monitor", "Nobody@w1"))
+            await watcher.got.wait()
+            assert watcher.events == [Down(ref, "Nobody@w1", "noproc")]
+            await actors.stop(w)
+
+
+async def test_a_remote_link_turns_a_remote_crash_into_an_exit_signal():
+    async with cluster("w1"):
+        async with trio.open_nursery() as nursery:
+            watcher = Watcher()  # traps exits
+            w = await actors.spawn(nursery, watcher)
+            await actors.call(w, ("link", "Echo@w1"))
+            with pytest.raises(ActorExited):
+                await actors.call("Echo@w1", ("crash", "linked"))
+            await watcher.got.wait()
+            [event] = watcher.events
+            assert isinstance(event, Exit) and event.sender == "Echo@w1"
+            assert "RuntimeError: linked" in actors.format_reason(event.reason)
+            await actors.stop(w)
+
+
+async def test_a_call_to_an_unreachable_node_fails_with_noconnection():
+    with trio.fail_after(LIMIT):
+        async with actors.open_node("test", heartbeat_interval=0.1, heartbeat_timeout=0.5):
+            with pytest.raises(ActorExited, match="noconnection"):
+                await actors.call("Echo@nowhere", 1, timeout=10)
+
+
+async def test_a_malformed_message_is_rejected_and_the_node_keeps_serving():
+    async with cluster("w1") as node:
+        # "mallory" has an inbox where w1's node can answer (same ipc directory)
+        inbox = open_socket("ROUTER", bind=ipc_endpoint("mallory", node.directory))
+        out = open_socket("DEALER", connect=node.peer_info("w1").endpoint, routing_id=b"mallory")
+        with inbox, out:
+            await out.send_multipart([b"\xc1 not msgpack"])  # undecodable header
+            answer = await recv_answer(inbox)
+            assert (answer.type, answer.sender) == ("error", "w1")
+            assert answer.body["reason"]
+
+            bad_call = Message("call", "mallory", 1, 0, 7, {"request": 1})  # no "to"
+            await out.send_message(bad_call)
+            answer = await recv_answer(inbox)
+            assert (answer.type, answer.seq, answer.body["ok"]) == ("reply", 7, False)
+            assert answer.body["kind"] == "bad_request"
+            assert "field 'to' must be str" in answer.body["reason"]["text"]
+
+            bad_data = Message("call", "mallory", 1, 0, 8, {"to": "Echo", "request": {"$r": 1}})
+            await out.send_message(bad_data)
+            answer = await recv_answer(inbox)
+            assert answer.seq == 8 and "bad request data" in answer.body["reason"]["text"]
+
+            await out.send_multipart([msgpack.packb({"v": 1, "type": "call"}), b"x" * 10])
+            answer = await recv_answer(inbox)
+            assert answer.type == "error"
+        # ... and w1 still serves everyone else
+        assert await actors.call("Echo@w1", ("echo", 42)) == 42
+
+
+async def recv_answer(inbox):
+    """The next message that is not a heartbeat (w1 heart-beats any peer it heard from)."""
+    while True:
+        _, msg = await inbox.recv_message()
+        if msg.type != "hb":
+            return msg
+
+
+async def test_the_local_node_counts_rejected_messages():
+    async with actors.open_node("test") as node:
+        with open_socket("DEALER", connect=node.endpoint, routing_id=b"x") as out:
+            await out.send_multipart([b"garbage"])
+            await out.send_message(Message("nonsense", "x", 1))
+            while node.statistics()["rejected"] < 2:
+                await trio.sleep(0.01)
+        assert node.statistics()["rejected"] == 2
