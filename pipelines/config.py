@@ -12,7 +12,8 @@ defaults are the dataclass defaults below, so `Config()` is a valid, tiny config
     [schedule]   name (constant | warmup_cosine | step | linear), warmup_steps, ...
     [cluster]    ranks, mode (ddp | zero1 | zero2), transport (ipc | tcp)
     [checkpoint] every, keep_last, keep_best, best_metric, best_mode, dir
-    [hooks]      scripts ["PATH[:NAME]", ...], every
+    [hooks]      specs [...] (pipelines.hooks specs: "PATH.py[:NAME]", "builtin[:NAME]",
+                 or tables {hook = ..., every = ..., ...}), timeout_s
     [eval]       every, split, metrics, batch_size, max_batches,
                  [eval.early_stopping] metric, patience, mode, min_delta
     [train]      steps, batch_size, grad_accum, seed, clip_norm, log_every
@@ -302,15 +303,28 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class HooksConfig:
+    """Gradient hooks (pipelines.hooks): `specs` are loaded with `--hook`s added;
+    analyzers get `timeout_s` seconds per call before they count as hung."""
+
     _section: ClassVar[str] = "hooks"
-    scripts: list[str] = field(default_factory=list)
-    every: int = 1
+    specs: list = field(default_factory=list)
+    timeout_s: float = 10.0
 
     def __post_init__(self):
-        _check_range("hooks.every", self.every, lo=1)
-        for i, spec in enumerate(self.scripts):
-            if not spec or spec.startswith(":"):
-                _fail(f"hooks.scripts[{i}]", '"PATH" or "PATH:NAME"', spec)
+        _check_range("hooks.timeout_s", self.timeout_s, lo=0.0, lo_open=True)
+        try:
+            from pipelines.hooks import HookError, normalise_spec
+        except ImportError:
+            normalise_spec = None
+        for i, spec in enumerate(self.specs):
+            if not isinstance(spec, str | dict):
+                _fail(f"hooks.specs[{i}]", '"PATH.py[:NAME]", "builtin[:NAME]" or a table '
+                      "with hook = ...", spec)
+            if normalise_spec is not None:
+                try:
+                    normalise_spec(spec)
+                except HookError as err:
+                    raise ConfigError(f"hooks.specs[{i}]: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -483,6 +497,10 @@ def _build_section(cls, table: Any):
             tp = hints[key]
             if dataclasses.is_dataclass(tp):
                 kwargs[key] = _build_section(tp, value)
+            elif tp is list:  # untyped list: the section checks its items
+                if not isinstance(value, list):
+                    _fail(f"{prefix}.{key}", "a list", value)
+                kwargs[key] = value
             else:
                 kwargs[key] = _coerce(f"{prefix}.{key}", value, tp)
         elif getattr(cls, "_free_options", False):
@@ -689,7 +707,8 @@ def config_hash(cfg: Config) -> str:
 
 # What may change between a checkpoint and a resume without changing the numbers' meaning
 # (world size and mode reshard; more steps continue; logging and eval do not touch params).
-_RESUME_FREE = ("cluster", "checkpoint", "hooks", "eval", "description", "name")
+# (hooks stay in: a transform changes the numbers.)
+_RESUME_FREE = ("cluster", "checkpoint", "eval", "description", "name")
 
 
 def resume_hash(cfg: Config) -> str:

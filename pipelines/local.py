@@ -11,7 +11,6 @@ per-step dropout seed) are the public helpers at the top; phase 2 reuses them.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import sys
@@ -88,54 +87,71 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Hooks (phase 1: in-process analyzers; the HookAnalyzer actor takes them over later)
+# Hooks: in this process for one rank (the HookAnalyzer actor takes analyzers over later)
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Hook:
-    spec: str
-    fn: object
-    errors: int = 0
+def load_hooks(specs: list) -> list:
+    """pipelines.hooks Hooks for `specs`; ValueError (one line) when one cannot load."""
+    if not specs:
+        return []
+    from pipelines.hooks import HookError
+    from pipelines.hooks import load_hooks as _load
+
+    try:
+        return _load(list(specs))
+    except HookError as err:
+        raise ValueError(str(err).splitlines()[0]) from None
 
 
-def load_hooks(specs: list[str]) -> list[_Hook]:
-    """Load "PATH[:NAME]" hook functions (NAME defaults to `hook`).
+class _Hooks:
+    """Analyzers (run after the step, failures isolated by AnalyzerRunner) and transforms
+    (run by RankStep on the gradient before the reduction) of a local run."""
 
-    Raises ValueError (one line) for a missing file or function.
-    """
-    hooks = []
-    for spec in specs:
-        path, _, name = spec.rpartition(":") if ":" in spec else (spec, "", "hook")
-        path = path or spec
-        if not Path(path).is_file():
-            raise ValueError(f"--hook {spec}: no such file {path!r}")
-        mod_name = f"zerotrain_hook_{len(hooks)}"
-        spec_obj = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(spec_obj)
-        try:
-            spec_obj.loader.exec_module(module)
-        except Exception as err:  # a research script's import error is a usage error
-            raise ValueError(f"--hook {spec}: loading failed: {type(err).__name__}: {err}"
-                             ) from None
-        fn = getattr(module, name, None)
-        if not callable(fn):
-            raise ValueError(f"--hook {spec}: {path} defines no function {name!r}")
-        hooks.append(_Hook(spec, fn))
-    return hooks
+    def __init__(self, hooks: list, cfg: Config, model, rundir: RunDir):
+        from pipelines.hooks import (
+            ANALYZER,
+            AnalyzerRunner,
+            HooksLog,
+            TransformRunner,
+        )
 
+        self.analyzers = [h for h in hooks if h.kind == ANALYZER]
+        self.log = HooksLog(rundir.path / "hooks.jsonl") if hooks else None
+        self.runner = AnalyzerRunner(self.analyzers, sinks=[self.log] if self.log else (),
+                                     timeout_s=cfg.hooks.timeout_s) if self.analyzers else None
+        transforms = [h for h in hooks if h.kind != ANALYZER]
+        self.transforms = (TransformRunner(transforms, layout=model.layout,
+                                           seed=cfg.train.seed, rank=0, world_size=1)
+                           if transforms else None)
+        self.model, self.micro = model, cfg.micro_batch * cfg.train.grad_accum
 
-def _run_hooks(hooks, rundir: RunDir, progress: Progress, ctx: dict) -> None:
-    for h in hooks:
-        try:
-            out = h.fn(ctx)
-        except Exception as err:  # a hook must never stop training
-            h.errors += 1
-            if h.errors <= 3:
-                progress.message(f"hook {h.spec} raised {type(err).__name__}: {err}")
-            continue
-        if out:
-            rundir.log_hook({"step": ctx["step"], "hook": h.spec, **out})
+    def due(self, step: int) -> bool:
+        return bool(self.runner and self.runner.due(step))
+
+    def after_step(self, step: int, rank: RankStep, loss: float, lr: float) -> None:
+        if rank.transform_records and self.log:
+            self.log.write(rank.transform_records)
+        if not self.due(step):
+            return
+        from pipelines.hooks import HookContext
+
+        view = rank.hook_view
+        update = self.model.params - view["params_before"]
+        ctx = HookContext.from_flat(step, self.model.layout, view["grad"], loss=loss, lr=lr,
+                                    rank_grads={0: view["rank_grad"]},
+                                    params=view["params_before"], update=update,
+                                    batch_size=self.micro, world_size=1)
+        self.runner.run(ctx)
+
+    def stats(self) -> dict:
+        return self.runner.stats() if self.runner else {}
+
+    def close(self) -> None:
+        if self.runner:
+            self.runner.close()
+        elif self.log:
+            self.log.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,11 +166,6 @@ class _State:
     last_eval: dict = field(default_factory=dict)
     best_eval: float | None = None
     stopped_early: bool = False
-
-
-def _named_grads(model, grads: np.ndarray) -> dict[str, np.ndarray]:
-    return {s.name: grads[s.offset : s.offset + int(np.prod(s.shape))].reshape(s.shape)
-            for s in model.layout if s.trainable}
 
 
 def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
@@ -172,7 +183,10 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
     rundir = RunDir(run_dir)
     chash, rhash = config_hash(cfg), resume_hash(cfg)
     rundir.write_config(cfg, chash, rhash)
-    loaded_hooks = load_hooks(list(cfg.hooks.scripts) + list(hooks))
+    try:
+        loaded_hooks = load_hooks(list(cfg.hooks.specs) + list(hooks))
+    except ValueError as err:
+        raise TrainingFailed(f"hooks: {err}") from None
     try:
         train = load_dataset(cfg.data, "train")
         evalset = load_dataset(cfg.data, cfg.eval.split)
@@ -182,7 +196,8 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
         raise TrainingFailed(f"train.batch_size {cfg.train.batch_size} exceeds the "
                              f"{len(train)} training samples")
     model = build_model_for(cfg, train.meta)
-    rank = RankStep(model, cfg, LocalCollective())
+    hooks_rt = _Hooks(loaded_hooks, cfg, model, rundir)
+    rank = RankStep(model, cfg, LocalCollective(), transforms=hooks_rt.transforms)
     spec = loss_spec(cfg.loss)
     state = _State()
     ckpt_root = rundir.checkpoints(cfg.checkpoint.dir)
@@ -225,6 +240,7 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
             s = state.step
             t0 = time.perf_counter()
             batches = rank_batches(train, cfg, s, 0, 1)
+            rank.keep_for_hooks = hooks_rt.due(s + 1)
             stats = await rank.step(s, batches, seed=step_seed(cfg.train.seed, s, 0))
             dt = time.perf_counter() - t0
             state.step = s + 1
@@ -249,12 +265,7 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
                 extra = " | eval " + " ".join(f"{k} {v:.4g}" for k, v in
                                               state.last_eval.items())
             progress.update(state.step, stats.loss, stats.lr, sps, extra)
-            if loaded_hooks and state.step % cfg.hooks.every == 0:
-                _run_hooks(loaded_hooks, rundir, progress, {
-                    "step": state.step, "loss": stats.loss, "lr": stats.lr,
-                    "grad_norm": stats.grad_norm, "rank": 0, "world": 1,
-                    "grads": _named_grads(model, model.grads),
-                    "params": dict(model.named_parameters())})
+            hooks_rt.after_step(state.step, rank, stats.loss, stats.lr)
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 \
                     and state.step != cfg.train.steps:
                 do_checkpoint()
@@ -273,6 +284,7 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
             state.last_eval = do_eval()
         do_checkpoint()
     finally:
+        hooks_rt.close()
         rundir.close()
     wall = time.perf_counter() - t_start
     done_samples = state.step * cfg.train.batch_size
@@ -296,7 +308,7 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
         "config_hash": chash,
         "kernels": KERNEL_BACKEND,
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
-        "hooks": {h.spec: {"errors": h.errors} for h in loaded_hooks},
+        "hooks": hooks_rt.stats(),
         "run_dir": str(rundir.path),
     }
     # Full weights by PyTorch name: safetensors.torch.load_file -> module.load_state_dict

@@ -177,8 +177,18 @@ class RankStep:
     resolved Config; `coll` a collective member (see the module doc).
     """
 
-    def __init__(self, model, cfg, coll):
+    def __init__(self, model, cfg, coll, *, transforms=None, keep_for_hooks: bool = False):
         self.model, self.cfg, self.coll = model, cfg, coll
+        # transforms: a pipelines.hooks.TransformRunner for this rank (or None). They edit
+        # the rank's own gradient before the reduction; their records land in
+        # `transform_records` for the caller to log.
+        self.transforms = transforms
+        self.transform_records: list[dict] = []
+        # keep_for_hooks: keep copies of what analyzers see (the averaged gradient before
+        # clipping, this rank's own gradient, the parameters before the update); the
+        # caller sets it for the steps an analyzer is due.
+        self.keep_for_hooks = keep_for_hooks
+        self.hook_view: dict[str, np.ndarray] = {}
         self.mode = cfg.cluster.mode
         self.rank, self.world = coll.rank, coll.world
         n = model.params.size
@@ -205,8 +215,10 @@ class RankStep:
 
     # -- phases ------------------------------------------------------------------------
 
-    def compute(self, batches: list[dict], seed: int = 0) -> tuple[np.ndarray, float]:
-        """Sum of the micro-batch gradients (a flat buffer) and of their losses.
+    def compute(self, batches: list[dict], seed: int = 0, step: int = 0
+                ) -> tuple[np.ndarray, float]:
+        """Sum of the micro-batch gradients (a flat buffer) and of their losses, after
+        this rank's gradient transforms.
 
         Synchronous and CPU-bound: phase 2 runs it in a worker thread.
         """
@@ -220,7 +232,24 @@ class RankStep:
                     self._acc[:] = grads
                 else:
                     gradutil.accumulate(self._acc, grads, 1.0)
-        return (self._acc if self._acc is not None else grads), loss_sum
+        flat = self._acc if self._acc is not None else grads
+        # Hooks number steps like metrics.jsonl: 1-based, the count of steps done after it.
+        if self.transforms and any(h.due(step + 1) for h in self.transforms.hooks):
+            # a transform sees the gradient of this rank's mean loss: with accumulation,
+            # scale the sum down and back up around it
+            if self.accum != 1:
+                gradutil.scale(flat, 1.0 / self.accum)
+            self.transform_records = self.transforms.apply(
+                step + 1, flat, params_flat=self.model.params,
+                batch_size=len(next(iter(batches[0].values()))) * self.accum,
+                loss=loss_sum / self.accum)
+            if self.accum != 1:
+                gradutil.scale(flat, float(self.accum))
+        else:
+            self.transform_records = []
+        if self.keep_for_hooks:
+            self.hook_view["rank_grad"] = flat / self.accum
+        return flat, loss_sum
 
     async def reduce(self, grads: np.ndarray, loss_sum: float, step: int):
         """Reduce `grads` per the mode; return (this rank's averaged shard, sq-norm, loss).
@@ -262,10 +291,13 @@ class RankStep:
         None runs it inline.
         """
         if run_sync is None:
-            grads, loss_sum = self.compute(batches, seed)
+            grads, loss_sum = self.compute(batches, seed, step)
         else:
-            grads, loss_sum = await run_sync(self.compute, batches, seed)
+            grads, loss_sum = await run_sync(self.compute, batches, seed, step)
         shard, sq, loss = await self.reduce(grads, loss_sum, step)
+        if self.keep_for_hooks:
+            self.hook_view["grad"] = shard.copy()
+            self.hook_view["params_before"] = self.model.params.copy()
         lr, result = self.apply(shard, sq, step)
         await self.gather(result, step)
         return StepStats(step, loss, lr, result.grad_norm, result.applied, result.clip_coef)

@@ -52,6 +52,9 @@ def test_no_config_means_the_default_char_lm_pipeline():
         ("train=3", "train", "expected a table"),
         ("optimizer.nesterov=true", "optimizer.nesterov", "momentum > 0"),
         ("loss.name=hinge", "loss.name", "a registered loss"),
+        ("hooks.specs=[3]", "hooks.specs[0]", "expected"),
+        ("hooks.specs=[{every = 2}]", "hooks.specs[0]", "hook spec"),
+        ("hooks.timeout_s=0", "hooks.timeout_s", "> 0.0"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_dotted_key(override, key, fragment):
@@ -79,7 +82,7 @@ def test_set_overrides_parse_as_toml_values_or_bare_words():
     assert parse_override("optimizer.betas=[0.9, 0.95]") == (["optimizer", "betas"],
                                                              [0.9, 0.95])
     assert parse_override("cluster.mode=zero2") == (["cluster", "mode"], "zero2")
-    assert parse_override("hooks.scripts=[\"a.py:f\"]")[1] == ["a.py:f"]
+    assert parse_override("hooks.specs=[\"a.py:f\"]")[1] == ["a.py:f"]
     cfg = load_config("char_lm", ["optimizer.lr=3e-4", "cluster.mode=zero2",
                                   "eval.early_stopping.patience=2"])
     assert cfg.optimizer.lr == 3e-4

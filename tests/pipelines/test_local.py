@@ -90,18 +90,52 @@ def test_a_run_whose_every_step_is_non_finite_fails(tmp_path):
             "optimizer.name=sgd")
 
 
-def test_a_hook_that_raises_is_counted_and_training_goes_on(tmp_path):
+HOOKS = """
+import numpy as np
+from pipelines.hooks import analyzer, transform
+
+@analyzer(every=1)
+def norms(ctx):
+    return {"w0": float(np.linalg.norm(ctx.grads["layers.0.weight"])),
+            "moved": float(np.abs(ctx.update["layers.0.weight"]).max())}
+
+@analyzer(every=2)
+def broken(ctx):
+    raise RuntimeError("boom")
+
+@transform(every=1)
+def halve(ctx):
+    for g in ctx.grads.values():
+        g *= 0.5
+"""
+
+
+def test_analyzers_that_raise_are_counted_and_do_not_change_the_run(tmp_path):
     script = tmp_path / "hooks.py"
-    script.write_text(
-        "import numpy as np\n"
-        "def norms(ctx):\n"
-        "    return {'layers.0.weight': float(np.linalg.norm(ctx['grads']['layers.0.weight']))}\n"
-        "def broken(ctx):\n"
-        "    raise RuntimeError('boom')\n")
+    script.write_text(HOOKS)
     plain = run(tmp_path, "mlp_classifier", *TINY, sub="plain")
     hooked = run(tmp_path, "mlp_classifier", *TINY, sub="hooked",
                  hooks=[f"{script}:norms", f"{script}:broken"])
     assert hooked["params_sha256"] == plain["params_sha256"]
-    assert hooked["hooks"][f"{script}:broken"]["errors"] == 8
-    lines = (tmp_path / "hooked" / "hooks.jsonl").read_text().splitlines()
-    assert len(lines) == 8 and json.loads(lines[0])["layers.0.weight"] > 0
+    stats = hooked["hooks"]["hooks"]
+    assert stats["norms"]["ok"] == 8 and stats["broken"]["errors"] == 4
+    records = [json.loads(line) for line in
+               (tmp_path / "hooked" / "hooks.jsonl").read_text().splitlines()]
+    norms = [r for r in records if r["hook"] == "norms"]
+    assert [r["step"] for r in norms] == list(range(1, 9))
+    assert norms[0]["metrics"]["w0"] > 0 and norms[0]["metrics"]["moved"] > 0
+
+
+def test_a_transform_edits_the_gradient_before_the_step_deterministically(tmp_path):
+    script = tmp_path / "hooks.py"
+    script.write_text(HOOKS)
+    plain = run(tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", sub="plain")
+    # halving every gradient under SGD == halving the learning rate
+    half_lr = run(tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd",
+                  "optimizer.lr=0.0005", sub="half")
+    a = run(tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", sub="a",
+            hooks=[f"{script}:halve"])
+    b = run(tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", sub="b",
+            hooks=[f"{script}:halve"])
+    assert a["params_sha256"] == b["params_sha256"] != plain["params_sha256"]
+    assert a["final_loss"] == pytest.approx(half_lr["final_loss"], rel=1e-4)
