@@ -26,6 +26,7 @@ from ._actor import (
     stop,
     unlink,
 )
+from ._collectives import CollectiveError, Ring, shard_bounds
 from ._errors import (
     ActorError,
     ActorExited,
@@ -42,6 +43,16 @@ from ._errors import (
     format_reason,
     is_normal_exit,
 )
+from ._frames import (
+    DEFAULT_LIMITS,
+    DTYPES,
+    PROTOCOL_VERSION,
+    FrameError,
+    Limits,
+    Message,
+    decode,
+    encode,
+)
 from ._mailbox import Mailbox, MailboxClosed, MailboxFull, MailboxStats
 from ._node import Node, PeerInfo, open_node
 from ._process import ENV, ProcessChild, child_node, process_spec
@@ -57,6 +68,16 @@ from ._supervisor import (
     restart_child,
     terminate_child,
     which_children,
+)
+from ._transport import (
+    DEFAULT_SOCKET_OPTIONS,
+    PeerUnreachable,
+    TrioSocket,
+    get_context,
+    ipc_directory,
+    ipc_endpoint,
+    open_socket,
+    wait_released,
 )
 from ._wire import WireError, from_wire, record, to_wire
 
@@ -118,6 +139,26 @@ __all__ = [
     "process_spec",
     "record",
     "to_wire",
+    # transport, frames, collectives
+    "CollectiveError",
+    "DEFAULT_LIMITS",
+    "DEFAULT_SOCKET_OPTIONS",
+    "DTYPES",
+    "FrameError",
+    "Limits",
+    "Message",
+    "PROTOCOL_VERSION",
+    "PeerUnreachable",
+    "Ring",
+    "TrioSocket",
+    "decode",
+    "encode",
+    "get_context",
+    "ipc_directory",
+    "ipc_endpoint",
+    "open_socket",
+    "shard_bounds",
+    "wait_released",
     # errors and exit reasons
     "ActorError",
     "ActorExited",

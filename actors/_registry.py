@@ -31,16 +31,7 @@ from ._errors import NameTaken, NoNode
 if TYPE_CHECKING:
     from ._actor import ActorRef
 
-__all__ = [
-    "Address",
-    "check_name",
-    "parse_target",
-    "register",
-    "registered",
-    "unregister",
-    "wait_registered",
-    "whereis",
-]
+__all__ = ["Address", "registered", "wait_registered", "whereis"]
 
 _NAME = re.compile(r"^[^\s@]+$")
 
