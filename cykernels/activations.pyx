@@ -157,16 +157,17 @@ cdef extern from *:
 # ---- argument checks -----------------------------------------------------------------
 
 
-def _flat(outputs, inputs):
+def _flat(outputs, inputs, optional=False):
     """Check float32 C-contiguous arrays of one shape, outputs writable and unaliased.
 
-    `outputs` and `inputs` are dicts name -> array (outputs may hold None, skipped).
+    `outputs` and `inputs` are dicts name -> array; with `optional` an output may be
+    None (skipped; only residual_backward's da, db), otherwise None is a ValueError.
     Shapes are checked against the last input (x, or the saved y), so a mismatch names
     the array that disagrees with it. Returns every array (None kept) reshaped to one
     flat view, outputs first.
     """
     for name, arr in outputs.items():
-        if arr is not None:
+        if arr is not None or not optional:
             check_array(name, arr, writable=True)
     for name, arr in inputs.items():
         check_array(name, arr)
@@ -517,7 +518,7 @@ def residual_backward(da, db, dout):
     """da = dout; db = dout (both overwrite; either may be None)"""
     cdef float[::1] dst
     cdef const float[::1] g
-    da, db, g = _flat({"da": da, "db": db}, {"dout": dout})
+    da, db, g = _flat({"da": da, "db": db}, {"dout": dout}, optional=True)
     # forward: out = a + b
     for target in (da, db):
         if target is not None:

@@ -91,14 +91,17 @@ cdef extern from *:
 # ---- argument checks -----------------------------------------------------------------
 
 
+_OPTIONAL = ("bias", "dbias", "dx")  # the arrays that may be None
+
+
 def _check(outputs, inputs, n, c):
     """Check float32 C-contiguous arrays against the shape legend (by argument name);
-    None entries are skipped; outputs must be writable and unaliased."""
+    only the _OPTIONAL ones may be None; outputs must be writable and unaliased."""
     for name, arr in outputs.items():
-        if arr is not None:
+        if arr is not None or name not in _OPTIONAL:
             check_array(name, arr, shape=_shape(name, n, c), writable=True)
     for name, arr in inputs.items():
-        if arr is not None:
+        if arr is not None or name not in _OPTIONAL:
             check_array(name, arr, shape=_shape(name, n, c))
     check_no_alias(outputs, inputs)
 

@@ -247,6 +247,17 @@ def test_bad_arrays_raise_value_error_naming_the_argument(rng, op, spoiler):
 
 
 @pytest.mark.parametrize("op", OPS, ids=str)
+def test_none_for_a_required_array_is_rejected(rng, op):
+    for function, arrays in call_arrays(op, rng):
+        for name in arrays:
+            bad = dict(arrays, **{name: None})
+            with pytest.raises(
+                ValueError, match=f"^{name}: expected a numpy.ndarray, got NoneType"
+            ):
+                function(*bad.values(), **op.options)
+
+
+@pytest.mark.parametrize("op", OPS, ids=str)
 def test_an_output_aliasing_an_input_is_rejected(rng, op):
     x, dout = inputs(op, rng, np.float32)
     if op.half_width:

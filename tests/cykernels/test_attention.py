@@ -151,3 +151,27 @@ def test_bad_arrays_raise_value_error_naming_the_argument(rng):
         args = dict(good, **{name: bad})
         with pytest.raises(ValueError, match=f"^{name}: {message}"):
             attention.attention_backward(*args.values(), n_head)
+
+
+def test_none_for_a_required_array_is_rejected(rng):
+    qkv, dout, n_head = arrays(rng, np.float32, b=1, t=3, n_head=2, head_size=2)
+    out, att, dqkv = run(attention, qkv, dout, n_head)
+    for function, args in [
+        (attention.attention_forward, {"out": out, "att": att, "qkv": qkv}),
+        (
+            attention.attention_backward,
+            {
+                "dqkv": dqkv,
+                "dpreatt": att.copy(),
+                "datt": att.copy(),
+                "dout": dout,
+                "qkv": qkv,
+                "att": att,
+            },
+        ),
+    ]:
+        for name in args:
+            with pytest.raises(
+                ValueError, match=f"^{name}: expected a numpy.ndarray, got NoneType"
+            ):
+                function(*dict(args, **{name: None}).values(), n_head)

@@ -143,3 +143,17 @@ def test_bad_arrays_raise_value_error_naming_the_argument(rng):
             dropout.dropout_forward(*args, 0.5, 1)
     with pytest.raises(ValueError, match="^dx: must not share memory with dout"):
         dropout.dropout_backward(x, x, mask, 0.5)
+
+
+def test_none_for_a_required_array_is_rejected(rng):
+    x = rng.standard_normal(6).astype(np.float32)
+    mask = np.ones(6, np.uint8)
+    for function, args, scalars in [
+        (dropout.dropout_forward, {"out": np.empty_like(x), "mask": mask, "x": x}, (0.5, 1)),
+        (dropout.dropout_backward, {"dx": np.empty_like(x), "dout": x, "mask": mask}, (0.5,)),
+    ]:
+        for name in args:
+            with pytest.raises(
+                ValueError, match=f"^{name}: expected a numpy.ndarray, got NoneType"
+            ):
+                function(*dict(args, **{name: None}).values(), *scalars)

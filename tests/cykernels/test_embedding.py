@@ -123,3 +123,20 @@ def test_bad_arrays_raise_value_error_naming_the_argument(rng):
             embedding.embedding_forward(*args)
     with pytest.raises(ValueError, match="^dout: expected shape \\(3, 3\\)"):
         embedding.embedding_backward(np.zeros_like(weight), np.ones((2, 3), np.float32), ids)
+
+
+def test_none_for_a_required_array_is_rejected(rng):
+    ids, weight, dout = arrays(rng, np.float32)
+    out = np.empty_like(dout)
+    for function, args in [
+        (embedding.embedding_forward, {"out": out, "ids": ids, "weight": weight}),
+        (
+            embedding.embedding_backward,
+            {"dweight": np.zeros_like(weight), "dout": dout, "ids": ids},
+        ),
+    ]:
+        for name in args:
+            with pytest.raises(
+                ValueError, match=f"^{name}: expected a numpy.ndarray, got NoneType"
+            ):
+                function(*dict(args, **{name: None}).values())

@@ -160,3 +160,22 @@ def test_outputs_aliasing_inputs_are_rejected(rng):
         linear.linear_forward(x, x, weight, None)
     with pytest.raises(ValueError, match="^dweight: must not share memory with weight"):
         linear.linear_backward(None, weight, None, x.copy(), x, weight)
+
+
+def test_none_for_a_required_array_is_rejected(rng):
+    x, weight, b, dout = arrays(rng, np.float32)
+    forward = {"out": np.empty_like(dout), "x": x, "weight": weight}
+    backward = {"dweight": np.zeros_like(weight), "dout": dout, "x": x, "weight": weight}
+
+    def call_forward(a):
+        linear.linear_forward(a["out"], a["x"], a["weight"], b)
+
+    def call_backward(a):  # dx and dbias are the optional ones
+        linear.linear_backward(None, a["dweight"], None, a["dout"], a["x"], a["weight"])
+
+    for args, call in [(forward, call_forward), (backward, call_backward)]:
+        for name in args:
+            with pytest.raises(
+                ValueError, match=f"^{name}: expected a numpy.ndarray, got NoneType"
+            ):
+                call(dict(args, **{name: None}))

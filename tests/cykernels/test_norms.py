@@ -198,3 +198,31 @@ def test_bad_arrays_raise_value_error_naming_the_argument(rng):
         norms.rmsnorm_backward(None, dweight[:4], x, x, weight, rstd)
     with pytest.raises(ValueError, match="^dx: must not share memory with dout"):
         norms.rmsnorm_backward(x, dweight, x, x.copy(), weight, rstd)
+
+
+@pytest.mark.parametrize("norm", NORMS, ids=str)
+def test_none_for_a_required_array_is_rejected(rng, norm):
+    x, params, dout = arrays(norm, rng, np.float32)
+    out, stats = norm.forward(norms, x, params, 1e-5)
+    names = ["out", "mean", "rstd"] if norm.name == "layernorm" else ["out", "rstd"]
+    forward = dict(zip(names, [out, *stats], strict=True), x=x, weight=params[0])
+    if norm.name == "layernorm":
+        forward["bias"] = params[1]
+    for name in forward:
+        if name == "bias":
+            continue
+        args = dict(forward, **{name: None})
+        with pytest.raises(ValueError, match=f"^{name}: expected a numpy.ndarray, got NoneType"):
+            getattr(norms, f"{norm.name}_forward")(*args.values())
+    grads = {"dx": np.empty_like(x), "dweight": np.zeros_like(params[0])}
+    if norm.name == "layernorm":
+        grads["dbias"] = np.zeros_like(params[0])
+    backward = dict(
+        grads, dout=dout, x=x, weight=params[0], **dict(zip(names[1:], stats, strict=True))
+    )
+    for name in backward:
+        if name in ("dx", "dbias"):
+            continue
+        args = dict(backward, **{name: None})
+        with pytest.raises(ValueError, match=f"^{name}: expected a numpy.ndarray, got NoneType"):
+            getattr(norms, f"{norm.name}_backward")(*args.values())
