@@ -848,10 +848,12 @@ async def open_node(
     """Run this process's node for the duration of the block.
 
     ``name``: this node's name (``"rank0"``); actors here are ``"<actor>@<name>"``.
-    ``endpoint``: where to bind the inbox; default ``ipc://<directory>/<name>``.
+    ``endpoint``: where to bind the inbox; default ``ipc://<directory>/<name>``. A
+    wildcard port (``tcp://127.0.0.1:*``) is resolved; peers learn it from heartbeats.
     ``directory``: a shared (0700) ipc directory; peers not in ``peers`` are found at
     ``ipc://<directory>/<peer>``. Default: a private one (``actors._transport``).
-    ``peers``: ``{node name: endpoint}`` for peers elsewhere (tcp://...).
+    ``peers``: ``{node name: endpoint}`` for peers not in ``directory`` (tcp://...). A
+    node also learns the endpoint of every node that contacts it.
     ``rank``: the default rank in actor log prefixes.
 
     Raises ValueError for a bad name and zmq.ZMQError if the endpoint cannot be bound.
@@ -877,6 +879,7 @@ async def open_node(
         max_inflight=max_inflight,
     )
     node._router = open_socket("ROUTER", bind=endpoint, router_handover=1, linger=0)
+    node.endpoint = node._router.last_endpoint  # "tcp://host:*" -> the port it got
     previous_rank = _registry.default_rank()
     _registry.set_node(node)
     _registry.set_default_rank(rank if rank is not None else previous_rank)

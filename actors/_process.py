@@ -71,6 +71,7 @@ ENV = {
     "parent": "ZEROTRAIN_PARENT",  # the parent's node name
     "parent_endpoint": "ZEROTRAIN_PARENT_ENDPOINT",
     "directory": "ZEROTRAIN_IPC_DIR",  # shared ipc directory ("" if none)
+    "endpoint": "ZEROTRAIN_ENDPOINT",  # where the child binds ("": in the directory)
     "heartbeat": "ZEROTRAIN_HEARTBEAT",  # "<interval>,<timeout>" in seconds
     "rank": "ZEROTRAIN_RANK",  # "" if none
 }
@@ -107,8 +108,10 @@ class ProcessChild:
         wait_for: Sequence[str] = (),
         start_timeout: float = 30.0,
         rank: int | None = None,
+        endpoint: str | None = None,
     ) -> None:
         self.node = check_name(node, "node name")
+        self.endpoint = endpoint
         if not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError(f"argv must be a non-empty list of strings, got {argv!r}")
         self.argv = list(argv)
@@ -168,6 +171,7 @@ class ProcessChild:
             ENV["directory"]: parent.directory or "",
             ENV["heartbeat"]: f"{parent.heartbeat_interval!r},{parent.heartbeat_timeout!r}",
             ENV["rank"]: "" if self.rank is None else str(self.rank),
+            ENV["endpoint"]: self.endpoint or "",
         }
 
 
@@ -183,15 +187,25 @@ def process_spec(
     wait_for: Sequence[str] = (),
     start_timeout: float = 30.0,
     rank: int | None = None,
+    endpoint: str | None = None,
 ) -> ChildSpec:
     """A child spec running ``argv`` as an OS process whose node is named ``node``.
 
     ``wait_for``: actor names the child must have registered before it counts as
     started (so the next child, or a caller, can rely on them). ``shutdown``: seconds
-    between SIGTERM and SIGKILL. Liveness uses the parent node's heartbeat settings.
+    between SIGTERM and SIGKILL. ``endpoint``: where the child's node binds (e.g.
+    ``"tcp://127.0.0.1:*"``); default: ``<name>`` in the parent's ipc directory.
+    Liveness uses the parent node's heartbeat settings.
     """
     child = ProcessChild(
-        node, argv, env=env, cwd=cwd, wait_for=wait_for, start_timeout=start_timeout, rank=rank
+        node,
+        argv,
+        env=env,
+        cwd=cwd,
+        wait_for=wait_for,
+        start_timeout=start_timeout,
+        rank=rank,
+        endpoint=endpoint,
     )
     return ChildSpec(
         id=node if id is None else id, start=child.run, restart=restart, shutdown=shutdown
@@ -249,6 +263,7 @@ async def child_node(*, handle_sigterm: bool = True, **node_options: Any) -> Asy
     interval, timeout = (float(x) for x in env[ENV["heartbeat"]].split(","))
     options = {
         "directory": env.get(ENV["directory"]) or None,
+        "endpoint": env.get(ENV["endpoint"]) or None,
         "peers": {parent: env[ENV["parent_endpoint"]]},
         "heartbeat_interval": interval,
         "heartbeat_timeout": timeout,

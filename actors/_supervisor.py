@@ -316,8 +316,10 @@ class Supervisor:
                     case ChildState.RUNNING | ChildState.DONE:
                         continue
                     case ChildState.EXITED:
-                        await self._on_exit(child, budget)  # -> DONE or RESTARTING (raises
-                        break  # RestartIntensityExceeded when over budget)
+                        # restart type + strategy -> DONE, or RESTARTING for it and the
+                        # siblings it takes along; spends the budget or escalates
+                        await self._on_exit(child, budget)
+                        break
                     case ChildState.RESTARTING:
                         await self._start(nursery, child)  # -> RUNNING, or EXITED if it failed
                         break
@@ -395,6 +397,7 @@ class Supervisor:
         """The task a child lives in. Never raises after ``started``: exits become
         events in the supervisor's mailbox."""
         status = _Started(task_status)
+        exited = child.exited  # this incarnation's: an abandoned one may end much later
         reason: Any = "normal"
         try:
             with trio.CancelScope() as scope:
@@ -409,8 +412,9 @@ class Supervisor:
             reason = _unwrap(exc)
         finally:
             if status.done:
-                child.last_exit = reason
-                child.exited.set()
+                if incarnation == child.incarnation:
+                    child.last_exit = reason
+                exited.set()
                 self.ref.mailbox.signal(_ChildExited(child, incarnation, reason))
 
     async def _stop(self, child: _Child, reason: Any) -> None:

@@ -24,20 +24,26 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proc_worker.p
 LIMIT = 30  # seconds; a hang fails the test instead of the suite
 
 
+TRANSPORTS = {"ipc": None, "tcp": "tcp://127.0.0.1:*"}  # None: the node's ipc directory
+
+
 @asynccontextmanager
-async def cluster(*workers):
+async def cluster(*workers, transport="ipc"):
     """A test node plus supervised worker processes serving Echo@<worker>."""
     with trio.fail_after(LIMIT):
-        async with cluster_node(workers) as node:
+        async with cluster_node(workers, TRANSPORTS[transport]) as node:
             yield node
 
 
 @asynccontextmanager
-async def cluster_node(workers):
-    async with actors.open_node("test", heartbeat_interval=0.1, heartbeat_timeout=0.6) as node:
+async def cluster_node(workers, endpoint):
+    options = {"heartbeat_interval": 0.1, "heartbeat_timeout": 0.6, "endpoint": endpoint}
+    async with actors.open_node("test", **options) as node:
         async with trio.open_nursery() as nursery:
             specs = [
-                actors.process_spec(w, [sys.executable, WORKER], wait_for=["Echo"], shutdown=2)
+                actors.process_spec(
+                    w, [sys.executable, WORKER], wait_for=["Echo"], shutdown=2, endpoint=endpoint
+                )
                 for w in workers
             ]
             sup = await nursery.start(actors.Supervisor(specs, name="workers").run)
@@ -61,8 +67,10 @@ class Watcher(actors.Actor):
         self.got.set()
 
 
-async def test_a_remote_call_carries_data_and_tensors_both_ways():
-    async with cluster("w1"):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_remote_call_carries_data_and_tensors_both_ways(transport):
+    async with cluster("w1", transport=transport) as node:
+        assert node.peer_info("w1").endpoint.startswith(transport)
         value = {"a": [1, 2.5, (3, "x")], 7: None, "$odd": b"\x00"}
         assert await actors.call("Echo@w1", ("echo", value)) == value
         doubled = await actors.call("Echo@w1", ("double", np.arange(6.0).reshape(2, 3)))
@@ -71,8 +79,9 @@ async def test_a_remote_call_carries_data_and_tensors_both_ways():
         assert (stats.name, stats.processed) == ("Echo", 2)
 
 
-async def test_remote_failures_raise_the_same_errors_as_local_ones():
-    async with cluster("w1"):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_remote_failures_raise_the_same_errors_as_local_ones(transport):
+    async with cluster("w1", transport=transport):
         with pytest.raises(ActorExited, match=r"Echo@w1 exited .*RuntimeError: kaboom"):
             await actors.call("Echo@w1", ("crash", "kaboom"))
         with pytest.raises(NoSuchActor, match="no actor registered as 'Nobody' on node w1"):
@@ -93,11 +102,14 @@ async def wait_for_echo(worker):
             await trio.sleep(0.05)
 
 
-async def test_casts_reach_a_remote_actor_in_order():
+async def test_casts_reach_a_remote_actor_in_order_and_stop_stops_it():
     async with cluster("w1"):
         for i in range(50):
             await actors.cast("Echo@w1", i)
         assert await actors.call("Echo@w1", ("casts",)) == 50
+        await actors.stop("Echo@w1", reason="shutdown")
+        assert await wait_for_echo("w1")  # its supervisor restarted it (permanent)
+        assert await actors.call("Echo@w1", ("casts",)) == 0
 
 
 async def test_one_rank_calls_another_by_name():

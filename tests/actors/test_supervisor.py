@@ -2,6 +2,7 @@
 intensity, ordered start / reverse shutdown, shutdown timeouts, nesting, child specs."""
 
 import logging
+import threading
 
 import pytest
 import trio
@@ -228,6 +229,22 @@ async def test_a_child_that_ignores_cancellation_is_abandoned_after_its_timeout(
         ("stubborn ended", pytest.approx(100)),
     ]
     assert "abandon id='stubborn'" in caplog.text
+
+
+async def test_a_child_in_a_thread_abandoned_on_cancel_stops_at_once(autojump_clock):
+    """With abandon_on_cancel=True the task ends when killed; the thread runs on."""
+    release = threading.Event()
+
+    async def in_thread(task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        await trio.to_thread.run_sync(release.wait, abandon_on_cancel=True)
+
+    specs = [{"id": "thread", "start": in_thread, "shutdown": 2}]
+    async with trio.open_nursery() as nursery:
+        sup = await nursery.start(Supervisor(specs).run)
+        await actors.stop(sup)
+    assert trio.current_time() == 0  # no shutdown timeout was needed
+    release.set()  # let the abandoned thread finish
 
 
 # ------------------------------------------------------------------------------ nesting
