@@ -571,9 +571,13 @@ def link(target: Any) -> None:
 
 
 def unlink(target: Any) -> None:
-    """Remove a link made with :func:`link` (local targets)."""
+    """Remove a link made with :func:`link`. An exit signal already queued stays."""
     me = _watcher("unlink")
-    other = _local(_registry.parse_target(target))
+    where = _registry.parse_target(target)
+    if isinstance(where, Address):
+        _registry.current_node()._unlink(where, me)
+        return
+    other = _local(where)
     me._links.discard(other)
     other._links.discard(me)
 

@@ -25,7 +25,7 @@ monitor     to, ref                                watching now; down when ``to`
 link        to, ref, sender                        (noproc: down at once)
 watching    ref                                    --
 exit        ref, reason                            none: the linked remote actor died
-demonitor   ref                                    none
+demonitor   ref                                    none (also undoes a link)
 down        ref, reason                            --
 error       reason                                 none: "your message was rejected"
 =========== ====================================== ==================================
@@ -323,6 +323,13 @@ class Node:
         me._links.add(end)
         body = {"to": target.name, "ref": _ref_to_wire(ref), "sender": me.label}
         self._send_soon(target.node, "link", body)
+
+    def _unlink(self, target: Address, me: ActorRef) -> None:
+        for ref, out in list(self._out.items()):
+            if out.kind == "link" and out.target == target and out.sink is me:
+                del self._out[ref]
+                me._links.discard(out.link_end)
+                self._send_soon(out.peer, "demonitor", {"ref": _ref_to_wire(ref)})
 
     def _demonitor(self, ref: MonitorRef) -> None:
         out = self._out.pop(ref, None)
@@ -679,8 +686,10 @@ class Node:
     async def _on_demonitor(self, peer: _Peer, msg: Message) -> None:
         ref = _ref_from_wire(msg.body.get("ref"))
         entry = self._served.pop((peer.name, ref), None)
-        if entry is not None:
-            entry[0]._monitors.pop(ref, None)
+        if entry is not None:  # a monitor or a link: drop either
+            target, watcher = entry
+            target._monitors.pop(ref, None)
+            target._links.discard(watcher)
 
     async def _on_exit(self, peer: _Peer, msg: Message) -> None:
         ref = _ref_from_wire(msg.body.get("ref"))

@@ -273,6 +273,9 @@ class Watcher(Actor):
         if kind == "link":
             actors.link(target)
             return None
+        if kind == "unlink":
+            actors.unlink(target)
+            return None
         raise AssertionError(request)
 
     async def handle_info(self, msg):
@@ -361,3 +364,18 @@ async def test_a_trapping_actor_gets_exit_messages_instead_of_dying():
     assert len(watcher.events) == 1 and isinstance(watcher.events[0], Exit)
     assert watcher.events[0].sender == "target"
     assert isinstance(watcher.events[0].reason, RuntimeError)
+
+
+async def test_after_unlink_a_crash_no_longer_propagates():
+    with pytest.RaisesGroup(RuntimeError):
+        async with trio.open_nursery() as nursery:
+            watcher = Watcher()
+            w = await start(nursery, watcher)
+            target = await start(nursery, Counter())
+            await actors.call(w, ("link", target))
+            await actors.call(w, ("unlink", target))
+            await actors.cast(target, "boom")
+            await target.wait_exited()
+            await actors.call(w, ("monitor", "nobody"))  # round trip: still alive
+            assert w.alive
+            await actors.stop(w)
