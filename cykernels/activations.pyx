@@ -5,12 +5,17 @@ silu, tanh, softmax over the last axis, swiglu, and the residual add.
 Elementwise ops take float32 C-contiguous arrays of any (equal) shape and walk them as
 one flat run. Every output here is an activation or an activation gradient, so every
 output OVERWRITES. Nothing allocates; the hot loops run without the GIL and are plain
-float32 code gcc vectorises: exp and erf are polynomial versions in plain arithmetic
-(below) because libm's expf/erff are scalar calls that stop the vectoriser.
+float32 code gcc vectorises: exp, erf and tanh are polynomial versions in plain
+arithmetic (below) because libm's expf/erff/tanhf are scalar calls that stop the
+vectoriser (tanhf alone cost 19 ms per million elements); softmax's row reductions run
+on 8-float vectors with a fixed lane order (same bits every call, no -ffast-math).
+Accuracy against float64, measured on a dense sweep of [-20, 20]: tanh, silu and
+gelu(tanh) within 2e-6 relative / 1.3e-6 absolute; gelu(erf) within 1.4e-6 absolute
+(the negative tail cancels in 1 + erf, as torch's formula does too).
 
 References: llm.c (gelu tanh forward/backward); the torch.nn.GELU / SiLU / Softmax docs
-(the formulas matched here); Cephes expf (the exp polynomial); Eigen/XLA's float erf
-(the rational approximation). The numpy twin is cykernels/activations_ref.py.
+(the formulas matched here); Cephes expf and tanhf (the polynomials); Eigen/XLA's float
+erf (the rational approximation). The numpy twin is cykernels/activations_ref.py.
 
 Shape legend: elementwise ops take any shape; softmax takes (..., C) and normalises
 each row of C; swiglu takes x (N, 2H) = [gate | up] and gives out (N, H).
