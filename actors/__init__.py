@@ -1,5 +1,34 @@
 """zerotrain's actor runtime: supervised trio actors, ranks as OS processes, ZeroMQ.
 
+A tour (each module's doc has the details and the failure rules):
+
+* ``Actor`` (``_actor``): a GenServer on trio with a bounded mailbox. ``call`` / ``cast``
+  / ``send`` / ``stop`` / ``monitor`` / ``link`` take a ref, a local name, or
+  ``"name@node"`` for an actor in another process.
+* ``Supervisor`` (``_supervisor``): OTP strategies, restart types and intensity over
+  child specs (``_spec``: ``ChildSpec``, ``child_spec()``).
+* ``open_node`` (``_node``): this process's node -- remote call / cast / monitor / link
+  over ZeroMQ, heartbeats, untrusted-input handling. Payloads follow ``_wire`` (no pickle).
+* ``process_spec`` / ``child_node`` (``_process``): OS processes as supervised children,
+  and the API a child process calls.
+* ``open_socket`` / ``Message`` / ``Ring`` (``_transport``, ``_frames``, ``_collectives``):
+  the ZeroMQ-on-trio layer underneath, and ring collectives for tensors.
+
+A rank process::
+
+    async def main():                                   # started by process_spec(...)
+        async with actors.child_node():                 # node, parent link, heartbeats
+            await actors.Supervisor([Optimizer.child_spec(name="Optimizer")]).run()
+
+and its parent::
+
+    async with actors.open_node("cluster"):
+        specs = [actors.process_spec(f"rank{r}", argv(r), wait_for=["Optimizer"])
+                 for r in range(world)]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actors.Supervisor(specs, name="cluster").run)
+            await actors.call("Optimizer@rank1", request)
+
 Everything public is re-exported here exactly once from a private ``actors._x`` module
 (``tests/actors/test_public_api.py`` checks it). This package knows nothing of training.
 """

@@ -306,9 +306,12 @@ class Node:
     async def _fire(self, target: Address, msg: Any, kind: str) -> None:
         data, tensors = to_wire(msg)
         peer = self._peer(target.node)
-        with trio.move_on_after(self.send_timeout):
-            await self._send(peer, kind, {"to": target.name, "msg": data}, tensors)
-            return
+        with trio.move_on_after(0 if peer.alive is False else self.send_timeout):
+            try:
+                await self._send(peer, kind, {"to": target.name, "msg": data}, tensors)
+                return
+            except ActorExited:
+                pass
         self._stats["dropped"] += 1
         log.warning("%s dropped a %s to %s: not sent in time", self._label, kind, target)
 
@@ -381,7 +384,10 @@ class Node:
                 peer.name, "noconnection", f"(no endpoint known for node {peer.name!r})"
             )
         msg = Message(kind, self.name, self.generation, 0, seq, body, list(tensors))
-        await peer.socket.send_message(msg)
+        try:
+            await peer.socket.send_message(msg)
+        except trio.ClosedResourceError:  # reconnected (or closing) meanwhile
+            raise ActorExited(peer.name, "noconnection", "while sending") from None
         self._stats["sent"] += 1
 
     def _send_soon(self, peer_name: str, kind: str, body: dict, seq: int = 0) -> None:
@@ -395,7 +401,7 @@ class Node:
             with trio.move_on_after(self.send_timeout):
                 try:
                     await self._send(peer, kind, body, seq=seq)
-                except (ActorExited, trio.ClosedResourceError) as exc:
+                except ActorExited as exc:
                     log.debug("%s could not send %s to %s: %s", self._label, kind, peer_name, exc)
                 return
             self._stats["dropped"] += 1
@@ -411,7 +417,7 @@ class Node:
                     with trio.move_on_after(self.heartbeat_interval):
                         try:
                             await self._send(peer, "hb", body)
-                        except trio.ClosedResourceError:
+                        except ActorExited:
                             pass  # reconnected meanwhile
                 await trio.sleep(self.heartbeat_interval)
 
@@ -749,7 +755,7 @@ class Node:
         with trio.move_on_after(self.send_timeout):
             try:
                 await self._send(self._peer(peer), "reply", body, tensors, seq=seq)
-            except (ActorExited, trio.ClosedResourceError):
+            except ActorExited:
                 pass
             return
         self._stats["dropped"] += 1
