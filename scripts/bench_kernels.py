@@ -13,16 +13,21 @@ bottom; main() runs them in order and prints each table. To add a benchmark (e.g
 transformer forward+backward), write one more function and append it to SECTIONS.
 """
 
-import argparse
-import json
 import os
-import platform
-import resource
-import sys
-import time
-from pathlib import Path
 
-import numpy as np
+# Single-threaded BLAS for the transformer section; must be set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
@@ -193,11 +198,29 @@ def bench_optimizers(args):
 # ---- sections --------------------------------------------------------------------------
 # One function per section, run in this order; each prints its table and returns a dict
 # that lands under its name (without "bench_") in the final JSON line.
-# >>> Append new sections here (the transformer forward+backward section goes after
-# >>> bench_optimizers).
+def bench_transformer(args):
+    """Default char transformer: forward + backward + Adam per step, ours vs torch."""
+    from pipelines.model.bench import transformer_benchmark
+
+    result = transformer_benchmark(steps=args.transformer_steps, profile=False)
+    row = {
+        "model": "char_transformer 2x128, 4 heads, seq 64, vocab 96, batch 32",
+        "ours_cpu_ms": round(result["ours_cpu_ms"], 2),
+        "ours_steps_per_s": round(result["ours_steps_per_s"], 2),
+    }
+    if result.get("torch_cpu_ms") is not None:
+        row["torch_cpu_ms"] = round(result["torch_cpu_ms"], 2)
+        row["torch_steps_per_s"] = round(result["torch_steps_per_s"], 2)
+        row["ours_over_torch_time"] = round(result["ratio"], 3)
+    columns = [(key, key, "{}") for key in row]
+    print_table("transformer fwd+bwd+Adam (single thread)", [row], columns)
+    return {"rows": [row]}
+
+
 SECTIONS = [
     bench_hardware,
     bench_optimizers,
+    bench_transformer,
 ]
 
 
@@ -205,6 +228,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--transformer-steps", type=int, default=20)
     args = parser.parse_args(argv)
     results = {
         "python": platform.python_version(),
