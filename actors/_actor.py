@@ -468,6 +468,8 @@ async def cast(target: Any, msg: Any) -> None:
     """Deliver ``msg`` to ``handle_cast`` without waiting for it to be handled.
 
     Waits while the target's mailbox is full (back-pressure). See the failure rules.
+    A remote cast sends numpy arrays without copying and returns once the message is
+    queued: do not modify them afterwards (cast a copy if you must).
     """
     await _fire(target, msg, _Cast, "cast")
 

@@ -83,7 +83,7 @@ from ._errors import (
     format_reason,
     is_normal_exit,
 )
-from ._frames import FrameError, Message
+from ._frames import FrameError, Message, encode
 from ._mailbox import MailboxClosed, MailboxFull
 from ._registry import Address, check_name
 from ._transport import TrioSocket, ipc_directory, ipc_endpoint, open_socket
@@ -95,6 +95,7 @@ log = logging.getLogger("zerotrain.actors.node")
 
 _MAX_NAMES = 256  # registered names advertised per heartbeat
 _FORGET_AFTER = 30  # a peer down for this many heartbeat timeouts is forgotten
+_OUTBOX = 64  # messages queued per peer before senders wait (bounded, like mailboxes)
 
 
 class _Rejected(Exception):
@@ -125,7 +126,12 @@ class _Peer:
         default_factory=lambda: collections.deque(maxlen=8)
     )
     scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+    outbox: trio.MemorySendChannel = dataclasses.field(init=False)
+    inbox_of_outbox: trio.MemoryReceiveChannel = dataclasses.field(init=False)
     changed: trio.lowlevel.ParkingLot = dataclasses.field(default_factory=trio.lowlevel.ParkingLot)
+
+    def __post_init__(self) -> None:
+        self.outbox, self.inbox_of_outbox = trio.open_memory_channel(_OUTBOX)
 
     def info(self) -> PeerInfo:
         return PeerInfo(self.name, self.alive, self.generation, self.names, self.endpoint)
@@ -361,7 +367,7 @@ class Node:
             self._peers[name] = peer
             self._connect(peer)
             if self._nursery is not None:
-                self._nursery.start_soon(self._heartbeat, peer)
+                self._nursery.start_soon(self._run_peer, peer)
         elif endpoint and endpoint != peer.endpoint:
             peer.endpoint = endpoint  # it moved (restarted elsewhere): reconnect
             self._connect(peer)
@@ -376,50 +382,76 @@ class Node:
                 "DEALER", connect=peer.endpoint, routing_id=self.name.encode(), linger=0
             )
 
-    async def _send(
-        self, peer: _Peer, kind: str, body: dict, tensors: list = (), seq: int = 0
-    ) -> None:
+    # Sending. Every message to a peer goes through that peer's outbox (a bounded
+    # channel) and its one writer task, so messages leave in the order they were queued
+    # -- a link or monitor queued before a call arrives before it
+    # (test_a_remote_link_turns_a_remote_crash_into_an_exit_signal) -- and only one task
+    # ever sends on the DEALER.
+
+    def _frames(self, peer: _Peer, kind: str, body: dict, tensors: Any, seq: int) -> list:
         if peer.socket is None:
-            raise ActorExited(
-                peer.name, "noconnection", f"(no endpoint known for node {peer.name!r})"
-            )
-        msg = Message(kind, self.name, self.generation, 0, seq, body, list(tensors))
+            raise ActorExited(peer.name, "noconnection", f"(no endpoint known for {peer.name!r})")
+        return encode(Message(kind, self.name, self.generation, 0, seq, body, list(tensors)))
+
+    async def _send(
+        self, peer: _Peer, kind: str, body: dict, tensors: Any = (), seq: int = 0
+    ) -> None:
+        """Queue a message for ``peer``, waiting while its outbox is full."""
+        await peer.outbox.send(self._frames(peer, kind, body, tensors, seq))
+
+    def _send_soon(
+        self, peer_name: str, kind: str, body: dict, seq: int = 0, *, droppable: bool = False
+    ) -> None:
+        """Queue a message without waiting (signals, answers from the reader task). If
+        the outbox is full, a ``droppable`` message is dropped; any other is handed to a
+        helper task that waits up to ``send_timeout`` (order is then not guaranteed)."""
+        peer = self._peers.get(peer_name) or self._peer(peer_name)
         try:
-            await peer.socket.send_message(msg)
-        except trio.ClosedResourceError:  # reconnected (or closing) meanwhile
-            raise ActorExited(peer.name, "noconnection", "while sending") from None
-        self._stats["sent"] += 1
-
-    def _send_soon(self, peer_name: str, kind: str, body: dict, seq: int = 0) -> None:
-        """Send from a helper task: for callers that must not wait (signals, replies
-        from the reader). Gives up after ``send_timeout``."""
-        if self._nursery is None:
+            frames = self._frames(peer, kind, body, (), seq)
+            peer.outbox.send_nowait(frames)
             return
+        except ActorExited as exc:
+            log.debug("%s cannot send %s to %s: %s", self._label, kind, peer_name, exc)
+            return
+        except trio.WouldBlock:
+            if droppable or self._nursery is None:
+                self._stats["dropped"] += 1
+                return
 
-        async def send() -> None:
-            peer = self._peers.get(peer_name) or self._peer(peer_name)
+        async def send_later() -> None:
             with trio.move_on_after(self.send_timeout):
-                try:
-                    await self._send(peer, kind, body, seq=seq)
-                except ActorExited as exc:
-                    log.debug("%s could not send %s to %s: %s", self._label, kind, peer_name, exc)
+                await peer.outbox.send(frames)
                 return
             self._stats["dropped"] += 1
-            log.warning("%s dropped %s to %s: not sent in time", self._label, kind, peer_name)
+            log.warning("%s dropped %s to %s: outbox full", self._label, kind, peer_name)
 
-        self._nursery.start_soon(send)
+        self._nursery.start_soon(send_later)
+
+    async def _run_peer(self, peer: _Peer) -> None:
+        with peer.scope:  # cancelled when the peer is forgotten
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, peer)
+                nursery.start_soon(self._heartbeat, peer)
+
+    async def _writer(self, peer: _Peer) -> None:
+        async for frames in peer.inbox_of_outbox:
+            socket = peer.socket
+            if socket is None:
+                self._stats["dropped"] += 1
+                continue
+            try:
+                await socket.send_multipart(frames, copy=False)
+                self._stats["sent"] += 1
+            except trio.ClosedResourceError:  # reconnected meanwhile
+                self._stats["dropped"] += 1
 
     async def _heartbeat(self, peer: _Peer) -> None:
-        with peer.scope:
-            while True:
-                if peer.socket is not None:
-                    body = {"endpoint": self.endpoint, "names": _registry.registered()[:_MAX_NAMES]}
-                    with trio.move_on_after(self.heartbeat_interval):
-                        try:
-                            await self._send(peer, "hb", body)
-                        except ActorExited:
-                            pass  # reconnected meanwhile
-                await trio.sleep(self.heartbeat_interval)
+        while True:
+            if peer.socket is not None:
+                names = _registry.registered()[:_MAX_NAMES]
+                body = {"endpoint": self.endpoint, "names": names}
+                self._send_soon(peer.name, "hb", body, droppable=True)  # full: traffic flows
+            await trio.sleep(self.heartbeat_interval)
 
     async def _watchdog(self) -> None:
         while True:
@@ -751,7 +783,7 @@ class Node:
 
         self._nursery.start_soon(serve)
 
-    async def _reply(self, peer: str, seq: int, body: dict, tensors: list = ()) -> None:
+    async def _reply(self, peer: str, seq: int, body: dict, tensors: Any = ()) -> None:
         with trio.move_on_after(self.send_timeout):
             try:
                 await self._send(self._peer(peer), "reply", body, tensors, seq=seq)
@@ -904,7 +936,7 @@ async def open_node(
             nursery.start_soon(node._reader)
             nursery.start_soon(node._watchdog)
             for peer in list(node._peers.values()):
-                nursery.start_soon(node._heartbeat, peer)
+                nursery.start_soon(node._run_peer, peer)
             try:
                 yield node
             finally:

@@ -39,6 +39,7 @@ __all__ = ["WireError", "from_wire", "record", "to_wire"]
 _RECORDS: dict[str, type] = {}
 _NAMES: dict[type, str] = {}
 _MAX_DEPTH = 32
+_INT_MIN, _INT_MAX = -(2**63), 2**64
 
 
 class WireError(TypeError):
@@ -76,6 +77,8 @@ def _encode(value: Any, tensors: list[np.ndarray], depth: int) -> Any:
         raise WireError(f"value nested deeper than {_MAX_DEPTH} levels")
     if isinstance(value, np.generic):  # before float: np.float64 is a float subclass
         return value.item()
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value < _INT_MAX:
+        raise WireError(f"int {value} is outside msgpack's range [-2**63, 2**64)")
     if value is None or isinstance(value, bool | int | float | str | bytes):
         return value
     if isinstance(value, np.ndarray):

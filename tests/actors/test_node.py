@@ -5,6 +5,7 @@ Each test runs a node in the test process and one or two worker processes
 ``fail_after`` and nothing asserts on wall time.
 """
 
+import dataclasses
 import os
 import signal
 import sys
@@ -14,6 +15,8 @@ import msgpack
 import numpy as np
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import actors
 from actors import ActorExited, CallTimeout, Down, Exit, NoSuchActor, WireError
@@ -217,3 +220,66 @@ async def test_the_local_node_counts_rejected_messages():
             while node.statistics()["rejected"] < 2:
                 await trio.sleep(0.01)
         assert node.statistics()["rejected"] == 2
+
+
+# ------------------------------------------------------------------ wire data (no sockets)
+
+wire_ints = st.integers(-(2**63), 2**64 - 1)
+wire_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | wire_ints
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=4) | wire_ints, inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(wire_values)
+def test_wire_data_round_trips_through_a_message(value):
+    data, tensors = actors.to_wire(value)
+    frames = actors.encode(Message("call", "a", 1, 0, 1, {"request": data}, tensors))
+    received = actors.decode([bytes(f) for f in frames])
+    assert actors.from_wire(received.body["request"], received.tensors) == value
+
+
+@actors.record(name="tests.BatchReady")
+@dataclasses.dataclass
+class BatchReady:
+    step: int
+    batch: np.ndarray
+
+
+def test_records_and_tensors_travel_without_pickle():
+    data, tensors = actors.to_wire([BatchReady(3, np.ones((2, 2), np.float32))])
+    assert data == [{"$r": "tests.BatchReady", "f": {"step": 3, "batch": {"$nd": 0}}}]
+    [back] = actors.from_wire(data, tensors)
+    assert back.step == 3 and back.batch is tensors[0]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"$nd": 5}, "tensor index 5 out of range"),
+        ({"$r": "Nope", "f": {}}, "unknown record 'Nope'"),
+        ({"$r": "tests.BatchReady", "f": {"nope": 1}}, "record tests.BatchReady"),
+        ({"$x": 1}, "unknown tagged value"),
+        ({"$d": [[[1], 2]]}, "bad dict key"),
+    ],
+)
+def test_invalid_received_wire_data_is_a_wire_error(bad, message):
+    with pytest.raises(WireError, match=message):
+        actors.from_wire(bad, [])
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, {1, 2}, object(), (x for x in ())])
+def test_values_that_cannot_travel_are_refused_before_sending(value):
+    with pytest.raises(WireError):
+        actors.to_wire({"nested": [value]})
