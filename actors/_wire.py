@@ -38,7 +38,7 @@ __all__ = ["WireError", "from_wire", "record", "to_wire"]
 
 _RECORDS: dict[str, type] = {}
 _NAMES: dict[type, str] = {}
-_MAX_DEPTH = 32
+_MAX_DEPTH = 12  # tags can double the msgpack depth; _frames allows 32
 _INT_MIN, _INT_MAX = -(2**63), 2**64
 
 
