@@ -6,12 +6,13 @@ Elementwise ops take float32 C-contiguous arrays of any (equal) shape and walk t
 one flat run. Every output here is an activation or an activation gradient, so every
 output OVERWRITES. Nothing allocates; the hot loops run without the GIL and are plain
 float32 code gcc vectorises: exp, erf and tanh are polynomial versions in plain
-arithmetic (below) because libm's expf/erff/tanhf are scalar calls that stop the
-vectoriser (tanhf alone cost 19 ms per million elements); softmax's row reductions run
-on 8-float vectors with a fixed lane order (same bits every call, no -ffast-math).
-Accuracy against float64, measured on a dense sweep of [-20, 20]: tanh, silu and
-gelu(tanh) within 2e-6 relative / 1.3e-6 absolute; gelu(erf) within 1.4e-6 absolute
-(the negative tail cancels in 1 + erf, as torch's formula does too).
+arithmetic (cykernels/_simd.pxd, shared with norms and attention) because libm's
+expf/erff/tanhf are scalar calls that stop the vectoriser (tanhf alone cost 19 ms per
+million elements); softmax's row reductions run on 8-float vectors with a fixed lane
+order (same bits every call, no -ffast-math). Accuracy against float64, measured on a
+dense sweep of [-20, 20]: tanh, silu and gelu(tanh) within 2e-6 relative / 1.3e-6
+absolute; gelu(erf) within 1.4e-6 absolute (the negative tail cancels in 1 + erf, as
+torch's formula does too).
 
 References: llm.c (gelu tanh forward/backward); the torch.nn.GELU / SiLU / Softmax docs
 (the formulas matched here); Cephes expf and tanhf (the polynomials); Eigen/XLA's float
@@ -21,15 +22,15 @@ Shape legend: elementwise ops take any shape; softmax takes (..., C) and normali
 each row of C; swiglu takes x (N, 2H) = [gate | up] and gives out (N, H).
 """
 
+from cykernels._simd cimport zt_dot, zt_erff, zt_expf, zt_max, zt_sum, zt_tanhf
+
 from cykernels._checks import check_array, check_no_alias, check_same_shape
 
 
+# float32 constants as C float literals (a Cython literal is a double and would promote
+# the arithmetic it meets)
 cdef extern from *:
     """
-    #include <stdint.h>
-    #include <string.h>
-    #include <math.h>
-
     static const float ZT_HALF = 0.5f;
     static const float ZT_ONE = 1.0f;
     static const float ZT_INV_SQRT2 = 0.70710678118654752f;
@@ -37,129 +38,12 @@ cdef extern from *:
     static const float ZT_SQRT_2_OVER_PI = 0.79788456080286536f;
     static const float ZT_GELU_C = 0.044715f;
     static const float ZT_GELU_3C = 0.134145f;
-
-    /* exp(x) in float32 arithmetic gcc vectorises (Cephes expf: x = n ln2 + r,
-       |r| <= ln2/2, a degree-6 polynomial for exp(r), 2^n built from its bits).
-       About 2 ulp over [-87, 88]; 0 below -87; +inf above 88; NaN stays NaN.
-       Kept in step with the copy in attention.pyx. */
-    static inline float zt_expf(float x) {
-        float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-        /* round to nearest integer by the 1.5 * 2^23 trick (no floorf: it is a call) */
-        float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-        float r = xc - n * 0.693359375f;
-        r = r - n * -2.12194440e-4f;
-        float p = 1.9875691500e-4f;
-        p = p * r + 1.3981999507e-3f;
-        p = p * r + 8.3334519073e-3f;
-        p = p * r + 4.1665795894e-2f;
-        p = p * r + 1.6666665459e-1f;
-        p = p * r + 5.0000001201e-1f;
-        float y = p * (r * r) + r + 1.0f;
-        /* the bits of 2^n, (n + 127) << 23, formed in float arithmetic (exact: 8
-           significant bits) so no integer vector op is needed (AVX1 has none 8-wide) */
-        int32_t bits = (int32_t)((n + 127.0f) * 8388608.0f);
-        float two_n;
-        memcpy(&two_n, &bits, sizeof two_n);
-        y = y * two_n;
-        y = x > 88.0f ? INFINITY : y;
-        return x < -87.0f ? 0.0f : y;
-    }
-
-    /* erf(x) in float32 arithmetic gcc vectorises: Eigen/XLA's rational approximation,
-       odd degree-13 over even degree-8, on x clamped to [-4, 4] (erf is +-1 in float32
-       beyond). Absolute error below 5e-7 (measured against math.erf). */
-    static inline float zt_erff(float x) {
-        float xc = x < -4.0f ? -4.0f : (x > 4.0f ? 4.0f : x);
-        float x2 = xc * xc;
-        float p = -2.72614225801306e-10f;
-        p = p * x2 + 2.77068142495902e-08f;
-        p = p * x2 + -2.10102402082508e-06f;
-        p = p * x2 + -5.69250639462346e-05f;
-        p = p * x2 + -7.34990630326855e-04f;
-        p = p * x2 + -2.95459980854025e-03f;
-        p = p * x2 + -1.60960333262415e-02f;
-        p = p * xc;
-        float q = -1.45660718464996e-05f;
-        q = q * x2 + -2.13374055278905e-04f;
-        q = q * x2 + -1.68282697438203e-03f;
-        q = q * x2 + -7.37332916720468e-03f;
-        q = q * x2 + -1.42647390514189e-02f;
-        return p / q;
-    }
-
-    /* tanh(x) in float32 arithmetic gcc vectorises (Cephes tanhf): an odd polynomial
-       for |x| < 0.625, where 1 - 2 / (e^2|x| + 1) would cancel; that form beyond. */
-    static inline float zt_tanhf(float x) {
-        float a = fabsf(x);
-        float big = 1.0f - 2.0f / (zt_expf(a + a) + 1.0f);
-        float z = x * x;
-        float small = -5.70498872745e-3f;
-        small = small * z + 2.06390887954e-2f;
-        small = small * z + -5.37397155531e-2f;
-        small = small * z + 1.33314422036e-1f;
-        small = small * z + -3.33332819422e-1f;
-        small = small * z * x + x;
-        return a < 0.625f ? small : copysignf(big, x);
-    }
-
-    /* Row reductions on 8-float vectors (GCC/Clang vector extensions: one ymm register
-       with -mavx, two xmm without). Lane j sums elements j, j+8, j+16, ..., the lanes
-       meet in a fixed tree, the tail is added in order: the same bits on every call, and
-       vectorised without -ffast-math (which a plain sum loop would need). */
-    typedef float zt_v8 __attribute__((vector_size(32)));
-    typedef int32_t zt_v8i __attribute__((vector_size(32)));
-    #define ZT_LOAD8(v, p) memcpy(&(v), (p), sizeof(v))
-    #define ZT_HSUM8(s) ((((s)[0] + (s)[4]) + ((s)[1] + (s)[5])) + (((s)[2] + (s)[6]) + ((s)[3] + (s)[7])))
-
-    static inline float zt_sum(const float *x, Py_ssize_t n) {
-        zt_v8 s = {0}, v;
-        Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8) { ZT_LOAD8(v, x + i); s += v; }
-        float t = ZT_HSUM8(s);
-        for (; i < n; i++) t += x[i];
-        return t;
-    }
-
-    static inline float zt_dot(const float *a, const float *b, Py_ssize_t n) {
-        zt_v8 s = {0}, va, vb;
-        Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8) { ZT_LOAD8(va, a + i); ZT_LOAD8(vb, b + i); s += va * vb; }
-        float t = ZT_HSUM8(s);
-        for (; i < n; i++) t += a[i] * b[i];
-        return t;
-    }
-
-    /* max of x[0..n), n >= 1; NaN elements are skipped unless x[0] is NaN (a NaN row
-       still comes out NaN from the softmax: exp(NaN - m) is NaN) */
-    static inline float zt_max(const float *x, Py_ssize_t n) {
-        float t = x[0];
-        Py_ssize_t i = 0;
-        if (n >= 8) {
-            zt_v8 m, v;
-            ZT_LOAD8(m, x);
-            for (i = 8; i + 8 <= n; i += 8) {
-                ZT_LOAD8(v, x + i);
-                zt_v8i gt = v > m;
-                m = (zt_v8)(((zt_v8i)v & gt) | ((zt_v8i)m & ~gt));
-            }
-            t = m[0];
-            for (int j = 1; j < 8; j++) t = m[j] > t ? m[j] : t;
-        }
-        for (; i < n; i++) t = x[i] > t ? x[i] : t;
-        return t;
-    }
     """
     const float ZT_HALF, ZT_ONE, ZT_INV_SQRT2, ZT_INV_SQRT_2PI, ZT_SQRT_2_OVER_PI
     const float ZT_GELU_C, ZT_GELU_3C
-    float zt_expf(float x) noexcept nogil
-    float zt_erff(float x) noexcept nogil
-    float zt_tanhf(float x) noexcept nogil
-    float zt_sum(const float *x, Py_ssize_t n) noexcept nogil
-    float zt_dot(const float *a, const float *b, Py_ssize_t n) noexcept nogil
-    float zt_max(const float *x, Py_ssize_t n) noexcept nogil
 
 
-# ---- argument checks -----------------------------------------------------------------
+# ---- argument checks and the elementwise wrapper -------------------------------------
 
 
 def _flat(outputs, inputs, optional=False):
@@ -180,6 +64,33 @@ def _flat(outputs, inputs, optional=False):
     check_same_shape(ref_name, ref, **outputs, **inputs)
     check_no_alias(outputs, inputs)
     return [None if a is None else a.reshape(-1) for a in (*outputs.values(), *inputs.values())]
+
+
+# The elementwise ops (relu, gelu, silu, tanh) share one wrapper body: check with _flat,
+# then run the cdef kernel on the flat views without the GIL. The kernel is passed as a C
+# function pointer; the loops themselves are the cdef functions of each section below.
+ctypedef void (*ElementwiseForward)(float[::1] out, const float[::1] x) noexcept nogil
+ctypedef void (*ElementwiseBackward)(float[::1] dx, const float[::1] dout,
+                                     const float[::1] saved) noexcept nogil
+
+
+cdef _elementwise_forward(ElementwiseForward kernel, out, x):
+    """kernel(out, x) on flat views, after _flat's checks."""
+    cdef float[::1] o
+    cdef const float[::1] xi
+    o, xi = _flat({"out": out}, {"x": x})
+    with nogil:
+        kernel(o, xi)
+
+
+cdef _elementwise_backward(ElementwiseBackward kernel, dx, dout, saved, saved_name="x"):
+    """kernel(dx, dout, saved) on flat views, after _flat's checks; `saved` is the
+    forward's input x or, named "y", its output."""
+    cdef float[::1] d
+    cdef const float[::1] g, si
+    d, g, si = _flat({"dx": dx}, {"dout": dout, saved_name: saved})
+    with nogil:
+        kernel(d, g, si)
 
 
 def _check_approximate(approximate):
@@ -210,20 +121,12 @@ cdef void _relu_backward(float[::1] dx, const float[::1] dout, const float[::1] 
 
 def relu_forward(out, x):
     """out = max(x, 0)"""
-    cdef float[::1] o
-    cdef const float[::1] xi
-    o, xi = _flat({"out": out}, {"x": x})
-    with nogil:
-        _relu_forward(o, xi)
+    _elementwise_forward(_relu_forward, out, x)
 
 
 def relu_backward(dx, dout, x):
     """dx = dout * [x > 0]"""
-    cdef float[::1] d
-    cdef const float[::1] g, xi
-    d, g, xi = _flat({"dx": dx}, {"dout": dout, "x": x})
-    with nogil:
-        _relu_backward(d, g, xi)
+    _elementwise_backward(_relu_backward, dx, dout, x)
 
 
 # ---- gelu ----------------------------------------------------------------------------
@@ -277,28 +180,18 @@ cdef void _gelu_tanh_backward(float[::1] dx, const float[::1] dout,
 
 def gelu_forward(out, x, approximate="none"):
     """out = x Phi(x); approximate="tanh": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))"""
-    cdef bint use_tanh = _check_approximate(approximate)
-    cdef float[::1] o
-    cdef const float[::1] xi
-    o, xi = _flat({"out": out}, {"x": x})
-    with nogil:
-        if use_tanh:
-            _gelu_tanh_forward(o, xi)
-        else:
-            _gelu_erf_forward(o, xi)
+    if _check_approximate(approximate):
+        _elementwise_forward(_gelu_tanh_forward, out, x)
+    else:
+        _elementwise_forward(_gelu_erf_forward, out, x)
 
 
 def gelu_backward(dx, dout, x, approximate="none"):
     """dx = dout * gelu'(x), with the same `approximate` as the forward"""
-    cdef bint use_tanh = _check_approximate(approximate)
-    cdef float[::1] d
-    cdef const float[::1] g, xi
-    d, g, xi = _flat({"dx": dx}, {"dout": dout, "x": x})
-    with nogil:
-        if use_tanh:
-            _gelu_tanh_backward(d, g, xi)
-        else:
-            _gelu_erf_backward(d, g, xi)
+    if _check_approximate(approximate):
+        _elementwise_backward(_gelu_tanh_backward, dx, dout, x)
+    else:
+        _elementwise_backward(_gelu_erf_backward, dx, dout, x)
 
 
 # ---- silu ----------------------------------------------------------------------------
@@ -323,20 +216,12 @@ cdef void _silu_backward(float[::1] dx, const float[::1] dout, const float[::1] 
 
 def silu_forward(out, x):
     """out = x * sigmoid(x)"""
-    cdef float[::1] o
-    cdef const float[::1] xi
-    o, xi = _flat({"out": out}, {"x": x})
-    with nogil:
-        _silu_forward(o, xi)
+    _elementwise_forward(_silu_forward, out, x)
 
 
 def silu_backward(dx, dout, x):
     """dx = dout * s (1 + x (1 - s)), s = sigmoid(x)"""
-    cdef float[::1] d
-    cdef const float[::1] g, xi
-    d, g, xi = _flat({"dx": dx}, {"dout": dout, "x": x})
-    with nogil:
-        _silu_backward(d, g, xi)
+    _elementwise_backward(_silu_backward, dx, dout, x)
 
 
 # ---- tanh ----------------------------------------------------------------------------
@@ -359,20 +244,12 @@ cdef void _tanh_backward(float[::1] dx, const float[::1] dout, const float[::1] 
 
 def tanh_forward(out, x):
     """out = tanh(x)"""
-    cdef float[::1] o
-    cdef const float[::1] xi
-    o, xi = _flat({"out": out}, {"x": x})
-    with nogil:
-        _tanh_forward(o, xi)
+    _elementwise_forward(_tanh_forward, out, x)
 
 
 def tanh_backward(dx, dout, y):
     """dx = dout * (1 - y^2), y = tanh(x) the saved forward output"""
-    cdef float[::1] d
-    cdef const float[::1] g, xi
-    d, g, xi = _flat({"dx": dx}, {"dout": dout, "y": y})
-    with nogil:
-        _tanh_backward(d, g, xi)
+    _elementwise_backward(_tanh_backward, dx, dout, y, "y")
 
 
 # ---- softmax over the last axis ------------------------------------------------------

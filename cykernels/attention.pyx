@@ -12,7 +12,8 @@ The four per-head products go to BLAS through numpy's batched np.matmul on strid
 views of qkv / out / dqkv (no copies: each head's (T, hs) slice is a BLAS matrix with
 leading dimension 3C or C). Measured faster here than nested loops even though BLAS
 also computes the masked upper triangle. The masked softmax and its backward are the
-Cython loops below, run without the GIL; they only touch the causal lower triangle and
+Cython loops below (exp and the row reductions from cykernels/_simd.pxd, as softmax in
+activations.pyx), run without the GIL; they only touch the causal lower triangle and
 write exact zeros above it. The forward saves att (the probabilities) for the backward;
 the backward takes datt and dpreatt as caller-provided scratch. dqkv OVERWRITES.
 Nothing allocates (numpy's matmul writes straight into the given views).
@@ -26,91 +27,11 @@ Shape legend: B batch, T time, C channels, H heads (n_head), hs = C / H head siz
   out, dout (B, T, C)      att, datt, dpreatt (B, H, T, T)
 """
 
+from cykernels._simd cimport zt_dot, zt_expf, zt_max, zt_sum
+
 import numpy as np
 
 from cykernels._checks import check_array, check_no_alias
-
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    #include <math.h>
-
-    /* exp(x) in float32 arithmetic gcc vectorises (Cephes expf); a copy of the one in
-       activations.pyx, kept in step with it: about 2 ulp over [-87, 88], 0 below -87,
-       +inf above 88, NaN stays NaN. */
-    static inline float zt_att_expf(float x) {
-        float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-        float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-        float r = xc - n * 0.693359375f;
-        r = r - n * -2.12194440e-4f;
-        float p = 1.9875691500e-4f;
-        p = p * r + 1.3981999507e-3f;
-        p = p * r + 8.3334519073e-3f;
-        p = p * r + 4.1665795894e-2f;
-        p = p * r + 1.6666665459e-1f;
-        p = p * r + 5.0000001201e-1f;
-        float y = p * (r * r) + r + 1.0f;
-        /* the bits of 2^n, (n + 127) << 23, formed in float arithmetic (exact: 8
-           significant bits) so no integer vector op is needed (AVX1 has none 8-wide) */
-        int32_t bits = (int32_t)((n + 127.0f) * 8388608.0f);
-        float two_n;
-        memcpy(&two_n, &bits, sizeof two_n);
-        y = y * two_n;
-        y = x > 88.0f ? INFINITY : y;
-        return x < -87.0f ? 0.0f : y;
-    }
-
-    /* Row reductions on 8-float vectors (GCC/Clang vector extensions), as in
-       activations.pyx: lanes meet in a fixed tree, the tail is added in order, so the
-       bits are the same on every call and the sums vectorise without -ffast-math. */
-    typedef float zt_v8 __attribute__((vector_size(32)));
-    typedef int32_t zt_v8i __attribute__((vector_size(32)));
-    #define ZT_LOAD8(v, p) memcpy(&(v), (p), sizeof(v))
-    #define ZT_HSUM8(s) ((((s)[0] + (s)[4]) + ((s)[1] + (s)[5])) + (((s)[2] + (s)[6]) + ((s)[3] + (s)[7])))
-
-    static inline float zt_att_sum(const float *x, Py_ssize_t n) {
-        zt_v8 s = {0}, v;
-        Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8) { ZT_LOAD8(v, x + i); s += v; }
-        float t = ZT_HSUM8(s);
-        for (; i < n; i++) t += x[i];
-        return t;
-    }
-
-    static inline float zt_att_dot(const float *a, const float *b, Py_ssize_t n) {
-        zt_v8 s = {0}, va, vb;
-        Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8) { ZT_LOAD8(va, a + i); ZT_LOAD8(vb, b + i); s += va * vb; }
-        float t = ZT_HSUM8(s);
-        for (; i < n; i++) t += a[i] * b[i];
-        return t;
-    }
-
-    /* max of x[0..n), n >= 1 */
-    static inline float zt_att_max(const float *x, Py_ssize_t n) {
-        float t = x[0];
-        Py_ssize_t i = 0;
-        if (n >= 8) {
-            zt_v8 m, v;
-            ZT_LOAD8(m, x);
-            for (i = 8; i + 8 <= n; i += 8) {
-                ZT_LOAD8(v, x + i);
-                zt_v8i gt = v > m;
-                m = (zt_v8)(((zt_v8i)v & gt) | ((zt_v8i)m & ~gt));
-            }
-            t = m[0];
-            for (int j = 1; j < 8; j++) t = m[j] > t ? m[j] : t;
-        }
-        for (; i < n; i++) t = x[i] > t ? x[i] : t;
-        return t;
-    }
-    """
-    float zt_att_expf(float x) noexcept nogil
-    float zt_att_sum(const float *x, Py_ssize_t n) noexcept nogil
-    float zt_att_dot(const float *a, const float *b, Py_ssize_t n) noexcept nogil
-    float zt_att_max(const float *x, Py_ssize_t n) noexcept nogil
 
 
 # ---- argument checks -----------------------------------------------------------------
@@ -153,10 +74,10 @@ cdef void _causal_softmax_forward(float[:, :, ::1] att, float scale) noexcept no
     for bh in range(att.shape[0]):
         for t in range(T):
             # scale > 0, so max(scale x) = scale max(x): the scaling folds into the exp
-            m = zt_att_max(&att[bh, t, 0], t + 1)
+            m = zt_max(&att[bh, t, 0], t + 1)
             for t2 in range(t + 1):
-                att[bh, t, t2] = zt_att_expf((att[bh, t, t2] - m) * scale)
-            inv = 1.0 / zt_att_sum(&att[bh, t, 0], t + 1)
+                att[bh, t, t2] = zt_expf((att[bh, t, t2] - m) * scale)
+            inv = 1.0 / zt_sum(&att[bh, t, 0], t + 1)
             for t2 in range(t + 1):
                 att[bh, t, t2] = att[bh, t, t2] * inv
             for t2 in range(t + 1, T):
@@ -171,7 +92,7 @@ cdef void _causal_softmax_backward(float[:, :, ::1] dpreatt, const float[:, :, :
     for bh in range(att.shape[0]):
         for t in range(T):
             # forward: att = softmax(preatt) on the visible row, preatt = q k^T scale
-            d = zt_att_dot(&datt[bh, t, 0], &att[bh, t, 0], t + 1)
+            d = zt_dot(&datt[bh, t, 0], &att[bh, t, 0], t + 1)
             for t2 in range(t + 1):
                 dpreatt[bh, t, t2] = scale * att[bh, t, t2] * (datt[bh, t, t2] - d)
             for t2 in range(t + 1, T):

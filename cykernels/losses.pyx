@@ -53,24 +53,40 @@ cdef Py_ssize_t _ce_count_valid(const int64_t[::1] targets, Py_ssize_t n_classes
     return n_valid
 
 
-cdef double _ce_row_forward(const float[:, ::1] logits, Py_ssize_t i, Py_ssize_t y,
-                            double smoothing) noexcept nogil:
-    """loss_i = (1 - s)(lse_i - x_iy) + s (lse_i - mean_c x_ic)"""
-    cdef Py_ssize_t c, n_classes = logits.shape[1]
+cdef inline float _ce_row_max(const float[:, ::1] logits, Py_ssize_t i) noexcept nogil:
+    """max_c x_ic"""
+    cdef Py_ssize_t c
     cdef float mx = logits[i, 0]
-    cdef double sum_exp = 0.0, sum_x = 0.0, log_z
-    for c in range(1, n_classes):
+    for c in range(1, logits.shape[1]):
         if logits[i, c] > mx:
             mx = logits[i, c]
-    for c in range(n_classes):
-        sum_exp += expf(logits[i, c] - mx)
-    log_z = log(sum_exp)                      # lse_i = mx + log_z
+    return mx
+
+
+cdef inline double _ce_row_loss(const float[:, ::1] logits, Py_ssize_t i, Py_ssize_t y,
+                                double smoothing, float mx, double log_z) noexcept nogil:
+    """loss_i = (1 - s)(lse_i - x_iy) + s (lse_i - mean_c x_ic),  lse_i = mx + log_z"""
+    # The one loss formula of both row kernels below: forward and forward_backward give
+    # the same bits because they share it (and mx, log_z are computed alike).
+    cdef Py_ssize_t c, n_classes = logits.shape[1]
+    cdef double sum_x = 0.0
     if smoothing == 0.0:
         return (<double>mx - logits[i, y]) + log_z
     for c in range(n_classes):
         sum_x += logits[i, c]
     return ((1.0 - smoothing) * ((<double>mx - logits[i, y]) + log_z)
             + smoothing * ((<double>mx - sum_x / n_classes) + log_z))
+
+
+cdef double _ce_row_forward(const float[:, ::1] logits, Py_ssize_t i, Py_ssize_t y,
+                            double smoothing) noexcept nogil:
+    """loss_i = (1 - s)(lse_i - x_iy) + s (lse_i - mean_c x_ic)"""
+    cdef Py_ssize_t c
+    cdef float mx = _ce_row_max(logits, i)
+    cdef double sum_exp = 0.0
+    for c in range(logits.shape[1]):
+        sum_exp += expf(logits[i, c] - mx)
+    return _ce_row_loss(logits, i, y, smoothing, mx, log(sum_exp))
 
 
 cdef double _ce_row_forward_backward(float[:, ::1] d_logits, const float[:, ::1] logits,
@@ -78,29 +94,20 @@ cdef double _ce_row_forward_backward(float[:, ::1] d_logits, const float[:, ::1]
                                      double scale) noexcept nogil:
     """loss_i as _ce_row_forward; d x_ic = scale (p_ic - s / C - (1 - s) [c == y])"""
     cdef Py_ssize_t c, n_classes = logits.shape[1]
-    cdef float mx = logits[i, 0], e, scale_f = <float>scale
+    cdef float mx = _ce_row_max(logits, i), e, scale_f = <float>scale
     cdef float off = <float>(smoothing / n_classes)
-    cdef double sum_exp = 0.0, sum_x = 0.0, log_z, loss
+    cdef double sum_exp = 0.0
     cdef float inv_z
-    for c in range(1, n_classes):
-        if logits[i, c] > mx:
-            mx = logits[i, c]
     for c in range(n_classes):
         e = expf(logits[i, c] - mx)           # exp stored, reused below for softmax
         d_logits[i, c] = e
         sum_exp += e
-    log_z = log(sum_exp)
     inv_z = <float>(1.0 / sum_exp)
     for c in range(n_classes):
         d_logits[i, c] = scale_f * (d_logits[i, c] * inv_z - off)
     # forward line: loss_i = ... - (1 - s) x_iy, so d x_iy gets -(1 - s) on top of softmax
     d_logits[i, y] -= <float>(scale * (1.0 - smoothing))
-    if smoothing == 0.0:
-        return (<double>mx - logits[i, y]) + log_z
-    for c in range(n_classes):
-        sum_x += logits[i, c]
-    return ((1.0 - smoothing) * ((<double>mx - logits[i, y]) + log_z)
-            + smoothing * ((<double>mx - sum_x / n_classes) + log_z))
+    return _ce_row_loss(logits, i, y, smoothing, mx, log(sum_exp))
 
 
 def _ce_check(d_logits, logits, targets, ignore_index, label_smoothing):

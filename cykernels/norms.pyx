@@ -6,8 +6,9 @@ The forward saves the per-row statistics (mean, rstd) the backward needs, so the
 backward reads x once more instead of recomputing a square root per row.
 Parameter gradients (dweight, dbias) ACCUMULATE (+=, so tied weights work); dx
 OVERWRITES and may be None to skip it. Nothing allocates; the hot loops run without
-the GIL; row sums run on 8-float vectors whose lanes meet in a fixed tree, so the bits
-are the same on every call and the sums still vectorise without -ffast-math.
+the GIL; row sums run on 8-float vectors whose lanes meet in a fixed tree
+(cykernels/_simd.pxd), so the bits are the same on every call and the sums still
+vectorise without -ffast-math.
 
 References: llm.c layernorm_forward / layernorm_backward (the backward's three-term form);
 torch.nn.LayerNorm (biased variance, eps inside the square root); torch.nn.RMSNorm and
@@ -21,71 +22,9 @@ Shape legend: N rows (B*T), C channels.
 
 from libc.math cimport sqrtf
 
+from cykernels._simd cimport zt_dot, zt_dot3_dev, zt_sum, zt_sumsq_dev
+
 from cykernels._checks import check_array, check_no_alias
-
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-
-    /* Row reductions on 8-float vectors (GCC/Clang vector extensions: one ymm register
-       with -mavx, two xmm without). Lane j sums elements j, j+8, j+16, ..., the lanes
-       meet in a fixed tree, the tail is added in order: the same bits on every call.
-       The same scheme as activations.pyx and attention.pyx. */
-    typedef float zt_v8 __attribute__((vector_size(32)));
-    #define ZT_LOAD8(v, p) memcpy(&(v), (p), sizeof(v))
-    #define ZT_HSUM8(s) ((((s)[0] + (s)[4]) + ((s)[1] + (s)[5])) + (((s)[2] + (s)[6]) + ((s)[3] + (s)[7])))
-
-    /* sum x */
-    static inline float zt_sum(const float *x, Py_ssize_t n) {
-        zt_v8 s = {0}, v;
-        Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8) { ZT_LOAD8(v, x + i); s += v; }
-        float t = ZT_HSUM8(s);
-        for (; i < n; i++) t += x[i];
-        return t;
-    }
-
-    /* sum (x - m)^2 */
-    static inline float zt_sumsq_dev(const float *x, float m, Py_ssize_t n) {
-        zt_v8 s = {0}, v;
-        Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8) { ZT_LOAD8(v, x + i); v = v - m; s += v * v; }
-        float t = ZT_HSUM8(s);
-        for (; i < n; i++) t += (x[i] - m) * (x[i] - m);
-        return t;
-    }
-
-    /* sum a b */
-    static inline float zt_dot(const float *a, const float *b, Py_ssize_t n) {
-        zt_v8 s = {0}, va, vb;
-        Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8) { ZT_LOAD8(va, a + i); ZT_LOAD8(vb, b + i); s += va * vb; }
-        float t = ZT_HSUM8(s);
-        for (; i < n; i++) t += a[i] * b[i];
-        return t;
-    }
-
-    /* sum a b (x - m)   (m = 0 for RMSNorm) */
-    static inline float zt_dot3_dev(const float *a, const float *b, const float *x, float m,
-                                    Py_ssize_t n) {
-        zt_v8 s = {0}, va, vb, vx;
-        Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            ZT_LOAD8(va, a + i); ZT_LOAD8(vb, b + i); ZT_LOAD8(vx, x + i);
-            s += va * vb * (vx - m);
-        }
-        float t = ZT_HSUM8(s);
-        for (; i < n; i++) t += a[i] * b[i] * (x[i] - m);
-        return t;
-    }
-    """
-    float zt_sum(const float *x, Py_ssize_t n) noexcept nogil
-    float zt_sumsq_dev(const float *x, float m, Py_ssize_t n) noexcept nogil
-    float zt_dot(const float *a, const float *b, Py_ssize_t n) noexcept nogil
-    float zt_dot3_dev(const float *a, const float *b, const float *x, float m,
-                      Py_ssize_t n) noexcept nogil
 
 
 # ---- argument checks -----------------------------------------------------------------
