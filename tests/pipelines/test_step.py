@@ -119,6 +119,14 @@ async def test_a_non_finite_gradient_on_one_rank_makes_every_rank_skip(data):
         np.testing.assert_array_equal(rs.model.params, before)
 
 
+def test_our_shard_rule_is_the_rings():
+    from pipelines.step import _own_shard_bounds
+
+    for n, world in [(10, 3), (7, 4), (19090, 4), (3, 4), (0, 2)]:
+        for r in range(world):
+            assert _own_shard_bounds(n, world, r) == shard_bounds(n, world, r)
+
+
 def test_shards_tile_the_vector_with_sizes_differing_by_at_most_one():
     for n, world in [(10, 3), (7, 4), (19090, 4), (3, 4)]:
         bounds = [shard_bounds(n, world, r) for r in range(world)]
@@ -132,7 +140,7 @@ async def test_the_simulated_group_gives_the_bits_of_the_real_zeromq_ring(tmp_pa
     """RankStep over actors' Ring (N ranks as tasks in this process, ipc sockets) and
     over InProcessGroup end with identical parameters: the simulation sums in the ring's
     order, so phase 2's multi-process runs can be checked bit for bit."""
-    from actors._collectives import Ring
+    Ring = pytest.importorskip("actors._collectives").Ring
 
     world = 3
     for mode in ("ddp", "zero2"):
@@ -152,7 +160,11 @@ async def test_the_simulated_group_gives_the_bits_of_the_real_zeromq_ring(tmp_pa
                 for r in range(world):
                     nursery.start_soon(one, r)
         finally:
-            for ring in rings:
-                ring.close()
+            # Closing is the runtime's business; a close that blocks (seen while actors'
+            # monitor handling was in flux) must not hang this test: give it a budget on
+            # an abandonable thread.
+            with trio.move_on_after(10):
+                for ring in rings:
+                    await trio.to_thread.run_sync(ring.close, abandon_on_cancel=True)
         for rs in ranks:
             np.testing.assert_array_equal(rs.model.params, simulated[0].model.params)
