@@ -39,32 +39,37 @@ def _event(text: str, ranks: int) -> ChaosEvent:
     kind, sep, rest = text.strip().partition(":")
     kind = kind.strip()
     if kind not in KINDS:
-        raise ConfigError(f"--chaos: expected an event kind of {', '.join(KINDS)}, got "
-                          f"{kind!r} in {text.strip()!r}")
+        raise ConfigError(
+            f"--chaos: expected an event kind of {', '.join(KINDS)}, got "
+            f"{kind!r} in {text.strip()!r}"
+        )
     schema = KINDS[kind]
     args = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq or key not in schema:
-            raise ConfigError(f"--chaos {kind}: expected keys {', '.join(schema)} as "
-                              f"key=value, got {item!r}")
+            raise ConfigError(
+                f"--chaos {kind}: expected keys {', '.join(schema)} as key=value, got {item!r}"
+            )
         try:
             args[key] = schema[key](value)
         except ValueError:
-            raise ConfigError(f"--chaos {kind}.{key}: expected "
-                              f"{'an integer' if schema[key] is int else 'a number'}, got "
-                              f"{value!r}") from None
+            raise ConfigError(
+                f"--chaos {kind}.{key}: expected "
+                f"{'an integer' if schema[key] is int else 'a number'}, got "
+                f"{value!r}"
+            ) from None
     missing = [k for k in schema if k not in args]
     if missing:
-        raise ConfigError(f"--chaos {kind}: missing {', '.join(missing)} (expected "
-                          f"{kind}:" + ",".join(f"{k}=..." for k in schema) + ")")
+        raise ConfigError(
+            f"--chaos {kind}: missing {', '.join(missing)} (expected "
+            f"{kind}:" + ",".join(f"{k}=..." for k in schema) + ")"
+        )
     if "rank" in args and not 0 <= args["rank"] < ranks:
-        raise ConfigError(f"--chaos {kind}.rank: expected 0 <= rank < {ranks}, got "
-                          f"{args['rank']}")
+        raise ConfigError(f"--chaos {kind}.rank: expected 0 <= rank < {ranks}, got {args['rank']}")
     for key in ("step", "every"):
         if key in args and args[key] < (1 if key == "every" else 0):
-            raise ConfigError(f"--chaos {kind}.{key}: expected a positive integer, got "
-                              f"{args[key]}")
+            raise ConfigError(f"--chaos {kind}.{key}: expected a positive integer, got {args[key]}")
     for key in ("seconds", "ms"):
         if key in args and args[key] < 0:
             raise ConfigError(f"--chaos {kind}.{key}: expected >= 0, got {args[key]}")
@@ -77,6 +82,7 @@ def parse_chaos(spec: str, ranks: int) -> list[ChaosEvent]:
     """Events of a SPEC for a world of `ranks`; ConfigError (one line) when malformed."""
     events = [_event(part, ranks) for part in spec.split(";") if part.strip()]
     if not events:
-        raise ConfigError(f"--chaos: expected at least one event such as "
-                          f"kill:rank=1,step=10, got {spec!r}")
+        raise ConfigError(
+            f"--chaos: expected at least one event such as kill:rank=1,step=10, got {spec!r}"
+        )
     return events

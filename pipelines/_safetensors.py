@@ -23,9 +23,18 @@ import numpy as np
 __all__ = ["SafetensorsError", "read_safetensors", "safetensors_bytes"]
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
@@ -35,8 +44,9 @@ class SafetensorsError(ValueError):
     """The bytes are not a well-formed safetensors file; the message says why."""
 
 
-def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
-                      ) -> list[bytes | memoryview]:
+def safetensors_bytes(
+    tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> list[bytes | memoryview]:
     """The file as a list of chunks (header, then each tensor's bytes): write them in order."""
     header: dict = {}
     if metadata:
@@ -49,8 +59,11 @@ def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] |
         code = _CODES.get(arr.dtype)
         if code is None:
             raise ValueError(f"{name}: dtype {arr.dtype} has no safetensors code")
-        header[name] = {"dtype": code, "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": code,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
         chunks.append(memoryview(arr.reshape(-1)).cast("B"))
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -58,8 +71,9 @@ def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] |
     return [struct.pack("<Q", len(raw)) + raw, *chunks]
 
 
-def read_safetensors(data: bytes | memoryview | np.ndarray
-                     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_safetensors(
+    data: bytes | memoryview | np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, metadata) from a file's bytes; tensors are read-only views of `data`."""
     buf = memoryview(data).cast("B")
     if len(buf) < 8:
@@ -84,19 +98,24 @@ def read_safetensors(data: bytes | memoryview | np.ndarray
         except (KeyError, TypeError, ValueError):
             raise SafetensorsError(f"{name}: malformed tensor entry {info!r}") from None
         if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-            raise SafetensorsError(f"{name}: data_offsets [{begin}, {end}] do not match "
-                                   f"{info['dtype']} {list(shape)}")
+            raise SafetensorsError(
+                f"{name}: data_offsets [{begin}, {end}] do not match {info['dtype']} {list(shape)}"
+            )
         entries.append((begin, end, name, dtype, shape))
     entries.sort()
     pos = 0
     for begin, end, name, _, _ in entries:
         if begin != pos:
-            raise SafetensorsError(f"{name}: data starts at {begin}, expected {pos} (gap or "
-                                   "overlap)")
+            raise SafetensorsError(
+                f"{name}: data starts at {begin}, expected {pos} (gap or overlap)"
+            )
         pos = end
     if pos != len(body):
-        raise SafetensorsError(f"tensors cover {pos} bytes but the file holds {len(body)} "
-                               "(truncated or trailing bytes)")
-    tensors = {name: np.frombuffer(body[b:e], dtype=dt).reshape(sh)
-               for b, e, name, dt, sh in entries}
+        raise SafetensorsError(
+            f"tensors cover {pos} bytes but the file holds {len(body)} "
+            "(truncated or trailing bytes)"
+        )
+    tensors = {
+        name: np.frombuffer(body[b:e], dtype=dt).reshape(sh) for b, e, name, dt, sh in entries
+    }
     return tensors, dict(metadata)

@@ -115,8 +115,9 @@ def _durable_write(path: Path, chunks) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def write_safetensors(path, tensors: dict[str, np.ndarray],
-                      metadata: dict[str, str] | None = None) -> tuple[int, str]:
+def write_safetensors(
+    path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> tuple[int, str]:
     """Durably write a safetensors file; returns (bytes, sha256)."""
     return _durable_write(Path(path), safetensors_bytes(tensors, metadata))
 
@@ -143,8 +144,9 @@ def checkpoint_dir(root, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def write_shard(ckpt: Path, rank: int, world: int, lo: int, hi: int,
-                tensors: dict[str, np.ndarray], n: int) -> ShardInfo:
+def write_shard(
+    ckpt: Path, rank: int, world: int, lo: int, hi: int, tensors: dict[str, np.ndarray], n: int
+) -> ShardInfo:
     """Rank `rank`'s part: every tensor is the slice [lo, hi) of a length-n flat vector."""
     for name, arr in tensors.items():
         assert arr.shape == (hi - lo,), f"{name}: expected ({hi - lo},), got {arr.shape}"
@@ -158,16 +160,18 @@ def write_shard(ckpt: Path, rank: int, world: int, lo: int, hi: int,
 
 def write_manifest(ckpt: Path, manifest: dict, shards: list[ShardInfo]) -> Path:
     """Write manifest.json last, after every shard is durable: the commit point."""
-    body = dict(manifest, format=FORMAT, shards=[asdict(s) for s in
-                                                 sorted(shards, key=lambda s: s.rank)])
+    body = dict(
+        manifest, format=FORMAT, shards=[asdict(s) for s in sorted(shards, key=lambda s: s.rank)]
+    )
     body.setdefault("created", time.time())
     path = Path(ckpt) / MANIFEST
     _durable_write(path, [json.dumps(body, indent=1, sort_keys=True).encode()])
     return path
 
 
-def save_checkpoint(root, step: int, shards: list[tuple[int, int, dict[str, np.ndarray]]],
-                    n: int, manifest: dict) -> Path:
+def save_checkpoint(
+    root, step: int, shards: list[tuple[int, int, dict[str, np.ndarray]]], n: int, manifest: dict
+) -> Path:
     """Single-process convenience: write every (lo, hi, tensors) shard, then the manifest.
 
     `manifest` carries step, world, mode, hashes, data position, counters, metrics.
@@ -219,8 +223,7 @@ def verify_checkpoint(ckpt) -> dict:
     manifest = _read_manifest(ckpt)
     shards = manifest["shards"]
     if len(shards) != manifest["world"]:
-        raise CheckpointError(f"manifest lists {len(shards)} shards for world "
-                              f"{manifest['world']}")
+        raise CheckpointError(f"manifest lists {len(shards)} shards for world {manifest['world']}")
     pos = 0
     for s in sorted(shards, key=lambda s: s["lo"]):
         path = ckpt / s["file"]
@@ -228,8 +231,9 @@ def verify_checkpoint(ckpt) -> dict:
             raise CheckpointError(f"{s['file']}: missing")
         size = path.stat().st_size
         if size != s["bytes"]:
-            raise CheckpointError(f"{s['file']}: {size} bytes, manifest says {s['bytes']} "
-                                  "(truncated or torn)")
+            raise CheckpointError(
+                f"{s['file']}: {size} bytes, manifest says {s['bytes']} (truncated or torn)"
+            )
         if _sha256_file(path) != s["sha256"]:
             raise CheckpointError(f"{s['file']}: SHA-256 mismatch (corrupted)")
         if s["lo"] != pos:
@@ -244,7 +248,7 @@ def verify_checkpoint(ckpt) -> dict:
 class LatestValid:
     path: Path | None
     manifest: dict | None
-    skipped: list[tuple[Path, str]]   # newer checkpoints passed over, with the reason
+    skipped: list[tuple[Path, str]]  # newer checkpoints passed over, with the reason
 
 
 def latest_valid(root) -> LatestValid:
@@ -283,8 +287,9 @@ def load_full(ckpt, *, verify: bool = True) -> tuple[dict, dict[str, np.ndarray]
             raise CheckpointError(f"{s['file']}: header range disagrees with the manifest")
         for name, arr in tensors.items():
             if arr.shape != (hi - lo,):
-                raise CheckpointError(f"{s['file']}: {name} has shape {arr.shape}, expected "
-                                      f"({hi - lo},)")
+                raise CheckpointError(
+                    f"{s['file']}: {name} has shape {arr.shape}, expected ({hi - lo},)"
+                )
             full.setdefault(name, np.zeros(n, dtype=np.float32))[lo:hi] = arr
     return manifest, full
 
@@ -294,8 +299,9 @@ def load_full(ckpt, *, verify: bool = True) -> tuple[dict, dict[str, np.ndarray]
 # ---------------------------------------------------------------------------------------
 
 
-def apply_retention(root, keep_last: int, keep_best: int = 0, best_metric: str = "loss",
-                    best_mode: str = "min") -> list[Path]:
+def apply_retention(
+    root, keep_last: int, keep_best: int = 0, best_metric: str = "loss", best_mode: str = "min"
+) -> list[Path]:
     """Delete checkpoints that are neither among the newest `keep_last` valid ones nor the
     `keep_best` best by manifest["metrics"][best_metric]. Returns what was deleted.
 
@@ -332,13 +338,15 @@ def apply_retention(root, keep_last: int, keep_best: int = 0, best_metric: str =
 # ---------------------------------------------------------------------------------------
 
 
-def export_weights(path, state_dict: dict[str, np.ndarray],
-                   metadata: dict[str, str] | None = None) -> tuple[int, str]:
+def export_weights(
+    path, state_dict: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> tuple[int, str]:
     """Write full weights by PyTorch name (`model.state_dict()`, trainable and frozen).
 
     Loads with safetensors.torch.load_file into the equivalent torch module."""
-    return write_safetensors(path, {k: np.asarray(v, dtype=np.float32)
-                                    for k, v in state_dict.items()}, metadata)
+    return write_safetensors(
+        path, {k: np.asarray(v, dtype=np.float32) for k, v in state_dict.items()}, metadata
+    )
 
 
 def inspect_checkpoint(root_or_ckpt) -> list[dict]:
@@ -358,13 +366,11 @@ def inspect_checkpoint(root_or_ckpt) -> list[dict]:
                 m = _read_manifest(ckpt)
             except CheckpointError:
                 m = {}
-        for key in ("step", "world", "mode", "n", "config_hash", "metrics", "counters",
-                    "data"):
+        for key in ("step", "world", "mode", "n", "config_hash", "metrics", "counters", "data"):
             if key in m:
                 row[key] = m[key]
         if "shards" in m:
             row["bytes"] = sum(s["bytes"] for s in m["shards"])
-            row["shards"] = [{k: s[k] for k in ("file", "lo", "hi", "sha256")}
-                             for s in m["shards"]]
+            row["shards"] = [{k: s[k] for k in ("file", "lo", "hi", "sha256")} for s in m["shards"]]
         out.append(row)
     return out

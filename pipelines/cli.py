@@ -60,21 +60,43 @@ def _nonneg_int(text: str) -> int:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default=None,
-                   help="a .toml path or a built-in pipeline name (default: char_lm)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="a .toml path or a built-in pipeline name (default: char_lm)",
+    )
     p.add_argument("--ranks", type=_positive_int, help="number of rank processes")
     p.add_argument("--mode", choices=("ddp", "zero1", "zero2"), help="data-parallel mode")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps")
     p.add_argument("--seed", type=_nonneg_int, help="run seed")
     p.add_argument("--run-dir", help="output directory (default runs/<pipeline>-<time>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
-                   help="continue from the latest valid checkpoint in DIR (a run dir or a "
-                        "checkpoint root; default: --run-dir, else the newest run of this "
-                        "pipeline)")
-    p.add_argument("--hook", dest="hooks", action="append", default=[],
-                   metavar="PATH[:NAME]", help="a gradient-hook script (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="continue from the latest valid checkpoint in DIR (a run dir or a "
+        "checkpoint root; default: --run-dir, else the newest run of this "
+        "pipeline)",
+    )
+    p.add_argument(
+        "--hook",
+        dest="hooks",
+        action="append",
+        default=[],
+        metavar="PATH[:NAME]",
+        help="a gradient-hook script (repeatable)",
+    )
 
 
 def _parser() -> _Parser:
@@ -84,14 +106,20 @@ def _parser() -> _Parser:
     _add_run_options(run)
     sim = sub.add_parser("simulate", help="train with injected faults (chaos simulation)")
     _add_run_options(sim)
-    sim.add_argument("--chaos", required=True, metavar="SPEC",
-                     help="';'-separated KIND:key=value,... events (kill, term, stall, "
-                          "delay, straggler, random-kill)")
+    sim.add_argument(
+        "--chaos",
+        required=True,
+        metavar="SPEC",
+        help="';'-separated KIND:key=value,... events (kill, term, stall, "
+        "delay, straggler, random-kill)",
+    )
     sub.add_parser("pipelines", help="list the built-in pipelines")
     ckpt = sub.add_parser("ckpt", help="inspect or verify checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", metavar="ACTION", parser_class=_Parser)
-    for name, text in (("inspect", "describe checkpoints"),
-                       ("verify", "check every file's size and SHA-256")):
+    for name, text in (
+        ("inspect", "describe checkpoints"),
+        ("verify", "check every file's size and SHA-256"),
+    ):
         c = ckpt_sub.add_parser(name, help=text)
         c.add_argument("dir", help="a checkpoint dir, a checkpoint root or a run dir")
     return parser
@@ -107,8 +135,12 @@ def _resolve(args):
     from .config import load_config
 
     overrides = list(args.overrides)
-    for flag, key in (("ranks", "cluster.ranks"), ("mode", "cluster.mode"),
-                      ("steps", "train.steps"), ("seed", "train.seed")):
+    for flag, key in (
+        ("ranks", "cluster.ranks"),
+        ("mode", "cluster.mode"),
+        ("steps", "train.steps"),
+        ("seed", "train.seed"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
@@ -125,8 +157,9 @@ def _resume_dir(args, cfg) -> Path | None:
     runs = sorted(Path("runs").glob(f"{cfg.name}-*"), key=lambda p: p.stat().st_mtime)
     runs = [r for r in runs if (r / "checkpoints").is_dir()]
     if not runs:
-        raise _UsageError(f"zerotrain run: --resume without DIR found no runs/{cfg.name}-* "
-                          "with checkpoints")
+        raise _UsageError(
+            f"zerotrain run: --resume without DIR found no runs/{cfg.name}-* with checkpoints"
+        )
     return runs[-1]
 
 
@@ -144,17 +177,24 @@ def _cmd_run(args, out) -> int:
         from ._chaos import parse_chaos
 
         parse_chaos(args.chaos, cfg.cluster.ranks)
-        print("zerotrain simulate: not yet implemented (the chaos simulation needs the "
-              "multi-rank cluster); arguments are valid", file=sys.stderr)
+        print(
+            "zerotrain simulate: not yet implemented (the chaos simulation needs the "
+            "multi-rank cluster); arguments are valid",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     if cfg.cluster.ranks > 1:
-        print(f"zerotrain run: --ranks {cfg.cluster.ranks} is not yet available: multi-rank "
-              "training (rank processes over ZeroMQ) is not built yet; use --ranks 1",
-              file=sys.stderr)
+        print(
+            f"zerotrain run: --ranks {cfg.cluster.ranks} is not yet available: multi-rank "
+            "training (rank processes over ZeroMQ) is not built yet; use --ranks 1",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
-    run_dir = Path(args.run_dir) if args.run_dir else (resume if resume and
-                                                       (resume / "config.json").exists()
-                                                       else default_run_dir(cfg.name))
+    run_dir = (
+        Path(args.run_dir)
+        if args.run_dir
+        else (resume if resume and (resume / "config.json").exists() else default_run_dir(cfg.name))
+    )
     try:
         run_local(cfg, run_dir, resume=resume, hooks=args.hooks, out=out)
     except TrainingFailed as err:
@@ -166,8 +206,11 @@ def _cmd_run(args, out) -> int:
     except Exception as err:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(traceback.format_exc())
-        print(f"zerotrain run: training failed: {type(err).__name__}: {err} "
-              f"(traceback in {run_dir / 'error.txt'})", file=sys.stderr)
+        print(
+            f"zerotrain run: training failed: {type(err).__name__}: {err} "
+            f"(traceback in {run_dir / 'error.txt'})",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     return EXIT_OK
 
@@ -203,10 +246,17 @@ def _cmd_ckpt(args, out) -> int:
     for row in rows:
         ok = row["status"] == "ok"
         bad += not ok
-        print(f"{'OK ' if ok else 'BAD'} {row['path']}: "
-              + ("step {} world {} mode {} {} bytes".format(row.get("step"), row.get("world"),
-                                                           row.get("mode"), row.get("bytes"))
-                 if ok else row["status"]), file=out)
+        print(
+            f"{'OK ' if ok else 'BAD'} {row['path']}: "
+            + (
+                "step {} world {} mode {} {} bytes".format(
+                    row.get("step"), row.get("world"), row.get("mode"), row.get("bytes")
+                )
+                if ok
+                else row["status"]
+            ),
+            file=out,
+        )
     print(f"{len(rows) - bad} of {len(rows)} checkpoints valid", file=out)
     return EXIT_INVALID if bad else EXIT_OK
 
@@ -241,12 +291,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command is None:
-            raise _UsageError("zerotrain: expected a command: run, simulate, pipelines, ckpt "
-                              "(see zerotrain --help)")
+            raise _UsageError(
+                "zerotrain: expected a command: run, simulate, pipelines, ckpt "
+                "(see zerotrain --help)"
+            )
         if args.command == "ckpt" and args.ckpt_command is None:
             raise _UsageError("zerotrain ckpt: expected inspect DIR or verify DIR")
-        handler = {"run": _cmd_run, "simulate": _cmd_run, "pipelines": _cmd_pipelines,
-                   "ckpt": _cmd_ckpt}[args.command]
+        handler = {
+            "run": _cmd_run,
+            "simulate": _cmd_run,
+            "pipelines": _cmd_pipelines,
+            "ckpt": _cmd_ckpt,
+        }[args.command]
         return handler(args, sys.stdout if args.command != "run" else sys.stderr)
     except _UsageError as err:
         print(str(err), file=sys.stderr)

@@ -121,7 +121,15 @@ SCHEDULE_NAMES = ("constant", "warmup_cosine", "step", "linear")
 MODES = ("ddp", "zero1", "zero2")
 TRANSPORTS = ("ipc", "tcp")
 METRIC_NAMES = (
-    "loss", "accuracy", "precision", "recall", "macro_f1", "perplexity", "mse", "mae", "r2",
+    "loss",
+    "accuracy",
+    "precision",
+    "recall",
+    "macro_f1",
+    "perplexity",
+    "mse",
+    "mae",
+    "r2",
 )
 # Which eval metrics make sense for which model; `eval.metrics` is checked against it.
 MODEL_METRICS = {
@@ -154,10 +162,13 @@ class ModelConfig:
 DATASET_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
     "corpus": {"seq_len": (int, 64), "eval_fraction": (float, 0.05)},
     "digits": {"n_train": (int, 20000), "n_eval": (int, 2000), "noise": (float, 0.1)},
-    "friedman": {"n_train": (int, 20000), "n_eval": (int, 2000), "noise": (float, 1.0),
-                 "n_features": (int, 10)},
-    "digit_triplets": {"n_train": (int, 20000), "n_eval": (int, 2000),
-                       "noise": (float, 0.1)},
+    "friedman": {
+        "n_train": (int, 20000),
+        "n_eval": (int, 2000),
+        "noise": (float, 1.0),
+        "n_features": (int, 10),
+    },
+    "digit_triplets": {"n_train": (int, 20000), "n_eval": (int, 2000), "noise": (float, 0.1)},
 }
 
 
@@ -180,8 +191,12 @@ class DataConfig:
         full = {}
         for key, value in self.options.items():
             if key not in known:
-                _unknown_key(f"data.{key}", key, list(known) + ["name", "seed", "cache_dir"],
-                             f" for dataset {self.name!r}")
+                _unknown_key(
+                    f"data.{key}",
+                    key,
+                    list(known) + ["name", "seed", "cache_dir"],
+                    f" for dataset {self.name!r}",
+                )
             full[key] = _coerce(f"data.{key}", value, known[key][0])
         for key, (_, default) in known.items():
             full.setdefault(key, default)
@@ -193,8 +208,7 @@ class DataConfig:
         if "noise" in full:
             _check_range("data.noise", full["noise"], lo=0.0)
         if "eval_fraction" in full:
-            _check_range("data.eval_fraction", full["eval_fraction"], lo=0.0, hi=0.5,
-                         lo_open=True)
+            _check_range("data.eval_fraction", full["eval_fraction"], lo=0.0, hi=0.5, lo_open=True)
         object.__setattr__(self, "options", full)
 
 
@@ -235,8 +249,9 @@ class OptimizerConfig:
         _check_range("optimizer.momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
         _check_range("optimizer.dampening", self.dampening, lo=0.0, hi=1.0)
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
-            _fail("optimizer.nesterov", "false unless momentum > 0 and dampening = 0",
-                  self.nesterov)
+            _fail(
+                "optimizer.nesterov", "false unless momentum > 0 and dampening = 0", self.nesterov
+            )
 
 
 @dataclass(frozen=True)
@@ -318,8 +333,11 @@ class HooksConfig:
             normalise_spec = None
         for i, spec in enumerate(self.specs):
             if not isinstance(spec, str | dict):
-                _fail(f"hooks.specs[{i}]", '"PATH.py[:NAME]", "builtin[:NAME]" or a table '
-                      "with hook = ...", spec)
+                _fail(
+                    f"hooks.specs[{i}]",
+                    '"PATH.py[:NAME]", "builtin[:NAME]" or a table with hook = ...',
+                    spec,
+                )
             if normalise_spec is not None:
                 try:
                     normalise_spec(spec)
@@ -454,8 +472,13 @@ def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ')}s"
-    return {int: "an integer", float: "a number", bool: "a boolean (true/false)",
-            str: "a string", dict: "a table"}.get(tp, str(tp))
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean (true/false)",
+        str: "a string",
+        dict: "a table",
+    }.get(tp, str(tp))
 
 
 def _coerce(key: str, value: Any, tp) -> Any:
@@ -547,25 +570,38 @@ def resolve(cfg: Config) -> Config:
     """Check what spans sections; return `cfg` (it is already in canonical form)."""
     model = cfg.model.name
     if cfg.data.name not in MODEL_DATASETS[model]:
-        _fail("data.name", f"a dataset for model {model!r}: "
-              + ", ".join(MODEL_DATASETS[model]), cfg.data.name)
+        _fail(
+            "data.name",
+            f"a dataset for model {model!r}: " + ", ".join(MODEL_DATASETS[model]),
+            cfg.data.name,
+        )
     for i, m in enumerate(cfg.eval.metrics):
         if m not in MODEL_METRICS[model]:
-            _fail(f"eval.metrics[{i}]", f"a metric of model {model!r}: "
-                  + ", ".join(MODEL_METRICS[model]), m)
-    for key, metric in (("eval.early_stopping.metric", cfg.eval.early_stopping.metric),
-                        ("checkpoint.best_metric", cfg.checkpoint.best_metric)):
+            _fail(
+                f"eval.metrics[{i}]",
+                f"a metric of model {model!r}: " + ", ".join(MODEL_METRICS[model]),
+                m,
+            )
+    for key, metric in (
+        ("eval.early_stopping.metric", cfg.eval.early_stopping.metric),
+        ("checkpoint.best_metric", cfg.checkpoint.best_metric),
+    ):
         if metric not in MODEL_METRICS[model]:
-            _fail(key, f"a metric of model {model!r}: " + ", ".join(MODEL_METRICS[model]),
-                  metric)
+            _fail(key, f"a metric of model {model!r}: " + ", ".join(MODEL_METRICS[model]), metric)
     per = cfg.cluster.ranks * cfg.train.grad_accum
     if cfg.train.batch_size % per:
-        _fail("train.batch_size",
-              f"a multiple of cluster.ranks * train.grad_accum = {per} (it is the global "
-              "batch, split evenly over ranks and micro-steps)", cfg.train.batch_size)
+        _fail(
+            "train.batch_size",
+            f"a multiple of cluster.ranks * train.grad_accum = {per} (it is the global "
+            "batch, split evenly over ranks and micro-steps)",
+            cfg.train.batch_size,
+        )
     if cfg.schedule.total_steps and cfg.schedule.warmup_steps > cfg.schedule.total_steps:
-        _fail("schedule.warmup_steps", f"at most schedule.total_steps = "
-              f"{cfg.schedule.total_steps}", cfg.schedule.warmup_steps)
+        _fail(
+            "schedule.warmup_steps",
+            f"at most schedule.total_steps = {cfg.schedule.total_steps}",
+            cfg.schedule.warmup_steps,
+        )
     _check_builder_kwargs("model", cfg.model.options, _model_builder(model), model)
     if cfg.loss.name:
         _check_loss(cfg.loss)
@@ -589,8 +625,11 @@ def _check_builder_kwargs(section: str, options: dict, builder, what: str) -> No
     params = inspect.signature(builder).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
-    accepted = [n for n, p in params.items()
-                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"]
+    accepted = [
+        n
+        for n, p in params.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"
+    ]
     for key in options:
         if key not in accepted:
             _unknown_key(f"{section}.{key}", key, accepted + ["name"], f" for {what!r}")
@@ -635,7 +674,7 @@ def builtin_pipelines() -> dict[str, str]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """"a.b=VALUE" -> (["a", "b"], value); VALUE is a TOML value, or a bare string."""
+    """ "a.b=VALUE" -> (["a", "b"], value); VALUE is a TOML value, or a bare string."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -674,8 +713,9 @@ def _locate(source: str | Path | None) -> tuple[Path, str]:
     if builtin.is_file():
         return builtin, str(source)
     names = ", ".join(builtin_pipelines())
-    raise ConfigError(f"config: expected a .toml path or a built-in pipeline ({names}), "
-                      f"got {str(source)!r}")
+    raise ConfigError(
+        f"config: expected a .toml path or a built-in pipeline ({names}), got {str(source)!r}"
+    )
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -696,8 +736,9 @@ def load_config(source: str | Path | None = None, overrides: list[str] = ()) -> 
 
 
 def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode()
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
 
 
 def config_hash(cfg: Config) -> str:

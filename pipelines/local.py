@@ -76,9 +76,20 @@ def build_model_for(cfg: Config, meta: dict):
 def rank_batches(dataset, cfg: Config, step: int, rank: int, world: int) -> list[dict]:
     """Rank `rank`'s micro-batches of 0-based global step `step`."""
     epoch, pos = position(step, len(dataset), cfg.train.batch_size)
-    return [batch_for(dataset, cfg.train.seed, epoch, pos, rank, world, cfg.train.batch_size,
-                      micro=k, accum=cfg.train.grad_accum)
-            for k in range(cfg.train.grad_accum)]
+    return [
+        batch_for(
+            dataset,
+            cfg.train.seed,
+            epoch,
+            pos,
+            rank,
+            world,
+            cfg.train.batch_size,
+            micro=k,
+            accum=cfg.train.grad_accum,
+        )
+        for k in range(cfg.train.grad_accum)
+    ]
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -118,12 +129,21 @@ class _Hooks:
 
         self.analyzers = [h for h in hooks if h.kind == ANALYZER]
         self.log = HooksLog(rundir.path / "hooks.jsonl") if hooks else None
-        self.runner = AnalyzerRunner(self.analyzers, sinks=[self.log] if self.log else (),
-                                     timeout_s=cfg.hooks.timeout_s) if self.analyzers else None
+        self.runner = (
+            AnalyzerRunner(
+                self.analyzers, sinks=[self.log] if self.log else (), timeout_s=cfg.hooks.timeout_s
+            )
+            if self.analyzers
+            else None
+        )
         transforms = [h for h in hooks if h.kind != ANALYZER]
-        self.transforms = (TransformRunner(transforms, layout=model.layout,
-                                           seed=cfg.train.seed, rank=0, world_size=1)
-                           if transforms else None)
+        self.transforms = (
+            TransformRunner(
+                transforms, layout=model.layout, seed=cfg.train.seed, rank=0, world_size=1
+            )
+            if transforms
+            else None
+        )
         self.model, self.micro = model, cfg.micro_batch * cfg.train.grad_accum
 
     def due(self, step: int) -> bool:
@@ -138,10 +158,18 @@ class _Hooks:
 
         view = rank.hook_view
         update = self.model.params - view["params_before"]
-        ctx = HookContext.from_flat(step, self.model.layout, view["grad"], loss=loss, lr=lr,
-                                    rank_grads={0: view["rank_grad"]},
-                                    params=view["params_before"], update=update,
-                                    batch_size=self.micro, world_size=1)
+        ctx = HookContext.from_flat(
+            step,
+            self.model.layout,
+            view["grad"],
+            loss=loss,
+            lr=lr,
+            rank_grads={0: view["rank_grad"]},
+            params=view["params_before"],
+            update=update,
+            batch_size=self.micro,
+            world_size=1,
+        )
         self.runner.run(ctx)
 
     def stats(self) -> dict:
@@ -161,23 +189,28 @@ class _Hooks:
 
 @dataclass
 class _State:
-    step: int = 0                 # optimizer steps done
+    step: int = 0  # optimizer steps done
     last_loss: float = math.nan
     last_eval: dict = field(default_factory=dict)
     best_eval: float | None = None
     stopped_early: bool = False
 
 
-def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
-              hooks: list[str] = (), out=None) -> dict:
+def run_local(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: str | Path | None = None,
+    hooks: list[str] = (),
+    out=None,
+) -> dict:
     """Train `cfg` in this process (world size 1); return the summary (also written).
 
     `resume` is a checkpoint root (or run dir) to continue from its latest valid
     checkpoint. Raises TrainingFailed (exit 3) when the run cannot go on.
     """
     if cfg.cluster.ranks != 1:
-        raise TrainingFailed(f"run_local runs one rank, the config asks for "
-                             f"{cfg.cluster.ranks}")
+        raise TrainingFailed(f"run_local runs one rank, the config asks for {cfg.cluster.ranks}")
     out = out if out is not None else sys.stderr
     t_start = time.perf_counter()
     rundir = RunDir(run_dir)
@@ -193,8 +226,9 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
     except (OSError, ValueError) as err:
         raise TrainingFailed(f"data: {err}") from None
     if cfg.train.batch_size > len(train):
-        raise TrainingFailed(f"train.batch_size {cfg.train.batch_size} exceeds the "
-                             f"{len(train)} training samples")
+        raise TrainingFailed(
+            f"train.batch_size {cfg.train.batch_size} exceeds the {len(train)} training samples"
+        )
     model = build_model_for(cfg, train.meta)
     hooks_rt = _Hooks(loaded_hooks, cfg, model, rundir)
     rank = RankStep(model, cfg, LocalCollective(), transforms=hooks_rt.transforms)
@@ -203,36 +237,59 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
     ckpt_root = rundir.checkpoints(cfg.checkpoint.dir)
     every_log = cfg.train.log_every or max(cfg.train.steps // 20, 1)
     progress = Progress(cfg.train.steps, every_log, out, prefix="zerotrain: ")
-    early = EarlyStopping(cfg.eval.early_stopping.metric, cfg.eval.early_stopping.patience,
-                          cfg.eval.early_stopping.mode, cfg.eval.early_stopping.min_delta)
+    early = EarlyStopping(
+        cfg.eval.early_stopping.metric,
+        cfg.eval.early_stopping.patience,
+        cfg.eval.early_stopping.mode,
+        cfg.eval.early_stopping.min_delta,
+    )
 
     if resume is not None:
         _resume(Path(resume), rank, state, early, rhash, progress)
 
     def do_eval() -> dict:
-        metrics = list(dict.fromkeys([*cfg.eval.metrics, cfg.checkpoint.best_metric,
-                                      cfg.eval.early_stopping.metric]))
-        return evaluate(model, evalset, metrics=metrics, batch_size=cfg.eval.batch_size,
-                        max_batches=cfg.eval.max_batches, loss_fn=spec)
+        metrics = list(
+            dict.fromkeys(
+                [*cfg.eval.metrics, cfg.checkpoint.best_metric, cfg.eval.early_stopping.metric]
+            )
+        )
+        return evaluate(
+            model,
+            evalset,
+            metrics=metrics,
+            batch_size=cfg.eval.batch_size,
+            max_batches=cfg.eval.max_batches,
+            loss_fn=spec,
+        )
 
     def do_checkpoint() -> None:
         shards = [(rank.lo, rank.hi, {k: v.copy() for k, v in rank.shard_tensors().items()})]
         epoch, pos = position(state.step, len(train), cfg.train.batch_size)
         metrics = dict(state.last_eval, train_loss=state.last_loss)
         manifest = {
-            "mode": cfg.cluster.mode, "config_hash": chash, "resume_hash": rhash,
+            "mode": cfg.cluster.mode,
+            "config_hash": chash,
+            "resume_hash": rhash,
             "optimizer": cfg.optimizer.name,
-            "data": {"seed": cfg.train.seed, "epoch": epoch, "step_in_epoch": pos,
-                     "global_step": state.step},
+            "data": {
+                "seed": cfg.train.seed,
+                "epoch": epoch,
+                "step_in_epoch": pos,
+                "global_step": state.step,
+            },
             "rng": {"seed": cfg.train.seed, "dropout_stream": _DROPOUT},
             "counters": rank.opt.counters(),
             "early_stopping": early.state(),
             "metrics": metrics,
         }
         ckpt_mod.save_checkpoint(ckpt_root, state.step, shards, model.params.size, manifest)
-        ckpt_mod.apply_retention(ckpt_root, cfg.checkpoint.keep_last,
-                                 cfg.checkpoint.keep_best, cfg.checkpoint.best_metric,
-                                 cfg.checkpoint.best_mode)
+        ckpt_mod.apply_retention(
+            ckpt_root,
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.keep_best,
+            cfg.checkpoint.best_metric,
+            cfg.checkpoint.best_mode,
+        )
 
     async def loop() -> None:
         consecutive_skips = 0
@@ -246,36 +303,49 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
             state.step = s + 1
             state.last_loss = stats.loss
             sps = cfg.train.batch_size / dt if dt > 0 else 0.0
-            record = {"step": state.step, "loss": stats.loss, "lr": stats.lr,
-                      "grad_norm": stats.grad_norm, "samples_per_s": sps,
-                      "skipped": not stats.applied, "clip_coef": stats.clip_coef}
+            record = {
+                "step": state.step,
+                "loss": stats.loss,
+                "lr": stats.lr,
+                "grad_norm": stats.grad_norm,
+                "samples_per_s": sps,
+                "skipped": not stats.applied,
+                "clip_coef": stats.clip_coef,
+            }
             consecutive_skips = 0 if stats.applied else consecutive_skips + 1
             if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                 rundir.log_step(record)
-                raise TrainingFailed(f"{consecutive_skips} consecutive steps skipped for "
-                                     f"non-finite gradients (last at step {state.step})")
-            evaluated = (cfg.eval.every and state.step % cfg.eval.every == 0) or \
-                state.step == cfg.train.steps
+                raise TrainingFailed(
+                    f"{consecutive_skips} consecutive steps skipped for "
+                    f"non-finite gradients (last at step {state.step})"
+                )
+            evaluated = (
+                cfg.eval.every and state.step % cfg.eval.every == 0
+            ) or state.step == cfg.train.steps
             if evaluated:
                 state.last_eval = do_eval()
                 record["eval"] = state.last_eval
             rundir.log_step(record)
             extra = ""
             if evaluated:
-                extra = " | eval " + " ".join(f"{k} {v:.4g}" for k, v in
-                                              state.last_eval.items())
+                extra = " | eval " + " ".join(f"{k} {v:.4g}" for k, v in state.last_eval.items())
             progress.update(state.step, stats.loss, stats.lr, sps, extra)
             hooks_rt.after_step(state.step, rank, stats.loss, stats.lr)
-            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 \
-                    and state.step != cfg.train.steps:
+            if (
+                cfg.checkpoint.every
+                and state.step % cfg.checkpoint.every == 0
+                and state.step != cfg.train.steps
+            ):
                 do_checkpoint()
             if evaluated and early.patience:
                 value = state.last_eval[early.metric]
                 if early.update(value):
                     state.stopped_early = True
-                    progress.message(f"early stop at step {state.step}: "
-                                     f"{early.metric} did not improve for {early.patience} "
-                                     "evaluations")
+                    progress.message(
+                        f"early stop at step {state.step}: "
+                        f"{early.metric} did not improve for {early.patience} "
+                        "evaluations"
+                    )
                     break
 
     try:
@@ -312,17 +382,22 @@ def run_local(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = N
         "run_dir": str(rundir.path),
     }
     # Full weights by PyTorch name: safetensors.torch.load_file -> module.load_state_dict
-    ckpt_mod.export_weights(rundir.path / "weights.safetensors", model.state_dict(),
-                            {"pipeline": cfg.name, "step": str(state.step),
-                             "params_sha256": summary["params_sha256"]})
+    ckpt_mod.export_weights(
+        rundir.path / "weights.safetensors",
+        model.state_dict(),
+        {"pipeline": cfg.name, "step": str(state.step), "params_sha256": summary["params_sha256"]},
+    )
     rundir.write_summary(summary)
-    progress.message(f"done: {state.step} steps in {wall:.1f}s, final loss "
-                     f"{state.last_loss:.4f}, eval {summary['eval']} -> {rundir.path}")
+    progress.message(
+        f"done: {state.step} steps in {wall:.1f}s, final loss "
+        f"{state.last_loss:.4f}, eval {summary['eval']} -> {rundir.path}"
+    )
     return summary
 
 
-def _resume(where: Path, rank: RankStep, state: _State, early: EarlyStopping, rhash: str,
-            progress: Progress) -> None:
+def _resume(
+    where: Path, rank: RankStep, state: _State, early: EarlyStopping, rhash: str, progress: Progress
+) -> None:
     """Load the latest valid checkpoint under `where` (a checkpoint root or a run dir)."""
     roots = [where, where / "checkpoints"]
     found = None
@@ -337,16 +412,20 @@ def _resume(where: Path, rank: RankStep, state: _State, early: EarlyStopping, rh
         raise TrainingFailed(f"--resume: no valid checkpoint under {where}")
     manifest, full = ckpt_mod.load_full(found.path, verify=False)
     if manifest.get("resume_hash") != rhash:
-        progress.message("warning: the config differs from the checkpoint's in what shapes "
-                         "the numbers; continuing anyway")
+        progress.message(
+            "warning: the config differs from the checkpoint's in what shapes "
+            "the numbers; continuing anyway"
+        )
     if manifest["n"] != rank.n:
-        raise TrainingFailed(f"--resume: checkpoint has {manifest['n']} parameters, the "
-                             f"model {rank.n}")
+        raise TrainingFailed(
+            f"--resume: checkpoint has {manifest['n']} parameters, the model {rank.n}"
+        )
     params = full.pop("params")
     rank.load_full(params, full, manifest.get("counters", {}))
     state.step = int(manifest["step"])
     state.last_loss = float(manifest.get("metrics", {}).get("train_loss", math.nan))
     early.load(manifest.get("early_stopping", {}))
-    progress.message(f"resumed from {found.path} (step {state.step}, world "
-                     f"{manifest['world']}, mode {manifest.get('mode')})")
-
+    progress.message(
+        f"resumed from {found.path} (step {state.step}, world "
+        f"{manifest['world']}, mode {manifest.get('mode')})"
+    )

@@ -61,8 +61,7 @@ class MetricAccumulator:
             self.y_sq += float((y * y).sum())
             n = y.size
         else:
-            a, p, q = (out[key].astype(np.float64) for key in ("anchor", "positive",
-                                                               "negative"))
+            a, p, q = (out[key].astype(np.float64) for key in ("anchor", "positive", "negative"))
             self.correct += int((((a - p) ** 2).sum(1) < ((a - q) ** 2).sum(1)).sum())
             n = a.shape[0]
         self.loss_sum += float(out["loss"]) * n
@@ -79,26 +78,30 @@ class MetricAccumulator:
             present = actual > 0  # classes absent from the split are left out of the mean
             prec = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
             rec = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-            f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp),
-                           where=(prec + rec) > 0)
-            res.update(accuracy=float(tp.sum() / n),
-                       precision=float(prec[present].mean()) if present.any() else 0.0,
-                       recall=float(rec[present].mean()) if present.any() else 0.0,
-                       macro_f1=float(f1[present].mean()) if present.any() else 0.0)
+            f1 = np.divide(
+                2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0
+            )
+            res.update(
+                accuracy=float(tp.sum() / n),
+                precision=float(prec[present].mean()) if present.any() else 0.0,
+                recall=float(rec[present].mean()) if present.any() else 0.0,
+                macro_f1=float(f1[present].mean()) if present.any() else 0.0,
+            )
         elif k == "language":
-            res.update(perplexity=math.exp(min(res["loss"], 700.0)),
-                       accuracy=self.correct / n)
+            res.update(perplexity=math.exp(min(res["loss"], 700.0)), accuracy=self.correct / n)
         elif k == "regression":
             sst = self.y_sq - self.y_sum**2 / n
-            res.update(mse=self.sse / n, mae=self.sae / n,
-                       r2=1.0 - self.sse / sst if sst > 0 else 0.0)
+            res.update(
+                mse=self.sse / n, mae=self.sae / n, r2=1.0 - self.sse / sst if sst > 0 else 0.0
+            )
         else:
             res.update(accuracy=self.correct / n)
         return res
 
 
-def evaluate(model, dataset, *, metrics=("loss",), batch_size=256, max_batches=0,
-             loss_fn=None) -> dict[str, float]:
+def evaluate(
+    model, dataset, *, metrics=("loss",), batch_size=256, max_batches=0, loss_fn=None
+) -> dict[str, float]:
     """The requested metrics of `model` over `dataset` (no dropout, no gradients).
 
     Walks `dataset.eval_indices()` in order (non-overlapping windows for the corpus).

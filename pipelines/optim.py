@@ -75,8 +75,9 @@ def lr_at(schedule, base_lr: float, step: int, total_steps: int) -> float:
         return base_lr - (base_lr - floor) * p
     if name == "step":
         return base_lr * schedule.gamma ** ((step - warmup) // schedule.step_size)
-    raise ValueError(f"schedule.name: expected constant, warmup_cosine, linear or step, "
-                     f"got {name!r}")
+    raise ValueError(
+        f"schedule.name: expected constant, warmup_cosine, linear or step, got {name!r}"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,9 +87,9 @@ def lr_at(schedule, base_lr: float, step: int, total_steps: int) -> float:
 
 @dataclass(frozen=True)
 class StepResult:
-    applied: bool       # False: non-finite gradient norm, nothing changed
-    grad_norm: float    # global L2 norm before clipping (nan/inf when skipped)
-    clip_coef: float    # the factor the gradient was scaled by (1.0 = not clipped)
+    applied: bool  # False: non-finite gradient norm, nothing changed
+    grad_norm: float  # global L2 norm before clipping (nan/inf when skipped)
+    clip_coef: float  # the factor the gradient was scaled by (1.0 = not clipped)
 
 
 # state key -> (which optimizers own it). Names are torch's state names.
@@ -109,7 +110,7 @@ class ShardOptimizer:
     def __init__(self, opt_cfg, size: int):
         self.cfg = opt_cfg
         self.size = int(size)
-        self.steps_applied = 0   # torch's state["step"]: 1-based at the next update
+        self.steps_applied = 0  # torch's state["step"]: 1-based at the next update
         self.skipped = 0
         keys = list(_STATE_KEYS[opt_cfg.name])
         if opt_cfg.name == "sgd" and opt_cfg.momentum == 0:
@@ -123,8 +124,15 @@ class ShardOptimizer:
         """Bytes of optimizer state this shard holds (what ZeRO divides by world)."""
         return sum(a.nbytes for a in self.state.values())
 
-    def update(self, param: np.ndarray, grad: np.ndarray, *, lr: float,
-               total_sq_norm: float, clip_norm: float = 0.0) -> StepResult:
+    def update(
+        self,
+        param: np.ndarray,
+        grad: np.ndarray,
+        *,
+        lr: float,
+        total_sq_norm: float,
+        clip_norm: float = 0.0,
+    ) -> StepResult:
         """Clip `grad` in place by the global norm, then step `param` in place.
 
         `param` and `grad` are this shard's float32 slices (len == size); `grad` is the
@@ -143,14 +151,33 @@ class ShardOptimizer:
         self.steps_applied += 1
         c = self.cfg
         if c.name == "sgd":
-            _optim.sgd_step(param, grad, self.state.get("momentum_buffer"), lr, c.momentum,
-                            c.dampening, c.nesterov, c.weight_decay,
-                            self.steps_applied == 1)
+            _optim.sgd_step(
+                param,
+                grad,
+                self.state.get("momentum_buffer"),
+                lr,
+                c.momentum,
+                c.dampening,
+                c.nesterov,
+                c.weight_decay,
+                self.steps_applied == 1,
+            )
         else:
-            _optim.adam_step(param, grad, self.state["exp_avg"], self.state["exp_avg_sq"],
-                             self.state.get("max_exp_avg_sq"), self.steps_applied, lr,
-                             c.betas[0], c.betas[1], c.eps, c.weight_decay,
-                             c.name == "adamw", c.amsgrad)
+            _optim.adam_step(
+                param,
+                grad,
+                self.state["exp_avg"],
+                self.state["exp_avg_sq"],
+                self.state.get("max_exp_avg_sq"),
+                self.steps_applied,
+                lr,
+                c.betas[0],
+                c.betas[1],
+                c.eps,
+                c.weight_decay,
+                c.name == "adamw",
+                c.amsgrad,
+            )
         return StepResult(True, norm, coef)
 
     # -- checkpoint support ------------------------------------------------------------

@@ -80,9 +80,10 @@ class RunDir:
         return self.path / sub
 
     def write_config(self, cfg, config_hash: str, resume_hash: str) -> None:
-        write_json_atomic(self.path / "config.json",
-                          {"config": cfg.to_dict(), "config_hash": config_hash,
-                           "resume_hash": resume_hash})
+        write_json_atomic(
+            self.path / "config.json",
+            {"config": cfg.to_dict(), "config_hash": config_hash, "resume_hash": resume_hash},
+        )
 
     def log_step(self, record: dict) -> None:
         self._metrics.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
@@ -113,10 +114,13 @@ class Progress:
         self.tty = hasattr(self.out, "isatty") and self.out.isatty()
         self._last_draw = 0.0
 
-    def update(self, step: int, loss: float, lr: float, samples_per_s: float,
-               extra: str = "") -> None:
-        text = (f"{self.prefix}step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-                f"{samples_per_s:,.0f} samples/s{extra}")
+    def update(
+        self, step: int, loss: float, lr: float, samples_per_s: float, extra: str = ""
+    ) -> None:
+        text = (
+            f"{self.prefix}step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+            f"{samples_per_s:,.0f} samples/s{extra}"
+        )
         if self.tty:
             now = time.monotonic()
             if now - self._last_draw < 0.1 and step != self.total:

@@ -65,8 +65,7 @@ def _own_shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
     """Contiguous shards; the first n % world ranks hold one element more (the ring's
     rule, restated for when actors' collectives are not importable)."""
     if n < 0 or world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need n >= 0, world >= 1, 0 <= rank < world; got {n}, {world}, "
-                         f"{rank}")
+        raise ValueError(f"need n >= 0, world >= 1, 0 <= rank < world; got {n}, {world}, {rank}")
     size, extra = divmod(n, world)
     lo = rank * size + min(rank, extra)
     return lo, lo + size + (rank < extra)
@@ -118,8 +117,9 @@ class InProcessGroup:
         self._pending: dict[int, dict] = {}
 
     async def _exchange(self, seq: int, rank: int, key: tuple, value: np.ndarray):
-        slot = self._pending.setdefault(seq, {"values": {}, "done": trio.Event(),
-                                              "key": key, "left": self.world})
+        slot = self._pending.setdefault(
+            seq, {"values": {}, "done": trio.Event(), "key": key, "left": self.world}
+        )
         assert slot["key"] == key, f"rank {rank} called {key}, another rank {slot['key']}"
         slot["values"][rank] = value
         if len(slot["values"]) == self.world:
@@ -177,11 +177,11 @@ class _Member:
 
 @dataclass(frozen=True)
 class StepStats:
-    step: int           # 0-based global optimizer step just taken
-    loss: float         # mean loss over the global batch (all ranks, all micro-steps)
+    step: int  # 0-based global optimizer step just taken
+    loss: float  # mean loss over the global batch (all ranks, all micro-steps)
     lr: float
-    grad_norm: float    # global L2 norm of the averaged gradient, before clipping
-    applied: bool       # False: skipped for a non-finite gradient
+    grad_norm: float  # global L2 norm of the averaged gradient, before clipping
+    applied: bool  # False: skipped for a non-finite gradient
     clip_coef: float
 
 
@@ -223,15 +223,16 @@ class RankStep:
         reduced = full if self.mode in ("ddp", "zero1") else (self.hi - self.lo) * 4
         return {
             "optimizer_state_bytes": self.opt.state_bytes,
-            "reduced_grad_bytes": reduced,      # the gradient kept after the reduction
+            "reduced_grad_bytes": reduced,  # the gradient kept after the reduction
             "compute_grad_bytes": full + (self._acc.nbytes if self._acc is not None else 0),
             "param_bytes": full,
         }
 
     # -- phases ------------------------------------------------------------------------
 
-    def compute(self, batches: list[dict], seed: int = 0, step: int = 0
-                ) -> tuple[np.ndarray, float]:
+    def compute(
+        self, batches: list[dict], seed: int = 0, step: int = 0
+    ) -> tuple[np.ndarray, float]:
         """Sum of the micro-batch gradients (a flat buffer) and of their losses, after
         this rank's gradient transforms.
 
@@ -255,9 +256,12 @@ class RankStep:
             if self.accum != 1:
                 gradutil.scale(flat, 1.0 / self.accum)
             self.transform_records = self.transforms.apply(
-                step + 1, flat, params_flat=self.model.params,
+                step + 1,
+                flat,
+                params_flat=self.model.params,
                 batch_size=len(next(iter(batches[0].values()))) * self.accum,
-                loss=loss_sum / self.accum)
+                loss=loss_sum / self.accum,
+            )
             if self.accum != 1:
                 gradutil.scale(flat, float(self.accum))
         else:
@@ -284,22 +288,23 @@ class RankStep:
         await self.coll.all_reduce(totals, step=step)
         return shard, float(totals[0]), float(totals[1]) / denom
 
-    def apply(self, shard: np.ndarray, total_sq_norm: float, step: int) -> tuple[float,
-                                                                                StepResult]:
+    def apply(self, shard: np.ndarray, total_sq_norm: float, step: int) -> tuple[float, StepResult]:
         """Clip and update this rank's parameters; return (lr, result)."""
         lr = lr_at(self.cfg.schedule, self.cfg.optimizer.lr, step, self.cfg.total_steps)
         params = self.model.params
         target = params if self.mode == "ddp" else params[self.lo : self.hi]
-        result = self.opt.update(target, shard, lr=lr, total_sq_norm=total_sq_norm,
-                                 clip_norm=self.cfg.train.clip_norm)
+        result = self.opt.update(
+            target, shard, lr=lr, total_sq_norm=total_sq_norm, clip_norm=self.cfg.train.clip_norm
+        )
         return lr, result
 
     async def gather(self, result: StepResult, step: int) -> None:
         if self.mode != "ddp" and result.applied:
             await self.coll.all_gather(self.model.params, step=step)
 
-    async def step(self, step: int, batches: list[dict], *, seed: int = 0,
-                   run_sync: Callable | None = None) -> StepStats:
+    async def step(
+        self, step: int, batches: list[dict], *, seed: int = 0, run_sync: Callable | None = None
+    ) -> StepStats:
         """All phases of global step `step` on this rank's micro-batches.
 
         `run_sync(fn, *args)` runs the compute phase (e.g. trio.to_thread.run_sync);
@@ -327,8 +332,9 @@ class RankStep:
             out[key] = buf[lo:hi] if self.mode == "ddp" else buf
         return out
 
-    def load_full(self, params: np.ndarray, state: dict[str, np.ndarray],
-                  counters: dict[str, int]) -> None:
+    def load_full(
+        self, params: np.ndarray, state: dict[str, np.ndarray], counters: dict[str, int]
+    ) -> None:
         """Install full-length vectors (as assembled from a checkpoint of any world size)."""
         self.model.params[:] = params
         if self.mode == "ddp":

@@ -62,8 +62,9 @@ def encode(text: str) -> np.ndarray:
     ids = _CHAR_TO_ID[raw]
     if ids.size and ids.min() < 0:
         bad = text[int(np.argmin(ids))]
-        raise ValueError(f"text: expected characters of VOCAB (newline, printable ASCII), "
-                         f"got {bad!r}")
+        raise ValueError(
+            f"text: expected characters of VOCAB (newline, printable ASCII), got {bad!r}"
+        )
     return ids
 
 
@@ -109,8 +110,9 @@ class TokenWindows(Dataset):
     """Every window of seq_len + 1 characters of a token stream is a sample."""
 
     def __init__(self, split: str, tokens: np.ndarray, seq_len: int):
-        super().__init__("corpus", split, {"tokens": tokens},
-                         {"vocab_size": len(VOCAB), "seq_len": seq_len})
+        super().__init__(
+            "corpus", split, {"tokens": tokens}, {"vocab_size": len(VOCAB), "seq_len": seq_len}
+        )
         self.seq_len = seq_len
         self._offsets = np.arange(seq_len + 1)
 
@@ -135,8 +137,10 @@ class Triplets(Dataset):
     def take(self, idx):
         rows = self.arrays["triplets"][np.asarray(idx)]
         images = self.arrays["images"]
-        return {key: np.ascontiguousarray(images[rows[:, j]])
-                for j, key in enumerate(("anchor", "positive", "negative"))}
+        return {
+            key: np.ascontiguousarray(images[rows[:, j]])
+            for j, key in enumerate(("anchor", "positive", "negative"))
+        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,21 +169,30 @@ def _build_arrays(name: str, seed: int, split: str, opts: dict) -> tuple[dict, d
     if name == "friedman":
         rng = _rng(seed, _GEN_FRIEDMAN, split)
         x = rng.uniform(0.0, 1.0, size=(n, opts["n_features"]))
-        y = (10 * np.sin(np.pi * x[:, 0] * x[:, 1]) + 20 * (x[:, 2] - 0.5) ** 2
-             + 10 * x[:, 3] + 5 * x[:, 4] + opts["noise"] * rng.normal(size=n))
+        y = (
+            10 * np.sin(np.pi * x[:, 0] * x[:, 1])
+            + 20 * (x[:, 2] - 0.5) ** 2
+            + 10 * x[:, 3]
+            + 5 * x[:, 4]
+            + opts["noise"] * rng.normal(size=n)
+        )
         y = (y - _FRIEDMAN_MEAN) / _FRIEDMAN_STD
-        return ({"x": x.astype(np.float32), "y": y.astype(np.float32)[:, None]},
-                {"n_features": opts["n_features"], "noise_var": (opts["noise"]
-                                                                  / _FRIEDMAN_STD) ** 2})
+        return (
+            {"x": x.astype(np.float32), "y": y.astype(np.float32)[:, None]},
+            {"n_features": opts["n_features"], "noise_var": (opts["noise"] / _FRIEDMAN_STD) ** 2},
+        )
     if name == "digit_triplets":
         # A pool of images half the triplet count, shared by many triplets per class.
         rng = _rng(seed, _GEN_TRIPLETS, split)
         images, labels = render_digits(rng, max(n // 2, 20), opts["noise"])
         triplets = make_triplets(rng, labels, n)
-        return ({"images": images, "labels": labels, "triplets": triplets},
-                {"n_features": images.shape[1]})
-    raise ValueError(f"dataset: expected one of corpus, digits, friedman, digit_triplets, "
-                     f"got {name!r}")
+        return (
+            {"images": images, "labels": labels, "triplets": triplets},
+            {"n_features": images.shape[1]},
+        )
+    raise ValueError(
+        f"dataset: expected one of corpus, digits, friedman, digit_triplets, got {name!r}"
+    )
 
 
 def _wrap(name, split, arrays, meta) -> Dataset:
@@ -230,13 +243,24 @@ def load_dataset(data_cfg, split: str = "train") -> Dataset:
     return _wrap(name, split, arrays, meta)
 
 
-def batch_for(dataset: Dataset, seed: int, epoch: int, step: int, rank: int, world: int,
-              batch_size: int, *, micro: int = 0, accum: int = 1) -> dict[str, np.ndarray]:
+def batch_for(
+    dataset: Dataset,
+    seed: int,
+    epoch: int,
+    step: int,
+    rank: int,
+    world: int,
+    batch_size: int,
+    *,
+    micro: int = 0,
+    accum: int = 1,
+) -> dict[str, np.ndarray]:
     """Rank `rank`'s part of micro-batch `micro` of global batch `step` of `epoch`.
 
     Pure: a function of its arguments only. `batch_size` is the global batch; the rank's
     part has batch_size / (world * accum) samples. See pipelines.data._sampling.
     """
-    idx = batch_indices(len(dataset), seed, epoch, step, rank, world, batch_size,
-                        micro=micro, accum=accum)
+    idx = batch_indices(
+        len(dataset), seed, epoch, step, rank, world, batch_size, micro=micro, accum=accum
+    )
     return dataset.take(idx)

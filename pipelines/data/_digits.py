@@ -29,23 +29,25 @@ FONT = {
 def _glyph_points(digit: int) -> np.ndarray:
     """(K, 2) centred font coordinates (x right, y down) of the glyph's on-pixels."""
     rows = FONT[digit]
-    pts = [(c - 2.0, r - 3.0) for r, row in enumerate(rows) for c, ch in enumerate(row)
-           if ch == "#"]
+    pts = [
+        (c - 2.0, r - 3.0) for r, row in enumerate(rows) for c, ch in enumerate(row) if ch == "#"
+    ]
     return np.array(pts, dtype=np.float32)
 
 
-_GRID = np.stack(np.meshgrid(np.arange(SIDE) - (SIDE - 1) / 2,
-                             np.arange(SIDE) - (SIDE - 1) / 2), axis=-1).reshape(-1, 2)
+_GRID = np.stack(
+    np.meshgrid(np.arange(SIDE) - (SIDE - 1) / 2, np.arange(SIDE) - (SIDE - 1) / 2), axis=-1
+).reshape(-1, 2)
 
 
 def render_digits(rng: np.random.Generator, n: int, noise: float, chunk: int = 1024):
     """(images (n, 784) float32 in [0, 1], labels (n,) int64) drawn from `rng`."""
     labels = rng.integers(0, 10, size=n)
-    scale = rng.uniform(2.4, 3.3, size=n)            # pixels per font unit
-    angle = rng.uniform(-0.25, 0.25, size=n)         # radians
+    scale = rng.uniform(2.4, 3.3, size=n)  # pixels per font unit
+    angle = rng.uniform(-0.25, 0.25, size=n)  # radians
     shear = rng.uniform(-0.3, 0.3, size=n)
-    shift = rng.uniform(-2.0, 2.0, size=(n, 2))      # pixels
-    radius = rng.uniform(0.5, 0.85, size=n)          # stroke half-width, font units
+    shift = rng.uniform(-2.0, 2.0, size=(n, 2))  # pixels
+    radius = rng.uniform(0.5, 0.85, size=n)  # stroke half-width, font units
     ink = rng.uniform(0.7, 1.0, size=n)
     images = np.empty((n, SIDE * SIDE), dtype=np.float32)
     # Inverse affine per image: font = M^-1 (pixel - shift), M = scale * R(angle) @ Shear.
@@ -58,7 +60,7 @@ def render_digits(rng: np.random.Generator, n: int, noise: float, chunk: int = 1
     m *= scale[:, None, None]
     inv = np.linalg.inv(m)
     for digit in range(10):
-        pts = _glyph_points(digit)                                   # (K, 2)
+        pts = _glyph_points(digit)  # (K, 2)
         idx = np.flatnonzero(labels == digit)
         for lo in range(0, idx.size, chunk):
             sel = idx[lo : lo + chunk]
@@ -66,7 +68,7 @@ def render_digits(rng: np.random.Generator, n: int, noise: float, chunk: int = 1
             font = np.matmul(rel, inv[sel].transpose(0, 2, 1).astype(np.float32))
             # |f - p|^2 = |f|^2 - 2 f.p + |p|^2, the cross term one (N*G, 2) @ (2, K) matmul
             d2 = (font * font).sum(-1, keepdims=True) - 2 * (font @ pts.T) + (pts * pts).sum(1)
-            dist = np.sqrt(np.maximum(d2.min(axis=2), 0.0))          # (N, G)
+            dist = np.sqrt(np.maximum(d2.min(axis=2), 0.0))  # (N, G)
             # soft edge of width ~1/3 font unit around the stroke radius
             val = np.clip((radius[sel, None] - dist) * 3.0 + 0.5, 0.0, 1.0)
             images[sel] = val * ink[sel, None]

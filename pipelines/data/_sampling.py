@@ -49,8 +49,9 @@ def batch_indices(n, seed, epoch, step, rank, world, batch_size, *, micro=0, acc
     if not 0 <= micro < accum:
         raise ValueError(f"micro: expected 0 <= micro < accum = {accum}, got {micro}")
     if batch_size % (world * accum):
-        raise ValueError(f"batch_size: expected a multiple of world * accum = {world * accum}"
-                         f", got {batch_size}")
+        raise ValueError(
+            f"batch_size: expected a multiple of world * accum = {world * accum}, got {batch_size}"
+        )
     spe = steps_per_epoch(n, batch_size)
     if not 0 <= step < spe:
         raise ValueError(f"step: expected 0 <= step < {spe} (steps per epoch), got {step}")

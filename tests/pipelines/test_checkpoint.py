@@ -18,8 +18,7 @@ N = 1001
 
 def vectors(seed=0):
     rng = np.random.default_rng(seed)
-    return {k: rng.normal(size=N).astype(np.float32)
-            for k in ("params", "exp_avg", "exp_avg_sq")}
+    return {k: rng.normal(size=N).astype(np.float32) for k in ("params", "exp_avg", "exp_avg_sq")}
 
 
 def save(root, step, world, full, **manifest):
@@ -44,8 +43,7 @@ def test_a_checkpoint_round_trips_whatever_the_world_size(tmp_path):
 def test_writes_leave_no_temp_files_and_the_manifest_lists_every_shard(tmp_path):
     path = save(tmp_path, 5, 4, vectors(), config_hash="abc")
     names = sorted(p.name for p in path.iterdir())
-    assert names == ["manifest.json"] + [f"shard-{r:05d}-of-00004.safetensors"
-                                         for r in range(4)]
+    assert names == ["manifest.json"] + [f"shard-{r:05d}-of-00004.safetensors" for r in range(4)]
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["config_hash"] == "abc"
     assert [s["rank"] for s in manifest["shards"]] == [0, 1, 2, 3]
@@ -68,13 +66,16 @@ def _corrupt(path, how):
         (path / "manifest.json").write_text('{"format": ')
 
 
-@pytest.mark.parametrize("how, reason", [
-    ("torn", "no manifest.json"),
-    ("truncated", "truncated or torn"),
-    ("bit-flip", "SHA-256 mismatch"),
-    ("missing-shard", "missing"),
-    ("garbled-manifest", "unreadable"),
-])
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("torn", "no manifest.json"),
+        ("truncated", "truncated or torn"),
+        ("bit-flip", "SHA-256 mismatch"),
+        ("missing-shard", "missing"),
+        ("garbled-manifest", "unreadable"),
+    ],
+)
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_reason(tmp_path, how, reason):
     good = vectors(1)
     save(tmp_path, 10, 2, good)
@@ -103,7 +104,10 @@ def test_retention_keeps_the_last_k_and_the_best(tmp_path):
         save(tmp_path, step, 1, vectors(step), metrics={"loss": loss})
     ck.apply_retention(tmp_path, keep_last=2, keep_best=1, best_metric="loss")
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == [
-        "step-00000002", "step-00000004", "step-00000005"]
+        "step-00000002",
+        "step-00000004",
+        "step-00000005",
+    ]
 
 
 def test_retention_leaves_an_in_flight_checkpoint_alone(tmp_path):
@@ -111,8 +115,7 @@ def test_retention_leaves_an_in_flight_checkpoint_alone(tmp_path):
         save(tmp_path, step, 1, vectors(step))
     (ck.checkpoint_dir(tmp_path, 3) / "manifest.json").unlink()  # being written
     ck.apply_retention(tmp_path, keep_last=1)
-    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-00000002",
-                                                              "step-00000003"]
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
 
 
 def test_our_safetensors_files_load_with_the_safetensors_package(tmp_path):
@@ -135,8 +138,12 @@ def test_our_safetensors_files_load_with_the_safetensors_package(tmp_path):
 def test_the_reader_rejects_malformed_bytes_with_a_reason():
     blob = b"".join(bytes(c) for c in safetensors_bytes({"x": np.ones(4, np.float32)}))
     assert read_safetensors(blob)[0]["x"].sum() == 4
-    for bad, why in [(blob[:5], "shorter"), (blob[:-1], "truncated"),
-                     (blob + b"\0", "trailing"), (b"\xff" * 8 + blob[8:], "header size")]:
+    for bad, why in [
+        (blob[:5], "shorter"),
+        (blob[:-1], "truncated"),
+        (blob + b"\0", "trailing"),
+        (b"\xff" * 8 + blob[8:], "header size"),
+    ]:
         with pytest.raises(SafetensorsError, match=why):
             read_safetensors(bad)
 
@@ -144,8 +151,9 @@ def test_the_reader_rejects_malformed_bytes_with_a_reason():
 def test_exported_weights_load_into_the_equivalent_torch_module(tmp_path):
     torch = pytest.importorskip("torch")
     st_torch = pytest.importorskip("safetensors.torch")
-    cfg = load_config("mlp_classifier", ["model.hidden=[32, 16]", "data.n_train=64",
-                                         "data.n_eval=16"])
+    cfg = load_config(
+        "mlp_classifier", ["model.hidden=[32, 16]", "data.n_train=64", "data.n_eval=16"]
+    )
     data = load_dataset(cfg.data, "eval")
     model = build_model_for(cfg, data.meta)
     ck.export_weights(tmp_path / "w.safetensors", model.state_dict())
@@ -153,9 +161,9 @@ def test_exported_weights_load_into_the_equivalent_torch_module(tmp_path):
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.layers = torch.nn.ModuleList([torch.nn.Linear(784, 32),
-                                               torch.nn.Linear(32, 16),
-                                               torch.nn.Linear(16, 10)])
+            self.layers = torch.nn.ModuleList(
+                [torch.nn.Linear(784, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 10)]
+            )
 
         def forward(self, x):
             for i, layer in enumerate(self.layers):
@@ -175,8 +183,13 @@ def test_exported_weights_load_into_the_equivalent_torch_module(tmp_path):
 async def test_a_world_4_zero2_checkpoint_resumes_on_2_ranks_zero1(tmp_path):
     """Reshard 4 -> 2 (and zero2 -> zero1) mid-run: the result matches an uninterrupted
     world-1 run within 1e-5."""
-    base = ["model.hidden=[24]", "data.n_train=512", "data.n_eval=64",
-            "train.batch_size=48", "optimizer.lr=0.01"]
+    base = [
+        "model.hidden=[24]",
+        "data.n_train=512",
+        "data.n_eval=64",
+        "train.batch_size=48",
+        "optimizer.lr=0.01",
+    ]
     cfg1 = load_config("mlp_classifier", base)
     data = load_dataset(cfg1.data, "train")
 
@@ -202,8 +215,9 @@ async def test_a_world_4_zero2_checkpoint_resumes_on_2_ranks_zero1(tmp_path):
     cfg4 = load_config("mlp_classifier", base + ["cluster.ranks=4", "cluster.mode=zero2"])
     four = await train(cfg4, 4, 3)
     shards = [(rs.lo, rs.hi, rs.shard_tensors()) for rs in four]
-    path = ck.save_checkpoint(tmp_path, 3, shards, four[0].n,
-                              {"mode": "zero2", "counters": four[0].opt.counters()})
+    path = ck.save_checkpoint(
+        tmp_path, 3, shards, four[0].n, {"mode": "zero2", "counters": four[0].opt.counters()}
+    )
     cfg2 = load_config("mlp_classifier", base + ["cluster.ranks=2", "cluster.mode=zero1"])
     two = await train(cfg2, 2, 3, first=3, loaded=ck.load_full(path))
     a, b = two[0].model.params, ref[0].model.params

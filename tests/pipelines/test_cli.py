@@ -16,14 +16,31 @@ from pipelines.rundir import Progress
 
 REPO = Path(__file__).resolve().parents[2]
 # A run of a few steps on a few hundred samples: seconds, not minutes.
-TINY = ["mlp_regressor", "--steps", "4", "--set", "data.n_train=256", "--set",
-        "data.n_eval=64", "--set", "model.hidden=[16]", "--set", "checkpoint.every=2"]
+TINY = [
+    "mlp_regressor",
+    "--steps",
+    "4",
+    "--set",
+    "data.n_train=256",
+    "--set",
+    "data.n_eval=64",
+    "--set",
+    "model.hidden=[16]",
+    "--set",
+    "checkpoint.every=2",
+]
 
 
 def zerotrain(*args, cwd=None):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd or REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_one_line_error(proc, code=2):
@@ -50,8 +67,19 @@ def test_run_writes_metrics_checkpoints_and_summary(tmp_path):
     for r in records:
         assert {"step", "loss", "lr", "grad_norm", "samples_per_s", "skipped"} <= r.keys()
     summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("final_loss", "eval", "steps", "ranks", "mode", "seed", "wall_s",
-                "samples_per_s", "restarts", "params_sha256", "memory"):
+    for key in (
+        "final_loss",
+        "eval",
+        "steps",
+        "ranks",
+        "mode",
+        "seed",
+        "wall_s",
+        "samples_per_s",
+        "restarts",
+        "params_sha256",
+        "memory",
+    ):
         assert key in summary, key
     assert summary["steps"] == 4 and summary["seed"] == 3 and summary["ranks"] == 1
     assert set(summary["eval"]) == {"loss", "mse", "mae", "r2"}
@@ -61,8 +89,12 @@ def test_run_writes_metrics_checkpoints_and_summary(tmp_path):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["step-00000002", "step-00000004"]
     weights = read_safetensors_file(run_dir / "weights.safetensors")[0]
-    assert sorted(weights) == ["layers.0.bias", "layers.0.weight", "layers.1.bias",
-                               "layers.1.weight"]
+    assert sorted(weights) == [
+        "layers.0.bias",
+        "layers.0.weight",
+        "layers.1.bias",
+        "layers.1.weight",
+    ]
     assert weights["layers.0.weight"].shape == (16, 10)
     # not a terminal: plain progress lines
     assert "step 4/4" in proc.stderr and "\r" not in proc.stderr
@@ -72,22 +104,26 @@ def test_the_same_config_and_seed_give_the_same_params_sha256(tmp_path):
     a = zerotrain("run", *TINY, "--run-dir", str(tmp_path / "a"))
     b = zerotrain("run", *TINY, "--run-dir", str(tmp_path / "b"))
     assert a.returncode == b.returncode == 0
-    sha = [json.loads((tmp_path / d / "summary.json").read_text())["params_sha256"]
-           for d in ("a", "b")]
+    sha = [
+        json.loads((tmp_path / d / "summary.json").read_text())["params_sha256"] for d in ("a", "b")
+    ]
     assert sha[0] == sha[1]
     c = zerotrain("run", *TINY, "--seed", "1", "--run-dir", str(tmp_path / "c"))
     assert c.returncode == 0
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["params_sha256"] != sha[0]
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--set", "train.bogus=1"], "train.bogus: unknown key"),
-    (["--set", "train.batch_size=\"big\""], "train.batch_size: expected an integer"),
-    (["--set", "optimizer.lr=0"], "optimizer.lr: expected a number > 0.0"),
-    (["--mode", "zero3"], "invalid choice"),
-    (["--steps", "-1"], "expected a positive integer"),
-    (["--hook", "/no/such/hook.py"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--set", "train.bogus=1"], "train.bogus: unknown key"),
+        (["--set", 'train.batch_size="big"'], "train.batch_size: expected an integer"),
+        (["--set", "optimizer.lr=0"], "optimizer.lr: expected a number > 0.0"),
+        (["--mode", "zero3"], "invalid choice"),
+        (["--steps", "-1"], "expected a positive integer"),
+        (["--hook", "/no/such/hook.py"], "no such file"),
+    ],
+)
 def test_a_config_or_usage_error_exits_2_with_one_line(capsys, args, fragment):
     line = assert_one_line_error(run_main(capsys, "run", "mlp_regressor", *args))
     assert fragment in line
@@ -95,8 +131,9 @@ def test_a_config_or_usage_error_exits_2_with_one_line(capsys, args, fragment):
 
 def test_a_config_error_in_a_subprocess_exits_2_without_a_traceback():
     line = assert_one_line_error(zerotrain("run", "--set", "cluster.ranks=0"))
-    assert line == ("zerotrain: config error: cluster.ranks: expected an integer >= 1 and "
-                    "<= 256, got 0")
+    assert line == (
+        "zerotrain: config error: cluster.ranks: expected an integer >= 1 and <= 256, got 0"
+    )
 
 
 def test_an_unknown_pipeline_and_a_missing_command_exit_2(capsys):
@@ -120,15 +157,25 @@ def test_more_than_one_rank_is_not_yet_available_and_exits_3(tmp_path):
 
 
 def test_simulate_validates_its_chaos_spec(capsys):
-    line = assert_one_line_error(run_main(capsys, "simulate", "mlp_regressor", "--ranks",
-                                          "2", "--chaos", "kill:rank=5,step=3"))
+    line = assert_one_line_error(
+        run_main(
+            capsys, "simulate", "mlp_regressor", "--ranks", "2", "--chaos", "kill:rank=5,step=3"
+        )
+    )
     assert "kill.rank: expected 0 <= rank < 2" in line
     line = assert_one_line_error(run_main(capsys, "simulate", "--chaos", "explode:rank=0"))
     assert "event kind" in line
     line = assert_one_line_error(run_main(capsys, "simulate", "--chaos", "stall:rank=0"))
     assert "missing step, seconds" in line
-    ok = run_main(capsys, "simulate", "mlp_regressor", "--ranks", "2", "--chaos",
-                   "kill:rank=1,step=3;delay:rank=0,ms=5;random-kill:every=10,seed=1")
+    ok = run_main(
+        capsys,
+        "simulate",
+        "mlp_regressor",
+        "--ranks",
+        "2",
+        "--chaos",
+        "kill:rank=1,step=3;delay:rank=0,ms=5;random-kill:every=10,seed=1",
+    )
     assert ok.returncode == 3 and "not yet implemented" in ok.stderr
 
 

@@ -36,7 +36,7 @@ def test_no_config_means_the_default_char_lm_pipeline():
     [
         ("train.bogus=1", "train.bogus", "unknown key"),
         ("optimizer.lrr=0.1", "optimizer.lrr", "did you mean 'lr'"),
-        ("train.steps=\"ten\"", "train.steps", 'expected an integer, got "ten"'),
+        ('train.steps="ten"', "train.steps", 'expected an integer, got "ten"'),
         ("train.steps=0", "train.steps", "got 0"),
         ("train.steps=1.5", "train.steps", "expected an integer"),
         ("optimizer.lr=-1", "optimizer.lr", "expected a number > 0.0, got -1.0"),
@@ -45,7 +45,7 @@ def test_no_config_means_the_default_char_lm_pipeline():
         ("cluster.mode=zero3", "cluster.mode", 'one of ddp, zero1, zero2, got "zero3"'),
         ("cluster.ranks=0", "cluster.ranks", ">= 1"),
         ("train.grad_accum=5", "train.batch_size", "a multiple of"),
-        ("eval.metrics=[\"r2\"]", "eval.metrics[0]", "a metric of model"),
+        ('eval.metrics=["r2"]', "eval.metrics[0]", "a metric of model"),
         ("data.n_train=10", "data.n_train", "unknown key for dataset 'corpus'"),
         ("model.d_modle=64", "model.d_modle", "did you mean 'd_model'"),
         ("eval.early_stopping.mode=up", "eval.early_stopping.mode", "one of min, max"),
@@ -72,19 +72,22 @@ def test_unknown_top_level_section_is_rejected_with_the_accepted_ones():
 
 
 def test_a_dataset_that_does_not_feed_the_model_is_rejected():
-    with pytest.raises(ConfigError, match=r"^data.name: expected a dataset for model "
-                                          r"'mlp_classifier': digits, got \"friedman\"$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.name: expected a dataset for model "
+        r"'mlp_classifier': digits, got \"friedman\"$",
+    ):
         from_dict({"model": {"name": "mlp_classifier"}, "data": {"name": "friedman"}})
 
 
 def test_set_overrides_parse_as_toml_values_or_bare_words():
     assert parse_override("optimizer.lr=3e-4") == (["optimizer", "lr"], 3e-4)
-    assert parse_override("optimizer.betas=[0.9, 0.95]") == (["optimizer", "betas"],
-                                                             [0.9, 0.95])
+    assert parse_override("optimizer.betas=[0.9, 0.95]") == (["optimizer", "betas"], [0.9, 0.95])
     assert parse_override("cluster.mode=zero2") == (["cluster", "mode"], "zero2")
-    assert parse_override("hooks.specs=[\"a.py:f\"]")[1] == ["a.py:f"]
-    cfg = load_config("char_lm", ["optimizer.lr=3e-4", "cluster.mode=zero2",
-                                  "eval.early_stopping.patience=2"])
+    assert parse_override('hooks.specs=["a.py:f"]')[1] == ["a.py:f"]
+    cfg = load_config(
+        "char_lm", ["optimizer.lr=3e-4", "cluster.mode=zero2", "eval.early_stopping.patience=2"]
+    )
     assert cfg.optimizer.lr == 3e-4
     assert cfg.cluster.mode == "zero2"
     assert cfg.eval.early_stopping.patience == 2
@@ -110,8 +113,10 @@ def test_a_missing_file_or_pipeline_name_is_a_config_error(tmp_path):
 
 def test_a_toml_file_with_only_some_keys_gets_the_defaults(tmp_path):
     path = tmp_path / "mine.toml"
-    path.write_text('[model]\nname = "mlp_regressor"\n[data]\nname = "friedman"\n'
-                    'n_train = 100\n[eval]\nmetrics = ["mse", "r2"]\n')
+    path.write_text(
+        '[model]\nname = "mlp_regressor"\n[data]\nname = "friedman"\n'
+        'n_train = 100\n[eval]\nmetrics = ["mse", "r2"]\n'
+    )
     cfg = load_config(str(path))
     assert cfg.name == "mine"
     assert cfg.data.options == {"n_train": 100, "n_eval": 2000, "noise": 1.0, "n_features": 10}
@@ -127,8 +132,9 @@ def test_config_hash_is_stable_and_changes_with_any_value():
 
 def test_resume_hash_ignores_world_size_and_mode_but_not_the_optimizer():
     base = load_config("char_lm")
-    assert resume_hash(load_config("char_lm", ["cluster.ranks=4", "cluster.mode=zero2"])) \
-        == resume_hash(base)
+    assert resume_hash(
+        load_config("char_lm", ["cluster.ranks=4", "cluster.mode=zero2"])
+    ) == resume_hash(base)
     assert resume_hash(load_config("char_lm", ["optimizer.lr=1e-4"])) != resume_hash(base)
 
 

@@ -38,8 +38,11 @@ def test_the_same_arguments_give_the_same_batch(digits):
 def test_rank_slices_partition_the_world_one_batch(world, accum):
     n, seed, epoch, step, batch = 1000, 3, 2, 5, 48
     whole = batch_indices(n, seed, epoch, step, 0, 1, batch)
-    parts = [batch_indices(n, seed, epoch, step, r, world, batch, micro=k, accum=accum)
-             for k in range(accum) for r in range(world)]
+    parts = [
+        batch_indices(n, seed, epoch, step, r, world, batch, micro=k, accum=accum)
+        for k in range(accum)
+        for r in range(world)
+    ]
     assert all(p.size == batch // (world * accum) for p in parts)
     np.testing.assert_array_equal(np.concatenate(parts), whole)
 
@@ -120,12 +123,14 @@ def test_triplets_pair_an_anchor_with_its_class_and_a_negative_from_another():
 
 def test_a_cached_dataset_is_memory_mapped_and_identical(tmp_path):
     mem = load_dataset(small("digits"), "train")
-    cfg = DataConfig(name="digits", cache_dir=str(tmp_path),
-                     options={"n_train": 400, "n_eval": 100})
+    cfg = DataConfig(
+        name="digits", cache_dir=str(tmp_path), options={"n_train": 400, "n_eval": 100}
+    )
     first = load_dataset(cfg, "train")
     second = load_dataset(cfg, "train")
     assert isinstance(second.arrays["x"], np.memmap)
     np.testing.assert_array_equal(np.asarray(second.arrays["x"]), mem.arrays["x"])
-    np.testing.assert_array_equal(batch_for(first, 0, 0, 1, 1, 2, 32)["x"],
-                                  batch_for(mem, 0, 0, 1, 1, 2, 32)["x"])
+    np.testing.assert_array_equal(
+        batch_for(first, 0, 0, 1, 1, 2, 32)["x"], batch_for(mem, 0, 0, 1, 1, 2, 32)["x"]
+    )
     assert not list(tmp_path.rglob("*.tmp-*"))

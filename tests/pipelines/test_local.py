@@ -23,28 +23,57 @@ def run(tmp_path, name, *overrides, sub="run", **kw):
 
 
 def test_the_char_transformer_learns_characters_in_150_steps(tmp_path):
-    s = run(tmp_path, "char_lm", "model.d_model=64", "model.n_layer=1", "model.seq_len=32",
-            "data.seq_len=32", "train.batch_size=16", "train.steps=150", "optimizer.lr=1e-2",
-            "schedule.warmup_steps=10", "eval.max_batches=2")
+    s = run(
+        tmp_path,
+        "char_lm",
+        "model.d_model=64",
+        "model.n_layer=1",
+        "model.seq_len=32",
+        "data.seq_len=32",
+        "train.batch_size=16",
+        "train.steps=150",
+        "optimizer.lr=1e-2",
+        "schedule.warmup_steps=10",
+        "eval.max_batches=2",
+    )
     assert s["eval"]["loss"] < 3.1 and s["eval"]["perplexity"] < 22
 
 
 def test_the_mlp_classifier_reaches_85_percent_on_held_out_digits_in_150_steps(tmp_path):
-    s = run(tmp_path, "mlp_classifier", "model.hidden=[64]", "data.n_train=4000",
-            "data.n_eval=500", "train.steps=150", "train.batch_size=64",
-            "eval.early_stopping.patience=0")
+    s = run(
+        tmp_path,
+        "mlp_classifier",
+        "model.hidden=[64]",
+        "data.n_train=4000",
+        "data.n_eval=500",
+        "train.steps=150",
+        "train.batch_size=64",
+        "eval.early_stopping.patience=0",
+    )
     assert s["eval"]["accuracy"] > 0.85 and s["eval"]["macro_f1"] > 0.85
 
 
 def test_the_mlp_regressor_reaches_r2_0_75_on_friedman_in_250_steps(tmp_path):
-    s = run(tmp_path, "mlp_regressor", "model.hidden=[64, 64]", "data.n_train=4000",
-            "data.n_eval=500", "train.steps=250")
+    s = run(
+        tmp_path,
+        "mlp_regressor",
+        "model.hidden=[64, 64]",
+        "data.n_train=4000",
+        "data.n_eval=500",
+        "train.steps=250",
+    )
     assert s["eval"]["r2"] > 0.75 and s["eval"]["mse"] < 0.25
 
 
 def test_the_triplet_embedder_orders_90_percent_of_held_out_triplets_in_150_steps(tmp_path):
-    s = run(tmp_path, "triplet_embedding", "model.hidden=[64]", "data.n_train=2000",
-            "data.n_eval=500", "train.steps=150")
+    s = run(
+        tmp_path,
+        "triplet_embedding",
+        "model.hidden=[64]",
+        "data.n_train=2000",
+        "data.n_eval=500",
+        "train.steps=150",
+    )
     assert s["eval"]["accuracy"] > 0.9
 
 
@@ -55,16 +84,14 @@ def test_a_resumed_run_ends_with_the_same_params_sha256(tmp_path):
     full = run(tmp_path, "mlp_classifier", *TINY, sub="full")
     part = run(tmp_path, "mlp_classifier", *TINY, "train.steps=5", sub="part")
     assert part["steps"] == 5
-    resumed = run(tmp_path, "mlp_classifier", *TINY, sub="resumed",
-                  resume=tmp_path / "part")
+    resumed = run(tmp_path, "mlp_classifier", *TINY, sub="resumed", resume=tmp_path / "part")
     assert resumed["steps"] == 8
     assert resumed["params_sha256"] == full["params_sha256"]
 
 
 def test_resume_skips_a_corrupted_newest_checkpoint(tmp_path):
     full = run(tmp_path, "mlp_classifier", *TINY, "checkpoint.every=3", sub="full")
-    part = run(tmp_path, "mlp_classifier", *TINY, "checkpoint.every=3", "train.steps=6",
-               sub="part")
+    part = run(tmp_path, "mlp_classifier", *TINY, "checkpoint.every=3", "train.steps=6", sub="part")
     assert part["steps"] == 6
     shard = next((tmp_path / "part" / "checkpoints" / "step-00000006").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-8])
@@ -77,17 +104,30 @@ def test_resume_skips_a_corrupted_newest_checkpoint(tmp_path):
 
 
 def test_early_stopping_ends_the_run_when_the_metric_stalls(tmp_path):
-    s = run(tmp_path, "mlp_classifier", *TINY, "train.steps=60", "eval.every=2",
-            "optimizer.lr=1e-9", "eval.early_stopping.patience=2",
-            "eval.early_stopping.min_delta=0.5")
+    s = run(
+        tmp_path,
+        "mlp_classifier",
+        *TINY,
+        "train.steps=60",
+        "eval.every=2",
+        "optimizer.lr=1e-9",
+        "eval.early_stopping.patience=2",
+        "eval.early_stopping.min_delta=0.5",
+    )
     assert s["stopped_early"] and s["steps"] == 6
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
 def test_a_run_whose_every_step_is_non_finite_fails(tmp_path):
     with pytest.raises(TrainingFailed, match="consecutive steps skipped"):
-        run(tmp_path, "mlp_classifier", *TINY, "train.steps=40", "optimizer.lr=1e30",
-            "optimizer.name=sgd")
+        run(
+            tmp_path,
+            "mlp_classifier",
+            *TINY,
+            "train.steps=40",
+            "optimizer.lr=1e30",
+            "optimizer.name=sgd",
+        )
 
 
 HOOKS = """
@@ -114,13 +154,19 @@ def test_analyzers_that_raise_are_counted_and_do_not_change_the_run(tmp_path):
     script = tmp_path / "hooks.py"
     script.write_text(HOOKS)
     plain = run(tmp_path, "mlp_classifier", *TINY, sub="plain")
-    hooked = run(tmp_path, "mlp_classifier", *TINY, sub="hooked",
-                 hooks=[f"{script}:norms", f"{script}:broken"])
+    hooked = run(
+        tmp_path,
+        "mlp_classifier",
+        *TINY,
+        sub="hooked",
+        hooks=[f"{script}:norms", f"{script}:broken"],
+    )
     assert hooked["params_sha256"] == plain["params_sha256"]
     stats = hooked["hooks"]["hooks"]
     assert stats["norms"]["ok"] == 8 and stats["broken"]["errors"] == 4
-    records = [json.loads(line) for line in
-               (tmp_path / "hooked" / "hooks.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "hooked" / "hooks.jsonl").read_text().splitlines()
+    ]
     norms = [r for r in records if r["hook"] == "norms"]
     assert [r["step"] for r in norms] == list(range(1, 9))
     assert norms[0]["metrics"]["w0"] > 0 and norms[0]["metrics"]["moved"] > 0
@@ -131,11 +177,14 @@ def test_a_transform_edits_the_gradient_before_the_step_deterministically(tmp_pa
     script.write_text(HOOKS)
     plain = run(tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", sub="plain")
     # halving every gradient under SGD == halving the learning rate
-    half_lr = run(tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd",
-                  "optimizer.lr=0.0005", sub="half")
-    a = run(tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", sub="a",
-            hooks=[f"{script}:halve"])
-    b = run(tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", sub="b",
-            hooks=[f"{script}:halve"])
+    half_lr = run(
+        tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", "optimizer.lr=0.0005", sub="half"
+    )
+    a = run(
+        tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", sub="a", hooks=[f"{script}:halve"]
+    )
+    b = run(
+        tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", sub="b", hooks=[f"{script}:halve"]
+    )
     assert a["params_sha256"] == b["params_sha256"] != plain["params_sha256"]
     assert a["final_loss"] == pytest.approx(half_lr["final_loss"], rel=1e-4)

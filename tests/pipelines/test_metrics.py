@@ -51,8 +51,15 @@ def test_regression_metrics():
 def test_triplet_accuracy_counts_positives_closer_than_negatives():
     acc = MetricAccumulator("triplet_embedder")
     a = np.zeros((2, 2))
-    acc.add({"loss": 0.1, "anchor": a, "positive": np.array([[0.1, 0], [2, 0]]),
-             "negative": np.array([[1.0, 0], [1, 0]])}, {})
+    acc.add(
+        {
+            "loss": 0.1,
+            "anchor": a,
+            "positive": np.array([[0.1, 0], [2, 0]]),
+            "negative": np.array([[1.0, 0], [1, 0]]),
+        },
+        {},
+    )
     assert acc.result()["accuracy"] == 0.5
 
 

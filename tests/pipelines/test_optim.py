@@ -43,8 +43,7 @@ def test_linear_decay_reaches_the_floor_at_total_steps():
 
 def test_a_schedule_is_a_pure_function_of_the_step():
     s = sched("warmup_cosine", warmup_steps=3)
-    assert [lr_at(s, 0.1, k, 50) for k in range(50)] == [lr_at(s, 0.1, k, 50)
-                                                         for k in range(50)]
+    assert [lr_at(s, 0.1, k, 50) for k in range(50)] == [lr_at(s, 0.1, k, 50) for k in range(50)]
 
 
 def _grads(n, seed=0):
@@ -53,8 +52,7 @@ def _grads(n, seed=0):
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_a_non_finite_gradient_skips_the_step_and_is_counted(name):
-    opt = ShardOptimizer(OptimizerConfig(name=name, momentum=0.9 if name == "sgd" else 0.0),
-                         8)
+    opt = ShardOptimizer(OptimizerConfig(name=name, momentum=0.9 if name == "sgd" else 0.0), 8)
     p = np.ones(8, np.float32)
     g = _grads(8)
     assert opt.update(p, g.copy(), lr=0.1, total_sq_norm=float(g @ g)).applied
@@ -90,8 +88,9 @@ def test_state_bytes_count_what_the_shard_owns():
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_a_few_steps_match_torch_optim(name):
     torch = pytest.importorskip("torch")
-    cfg = OptimizerConfig(name=name, lr=0.01, weight_decay=0.1,
-                          momentum=0.9 if name == "sgd" else 0.0)
+    cfg = OptimizerConfig(
+        name=name, lr=0.01, weight_decay=0.1, momentum=0.9 if name == "sgd" else 0.0
+    )
     n = 37
     p = _grads(n, 1)
     tp = torch.nn.Parameter(torch.tensor(p.copy()))

@@ -18,9 +18,19 @@ STEPS = 4
 
 def tiny(*extra):
     # 784 -> 24 -> 10 = 19090 parameters: not divisible by 3 or 4, so shards are uneven
-    return load_config("mlp_classifier", [
-        "model.hidden=[24]", "data.n_train=512", "data.n_eval=64", "train.batch_size=48",
-        "train.clip_norm=0.5", "optimizer.lr=0.01", f"train.steps={STEPS}", *extra])
+    return load_config(
+        "mlp_classifier",
+        [
+            "model.hidden=[24]",
+            "data.n_train=512",
+            "data.n_eval=64",
+            "train.batch_size=48",
+            "train.clip_norm=0.5",
+            "optimizer.lr=0.01",
+            f"train.steps={STEPS}",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +88,9 @@ async def test_ddp_zero1_and_zero2_on_n_ranks_match_world_one(data):
 
 async def test_gradient_accumulation_gives_the_same_update_as_one_big_batch(data):
     ref, _ = await run_ranks(tiny(), data, 1)
-    acc, _ = await run_ranks(tiny("train.grad_accum=4", "cluster.ranks=2",
-                                  "cluster.mode=zero2"), data, 2)
+    acc, _ = await run_ranks(
+        tiny("train.grad_accum=4", "cluster.ranks=2", "cluster.mode=zero2"), data, 2
+    )
     assert rel_err(acc[0].model.params, ref[0].model.params) < 1e-5
 
 
@@ -152,8 +163,9 @@ async def test_the_simulated_group_gives_the_bits_of_the_real_zeromq_ring(tmp_pa
 
         async def one(r, cfg=cfg, ranks=ranks):
             for s in range(2):
-                await ranks[r].step(s, rank_batches(data, cfg, s, r, world),
-                                    seed=step_seed(0, s, r))
+                await ranks[r].step(
+                    s, rank_batches(data, cfg, s, r, world), seed=step_seed(0, s, r)
+                )
 
         try:
             async with trio.open_nursery() as nursery:
