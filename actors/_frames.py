@@ -1,0 +1,388 @@
+"""The wire format: one message = a msgpack header frame + raw tensor frames.
+
+Design note
+-----------
+A message travels as a ZeroMQ multipart::
+
+    frame 0      msgpack map, the *header*:
+                   {"v": PROTOCOL_VERSION, "type": str, "sender": str,
+                    "generation": int, "step": int, "seq": int,
+                    "body": {str: msgpack-native},
+                    "tensors": [[dtype, shape, frame, offset, nbytes], ...]}
+    frames 1..k  raw little-endian tensor bytes, one frame per tensor
+
+Tensor bytes never go inside msgpack: ``packb`` copies the payload (7x a memcpy for
+16 MiB) and ``unpackb`` copies it again. Instead ``encode`` hands ZeroMQ the array's own
+buffer and ``decode`` returns numpy views of the received frames (copied only when the
+view would be misaligned, which happens for small frames that sit at odd offsets in
+libzmq's shared read buffer).
+
+Every received byte is untrusted. ``decode`` is bounded before it does any work (frame
+count, header size, msgpack length caps, nesting depth) and then validates every field:
+the exact key set, types, a dtype allow-list, ``ndim <= 8``, ``nbytes == prod(shape) *
+itemsize``, alignment, bounds and non-overlap of tensor regions, and that every data frame
+is used. Anything else raises :class:`FrameError` with a reason; nothing else escapes
+(``tests/actors/test_frames.py`` fuzzes this with mutated and random frames). No pickle
+and no msgpack extension types (timestamps included) are accepted.
+
+The descriptor carries ``frame`` and ``offset`` so that a future sender may pack several
+small tensors into one frame; ``encode`` today always uses one frame per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DTYPES",
+    "PROTOCOL_VERSION",
+    "FrameError",
+    "Limits",
+    "Message",
+    "decode",
+    "encode",
+]
+
+PROTOCOL_VERSION = 1
+
+# Wire name -> little-endian numpy dtype. Anything not listed is rejected on both ends.
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(code)
+    for name, code in [
+        ("bool", "|b1"),
+        ("int8", "|i1"),
+        ("uint8", "|u1"),
+        ("int16", "<i2"),
+        ("uint16", "<u2"),
+        ("int32", "<i4"),
+        ("uint32", "<u4"),
+        ("int64", "<i8"),
+        ("uint64", "<u8"),
+        ("float16", "<f2"),
+        ("float32", "<f4"),
+        ("float64", "<f8"),
+        ("complex64", "<c8"),
+        ("complex128", "<c16"),
+    ]
+}
+_WIRE_NAME = {dtype: name for name, dtype in DTYPES.items()}
+
+_HEADER_KEYS = frozenset({"v", "type", "sender", "generation", "step", "seq", "body", "tensors"})
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
+_ALLOWED_SCALARS = (type(None), bool, int, float, str, bytes)
+
+
+class FrameError(ValueError):
+    """A received multipart is not a valid message; ``reason`` says why.
+
+    ``routing_id`` is set by :meth:`TrioSocket.recv_message` on a ROUTER socket so the
+    receiver can answer the sender with an error if it wants to.
+    """
+
+    def __init__(self, reason: str, *, routing_id: bytes | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.routing_id = routing_id
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps applied by :func:`decode` before and while parsing untrusted bytes.
+
+    ZMQ_MAXMSGSIZE (set on every socket by ``open_socket``) already caps each frame's
+    size; these bound the work of parsing one message.
+    """
+
+    max_header_bytes: int = 1 << 20
+    max_tensors: int = 1024
+    max_ndim: int = 8
+    max_str_len: int = 1 << 20
+    max_bin_len: int = 1 << 20
+    max_array_len: int = 1 << 16
+    max_map_len: int = 1 << 12
+    max_depth: int = 32
+    max_name_len: int = 256  # `type` and `sender`
+
+    @property
+    def max_frames(self) -> int:
+        return 1 + self.max_tensors
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(eq=False)
+class Message:
+    """One message: a type tag, routing/ordering metadata, a plain body and tensors.
+
+    ``body`` holds msgpack-native data only: None, bool, int, float, str, bytes, lists
+    and dicts with str keys (tuples arrive as lists). ``tensors`` are numpy arrays of a
+    dtype in :data:`DTYPES`; received tensors are views of the received frames.
+
+    Equality compares tensors by dtype, shape and bytes, so NaNs compare equal to
+    themselves; that is what a round-trip test wants.
+    """
+
+    type: str
+    sender: str = ""
+    generation: int = 0
+    step: int = 0
+    seq: int = 0
+    body: dict = field(default_factory=dict)
+    tensors: list[np.ndarray] = field(default_factory=list)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return (
+            (self.type, self.sender, self.generation, self.step, self.seq)
+            == (other.type, other.sender, other.generation, other.step, other.seq)
+            and _same_body(self.body, other.body)
+            and len(self.tensors) == len(other.tensors)
+            and all(_same_tensor(a, b) for a, b in zip(self.tensors, other.tensors, strict=True))
+        )
+
+
+def _same_body(a: Any, b: Any) -> bool:
+    # Plain `==` except that floats compare by bits (NaN == NaN, 0.0 != -0.0).
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return np.float64(a).tobytes() == np.float64(b).tobytes()
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_body(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_body(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _same_tensor(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+# ----------------------------------------------------------------------------------------
+# encode
+# ----------------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> list:
+    """Encode ``msg`` as a list of frames for ``send_multipart(copy=False)``.
+
+    Frame 0 is the msgpack header; frame i >= 1 is tensor i-1's buffer, not a copy,
+    unless the tensor had to be made C-contiguous or little-endian. Do not mutate a
+    tensor until ZeroMQ has released it (see ``TrioSocket.send_multipart``'s ``track``).
+
+    Raises TypeError/ValueError for a message that could not be decoded by a peer: a
+    body that is not msgpack-native, a dtype outside :data:`DTYPES`, too many
+    dimensions, an out-of-range integer. Nothing invalid is ever put on the wire.
+    """
+    _check_name("type", msg.type, DEFAULT_LIMITS, error=TypeError)
+    _check_name("sender", msg.sender, DEFAULT_LIMITS, error=TypeError, allow_empty=True)
+    for name in ("generation", "step", "seq"):
+        value = getattr(msg, name)
+        if type(value) is not int or not _INT_MIN <= value <= _INT_MAX:
+            raise TypeError(f"Message.{name} must be an int in [-2**63, 2**64), got {value!r}")
+    if not isinstance(msg.body, dict):
+        raise TypeError(f"Message.body must be a dict, got {type(msg.body).__name__}")
+    problem = _body_problem(msg.body, DEFAULT_LIMITS.max_depth)
+    if problem:
+        raise TypeError(f"Message.body is not msgpack-native: {problem}")
+
+    descriptors = []
+    buffers = []
+    for i, tensor in enumerate(msg.tensors):
+        if not isinstance(tensor, np.ndarray):
+            raise TypeError(f"Message.tensors[{i}] must be a numpy array, got {type(tensor)}")
+        name = _WIRE_NAME.get(tensor.dtype.newbyteorder("<"))
+        if name is None:
+            raise TypeError(
+                f"Message.tensors[{i}] has dtype {tensor.dtype}; accepted: {', '.join(DTYPES)}"
+            )
+        if tensor.ndim > DEFAULT_LIMITS.max_ndim:
+            raise ValueError(f"Message.tensors[{i}] has {tensor.ndim} dims; at most 8 accepted")
+        # A no-op for C-contiguous little-endian input. (Not ascontiguousarray: it makes 0-d 1-d.)
+        wire = tensor.astype(DTYPES[name], order="C", copy=False)
+        descriptors.append([name, list(wire.shape), i + 1, 0, wire.nbytes])
+        # memoryview.cast rejects zero-size shapes; an empty frame carries nothing anyway.
+        buffers.append(memoryview(wire).cast("B") if wire.size else b"")
+
+    header = {
+        "v": PROTOCOL_VERSION,
+        "type": msg.type,
+        "sender": msg.sender,
+        "generation": msg.generation,
+        "step": msg.step,
+        "seq": msg.seq,
+        "body": msg.body,
+        "tensors": descriptors,
+    }
+    return [msgpack.packb(header, use_bin_type=True), *buffers]
+
+
+# ----------------------------------------------------------------------------------------
+# decode
+# ----------------------------------------------------------------------------------------
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise FrameError(f"msgpack extension type {code} is not accepted")
+
+
+def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Decode a received multipart into a :class:`Message`, or raise :class:`FrameError`.
+
+    ``frames`` may be ``zmq.Frame`` objects (from ``recv_multipart(copy=False)``), bytes,
+    bytearrays or memoryviews. Tensors are zero-copy views of their frames (writable
+    when the frame is), copied only when a view would be misaligned.
+    """
+    if not isinstance(frames, Sequence) or isinstance(frames, (bytes, bytearray, str)):
+        raise FrameError(f"expected a sequence of frames, got {type(frames).__name__}")
+    if not 1 <= len(frames) <= limits.max_frames:
+        raise FrameError(f"frame count {len(frames)} outside [1, {limits.max_frames}]")
+    views = [_as_bytes_view(f, i) for i, f in enumerate(frames)]
+    if len(views[0]) > limits.max_header_bytes:
+        raise FrameError(f"header of {len(views[0])} bytes exceeds {limits.max_header_bytes}")
+
+    try:
+        header = msgpack.unpackb(
+            views[0],
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except FrameError:
+        raise
+    except Exception as exc:  # the untrusted boundary: every msgpack failure is a reason
+        raise FrameError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
+
+    if not isinstance(header, dict) or header.keys() != _HEADER_KEYS:
+        got = sorted(map(str, header)) if isinstance(header, dict) else type(header).__name__
+        raise FrameError(f"header must be a map with keys {sorted(_HEADER_KEYS)}, got {got}")
+    if header["v"] != PROTOCOL_VERSION or type(header["v"]) is not int:
+        raise FrameError(f"protocol version {header['v']!r}, expected {PROTOCOL_VERSION}")
+    _check_name("type", header["type"], limits, error=FrameError)
+    _check_name("sender", header["sender"], limits, error=FrameError, allow_empty=True)
+    for name in ("generation", "step", "seq"):
+        if type(header[name]) is not int:
+            raise FrameError(f"{name} must be an int, got {type(header[name]).__name__}")
+    body = header["body"]
+    if not isinstance(body, dict):
+        raise FrameError(f"body must be a map, got {type(body).__name__}")
+    problem = _body_problem(body, limits.max_depth)
+    if problem:
+        raise FrameError(f"body {problem}")
+
+    tensors = _decode_tensors(header["tensors"], views, limits)
+    return Message(
+        type=header["type"],
+        sender=header["sender"],
+        generation=header["generation"],
+        step=header["step"],
+        seq=header["seq"],
+        body=body,
+        tensors=tensors,
+    )
+
+
+def _as_bytes_view(frame: Any, index: int) -> memoryview:
+    buffer = getattr(frame, "buffer", frame)  # zmq.Frame exposes its bytes as .buffer
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise FrameError(f"frame {index} is a {type(frame).__name__}, not a buffer") from None
+    if view.format != "B" or view.ndim != 1 or not view.c_contiguous:
+        view = view.cast("B") if view.c_contiguous else None
+        if view is None:
+            raise FrameError(f"frame {index} is not a contiguous buffer")
+    return view
+
+
+def _check_name(what: str, value: Any, limits: Limits, *, error: type, allow_empty=False):
+    if not isinstance(value, str):
+        raise error(f"{what} must be a str, got {type(value).__name__}")
+    if not (allow_empty or value) or len(value) > limits.max_name_len:
+        raise error(f"{what} must have 1..{limits.max_name_len} characters, got {len(value)}")
+
+
+def _body_problem(body: dict, max_depth: int) -> str | None:
+    """Return why ``body`` is not msgpack-native data with str map keys, or None."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            return f"nests deeper than {max_depth} levels"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if type(key) is not str:
+                    return f"has a map key of type {type(key).__name__}; keys must be str"
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        elif type(value) not in _ALLOWED_SCALARS:
+            return f"holds a {type(value).__name__}; accepted: None/bool/int/float/str/bytes"
+        elif type(value) is int and not _INT_MIN <= value <= _INT_MAX:
+            return f"holds the int {value}, outside msgpack's range"
+    return None
+
+
+def _decode_tensors(descriptors: Any, views: list[memoryview], limits: Limits):
+    if not isinstance(descriptors, list) or len(descriptors) > limits.max_tensors:
+        raise FrameError(f"tensors must be a list of at most {limits.max_tensors} descriptors")
+    regions = []  # (frame, start, stop, tensor index) for the overlap check
+    tensors = []
+    for i, desc in enumerate(descriptors):
+        if not isinstance(desc, list) or len(desc) != 5:
+            raise FrameError(
+                f"tensor {i}: descriptor must be [dtype, shape, frame, offset, nbytes]"
+            )
+        name, shape, frame, offset, nbytes = desc
+        dtype = DTYPES.get(name) if isinstance(name, str) else None
+        if dtype is None:
+            raise FrameError(f"tensor {i}: dtype {name!r} not in {list(DTYPES)}")
+        if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+            raise FrameError(f"tensor {i}: shape must be a list of at most {limits.max_ndim} ints")
+        if not all(type(d) is int and d >= 0 for d in shape):
+            raise FrameError(f"tensor {i}: shape {shape!r} must hold ints >= 0")
+        if not all(type(x) is int for x in (frame, offset, nbytes)):
+            raise FrameError(f"tensor {i}: frame, offset and nbytes must be ints")
+        if not 1 <= frame < len(views):
+            raise FrameError(f"tensor {i}: frame {frame} outside [1, {len(views) - 1}]")
+        count = math.prod(shape)
+        if nbytes != count * dtype.itemsize:
+            raise FrameError(f"tensor {i}: nbytes {nbytes} != prod({shape}) * {dtype.itemsize}")
+        if offset < 0 or offset % dtype.itemsize:
+            raise FrameError(f"tensor {i}: offset {offset} not a multiple of {dtype.itemsize}")
+        if offset + nbytes > len(views[frame]):
+            raise FrameError(
+                f"tensor {i}: bytes [{offset}, {offset + nbytes}) past the end of frame "
+                f"{frame} ({len(views[frame])} bytes)"
+            )
+        regions.append((frame, offset, offset + nbytes, i))
+        if count == 0:
+            tensors.append(np.empty(tuple(shape), dtype))
+            continue
+        array = np.frombuffer(views[frame], dtype, count, offset).reshape(tuple(shape))
+        # Small frames sit at arbitrary offsets in libzmq's read buffer (TRANSPORT.md).
+        tensors.append(array if array.flags.aligned else array.copy())
+
+    regions.sort()
+    used = {frame for frame, *_ in regions}
+    if len(used) != len(views) - 1:
+        unused = sorted(set(range(1, len(views))) - used)
+        raise FrameError(f"frames {unused} carry no tensor")
+    for (f1, _, stop1, i1), (f2, start2, _, i2) in zip(regions, regions[1:], strict=False):
+        if f1 == f2 and start2 < stop1:
+            raise FrameError(f"tensors {i1} and {i2} overlap in frame {f1}")
+    return tensors

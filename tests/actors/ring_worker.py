@@ -1,0 +1,84 @@
+"""One rank process for tests/actors/test_collectives.py (spawned, never forked).
+
+    python ring_worker.py ops  RANK WORLD DIR OUT.npz   # every collective, results saved
+    python ring_worker.py loop RANK WORLD DIR           # all-reduce until something fails
+
+`ops` runs each collective on seeded inputs and saves inputs and outputs. `loop` prints
+"ready" after its first all-reduce, then all-reduces until a CollectiveError, which it
+prints as "collective-error: ..." before exiting with status 3.
+"""
+
+import sys
+
+import numpy as np
+import trio
+
+from actors._collectives import CollectiveError, Ring, shard_bounds
+from actors._transport import ipc_endpoint
+
+SIZES = [1, 7, 1001, 30_011]  # none divisible by 2, 3 or 4 (except 1 < world)
+DTYPES = ["float32", "float64"]
+CHUNK_BYTES = 4096  # small chunks: many per segment even for small test arrays
+
+
+def inputs(rank: int, n: int, dtype: str) -> np.ndarray:
+    return np.random.default_rng([rank, n]).standard_normal(n).astype(dtype)
+
+
+async def run_ops(ring: Ring, out: str) -> None:
+    results = {}
+    step = 0
+    for n in SIZES:
+        for dtype in DTYPES:
+            key = f"{n}-{dtype}"
+            x = inputs(ring.rank, n, dtype)
+            results[f"input/{key}"] = x.copy()
+            step += 1
+            results[f"all_reduce/{key}"] = (await ring.all_reduce(x.copy(), step=step)).copy()
+            step += 1
+            shard = await ring.reduce_scatter(x.copy(), step=step)
+            results[f"reduce_scatter/{key}"] = shard.copy()
+            gathered = np.full(n, np.nan, dtype)
+            start, stop = shard_bounds(n, ring.world, ring.rank)
+            gathered[start:stop] = x[start:stop]
+            step += 1
+            results[f"all_gather/{key}"] = (await ring.all_gather(gathered, step=step)).copy()
+            step += 1
+            root = 1 % ring.world
+            results[f"broadcast/{key}"] = (await ring.broadcast(x.copy(), root, step=step)).copy()
+            step += 1
+            await ring.barrier(step=step)
+    results["stale_discarded"] = np.array(ring.stats()["stale_discarded"])
+    np.savez(out, **results)
+
+
+async def run_loop(ring: Ring) -> None:
+    x = np.ones(1 << 16, np.float32)
+    step = 0
+    try:
+        while True:
+            step += 1
+            await ring.all_reduce(x, step=step)
+            if step == 1:
+                print("ready", flush=True)
+    except CollectiveError as exc:
+        print(f"collective-error: {exc}", flush=True)
+        sys.exit(3)
+
+
+def main() -> None:
+    mode, rank, world, directory = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    endpoints = [ipc_endpoint(f"rank-{r}", directory) for r in range(world)]
+
+    async def run():
+        with Ring(rank, world, endpoints, timeout=10.0, chunk_bytes=CHUNK_BYTES) as ring:
+            if mode == "ops":
+                await run_ops(ring, sys.argv[5])
+            else:
+                await run_loop(ring)
+
+    trio.run(run)
+
+
+if __name__ == "__main__":
+    main()

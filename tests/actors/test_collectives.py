@@ -1,0 +1,373 @@
+"""Ring collectives: numbers, determinism, failure, generations.
+
+Most tests run N rings inside one trio loop (cheap); the ones about processes spawn real
+rank processes (tests/actors/ring_worker.py, fresh interpreters, never forked).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from actors._collectives import (
+    _ABORT,
+    _DATA,
+    _HEADER,
+    _MAGIC,
+    _OPS,
+    _VERSION,
+    CollectiveError,
+    Ring,
+    shard_bounds,
+)
+from actors._transport import ipc_directory, ipc_endpoint
+
+WORKER = Path(__file__).with_name("ring_worker.py")
+HANG_GUARD = 60  # seconds; only a hang takes this long
+_counter = iter(range(10**9))
+
+
+def ring_order_sum(xs: list[np.ndarray]) -> np.ndarray:
+    """The reference: segment s summed as x[s+1] + x[s+2] + ... + x[s], left to right."""
+    world, n = len(xs), xs[0].size
+    out = np.empty_like(xs[0])
+    for s in range(world):
+        a, b = shard_bounds(n, world, s)
+        acc = xs[(s + 1) % world][a:b].copy()
+        for j in range(2, world + 1):
+            acc = acc + xs[(s + j) % world][a:b]
+        out[a:b] = acc
+    return out
+
+
+def open_rings(world: int, **options) -> list[Ring]:
+    tag = f"t{os.getpid()}-{next(_counter)}"
+    endpoints = [ipc_endpoint(f"{tag}-{r}") for r in range(world)]
+    options.setdefault("chunk_bytes", 4096)
+    options.setdefault("timeout", 10.0)
+    return [Ring(r, world, endpoints, **options) for r in range(world)]
+
+
+async def on_every_rank(rings, call):
+    """Run call(ring) on every ring concurrently; return the results by rank."""
+    results = [None] * len(rings)
+
+    async def one(ring):
+        results[ring.rank] = await call(ring)
+
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            for ring in rings:
+                nursery.start_soon(one, ring)
+    return results
+
+
+async def outcomes_on_every_rank(rings, call):
+    """Like on_every_rank, but collect each rank's exception instead of raising it."""
+
+    async def catching(ring):
+        try:
+            return await call(ring)
+        except CollectiveError as exc:
+            return exc
+
+    return await on_every_rank(rings, catching)
+
+
+# ----------------------------------------------------------------------------------------
+# shard_bounds
+# ----------------------------------------------------------------------------------------
+
+
+@given(st.integers(0, 10**6), st.integers(1, 64))
+def test_shard_bounds_cut_an_array_into_contiguous_near_equal_shards(n, world):
+    bounds = [shard_bounds(n, world, r) for r in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize("args", [(-1, 2, 0), (4, 0, 0), (4, 2, 2), (4, 2, -1)])
+def test_shard_bounds_reject_impossible_arguments(args):
+    with pytest.raises(ValueError, match="need n >= 0"):
+        shard_bounds(*args)
+
+
+# ----------------------------------------------------------------------------------------
+# Numbers (in one process)
+# ----------------------------------------------------------------------------------------
+
+
+async def everywhere(rings, method: str, arrays, *args, step: int):
+    """Call ring.<method>(arrays[rank], *args, step=step) on every rank at once."""
+    return await on_every_rank(
+        rings, lambda g: getattr(g, method)(arrays[g.rank], *args, step=step)
+    )
+
+
+def own_shards(xs):
+    """Per rank: NaN everywhere except its own shard, as all_gather expects it."""
+    world, n = len(xs), xs[0].size
+    arrays = [np.full(n, np.nan, xs[0].dtype) for _ in xs]
+    for r, (x, y) in enumerate(zip(xs, arrays, strict=True)):
+        start, stop = shard_bounds(n, world, r)
+        y[start:stop] = x[start:stop]
+    return arrays
+
+
+def rngs(world, n):
+    return [np.random.default_rng([r, n]) for r in range(world)]
+
+
+def copies(xs):
+    return [x.copy() for x in xs]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+async def test_collectives_match_numpy_with_sizes_not_divisible_by_the_world(world):
+    rings = open_rings(world)
+    step = 0
+    for n in [0, 1, 5, 4097, 10_001]:
+        for dtype in ["float32", "float64"]:
+            xs = [rng.standard_normal(n).astype(dtype) for rng in rngs(world, n)]
+            expected = ring_order_sum(xs)
+            np.testing.assert_allclose(expected, np.sum(xs, axis=0), rtol=1e-5, atol=1e-5)
+            step += 1
+
+            for y in await everywhere(rings, "all_reduce", copies(xs), step=step):
+                assert y.tobytes() == expected.tobytes()
+
+            shards = await everywhere(rings, "reduce_scatter", copies(xs), step=step + 1)
+            for r, shard in enumerate(shards):
+                start, stop = shard_bounds(n, world, r)
+                assert shard.tobytes() == expected[start:stop].tobytes()
+
+            gathered = np.concatenate([y[~np.isnan(y)] for y in own_shards(xs)])
+            for y in await everywhere(rings, "all_gather", own_shards(xs), step=step + 2):
+                assert y.tobytes() == gathered.tobytes()
+
+            root = world - 1
+            for y in await everywhere(rings, "broadcast", copies(xs), root, step=step + 3):
+                assert y.tobytes() == xs[root].tobytes()
+
+            await on_every_rank(rings, lambda g, s=step + 4: g.barrier(step=s))
+            step += 4
+    assert all(g.stats()["stale_discarded"] == 0 for g in rings)
+    for g in rings:
+        g.close()
+
+
+async def test_all_reduce_gives_the_same_bits_as_reduce_scatter_then_all_gather():
+    rings = open_rings(3)
+    xs = [np.random.default_rng(r).standard_normal(9_999).astype(np.float32) for r in range(3)]
+    reduced = await everywhere(rings, "all_reduce", copies(xs), step=1)
+    zero2 = copies(xs)
+    await everywhere(rings, "reduce_scatter", zero2, step=2)
+    await everywhere(rings, "all_gather", zero2, step=3)
+    assert [y.tobytes() for y in zero2] == [y.tobytes() for y in reduced]
+    for g in rings:
+        g.close()
+
+
+async def test_a_world_of_one_leaves_the_array_as_it_is():
+    with Ring(0, 1, ["ipc:///unused"]) as ring:
+        x = np.arange(5, dtype=np.float32)
+        assert (await ring.all_reduce(x, step=0)) is x and x.tolist() == [0, 1, 2, 3, 4]
+        assert (await ring.reduce_scatter(x, step=0)).tolist() == x.tolist()
+        await ring.barrier(step=0)
+
+
+@pytest.mark.parametrize(
+    "array, complaint",
+    [
+        (np.arange(10, dtype=np.float32)[::2], "C-contiguous"),
+        (np.arange(10, dtype=np.int8), "accepts dtypes"),
+        (np.frombuffer(b"\0" * 16, np.float32), "writeable"),
+        ([1.0, 2.0], "numpy array"),
+    ],
+)
+async def test_collectives_refuse_arrays_they_cannot_reduce_in_place(array, complaint):
+    rings = open_rings(2)
+    with pytest.raises((TypeError, ValueError), match=complaint):
+        await rings[0].all_reduce(array, step=0)
+    for g in rings:
+        g.close()
+
+
+# ----------------------------------------------------------------------------------------
+# Numbers and determinism (across real rank processes)
+# ----------------------------------------------------------------------------------------
+
+
+async def run_rank_processes(world: int, tmp_path: Path, name: str = "ring") -> list[dict]:
+    directory = tmp_path / name
+    directory.mkdir(mode=0o700)
+    outs = [directory / f"rank{r}.npz" for r in range(world)]
+    cmd = [sys.executable, str(WORKER), "ops"]
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            for r in range(world):
+                args = [str(r), str(world), str(directory), str(outs[r])]
+                nursery.start_soon(lambda a=args: trio.run_process(cmd + a, check=True))
+    return [dict(np.load(out)) for out in outs]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+async def test_rank_processes_compute_what_numpy_computes(world, tmp_path):
+    results = await run_rank_processes(world, tmp_path)  # fresh processes, spawned
+    keys = [k.split("/", 1)[1] for k in results[0] if k.startswith("input/")]
+    for key in keys:
+        xs = [r[f"input/{key}"] for r in results]
+        n = xs[0].size
+        expected = ring_order_sum(xs)
+        np.testing.assert_allclose(expected, np.sum(xs, axis=0), rtol=1e-5, atol=1e-5)
+        gathered = np.concatenate([y[~np.isnan(y)] for y in own_shards(xs)])
+        for rank, got in enumerate(results):
+            assert (
+                got[f"all_reduce/{key}"].tobytes() == expected.tobytes()
+            )  # identical on every rank
+            start, stop = shard_bounds(n, world, rank)
+            assert got[f"reduce_scatter/{key}"].tobytes() == expected[start:stop].tobytes()
+            assert got[f"all_gather/{key}"].tobytes() == gathered.tobytes()
+            assert got[f"broadcast/{key}"].tobytes() == xs[1 % world].tobytes()
+    assert all(int(r["stale_discarded"]) == 0 for r in results)
+
+
+async def test_rank_processes_give_the_same_bits_run_after_run(tmp_path):
+    first = await run_rank_processes(3, tmp_path, "first")
+    second = await run_rank_processes(3, tmp_path, "second")
+    for one, two in zip(first, second, strict=True):
+        assert one.keys() == two.keys()
+        assert all(one[k].tobytes() == two[k].tobytes() for k in one)
+
+
+# ----------------------------------------------------------------------------------------
+# Failure
+# ----------------------------------------------------------------------------------------
+
+
+async def test_a_rank_killed_mid_collective_makes_every_other_rank_raise(tmp_path):
+    world, victim = 3, 1
+    directory = tmp_path / "ring"
+    directory.mkdir(mode=0o700)
+    procs = [
+        await trio.lowlevel.open_process(
+            [sys.executable, str(WORKER), "loop", str(r), str(world), str(directory)],
+            stdout=subprocess.PIPE,
+        )
+        for r in range(world)
+    ]
+    try:
+        with trio.fail_after(HANG_GUARD):
+            for proc in procs:  # every rank is inside the all-reduce loop
+                assert (await proc.stdout.receive_some(100)).startswith(b"ready")
+            procs[victim].send_signal(signal.SIGKILL)
+            for rank, proc in enumerate(procs):
+                status = await proc.wait()
+                if rank != victim:
+                    output = await proc.stdout.receive_some(10_000)
+                    assert status == 3 and b"collective-error" in output, output
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def test_a_silent_peer_turns_into_collective_error_after_the_timeout():
+    rings = open_rings(2, timeout=0.3)
+    with pytest.raises(CollectiveError, match="no progress for 0.3 s"):
+        await rings[0].all_reduce(np.ones(10_000, np.float32), step=1)
+    for g in rings:
+        g.close()
+
+
+async def test_ranks_calling_different_collectives_all_raise():
+    rings = open_rings(3)
+    x = np.ones(5000, np.float32)
+
+    def mismatched(g):
+        if g.rank == 0:
+            return g.all_reduce(x.copy(), step=1)
+        return g.all_gather(x.copy(), step=1)
+
+    outcomes = await outcomes_on_every_rank(rings, mismatched)
+    assert all(isinstance(o, CollectiveError) for o in outcomes), outcomes
+    assert any("all ranks must call the same collectives" in str(o) for o in outcomes)
+    for g in rings:
+        g.close()
+
+
+async def test_a_broken_ring_refuses_work_until_every_rank_sets_a_new_generation():
+    rings = open_rings(2, timeout=0.3)
+    x = np.arange(3000, dtype=np.float32)
+    with pytest.raises(CollectiveError):
+        await rings[0].all_reduce(x.copy(), step=1)  # rank 1 never joins
+    with pytest.raises(CollectiveError, match="set_generation"):
+        await rings[0].all_reduce(x.copy(), step=1)
+    with pytest.raises(ValueError, match="must grow"):
+        rings[0].set_generation(0)
+    for g in rings:
+        g.set_generation(1)
+    got = await on_every_rank(rings, lambda g: g.all_reduce(x.copy(), step=1))
+    assert all(y.tobytes() == (x + x).tobytes() for y in got)
+    # Rank 0's half-finished generation-0 chunks reached rank 1 and were thrown away.
+    assert rings[1].stats()["stale_discarded"] > 0
+    for g in rings:
+        g.close()
+
+
+async def test_messages_from_an_older_generation_are_discarded():
+    rings = open_rings(2)
+    for g in rings:
+        g.set_generation(5)
+    payload = np.full(1024, 1e9, np.float32)  # would poison the sum if it were used
+    outbox = rings[0]._outbox
+    for generation, kind in [(4, _DATA), (4, _ABORT), (0, _DATA)]:
+        fields = (kind, _OPS["all_reduce"], 10, 0, 0, generation, 1, 0, 0, 0, 2048)
+        header = _HEADER.pack(_MAGIC, _VERSION, *fields)
+        await outbox.send_multipart([header, payload])
+    x = np.ones(2048, np.float32)
+    got = await on_every_rank(rings, lambda g: g.all_reduce(x.copy(), step=1))
+    assert all(y.tolist() == [2.0] * 2048 for y in got)
+    assert rings[1].stats()["stale_discarded"] == 3
+    for g in rings:
+        g.close()
+
+
+async def test_a_message_from_a_newer_generation_fails_the_collective_and_is_kept():
+    rings = open_rings(2)
+    x = np.ones(3000, np.float32)
+    rings[0].set_generation(1)  # rank 0 has moved on; rank 1 has not heard yet
+    async with trio.open_nursery() as nursery:
+        results = []
+
+        async def rank0():
+            results.append(await rings[0].all_reduce(x.copy(), step=7))
+
+        nursery.start_soon(rank0)
+        with pytest.raises(CollectiveError, match="already at generation 1"):
+            await rings[1].all_reduce(x.copy(), step=6)
+        rings[1].set_generation(1)
+        results.append(await rings[1].all_reduce(x.copy(), step=7))
+    assert [y.tolist() for y in results] == [[2.0] * 3000] * 2
+    for g in rings:
+        g.close()
+
+
+def test_ipc_rings_bind_inside_the_private_directory():
+    rings = open_rings(2)
+    try:
+        assert all(e.startswith(f"ipc://{ipc_directory()}/") for e in rings[0].endpoints)
+    finally:
+        for g in rings:
+            g.close()

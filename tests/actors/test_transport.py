@@ -1,0 +1,271 @@
+"""ZeroMQ on trio: delivery, wake-ups, closing, concurrency, no busy waiting."""
+
+import os
+import stat
+import time
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+import zmq
+
+from actors._frames import FrameError, Message
+from actors._transport import (
+    DEFAULT_SOCKET_OPTIONS,
+    PeerUnreachable,
+    get_context,
+    ipc_directory,
+    ipc_endpoint,
+    open_socket,
+    wait_released,
+)
+
+HANG_GUARD = 20  # seconds; a test that needs this long has hung, not slowed down
+
+_counter = iter(range(10**9))
+
+
+@pytest.fixture(params=["ipc", "tcp"])
+def transport(request):
+    return request.param
+
+
+def bind_address(transport: str) -> str:
+    if transport == "ipc":
+        return ipc_endpoint(f"test-{os.getpid()}-{next(_counter)}")
+    return "tcp://127.0.0.1:*"
+
+
+def pair(transport, bind_kind, connect_kind, **options):
+    """A bound and a connected socket over `transport`."""
+    bound = open_socket(bind_kind, bind=bind_address(transport), **options)
+    connected = open_socket(connect_kind, connect=bound.last_endpoint, **options)
+    return bound, connected
+
+
+# ----------------------------------------------------------------------------------------
+# Delivery
+# ----------------------------------------------------------------------------------------
+
+
+async def test_a_multipart_message_goes_from_push_to_pull(transport):
+    pull, push = pair(transport, "PULL", "PUSH")
+    with pull, push, trio.fail_after(HANG_GUARD):
+        await push.send_multipart([b"header", b"x" * 100_000, b""])
+        frames = await pull.recv_multipart()
+        assert [f.bytes for f in frames] == [b"header", b"x" * 100_000, b""]
+
+
+async def test_messages_round_trip_between_dealer_and_router(transport):
+    router, dealer = pair(transport, "ROUTER", "DEALER")
+    with router, dealer, trio.fail_after(HANG_GUARD):
+        request = Message("call", sender="r1", seq=7, body={"args": [1, 2]})
+        await dealer.send_message(request)
+        routing_id, got = await router.recv_message()
+        assert got == request
+        reply = Message("reply", seq=7, tensors=[np.arange(10, dtype=np.float32)])
+        await router.send_message(reply, routing_id)
+        assert await dealer.recv_message() == (None, reply)
+
+
+async def test_a_large_multi_frame_message_round_trips_without_copies(transport):
+    pull, push = pair(transport, "PULL", "PUSH")
+    tensors = [np.random.default_rng(i).standard_normal(1 << 20, np.float32) for i in range(3)]
+    with pull, push, trio.fail_after(HANG_GUARD):
+        tracker = await push.send_message(Message("shards", tensors=tensors), track=True)
+        _, got = await pull.recv_message()
+        await wait_released(tracker)
+    assert got == Message("shards", tensors=tensors)
+    for tensor in got.tensors:  # views of the received zmq frames, not copies
+        assert not tensor.flags.owndata and tensor.flags.writeable
+
+
+async def test_a_bad_message_raises_frame_error_and_the_socket_keeps_working():
+    router, dealer = pair("ipc", "ROUTER", "DEALER", routing_id=b"peer-1")
+    with router, dealer, trio.fail_after(HANG_GUARD):
+        await dealer.send_multipart([b"\xc1 not msgpack"])
+        with pytest.raises(FrameError, match="not valid msgpack") as info:
+            await router.recv_message()
+        assert info.value.routing_id == b"peer-1"  # so the receiver can answer
+        await dealer.send_message(Message("ok"))
+        assert await router.recv_message() == (b"peer-1", Message("ok"))
+
+
+async def test_a_router_raises_peer_unreachable_for_an_unknown_routing_id():
+    router = open_socket("ROUTER", bind=bind_address("ipc"))
+    with router, pytest.raises(PeerUnreachable) as info:
+        await router.send_message(Message("hello"), b"nobody")
+    assert info.value.routing_id == b"nobody"
+
+
+async def test_cancelling_a_receive_loses_no_message():
+    pull, push = pair("ipc", "PULL", "PUSH")
+    with pull, push, trio.fail_after(HANG_GUARD):
+        with trio.move_on_after(0.05):
+            await pull.recv_multipart()
+        await push.send_multipart([b"kept"])
+        assert (await pull.recv_multipart(copy=True)) == [b"kept"]
+
+
+# ----------------------------------------------------------------------------------------
+# Wake-ups and closing
+# ----------------------------------------------------------------------------------------
+
+
+async def test_close_wakes_every_blocked_receiver_with_closed_resource_error():
+    pull = open_socket("PULL", bind=bind_address("ipc"))
+    outcomes = []
+
+    async def receive():
+        try:
+            await pull.recv_multipart()
+        except trio.ClosedResourceError:
+            outcomes.append("closed")
+
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):  # one watcher in wait_readable, two parked
+                nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            pull.close()
+    assert outcomes == ["closed"] * 3
+    with pytest.raises(trio.ClosedResourceError):
+        await pull.recv_multipart()
+
+
+async def test_close_wakes_a_sender_blocked_on_a_full_pipe():
+    push = open_socket("PUSH", connect=bind_address("ipc").replace("*", "1"))
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+
+            async def send():
+                with pytest.raises(trio.ClosedResourceError):
+                    await push.send_multipart([b"nobody is there"])  # IMMEDIATE: no peer
+
+            nursery.start_soon(send)
+            await trio.testing.wait_all_tasks_blocked()
+            push.close()
+
+
+async def test_a_receiver_wakes_when_a_send_on_the_same_socket_takes_its_wakeup():
+    # One DEALER used by a sending task and a receiving task at once: every send can
+    # consume the FD edge the receiver sleeps on, which must then be woken by hand.
+    router, dealer = pair("ipc", "ROUTER", "DEALER")
+    count = 300
+
+    async def echo():
+        for _ in range(count):
+            routing_id, frame = await router.recv_multipart()
+            await router.send_multipart([routing_id, frame])
+
+    async def send():
+        for i in range(count):
+            await dealer.send_multipart([b"%d" % i])
+            if i % 7 == 0:
+                await trio.sleep(0)
+
+    with router, dealer, trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(echo)
+            nursery.start_soon(send)
+            received = [(await dealer.recv_multipart(copy=True))[0] for _ in range(count)]
+    assert received == [b"%d" % i for i in range(count)]
+
+
+async def test_many_concurrent_senders_and_receivers_share_one_socket_pair():
+    # Small HWMs force waiting on both sides: a second task in wait_readable would
+    # raise BusyResourceError, a lost wake-up would hang.
+    pull, push = pair("ipc", "PULL", "PUSH", sndhwm=2, rcvhwm=2)
+    senders, per_sender = 12, 40
+    received = []
+
+    async def send(k):
+        for i in range(per_sender):
+            await push.send_multipart([b"%d-%d" % (k, i), b"x" * (i * 100)])
+
+    async def receive():
+        while True:
+            frames = await pull.recv_multipart(copy=True)
+            received.append(frames[0])
+
+    with pull, push, trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(receive)
+            async with trio.open_nursery() as sending:
+                for k in range(senders):
+                    sending.start_soon(send, k)
+            while len(received) < senders * per_sender:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    sent = [b"%d-%d" % (k, i) for k in range(senders) for i in range(per_sender)]
+    assert sorted(received) == sorted(sent)
+
+
+async def test_waiting_for_a_message_burns_no_cpu():
+    pull = open_socket("PULL", bind=bind_address("ipc"))
+    with pull:
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):  # the watcher and a parked waiter
+                nursery.start_soon(pull.recv_multipart)
+            await trio.testing.wait_all_tasks_blocked()
+            cpu = time.process_time()
+            await trio.sleep(1.0)
+            used = time.process_time() - cpu
+            nursery.cancel_scope.cancel()
+    # A busy loop would use the whole second; idle trio + libzmq threads use ~nothing.
+    assert used < 0.25, f"{used:.3f} s of CPU while idle"
+
+
+# ----------------------------------------------------------------------------------------
+# Buffers in flight
+# ----------------------------------------------------------------------------------------
+
+
+async def test_wait_released_returns_once_libzmq_lets_go_of_the_buffer():
+    pull, push = pair("ipc", "PULL", "PUSH")
+    buffer = np.ones(1 << 20, np.float32)
+    with pull, push, trio.fail_after(HANG_GUARD):
+        tracker = await push.send_multipart([b"h", buffer], track=True)
+        frames = await pull.recv_multipart()
+        await wait_released(tracker)
+        assert tracker.done
+        buffer[:] = 2  # safe now: the peer's copy is unaffected
+        assert np.frombuffer(frames[1].buffer, np.float32).max() == 1
+
+
+# ----------------------------------------------------------------------------------------
+# Set-up: options, endpoints, context
+# ----------------------------------------------------------------------------------------
+
+
+def test_every_socket_gets_the_safe_defaults():
+    with open_socket("ROUTER", connect="ipc:///nonexistent/x") as router:
+        for name, value in DEFAULT_SOCKET_OPTIONS.items():
+            assert router.zmq.getsockopt(getattr(zmq, name)) == value
+        assert router.zmq.getsockopt(zmq.IMMEDIATE) == 1
+    with open_socket("PULL", sndhwm=5, linger=0) as pull:
+        assert pull.zmq.getsockopt(zmq.SNDHWM) == 5 and pull.zmq.getsockopt(zmq.LINGER) == 0
+        assert pull.zmq.getsockopt(zmq.IMMEDIATE) == 0  # only connecting sockets
+
+
+def test_open_socket_lists_what_it_accepts_when_given_something_else():
+    with pytest.raises(ValueError, match="accepted: .*ROUTER"):
+        open_socket("ROUTR")
+    with pytest.raises(ValueError, match="unknown socket option 'sndhwn'"):
+        open_socket("PUSH", sndhwn=1)
+
+
+def test_ipc_endpoints_live_in_a_private_directory():
+    endpoint = ipc_endpoint("inbox")
+    assert endpoint == f"ipc://{ipc_directory()}/inbox"
+    assert stat.S_IMODE(os.stat(ipc_directory()).st_mode) == 0o700
+    with pytest.raises(ValueError, match="must match"):
+        ipc_endpoint("../escape")
+    with pytest.raises(ValueError, match="longer than"):
+        ipc_endpoint("x" * 60, directory="/tmp/" + "d" * 60)
+
+
+def test_one_context_serves_the_whole_process():
+    assert get_context() is get_context()
