@@ -1,9 +1,10 @@
-"""Ring collectives among N rank processes over ZeroMQ.
+"""Ring collectives among N rank processes over ZeroMQ (and shared memory on one host).
 
 Design note
 -----------
-Each rank binds a PULL *inbox* and PUSHes to its right neighbour's inbox: the ring
-``0 -> 1 -> ... -> N-1 -> 0``. An array of n elements is cut into N contiguous segments
+Each rank binds a DEALER *inbox* and connects a DEALER *outbox* to its right neighbour's
+inbox: the ring ``0 -> 1 -> ... -> N-1 -> 0``. Chunks flow right; small *acks* flow back
+left on the same connection. An array of n elements is cut into N contiguous segments
 by :func:`shard_bounds` (segment r is rank r's shard everywhere in zerotrain), each
 segment into chunks of at most ``chunk_bytes``. A collective is a fixed schedule of
 *hops*: at hop k every rank receives one segment from its left neighbour, chunk by chunk,
@@ -14,17 +15,28 @@ and either adds it into its array or copies it, then passes the chunk on at hop 
     all_gather      hops 0..N-2   receive segment r-k-1: copy
     broadcast       one hop       receive everything from the root's direction: copy
 
-Pipelining: chunk c of hop k+1 is sent the moment chunk c of hop k is reduced, so on a
-two-core machine numpy adds one chunk while libzmq's I/O thread moves the next. Sends go
-zero-copy from the array (or from the received frame when only forwarding) through a
-sender task, so the receive loop never blocks on a full pipe (a ring whose ranks all
-block in send would deadlock).
+Pipelining: chunk c of hop k+1 is sent the moment chunk c of hop k is reduced, so one
+chunk is added while the next one travels. A sender task does the sending, so the
+receive loop never blocks on a full pipe (a ring whose ranks all block in send would
+deadlock).
+
+Two wires carry the chunks:
+
+* **frames** (any endpoints): the chunk is a ZeroMQ frame, sent zero-copy from the array
+  (or from the received frame when only forwarding). Every byte crosses the kernel twice
+  (write, then read), which on a two-core machine is most of the cost.
+* **lanes** (``ipc://`` rings, Linux): each rank writes chunks into a sealed memfd of
+  ``lane_slots`` slots that its right neighbour maps read-only (through ``/proc/<pid>/
+  fd/<n>``); only a small notice travels over ZeroMQ, and the receiver returns the slot
+  with a *credit* ack. One memcpy per byte instead of two kernel copies, and the add
+  reads straight from the slot. A lane lives for one generation; the memory is freed
+  when both ends are gone, so a killed rank leaks nothing.
 
 Determinism: segment s is summed in the fixed order ``x[s+1] + x[s+2] + ... + x[s]``
 (ranks mod N), chunking does not change per-element order, and the all-gather hops
 copy the finished segment to everyone. So results are bitwise identical on every rank,
-run after run, and ``all_reduce`` gives the same bits as ``reduce_scatter`` followed by
-``all_gather`` (so ddp and ZeRO-2 agree).
+run after run, on either wire, and ``all_reduce`` gives the same bits as
+``reduce_scatter`` followed by ``all_gather`` (so ddp and ZeRO-2 agree).
 
 Failure: every message carries (generation, step, seq); ``seq`` counts collectives since
 the last :meth:`Ring.set_generation`. Older messages are discarded, a newer one means
@@ -35,14 +47,23 @@ neighbour disconnecting (process death, or ZMQ heartbeat loss) or no progress fo
 instead of waiting for their own timeout. After a CollectiveError the ring refuses work
 until every rank calls ``set_generation`` with a new, larger generation.
 
-In-flight buffers: a collective returns only after libzmq has released its last send
-(tracked; sends on one pipe are released in order), so the caller may mutate the array
-and may close the ring or exit at once.
+Completion: a rank that has received everything sends a *done* ack to its left; a rank
+returns only when it has received everything and its right neighbour has acked all it
+was sent. So when a collective returns nothing of it still reads the array (the caller
+may mutate it), and the process may close the ring or exit at once without its slower
+neighbour losing data (libzmq drops unread input of a peer that hangs up while the
+receiver's queue is full). The last done ack may still be queued in libzmq when the
+collective returns; closing the ring lingers, and ``actors._transport`` flushes the
+context at interpreter exit, so it still arrives.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
+import mmap
+import os
+import secrets
 import struct
 from collections import deque
 from collections.abc import Sequence
@@ -53,7 +74,7 @@ import trio
 import zmq
 
 from ._frames import DTYPES
-from ._transport import TrioSocket, open_socket, wait_released
+from ._transport import TrioSocket, open_socket
 
 __all__ = ["CollectiveError", "Ring", "shard_bounds"]
 
@@ -83,21 +104,23 @@ def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------
 # Wire format of ring messages
 # ----------------------------------------------------------------------------------------
-# Two frames: a fixed 56-byte header and a payload (chunk bytes, or an abort reason).
-# A fixed struct instead of the msgpack codec: it is parsed once per chunk on the hot
-# path, and every field is checked against what the schedule expects.
+# Two frames: a fixed 56-byte header and a payload: the chunk's bytes (_DATA), a lane
+# reference (_LANE) or an abort reason (_ABORT). A fixed struct instead of the msgpack
+# codec: it is parsed once per chunk on the hot path, and every field is checked against
+# what the schedule expects.
 
 _MAGIC = b"ZTRG"
 _VERSION = 1
 _HEADER = struct.Struct("<4sBBBBiiqqqiiq")
 # magic, version, kind, op, dtype, sender, origin, generation, step, seq, hop, chunk, n
-_DATA, _ABORT = 1, 2
+_DATA, _ABORT, _LANE = 1, 2, 3
 _OPS = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3, "broadcast": 4, "barrier": 5}
 _OP_NAMES = {code: name for name, code in _OPS.items()}
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES.values())}
 _SUM_DTYPES = {np.dtype(t) for t in ("<f4", "<f8", "<i4", "<i8")}
 _MAX_REASON = 1024
 _ABORT_WAIT = 1.0  # seconds an abort may wait for the right link
+_LINK_GRACE = 0.1  # seconds between a disconnect event and believing it
 _ADD, _COPY = 1, 2
 _NO_FORWARD, _FROM_ARRAY, _FROM_FRAME = 0, 1, 2
 
@@ -127,9 +150,17 @@ def _parse_header(frames: list) -> _Header:
     if magic != _MAGIC or version != _VERSION:
         raise CollectiveError(f"malformed ring message: magic {magic!r} version {version}")
     header = _Header(*fields)
-    if header.kind not in (_DATA, _ABORT):
+    if header.kind not in (_DATA, _ABORT, _LANE):
         raise CollectiveError(f"malformed ring message: kind {header.kind}")
     return header
+
+
+# Acks travel right to left: a *credit* returns a lane slot (lanes only), *done* says
+# "I have everything you sent me in this collective".
+_ACK = struct.Struct("<4sBBqq16sI")  # magic, version, kind, generation, seq, token, slot
+_ACK_MAGIC = b"ZTAK"
+_CREDIT, _DONE = 1, 2
+_NO_TOKEN = bytes(16)
 
 
 @dataclass(frozen=True)
@@ -141,6 +172,104 @@ class _Hop:
     stop: int
     action: int  # _ADD or _COPY
     forward: int  # _NO_FORWARD, _FROM_ARRAY or _FROM_FRAME (as hop + 1)
+
+
+# ----------------------------------------------------------------------------------------
+# Shared-memory lanes
+# ----------------------------------------------------------------------------------------
+# A lane is a memfd: one page of header (magic, token, slots, slot bytes), then the
+# slots, each page-aligned. The writer seals its size so a reader can never be made to
+# fault (SIGBUS) by a shrinking file. Notices and credits name a slot and carry the
+# lane's random token, so a notice can never be applied to the wrong mapping.
+
+_LANE_MAGIC = b"ZTLANE01"
+_LANE_INFO = struct.Struct("<8s16sII")  # magic, token, slots, slot bytes
+_LANE_REF = struct.Struct("<16siiI")  # token, writer pid, writer fd, slot
+_PAGE = mmap.PAGESIZE
+_MAX_LANE_SLOTS = 64
+
+
+def _lanes_supported() -> bool:
+    return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
+
+
+class _OutLane:
+    """The writing end of a lane: this rank fills slots, its right neighbour reads them."""
+
+    def __init__(self, slots: int, slot_bytes: int) -> None:
+        self.token = secrets.token_bytes(16)
+        self.slot_bytes = -(-slot_bytes // _PAGE) * _PAGE
+        size = _PAGE + slots * self.slot_bytes
+        self.fd = os.memfd_create("zerotrain-ring-lane", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, size)
+            seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, seals)
+            self._map = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._map[: _LANE_INFO.size] = _LANE_INFO.pack(
+            _LANE_MAGIC, self.token, slots, self.slot_bytes
+        )
+        memory = np.frombuffer(self._map, np.uint8)
+        size = self.slot_bytes
+        self.slots = [memory[_PAGE + i * size :][:size] for i in range(slots)]
+        self.free = deque(range(slots))
+        self.pid = os.getpid()
+
+    def ref(self, slot: int) -> bytes:
+        return _LANE_REF.pack(self.token, self.pid, self.fd, slot)
+
+    def close(self) -> None:
+        self.slots = []
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the mapping goes with it
+        os.close(self.fd)
+
+
+class _InLane:
+    """The reading end: the left neighbour's lane, mapped read-only."""
+
+    def __init__(self, token: bytes, pid: int, fd: int) -> None:
+        try:
+            handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CollectiveError(
+                f"cannot open the left neighbour's shared-memory lane (pid {pid}, fd {fd}): "
+                f"{exc}; ranks on different hosts or a restricted /proc need "
+                "Ring(..., lanes=False)"
+            ) from None
+        try:
+            size = os.fstat(handle).st_size
+            if size < _PAGE:
+                raise CollectiveError(f"shared-memory lane of {size} bytes is too small")
+            self._map = mmap.mmap(handle, size, prot=mmap.PROT_READ)
+        finally:
+            os.close(handle)
+        magic, got_token, slots, slot_bytes = _LANE_INFO.unpack(self._map[: _LANE_INFO.size])
+        valid = (
+            magic == _LANE_MAGIC
+            and got_token == token
+            and 1 <= slots <= _MAX_LANE_SLOTS
+            and slot_bytes % _PAGE == 0
+            and size == _PAGE + slots * slot_bytes
+        )
+        if not valid:
+            self._map.close()
+            raise CollectiveError("the left neighbour's lane does not match its notice")
+        self.token = token
+        memory = np.frombuffer(self._map, np.uint8)
+        self.slots = [memory[_PAGE + i * slot_bytes :][:slot_bytes] for i in range(slots)]
+
+    def close(self) -> None:
+        self.slots = []
+        try:
+            self._map.close()
+        except BufferError:
+            pass
 
 
 # ----------------------------------------------------------------------------------------
@@ -160,6 +289,10 @@ class Ring:
     or sent) before it raises CollectiveError; a dead neighbour is noticed sooner, from
     the disconnect (immediate for a killed process, HEARTBEAT_TIMEOUT for a frozen one).
 
+    ``lanes`` moves chunks through shared memory instead of ZeroMQ frames (see the
+    module doc); the default, None, uses them when every endpoint is ``ipc://`` and the
+    platform has memfd. All ranks must agree.
+
     Not for use from two tasks at once: one collective at a time, like NCCL's stream.
     """
 
@@ -172,6 +305,8 @@ class Ring:
         generation: int = 0,
         timeout: float = 30.0,
         chunk_bytes: int = 1 << 20,
+        lanes: bool | None = None,
+        lane_slots: int = 8,
     ) -> None:
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"need world >= 1 and 0 <= rank < world, got {rank}, {world}")
@@ -183,11 +318,20 @@ class Ring:
             raise ValueError(f"chunk_bytes must be in [4 KiB, 16 MiB], got {chunk_bytes}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if not 1 <= lane_slots <= _MAX_LANE_SLOTS:
+            raise ValueError(f"lane_slots must be in [1, {_MAX_LANE_SLOTS}], got {lane_slots}")
+        all_ipc = all(e.startswith("ipc://") for e in endpoints)
+        if lanes is None:
+            lanes = all_ipc and _lanes_supported()
+        elif lanes and not (all_ipc and _lanes_supported()):
+            raise ValueError("lanes=True needs ipc:// endpoints and Linux memfd (one host)")
         self.rank = rank
         self.world = world
         self.endpoints = list(endpoints)
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
+        self.lanes = bool(lanes) and world > 1
+        self.lane_slots = lane_slots
         self._generation = generation
         self._seq = 0
         self._broken: str | None = None
@@ -196,28 +340,35 @@ class Ring:
         self._stats = dict.fromkeys(
             ("collectives", "bytes_sent", "bytes_received", "stale_discarded", "failures"), 0
         )
-        self._inbox: TrioSocket | None = None
-        self._outbox: TrioSocket | None = None
+        self._inbox: TrioSocket | None = None  # chunks from the left, acks to it
+        self._outbox: TrioSocket | None = None  # chunks to the right, acks from it
+        self._out_lane: _OutLane | None = None
+        self._in_lane: _InLane | None = None
         self._monitors: list[tuple[str, TrioSocket]] = []
         if world == 1:
             return
         limit = max(chunk_bytes, _MAX_REASON, _HEADER.size)
-        self._inbox = open_socket(
-            "PULL", bind=self.endpoints[rank], rcvhwm=16, maxmsgsize=limit, linger=0
-        )
-        # Sends are zero-copy references into arrays: a deep send queue costs nothing
-        # and lets a whole segment be queued at once.
-        self._outbox = open_socket(
-            "PUSH",
-            connect=self.endpoints[(rank + 1) % world],
-            sndhwm=1 << 16,
-            maxmsgsize=limit,
-            linger=500,
-        )
-        for name, sock in (("left", self._inbox), ("right", self._outbox)):
-            address = f"inproc://ring-monitor-{id(self)}-{name}"
-            sock.zmq.monitor(address, zmq.EVENT_DISCONNECTED)
-            self._monitors.append((name, open_socket("PAIR", connect=address, linger=0)))
+        try:
+            self._inbox = open_socket(
+                "DEALER", bind=self.endpoints[rank], rcvhwm=16, maxmsgsize=limit
+            )
+            # Sends are zero-copy references into arrays: a deep send queue costs nothing
+            # and lets a whole segment be queued at once.
+            right = self.endpoints[(rank + 1) % world]
+            # IMMEDIATE=0: with 1, libzmq drops a connecting socket's unread input when
+            # the peer hangs up, and the right's last done ack is exactly such input.
+            self._outbox = open_socket(
+                "DEALER", connect=right, immediate=0, sndhwm=1 << 16, maxmsgsize=limit
+            )
+            if self.lanes:
+                self._out_lane = _OutLane(lane_slots, chunk_bytes)
+            for name, sock in (("left", self._inbox), ("right", self._outbox)):
+                address = f"inproc://ring-monitor-{id(self)}-{name}"
+                sock.zmq.monitor(address, zmq.EVENT_DISCONNECTED)
+                self._monitors.append((name, open_socket("PAIR", connect=address, linger=0)))
+        except BaseException:
+            self.close()
+            raise
 
     # -- client API ----------------------------------------------------------------------
 
@@ -236,6 +387,13 @@ class Ring:
         self._generation = generation
         self._seq = 0
         self._broken = None
+        if self.lanes and not self._closed:  # a fresh lane: the old one may be mid-use
+            assert self._out_lane is not None
+            self._out_lane.close()
+            self._out_lane = _OutLane(self.lane_slots, self.chunk_bytes)
+            if self._in_lane is not None:
+                self._in_lane.close()
+                self._in_lane = None
 
     def stats(self) -> dict[str, int]:
         """Counters: collectives, bytes_sent, bytes_received, stale_discarded, failures."""
@@ -264,9 +422,8 @@ class Ring:
             )
             for k in range(world - 1)
         ]
-        await self._run(
-            "reduce_scatter", flat, step, [shard_bounds(n, world, (r - 1) % world)], hops
-        )
+        initial = [shard_bounds(n, world, (r - 1) % world)]
+        await self._run("reduce_scatter", flat, step, initial, hops)
         start, stop = shard_bounds(n, world, r)
         return flat[start:stop]
 
@@ -310,7 +467,7 @@ class Ring:
         await self._run_all_reduce_as("barrier", np.zeros(self.world, np.float32), step)
 
     def close(self) -> None:
-        """Close the sockets. Idempotent."""
+        """Close the sockets and lanes. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -326,6 +483,9 @@ class Ring:
         for sock in (self._inbox, self._outbox):
             if sock is not None:
                 sock.close()
+        for lane in (self._out_lane, self._in_lane):
+            if lane is not None:
+                lane.close()
 
     def __enter__(self) -> Ring:
         return self
@@ -337,16 +497,18 @@ class Ring:
 
     async def _run_all_reduce_as(self, op: str, flat: np.ndarray, step: int) -> None:
         n, r, world = flat.size, self.rank, self.world
+
+        def forward(k: int) -> int:
+            if k <= world - 2:
+                return _FROM_ARRAY  # reduce-scatter hops pass on their partial sums
+            return _FROM_FRAME if k < 2 * world - 3 else _NO_FORWARD
+
         hops = [
             _Hop(
                 k,
                 *shard_bounds(n, world, (r - k - 2) % world),
                 _ADD if k <= world - 2 else _COPY,
-                _FROM_ARRAY
-                if k <= world - 2
-                else _FROM_FRAME
-                if k < 2 * world - 3
-                else _NO_FORWARD,
+                forward(k),
             )
             for k in range(2 * world - 2)
         ]
@@ -419,6 +581,10 @@ class Ring:
                 pass  # the neighbours' own timeouts still bound their wait
 
 
+def _has_input(sock: TrioSocket | None) -> bool:
+    return sock is not None and bool(sock.zmq.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+
 def _drain(sock: TrioSocket) -> None:
     while True:
         try:
@@ -445,14 +611,15 @@ class _Run:
         self.abort_origin: int | None = None  # set when the failure is a received abort
         self.abort_reason = ""
         self.scope: trio.CancelScope | None = None
-        self.final_tracker: zmq.MessageTracker | None = None
         self.op_code = _OPS[op]
         self.dtype_code = _DTYPE_CODES[flat.dtype]
         self.left = (ring.rank - 1) % ring.world
         self.left_down = False
         self.right_down = False
         self.receiving = True  # until every expected chunk has arrived
-        self.sending = True  # until the last send was queued to libzmq
+        self.sent = 0  # chunks handed to libzmq (frames) or to the lane (lanes)
+        self.total_sends = 0
+        self.done_from_right = False  # the right neighbour has all we sent
 
     def header(self, kind: int, hop: int, chunk: int, *, origin: int | None = None) -> bytes:
         ring = self.ring
@@ -475,37 +642,33 @@ class _Run:
     async def execute(self, initial: list[tuple[int, int]], hops: list[_Hop]) -> None:
         ring = self.ring
         itemsize = self.flat.itemsize
-        sends = [(0, self._chunk_views(a, b)) for a, b in initial]
-        total_sends = sum(len(views) for _, views in sends) + sum(
-            len(ring._chunks(h.start, h.stop, itemsize)) for h in hops if h.forward
-        )
-        send_tx, send_rx = trio.open_memory_channel[tuple[bytes, object]](math.inf)
-        for hop, views in sends:
-            for c, view in enumerate(views):
-                send_tx.send_nowait((self.header(_DATA, hop, c), view))
-        timed_out = False
+        # What goes out: (hop, chunk, payload), payload an array view or a received Frame.
+        send_tx, send_rx = trio.open_memory_channel[tuple[int, int, object]](math.inf)
+        total_sends = sum(len(ring._chunks(h.start, h.stop, itemsize)) for h in hops if h.forward)
+        for start, stop in initial:
+            for c, (a, b) in enumerate(ring._chunks(start, stop, itemsize)):
+                send_tx.send_nowait((0, c, self.flat[a:b]))
+                total_sends += 1
+        self.total_sends = total_sends
         with trio.move_on_after(ring.timeout) as scope:
             self.scope = scope
             async with trio.open_nursery() as nursery:
                 sender_done = trio.Event()
-                nursery.start_soon(self._send_loop, send_rx, total_sends, sender_done)
+                sender = self._send_lanes if ring.lanes else self._send_frames
+                nursery.start_soon(sender, send_rx, total_sends, sender_done)
                 for name, monitor in ring._monitors:
                     nursery.start_soon(self._watch_link, name, monitor)
                 try:
-                    await self._receive_loop(hops, send_tx)
+                    if await self._receive_loop(hops, send_tx) and not self.left_down:
+                        await self._send_ack(_DONE)
                     self.receiving = False
                     send_tx.close()
                     await sender_done.wait()
-                    if self.final_tracker is not None and not self.final_tracker.done:
-                        await wait_released(self.final_tracker, ring.timeout)
                 except CollectiveError as exc:
                     self.fail(exc)
-                except TimeoutError:
-                    self.fail(CollectiveError(f"{self._what()}: last send never released"))
                 finally:
                     nursery.cancel_scope.cancel()
-        timed_out = scope.cancelled_caught and self.failure is None
-        if timed_out:
+        if scope.cancelled_caught and self.failure is None:
             self.failure = CollectiveError(
                 f"{self._what()}: no progress for {ring.timeout} s "
                 f"(left rank {self.left}, right rank {(ring.rank + 1) % ring.world})"
@@ -520,31 +683,99 @@ class _Run:
             f"(generation {ring._generation}, step {self.step}, seq {self.seq})"
         )
 
-    def _chunk_views(self, start: int, stop: int) -> list[np.ndarray]:
-        return [self.flat[a:b] for a, b in self.ring._chunks(start, stop, self.flat.itemsize)]
+    # -- sending -------------------------------------------------------------------------
 
-    # -- tasks ---------------------------------------------------------------------------
-
-    async def _send_loop(self, items, total: int, done: trio.Event) -> None:
+    async def _send_frames(self, items, total: int, done: trio.Event) -> None:
+        """Frames wire: each chunk goes zero-copy, then wait for the right's done ack."""
         outbox = self.ring._outbox
         assert outbox is not None
-        sent = 0
         try:
-            async for header, payload in items:
-                sent += 1
-                last = sent == total
-                if last and isinstance(payload, zmq.Frame):
-                    payload = payload.buffer  # a received Frame cannot be tracked itself
-                tracker = await outbox.send_multipart([header, payload], copy=False, track=last)
+            async for hop, chunk, payload in items:
+                header = self.header(_DATA, hop, chunk)
+                await outbox.send_multipart([header, payload], copy=False)
+                self.sent += 1
                 self.ring._stats["bytes_sent"] += memoryview(payload).nbytes
-                if last:
-                    self.final_tracker = tracker
                 self.progress()
+            await self._await_done()
         except trio.ClosedResourceError:
             self.fail(CollectiveError(f"{self._what()}: ring closed while sending"))
+        except CollectiveError as exc:
+            self.fail(exc)
         finally:
-            self.sending = False
             done.set()
+
+    async def _send_lanes(self, items, total: int, done: trio.Event) -> None:
+        """Lanes wire: copy each chunk into a free slot, then send a notice naming it."""
+        ring = self.ring
+        outbox = ring._outbox
+        assert outbox is not None
+        try:
+            async for hop, chunk, view in items:
+                lane = ring._out_lane
+                assert lane is not None and isinstance(view, np.ndarray)
+                while not lane.free:
+                    self._take_ack(await self._next_ack())
+                slot = lane.free.popleft()
+                np.copyto(lane.slots[slot][: view.nbytes].view(view.dtype), view)
+                await outbox.send_multipart([self.header(_LANE, hop, chunk), lane.ref(slot)])
+                self.sent += 1
+                ring._stats["bytes_sent"] += view.nbytes
+                self.progress()
+            await self._await_done()
+        except trio.ClosedResourceError:
+            self.fail(CollectiveError(f"{self._what()}: ring closed while sending"))
+        except CollectiveError as exc:
+            self.fail(exc)
+        finally:
+            done.set()
+
+    # -- acks ----------------------------------------------------------------------------
+
+    async def _send_ack(self, kind: int, token: bytes = _NO_TOKEN, slot: int = 0) -> None:
+        ring = self.ring
+        assert ring._inbox is not None
+        ack = _ACK.pack(_ACK_MAGIC, _VERSION, kind, ring._generation, self.seq, token, slot)
+        await ring._inbox.send_multipart([ack])
+
+    async def _next_ack(self) -> list:
+        outbox = self.ring._outbox
+        assert outbox is not None
+        if self.right_down and not _has_input(outbox):
+            peer = (self.ring.rank + 1) % self.ring.world
+            raise CollectiveError(f"{self._what()}: right neighbour rank {peer} disconnected")
+        return await outbox.recv_multipart(copy=False)
+
+    async def _await_done(self) -> None:
+        while self.total_sends and not self.done_from_right:
+            self._take_ack(await self._next_ack())
+
+    def _take_ack(self, frames: list) -> None:
+        ring = self.ring
+        raw = frames[0].buffer if len(frames) == 1 else b""
+        if len(raw) != _ACK.size:
+            raise CollectiveError(f"{self._what()}: malformed ack from the right")
+        magic, version, kind, generation, seq, token, slot = _ACK.unpack(raw)
+        if magic != _ACK_MAGIC or version != _VERSION or kind not in (_CREDIT, _DONE):
+            raise CollectiveError(f"{self._what()}: malformed ack from the right")
+        lane = ring._out_lane
+        stale = generation != ring._generation or (
+            seq < self.seq if kind == _DONE else lane is None or token != lane.token
+        )
+        if stale:
+            ring._stats["stale_discarded"] += 1
+            return
+        if kind == _DONE:
+            if seq != self.seq:
+                raise CollectiveError(f"{self._what()}: done ack for seq {seq} from the future")
+            self.done_from_right = True
+        else:
+            assert lane is not None
+            if not 0 <= slot < len(lane.slots) or slot in lane.free:
+                raise CollectiveError(f"{self._what()}: credit for slot {slot}, not in use")
+            lane.free.append(slot)
+        self.progress()
+
+    # -- watching the links --------------------------------------------------------------
 
     async def _watch_link(self, name: str, monitor: TrioSocket) -> None:
         # A disconnect is fatal only if it can still matter: the left neighbour's
@@ -556,6 +787,9 @@ class _Run:
         except trio.ClosedResourceError:
             self.fail(CollectiveError(f"{self._what()}: ring closed"))
             return
+        # libzmq reports the disconnect *before* it flushes the last messages it read
+        # from that peer into the socket's queue: look again after a moment.
+        await trio.sleep(_LINK_GRACE)
         if name == "left":
             self.left_down = True
             if not self.receiving or self._pending():
@@ -563,17 +797,20 @@ class _Run:
             peer = self.left
         else:
             self.right_down = True
-            if not self.sending:
+            if self.done_from_right or not self.total_sends:
                 return
+            if self.sent == self.total_sends and _has_input(self.ring._outbox):
+                return  # its done ack may be waiting: _next_ack decides
             peer = (self.ring.rank + 1) % self.ring.world
         self.fail(CollectiveError(f"{self._what()}: {name} neighbour rank {peer} disconnected"))
 
     def _pending(self) -> bool:
-        inbox = self.ring._inbox
-        assert inbox is not None
-        return bool(self.ring._held) or bool(inbox.zmq.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        return bool(self.ring._held) or _has_input(self.ring._inbox)
 
-    async def _receive_loop(self, hops: list[_Hop], send_tx) -> None:
+    # -- receiving -----------------------------------------------------------------------
+
+    async def _receive_loop(self, hops: list[_Hop], send_tx) -> bool:
+        """Receive and apply every expected chunk; return whether there were any."""
         ring = self.ring
         inbox = ring._inbox
         assert inbox is not None
@@ -602,24 +839,50 @@ class _Run:
             if not self._is_current(header, frames):
                 continue
             hop, chunk, start, stop = expected[position]
-            self._check(header, hop, chunk, frames[1], (stop - start) * itemsize)
+            nbytes = (stop - start) * itemsize
+            self._check(header, hop, chunk, frames[1], nbytes)
             position += 1
             self.progress()
-            ring._stats["bytes_received"] += (stop - start) * itemsize
+            ring._stats["bytes_received"] += nbytes
+            target = flat[start:stop]
+            if header.kind == _LANE:
+                await self._apply_from_lane(hop, chunk, frames[1], target, send_tx)
+                continue
             frame = frames[1]
             received = np.frombuffer(frame.buffer, flat.dtype)
-            target = flat[start:stop]
-            next_header = self.header(_DATA, hop.hop + 1, chunk) if hop.forward else b""
             if hop.action == _ADD:
                 np.add(target, received, out=target)
-                if hop.forward == _FROM_ARRAY:
-                    send_tx.send_nowait((next_header, target))
-            else:
-                if hop.forward == _FROM_FRAME:  # pass it on first: the copy overlaps
-                    send_tx.send_nowait((next_header, frame))
+            elif hop.forward == _FROM_FRAME:  # pass it on first: the copy overlaps
+                send_tx.send_nowait((hop.hop + 1, chunk, frame))
                 np.copyto(target, received)
-                if hop.forward == _FROM_ARRAY:
-                    send_tx.send_nowait((next_header, target))
+                continue
+            else:
+                np.copyto(target, received)
+            if hop.forward == _FROM_ARRAY:
+                send_tx.send_nowait((hop.hop + 1, chunk, target))
+        return bool(expected)
+
+    async def _apply_from_lane(self, hop: _Hop, chunk: int, frame, target, send_tx) -> None:
+        ring = self.ring
+        token, pid, fd, slot = _LANE_REF.unpack(frame.buffer)
+        lane = ring._in_lane
+        if lane is None or lane.token != token:  # the first notice of a new lane
+            if lane is not None:
+                lane.close()
+                ring._in_lane = None
+            ring._in_lane = lane = _InLane(token, pid, fd)
+        if not 0 <= slot < len(lane.slots) or target.nbytes > lane.slots[slot].size:
+            raise CollectiveError(f"{self._what()}: notice names slot {slot} of {len(lane.slots)}")
+        received = lane.slots[slot][: target.nbytes].view(target.dtype)
+        if hop.action == _ADD:
+            np.add(target, received, out=target)
+        else:
+            np.copyto(target, received)
+        del received
+        if not self.left_down:
+            await self._send_ack(_CREDIT, token, slot)
+        if hop.forward:  # from the array: the slot is already back with its writer
+            send_tx.send_nowait((hop.hop + 1, chunk, target))
 
     def _is_current(self, header: _Header, frames: list) -> bool:
         """Discard stale messages, stash early ones, raise on an abort; else True."""
@@ -652,8 +915,11 @@ class _Run:
                 f"= {(_OP_NAMES.get(header.op), *got[1:])}, expected "
                 f"{(self.op, *want[1:])}; all ranks must call the same collectives"
             )
-        if (header.hop, header.chunk, len(frame)) != (hop.hop, chunk, nbytes):
+        wire = (_LANE, _LANE_REF.size) if self.ring.lanes else (_DATA, nbytes)
+        got_place = (header.hop, header.chunk, header.kind, len(frame))
+        want_place = (hop.hop, chunk, *wire)
+        if got_place != want_place:
             raise CollectiveError(
-                f"{self._what()}: (hop, chunk, nbytes) = "
-                f"{(header.hop, header.chunk, len(frame))}, expected {(hop.hop, chunk, nbytes)}"
+                f"{self._what()}: (hop, chunk, kind, payload bytes) = {got_place}, "
+                f"expected {want_place}; do all ranks use the same chunk_bytes and lanes?"
             )

@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -72,6 +73,10 @@ DEFAULT_SOCKET_OPTIONS: dict[str, int] = {
 }
 # Connecting sockets also get IMMEDIATE=1 (never queue on a connection that is not up)
 # and ROUTERs get ROUTER_MANDATORY=1 (an unknown peer raises instead of dropping).
+# Trap (measured here): with IMMEDIATE=1, when the peer hangs up libzmq terminates the
+# connecting socket's pipe at once and *drops its unread input*: a reply sent just before
+# the peer exited is lost. Pass immediate=0 where the last message of a leaving peer
+# matters (the ring's acks do).
 
 
 # Plain ints: pyzmq's enum flags cost microseconds per `&` on the hot path.
@@ -98,15 +103,38 @@ _context: zmq.Context | None = None
 _context_pid = 0
 
 
+_EXIT_LINGER = 1.0  # seconds queued messages get to leave when the process exits
+
+
 def get_context() -> zmq.Context:
-    """This process's zmq Context, created on first use (never inherited across fork)."""
+    """This process's zmq Context, created on first use (never inherited across fork).
+
+    At interpreter exit every socket still open is closed with a linger of
+    ``_EXIT_LINGER`` and the context terminated, so messages queued just before the
+    exit (a ring's last done ack, a final reply) still leave; pyzmq alone would drop
+    them with the I/O thread.
+    """
     global _context, _context_pid
     if _context is None or _context_pid != os.getpid():
         # A context inherited through fork() is unusable (its I/O threads did not
         # survive) and must not be terminated from here: drop it.
         _context = zmq.Context(io_threads=1)
         _context_pid = os.getpid()
+        atexit.register(_flush_at_exit, _context, _context_pid)
     return _context
+
+
+def _flush_at_exit(context: zmq.Context, pid: int) -> None:
+    if pid != os.getpid() or context.closed:
+        return
+    # In a daemon thread with a deadline: a socket stuck in libzmq (a full monitor
+    # pipe, say) must not turn exit into a hang.
+    linger_ms = int(_EXIT_LINGER * 1000)
+    flusher = threading.Thread(
+        target=context.destroy, kwargs={"linger": linger_ms}, daemon=True, name="zmq-exit"
+    )
+    flusher.start()
+    flusher.join(_EXIT_LINGER + 1.0)
 
 
 _ipc_dir: str | None = None

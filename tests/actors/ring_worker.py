@@ -1,14 +1,18 @@
 """One rank process for tests/actors/test_collectives.py (spawned, never forked).
 
-    python ring_worker.py ops  RANK WORLD DIR OUT.npz   # every collective, results saved
-    python ring_worker.py loop RANK WORLD DIR           # all-reduce until something fails
+    python ring_worker.py ops   RANK WORLD DIR OUT.npz [--frames]  # every collective
+    python ring_worker.py loop  RANK WORLD DIR [--frames]          # all-reduce until failure
+    python ring_worker.py early RANK WORLD DIR OUT.npz [--frames]  # one all-reduce, rank 0 late
 
 `ops` runs each collective on seeded inputs and saves inputs and outputs. `loop` prints
 "ready" after its first all-reduce, then all-reduces until a CollectiveError, which it
-prints as "collective-error: ..." before exiting with status 3.
+prints as "collective-error: ..." before exiting with status 3. `early`: every rank but
+0 all-reduces once and exits at once; rank 0 starts a second later and saves its result.
+`--frames` turns shared-memory lanes off.
 """
 
 import sys
+import time
 
 import numpy as np
 import trio
@@ -66,14 +70,28 @@ async def run_loop(ring: Ring) -> None:
         sys.exit(3)
 
 
+async def run_early(ring: Ring, out: str) -> None:
+    if ring.rank == 0:
+        time.sleep(1.0)  # the others finish and exit before this rank reads anything
+    x = np.full(100_003, ring.rank + 1.0, np.float32)
+    await ring.all_reduce(x, step=1)
+    if ring.rank == 0:
+        np.save(out, x)
+
+
 def main() -> None:
-    mode, rank, world, directory = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    args = [a for a in sys.argv[1:] if a != "--frames"]
+    mode, rank, world, directory = args[0], int(args[1]), int(args[2]), args[3]
     endpoints = [ipc_endpoint(f"rank-{r}", directory) for r in range(world)]
+    lanes = "--frames" not in sys.argv
 
     async def run():
-        with Ring(rank, world, endpoints, timeout=10.0, chunk_bytes=CHUNK_BYTES) as ring:
+        options = dict(timeout=10.0, chunk_bytes=CHUNK_BYTES, lanes=lanes)
+        with Ring(rank, world, endpoints, **options) as ring:
             if mode == "ops":
-                await run_ops(ring, sys.argv[5])
+                await run_ops(ring, args[4])
+            elif mode == "early":
+                await run_early(ring, args[4])
             else:
                 await run_loop(ring)
 

@@ -31,6 +31,7 @@ from actors._collectives import (
 from actors._transport import ipc_directory, ipc_endpoint
 
 WORKER = Path(__file__).with_name("ring_worker.py")
+WIRES = {"lanes": [], "frames": ["--frames"]}  # worker flags per wire
 HANG_GUARD = 60  # seconds; only a hang takes this long
 _counter = iter(range(10**9))
 
@@ -132,9 +133,15 @@ def copies(xs):
     return [x.copy() for x in xs]
 
 
+@pytest.fixture(params=sorted(WIRES))
+def wire(request):
+    return request.param
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
-async def test_collectives_match_numpy_with_sizes_not_divisible_by_the_world(world):
-    rings = open_rings(world)
+async def test_collectives_match_numpy_with_sizes_not_divisible_by_the_world(world, wire):
+    rings = open_rings(world, lanes=wire == "lanes")
+    assert all(g.lanes == (wire == "lanes") for g in rings)
     step = 0
     for n in [0, 1, 5, 4097, 10_001]:
         for dtype in ["float32", "float64"]:
@@ -208,22 +215,31 @@ async def test_collectives_refuse_arrays_they_cannot_reduce_in_place(array, comp
 # ----------------------------------------------------------------------------------------
 
 
-async def run_rank_processes(world: int, tmp_path: Path, name: str = "ring") -> list[dict]:
-    directory = tmp_path / name
+async def spawn_ranks(mode: str, world: int, directory: Path, wire: str, out=None) -> list:
+    """Start `world` ring_worker.py processes (fresh interpreters) and wait for them."""
     directory.mkdir(mode=0o700)
-    outs = [directory / f"rank{r}.npz" for r in range(world)]
-    cmd = [sys.executable, str(WORKER), "ops"]
+    procs = []
     with trio.fail_after(HANG_GUARD):
         async with trio.open_nursery() as nursery:
             for r in range(world):
-                args = [str(r), str(world), str(directory), str(outs[r])]
-                nursery.start_soon(lambda a=args: trio.run_process(cmd + a, check=True))
-    return [dict(np.load(out)) for out in outs]
+                argv = [sys.executable, str(WORKER), mode, str(r), str(world), str(directory)]
+                argv += [str(out(r))] if out else []
+                argv += WIRES[wire]
+                procs.append(await nursery.start(trio.run_process, argv))
+    return [p.returncode for p in procs]
+
+
+async def run_rank_processes(world: int, directory: Path, wire: str = "lanes") -> list[dict]:
+    def out(r):
+        return directory / f"rank{r}.npz"
+
+    assert await spawn_ranks("ops", world, directory, wire, out) == [0] * world
+    return [dict(np.load(out(r))) for r in range(world)]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-async def test_rank_processes_compute_what_numpy_computes(world, tmp_path):
-    results = await run_rank_processes(world, tmp_path)  # fresh processes, spawned
+async def test_rank_processes_compute_what_numpy_computes(world, wire, tmp_path):
+    results = await run_rank_processes(world, tmp_path / "ring", wire)
     keys = [k.split("/", 1)[1] for k in results[0] if k.startswith("input/")]
     for key in keys:
         xs = [r[f"input/{key}"] for r in results]
@@ -242,12 +258,23 @@ async def test_rank_processes_compute_what_numpy_computes(world, tmp_path):
     assert all(int(r["stale_discarded"]) == 0 for r in results)
 
 
-async def test_rank_processes_give_the_same_bits_run_after_run(tmp_path):
-    first = await run_rank_processes(3, tmp_path, "first")
-    second = await run_rank_processes(3, tmp_path, "second")
-    for one, two in zip(first, second, strict=True):
-        assert one.keys() == two.keys()
-        assert all(one[k].tobytes() == two[k].tobytes() for k in one)
+async def test_rank_processes_give_the_same_bits_run_after_run_on_either_wire(tmp_path):
+    first = await run_rank_processes(3, tmp_path / "first", "lanes")
+    second = await run_rank_processes(3, tmp_path / "second", "lanes")
+    frames = await run_rank_processes(3, tmp_path / "frames", "frames")
+    for one, two, three in zip(first, second, frames, strict=True):
+        assert one.keys() == two.keys() == three.keys()
+        assert all(one[k].tobytes() == two[k].tobytes() == three[k].tobytes() for k in one)
+
+
+async def test_a_rank_that_exits_right_after_a_collective_does_not_fail_a_slower_one(
+    wire, tmp_path
+):
+    def out(r):
+        return tmp_path / "rank0.npy"
+
+    assert await spawn_ranks("early", 3, tmp_path / "ring", wire, out) == [0, 0, 0]
+    assert np.load(out(0)).tolist() == [6.0] * 100_003
 
 
 # ----------------------------------------------------------------------------------------
@@ -255,13 +282,14 @@ async def test_rank_processes_give_the_same_bits_run_after_run(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-async def test_a_rank_killed_mid_collective_makes_every_other_rank_raise(tmp_path):
+async def test_a_rank_killed_mid_collective_makes_every_other_rank_raise(wire, tmp_path):
     world, victim = 3, 1
     directory = tmp_path / "ring"
     directory.mkdir(mode=0o700)
     procs = [
         await trio.lowlevel.open_process(
-            [sys.executable, str(WORKER), "loop", str(r), str(world), str(directory)],
+            [sys.executable, str(WORKER), "loop", str(r), str(world), str(directory)]
+            + WIRES[wire],
             stdout=subprocess.PIPE,
         )
         for r in range(world)
