@@ -286,11 +286,10 @@ async def test_a_rank_killed_mid_collective_makes_every_other_rank_raise(wire, t
     world, victim = 3, 1
     directory = tmp_path / "ring"
     directory.mkdir(mode=0o700)
+    argv = [sys.executable, str(WORKER), "loop"]
     procs = [
         await trio.lowlevel.open_process(
-            [sys.executable, str(WORKER), "loop", str(r), str(world), str(directory)]
-            + WIRES[wire],
-            stdout=subprocess.PIPE,
+            [*argv, str(r), str(world), str(directory), *WIRES[wire]], stdout=subprocess.PIPE
         )
         for r in range(world)
     ]
