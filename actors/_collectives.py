@@ -121,6 +121,8 @@ _SUM_DTYPES = {np.dtype(t) for t in ("<f4", "<f8", "<i4", "<i8")}
 _MAX_REASON = 1024
 _ABORT_WAIT = 1.0  # seconds an abort may wait for the right link
 _LINK_GRACE = 0.1  # seconds between a disconnect event and believing it
+_PIPELINE_DEPTH = 2  # chunks per segment wanted, for overlap
+_MIN_CHUNK_BYTES = 64 << 10
 _ADD, _COPY = 1, 2
 _NO_FORWARD, _FROM_ARRAY, _FROM_FRAME = 0, 1, 2
 
@@ -304,7 +306,7 @@ class Ring:
         *,
         generation: int = 0,
         timeout: float = 30.0,
-        chunk_bytes: int = 1 << 20,
+        chunk_bytes: int = 4 << 20,
         lanes: bool | None = None,
         lane_slots: int = 8,
     ) -> None:
@@ -525,8 +527,18 @@ class Ring:
             raise ValueError(f"{op} needs a C-contiguous, writeable array (no copy is made)")
         return array.reshape(-1)
 
-    def _chunks(self, start: int, stop: int, itemsize: int) -> list[tuple[int, int]]:
-        per = max(1, self.chunk_bytes // itemsize)
+    def _chunk_length(self, n: int, itemsize: int) -> int:
+        """Elements per chunk for an n-element collective: at most ``chunk_bytes``, and
+        small enough that a segment has ~4 chunks to pipeline (but not under 64 KiB).
+
+        A pure function of (n, world, itemsize, chunk_bytes), so every rank agrees.
+        """
+        segment = -(-n // self.world)
+        wanted = max(-(-segment // _PIPELINE_DEPTH), _MIN_CHUNK_BYTES // itemsize)
+        return max(1, min(self.chunk_bytes // itemsize, wanted))
+
+    @staticmethod
+    def _chunks(start: int, stop: int, per: int) -> list[tuple[int, int]]:
         return [(a, min(a + per, stop)) for a in range(start, stop, per)]
 
     async def _run(
@@ -613,6 +625,7 @@ class _Run:
         self.scope: trio.CancelScope | None = None
         self.op_code = _OPS[op]
         self.dtype_code = _DTYPE_CODES[flat.dtype]
+        self.per = ring._chunk_length(flat.size, flat.itemsize)
         self.left = (ring.rank - 1) % ring.world
         self.left_down = False
         self.right_down = False
@@ -641,12 +654,12 @@ class _Run:
 
     async def execute(self, initial: list[tuple[int, int]], hops: list[_Hop]) -> None:
         ring = self.ring
-        itemsize = self.flat.itemsize
         # What goes out: (hop, chunk, payload), payload an array view or a received Frame.
         send_tx, send_rx = trio.open_memory_channel[tuple[int, int, object]](math.inf)
-        total_sends = sum(len(ring._chunks(h.start, h.stop, itemsize)) for h in hops if h.forward)
+        per = self.per
+        total_sends = sum(len(ring._chunks(h.start, h.stop, per)) for h in hops if h.forward)
         for start, stop in initial:
-            for c, (a, b) in enumerate(ring._chunks(start, stop, itemsize)):
+            for c, (a, b) in enumerate(ring._chunks(start, stop, per)):
                 send_tx.send_nowait((0, c, self.flat[a:b]))
                 total_sends += 1
         self.total_sends = total_sends
@@ -819,7 +832,7 @@ class _Run:
         expected = [
             (hop, c, start, stop)
             for hop in hops
-            for c, (start, stop) in enumerate(ring._chunks(hop.start, hop.stop, itemsize))
+            for c, (start, stop) in enumerate(ring._chunks(hop.start, hop.stop, self.per))
         ]
         position = 0
         held = ring._held

@@ -76,7 +76,8 @@ _WIRE_NAME = {dtype: name for name, dtype in DTYPES.items()}
 
 _HEADER_KEYS = frozenset({"v", "type", "sender", "generation", "step", "seq", "body", "tensors"})
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
-_ALLOWED_SCALARS = (type(None), bool, int, float, str, bytes)
+# Leaves that need no further look (int is not one: it needs a range check).
+_FLAT_SCALARS = frozenset({type(None), bool, float, str, bytes})
 
 
 class FrameError(ValueError):
@@ -185,13 +186,12 @@ def encode(msg: Message) -> list:
     """
     _check_name("type", msg.type, DEFAULT_LIMITS, error=TypeError)
     _check_name("sender", msg.sender, DEFAULT_LIMITS, error=TypeError, allow_empty=True)
-    for name in ("generation", "step", "seq"):
-        value = getattr(msg, name)
+    for name, value in (("generation", msg.generation), ("step", msg.step), ("seq", msg.seq)):
         if type(value) is not int or not _INT_MIN <= value <= _INT_MAX:
             raise TypeError(f"Message.{name} must be an int in [-2**63, 2**64), got {value!r}")
-    if not isinstance(msg.body, dict):
+    if type(msg.body) is not dict:
         raise TypeError(f"Message.body must be a dict, got {type(msg.body).__name__}")
-    problem = _body_problem(msg.body, DEFAULT_LIMITS.max_depth)
+    problem = _body_problem(msg.body, 1, DEFAULT_LIMITS.max_depth)
     if problem:
         raise TypeError(f"Message.body is not msgpack-native: {problem}")
 
@@ -242,7 +242,9 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     bytearrays or memoryviews. Tensors are zero-copy views of their frames (writable
     when the frame is), copied only when a view would be misaligned.
     """
-    if not isinstance(frames, Sequence) or isinstance(frames, (bytes, bytearray, str)):
+    if type(frames) not in (list, tuple) and (
+        not isinstance(frames, Sequence) or isinstance(frames, (bytes, bytearray, str))
+    ):
         raise FrameError(f"expected a sequence of frames, got {type(frames).__name__}")
     if not 1 <= len(frames) <= limits.max_frames:
         raise FrameError(f"frame count {len(frames)} outside [1, {limits.max_frames}]")
@@ -267,10 +269,10 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     except Exception as exc:  # the untrusted boundary: every msgpack failure is a reason
         raise FrameError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
 
-    if not isinstance(header, dict) or header.keys() != _HEADER_KEYS:
+    if type(header) is not dict or header.keys() != _HEADER_KEYS:
         got = sorted(map(str, header)) if isinstance(header, dict) else type(header).__name__
         raise FrameError(f"header must be a map with keys {sorted(_HEADER_KEYS)}, got {got}")
-    if header["v"] != PROTOCOL_VERSION or type(header["v"]) is not int:
+    if type(header["v"]) is not int or header["v"] != PROTOCOL_VERSION:
         raise FrameError(f"protocol version {header['v']!r}, expected {PROTOCOL_VERSION}")
     _check_name("type", header["type"], limits, error=FrameError)
     _check_name("sender", header["sender"], limits, error=FrameError, allow_empty=True)
@@ -278,13 +280,16 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         if type(header[name]) is not int:
             raise FrameError(f"{name} must be an int, got {type(header[name]).__name__}")
     body = header["body"]
-    if not isinstance(body, dict):
+    if type(body) is not dict:
         raise FrameError(f"body must be a map, got {type(body).__name__}")
-    problem = _body_problem(body, limits.max_depth)
+    problem = _body_problem(body, 1, limits.max_depth) if body else None
     if problem:
         raise FrameError(f"body {problem}")
 
-    tensors = _decode_tensors(header["tensors"], views, limits)
+    if header["tensors"] == [] and len(views) == 1:
+        tensors = []  # the common control message: no tensors, nothing more to check
+    else:
+        tensors = _decode_tensors(header["tensors"], views, limits)
     return Message(
         type=header["type"],
         sender=header["sender"],
@@ -316,24 +321,37 @@ def _check_name(what: str, value: Any, limits: Limits, *, error: type, allow_emp
         raise error(f"{what} must have 1..{limits.max_name_len} characters, got {len(value)}")
 
 
-def _body_problem(body: dict, max_depth: int) -> str | None:
-    """Return why ``body`` is not msgpack-native data with str map keys, or None."""
-    stack = [(body, 1)]
-    while stack:
-        value, depth = stack.pop()
+def _body_problem(value: Any, depth: int, max_depth: int) -> str | None:
+    """Why ``value`` is not msgpack-native data with str map keys, or None.
+
+    Recursive, but bounded: it refuses to go deeper than ``max_depth``.
+    """
+    kind = type(value)
+    if kind is dict:
         if depth > max_depth:
             return f"nests deeper than {max_depth} levels"
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if type(key) is not str:
-                    return f"has a map key of type {type(key).__name__}; keys must be str"
-                stack.append((item, depth + 1))
-        elif isinstance(value, list):
-            stack.extend((item, depth + 1) for item in value)
-        elif type(value) not in _ALLOWED_SCALARS:
-            return f"holds a {type(value).__name__}; accepted: None/bool/int/float/str/bytes"
-        elif type(value) is int and not _INT_MIN <= value <= _INT_MAX:
+        for key, item in value.items():
+            if type(key) is not str:
+                return f"has a map key of type {type(key).__name__}; keys must be str"
+            if type(item) in _FLAT_SCALARS:
+                continue
+            problem = _body_problem(item, depth + 1, max_depth)
+            if problem:
+                return problem
+    elif kind is list:
+        if depth > max_depth:
+            return f"nests deeper than {max_depth} levels"
+        for item in value:
+            if type(item) in _FLAT_SCALARS:
+                continue
+            problem = _body_problem(item, depth + 1, max_depth)
+            if problem:
+                return problem
+    elif kind is int:
+        if not _INT_MIN <= value <= _INT_MAX:
             return f"holds the int {value}, outside msgpack's range"
+    elif kind not in _FLAT_SCALARS:
+        return f"holds a {kind.__name__}; accepted: None/bool/int/float/str/bytes"
     return None
 
 

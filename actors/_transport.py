@@ -251,6 +251,7 @@ class TrioSocket:
         self._closed = False
         self._watcher: trio.lowlevel.Task | None = None  # the one task in wait_readable
         self._parked = trio.Event()  # every other waiter
+        self._parked_count = 0
         self._wanted = {_POLLIN: 0, _POLLOUT: 0}  # waiters per flag
         self._watch_flag = 0  # the flag the watcher waits for
         self._streak = 0  # operations since the last yield (see _fair_checkpoint)
@@ -338,7 +339,7 @@ class TrioSocket:
         while True:
             self._check_open()
             # Reading EVENTS first is cheaper than provoking zmq.Again (an exception).
-            if self.zmq.getsockopt(_EVENTS) & _POLLIN:
+            if self._poll() & _POLLIN:
                 try:
                     frames = self.zmq.recv_multipart(_DONTWAIT, copy=copy)
                 except zmq.Again:  # another thread took it (not ours to prevent)
@@ -348,7 +349,7 @@ class TrioSocket:
                     await self._fair_checkpoint()
                 return frames
             waited = True
-            await self._wait(_POLLIN)
+            await self._wait(_POLLIN, polled=True)
 
     async def send_message(
         self, msg: Message, routing_id: bytes | None = None, *, track: bool = False
@@ -435,14 +436,19 @@ class TrioSocket:
             self._streak = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def _wait(self, flag: int) -> bool:
-        """Wait until ``flag`` is set in ZMQ_EVENTS. Returns whether it had to sleep."""
+    async def _wait(self, flag: int, *, polled: bool = False) -> bool:
+        """Wait until ``flag`` is set in ZMQ_EVENTS. Returns whether it had to sleep.
+
+        ``polled``: the caller has just read EVENTS (with _poll) and saw no ``flag``.
+        """
         slept = False
         self._wanted[flag] += 1
         try:
             while True:
                 self._check_open()
-                if self._poll() & flag:
+                if polled:
+                    polled = False
+                elif self._poll() & flag:
                     return slept
                 slept = True
                 self._streak = 0
@@ -457,9 +463,14 @@ class TrioSocket:
                         # Otherwise _poll woke us with notify_closing (see _poll).
                     finally:
                         self._watcher = None
-                        self._wake_parked()  # someone else must take over the watch
+                        if self._parked_count:
+                            self._wake_parked()  # someone else must take over the watch
                 else:
-                    await self._parked.wait()
+                    self._parked_count += 1
+                    try:
+                        await self._parked.wait()
+                    finally:
+                        self._parked_count -= 1
         finally:
             self._wanted[flag] -= 1
 
@@ -469,7 +480,8 @@ class TrioSocket:
         if (events & _POLLIN and self._wanted[_POLLIN]) or (
             events & _POLLOUT and self._wanted[_POLLOUT]
         ):
-            self._wake_parked()
+            if self._parked_count:
+                self._wake_parked()
             if (
                 events & self._watch_flag
                 and self._watcher is not None
