@@ -14,9 +14,12 @@ following the FD/EVENTS pattern (TRANSPORT.md, and pyzmq's own ``zmq/_future.py`
   raises BusyResourceError for a second one. Any other waiter *parks* on an Event and
   is woken whenever the watcher leaves, so someone takes over the watch.
 * After every successful send or receive, and whenever a waiter reads ``ZMQ_EVENTS``,
-  the flags are re-read and every waiter whose flag is now set is woken (the watcher by
-  cancelling its wait). The operation may have consumed the FD edge that waiter was
-  sleeping on; skipping this hung after two messages in TRANSPORT.md's experiment.
+  the flags are re-read and every waiter whose flag is now set is woken (the watcher
+  through ``notify_closing``, see ``_poll``). The operation may have consumed the FD
+  edge that waiter was sleeping on; skipping this hung after two messages in
+  TRANSPORT.md's experiment.
+* An operation that did not have to wait is a cancellation point but yields to the
+  scheduler only every 16th time: a trio checkpoint costs as much as a small send.
 * ``close()`` sets a flag, calls ``trio.lowlevel.notify_closing(fd)`` (the watcher gets
   ClosedResourceError), wakes parked waiters (they see the flag and raise
   ClosedResourceError too), then closes the zmq socket.
@@ -30,7 +33,14 @@ them the bytes may still be read, so the sender must not mutate them. Either pas
 pyzmq anyway.
 
 One zmq Context per process, created on first use. Rank processes are spawned as fresh
-interpreters; a forked child drops the inherited context and creates its own.
+interpreters; a forked child drops the inherited context and creates its own. At exit
+the context is flushed (``get_context``), so a message sent just before exiting leaves.
+
+Memory: HWM counts messages and MAXMSGSIZE bounds one frame, so a peer can make a
+receiver queue up to RCVHWM x MAXMSGSIZE per connection; lower both on sockets that
+take large frames from many peers. Large received frames are malloc'd by libzmq's I/O
+thread; a slow consumer of multi-MiB messages page-faults on fresh memory (seen here:
+up to 5x the page faults of a raw blocking receiver).
 """
 
 from __future__ import annotations
@@ -48,6 +58,11 @@ from typing import Any
 import trio
 import zmq
 
+# atexit runs handlers last-registered-first. pyzmq's zero-copy garbage collector
+# registers its shutdown when first imported: import it before get_context registers
+# the exit flush, so the flush (which hands released frames to it) runs first.
+import zmq.utils.garbage  # noqa: F401  (isort: keep after zmq)
+
 from ._frames import DEFAULT_LIMITS, FrameError, Limits, Message, decode, encode
 
 __all__ = [
@@ -64,9 +79,9 @@ __all__ = [
 # Applied to every socket before the caller's options (which win). Why each one:
 DEFAULT_SOCKET_OPTIONS: dict[str, int] = {
     "LINGER": 1000,  # the default, -1, makes close/term hang forever on a dead peer
-    "SNDHWM": 1000,  # HWM counts messages, not bytes
-    "RCVHWM": 1000,
-    "MAXMSGSIZE": 256 << 20,  # per *frame*; a bigger frame drops the connection
+    "SNDHWM": 256,  # HWM counts messages, not bytes: senders wait beyond it
+    "RCVHWM": 256,
+    "MAXMSGSIZE": 64 << 20,  # per *frame*; a bigger frame drops the connection
     "HEARTBEAT_IVL": 500,  # ms; a SIGSTOPped peer is noticed after HEARTBEAT_TIMEOUT
     "HEARTBEAT_TIMEOUT": 2500,
     "HEARTBEAT_TTL": 2500,

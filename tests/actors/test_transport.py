@@ -2,6 +2,7 @@
 
 import os
 import stat
+import sys
 import time
 
 import numpy as np
@@ -233,6 +234,26 @@ async def test_wait_released_returns_once_libzmq_lets_go_of_the_buffer():
         assert tracker.done
         buffer[:] = 2  # safe now: the peer's copy is unaffected
         assert np.frombuffer(frames[1].buffer, np.float32).max() == 1
+
+
+async def test_a_message_sent_just_before_the_process_exits_still_arrives():
+    # libzmq writes from its I/O thread: without the flush at exit, a process that
+    # exits right after a send takes the unwritten rest of the message down with it.
+    router = open_socket("ROUTER", bind=bind_address("ipc"))
+    script = (
+        "import sys, trio\n"
+        "from actors._transport import open_socket\n"
+        "async def main():\n"
+        "    sock = open_socket('DEALER', connect=sys.argv[1])\n"
+        "    await sock.send_multipart([b'last words', bytes(16 << 20)])\n"
+        "trio.run(main)\n"  # exits at once, the socket still open
+    )
+    argv = [sys.executable, "-c", script, router.last_endpoint]
+    with router, trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: trio.run_process(argv))
+            _, words, payload = await router.recv_multipart(copy=True)
+    assert words == b"last words" and len(payload) == 16 << 20
 
 
 # ----------------------------------------------------------------------------------------
