@@ -249,6 +249,8 @@ class _InLane:
             if size < _PAGE:
                 raise CollectiveError(f"shared-memory lane of {size} bytes is too small")
             self._map = mmap.mmap(handle, size, prot=mmap.PROT_READ)
+        except (OSError, ValueError) as exc:  # not a mappable file: not our lane
+            raise CollectiveError(f"cannot map the left neighbour's lane: {exc}") from None
         finally:
             os.close(handle)
         magic, got_token, slots, slot_bytes = _LANE_INFO.unpack(self._map[: _LANE_INFO.size])
@@ -573,6 +575,12 @@ class Ring:
             self._broken = str(exc)
             self._stats["failures"] += 1
             await self._send_abort(run, str(exc))
+            raise
+        except BaseException:
+            # Cancelled from outside (or a bug): the neighbours are mid-collective and
+            # this rank's part is half done, so the same rules as a failure apply.
+            self._broken = f"{op} (step {step}, seq {seq}) was interrupted"
+            self._stats["failures"] += 1
             raise
 
     async def _send_abort(self, run: _Run, reason: str) -> None:

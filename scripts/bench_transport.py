@@ -344,18 +344,22 @@ def collectives_table(args, sizes, worlds, have_torch) -> dict:
     return report
 
 
-def stream_table(sizes) -> dict:
+def stream_table(sizes, rounds: int = 3) -> dict:
+    """Throughput of each mode; the modes alternate for ``rounds`` rounds (median kept),
+    so a burst of load from elsewhere on the machine does not land on one mode only."""
     widths = (26, 6, 8, 9)
     print("\n" + row(("PUSH/PULL stream, ipc", "size", "GB/s", "vs raw"), widths))
+    labels = {"raw": "raw pyzmq", "codec": "pyzmq + codec", "trio": "trio + codec"}
     report = {}
     for size in sizes:
-        raw = spawn("stream", 2, sizes=size, mode="raw")[1]["gbps"]
-        report[f"raw/{size}"] = raw
-        print(row(("raw pyzmq", size, f"{raw:.2f}", "1.00x"), widths))
-        for mode, label in (("codec", "pyzmq + codec"), ("trio", "trio + codec")):
-            gbps = spawn("stream", 2, sizes=size, mode=mode)[1]["gbps"]
-            report[f"{mode}/{size}"] = gbps
-            print(row((label, size, f"{gbps:.2f}", f"{gbps / raw:.2f}x"), widths), flush=True)
+        runs = {mode: [] for mode in labels}
+        for _ in range(rounds):
+            for mode in labels:
+                runs[mode].append(spawn("stream", 2, sizes=size, mode=mode)[1]["gbps"])
+        for mode, label in labels.items():
+            gbps = report[f"{mode}/{size}"] = statistics.median(runs[mode])
+            ratio = gbps / report[f"raw/{size}"]
+            print(row((label, size, f"{gbps:.2f}", f"{ratio:.2f}x"), widths), flush=True)
     return report
 
 
@@ -374,7 +378,7 @@ def latency_table(reps) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1M floats, N = 2 only")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per figure")
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per figure")
     parser.add_argument("--chunk", type=int, default=4 << 20, help="ring chunk_bytes")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)

@@ -21,6 +21,8 @@ from actors._collectives import (
     _ABORT,
     _DATA,
     _HEADER,
+    _LANE,
+    _LANE_REF,
     _MAGIC,
     _OPS,
     _VERSION,
@@ -387,6 +389,32 @@ async def test_a_message_from_a_newer_generation_fails_the_collective_and_is_kep
         rings[1].set_generation(1)
         results.append(await rings[1].all_reduce(x.copy(), step=7))
     assert [y.tolist() for y in results] == [[2.0] * 3000] * 2
+    for g in rings:
+        g.close()
+
+
+async def test_a_cancelled_collective_leaves_the_ring_broken_until_a_new_generation():
+    rings = open_rings(2)
+    x = np.ones(10_000, np.float32)
+    with trio.move_on_after(0.2):
+        await rings[0].all_reduce(x, step=1)  # rank 1 never joins; the caller gives up
+    with pytest.raises(CollectiveError, match="was interrupted"):
+        await rings[0].all_reduce(x, step=2)
+    for g in rings:
+        g.set_generation(1)
+    got = await everywhere(rings, "all_reduce", [np.ones(10_000, np.float32)] * 2, step=3)
+    assert [y[0] for y in got] == [2.0, 2.0]
+    for g in rings:
+        g.close()
+
+
+async def test_a_lane_notice_that_does_not_match_the_lane_is_refused():
+    rings = open_rings(2, lanes=True)
+    fields = (_LANE, _OPS["all_reduce"], 10, 0, 0, 0, 1, 0, 0, 0, 2048)
+    bogus = _LANE_REF.pack(bytes(16), os.getpid(), 0, 0)  # fd 0 of this process: stdin
+    await rings[0]._outbox.send_multipart([_HEADER.pack(_MAGIC, _VERSION, *fields), bogus])
+    with pytest.raises(CollectiveError, match="lane"):
+        await rings[1].all_reduce(np.ones(2048, np.float32), step=1)
     for g in rings:
         g.close()
 
