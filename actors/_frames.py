@@ -303,6 +303,8 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
 
 def _as_bytes_view(frame: Any, index: int) -> memoryview:
     buffer = getattr(frame, "buffer", frame)  # zmq.Frame exposes its bytes as .buffer
+    if type(buffer) is memoryview and buffer.format == "B" and buffer.ndim == 1:
+        return buffer  # what zmq.Frame gives: already a flat byte view
     try:
         view = memoryview(buffer)
     except TypeError:
@@ -359,6 +361,7 @@ def _decode_tensors(descriptors: Any, views: list[memoryview], limits: Limits):
     if not isinstance(descriptors, list) or len(descriptors) > limits.max_tensors:
         raise FrameError(f"tensors must be a list of at most {limits.max_tensors} descriptors")
     regions = []  # (frame, start, stop, tensor index) for the overlap check
+    canonical = len(descriptors) == len(views) - 1  # one whole frame each, in order?
     tensors = []
     for i, desc in enumerate(descriptors):
         if not isinstance(desc, list) or len(desc) != 5:
@@ -388,6 +391,7 @@ def _decode_tensors(descriptors: Any, views: list[memoryview], limits: Limits):
                 f"{frame} ({len(views[frame])} bytes)"
             )
         regions.append((frame, offset, offset + nbytes, i))
+        canonical = canonical and frame == i + 1 and offset == 0 and nbytes == len(views[frame])
         if count == 0:
             tensors.append(np.empty(tuple(shape), dtype))
             continue
@@ -395,6 +399,8 @@ def _decode_tensors(descriptors: Any, views: list[memoryview], limits: Limits):
         # Small frames sit at arbitrary offsets in libzmq's read buffer (TRANSPORT.md).
         tensors.append(array if array.flags.aligned else array.copy())
 
+    if canonical:  # what encode sends: every frame used once, nothing can overlap
+        return tensors
     regions.sort()
     used = {frame for frame, *_ in regions}
     if len(used) != len(views) - 1:

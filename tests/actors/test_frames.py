@@ -90,6 +90,15 @@ def test_decoded_tensors_are_writable_views_of_the_received_frames():
     assert np.shares_memory(tensor, np.frombuffer(frames[1], np.uint8))
 
 
+def test_several_tensors_may_share_one_frame_at_aligned_offsets():
+    # encode uses a frame per tensor; the format also allows packing (decode accepts it)
+    data = np.arange(10, dtype="<f4").tobytes() + np.arange(3, dtype="<i8").tobytes()
+    header = msgpack.unpackb(encode(Message("packed"))[0])
+    header["tensors"] = [["int64", [3], 1, 40, 24], ["float32", [2, 5], 1, 0, 40]]
+    got = decode([msgpack.packb(header), data]).tensors
+    assert got[0].tolist() == [0, 1, 2] and got[1].ravel().tolist() == list(range(10))
+
+
 def test_a_misaligned_frame_is_copied_into_an_aligned_array():
     storage = bytearray(8 * 4 + 1)
     misaligned = memoryview(storage)[1:]
