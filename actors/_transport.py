@@ -270,7 +270,7 @@ class TrioSocket:
         self._wanted = {_POLLIN: 0, _POLLOUT: 0}  # waiters per flag
         self._watch_flag = 0  # the flag the watcher waits for
         self._streak = 0  # operations since the last yield (see _fair_checkpoint)
-        self._send_lock = trio.StrictFIFOLock()  # held only while a message is half-sent
+        self._send_lock = trio.StrictFIFOLock()  # senders queue in order; no interleaving
 
     # -- the public face -----------------------------------------------------------------
 
