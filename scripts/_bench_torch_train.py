@@ -1,0 +1,203 @@
+"""PyTorch reference runs for scripts/bench_train.py: one training run, timed per step.
+
+    python scripts/_bench_torch_train.py --model mlp --batch 128 --steps 60 --out R.json
+    python -m torch.distributed.run --standalone --nproc_per_node 2 \\
+        scripts/_bench_torch_train.py --model mlp --batch 128 --steps 60 --out R.json
+
+Not a user-facing tool: bench_train.py builds these command lines from the zerotrain
+config it compares against (optimizer, lr, betas, weight decay, clipping) and reads the
+JSON that rank 0 writes to --out:
+
+    step_s            wall seconds of every step (batch fetch + forward + backward
+                      [+ DDP's all-reduce] [+ clipping] + optimizer), first step included
+    first_step_unix   time.time() when rank 0 finished its first step (cold start is
+                      that minus the launcher's own time.time() before it spawned us)
+    world, threads, batch (per rank), optimizer, torch
+
+Under torchrun (WORLD_SIZE set) it trains with DistributedDataParallel over gloo; else in
+one process. It imports torch only -- nothing from zerotrain -- so torch's cold start is
+torch's own. The models mirror pipelines/model: the MLP is Linear/ReLU with PyTorch's
+layout, the char transformer is pipelines/model/bench.py's twin (GELU tanh, layernorm,
+tied head, causal scaled_dot_product_attention). Data is synthetic: a few fixed random
+batches used in turn (the values do not change the work).
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+N_BATCHES = 4  # distinct synthetic batches cycled through
+
+
+def mlp(in_dim, hidden, n_classes):
+    sizes = [in_dim, *hidden, n_classes]
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def char_transformer(vocab, d_model, n_head, n_layer, seq_len):
+    """pipelines/model/bench.py's torch twin of the default char_transformer."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(d_model, 3 * d_model)
+            self.proj = nn.Linear(d_model, d_model)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            q, k, v = (
+                z.view(b, t, n_head, c // n_head).transpose(1, 2)
+                for z in self.qkv(x).split(c, dim=2)
+            )
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.attn = nn.LayerNorm(d_model), Attention()
+            self.ln2 = nn.LayerNorm(d_model)
+            self.fc, self.fc_proj = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
+
+        def forward(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.fc_proj(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+    class CharTransformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok_emb = nn.Embedding(vocab, d_model)
+            self.pos_emb = nn.Embedding(seq_len, d_model)
+            self.blocks = nn.ModuleList(Block() for _ in range(n_layer))
+            self.ln_f = nn.LayerNorm(d_model)
+
+        def forward(self, x):
+            h = self.tok_emb(x) + self.pos_emb(torch.arange(x.shape[1]))
+            for block in self.blocks:
+                h = block(h)
+            return self.ln_f(h) @ self.tok_emb.weight.T
+
+    return CharTransformer()
+
+
+def build(args, gen):
+    """(module, batches): batches are (x, y) with y flattened for cross_entropy."""
+    if args.model == "mlp":
+        module = mlp(args.in_dim, args.hidden, args.n_classes)
+        batches = [
+            (
+                torch.randn(args.batch, args.in_dim, generator=gen),
+                torch.randint(0, args.n_classes, (args.batch,), generator=gen),
+            )
+            for _ in range(N_BATCHES)
+        ]
+    else:
+        module = char_transformer(args.vocab, args.d_model, args.n_head, args.n_layer, args.seq_len)
+        batches = []
+        for _ in range(N_BATCHES):
+            tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=gen)
+            batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].reshape(-1)))
+    return module, batches
+
+
+def optimizer(args, params):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=args.lr,
+            momentum=args.momentum,
+            nesterov=args.nesterov,
+            weight_decay=args.weight_decay,
+        )
+    cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=args.lr, betas=tuple(args.betas), eps=args.eps,
+               weight_decay=args.weight_decay)  # fmt: skip
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("mlp", "char_lm"), required=True)
+    p.add_argument("--batch", type=int, required=True, help="samples per rank per step")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="adamw")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999])
+    p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--clip-norm", type=float, default=0.0)
+    p.add_argument("--in-dim", type=int, default=784)
+    p.add_argument("--hidden", type=int, nargs="+", default=[1024, 1024])
+    p.add_argument("--n-classes", type=int, default=10)
+    p.add_argument("--vocab", type=int, default=96)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=64)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    torch.manual_seed(0)  # same initial weights on every rank (DDP broadcasts anyway)
+    gen = torch.Generator().manual_seed(1000 + rank)
+    module, batches = build(args, gen)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        module = DistributedDataParallel(module)
+    opt = optimizer(args, module.parameters())
+
+    step_s, first_step_unix = [], None
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        x, y = batches[step % N_BATCHES]
+        opt.zero_grad(set_to_none=True)
+        out = module(x)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y)
+        loss.backward()
+        if args.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), args.clip_norm)
+        opt.step()
+        step_s.append(time.perf_counter() - t0)
+        if first_step_unix is None:
+            first_step_unix = time.time()
+    loss = loss.detach()
+    if not torch.isfinite(loss):
+        raise SystemExit(f"_bench_torch_train: non-finite loss {loss.item()}")
+    if world > 1:
+        dist.destroy_process_group()
+    if rank == 0:
+        result = {
+            "step_s": step_s,
+            "first_step_unix": first_step_unix,
+            "world": world,
+            "threads": args.threads,
+            "batch": args.batch,
+            "optimizer": args.optimizer,
+            "final_loss": loss.item(),
+            "torch": torch.__version__,
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
