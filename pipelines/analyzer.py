@@ -1,0 +1,551 @@
+"""The analyzer process: research hooks run here, isolated from the ranks.
+
+Why a process of its own (DESIGN.md, "Processes and the supervisor tree"): a research
+script may raise, hang, leak or burn a core; none of that may stop, stall or change a
+training run. In its own OS process it can be killed and restarted by the cluster
+supervisor like any other child, and the ranks only ever cast to it
+(`pipelines.hook_link.HookOutbox`) -- they never wait for an answer.
+
+The tree inside the process (one_for_one)::
+
+    analyzer process  (python -m pipelines.analyzer, a child of the cluster supervisor)
+    └── Supervisor "analyzer"               one_for_one
+        ├── HookWorker "hook:grad_norm"      one analyzer hook, its own worker thread
+        ├── HookWorker "hook:noise_scale"    ...
+        └── HookAnalyzer "HookAnalyzer"      assembles steps, runs the due workers,
+                                             writes hooks.jsonl and TensorBoard files
+
+A step from N ranks arrives as N `HookSample` casts; the HookAnalyzer puts the shards
+together (grad, params, update by [lo:hi]; each rank's own gradient whole), builds a
+read-only `HookContext` and calls the due HookWorkers concurrently; their records go
+to the sinks. Receiving never waits for analysis: the analysis runs in a helper task,
+so the mailbox keeps draining and no back-pressure reaches the ranks.
+
+## Failure rules, in one place
+
+- **Behind**: when a step is complete, every older step still incomplete -- or complete
+  and not yet started -- is dropped and counted (`dropped`). At most
+  `MAX_PENDING_STEPS` incomplete steps are held; the oldest goes beyond that. A sample
+  of a step already analyzed or dropped (a late rank, a replay after recovery) is
+  `stale` and ignored.
+- **A hook raises**: its worker's runner logs one line (hook, step, exception, script
+  line) and the record {"step", "hook", "error"} goes to hooks.jsonl; the worker then
+  exits and the supervisor restarts it, reloading that hook's script from scratch
+  (`restarts`). A hook failing more than `HOOK_FAILURES[0]` times within
+  `HOOK_FAILURES[1]` seconds is disabled for this process instead (logged once) --
+  a broken hook must not exhaust the supervisor's restart budget.
+- **A hook hangs** (no answer within timeout_s): its record says "timeout", the other
+  hooks of the step go on in their own threads. Python cannot stop a thread, so the
+  process then exits with status `EXIT_HUNG` and the cluster supervisor starts a fresh
+  one. The hang is remembered in RUN_DIR/hooks_quarantine.json; a hook that hung
+  `MAX_HANGS` times is not loaded again in this run.
+- **A sample that makes no sense** (wrong world, bounds, lengths, not a HookSample) is
+  logged, counted (`rejected`) and ignored. A spec that fails to load is logged and
+  skipped: the analyzer runs the hooks it could load.
+- **SIGKILL** of the process: the cluster supervisor restarts it; hooks.jsonl is
+  appended to (lines are flushed per step); counters start again from zero in the new
+  process; the ranks' outboxes count what they could not send meanwhile.
+
+`actors.call("HookAnalyzer@analyzer", "stats")` answers the counters for summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import trio
+
+import actors
+from pipelines.hook_link import HookSample
+
+__all__ = [
+    "EXIT_HUNG",
+    "HOOK_FAILURES",
+    "MAX_HANGS",
+    "MAX_PENDING_STEPS",
+    "HookAnalyzer",
+    "HookWorker",
+    "analyzer_spec",
+    "main",
+]
+
+NODE = "analyzer"
+MAX_PENDING_STEPS = 4
+HOOK_FAILURES = (3, 5.0)  # more than 3 failures in 5 s: the hook is disabled
+MAX_HANGS = 2
+EXIT_HUNG = 75  # a hook hung: exit so that a fresh process reclaims its thread
+QUARANTINE = "hooks_quarantine.json"
+
+_log = logging.getLogger("zerotrain.hooks.analyzer")
+_REPO = str(Path(__file__).resolve().parent.parent)
+
+
+# =====================================================================================
+# The parent's side: the child spec
+# =====================================================================================
+
+
+def analyzer_spec(
+    run_dir, specs: list, world: int, timeout_s: float, *, node: str = NODE, shutdown=5.0
+) -> actors.ChildSpec:
+    """The child spec of the analyzer process, for the cluster supervisor.
+
+    run_dir    where hooks.jsonl and the TensorBoard files (RUN_DIR/tb) go.
+    specs      hook specs as in the config (strings or dicts; JSON data -- never Hooks,
+               which cannot cross a process); transforms among them are ignored here.
+    world      ranks per step. timeout_s: per-call budget of a hook, > 0.
+    Relative script paths are resolved from the current directory.
+    """
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(f"analyzer_spec: world must be an int >= 1, got {world!r}")
+    if not (isinstance(timeout_s, int | float) and timeout_s > 0):
+        raise ValueError(f"analyzer_spec: timeout_s must be a number > 0, got {timeout_s!r}")
+    try:
+        specs_json = json.dumps(list(specs))
+    except TypeError:
+        raise TypeError(
+            f"analyzer_spec: specs must be strings or dicts (JSON data), got {specs!r}"
+        ) from None
+    argv = [
+        sys.executable,
+        "-m",
+        "pipelines.analyzer",
+        "--run-dir",
+        str(Path(run_dir).resolve()),
+        "--world",
+        str(world),
+        "--timeout",
+        repr(float(timeout_s)),
+        "--base-dir",
+        os.getcwd(),
+        "--specs",
+        specs_json,
+    ]
+    path = os.environ.get("PYTHONPATH")
+    env = {"PYTHONPATH": _REPO + (os.pathsep + path if path else "")}
+    return actors.process_spec(
+        node, argv, wait_for=["HookAnalyzer"], restart="permanent", env=env, shutdown=shutdown
+    )
+
+
+# =====================================================================================
+# The ledger: what survives an actor's restart inside the process
+# =====================================================================================
+
+
+class _Ledger:
+    """Counters, hooks, sinks and the exit switch of one analyzer process.
+
+    Owned by `main`; handed to every actor, so a restarted actor carries on counting.
+    """
+
+    def __init__(self, run_dir: Path, world: int, timeout_s: float, base_dir: str):
+        self.run_dir, self.world, self.timeout_s, self.base_dir = (
+            run_dir,
+            world,
+            timeout_s,
+            base_dir,
+        )
+        self.hooks = {}  # name -> (spec, Hook), in load order
+        self.disabled = {}  # name -> why
+        self.started = set()  # worker names started once (a later init is a restart)
+        self.failures = collections.defaultdict(collections.deque)  # name -> times
+        self.per_hook = {}  # name -> {"calls", "ok", "errors", "timeouts"}
+        self.counts = dict.fromkeys(
+            (
+                "steps_analyzed",
+                "dropped",
+                "stale",
+                "rejected",
+                "skipped",
+                "hook_errors",
+                "timeouts",
+                "restarts",
+                "sink_errors",
+            ),
+            0,
+        )
+        self.last_step = 0  # newest step analyzed or dropped: older samples are stale
+        self.sinks = []
+        self.exit_reason = None
+        self.exit_scope = None
+
+    def open(self, specs: list):
+        from pipelines.hooks import ANALYZER, HooksLog, load_hooks
+        from pipelines.tensorboard import EventWriter
+
+        hung = _read_quarantine(self.run_dir)
+        for spec in specs:
+            try:
+                loaded = load_hooks([spec], base_dir=self.base_dir)
+            except Exception as exc:  # a broken script must not stop the other hooks
+                _log.error("[HookAnalyzer] hooks %r not loaded: %s", spec, _one_line(exc))
+                continue
+            for hook in loaded:
+                if hook.kind != ANALYZER:
+                    continue
+                if hook.name in self.hooks:
+                    _log.error(
+                        "[HookAnalyzer] hook %r loaded twice: the second is ignored", hook.name
+                    )
+                    continue
+                self.hooks[hook.name] = (spec, hook)
+                self.per_hook[hook.name] = dict.fromkeys(("calls", "ok", "errors", "timeouts"), 0)
+                if hung.get(hook.name, 0) >= MAX_HANGS:
+                    self.disable(hook.name, f"hung {hung[hook.name]} times in this run")
+        self.sinks = [HooksLog(self.run_dir / "hooks.jsonl"), EventWriter(self.run_dir / "tb")]
+
+    def disable(self, name: str, why: str):
+        if name not in self.disabled:
+            self.disabled[name] = why
+            _log.warning("[HookAnalyzer] hook %r disabled: %s", name, why)
+
+    def failed(self, name: str) -> bool:
+        """Count a failure of hook `name`; True if it is now disabled (over budget)."""
+        limit, window = HOOK_FAILURES
+        now = time.monotonic()
+        times = self.failures[name]
+        times.append(now)
+        while now - times[0] > window:
+            times.popleft()
+        if len(times) > limit:
+            self.disable(name, f"failed more than {limit} times in {window:g} s")
+        return name in self.disabled
+
+    def hung(self, name: str):
+        """Remember the hang on disk, and ask the process to exit (a fresh one reclaims
+        the thread) once the current step's records are written."""
+        counts = _read_quarantine(self.run_dir)
+        counts[name] = counts.get(name, 0) + 1
+        tmp = self.run_dir / (QUARANTINE + ".tmp")
+        tmp.write_text(json.dumps(counts))
+        os.replace(tmp, self.run_dir / QUARANTINE)
+        self.exit_reason = self.exit_reason or f"hook {name!r} hung"
+
+    def exit_if_asked(self):
+        if self.exit_reason and self.exit_scope is not None:
+            _log.warning("[HookAnalyzer] %s: restarting the analyzer process", self.exit_reason)
+            self.exit_scope.cancel()
+
+    def write(self, records: list):
+        for sink in self.sinks:
+            try:
+                sink.write(records)
+            except Exception as exc:  # losing a step of metrics beats losing the analyzer
+                self.counts["sink_errors"] += 1
+                _log.error("[HookAnalyzer] sink %s failed: %s", type(sink).__name__, _one_line(exc))
+
+    def stats(self) -> dict:
+        return {
+            **self.counts,
+            "hooks": {name: dict(c) for name, c in self.per_hook.items()},
+            "disabled": dict(self.disabled),
+            "pid": os.getpid(),
+        }
+
+    def close(self):
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                _log.error("[HookAnalyzer] closing %s: %s", type(sink).__name__, _one_line(exc))
+
+
+def _read_quarantine(run_dir: Path) -> dict:
+    try:
+        data = json.loads((run_dir / QUARANTINE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, int)}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+# =====================================================================================
+# HookWorker: one hook, alone with its thread
+# =====================================================================================
+
+
+class HookWorker(actors.Actor):
+    """Runs one analyzer hook on the contexts the HookAnalyzer calls it with.
+
+    An actor for failure isolation: its hook runs in its own worker thread (a hang
+    holds up no other hook) and its crash -- after a raise -- is restarted alone, with
+    the hook's script reloaded (see the failure rules in the module doc).
+
+    handle_call(("run", ctx)) -> a hooks.jsonl record, or None (nothing to say).
+    """
+
+    mailbox_size = 4
+
+    def __init__(self, ledger: _Ledger, name: str):
+        self.ledger, self.name = ledger, name
+
+    async def init(self):
+        from pipelines.hooks import AnalyzerRunner, load_hooks
+
+        spec, hook = self.ledger.hooks[self.name]
+        if self.name in self.ledger.started:
+            self.ledger.counts["restarts"] += 1
+            try:  # a fresh copy of the script: no state left over from the crash
+                fresh = [h for h in load_hooks([spec], base_dir=self.ledger.base_dir)]
+                hook = next(h for h in fresh if h.name == self.name)
+            except Exception as exc:
+                self.ledger.disable(self.name, f"reload failed: {_one_line(exc)}")
+        self.ledger.started.add(self.name)
+        self.hook = hook
+        self.runner = AnalyzerRunner(
+            [hook], timeout_s=self.ledger.timeout_s, label=f"HookAnalyzer {self.name}"
+        )
+
+    async def handle_call(self, request, from_):
+        match request:
+            case ("run", ctx):
+                return await self._run(ctx)
+        raise ValueError(f"HookWorker takes ('run', ctx), got {request!r:.80}")
+
+    async def _run(self, ctx):
+        counts = self.ledger.per_hook[self.name]
+        counts["calls"] += 1
+        record = await trio.to_thread.run_sync(
+            self.runner.run_hook, self.hook, ctx, abandon_on_cancel=True
+        )
+        if self.runner.needs_restart:
+            counts["timeouts"] += 1
+            self.ledger.counts["timeouts"] += 1
+            self.ledger.hung(self.name)
+            self.ledger.disable(self.name, "hung: waiting for the process restart")
+            return record
+        if record is not None and "error" in record:
+            counts["errors"] += 1
+            self.ledger.counts["hook_errors"] += 1
+            if self.ledger.failed(self.name):
+                return record
+            raise actors.Stop(f"hook {self.name!r} failed at step {ctx.step}", reply=record)
+        counts["ok"] += 1
+        return record
+
+    async def terminate(self, reason):
+        self.runner.close()
+
+
+# =====================================================================================
+# HookAnalyzer: samples in, steps out
+# =====================================================================================
+
+
+class HookAnalyzer(actors.Actor):
+    """Assembles each step from the ranks' HookSamples and has it analyzed.
+
+    An actor for state and concurrency: the partial steps of several ranks, received
+    while the previous step is being analyzed. Casts: HookSample. Calls: "stats" ->
+    the process's counters (see the module doc).
+    """
+
+    mailbox_size = 64
+
+    def __init__(self, ledger: _Ledger):
+        self.ledger = ledger
+
+    async def init(self):
+        if "HookAnalyzer" in self.ledger.started:
+            self.ledger.counts["restarts"] += 1
+        self.ledger.started.add("HookAnalyzer")
+        self.pending = {}  # step -> {rank: HookSample}, incomplete
+        self.ready = None  # (step, {rank: sample}): complete, waiting for the analysis task
+        self.wake = trio.Event()
+        self.nursery.start_soon(self._analysis_loop)
+
+    # ---- receiving -------------------------------------------------------------------
+
+    async def handle_cast(self, msg):
+        problem = self._check(msg)
+        if problem:
+            self.ledger.counts["rejected"] += 1
+            self.log.warning("rejected a sample: %s", problem)
+            return
+        self._take(msg)
+
+    async def handle_call(self, request, from_):
+        if request == "stats":
+            stats = self.ledger.stats()
+            stats["pending"] = len(self.pending) + (self.ready is not None)
+            return stats
+        raise ValueError(f"HookAnalyzer answers 'stats', got {request!r:.80}")
+
+    def _check(self, s) -> str | None:
+        if not isinstance(s, HookSample):
+            return f"expected a HookSample, got {type(s).__name__}"
+        if s.world != self.ledger.world or not 0 <= s.rank < s.world:
+            return f"rank {s.rank} of world {s.world}; this analyzer takes {self.ledger.world}"
+        n = np.asarray(s.rank_grad).size
+        if not 0 <= s.lo <= s.hi <= n:
+            return f"rank {s.rank}: shard [{s.lo}, {s.hi}) outside [0, {n})"
+        for field in ("grad", "params", "update"):
+            size = np.asarray(getattr(s, field)).size
+            if size != s.hi - s.lo:
+                return f"rank {s.rank}: {field} has {size} values for shard [{s.lo}, {s.hi})"
+        if s.step < 1:
+            return f"rank {s.rank}: step {s.step} (steps are 1-based)"
+        return None
+
+    def _take(self, s: HookSample):
+        ledger = self.ledger
+        if s.step <= ledger.last_step:
+            ledger.counts["stale"] += 1
+            return
+        group = self.pending.setdefault(s.step, {})
+        group[s.rank] = s
+        if len(group) < ledger.world:
+            while len(self.pending) > MAX_PENDING_STEPS:
+                self._drop(min(self.pending))
+            return
+        del self.pending[s.step]
+        for older in [step for step in self.pending if step < s.step]:
+            self._drop(older)
+        if self.ready is not None:  # complete but never started: behind
+            ledger.counts["dropped"] += 1
+        self.ready = (s.step, group)
+        ledger.last_step = max(ledger.last_step, s.step)
+        self.wake.set()
+
+    def _drop(self, step):
+        del self.pending[step]
+        self.ledger.counts["dropped"] += 1
+        self.ledger.last_step = max(self.ledger.last_step, step)
+
+    # ---- analysing -------------------------------------------------------------------
+
+    async def _analysis_loop(self):
+        while True:
+            await self.wake.wait()
+            self.wake = trio.Event()
+            while self.ready is not None:
+                (step, group), self.ready = self.ready, None
+                await self._analyze(step, group)
+                self.ledger.exit_if_asked()
+
+    async def _analyze(self, step: int, group: dict):
+        ledger = self.ledger
+        due = [
+            name
+            for name, (_, hook) in ledger.hooks.items()
+            if hook.due(step) and name not in ledger.disabled
+        ]
+        if not due:
+            return
+        ctx = _context(step, [group[r] for r in sorted(group)])
+        if isinstance(ctx, str):
+            ledger.counts["rejected"] += 1
+            self.log.warning("step %d rejected: %s", step, ctx)
+            return
+        records = {}
+
+        async def run(name):
+            try:
+                records[name] = await actors.call(
+                    f"hook:{name}", ("run", ctx), timeout=ledger.timeout_s + 30.0
+                )
+            except (actors.ActorExited, actors.NoSuchActor, actors.CallTimeout):
+                ledger.counts["skipped"] += 1  # its worker is restarting
+
+        async with trio.open_nursery() as nursery:
+            for name in due:
+                nursery.start_soon(run, name)
+        ordered = [records[n] for n in due if records.get(n) is not None]
+        if ordered:
+            await trio.to_thread.run_sync(ledger.write, ordered)
+        ledger.counts["steps_analyzed"] += 1
+
+
+def _context(step: int, samples: list):
+    """The HookContext of one complete step, or a string saying why there is none."""
+    from pipelines.hooks import HookContext
+
+    first = samples[0]
+    n = np.asarray(first.rank_grad).size
+    bounds = sorted((s.lo, s.hi) for s in samples)
+    covered = 0
+    for lo, hi in bounds:  # shards tile [0, n): ZeRO shards, or whole copies in ddp
+        if lo > covered:
+            return f"shards {bounds} leave a gap at {covered}"
+        covered = max(covered, hi)
+    if covered != n or any(np.asarray(s.rank_grad).size != n for s in samples):
+        return f"shards {bounds} do not cover the {n} parameters"
+    flat = {
+        k: np.empty(n, dtype=np.asarray(first.grad).dtype) for k in ("grad", "params", "update")
+    }
+    for s in samples:
+        for key, buf in flat.items():
+            buf[s.lo : s.hi] = getattr(s, key)
+    layout = [tuple(e) for e in first.layout] if first.layout else [("params", 0, (n,))]
+    return HookContext.from_flat(
+        step,
+        layout,
+        flat["grad"],
+        loss=first.loss,
+        lr=first.lr,
+        rank_grads={s.rank: s.rank_grad for s in samples},
+        params=flat["params"],
+        update=flat["update"],
+        batch_size=first.batch_size,
+        world_size=first.world,
+    )
+
+
+# =====================================================================================
+# The process
+# =====================================================================================
+
+
+async def _serve(args) -> int:
+    ledger = _Ledger(Path(args.run_dir), args.world, args.timeout, args.base_dir)
+    try:
+        ledger.open(json.loads(args.specs))
+        workers = [
+            HookWorker.child_spec(ledger, name, name=f"hook:{name}") for name in ledger.hooks
+        ]
+        children = [*workers, HookAnalyzer.child_spec(ledger, name="HookAnalyzer")]
+        budget = HOOK_FAILURES[0] * len(workers) + 3  # broken hooks get disabled first
+        async with actors.child_node():
+            with trio.CancelScope() as scope:
+                ledger.exit_scope = scope
+                supervisor = actors.Supervisor(
+                    children, name="analyzer", max_restarts=budget, max_seconds=HOOK_FAILURES[1]
+                )
+                await supervisor.run()
+    finally:
+        ledger.close()
+    return EXIT_HUNG if ledger.exit_reason else 0
+
+
+def main(argv=None) -> int:
+    """python -m pipelines.analyzer --run-dir D --world N --timeout S --specs JSON."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.analyzer")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--timeout", type=float, required=True)
+    parser.add_argument("--specs", required=True, help="the hook specs as a JSON list")
+    parser.add_argument("--base-dir", default=os.getcwd())
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("ZEROTRAIN_ANALYZER_LOG", "WARNING"),
+        format="%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    return trio.run(_serve, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The rank's end of the hook link: offer a step's gradients to the analyzer, never wait.
+
+Each rank process holds one `HookOutbox`. After a step whose number some analyzer wants
+(`outbox.due(step)`), the rank copies what the analyzer needs into a `HookSample` and
+`offer`s it; a task of the rank (`outbox.run`) forwards queued samples to the
+HookAnalyzer actor in the analyzer process with a cast. The step itself only ever does
+a `put_nowait` on a small bounded queue:
+
+    outbox = HookOutbox(cfg.hooks.specs + cli_hooks, layout=model.layout)
+    nursery.start_soon(outbox.run)                       # lives as long as the rank
+    ...
+    if outbox.due(step):                                 # 1-based: steps done
+        outbox.offer(HookSample(step=step, rank=r, world=w, ..., rank_grad=g.copy(), ...))
+
+## Failure rules, in one place
+
+- **Queue full** (the analyzer, or the link to it, is slower than training): `offer`
+  drops the new sample at once and counts it (`dropped`). What is queued goes out.
+- **Analyzer down** (its process is restarting, killed, never started): the forwarder
+  checks the analyzer node's liveness before each cast; a sample for a node known to be
+  down is not sent and counts as `failed`, as does a cast that raises (no node in this
+  process, a value that cannot travel). Nothing is raised into the rank.
+- **Link slow**: a cast waits for room in the node's per-peer outbox (at most the
+  node's send timeout, after which the node drops it). Only the forwarder task waits;
+  meanwhile `offer` keeps dropping. The node logs its own drops.
+
+Casts carry no acknowledgement, so `sent` means "handed to the node", not "analyzed";
+the analyzer's own stats say what it analyzed and dropped.
+
+The arrays of an offered sample are sent without a copy: give `offer` copies (or fresh
+arrays) that the rank will not modify afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import trio
+
+import actors
+
+__all__ = ["DEFAULT_TARGET", "HookOutbox", "HookSample"]
+
+DEFAULT_TARGET = "HookAnalyzer@analyzer"
+
+_log = logging.getLogger("zerotrain.hooks.link")
+
+
+@actors.record(name="zerotrain.HookSample")
+@dataclasses.dataclass(frozen=True, eq=False)
+class HookSample:
+    """One rank's view of one step, as the analyzer needs it.
+
+    step        1-based: the number of steps done (as in metrics.jsonl).
+    rank, world this rank and the world size.
+    loss, lr    the step's global mean loss and learning rate.
+    lo, hi      this rank's shard of the flat parameter vector: [lo, hi).
+    batch_size  samples per rank per step (B_small of the noise scale).
+    rank_grad   this rank's own averaged gradient, full length n, before the reduction.
+    grad        the reduced averaged gradient, shard [lo:hi], before clipping.
+    params      shard [lo:hi] of the parameters before the update.
+    update      shard [lo:hi] of the applied update (params_after - params_before).
+    layout      (name, offset, shape) of each parameter in layer order, as model.layout
+                (a few hundred bytes; sent with every sample so that a restarted
+                analyzer needs nothing else). `HookOutbox(layout=...)` fills it in.
+    """
+
+    step: int
+    rank: int
+    world: int
+    loss: float
+    lr: float
+    lo: int
+    hi: int
+    batch_size: int
+    rank_grad: np.ndarray
+    grad: np.ndarray
+    params: np.ndarray
+    update: np.ndarray
+    layout: list = dataclasses.field(default_factory=list)
+
+
+def wire_layout(layout) -> list:
+    """A model layout as wire data: [[name, offset, [shape...]], ...]."""
+    from pipelines.hooks import normalise_layout
+
+    return [[name, offset, list(shape)] for name, offset, shape in normalise_layout(layout)]
+
+
+class HookOutbox:
+    """A bounded, never-blocking queue of HookSamples from one rank to the analyzer.
+
+    specs     the run's hook specs (strings or dicts, as in the config) or loaded Hooks;
+              only the analyzers' sampling periods matter here (transforms run in the
+              rank, outside this class).
+    target    the HookAnalyzer actor, "name@node".
+    capacity  samples queued at most; an offer beyond that is dropped.
+    layout    the model's layout, stamped into samples offered without one.
+    """
+
+    def __init__(
+        self, specs: list, *, target: str = DEFAULT_TARGET, capacity: int = 2, layout=None
+    ):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"HookOutbox capacity must be an int >= 1, got {capacity!r}")
+        if "@" not in target:
+            raise ValueError(f"HookOutbox target must be 'name@node', got {target!r}")
+        from pipelines.hooks import ANALYZER, Hook, load_hooks
+
+        loaded = [s for s in specs if isinstance(s, Hook)]
+        texts = [s for s in specs if not isinstance(s, Hook)]
+        if texts:
+            loaded += load_hooks(texts)
+        self.periods = sorted({h.every for h in loaded if h.kind == ANALYZER})
+        self.target = target
+        self.node = target.rsplit("@", 1)[1]
+        self.capacity = capacity
+        self.layout = wire_layout(layout) if layout is not None else []
+        self._send, self._receive = trio.open_memory_channel(capacity)
+        self._counts = {"offered": 0, "sent": 0, "dropped": 0, "failed": 0}
+
+    def due(self, step: int) -> bool:
+        """True when some analyzer samples `step` (1-based): worth building a sample."""
+        return any(step % every == 0 for every in self.periods)
+
+    def offer(self, sample: HookSample) -> bool:
+        """Queue `sample` without waiting; False (and counted as dropped) if full."""
+        self._counts["offered"] += 1
+        if self.layout and not sample.layout:
+            sample = dataclasses.replace(sample, layout=self.layout)
+        try:
+            self._send.send_nowait(sample)
+        except trio.WouldBlock:
+            self._counts["dropped"] += 1
+            return False
+        return True
+
+    async def run(self) -> None:
+        """Forward queued samples to the target until cancelled; never raises for a
+        failed send (see the failure rules in the module doc)."""
+        async for sample in self._receive:
+            await self._forward(sample)
+
+    async def _forward(self, sample: HookSample) -> None:
+        node = _current_node()
+        info = node.peer_info(self.node) if node is not None else None
+        if node is None or (info is not None and info.alive is False):
+            self._fail(sample, "no node" if node is None else f"node {self.node} is down")
+            return
+        try:
+            await actors.cast(self.target, sample)
+        except Exception as exc:  # the analyzer's trouble must never reach the rank
+            self._fail(sample, f"{type(exc).__name__}: {exc}")
+            return
+        self._counts["sent"] += 1
+
+    def _fail(self, sample, why):
+        self._counts["failed"] += 1
+        if self._counts["failed"] == 1 or self._counts["failed"] % 100 == 0:
+            _log.warning(
+                "[HookOutbox %s] step %d not sent to %s: %s (%d failed so far)",
+                sample.rank,
+                sample.step,
+                self.target,
+                why,
+                self._counts["failed"],
+            )
+
+    def stats(self) -> dict:
+        """{"offered", "sent", "dropped", "failed", "queued"} counts of this outbox."""
+        return {**self._counts, "queued": self._send.statistics().current_buffer_used}
+
+
+def _current_node():
+    """This process's node, or None. (actors has no public accessor for it yet: the
+    rank could pass its node in, but the outbox is made before and used after.)"""
+    from actors import _registry
+
+    return _registry.current_node(required=False)

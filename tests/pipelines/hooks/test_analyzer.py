@@ -1,0 +1,238 @@
+"""The analyzer process, for real: started by analyzer_spec under a supervisor, fed
+HookSamples of two fake ranks of a tiny MLP. Real processes, real time: every wait is
+bounded by LIMIT and nothing asserts on wall time."""
+
+import json
+import os
+import signal
+import textwrap
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+import trio
+
+import actors
+from pipelines.analyzer import EXIT_HUNG, QUARANTINE, analyzer_spec
+from pipelines.hook_link import HookOutbox, HookSample, wire_layout
+from pipelines.model import build_model
+
+LIMIT = 40
+TARGET = "HookAnalyzer@analyzer"
+WORLD = 2
+MODEL = build_model("mlp_classifier", in_dim=4, n_classes=3, hidden=(6,), seed=0)
+N = MODEL.params.size
+LAYOUT = wire_layout(MODEL.layout)
+
+
+def step_arrays(step):
+    """(rank_grads, reduced grad, params, update) of a made-up step: full length n each."""
+    rng = np.random.default_rng(step)
+    rank_grads = [rng.normal(size=N).astype(np.float32) for _ in range(WORLD)]
+    grad = np.mean(rank_grads, axis=0).astype(np.float32)
+    params = rng.normal(size=N).astype(np.float32)
+    return rank_grads, grad, params, (-1e-2 * grad).astype(np.float32)
+
+
+def samples(step):
+    """The WORLD HookSamples of `step`, each rank holding its ZeRO shard."""
+    rank_grads, grad, params, update = step_arrays(step)
+    out = []
+    for rank in range(WORLD):
+        lo, hi = actors.shard_bounds(N, WORLD, rank)
+        out.append(
+            HookSample(
+                step=step, rank=rank, world=WORLD, loss=1.0 / step, lr=1e-2, lo=lo, hi=hi,
+                batch_size=4, rank_grad=rank_grads[rank], grad=grad[lo:hi].copy(),
+                params=params[lo:hi].copy(), update=update[lo:hi].copy(), layout=LAYOUT,
+            )
+        )  # fmt: skip
+    return out
+
+
+async def send_step(step, ranks=range(WORLD)):
+    for sample in samples(step):
+        if sample.rank in ranks:
+            await actors.cast(TARGET, sample)
+
+
+async def stats():
+    return await actors.call(TARGET, "stats", timeout=10)
+
+
+async def wait_stats(predicate):
+    while not predicate(s := await stats()):
+        await trio.sleep(0.05)
+    return s
+
+
+async def child():
+    return {c.id: c for c in await actors.which_children("cluster")}["analyzer"]
+
+
+async def wait_restarted(restarts):
+    while (info := await child()).restarts < restarts or info.state != "running":
+        await trio.sleep(0.05)
+    await actors.call(TARGET, "stats", timeout=10)  # up and answering
+    return info
+
+
+def records(run_dir):
+    path = run_dir / "hooks.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@asynccontextmanager
+async def analyzer(run_dir, specs, timeout_s=5.0):
+    with trio.fail_after(LIMIT):
+        options = {"heartbeat_interval": 0.1, "heartbeat_timeout": 2.0}
+        async with actors.open_node("cluster", **options):
+            async with trio.open_nursery() as nursery:
+                spec = analyzer_spec(run_dir, specs, WORLD, timeout_s, shutdown=2)
+                sup = actors.Supervisor([spec], name="cluster", max_restarts=5)
+                ref = await nursery.start(sup.run)
+                yield nursery
+                await actors.stop(ref, timeout=None)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import time
+    from pipelines.hooks import analyzer
+
+    @analyzer
+    def flaky(ctx):
+        if ctx.step == 2:
+            raise RuntimeError("flaky broke")
+        return {"step": ctx.step}
+
+    @analyzer(timeout_s=1.0)
+    def sleepy(ctx):
+        if ctx.step == 4:
+            time.sleep(60)
+        return {"awake": 1}
+
+    @analyzer
+    def slow(ctx):
+        if ctx.step == 1:
+            time.sleep(2.0)
+        return None
+    """
+)
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "research.py"
+    path.write_text(SCRIPT)
+    return str(path)
+
+
+async def test_the_builtin_analyzers_write_their_metrics_for_each_step(tmp_path):
+    async with analyzer(tmp_path, ["builtin"]):
+        for step in (1, 2, 3):  # one at a time: sent together, step 2 would be dropped
+            await send_step(step)
+            s = await wait_stats(lambda s, t=step: s["steps_analyzed"] == t)
+    assert (s["dropped"], s["hook_errors"], s["timeouts"]) == (0, 0, 0)
+    got = {(r["step"], r["hook"]): r["metrics"] for r in records(tmp_path)}
+    hooks = {"grad_norm", "grad_distribution", "grad_flow", "grad_health", "update_ratio",
+             "rank_cosine", "noise_scale"}  # fmt: skip
+    assert {h for _, h in got} == hooks and {st for st, _ in got} == {1, 2, 3}
+    rank_grads, grad, params, update = step_arrays(2)
+    metrics = got[(2, "grad_norm")]
+    assert metrics["global"] == pytest.approx(np.linalg.norm(grad.astype(np.float64)), rel=1e-5)
+    assert set(metrics) == {"global"} | {f"norm/{p.name}" for p in MODEL.layout}
+    cosine = np.asarray(got[(2, "rank_cosine")]["matrix"])
+    assert cosine.shape == (2, 2)
+    expected = (
+        rank_grads[0]
+        @ rank_grads[1]
+        / np.linalg.norm(rank_grads[0])
+        / np.linalg.norm(rank_grads[1])
+    )
+    assert cosine[0, 1] == pytest.approx(expected, rel=1e-4)
+    assert {"b_simple", "g2", "trace_sigma"} <= set(got[(3, "noise_scale")])
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+
+
+async def test_a_raising_hook_is_logged_restarted_and_later_steps_are_analyzed(
+    tmp_path, script, capfd
+):
+    async with analyzer(tmp_path, [f"{script}:flaky", "builtin:grad_norm"]):
+        for step in (1, 2, 3):
+            await send_step(step)
+            # after step 2, also wait for the crashed worker's restart
+            await wait_stats(
+                lambda s, t=step: s["steps_analyzed"] == t and s["restarts"] == (t > 1)
+            )
+        s = await stats()
+    assert (s["hook_errors"], s["restarts"]) == (1, 1)
+    assert s["hooks"]["flaky"] == {"calls": 3, "ok": 2, "errors": 1, "timeouts": 0}
+    got = {(r["step"], r["hook"]): r for r in records(tmp_path)}
+    assert got[(2, "flaky")]["error"] == "RuntimeError: flaky broke"
+    assert got[(3, "flaky")]["metrics"] == {"step": 3}  # the restarted worker
+    assert got[(2, "grad_norm")]["metrics"]["global"] > 0  # the others were not disturbed
+    lines = [line for line in capfd.readouterr().err.splitlines() if "research.py:" in line]
+    assert len(lines) == 1 and "hook 'flaky' failed at step 2" in lines[0]
+    assert "RuntimeError: flaky broke" in lines[0]
+
+
+async def test_a_hanging_hook_is_timed_out_and_the_analyzer_process_restarted(tmp_path, script):
+    async with analyzer(tmp_path, [f"{script}:sleepy", "builtin:grad_norm"]):
+        await send_step(4)  # sleepy hangs here; grad_norm answers meanwhile
+        info = await wait_restarted(1)
+        assert f"exited with status {EXIT_HUNG}" in info.last_exit
+        await send_step(5)
+        s = await wait_stats(lambda s: s["steps_analyzed"] == 1)  # a fresh process
+        assert s["hooks"]["sleepy"]["ok"] == 1
+    got = {(r["step"], r["hook"]): r for r in records(tmp_path)}
+    assert got[(4, "sleepy")]["error"].startswith("timeout")
+    assert "metrics" in got[(4, "grad_norm")] and "metrics" in got[(5, "sleepy")]
+    assert json.loads((tmp_path / QUARANTINE).read_text()) == {"sleepy": 1}
+
+
+async def test_a_flood_of_steps_is_dropped_and_counted_not_queued(tmp_path, script):
+    async with analyzer(tmp_path, [f"{script}:slow"]):
+        for step in range(1, 31):  # step 1 holds the analyzer for 2 s
+            await send_step(step)
+        s = await wait_stats(lambda s: s["steps_analyzed"] + s["dropped"] == 30)
+        assert s["dropped"] > 0 and s["pending"] == 0
+        await send_step(31, ranks=[0])  # never completed: dropped once 32 is
+        await send_step(32)
+        s2 = await wait_stats(lambda s2: s2["steps_analyzed"] == s["steps_analyzed"] + 1)
+        await send_step(1)  # stale: step 1 was analyzed long ago
+        s3 = await wait_stats(lambda s: s["stale"] == 2)
+    assert s2["dropped"] == s["dropped"] + 1
+    assert (s3["dropped"], s3["steps_analyzed"]) == (s2["dropped"], s2["steps_analyzed"])
+
+
+async def test_the_outbox_never_blocks_and_counts_while_the_analyzer_is_down(tmp_path):
+    async with analyzer(tmp_path, ["builtin:grad_norm"]) as nursery:
+        outboxes = [HookOutbox(["builtin:grad_norm"], capacity=2) for _ in range(WORLD)]
+        for box in outboxes:
+            nursery.start_soon(box.run)
+        assert outboxes[0].due(7)
+
+        def offer(step):
+            return [box.offer(s) for box, s in zip(outboxes, samples(step), strict=True)]
+
+        assert offer(1) == [True, True]
+        await wait_stats(lambda s: s["steps_analyzed"] == 1)
+        pid = (await child()).pid
+        await actors.terminate_child("cluster", "analyzer")  # down, not coming back
+        for step in range(2, 40):
+            offer(step)  # synchronous: it cannot wait, whatever the link does
+            await trio.sleep(0.01)
+        counts = [box.stats() for box in outboxes]
+        for c in counts:
+            assert c["offered"] == 39 and c["failed"] > 0
+            assert c["offered"] == c["sent"] + c["failed"] + c["dropped"] + c["queued"]
+        await actors.restart_child("cluster", "analyzer")
+        before = await wait_restarted(0)
+        os.kill(before.pid, signal.SIGKILL)  # and a crash for good measure
+        info = await wait_restarted(before.restarts + 1)
+        assert "killed by SIGKILL" in info.last_exit and len({pid, before.pid, info.pid}) == 3
+        offer(50)
+        await wait_stats(lambda s: s["steps_analyzed"] == 1)
+        nursery.cancel_scope.cancel()
+    assert any(r["step"] == 50 for r in records(tmp_path))
