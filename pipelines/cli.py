@@ -122,6 +122,9 @@ def _parser() -> _Parser:
     ):
         c = ckpt_sub.add_parser(name, help=text)
         c.add_argument("dir", help="a checkpoint dir, a checkpoint root or a run dir")
+    report = sub.add_parser("report", help="render PNG plots of a run's metrics and hooks")
+    report.add_argument("run_dir", help="the run's directory (holds metrics.jsonl)")
+    report.add_argument("--out", help="where to write the PNGs (default RUN_DIR/report)")
     return parser
 
 
@@ -279,6 +282,12 @@ def _limit_blas_threads() -> None:
         os.environ.setdefault(var, "1")
 
 
+def _cmd_report(args, out) -> int:
+    from .report import main_report
+
+    return main_report([args.run_dir, *(["--out", args.out] if args.out else [])])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -292,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command is None:
             raise _UsageError(
-                "zerotrain: expected a command: run, simulate, pipelines, ckpt "
+                "zerotrain: expected a command: run, simulate, pipelines, ckpt, report "
                 "(see zerotrain --help)"
             )
         if args.command == "ckpt" and args.ckpt_command is None:
@@ -302,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "simulate": _cmd_run,
             "pipelines": _cmd_pipelines,
             "ckpt": _cmd_ckpt,
+            "report": _cmd_report,
         }[args.command]
         return handler(args, sys.stdout if args.command != "run" else sys.stderr)
     except _UsageError as err:

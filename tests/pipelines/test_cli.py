@@ -208,3 +208,21 @@ def test_progress_is_a_bar_redrawn_in_place_on_a_terminal():
         bar.update(step, 1.0, 1e-3, 100.0)
     text = out.getvalue()
     assert text.startswith("\r[") and "step 3/3" in text and text.endswith("\n")
+
+
+def test_report_renders_a_run_dir_or_says_in_one_line_why_not(tmp_path, capsys):
+    assert "does not exist" in assert_one_line_error(
+        run_main(capsys, "report", str(tmp_path / "x"))
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_main(capsys, "report", str(run), "--out", str(tmp_path / "png"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the report extra is not installed: exit 3, one line naming it
+        assert "matplotlib" in assert_one_line_error(proc, code=3)
+    else:
+        assert proc.returncode == 0
+        assert proc.stdout.split() == [str(tmp_path / "png" / "loss_lr.png")]
