@@ -46,7 +46,18 @@ so the mailbox keeps draining and no back-pressure reaches the ranks.
   appended to (lines are flushed per step); counters start again from zero in the new
   process; the ranks' outboxes count what they could not send meanwhile.
 
-`actors.call("HookAnalyzer@analyzer", "stats")` answers the counters for summary.json.
+## Cost to the ranks
+
+The process runs at nice `NICE` with one BLAS thread, so on a busy machine the ranks
+get the cores first and the analyzer falls behind (and drops) instead. It holds at most
+`MAX_PENDING_STEPS` + 1 steps of samples: about that many times world x n x 16 bytes
+(each rank's full gradient plus its shards), plus one assembled step.
+
+`actors.call("HookAnalyzer@analyzer", "stats")` answers the counters of this process
+for summary.json: steps_analyzed, dropped, stale, rejected, skipped (a worker was
+restarting), hook_errors, timeouts, restarts (of actors inside the process; restarts of
+the process itself are the cluster supervisor's to count), sink_errors, per-hook
+counts, the disabled hooks and the pid.
 """
 
 from __future__ import annotations
@@ -78,7 +89,8 @@ __all__ = [
 ]
 
 NODE = "analyzer"
-MAX_PENDING_STEPS = 4
+MAX_PENDING_STEPS = 2  # ranks step in lockstep: an older incomplete step is lost
+NICE = 10  # the analyzer yields the CPU to the ranks (CFS weight ~1/10 of a rank's)
 HOOK_FAILURES = (3, 5.0)  # more than 3 failures in 5 s: the hook is disabled
 MAX_HANGS = 2
 EXIT_HUNG = 75  # a hook hung: exit so that a fresh process reclaims its thread
@@ -131,6 +143,8 @@ def analyzer_spec(
     ]
     path = os.environ.get("PYTHONPATH")
     env = {"PYTHONPATH": _REPO + (os.pathsep + path if path else "")}
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = os.environ.get(var, "1")  # one BLAS thread: the cores are the ranks'
     return actors.process_spec(
         node, argv, wait_for=["HookAnalyzer"], restart="permanent", env=env, shutdown=shutdown
     )
@@ -539,6 +553,10 @@ def main(argv=None) -> int:
     parser.add_argument("--specs", required=True, help="the hook specs as a JSON list")
     parser.add_argument("--base-dir", default=os.getcwd())
     args = parser.parse_args(argv)
+    try:
+        os.nice(NICE)
+    except OSError:  # not permitted: run at the parent's priority
+        pass
     logging.basicConfig(
         level=os.environ.get("ZEROTRAIN_ANALYZER_LOG", "WARNING"),
         format="%(name)s %(message)s",

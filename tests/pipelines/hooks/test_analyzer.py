@@ -2,6 +2,7 @@
 HookSamples of two fake ranks of a tiny MLP. Real processes, real time: every wait is
 bounded by LIMIT and nothing asserts on wall time."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -236,3 +237,37 @@ async def test_the_outbox_never_blocks_and_counts_while_the_analyzer_is_down(tmp
         await wait_stats(lambda s: s["steps_analyzed"] == 1)
         nursery.cancel_scope.cancel()
     assert any(r["step"] == 50 for r in records(tmp_path))
+
+
+# ---- in-process pieces ---------------------------------------------------------------
+
+
+def test_a_hook_sample_travels_as_wire_data_without_pickle():
+    sample = samples(3)[1]
+    data, tensors = actors.to_wire(sample)
+    back = actors.from_wire(data, tensors)
+    assert isinstance(back, HookSample) and (back.step, back.rank, back.lo) == (3, 1, sample.lo)
+    assert back.layout == LAYOUT and np.array_equal(back.grad, sample.grad)
+
+
+async def test_a_full_outbox_drops_the_offer_at_once_and_counts_it():
+    box = HookOutbox(["builtin:grad_norm", {"hook": "builtin:noise_scale", "every": 5}])
+    assert [box.due(s) for s in (1, 5)] == [True, True] and box.periods == [1, 5]
+    assert [box.offer(s) for s in samples(1) + samples(2)] == [True, True, False, False]
+    assert box.stats() == {"offered": 4, "sent": 0, "dropped": 2, "failed": 0, "queued": 2}
+
+
+def test_a_step_is_assembled_from_zero_shards_and_from_ddp_copies():
+    from pipelines.analyzer import _context
+
+    rank_grads, grad, params, update = step_arrays(4)
+    ctx = _context(4, samples(4))
+    whole = [dataclasses.replace(s, lo=0, hi=N, grad=grad, params=params, update=update)
+             for s in samples(4)]  # fmt: skip
+    for c in (ctx, _context(4, whole)):
+        assert c.world_size == WORLD and c.batch_size == 4 and c.names[0] == "layers.0.weight"
+        assert np.array_equal(c.grads["layers.1.bias"], grad[MODEL.layout[-1].offset :])
+        assert np.array_equal(c.rank_grads[1]["layers.0.bias"].reshape(-1),
+                              rank_grads[1][24:30])  # fmt: skip
+    gap = [dataclasses.replace(s, lo=s.lo + 1) if s.rank == 1 else s for s in samples(4)]
+    assert "gap" in _context(4, gap)
