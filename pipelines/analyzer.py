@@ -313,7 +313,7 @@ class HookWorker(actors.Actor):
         if self.name in self.ledger.started:
             self.ledger.counts["restarts"] += 1
             try:  # a fresh copy of the script: no state left over from the crash
-                fresh = [h for h in load_hooks([spec], base_dir=self.ledger.base_dir)]
+                fresh = load_hooks([spec], base_dir=self.ledger.base_dir)
                 hook = next(h for h in fresh if h.name == self.name)
             except Exception as exc:
                 self.ledger.disable(self.name, f"reload failed: {_one_line(exc)}")
@@ -459,7 +459,10 @@ class HookAnalyzer(actors.Actor):
         ]
         if not due:
             return
-        ctx = _context(step, [group[r] for r in sorted(group)])
+        try:
+            ctx = _context(step, [group[r] for r in sorted(group)])
+        except (TypeError, ValueError) as exc:  # e.g. a layout that does not fit
+            ctx = _one_line(exc)
         if isinstance(ctx, str):
             ledger.counts["rejected"] += 1
             self.log.warning("step %d rejected: %s", step, ctx)
