@@ -12,6 +12,8 @@ JSON that rank 0 writes to --out:
                       [+ DDP's all-reduce] [+ clipping] + optimizer), first step included
     first_step_unix   time.time() when rank 0 finished its first step (cold start is
                       that minus the launcher's own time.time() before it spawned us)
+    n_params          trainable parameters (the tied head counted once), to check the
+                      model is the one zerotrain trains
     world, threads, batch (per rank), optimizer, torch
 
 Under torchrun (WORLD_SIZE set) it trains with DistributedDataParallel over gloo; else in
@@ -193,6 +195,7 @@ def main(argv=None):
             "batch": args.batch,
             "optimizer": args.optimizer,
             "final_loss": loss.item(),
+            "n_params": sum(p.numel() for p in module.parameters()),
             "torch": torch.__version__,
         }
         with open(args.out, "w") as f:

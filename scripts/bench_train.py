@@ -189,6 +189,7 @@ def run_zerotrain(case: Case, steps: int, warmup: int, work: Path, tag: str) -> 
         "first_step_s": timing.get("first_step_s", summary.get("first_step_s")),
         "timing": timing or None,
         "final_loss": summary.get("final_loss"),
+        "n_params": summary.get("n_params"),
     }
 
 
@@ -276,7 +277,21 @@ def run_torch(case: Case, cfg, steps: int, warmup: int, work: Path, tag: str) ->
         "overhead": None,
         "cold_start_s": result["first_step_unix"] - t_launch,
         "final_loss": result["final_loss"],
+        "n_params": result.get("n_params"),
     }
+
+
+def check_same_models(runs: dict[str, list[dict]]) -> None:
+    """BenchError unless every run of a model trained the same number of parameters."""
+    seen: dict[str, dict[int, str]] = {}
+    for key, rs in runs.items():
+        for r in rs:
+            if r.get("n_params") is not None:
+                seen.setdefault(key.split("/")[0], {}).setdefault(r["n_params"], key)
+    for model, counts in seen.items():
+        if len(counts) > 1:
+            shown = ", ".join(f"{k} has {n:,}" for n, k in counts.items())
+            raise BenchError(f"{model}: the runs train different models: {shown} parameters")
 
 
 # ---- the plan and the summary -----------------------------------------------------------
@@ -309,8 +324,9 @@ def aggregate(runs: list[dict]) -> dict:
         "samples_per_s_max": max(sps),
         "samples_per_s_rounds": sps,
     }
-    for key in ("step_ms", "overhead", "cold_start_s", "first_step_s"):
+    for key in ("step_ms", "overhead", "cold_start_s", "first_step_s", "final_loss"):
         out[key] = median_or_none(r.get(key) for r in runs)
+    out["n_params"] = runs[0].get("n_params")
     timings = [r["timing"] for r in runs if r.get("timing")]
     if timings:
         out["timing"] = {
@@ -557,6 +573,7 @@ def main(argv=None) -> int:
                 f"cold {fmt(r['cold_start_s'], '.2f')} s",
                 flush=True,
             )
+    check_same_models(runs)
     if not args.keep:  # kept after a failure: the error names a log in it
         shutil.rmtree(work, ignore_errors=True)
     results = {k: aggregate(v) for k, v in runs.items()}
