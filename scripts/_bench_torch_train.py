@@ -89,7 +89,15 @@ def char_transformer(vocab, d_model, n_head, n_layer, seq_len):
                 h = block(h)
             return self.ln_f(h) @ self.tok_emb.weight.T
 
-    return CharTransformer()
+    model = CharTransformer()
+    # GPT-2's init as in pipelines/model (the default N(0, 1) embeddings through the tied
+    # head start at a loss near 10); the work per step is the same either way
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif "ln" not in name:
+            nn.init.normal_(p, std=0.02)
+    return model
 
 
 def build(args, gen):
