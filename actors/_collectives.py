@@ -47,6 +47,19 @@ neighbour disconnecting (process death, or ZMQ heartbeat loss) or no progress fo
 instead of waiting for their own timeout. After a CollectiveError the ring refuses work
 until every rank calls ``set_generation`` with a new, larger generation.
 
+Replacing a dead rank (tests/actors/test_ring_rejoin.py): a fresh process builds a new
+``Ring`` on the dead rank's endpoint with ``generation=g+1`` (binding an ``ipc://`` path
+replaces the dead socket's file); the survivors keep their rings and call
+``set_generation(g+1)``, before or after the newcomer is up. ZeroMQ reconnects the left
+neighbour's outbox by itself. Messages still queued for the dead rank reach the newcomer
+and are discarded as stale; messages the newcomer sends to a survivor still inside a
+generation-g collective fail that collective at once and are kept for generation g+1.
+A SIGKILLed neighbour is noticed about ``_LINK_GRACE`` (0.1 s) after the kill, whether
+the survivor was mid-collective or already waiting in the next one. A rank that dies
+while its neighbours are *between* collectives is not a disconnect they see (events
+between collectives are ignored); their next collective fails on the newcomer's first
+message, on a neighbour's abort, or after ``timeout``.
+
 Completion: a rank that has received everything sends a *done* ack to its left; a rank
 returns only when it has received everything and its right neighbour has acked all it
 was sent. So when a collective returns nothing of it still reads the array (the caller
@@ -636,6 +649,7 @@ class _Run:
         self.per = ring._chunk_length(flat.size, flat.itemsize)
         self.left = (ring.rank - 1) % ring.world
         self.left_down = False
+        self.ack_scope: trio.CancelScope | None = None  # an ack send to the left, if any
         self.right_down = False
         self.receiving = True  # until every expected chunk has arrived
         self.sent = 0  # chunks handed to libzmq (frames) or to the lane (lanes)
@@ -680,7 +694,7 @@ class _Run:
                 for name, monitor in ring._monitors:
                     nursery.start_soon(self._watch_link, name, monitor)
                 try:
-                    if await self._receive_loop(hops, send_tx) and not self.left_down:
+                    if await self._receive_loop(hops, send_tx):
                         await self._send_ack(_DONE)
                     self.receiving = False
                     send_tx.close()
@@ -753,10 +767,23 @@ class _Run:
     # -- acks ----------------------------------------------------------------------------
 
     async def _send_ack(self, kind: int, token: bytes = _NO_TOKEN, slot: int = 0) -> None:
+        """Send an ack to the left, unless it is gone: then nobody needs it.
+
+        The inbox is a bound DEALER: with no peer connected a send waits for one, so an
+        ack begun just before the left died would block the receive loop (and the
+        messages still queued from the left) until the timeout. _watch_link cancels it
+        (test_ring_rejoin: "a killed rank is replaced ... mid-collective").
+        """
         ring = self.ring
         assert ring._inbox is not None
+        if self.left_down:
+            return
         ack = _ACK.pack(_ACK_MAGIC, _VERSION, kind, ring._generation, self.seq, token, slot)
-        await ring._inbox.send_multipart([ack])
+        try:
+            with trio.CancelScope() as self.ack_scope:
+                await ring._inbox.send_multipart([ack])
+        finally:
+            self.ack_scope = None
 
     async def _next_ack(self) -> list:
         outbox = self.ring._outbox
@@ -813,6 +840,8 @@ class _Run:
         await trio.sleep(_LINK_GRACE)
         if name == "left":
             self.left_down = True
+            if self.ack_scope is not None:
+                self.ack_scope.cancel()  # the left will never take it
             if not self.receiving or self._pending():
                 return  # the receive loop fails when it runs dry
             peer = self.left
@@ -845,7 +874,8 @@ class _Run:
         position = 0
         held = ring._held
         while position < len(expected):
-            if held:
+            from_held = bool(held)
+            if from_held:
                 frames = held.popleft()
             else:
                 if self.left_down and not self._pending():
@@ -857,7 +887,7 @@ class _Run:
                 except trio.ClosedResourceError:
                     raise CollectiveError(f"{self._what()}: ring closed") from None
             header = _parse_header(frames)
-            if not self._is_current(header, frames):
+            if not self._is_current(header, frames, from_held):
                 continue
             hop, chunk, start, stop = expected[position]
             nbytes = (stop - start) * itemsize
@@ -900,13 +930,16 @@ class _Run:
         else:
             np.copyto(target, received)
         del received
-        if not self.left_down:
-            await self._send_ack(_CREDIT, token, slot)
+        await self._send_ack(_CREDIT, token, slot)
         if hop.forward:  # from the array: the slot is already back with its writer
             send_tx.send_nowait((hop.hop + 1, chunk, target))
 
-    def _is_current(self, header: _Header, frames: list) -> bool:
-        """Discard stale messages, stash early ones, raise on an abort; else True."""
+    def _is_current(self, header: _Header, frames: list, from_held: bool) -> bool:
+        """Discard stale messages, stash early ones, raise on an abort; else True.
+
+        An early message goes back where it came from: to the front of the held queue
+        if it was taken from there, so held messages keep their arrival order.
+        """
         ring = self.ring
         mine = (ring._generation, self.seq)
         theirs = (header.generation, header.seq)
@@ -914,7 +947,10 @@ class _Run:
             ring._stats["stale_discarded"] += 1
             return False
         if theirs > mine:
-            ring._held.append(frames)
+            if from_held:
+                ring._held.appendleft(frames)
+            else:
+                ring._held.append(frames)
             raise CollectiveError(
                 f"{self._what()}: left rank {header.sender} is already at generation "
                 f"{header.generation}, seq {header.seq}"
