@@ -73,6 +73,7 @@ context at interpreter exit, so it still arrives.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import math
 import mmap
 import os
@@ -380,9 +381,18 @@ class Ring:
             if self.lanes:
                 self._out_lane = _OutLane(lane_slots, chunk_bytes)
             for name, sock in (("left", self._inbox), ("right", self._outbox)):
-                address = f"inproc://ring-monitor-{id(self)}-{name}"
+                # A fresh name per ring: id(self) is reused once a ring is collected,
+                # possibly before libzmq has released the old monitor's endpoint.
+                address = f"inproc://ring-monitor-{next(_monitor_ids)}-{name}"
                 sock.zmq.monitor(address, zmq.EVENT_DISCONNECTED)
-                self._monitors.append((name, open_socket("PAIR", connect=address, linger=0)))
+                # RCVHWM=0 makes the inproc event pipe unbounded (libzmq adds the two
+                # ends' HWMs, or uses none if either is 0). libzmq emits an event with a
+                # *blocking* send under the monitored socket's monitor lock: with a
+                # bounded pipe that nobody reads between collectives, enough events
+                # would park the process's only I/O thread there, and disable_monitor
+                # (in close) would wait for that lock forever, holding the GIL.
+                monitor = open_socket("PAIR", connect=address, linger=0, rcvhwm=0)
+                self._monitors.append((name, monitor))
         except BaseException:
             self.close()
             raise
@@ -491,7 +501,11 @@ class Ring:
         # Order matters: libzmq emits monitor events with a *blocking* send under a
         # lock that disable_monitor also takes; with our reading end closed first, a
         # late event (the peer exiting) blocks the I/O thread forever, and then
-        # disable_monitor too (seen here as a hang at exit).
+        # disable_monitor too (seen here as a hang at exit). Draining first also frees
+        # the I/O thread should it be waiting on a full pipe (the pipe is unbounded,
+        # see __init__; test: "closing many rings one after another never hangs").
+        for _, monitor in self._monitors:
+            _drain(monitor)
         for sock in (self._inbox, self._outbox):
             if sock is not None:
                 sock.zmq.disable_monitor()
@@ -614,15 +628,20 @@ class Ring:
                 pass  # the neighbours' own timeouts still bound their wait
 
 
+_monitor_ids = itertools.count()
+
+
 def _has_input(sock: TrioSocket | None) -> bool:
-    return sock is not None and bool(sock.zmq.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+    # Not a raw EVENTS read: that would strand the receive loop sleeping on the inbox
+    # (test_ring_rejoin: a survivor hung after its left neighbour was killed).
+    return sock is not None and sock.has_input()
 
 
 def _drain(sock: TrioSocket) -> None:
     while True:
         try:
             sock.zmq.recv_multipart(zmq.DONTWAIT)
-        except zmq.Again:
+        except zmq.ZMQError:  # zmq.Again: empty (or the context is going away)
             return
 
 

@@ -283,6 +283,16 @@ class TrioSocket:
         """The endpoint of the last bind, with a wildcard port resolved."""
         return self.zmq.get(zmq.LAST_ENDPOINT).decode()
 
+    def has_input(self) -> bool:
+        """Whether a receive would succeed now, without waiting.
+
+        Use this, never ``zmq.getsockopt(zmq.EVENTS)`` on :attr:`zmq`, while another task
+        may be blocked in a receive: reading EVENTS consumes the edge of ZMQ_FD that the
+        blocked task sleeps on, and only this method then wakes it (test: "has_input
+        does not strand a blocked receiver"). False once closed.
+        """
+        return not self._closed and bool(self._poll() & _POLLIN)
+
     async def send_multipart(
         self, frames: Sequence[Any], copy: bool = False, track: bool = False
     ) -> zmq.MessageTracker | None:

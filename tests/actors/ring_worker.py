@@ -3,11 +3,15 @@
     python ring_worker.py ops   RANK WORLD DIR OUT.npz [--frames]  # every collective
     python ring_worker.py loop  RANK WORLD DIR [--frames]          # all-reduce until failure
     python ring_worker.py early RANK WORLD DIR OUT.npz [--frames]  # one all-reduce, rank 0 late
+    python ring_worker.py closes ROUNDS DIR [--frames]             # 3 rings in this process
 
 `ops` runs each collective on seeded inputs and saves inputs and outputs. `loop` prints
 "ready" after its first all-reduce, then all-reduces until a CollectiveError, which it
 prints as "collective-error: ..." before exiting with status 3. `early`: every rank but
 0 all-reduces once and exits at once; rank 0 starts a second later and saves its result.
+`closes`: ROUNDS times, open all three rings of a world of 3 in this one process, run an
+all-reduce (odd rounds only), close them one after another (with a pause between closes
+on every third round) and print "closed ROUND".
 `--frames` turns shared-memory lanes off.
 """
 
@@ -79,8 +83,27 @@ async def run_early(ring: Ring, out: str) -> None:
         np.save(out, x)
 
 
+async def run_closes(rounds: int, directory: str, lanes: bool) -> None:
+    for round_ in range(rounds):
+        endpoints = [ipc_endpoint(f"c{round_}-{r}", directory) for r in range(3)]
+        rings = [Ring(r, 3, endpoints, chunk_bytes=CHUNK_BYTES, lanes=lanes) for r in range(3)]
+        if round_ % 2:
+            async with trio.open_nursery() as nursery:
+                for ring in rings:
+                    x = np.ones(10_000, np.float32)
+                    nursery.start_soon(lambda ring=ring, x=x: ring.all_reduce(x, step=1))
+        for ring in rings:
+            ring.close()
+            if round_ % 3 == 0:
+                await trio.sleep(0.05)  # the neighbours' disconnect events come in
+        print(f"closed {round_}", flush=True)
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--frames"]
+    if args[0] == "closes":
+        trio.run(run_closes, int(args[1]), args[2], "--frames" not in sys.argv)
+        return
     mode, rank, world, directory = args[0], int(args[1]), int(args[2]), args[3]
     endpoints = [ipc_endpoint(f"rank-{r}", directory) for r in range(world)]
     lanes = "--frames" not in sys.argv

@@ -312,6 +312,19 @@ async def test_a_rank_killed_mid_collective_makes_every_other_rank_raise(wire, t
                 await proc.wait()
 
 
+async def test_closing_many_rings_one_after_another_never_hangs(wire, tmp_path):
+    # In a child process: a close stuck in libzmq holds the GIL, so only a process
+    # boundary lets fail_after turn the hang into a failure.
+    directory = tmp_path / "ring"
+    directory.mkdir(mode=0o700)
+    rounds = 20
+    argv = [sys.executable, str(WORKER), "closes", str(rounds), str(directory), *WIRES[wire]]
+    with trio.fail_after(HANG_GUARD):
+        proc = await trio.run_process(argv, capture_stdout=True, check=False)
+    assert proc.returncode == 0
+    assert proc.stdout.decode().split("\n")[-2] == f"closed {rounds - 1}"
+
+
 async def test_a_silent_peer_turns_into_collective_error_after_the_timeout():
     rings = open_rings(2, timeout=0.3)
     with pytest.raises(CollectiveError, match="no progress for 0.3 s"):

@@ -174,6 +174,27 @@ async def test_a_receiver_wakes_when_a_send_on_the_same_socket_takes_its_wakeup(
     assert received == [b"%d" % i for i in range(count)]
 
 
+async def test_has_input_does_not_strand_a_blocked_receiver():
+    # A message arrives while this task holds the loop (so trio has not seen the FD
+    # edge yet); has_input then reads EVENTS, which consumes that edge: it must wake
+    # the receiver sleeping on it (a raw getsockopt(EVENTS) here hung the receiver).
+    pull, push = pair("ipc", "PULL", "PUSH")
+    with pull, push, trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            got = []
+
+            async def receive():
+                got.append((await pull.recv_multipart(copy=True))[0])
+
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            push.zmq.send(b"hello")
+            time.sleep(0.2)  # deliberately blocking: delivery happens, trio does not poll
+            assert pull.has_input()
+    assert got == [b"hello"]
+    assert not pull.has_input()  # closed
+
+
 async def test_many_concurrent_senders_and_receivers_share_one_socket_pair():
     # Small HWMs force waiting on both sides: a second task in wait_readable would
     # raise BusyResourceError, a lost wake-up would hang.
