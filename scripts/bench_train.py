@@ -2,7 +2,7 @@
 
     python scripts/bench_train.py            # 3 alternating rounds, about 4-5 minutes
     python scripts/bench_train.py --quick    # 1 short round: a smoke run, about a minute
-    python scripts/bench_train.py --ranks 1  # only what works without the cluster
+    python scripts/bench_train.py --ranks 1  # zerotrain at N = 1 only (torch rows all run)
 
 What runs (each run a fresh process tree, so cold start is measured too):
 
@@ -306,8 +306,7 @@ def plan(args, have_torch: bool) -> list[Case]:
                 cases.append(Case(model, name, "zerotrain", n, 1))
             if have_torch:
                 cases += [Case(model, name, "torch", 1, t) for t in (1, 2)]
-                if 2 in args.ranks:
-                    cases.append(Case(model, name, "torch-ddp", 2, 1))
+                cases.append(Case(model, name, "torch-ddp", 2, 1))
     return cases
 
 
@@ -510,7 +509,14 @@ def main(argv=None) -> int:
     p.add_argument(
         "--warmup", type=int, help="steps left out of a run's median (default 8, quick 4)"
     )
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], choices=(1, 2))
+    p.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        choices=(1, 2),
+        help="zerotrain's rank counts (torch's rows, DDP included, run regardless)",
+    )
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--no-torch", action="store_true", help="zerotrain rows only")
     p.add_argument("--keep", metavar="DIR", help="keep run dirs and logs under DIR")
