@@ -2,8 +2,10 @@
 
 SPEC is `;`-separated events `KIND:key=value,...`:
 
-    kill:rank=R,step=S               SIGKILL rank R when it reaches step S
-    term:rank=R,step=S               SIGTERM
+    kill:rank=R,step=S[,at=P]        SIGKILL rank R when it reaches step S; P is where in
+                                     the step: start (default), compute, reduce, gather,
+                                     checkpoint (after its shard file of step S is written)
+    term:rank=R,step=S[,at=P]        SIGTERM
     stall:rank=R,step=S,seconds=T    SIGSTOP, then SIGCONT after T seconds
     delay:rank=R,ms=M                M ms added to every send of rank R
     straggler:rank=R,factor=F        rank R computes F times slower (F >= 1)
@@ -18,7 +20,7 @@ from .config import ConfigError
 
 __all__ = ["ChaosEvent", "parse_chaos"]
 
-# kind -> {key: type}; every key is required.
+# kind -> {key: type}; every key is required except those in OPTIONAL.
 KINDS: dict[str, dict[str, type]] = {
     "kill": {"rank": int, "step": int},
     "term": {"rank": int, "step": int},
@@ -27,6 +29,8 @@ KINDS: dict[str, dict[str, type]] = {
     "straggler": {"rank": int, "factor": float},
     "random-kill": {"every": int, "seed": int},
 }
+PHASES = ("start", "compute", "reduce", "gather", "checkpoint")
+OPTIONAL: dict[str, dict[str, type]] = {"kill": {"at": str}, "term": {"at": str}}
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ def _event(text: str, ranks: int) -> ChaosEvent:
             f"--chaos: expected an event kind of {', '.join(KINDS)}, got "
             f"{kind!r} in {text.strip()!r}"
         )
-    schema = KINDS[kind]
+    schema = dict(KINDS[kind], **OPTIONAL.get(kind, {}))
     args = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
@@ -59,7 +63,7 @@ def _event(text: str, ranks: int) -> ChaosEvent:
                 f"{'an integer' if schema[key] is int else 'a number'}, got "
                 f"{value!r}"
             ) from None
-    missing = [k for k in schema if k not in args]
+    missing = [k for k in KINDS[kind] if k not in args]
     if missing:
         raise ConfigError(
             f"--chaos {kind}: missing {', '.join(missing)} (expected "
@@ -75,6 +79,10 @@ def _event(text: str, ranks: int) -> ChaosEvent:
             raise ConfigError(f"--chaos {kind}.{key}: expected >= 0, got {args[key]}")
     if kind == "straggler" and args["factor"] < 1:
         raise ConfigError(f"--chaos straggler.factor: expected >= 1, got {args['factor']}")
+    if "at" in args and args["at"] not in PHASES:
+        raise ConfigError(
+            f"--chaos {kind}.at: expected one of {', '.join(PHASES)}, got {args['at']!r}"
+        )
     return ChaosEvent(kind, args)
 
 

@@ -176,30 +176,23 @@ def _cmd_run(args, out) -> int:
     except ValueError as err:
         raise _UsageError(f"zerotrain run: {err}") from None
     resume = _resume_dir(args, cfg)
+    chaos = None
     if getattr(args, "chaos", None) is not None:
         from ._chaos import parse_chaos
 
-        parse_chaos(args.chaos, cfg.cluster.ranks)
-        print(
-            "zerotrain simulate: not yet implemented (the chaos simulation needs the "
-            "multi-rank cluster); arguments are valid",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    if cfg.cluster.ranks > 1:
-        print(
-            f"zerotrain run: --ranks {cfg.cluster.ranks} is not yet available: multi-rank "
-            "training (rank processes over ZeroMQ) is not built yet; use --ranks 1",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+        chaos = parse_chaos(args.chaos, cfg.cluster.ranks)
     run_dir = (
         Path(args.run_dir)
         if args.run_dir
         else (resume if resume and (resume / "config.json").exists() else default_run_dir(cfg.name))
     )
     try:
-        run_local(cfg, run_dir, resume=resume, hooks=args.hooks, out=out)
+        if cfg.cluster.ranks > 1 or chaos is not None:
+            from .cluster import run_cluster
+
+            run_cluster(cfg, run_dir, resume=resume, hooks=args.hooks, chaos=chaos, out=out)
+        else:
+            run_local(cfg, run_dir, resume=resume, hooks=args.hooks, out=out)
     except TrainingFailed as err:
         print(f"zerotrain run: training failed: {err}", file=sys.stderr)
         return EXIT_FAILED

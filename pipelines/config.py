@@ -59,6 +59,7 @@ __all__ = [
     "loss_spec",
     "parse_override",
     "resume_hash",
+    "from_resolved",
 ]
 
 DEFAULT_PIPELINE = "char_lm"
@@ -286,11 +287,26 @@ class ClusterConfig:
     ranks: int = 1
     mode: str = "ddp"
     transport: str = "ipc"
+    # in-memory snapshot (own shard + a replica of the left neighbour's) every K steps:
+    # a restarted rank replays at most K steps
+    snapshot_every: int = 10
+    # OTP restart intensity of the cluster supervisor over rank processes
+    max_restarts: int = 3
+    max_seconds: float = 5.0
+    # a rank silent this long (a hung or stopped process) is killed and restarted
+    heartbeat_timeout: float = 2.0
+    # a collective making no progress this long fails (a peer's death is seen sooner)
+    collective_timeout: float = 30.0
 
     def __post_init__(self):
         _check_range("cluster.ranks", self.ranks, lo=1, hi=256)
         _check_choice("cluster.mode", self.mode, MODES)
         _check_choice("cluster.transport", self.transport, TRANSPORTS)
+        _check_range("cluster.snapshot_every", self.snapshot_every, lo=1)
+        _check_range("cluster.max_restarts", self.max_restarts, lo=0)
+        _check_range("cluster.max_seconds", self.max_seconds, lo=0.0, lo_open=True)
+        _check_range("cluster.heartbeat_timeout", self.heartbeat_timeout, lo=0.2)
+        _check_range("cluster.collective_timeout", self.collective_timeout, lo=0.5)
 
 
 @dataclass(frozen=True)
@@ -564,6 +580,16 @@ def from_dict(raw: dict, *, name: str = "custom") -> Config:
 # ---------------------------------------------------------------------------------------
 # Cross-section checks
 # ---------------------------------------------------------------------------------------
+
+
+def from_resolved(d: dict) -> Config:
+    """The Config whose `to_dict()` is `d` (how a rank process gets the run's config)."""
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    name = d.pop("name", "custom")
+    for section in d.values():
+        if isinstance(section, dict) and isinstance(section.get("options"), dict):
+            section.update(section.pop("options"))
+    return from_dict(d, name=name)
 
 
 def resolve(cfg: Config) -> Config:

@@ -1,0 +1,617 @@
+"""The cluster: the `zerotrain` process supervising N rank processes (and the analyzer).
+
+    cluster node "cluster"
+    ├── Coordinator          control plane: joins, generations, metrics, manifests
+    ├── RankSupervisor       one_for_one over rank0..rankN-1 (process children),
+    │                        restart intensity cluster.max_restarts in max_seconds
+    └── AnalyzerSupervisor   the hook analyzer process (when analyzers are loaded),
+                             apart, so a failing research script cannot use up the
+                             ranks' restart budget
+
+The Coordinator holds what must outlive any rank: the generation, the metrics log, the
+early-stopping state, the checkpoint manifests (written once every rank's shard file of
+a step is durable) and the fault record of a chaos run. It monitors every rank's
+Trainer; a Down (a killed, crashed or hung-and-killed rank) asks the survivors to
+regroup. When all N ranks have joined it picks the newest step whose state still exists
+-- each shard in its owner's snapshot or, for a replaced rank, in its right
+neighbour's replica; else the newest valid checkpoint on disk; else the seed -- and
+answers every join with the new generation and that step (see pipelines.rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+import actors
+
+from . import checkpoint as ckpt_mod
+from .chaos import expand
+from .config import Config, config_hash, resume_hash
+from .data import position
+from .local import _DROPOUT, TrainingFailed, load_hooks
+from .metrics import EarlyStopping
+from .optim import KERNEL_BACKEND
+from .rank import PLAN_ENV
+from .rundir import Progress, RunDir, write_json_atomic
+
+__all__ = ["run_cluster"]
+
+
+@dataclass
+class _Fault:
+    kind: str
+    rank: int
+    step: int  # the last completed step when it happened
+    t: float  # wall time of the fault (or of its detection, for an unplanned crash)
+    generation: int
+    reason: str = ""
+    detected_s: float | None = None
+    recovered_s: float | None = None
+    steps_replayed: int | None = None
+    restored_from: str = ""
+
+    def record(self) -> dict:
+        return {
+            "kind": self.kind,
+            "rank": self.rank,
+            "step": self.step,
+            "reason": self.reason,
+            "detection_s": self.detected_s,
+            "recovery_s": self.recovered_s,
+            "steps_replayed": self.steps_replayed,
+            "restored_from": self.restored_from,
+        }
+
+
+@dataclass
+class _Join:
+    from_: actors.From
+    pid: int
+    held: dict
+
+
+@dataclass
+class _Outcome:
+    done: trio.Event = field(default_factory=trio.Event)
+    failure: str | None = None
+    finished: dict = field(default_factory=dict)  # rank -> its final info
+
+
+class Coordinator(actors.Actor):
+    """The control plane of one run (see the module doc)."""
+
+    mailbox_size = 256
+
+    def __init__(self, cfg: Config, rundir: RunDir, progress: Progress, *, resume, events):
+        self.cfg = cfg
+        self.world = cfg.cluster.ranks
+        self.rundir = rundir
+        self.progress = progress
+        self.resume = resume  # a checkpoint dir to start from, or None
+        self.events = events
+        self.outcome = _Outcome()
+        self.ckpt_root = rundir.checkpoints(cfg.checkpoint.dir)
+        self.chash, self.rhash = config_hash(cfg), resume_hash(cfg)
+        self.generation = 0
+        self.target = 1  # the generation the next round of joins forms
+        self.joins: dict[int, _Join] = {}
+        self.pids: dict[int, int] = {}
+        self.monitors: dict = {}  # MonitorRef -> rank
+        self.fired: dict[int, float] = {}  # chaos event id -> wall time
+        self.faults: list[_Fault] = []
+        self.restarts = 0
+        self.last_step = 0  # the newest step logged
+        self.losses: dict[int, float] = {}
+        self.last_eval: dict = {}
+        self.evals: dict[int, dict] = {}
+        self.decisions: dict[int, bool] = {}
+        self.stop_waiters: dict[int, list] = {}
+        self.stopped_early = False
+        self.shards: dict[int, dict[int, tuple]] = {}
+        self.finishing: dict[int, tuple] = {}
+        cfg_es = cfg.eval.early_stopping
+        self.early = EarlyStopping(cfg_es.metric, cfg_es.patience, cfg_es.mode, cfg_es.min_delta)
+        self.t_first_step: float | None = None
+        self.resumed_step = 0
+        self.analyzer_stats = None
+        self._n = 0  # parameters (the manifest's n)
+        self._train_len = 0  # training samples (the manifest's data position)
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def handle_call(self, request, from_):
+        kind = request[0]
+        if kind == "join":
+            _, rank, pid, held = request
+            return await self._join(rank, pid, held, from_)
+        if kind == "chaos_fired":
+            return self._chaos_fired(request[1], request[2])
+        if kind == "should_stop":
+            s = request[1]
+            if s in self.decisions:
+                return self.decisions[s]
+            self.stop_waiters.setdefault(s, []).append(from_)
+            return actors.NOREPLY
+        if kind == "finished":
+            _, rank, info = request
+            self.finishing[rank] = (from_, info)
+            if len(self.finishing) == self.world:
+                self._finish()
+            return actors.NOREPLY
+        raise ValueError(f"Coordinator: unknown request {kind!r}")
+
+    async def _join(self, rank: int, pid: int, held: dict, from_):
+        if self.pids.get(rank) not in (None, pid):
+            self.progress.message(f"rank {rank} is back (pid {pid})")
+        self.pids[rank] = pid
+        self.finishing.pop(rank, None)
+        if not any(r == rank for r in self.monitors.values()):
+            self.monitors[actors.monitor(f"Trainer@rank{rank}")] = rank
+        self.joins[rank] = _Join(from_, pid, held)
+        if self.target == self.generation:  # a rank left a running generation: regroup
+            self.target = self.generation + 1
+        await self._ask_regroup()
+        if len(self.joins) == self.world:
+            self._form_generation()
+        return actors.NOREPLY
+
+    async def _ask_regroup(self) -> None:
+        if self.generation == 0:
+            return
+        for r in range(self.world):
+            if r not in self.joins:
+                with trio.move_on_after(1.0):
+                    await actors.cast(f"Trainer@rank{r}", ("regroup", self.target))
+
+    def _form_generation(self) -> None:
+        held = {r: j.held for r, j in self.joins.items()}
+        source, step, path = self._restore_point(held)
+        gen = self.target
+        self.generation = gen
+        for fault in self.faults:
+            if fault.steps_replayed is None:
+                fault.steps_replayed = max(fault.step - step, 0)
+                fault.restored_from = source
+        pending = [e for e in self.events if e["id"] not in self.fired]
+        plan = {"action": "train", "generation": gen, "step": step, "source": source}
+        plan["path"] = str(path) if path else None
+        plan["chaos"] = pending
+        if gen > 1:
+            self.progress.message(
+                f"generation {gen}: all {self.world} ranks joined; resuming at step {step} "
+                f"from {source}"
+            )
+        elif step:
+            self.resumed_step = step
+        joins, self.joins = self.joins, {}
+        for join in joins.values():
+            join.from_.reply(plan)
+
+    def _restore_point(self, held: dict) -> tuple[str, int, Path | None]:
+        world = self.world
+        steps = sorted({s for h in held.values() for s in h["own"]}, reverse=True)
+        for s in steps:
+            if all(
+                s in held[r]["own"] or s in held[(r + 1) % world]["replica"] for r in range(world)
+            ):
+                return "memory", s, None
+        for root in (self.ckpt_root, self.resume):
+            if root is None:
+                continue
+            lv = ckpt_mod.latest_valid(root)
+            for bad, why in lv.skipped:
+                self.progress.message(f"skipping checkpoint {bad}: {why}")
+            if lv.path is not None:
+                return "disk", int(lv.manifest["step"]), lv.path
+        return "init", 0, None
+
+    def _chaos_fired(self, event_id: int, pid: int) -> bool:
+        now = time.time()
+        self.fired[event_id] = now
+        ev = next(e for e in self.events if e["id"] == event_id)
+        self.faults.append(
+            _Fault(ev["kind"], ev["rank"], self.last_step, now, self.generation, "chaos")
+        )
+        if ev["kind"] == "stall":
+            self.nursery.start_soon(_resume_later, pid, ev["seconds"])
+        self.progress.message(
+            f"chaos: {ev['kind']} rank {ev['rank']} at step {ev['step']}"
+            + (f" ({ev['at']})" if ev.get("at") not in (None, "start") else "")
+        )
+        return True
+
+    # -- casts -------------------------------------------------------------------------
+
+    async def handle_cast(self, msg):
+        kind = msg[0]
+        if kind == "step":
+            self._log_step(msg[1])
+        elif kind == "eval":
+            self._eval(msg[1], msg[2])
+        elif kind == "shard_written":
+            self._shard_written(*msg[1:])
+
+    def _log_step(self, record: dict) -> None:
+        now = time.time()
+        for fault in self.faults:
+            if fault.recovered_s is None and record["generation"] > fault.generation:
+                fault.recovered_s = now - fault.t
+                self.progress.message(
+                    f"recovered from {fault.kind} of rank {fault.rank} in "
+                    f"{fault.recovered_s:.3f}s ({fault.steps_replayed} steps replayed)"
+                )
+        s = record["step"]
+        self.losses[s] = record["loss"]
+        if s <= self.last_step:
+            return  # a replayed step: same bits, logged already
+        if self.t_first_step is None:
+            self.t_first_step = now
+        self.last_step = s
+        evaluated = record.get("eval")
+        if evaluated:
+            self.last_eval = evaluated
+        record = {k: v for k, v in record.items() if k not in ("t", "generation")}
+        self.rundir.log_step(record)
+        extra = ""
+        if evaluated:
+            extra = " | eval " + " ".join(f"{k} {v:.4g}" for k, v in evaluated.items())
+        self.progress.update(s, record["loss"], record["lr"], record["samples_per_s"], extra)
+
+    def _eval(self, s: int, metrics: dict) -> None:
+        self.evals[s] = metrics
+        self.last_eval = metrics
+        if s in self.decisions or not self.early.patience:
+            return
+        stop = bool(self.early.update(metrics[self.early.metric]))
+        self.decisions[s] = stop
+        if stop and not self.stopped_early:
+            self.stopped_early = True
+            self.progress.message(
+                f"early stop at step {s}: {self.early.metric} did not improve for "
+                f"{self.early.patience} evaluations"
+            )
+        for waiter in self.stop_waiters.pop(s, []):
+            waiter.reply(stop)
+
+    def _shard_written(self, rank: int, s: int, info: dict, counters: dict) -> None:
+        got = self.shards.setdefault(s, {})
+        got[rank] = (info, counters)
+        if len(got) < self.world:
+            return
+        del self.shards[s]
+        infos = [ckpt_mod.ShardInfo(**i) for i, _ in got.values()]
+        epoch, pos = position(s, self._train_len, self.cfg.train.batch_size)
+        metrics = {k: v for k, v in self._eval_at(s).items()}
+        metrics["train_loss"] = self.losses.get(s, math.nan)
+        cfg = self.cfg
+        manifest = {
+            "step": s,
+            "world": self.world,
+            "n": self._n,
+            "mode": cfg.cluster.mode,
+            "config_hash": self.chash,
+            "resume_hash": self.rhash,
+            "optimizer": cfg.optimizer.name,
+            "data": {
+                "seed": cfg.train.seed,
+                "epoch": epoch,
+                "step_in_epoch": pos,
+                "global_step": s,
+            },
+            "rng": {"seed": cfg.train.seed, "dropout_stream": _DROPOUT},
+            "counters": got[0][1],
+            "early_stopping": self.early.state(),
+            "metrics": metrics,
+        }
+        ckpt_mod.write_manifest(ckpt_mod.checkpoint_dir(self.ckpt_root, s), manifest, infos)
+        ckpt_mod.apply_retention(
+            self.ckpt_root,
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.keep_best,
+            cfg.checkpoint.best_metric,
+            cfg.checkpoint.best_mode,
+        )
+
+    def _eval_at(self, s: int) -> dict:
+        done = [k for k in self.evals if k <= s]
+        return dict(self.evals[max(done)]) if done else {}
+
+    # -- monitors ----------------------------------------------------------------------
+
+    async def handle_info(self, msg):
+        if not isinstance(msg, actors.Down):
+            return
+        rank = self.monitors.pop(msg.ref, None)
+        if rank is None or self.outcome.done.is_set():
+            return
+        now = time.time()
+        self.restarts += 1
+        reason = actors.format_reason(msg.reason)
+        fault = next(
+            (
+                f
+                for f in self.faults
+                if f.rank == rank and f.detected_s is None and f.reason == "chaos"
+            ),
+            None,
+        )
+        if fault is None:
+            fault = _Fault("crash", rank, self.last_step, now, self.generation)
+            self.faults.append(fault)
+        fault.detected_s = now - fault.t
+        fault.reason = reason if fault.reason != "chaos" else f"chaos: {reason}"
+        self.progress.message(f"rank {rank} is down ({reason}); the others regroup")
+        self.joins.pop(rank, None)
+        for waiter, _ in list(self.finishing.values()):
+            waiter.reply("regroup")
+        self.finishing.clear()
+        if self.target == self.generation:
+            self.target = self.generation + 1
+        await self._ask_regroup()
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        for waiter, info in self.finishing.values():
+            self.outcome.finished[info["rank"]] = info
+            waiter.reply("exit")
+        self.finishing.clear()
+        self.outcome.done.set()
+
+    def fail(self, reason: str) -> None:
+        if not self.outcome.done.is_set():
+            self.outcome.failure = reason
+            self.outcome.done.set()
+
+
+async def _resume_later(pid: int, seconds: float) -> None:
+    await trio.sleep(seconds)
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # killed meanwhile (a stall longer than the heartbeat timeout)
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+def _resume_point(resume: Path | None) -> Path | None:
+    if resume is None:
+        return None
+    for root in (resume, resume / "checkpoints"):
+        if ckpt_mod.latest_valid(root).path is not None:
+            return root
+    raise TrainingFailed(f"--resume: no valid checkpoint under {resume}")
+
+
+def run_cluster(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: str | Path | None = None,
+    hooks: list[str] = (),
+    chaos=None,
+    out=None,
+) -> dict:
+    """Train `cfg` on cfg.cluster.ranks rank processes; return the summary (also
+    written). `chaos`: parsed ChaosEvents (simulate) or None. Raises TrainingFailed."""
+    out = out if out is not None else sys.stderr
+    t_start = time.perf_counter()
+    rundir = RunDir(run_dir)
+    rundir.write_config(cfg, config_hash(cfg), resume_hash(cfg))
+    specs = list(cfg.hooks.specs) + list(hooks)
+    try:
+        loaded = load_hooks(specs)
+    except ValueError as err:
+        raise TrainingFailed(f"hooks: {err}") from None
+    analyzers = [h for h in loaded if h.kind == "analyzer"]
+    from .data import load_dataset
+
+    data_cfg = _shared_data(cfg)
+    try:
+        train = load_dataset(data_cfg, "train")
+        load_dataset(data_cfg, cfg.eval.split)  # materialised once, mapped by rank 0
+    except (OSError, ValueError) as err:
+        raise TrainingFailed(f"data: {err}") from None
+    if cfg.train.batch_size > len(train):
+        raise TrainingFailed(
+            f"train.batch_size {cfg.train.batch_size} exceeds the {len(train)} training samples"
+        )
+    from .local import build_model_for
+
+    n_params = int(build_model_for(cfg, train.meta).params.size)
+    resume_root = _resume_point(Path(resume)) if resume is not None else None
+    events = expand(chaos or [], cfg.cluster.ranks, cfg.train.steps)
+    every_log = cfg.train.log_every or max(cfg.train.steps // 20, 1)
+    progress = Progress(cfg.train.steps, every_log, out, prefix="zerotrain: ")
+    # ipc paths must be short (AF_UNIX): a private directory under /tmp
+    ipc_dir = tempfile.mkdtemp(prefix="zt-")
+    plan_path = rundir.path / "plan.json"
+    world = cfg.cluster.ranks
+    if cfg.cluster.transport == "ipc":
+        endpoints = [f"ipc://{ipc_dir}/ring-{r}" for r in range(world)]
+    else:
+        endpoints = [f"tcp://127.0.0.1:{port}" for port in _free_ports(world)]
+    plan = {
+        "config": cfg.to_dict(),
+        "run_dir": str(rundir.path.resolve()),
+        "hooks": specs,
+        "analyzers": bool(analyzers),
+        "endpoints": endpoints,
+        "data_cache": data_cfg.cache_dir,
+    }
+    write_json_atomic(plan_path, plan)
+    coord = Coordinator(cfg, rundir, progress, resume=resume_root, events=events)
+    coord._n = n_params
+    coord._train_len = len(train)
+    try:
+        trio.run(_serve, cfg, coord, plan_path, ipc_dir, specs if analyzers else None, rundir)
+    finally:
+        rundir.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    outcome = coord.outcome
+    recovery = [f.record() for f in coord.faults]
+    if chaos is not None or recovery:
+        write_json_atomic(
+            rundir.path / "recovery.json", {"faults": recovery, "restarts": coord.restarts}
+        )
+    if outcome.failure is not None:
+        raise TrainingFailed(outcome.failure)
+    wall = time.perf_counter() - t_start
+    info0 = outcome.finished[0]
+    steps = info0["step"]
+    done_samples = (steps - coord.resumed_step) * cfg.train.batch_size
+    summary = {
+        "status": "ok",
+        "pipeline": cfg.name,
+        "final_loss": coord.losses.get(steps, math.nan),
+        "eval": {k: info0["eval"][k] for k in cfg.eval.metrics if k in info0["eval"]},
+        "steps": steps,
+        "ranks": world,
+        "mode": cfg.cluster.mode,
+        "seed": cfg.train.seed,
+        "wall_s": wall,
+        "samples_per_s": done_samples / wall if wall > 0 else 0.0,
+        "restarts": coord.restarts,
+        "skipped_steps": info0["skipped_steps"],
+        "stopped_early": coord.stopped_early,
+        "params_sha256": info0["params_sha256"],
+        "n_params": info0["n_params"],
+        "memory": {"per_rank": [outcome.finished[r]["memory"] for r in range(world)]},
+        "timing": info0["timing"],
+        "first_step_s": (coord.t_first_step - _T0) if coord.t_first_step else None,
+        "config_hash": coord.chash,
+        "kernels": KERNEL_BACKEND,
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+        "hooks": {"ranks": [outcome.finished[r]["hooks"] for r in range(world)]},
+        "run_dir": str(rundir.path),
+    }
+    if coord.analyzer_stats is not None:
+        summary["hooks"]["analyzer"] = coord.analyzer_stats
+    rundir.write_summary(summary)
+    progress.message(
+        f"done: {steps} steps on {world} ranks ({cfg.cluster.mode}) in {wall:.1f}s, final loss "
+        f"{summary['final_loss']:.4f}, eval {summary['eval']}, restarts {coord.restarts} "
+        f"-> {rundir.path}"
+    )
+    return summary
+
+
+# process start, for the cold-start figure (command to first step)
+_T0 = time.time()
+
+
+async def _serve(cfg, coord: Coordinator, plan_path: Path, ipc_dir: str, analyzer_specs, rundir):
+    hb = cfg.cluster.heartbeat_timeout
+    coord.analyzer_stats = None
+    async with actors.open_node(
+        "cluster", directory=ipc_dir, heartbeat_interval=min(0.2, hb / 5), heartbeat_timeout=hb
+    ):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: coord.run(name="Coordinator", task_status=task_status)
+            )
+            env = {PLAN_ENV: str(plan_path)}
+            specs = [
+                actors.process_spec(
+                    f"rank{r}",
+                    [sys.executable, "-m", "pipelines.rank"],
+                    env=env,
+                    rank=r,
+                    restart="transient",
+                    shutdown=3.0,
+                    start_timeout=60.0,
+                )
+                for r in range(cfg.cluster.ranks)
+            ]
+            ranks = actors.Supervisor(
+                specs,
+                strategy="one_for_one",
+                max_restarts=cfg.cluster.max_restarts,
+                max_seconds=cfg.cluster.max_seconds,
+                name="RankSupervisor",
+            )
+            if analyzer_specs:
+                from .analyzer import analyzer_spec
+
+                side = actors.Supervisor(
+                    [
+                        analyzer_spec(
+                            rundir.path, analyzer_specs, cfg.cluster.ranks, cfg.hooks.timeout_s
+                        )
+                    ],
+                    name="AnalyzerSupervisor",
+                    max_restarts=10,
+                    max_seconds=10.0,
+                )
+                nursery.start_soon(_side, side)
+            nursery.start_soon(_ranks, ranks, coord)
+            await coord.outcome.done.wait()
+            if analyzer_specs and coord.outcome.failure is None:
+                with trio.move_on_after(cfg.hooks.timeout_s + 5):
+                    try:
+                        coord.analyzer_stats = await actors.call(
+                            "HookAnalyzer@analyzer", "stats", cfg.hooks.timeout_s + 5
+                        )
+                    except actors.ActorError as err:
+                        coord.analyzer_stats = {"error": str(err)}
+            nursery.cancel_scope.cancel()
+
+
+async def _ranks(supervisor: actors.Supervisor, coord: Coordinator) -> None:
+    try:
+        reason = await supervisor.run()
+    except actors.RestartIntensityExceeded as err:
+        last = next((f for f in reversed(coord.faults)), None)
+        which = f"rank {last.rank} ({last.reason})" if last else "a rank"
+        coord.fail(
+            f"restart intensity exceeded: {which} failed again; {str(err).splitlines()[0]}; "
+            f"the last good checkpoint is kept under {coord.ckpt_root}"
+        )
+        return
+    except actors.StartChildError as err:
+        coord.fail(f"could not start the rank processes: {str(err).splitlines()[0]}")
+        return
+    coord.fail(f"the rank supervisor stopped ({reason})")
+
+
+async def _side(supervisor: actors.Supervisor) -> None:
+    try:
+        await supervisor.run()
+    except actors.ActorError as err:
+        print(f"zerotrain: the hook analyzer gave up: {err}", file=sys.stderr)
+
+
+def _shared_data(cfg: Config):
+    """The data config the processes load: with no cache_dir configured, a per-user
+    cache, so the dataset is built once (here) and memory-mapped by every rank."""
+    if cfg.data.cache_dir:
+        return cfg.data
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return dataclasses.replace(cfg.data, cache_dir=os.path.join(base, "zerotrain", "data"))
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -1,0 +1,368 @@
+"""A rank process (`python -m pipelines.rank`), started by the cluster supervisor.
+
+It opens its node as a supervised child (heartbeats to the cluster), builds its model
+replica and data, opens its end of the ring, and runs the six role actors
+(pipelines.roles) plus the Trainer under a rank supervisor.
+
+The Trainer's life is a loop of *join, restore, train*:
+
+1. join: call the Coordinator with the snapshots this rank holds; the reply (once every
+   rank has joined) names the generation, the step to start from and where its state
+   comes from: "init" (the seed), "memory" (its own snapshot, or -- a fresh process --
+   its right neighbour's replica of it), or "disk" (a checkpoint).
+2. restore: the Optimizer installs that state and all-gathers the full parameters.
+3. train: steps until the end; every `snapshot_every` steps a snapshot is taken and
+   replicated to the right neighbour, every `checkpoint.every` steps also written to
+   disk. A failed collective, a vanished neighbour or the Coordinator's "regroup" ends
+   the attempt: back to 1. Replayed steps give the same bits (pure data, seeded
+   dropout, fixed summation order), so nothing is lost.
+
+Exit status 0 only when the Coordinator says the run is over; any other end (SIGTERM,
+a crash, the cluster gone) is non-zero, so the supervisor treats it as a failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+import actors
+
+from .chaos import RankChaos
+from .config import from_resolved, loss_spec
+from .data import load_dataset
+from .local import build_model_for, step_seed
+from .metrics import evaluate
+from .roles import (
+    COORDINATOR,
+    Checkpointer,
+    DataLoader,
+    Failed,
+    GradientWorker,
+    HookAnalyzer,
+    Optimizer,
+    RankState,
+    Reducer,
+    Regroup,
+)
+from .rundir import params_sha256
+from .step import RankStep
+
+__all__ = ["PLAN_ENV", "main"]
+
+PLAN_ENV = "ZEROTRAIN_PLAN"
+log = logging.getLogger("zerotrain.rank")
+
+
+def _build(plan: dict, rank: int) -> dict:
+    """The heavy, synchronous part of starting (run in a worker thread)."""
+    cfg = from_resolved(plan["config"])
+    world = cfg.cluster.ranks
+    data_cfg = dataclasses.replace(cfg.data, cache_dir=plan.get("data_cache") or cfg.data.cache_dir)
+    dataset = load_dataset(data_cfg, "train")
+    evalset = load_dataset(data_cfg, cfg.eval.split) if rank == 0 else None
+    model = build_model_for(cfg, dataset.meta)
+    return {"cfg": cfg, "world": world, "dataset": dataset, "evalset": evalset, "model": model}
+
+
+def _transforms(cfg, model, rank: int, world: int, specs: list):
+    if not specs:
+        return None
+    from pipelines.hooks import ANALYZER, TransformRunner
+    from pipelines.hooks import load_hooks as _load
+
+    hooks = [h for h in _load(list(specs)) if h.kind != ANALYZER]
+    if not hooks:
+        return None
+    return TransformRunner(
+        hooks, layout=model.layout, seed=cfg.train.seed, rank=rank, world_size=world
+    )
+
+
+class Trainer(actors.Actor):
+    """Drives the steps (see the module doc); casts ("regroup", g) abort its attempt."""
+
+    def __init__(self, state: RankState, hooks: HookAnalyzer, finished: trio.Event):
+        self.state = state
+        self.hooks = hooks
+        self.finished = finished
+        self.exit_ok = False
+        self.final_eval: dict | None = None
+
+    async def init(self) -> None:
+        self.state.chaos.nursery = self.nursery
+        self.state.chaos.token = trio.lowlevel.current_trio_token()
+        self.nursery.start_soon(self._drive)
+
+    async def handle_cast(self, msg):
+        if msg[0] == "regroup":
+            self.state.abort_collectives(int(msg[1]))
+
+    async def _drive(self) -> None:
+        st = self.state
+        while True:
+            held = await actors.call("Checkpointer", ("held",))
+            plan = await actors.call(
+                COORDINATOR, ("join", st.rank, os.getpid(), held), timeout=None
+            )
+            if plan["action"] == "exit":
+                break
+            try:
+                await self._restore(plan)
+                if await self._train(plan):
+                    break
+            except Regroup as why:
+                log.warning("rank %d: rejoining: %s", st.rank, str(why).splitlines()[0])
+        self.exit_ok = True
+        self.finished.set()
+
+    async def _restore(self, plan: dict) -> None:
+        st = self.state
+        st.chaos.load(plan["chaos"])
+        if plan["generation"] > st.ring.generation:
+            st.ring.set_generation(plan["generation"])
+        st.min_generation = max(st.min_generation, plan["generation"])
+        how = {"source": plan["source"], "path": plan.get("path")}
+        if plan["source"] == "memory":
+            s = plan["step"]
+            snap = await actors.call("Checkpointer", ("own", s))
+            if snap is None:
+                right = (st.rank + 1) % st.world
+                try:
+                    snap = await actors.call(
+                        f"Checkpointer@rank{right}", ("replica_of", st.rank, s), 10.0
+                    )
+                except actors.ActorError as err:
+                    raise Regroup(f"replica from rank {right}: {err}") from None
+                if snap is None:
+                    raise Regroup(f"rank {right} holds no replica of step {s}")
+            how["snapshot"] = snap
+        result = await actors.call("Optimizer", ("restore", how), timeout=None)
+        _check(result)
+        # the restored state is a snapshot too (a later failure can come back to it)
+        await actors.call("Checkpointer", ("snapshot", plan["step"], False), timeout=None)
+
+    async def _train(self, plan: dict) -> bool:
+        """Steps from plan["step"]; True when the run is complete."""
+        st = self.state
+        cfg = st.cfg
+        total = cfg.train.steps
+        s = plan["step"]
+        stop_at = plan.get("stop_at")
+        while s < total and (stop_at is None or s < stop_at):
+            record = await self._step(s, plan["generation"])
+            s += 1
+            ckpt_every = cfg.checkpoint.every
+            to_disk = bool(ckpt_every and s % ckpt_every == 0 and s != total)
+            if to_disk or s % cfg.cluster.snapshot_every == 0:
+                await actors.call("Checkpointer", ("snapshot", s, to_disk), timeout=None)
+            stop = False
+            if (cfg.eval.every and s % cfg.eval.every == 0) or s == total:
+                metrics = (
+                    await trio.to_thread.run_sync(self._eval_metrics) if st.rank == 0 else None
+                )
+                if record is not None:
+                    record["eval"] = metrics
+                    self.final_eval = metrics
+                    await actors.cast(COORDINATOR, ("eval", s, metrics))
+                if cfg.eval.early_stopping.patience and s != total:
+                    stop = await actors.call(COORDINATOR, ("should_stop", s), timeout=None)
+            if record is not None:
+                await actors.cast(COORDINATOR, ("step", record))
+            if stop:
+                break
+        # the end: final checkpoint and evaluation, then wait for everyone
+        await actors.call("Checkpointer", ("snapshot", s, True), timeout=None)
+        await actors.call("Checkpointer", ("flush",), timeout=None)
+        info = {"rank": st.rank, "step": s, "memory": st.step.memory()}
+        info["timing"] = {k: v / max(st.timed_steps, 1) for k, v in st.timing.items()}
+        info["timed_steps"] = st.timed_steps
+        info["hooks"] = await actors.call("HookAnalyzer", ("stats",))
+        if st.rank == 0:
+            info["eval"] = self.final_eval or await trio.to_thread.run_sync(self._eval_metrics)
+            info["params_sha256"] = params_sha256(st.model)
+            info["n_params"] = int(st.model.params.size)
+            info["skipped_steps"] = st.step.opt.skipped
+            await trio.to_thread.run_sync(self._export, s, info["params_sha256"])
+        reply = await actors.call(COORDINATOR, ("finished", st.rank, info), timeout=None)
+        if reply == "regroup":
+            raise Regroup("a rank failed before the run ended")
+        return True
+
+    async def _step(self, s: int, generation: int) -> dict | None:
+        """One step; rank 0 returns its metrics record (the others None)."""
+        st = self.state
+        cfg = st.cfg
+        rs = st.step
+        t0 = time.perf_counter()
+        await st.chaos.at(s, "start")
+        batches = await actors.call("DataLoader", ("batches", s), timeout=None)
+        st.add_time("data_s", time.perf_counter() - t0)
+        sampled = self.hooks.due(s + 1)
+        rs.keep_for_hooks = sampled
+        await st.chaos.at(s, "compute")
+        seed = step_seed(cfg.train.seed, s, st.rank)
+        grads, loss_sum = await actors.call(
+            "GradientWorker", ("compute", s, batches, seed), timeout=None
+        )
+        reduced = _check(await actors.call("Reducer", ("reduce", s, grads, loss_sum), timeout=None))
+        shard, sq, loss = reduced
+        if sampled:
+            rs.hook_view["grad"] = shard.copy()
+            rs.hook_view["params_before"] = rs.model.params.copy()
+        lr, result = _check(await actors.call("Optimizer", ("apply", s, shard, sq), timeout=None))
+        dt = time.perf_counter() - t0
+        st.add_time("step_s", dt)
+        st.timed_steps += 1
+        if sampled:
+            view = dict(rs.hook_view)
+            view["update"] = rs.model.params - view["params_before"]
+            await actors.cast("HookAnalyzer", ("sample", s + 1, loss, lr, view))
+        if st.rank == 0:
+            record = {
+                "step": s + 1,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": result.grad_norm,
+                "samples_per_s": cfg.train.batch_size / dt if dt > 0 else 0.0,
+                "skipped": not result.applied,
+                "clip_coef": result.clip_coef,
+                "generation": generation,
+                "t": time.time(),
+            }
+            if rs.transform_records:
+                record["transforms"] = len(rs.transform_records)
+            return record
+        return None
+
+    def _eval_metrics(self) -> dict:
+        st = self.state
+        cfg = st.cfg
+        metrics = list(
+            dict.fromkeys(
+                [*cfg.eval.metrics, cfg.checkpoint.best_metric, cfg.eval.early_stopping.metric]
+            )
+        )
+        return evaluate(
+            st.model,
+            st.evalset,
+            metrics=metrics,
+            batch_size=cfg.eval.batch_size,
+            max_batches=cfg.eval.max_batches,
+            loss_fn=loss_spec(cfg.loss),
+        )
+
+    def _export(self, s: int, sha: str) -> None:
+        from . import checkpoint as ckpt_mod
+
+        st = self.state
+        ckpt_mod.export_weights(
+            Path(st.ckpt_root).parent / "weights.safetensors",
+            st.model.state_dict(),
+            {"pipeline": st.cfg.name, "step": str(s), "params_sha256": sha},
+        )
+
+
+def _check(result):
+    if isinstance(result, Failed):
+        raise Regroup(result.reason)
+    return result
+
+
+async def _main(plan: dict) -> int:
+    async with actors.child_node() as node:
+        rank = int(os.environ[actors.ENV["rank"]])
+        built = await trio.to_thread.run_sync(_build, plan, rank)
+        cfg, world, model = built["cfg"], built["world"], built["model"]
+        ring = actors.Ring(
+            rank,
+            world,
+            plan["endpoints"],
+            timeout=cfg.cluster.collective_timeout,
+        )
+        try:
+            specs = list(plan.get("hooks", []))
+            transforms = _transforms(cfg, model, rank, world, specs)
+            state = RankState(
+                cfg=cfg,
+                rank=rank,
+                world=world,
+                dataset=built["dataset"],
+                evalset=built["evalset"],
+                model=model,
+                step=RankStep(model, cfg, ring, transforms=transforms),
+                ring=ring,
+                ckpt_root=Path(plan["run_dir"]) / cfg.checkpoint.dir,
+                chaos=RankChaos(rank, COORDINATOR),
+                initial_params=model.params.copy(),
+            )
+            outbox = None
+            if plan.get("analyzers"):
+                from .hook_link import HookOutbox
+
+                outbox = HookOutbox(specs, layout=model.layout)
+            hooks = HookAnalyzer(state, outbox)
+            finished = trio.Event()
+            trainer = Trainer(state, hooks, finished)
+            roles = [
+                DataLoader.child_spec(state, name="DataLoader"),
+                GradientWorker.child_spec(state, name="GradientWorker"),
+                Reducer.child_spec(state, name="Reducer"),
+                Optimizer.child_spec(state, name="Optimizer"),
+                Checkpointer.child_spec(state, name="Checkpointer"),
+                actors.ChildSpec(id="HookAnalyzer", start=_runner(hooks, "HookAnalyzer")),
+                actors.ChildSpec(id="Trainer", start=_runner(trainer, "Trainer")),
+            ]
+            supervisor = actors.Supervisor(
+                roles, strategy="one_for_all", max_restarts=0, name="RankSupervisor"
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_run_supervisor, supervisor, nursery.cancel_scope)
+                await finished.wait()
+                nursery.cancel_scope.cancel()
+            return 0 if trainer.exit_ok else 1
+        finally:
+            ring.close()
+    return 1
+
+
+def _runner(actor: actors.Actor, name: str):
+    """A start function for a pre-built actor instance (its one incarnation: the rank
+    supervisor never restarts a role)."""
+
+    async def start(task_status=trio.TASK_STATUS_IGNORED):
+        return await actor.run(name=name, task_status=task_status)
+
+    return start
+
+
+async def _run_supervisor(supervisor: actors.Supervisor, scope: trio.CancelScope) -> None:
+    await supervisor.run()
+    scope.cancel()
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"zerotrain {os.environ.get('ZEROTRAIN_NODE', 'rank')}: %(message)s",
+    )
+    try:
+        plan = json.loads(Path(os.environ[PLAN_ENV]).read_text())
+    except (KeyError, OSError, ValueError) as err:
+        print(f"zerotrain rank: cannot read the plan (${PLAN_ENV}): {err}", file=sys.stderr)
+        sys.exit(2)
+    code = trio.run(_main, plan)
+    # the ring may still hold the last acks for slower neighbours: actors' transport
+    # flushes the context at exit, so leave through the normal interpreter exit
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
