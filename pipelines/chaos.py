@@ -60,7 +60,6 @@ class RankChaos:
         self.delay_s = 0.0
         self.straggler_factor = 1.0
         self.nursery: trio.Nursery | None = None
-        self.token: trio.lowlevel.TrioToken | None = None
 
     def load(self, events: list[dict]) -> None:
         mine = [e for e in events if e.get("rank") == self.rank]
@@ -104,10 +103,9 @@ class RankChaos:
             await trio.sleep(self.delay_s)
         await self.at(step, phase)
 
-    def after_shard_write(self, step: int) -> None:
-        """In the writer thread, after the shard file of `step` is durable."""
-        if not self.pending or self.token is None:
-            return
-        ev = self._take(step, "checkpoint")
+    async def after_shard_write(self, step: int) -> None:
+        """After the shard file of `step` is durable, before the coordinator hears of it
+        (so the checkpoint of that step never completes)."""
+        ev = self._take(step, "checkpoint") if self.pending else None
         if ev is not None:
-            trio.from_thread.run(self._fire, ev, trio_token=self.token)
+            await self._fire(ev)

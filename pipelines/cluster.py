@@ -107,6 +107,7 @@ class Coordinator(actors.Actor):
         self.target = 1  # the generation the next round of joins forms
         self.joins: dict[int, _Join] = {}
         self.pids: dict[int, int] = {}
+        self.down: set[int] = set()  # ranks seen down and not joined since
         self.monitors: dict = {}  # MonitorRef -> rank
         self.fired: dict[int, float] = {}  # chaos event id -> wall time
         self.faults: list[_Fault] = []
@@ -159,6 +160,7 @@ class Coordinator(actors.Actor):
         if not any(r == rank for r in self.monitors.values()):
             self.monitors[actors.monitor(f"Trainer@rank{rank}")] = rank
         self.joins[rank] = _Join(from_, pid, held)
+        self.down.discard(rank)
         if self.target == self.generation:  # a rank left a running generation: regroup
             self.target = self.generation + 1
         await self._ask_regroup()
@@ -170,7 +172,7 @@ class Coordinator(actors.Actor):
         if self.generation == 0:
             return
         for r in range(self.world):
-            if r not in self.joins:
+            if r not in self.joins and r not in self.down:
                 with trio.move_on_after(1.0):
                     await actors.cast(f"Trainer@rank{r}", ("regroup", self.target))
 
@@ -353,6 +355,7 @@ class Coordinator(actors.Actor):
         fault.reason = reason if fault.reason != "chaos" else f"chaos: {reason}"
         self.progress.message(f"rank {rank} is down ({reason}); the others regroup")
         self.joins.pop(rank, None)
+        self.down.add(rank)
         for waiter, _ in list(self.finishing.values()):
             waiter.reply("regroup")
         self.finishing.clear()
@@ -575,11 +578,11 @@ async def _ranks(supervisor: actors.Supervisor, coord: Coordinator) -> None:
     try:
         reason = await supervisor.run()
     except actors.RestartIntensityExceeded as err:
-        last = next((f for f in reversed(coord.faults)), None)
-        which = f"rank {last.rank} ({last.reason})" if last else "a rank"
+        last = ckpt_mod.latest_valid(coord.ckpt_root).path
         coord.fail(
-            f"restart intensity exceeded: {which} failed again; {str(err).splitlines()[0]}; "
-            f"the last good checkpoint is kept under {coord.ckpt_root}"
+            f"{str(err).splitlines()[0]} (cluster.max_restarts "
+            f"{supervisor.max_restarts} in {supervisor.max_seconds:g}s); last good "
+            f"checkpoint: {last if last else 'none written yet'}"
         )
         return
     except actors.StartChildError as err:

@@ -98,7 +98,6 @@ class Trainer(actors.Actor):
 
     async def init(self) -> None:
         self.state.chaos.nursery = self.nursery
-        self.state.chaos.token = trio.lowlevel.current_trio_token()
         self.nursery.start_soon(self._drive)
 
     async def handle_cast(self, msg):
@@ -146,8 +145,11 @@ class Trainer(actors.Actor):
             how["snapshot"] = snap
         result = await actors.call("Optimizer", ("restore", how), timeout=None)
         _check(result)
-        # the restored state is a snapshot too (a later failure can come back to it)
-        await actors.call("Checkpointer", ("snapshot", plan["step"], False), timeout=None)
+        # the restored state is a snapshot too (a later failure can come back to it); on a
+        # checkpoint step the shard file is written again (its first write may be torn)
+        s, every = plan["step"], st.cfg.checkpoint.every
+        to_disk = bool(every and s and s % every == 0 and s != st.cfg.train.steps)
+        await actors.call("Checkpointer", ("snapshot", s, to_disk), timeout=None)
 
     async def _train(self, plan: dict) -> bool:
         """Steps from plan["step"]; True when the run is complete."""

@@ -129,12 +129,17 @@ async def _guarded(state: RankState, what: str, fn):
         return Failed(f"{what}: {str(err).splitlines()[0]}")
 
 
+class _Role(actors.Actor):
+    # a role that does not stop within a second is killed: the rank is going down anyway
+    shutdown = 1.0
+
+
 # ---------------------------------------------------------------------------------------
 # DataLoader
 # ---------------------------------------------------------------------------------------
 
 
-class DataLoader(actors.Actor):
+class DataLoader(_Role):
     """Rank r's micro-batches of step s, a pure function of (seed, epoch, step, rank).
 
     The next step's batches are prepared in a worker thread while the current step runs
@@ -180,7 +185,7 @@ class DataLoader(actors.Actor):
 # ---------------------------------------------------------------------------------------
 
 
-class GradientWorker(actors.Actor):
+class GradientWorker(_Role):
     """compute_gradients of this rank's micro-batches in a worker thread (the kernels
     release the GIL), so heartbeats and messages keep flowing meanwhile."""
 
@@ -206,7 +211,7 @@ class GradientWorker(actors.Actor):
 # ---------------------------------------------------------------------------------------
 
 
-class Reducer(actors.Actor):
+class Reducer(_Role):
     """The gradient reduction of the configured mode over the ring (see step.RankStep)."""
 
     def __init__(self, state: RankState):
@@ -232,7 +237,7 @@ class Reducer(actors.Actor):
 # ---------------------------------------------------------------------------------------
 
 
-class Optimizer(actors.Actor):
+class Optimizer(_Role):
     """Owns this rank's shard of the parameters and of the optimizer state.
 
     ("apply", s, shard, sq_norm): clip, update the shard, all-gather the parameters.
@@ -309,7 +314,7 @@ class Optimizer(actors.Actor):
 # ---------------------------------------------------------------------------------------
 
 
-class Checkpointer(actors.Actor):
+class Checkpointer(_Role):
     """Snapshots of this rank's shard (in memory), the left neighbour's replica, and
     shard files on disk written in a worker thread while training goes on.
 
@@ -387,7 +392,7 @@ class Checkpointer(actors.Actor):
                     rs.n,
                 )
             )
-            st.chaos.after_shard_write(snap.step)
+            await st.chaos.after_shard_write(snap.step)
             await actors.cast(
                 COORDINATOR, ("shard_written", st.rank, snap.step, asdict(info), snap.counters)
             )
@@ -407,7 +412,7 @@ def _trim(snaps: dict) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-class HookAnalyzer(actors.Actor):
+class HookAnalyzer(_Role):
     """The rank's side of the gradient hooks: builds a sample on the steps an analyzer
     is due and offers it to the analyzer process without waiting (full: dropped)."""
 

@@ -1,0 +1,51 @@
+"""Shared helpers for the tests that run real clusters (rank processes over ZeroMQ)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# a small MLP on little data: every run is a second or two of real processes
+SMALL = [
+    "--steps", "16",
+    "--set", "data.n_train=512",
+    "--set", "data.n_eval=128",
+    "--set", "model.hidden=[32,32]",
+    "--set", "train.batch_size=64",
+    "--set", "checkpoint.every=5",
+    "--set", "eval.every=0",
+    "--set", "cluster.snapshot_every=4",
+]  # fmt: skip
+
+
+def zerotrain(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run the real command line in a fresh interpreter."""
+    env = dict(os.environ)
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def run(run_dir: Path, *args: str, command: str = "run", expect: int = 0) -> dict:
+    """`zerotrain COMMAND mlp_classifier SMALL ARGS --run-dir RUN_DIR`; its summary."""
+    proc = zerotrain(command, "mlp_classifier", *SMALL, *args, "--run-dir", str(run_dir))
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if expect == 0 else {"stderr": proc.stderr}
+
+
+def weights(run_dir: Path) -> np.ndarray:
+    from pipelines.checkpoint import read_safetensors_file
+
+    tensors, _ = read_safetensors_file(Path(run_dir) / "weights.safetensors")
+    return np.concatenate([tensors[k].ravel() for k in sorted(tensors)])
