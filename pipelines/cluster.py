@@ -196,6 +196,7 @@ class Coordinator(actors.Actor):
             )
         elif step:
             self.resumed_step = step
+            self.progress.message(f"resumed at step {step} from {path or source}")
         joins, self.joins = self.joins, {}
         for join in joins.values():
             join.from_.reply(plan)
