@@ -279,7 +279,7 @@ def _check(result):
 
 
 async def _main(plan: dict) -> int:
-    async with actors.child_node() as node:
+    async with actors.child_node():
         rank = int(os.environ[actors.ENV["rank"]])
         built = await trio.to_thread.run_sync(_build, plan, rank)
         cfg, world, model = built["cfg"], built["world"], built["model"]
