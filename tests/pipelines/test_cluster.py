@@ -86,3 +86,32 @@ def test_resume_reaches_the_uninterrupted_parameters(runs, tmp_path):
     assert moved["samples_per_s"] > 0 and moved["ranks"] == 4
     ref = weights(d)
     assert np.abs(weights(other) - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def test_transformer_weights_of_a_cluster_run_load_into_torch(tmp_path):
+    """weights.safetensors of a 2-rank char_lm run loads into the equivalent PyTorch
+    module by name (strict), and the two give the same logits."""
+    torch = pytest.importorskip("torch")
+    st_torch = pytest.importorskip("safetensors.torch")
+    from pipelines.checkpoint import read_safetensors_file
+    from pipelines.config import load_config
+    from pipelines.data import load_dataset
+    from pipelines.local import build_model_for
+    from tests.pipelines.model.test_torch_parity import TorchCharTransformer
+
+    tiny = ["model.d_model=16", "model.n_head=2", "model.n_layer=1", "train.batch_size=8"]
+    tiny += ["model.seq_len=16", "data.seq_len=16", "eval.every=0", "eval.max_batches=1"]
+    args = [x for kv in tiny for x in ("--set", kv)]
+    proc = zerotrain("run", "char_lm", "--ranks", "2", "--mode", "zero2", "--steps", "3",
+                     *args, "--run-dir", str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = load_config("char_lm", tiny)
+    data = load_dataset(cfg.data, "eval")
+    ours = build_model_for(cfg, data.meta)
+    tensors, _ = read_safetensors_file(tmp_path / "weights.safetensors")
+    ours.load_state_dict(tensors)
+    module = TorchCharTransformer(data.meta["vocab_size"], 16, 2, 1, 16)
+    module.load_state_dict(st_torch.load_file(str(tmp_path / "weights.safetensors")), strict=True)
+    x = np.asarray(data.take(np.arange(4))["x"])
+    theirs = module(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(ours.forward({"x": x})["logits"], theirs, rtol=1e-4, atol=1e-5)
