@@ -39,7 +39,7 @@ from . import checkpoint as ckpt_mod
 from .chaos import expand
 from .config import Config, config_hash, resume_hash
 from .data import position
-from .local import _DROPOUT, TrainingFailed, load_hooks
+from .local import _DROPOUT, MAX_CONSECUTIVE_SKIPS, TrainingFailed, load_hooks
 from .metrics import EarlyStopping
 from .optim import KERNEL_BACKEND
 from .rank import PLAN_ENV
@@ -107,7 +107,8 @@ class Coordinator(actors.Actor):
         self.target = 1  # the generation the next round of joins forms
         self.joins: dict[int, _Join] = {}
         self.pids: dict[int, int] = {}
-        self.down: set[int] = set()  # ranks seen down and not joined since
+        self.down: set[int] = set()
+        self.consecutive_skips = 0  # ranks seen down and not joined since
         self.monitors: dict = {}  # MonitorRef -> rank
         self.fired: dict[int, float] = {}  # chaos event id -> wall time
         self.faults: list[_Fault] = []
@@ -258,6 +259,14 @@ class Coordinator(actors.Actor):
         self.losses[s] = record["loss"]
         if s <= self.last_step:
             return  # a replayed step: same bits, logged already
+        self.consecutive_skips = self.consecutive_skips + 1 if record["skipped"] else 0
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            self.rundir.log_step({k: v for k, v in record.items() if k not in ("t", "generation")})
+            self.fail(
+                f"{self.consecutive_skips} consecutive steps skipped for non-finite "
+                f"gradients (last at step {s})"
+            )
+            return
         if self.t_first_step is None:
             self.t_first_step = now
         self.last_step = s
@@ -566,12 +575,15 @@ async def _serve(cfg, coord: Coordinator, plan_path: Path, ipc_dir: str, analyze
             await coord.outcome.done.wait()
             if analyzer_specs and coord.outcome.failure is None:
                 with trio.move_on_after(cfg.hooks.timeout_s + 5):
-                    try:
-                        coord.analyzer_stats = await actors.call(
-                            "HookAnalyzer@analyzer", "stats", cfg.hooks.timeout_s + 5
-                        )
-                    except actors.ActorError as err:
-                        coord.analyzer_stats = {"error": str(err)}
+                    while True:  # it may be restarting (a hook hung): ask again
+                        try:
+                            coord.analyzer_stats = await actors.call(
+                                "HookAnalyzer@analyzer", "stats", cfg.hooks.timeout_s + 5
+                            )
+                            break
+                        except actors.ActorError as err:
+                            coord.analyzer_stats = {"error": str(err)}
+                            await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
 
 

@@ -115,3 +115,24 @@ def test_transformer_weights_of_a_cluster_run_load_into_torch(tmp_path):
     x = np.asarray(data.take(np.arange(4))["x"])
     theirs = module(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(ours.forward({"x": x})["logits"], theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_diverged_cluster_run_fails_with_exit_3(tmp_path):
+    out = run(
+        tmp_path / "run",
+        "--ranks", "2", "--steps", "40",
+        "--set", "optimizer.lr=1e30", "--set", "optimizer.name=sgd",
+        expect=3,
+    )  # fmt: skip
+    assert "consecutive steps skipped for non-finite gradients" in out["stderr"]
+
+
+def test_early_stopping_stops_every_rank_at_the_same_step(tmp_path):
+    summary = run(
+        tmp_path / "run",
+        "--ranks", "2", "--steps", "40",
+        "--set", "eval.every=2", "--set", "eval.early_stopping.patience=1",
+        "--set", "eval.early_stopping.min_delta=10",  # nothing improves by 10: stop early
+    )  # fmt: skip
+    assert summary["stopped_early"] is True
+    assert summary["steps"] == 4  # evaluations at 2 (best) and 4 (no improvement)
