@@ -534,9 +534,7 @@ async def _serve(cfg, coord: Coordinator, plan_path: Path, ipc_dir: str, analyze
         "cluster", directory=ipc_dir, heartbeat_interval=min(0.2, hb / 5), heartbeat_timeout=hb
     ):
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: coord.run(name="Coordinator", task_status=task_status)
-            )
+            await nursery.start(_coordinate, coord)
             env = {PLAN_ENV: str(plan_path)}
             specs = [
                 actors.process_spec(
@@ -585,6 +583,15 @@ async def _serve(cfg, coord: Coordinator, plan_path: Path, ipc_dir: str, analyze
                             coord.analyzer_stats = {"error": str(err)}
                             await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
+
+
+async def _coordinate(coord: Coordinator, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the Coordinator; a crash of it (a bug) ends the run with its reason in one
+    line (the traceback is logged by the actor runtime)."""
+    try:
+        await coord.run(name="Coordinator", task_status=task_status)
+    except Exception as exc:
+        coord.fail(f"the coordinator crashed: {type(exc).__name__}: {exc}")
 
 
 async def _ranks(supervisor: actors.Supervisor, coord: Coordinator) -> None:
