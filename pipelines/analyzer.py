@@ -57,7 +57,16 @@ get the cores first and the analyzer falls behind (and drops) instead. It holds 
 for summary.json: steps_analyzed, dropped, stale, rejected, skipped (a worker was
 restarting), hook_errors, timeouts, restarts (of actors inside the process; restarts of
 the process itself are the cluster supervisor's to count), sink_errors, per-hook
-counts, the disabled hooks and the pid.
+counts, the disabled hooks and the pid. `timeouts` (overall and per hook) and `hangs`
+count over the whole run -- they are read back from RUN_DIR/hooks_quarantine.json, since
+a hang ends the process that saw it; the other counters are this process's.
+
+"stats" is asked once, when the ranks are done: it first lets the analyzer settle --
+the step in analysis finishes, a complete step waiting for it is analyzed, and no new
+sample arrived for `SETTLE_QUIET_S` -- at most about timeout_s + 1 s (capped by
+`SETTLE_MAX_S`), so the last steps of a run reach hooks.jsonl instead of being cut off
+by the shutdown. Meanwhile the mailbox keeps draining. A process that must exit for a
+hung hook answers a waiting "stats" first.
 """
 
 from __future__ import annotations
@@ -93,6 +102,8 @@ MAX_PENDING_STEPS = 2  # ranks step in lockstep: an older incomplete step is los
 NICE = 10  # the analyzer yields the CPU to the ranks (CFS weight ~1/10 of a rank's)
 HOOK_FAILURES = (3, 5.0)  # more than 3 failures in 5 s: the hook is disabled
 MAX_HANGS = 2
+SETTLE_QUIET_S = 0.25  # "stats" waits for this long without a new sample ...
+SETTLE_MAX_S = 10.0  # ... and for the step in analysis, at most timeout_s + 1 or this
 EXIT_HUNG = 75  # a hook hung: exit so that a fresh process reclaims its thread
 QUARANTINE = "hooks_quarantine.json"
 
@@ -191,12 +202,16 @@ class _Ledger:
         self.sinks = []
         self.exit_reason = None
         self.exit_scope = None
+        self.hangs = {}  # name -> hangs in this run (all processes), from the quarantine
+        self.stats_waiting = 0  # "stats" calls settling: an exit waits for their reply
 
     def open(self, specs: list):
         from pipelines.hooks import ANALYZER, HooksLog, load_hooks
         from pipelines.tensorboard import EventWriter
 
         hung = _read_quarantine(self.run_dir)
+        self.hangs = dict(hung)
+        self.counts["timeouts"] = sum(hung.values())  # run-wide: earlier processes' hangs
         for spec in specs:
             try:
                 loaded = load_hooks([spec], base_dir=self.base_dir)
@@ -213,6 +228,7 @@ class _Ledger:
                     continue
                 self.hooks[hook.name] = (spec, hook)
                 self.per_hook[hook.name] = dict.fromkeys(("calls", "ok", "errors", "timeouts"), 0)
+                self.per_hook[hook.name]["timeouts"] = hung.get(hook.name, 0)
                 if hung.get(hook.name, 0) >= MAX_HANGS:
                     self.disable(hook.name, f"hung {hung[hook.name]} times in this run")
         self.sinks = [HooksLog(self.run_dir / "hooks.jsonl"), EventWriter(self.run_dir / "tb")]
@@ -239,13 +255,14 @@ class _Ledger:
         the thread) once the current step's records are written."""
         counts = _read_quarantine(self.run_dir)
         counts[name] = counts.get(name, 0) + 1
+        self.hangs[name] = counts[name]
         tmp = self.run_dir / (QUARANTINE + ".tmp")
         tmp.write_text(json.dumps(counts))
         os.replace(tmp, self.run_dir / QUARANTINE)
         self.exit_reason = self.exit_reason or f"hook {name!r} hung"
 
     def exit_if_asked(self):
-        if self.exit_reason and self.exit_scope is not None:
+        if self.exit_reason and self.exit_scope is not None and not self.stats_waiting:
             _log.warning("[HookAnalyzer] %s: restarting the analyzer process", self.exit_reason)
             self.exit_scope.cancel()
 
@@ -262,6 +279,7 @@ class _Ledger:
             **self.counts,
             "hooks": {name: dict(c) for name, c in self.per_hook.items()},
             "disabled": dict(self.disabled),
+            "hangs": dict(self.hangs),
             "pid": os.getpid(),
         }
 
@@ -378,6 +396,8 @@ class HookAnalyzer(actors.Actor):
         self.ledger.started.add("HookAnalyzer")
         self.pending = {}  # step -> {rank: HookSample}, incomplete
         self.ready = None  # (step, {rank: sample}): complete, waiting for the analysis task
+        self.analyzing = False
+        self.last_arrival = trio.current_time()
         self.wake = trio.Event()
         self.nursery.start_soon(self._analysis_loop)
 
@@ -389,14 +409,33 @@ class HookAnalyzer(actors.Actor):
             self.ledger.counts["rejected"] += 1
             self.log.warning("rejected a sample: %s", problem)
             return
+        self.last_arrival = trio.current_time()
         self._take(msg)
 
     async def handle_call(self, request, from_):
         if request == "stats":
-            stats = self.ledger.stats()
-            stats["pending"] = len(self.pending) + (self.ready is not None)
-            return stats
+            self.ledger.stats_waiting += 1
+            self.nursery.start_soon(self._settled_stats, from_)
+            return actors.NOREPLY
         raise ValueError(f"HookAnalyzer answers 'stats', got {request!r:.80}")
+
+    async def _settled_stats(self, from_):
+        """Reply to "stats" once settled (see the module doc), or at the deadline."""
+        ledger = self.ledger
+        try:
+            with trio.move_on_after(min(ledger.timeout_s + 1.0, SETTLE_MAX_S)):
+                while (
+                    self.analyzing
+                    or self.ready is not None
+                    or trio.current_time() - self.last_arrival < SETTLE_QUIET_S
+                ):
+                    await trio.sleep(0.02)
+            stats = ledger.stats()
+            stats["pending"] = len(self.pending) + (self.ready is not None)
+            from_.reply(stats)
+        finally:
+            ledger.stats_waiting -= 1
+            ledger.exit_if_asked()
 
     def _check(self, s) -> str | None:
         if not isinstance(s, HookSample):
@@ -447,7 +486,11 @@ class HookAnalyzer(actors.Actor):
             self.wake = trio.Event()
             while self.ready is not None:
                 (step, group), self.ready = self.ready, None
-                await self._analyze(step, group)
+                self.analyzing = True
+                try:
+                    await self._analyze(step, group)
+                finally:
+                    self.analyzing = False
                 self.ledger.exit_if_asked()
 
     async def _analyze(self, step: int, group: dict):

@@ -1,0 +1,256 @@
+"""Gradient hooks end to end, over real processes: `zerotrain run --ranks 2 --hook ...`.
+
+Two rank processes, the cluster process and the analyzer process, on a short MLP run.
+Analyzers -- healthy, raising or hanging -- never change the numbers (params_sha256 equal
+to the run without hooks); their records reach hooks.jsonl and their failures are
+counted in summary.json. A transform changes the numbers, the same way every time. And
+each worked example of scripts/hooks/ runs on the pipeline, with one and two ranks.
+
+The analyzer drops steps when it falls behind (by design, and it does on a run this
+fast), so the assertions hold for whichever steps it analyzed; the last step offered is
+always analyzed, since the run's end waits for the analyzer to settle. No wall-time
+asserts: every wait is bounded by the subprocess timeout.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.pipelines.cluster_util import zerotrain
+
+STEPS = 12
+SHORT = [
+    "--steps", str(STEPS),
+    "--set", "data.n_train=512",
+    "--set", "data.n_eval=128",
+    "--set", "model.hidden=[32,32]",
+    "--set", "train.batch_size=64",
+    "--set", "eval.every=0",
+]  # fmt: skip
+SCRIPTS = Path(__file__).resolve().parents[3] / "scripts" / "hooks"
+BUILTINS = (
+    "grad_norm",
+    "grad_distribution",
+    "grad_flow",
+    "grad_health",
+    "update_ratio",
+    "rank_cosine",
+    "noise_scale",
+)
+
+BAD_HOOKS = """
+import time
+from pipelines.hooks import analyzer
+
+@analyzer
+def raises(ctx):
+    raise RuntimeError(f"boom at step {ctx.step}")
+
+@analyzer
+def hangs(ctx):
+    time.sleep(3600)  # the analyzer abandons it after hooks.timeout_s
+"""
+
+
+def train(run_dir: Path, *args: str, ranks: int = 2) -> dict:
+    """`zerotrain run mlp_classifier SHORT --ranks N ARGS`: (summary, records of hooks.jsonl)."""
+    proc = zerotrain(
+        "run", "mlp_classifier", *SHORT, "--ranks", str(ranks), *args, "--run-dir", str(run_dir)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    path = run_dir / "hooks.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {"summary": summary, "records": records, "stderr": proc.stderr}
+
+
+def by_hook(records: list) -> dict:
+    out = {}
+    for r in records:
+        out.setdefault(r["hook"], []).append(r)
+    return out
+
+
+def check_outboxes(summary: dict, world: int = 2):
+    """Each rank offered every step some analyzer wanted and lost none of them."""
+    ranks = summary["hooks"]["ranks"]
+    assert len(ranks) == world
+    for outbox in ranks:
+        assert outbox["offered"] == outbox["sent"] + outbox["dropped"] + outbox["failed"]
+        assert outbox["queued"] == 0
+
+
+def check_accounting(analyzer: dict, offered: int):
+    """Every offered step is analyzed, dropped or left with no hook due -- never more."""
+    assert "error" not in analyzer, analyzer
+    assert analyzer["rejected"] == 0 and analyzer["sink_errors"] == 0
+    assert 1 <= analyzer["steps_analyzed"]
+    assert analyzer["steps_analyzed"] + analyzer["dropped"] + analyzer["stale"] <= offered
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> dict:
+    return train(tmp_path_factory.mktemp("baseline"))["summary"]
+
+
+@pytest.fixture(scope="module")
+def bad_hooks(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("scripts") / "bad_hooks.py"
+    path.write_text(BAD_HOOKS)
+    return path
+
+
+def test_every_builtin_analyzer_leaves_training_alone_and_logs_its_metrics(tmp_path, baseline):
+    run = train(tmp_path, "--hook", "builtin")
+    summary, records = run["summary"], run["records"]
+    assert summary["params_sha256"] == baseline["params_sha256"]
+    assert summary["final_loss"] == baseline["final_loss"]
+    check_outboxes(summary)
+    analyzer = summary["hooks"]["analyzer"]
+    check_accounting(analyzer, STEPS)
+    assert analyzer["hook_errors"] == analyzer["timeouts"] == analyzer["restarts"] == 0
+    assert set(analyzer["hooks"]) == set(BUILTINS)
+    for name, counts in analyzer["hooks"].items():
+        assert counts["calls"] == counts["ok"] == analyzer["steps_analyzed"], name
+
+    # every analyzed step has one record per builtin, and the run's last step is one
+    assert records and all("error" not in r for r in records)
+    steps = sorted({r["step"] for r in records})
+    assert steps[-1] == STEPS and set(steps) <= set(range(1, STEPS + 1))
+    assert len(steps) == analyzer["steps_analyzed"]
+    hooks = by_hook(records)
+    assert set(hooks) == set(BUILTINS)
+    for name in BUILTINS:
+        assert [r["step"] for r in hooks[name]] == steps, name
+    last = {r["hook"]: r["metrics"] for r in records if r["step"] == STEPS}
+    params = {k.removeprefix("norm/") for k in last["grad_norm"] if k.startswith("norm/")}
+    assert len(params) == 6  # three Linear layers: weight and bias each
+    assert last["grad_norm"]["global"] > 0
+    assert math.isclose(
+        last["grad_norm"]["global"] ** 2,
+        sum(last["grad_norm"][f"norm/{p}"] ** 2 for p in params),
+        rel_tol=1e-9,
+    )
+    assert last["grad_health"]["healthy"] == 1 and last["grad_health"]["nonfinite"] == 0
+    assert {f"flow/{p}" for p in params} == set(last["grad_flow"])
+    assert {f"ratio/{p}" for p in params} <= set(last["update_ratio"])
+    assert len(last["rank_cosine"]["matrix"]) == 2  # the two ranks' own gradients
+    assert -1.0 <= last["rank_cosine"]["mean"] <= 1.0
+    assert last["noise_scale"]["b_small"] == 32 and last["noise_scale"]["b_big"] == 64
+    assert 0.0 <= last["grad_distribution"]["sparsity"] <= 1.0
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_a_raising_hook_is_logged_counted_and_restarted_and_training_is_unchanged(
+    tmp_path, baseline, bad_hooks
+):
+    run = train(tmp_path, "--hook", f"{bad_hooks}:raises", "--hook", "builtin:grad_norm")
+    summary, hooks = run["summary"], by_hook(run["records"])
+    assert summary["params_sha256"] == baseline["params_sha256"]
+    check_outboxes(summary)
+    analyzer = summary["hooks"]["analyzer"]
+    check_accounting(analyzer, STEPS)
+    raised = analyzer["hooks"]["raises"]
+    assert raised["errors"] >= 1 and raised["ok"] == 0
+    assert analyzer["hook_errors"] == raised["errors"]
+    # its worker was restarted (script reloaded) after a failure, or disabled after many
+    assert analyzer["restarts"] >= 1 or "raises" in analyzer["disabled"]
+    errors = hooks["raises"]
+    assert len(errors) == raised["errors"]
+    assert all(r["error"].startswith("RuntimeError: boom at step") for r in errors)
+    assert "boom at step" in run["stderr"]  # one log line per failure
+    # the healthy hook beside it is untouched
+    healthy = analyzer["hooks"]["grad_norm"]
+    assert healthy["errors"] == 0 and healthy["ok"] == healthy["calls"] >= 1
+    assert hooks["grad_norm"][-1]["step"] == STEPS
+    assert all("metrics" in r for r in hooks["grad_norm"])
+
+
+def test_a_hanging_hook_is_timed_out_counted_and_training_is_unchanged(
+    tmp_path, baseline, bad_hooks
+):
+    run = train(
+        tmp_path,
+        "--hook", f"{bad_hooks}:hangs",
+        "--hook", "builtin:grad_norm",
+        "--set", "hooks.timeout_s=0.5",
+    )  # fmt: skip
+    summary, hooks = run["summary"], by_hook(run["records"])
+    assert summary["params_sha256"] == baseline["params_sha256"]
+    check_outboxes(summary)
+    analyzer = summary["hooks"]["analyzer"]
+    assert "error" not in analyzer, analyzer
+    # run-wide counts, even if the hang restarted the analyzer process meanwhile
+    assert analyzer["timeouts"] >= 1 and analyzer["hangs"]["hangs"] >= 1
+    assert analyzer["hooks"]["hangs"]["timeouts"] == analyzer["hangs"]["hangs"]
+    assert "hangs" in analyzer["disabled"]
+    timeouts = hooks["hangs"]
+    assert timeouts and all(r["error"] == "timeout: no answer within 0.5 s" for r in timeouts)
+    quarantine = json.loads((tmp_path / "hooks_quarantine.json").read_text())
+    assert quarantine == analyzer["hangs"]
+    # the hook beside it went on in its own thread
+    assert hooks["grad_norm"] and all("metrics" in r for r in hooks["grad_norm"])
+
+
+def test_a_transform_changes_the_numbers_the_same_way_every_time(tmp_path, baseline):
+    script = str(SCRIPTS / "clip_and_noise.py")
+    a = train(tmp_path / "a", "--hook", script)["summary"]
+    b = train(tmp_path / "b", "--hook", script)["summary"]
+    assert a["params_sha256"] == b["params_sha256"]  # ctx.rng: (seed, step, rank, name)
+    assert a["final_loss"] == b["final_loss"]
+    assert a["params_sha256"] != baseline["params_sha256"]
+    assert "analyzer" not in a["hooks"]  # a transform needs no analyzer process
+    assert a["hooks"]["ranks"] == [{}, {}]
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    steps = [m for m in metrics if "loss" in m and "step" in m]
+    assert steps and all(m.get("transforms") == 1 for m in steps)
+    # a different seed draws different noise
+    c = train(tmp_path / "c", "--hook", script, "--set", "train.seed=1")["summary"]
+    d = train(tmp_path / "d", "--set", "train.seed=1")["summary"]
+    assert c["params_sha256"] != d["params_sha256"]
+
+
+def test_the_worked_examples_run_on_two_ranks(tmp_path, baseline):
+    """dead_layer, critical_batch and rank_agreement in the analyzer process; every 4
+    steps, so that the last step (always analyzed) is due for all three."""
+    specs = ", ".join(
+        f'{{hook = "{SCRIPTS / name}.py", every = 4}}'
+        for name in ("dead_layer", "critical_batch", "rank_agreement")
+    )
+    run = train(tmp_path, "--set", f"hooks.specs=[{specs}]")
+    summary, hooks = run["summary"], by_hook(run["records"])
+    assert summary["params_sha256"] == baseline["params_sha256"]
+    check_outboxes(summary)
+    analyzer = summary["hooks"]["analyzer"]
+    check_accounting(analyzer, STEPS // 4)
+    assert analyzer["hook_errors"] == analyzer["timeouts"] == 0
+    assert all(r["step"] % 4 == 0 and "metrics" in r for r in run["records"])
+    last = {r["hook"]: r["metrics"] for r in run["records"] if r["step"] == STEPS}
+    assert set(last) == {"dead_layer", "critical_batch", "rank_agreement"}
+    dead = last["dead_layer"]
+    assert dead["dead_layers"] == 0  # a healthy MLP: every layer gets gradient
+    assert len([k for k in dead if k.startswith("relative_flow/")]) == 6
+    assert last["critical_batch"]["global_batch"] == 64
+    agreement = last["rank_agreement"]
+    assert agreement["outlier_rank"] in (0, 1)
+    assert len(agreement["cosine"]) == 2 and len(agreement["cosine"][0]) == 2
+    assert {"rank_mean/0", "rank_mean/1"} <= set(agreement)
+    assert len(hooks["critical_batch"]) == analyzer["steps_analyzed"]
+
+
+def test_every_worked_example_runs_in_process_on_one_rank(tmp_path):
+    """--ranks 1: the local runner calls the hooks inline. The two analyzers that need
+    two ranks say nothing; the others log every sample; the transform logs per step."""
+    every_example = [a for p in sorted(SCRIPTS.glob("*.py")) for a in ("--hook", str(p))]
+    run = train(tmp_path, *every_example, ranks=1)
+    hooks = by_hook(run["records"])
+    assert all("error" not in r for r in run["records"])
+    assert [r["step"] for r in hooks["dead_layer"]] == [10]
+    assert hooks["dead_layer"][0]["metrics"]["dead_layers"] == 0
+    assert [r["step"] for r in hooks["clip_and_noise"]] == list(range(1, STEPS + 1))
+    assert "critical_batch" not in hooks and "rank_agreement" not in hooks
+    stats = run["summary"]["hooks"]["hooks"]
+    assert stats["critical_batch"]["ok"] == stats["critical_batch"]["calls"] == STEPS
+    assert stats["rank_agreement"]["ok"] == STEPS // 5
