@@ -273,7 +273,7 @@ class Coordinator(actors.Actor):
         evaluated = record.get("eval")
         if evaluated:
             self.last_eval = evaluated
-        record = {k: v for k, v in record.items() if k not in ("t", "generation")}
+        record = {k: v for k, v in record.items() if k != "generation"}
         self.rundir.log_step(record)
         extra = ""
         if evaluated:

@@ -151,12 +151,14 @@ def test_pipelines_lists_every_builtin_with_a_description(capsys):
     assert "(default)" in lines[0]
 
 
-def test_more_than_one_rank_is_not_yet_available_and_exits_3(tmp_path):
+def test_run_with_two_ranks_writes_the_run_dir(tmp_path):
     proc = zerotrain("run", *TINY, "--ranks", "2", "--run-dir", str(tmp_path / "r"))
-    assert proc.returncode == 3 and "not yet" in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["steps"] == 4
 
 
-def test_simulate_validates_its_chaos_spec(capsys):
+def test_simulate_validates_its_chaos_spec(capsys, tmp_path):
     line = assert_one_line_error(
         run_main(
             capsys, "simulate", "mlp_regressor", "--ranks", "2", "--chaos", "kill:rank=5,step=3"
@@ -167,16 +169,19 @@ def test_simulate_validates_its_chaos_spec(capsys):
     assert "event kind" in line
     line = assert_one_line_error(run_main(capsys, "simulate", "--chaos", "stall:rank=0"))
     assert "missing step, seconds" in line
-    ok = run_main(
-        capsys,
+    ok = zerotrain(
         "simulate",
-        "mlp_regressor",
+        *TINY,
         "--ranks",
         "2",
         "--chaos",
         "kill:rank=1,step=3;delay:rank=0,ms=5;random-kill:every=10,seed=1",
+        "--run-dir",
+        str(tmp_path / "sim"),
     )
-    assert ok.returncode == 3 and "not yet implemented" in ok.stderr
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    recovery = json.loads((tmp_path / "sim" / "recovery.json").read_text())
+    assert [f["kind"] for f in recovery["faults"]] == ["kill"]
 
 
 def test_ckpt_verify_and_inspect_report_a_corrupted_checkpoint(tmp_path):
