@@ -184,7 +184,11 @@ class Trainer(actors.Actor):
         await actors.call("Checkpointer", ("snapshot", s, True), timeout=None)
         await actors.call("Checkpointer", ("flush",), timeout=None)
         info = {"rank": st.rank, "step": s, "memory": st.step.memory()}
-        info["timing"] = {k: v / max(st.timed_steps, 1) for k, v in st.timing.items()}
+        timing = {k: v / max(st.timed_steps, 1) for k, v in st.timing.items()}
+        # the framework's own share: actor messages, copies, scheduling
+        parts = ("data_s", "compute_s", "comm_s", "apply_s")
+        timing["other_s"] = max(timing["step_s"] - sum(timing[k] for k in parts), 0.0)
+        info["timing"] = timing
         info["timed_steps"] = st.timed_steps
         info["hooks"] = await actors.call("HookAnalyzer", ("stats",))
         if st.rank == 0:
