@@ -54,11 +54,12 @@ replaces the dead socket's file); the survivors keep their rings and call
 neighbour's outbox by itself. Messages still queued for the dead rank reach the newcomer
 and are discarded as stale; messages the newcomer sends to a survivor still inside a
 generation-g collective fail that collective at once and are kept for generation g+1.
-A SIGKILLed neighbour is noticed about ``_LINK_GRACE`` (0.1 s) after the kill, whether
-the survivor was mid-collective or already waiting in the next one. A rank that dies
-while its neighbours are *between* collectives is not a disconnect they see (events
-between collectives are ignored); their next collective fails on the newcomer's first
-message, on a neighbour's abort, or after ``timeout``.
+A SIGKILLed neighbour is noticed about ``_LINK_GRACE`` (0.1 s) after the kill when the
+survivor is in a collective; a neighbour lost while the survivor was between collectives
+fails its next collective of that generation at once (a replacement always comes with a
+newer generation, so that generation cannot complete). ``set_generation`` forgets
+earlier disconnects. A peer that stalls without disconnecting (SIGSTOP) fails the
+collective after HEARTBEAT_TIMEOUT, or when its replacement's first message arrives.
 
 Completion: a rank that has received everything sends a *done* ack to its left; a rank
 returns only when it has received everything and its right neighbour has acked all it
@@ -354,6 +355,7 @@ class Ring:
         self._seq = 0
         self._broken: str | None = None
         self._held: deque[list] = deque()  # messages from a newer (generation, seq)
+        self._lost: set[str] = set()  # links ("left", "right") dropped this generation
         self._closed = False
         self._stats = dict.fromkeys(
             ("collectives", "bytes_sent", "bytes_received", "stale_discarded", "failures"), 0
@@ -414,6 +416,9 @@ class Ring:
         self._generation = generation
         self._seq = 0
         self._broken = None
+        for _, monitor in self._monitors:  # disconnects of the old generation's peers
+            _drain(monitor)
+        self._lost.clear()
         if self.lanes and not self._closed:  # a fresh lane: the old one may be mid-use
             assert self._out_lane is not None
             self._out_lane.close()
@@ -593,10 +598,27 @@ class Ring:
             return
         seq = self._seq
         self._seq += 1
-        for _, monitor in self._monitors:  # disconnects between collectives do not count
-            _drain(monitor)
         run = _Run(self, op, flat, step, seq)
+        # A neighbour that went away earlier in this generation (between collectives,
+        # or at the very end of the last one, after its link watcher saw the event but
+        # before the grace period ran out): its process is gone, and a replacement joins
+        # only at a newer generation, so this collective cannot complete. Without this
+        # a rank killed then went unnoticed until the timeout (test_ring_rejoin, the
+        # "mid-collective" case, now and then).
+        for name, monitor in self._monitors:
+            if _drain(monitor):
+                self._lost.add(name)
+        lost = sorted(self._lost)
         try:
+            if lost:
+                run.left_down = "left" in lost
+                run.right_down = "right" in lost
+                peers = {"left": run.left, "right": (self.rank + 1) % self.world}
+                raise CollectiveError(
+                    f"{run._what()}: "
+                    + ", ".join(f"{name} neighbour rank {peers[name]}" for name in lost)
+                    + " disconnected since the last collective"
+                )
             await run.execute(initial, hops)
         except CollectiveError as exc:
             self._broken = str(exc)
@@ -637,12 +659,15 @@ def _has_input(sock: TrioSocket | None) -> bool:
     return sock is not None and sock.has_input()
 
 
-def _drain(sock: TrioSocket) -> None:
+def _drain(sock: TrioSocket) -> bool:
+    """Discard every queued message; return whether there was any."""
+    drained = False
     while True:
         try:
             sock.zmq.recv_multipart(zmq.DONTWAIT)
         except zmq.ZMQError:  # zmq.Again: empty (or the context is going away)
-            return
+            return drained
+        drained = True
 
 
 class _Run:
@@ -854,6 +879,7 @@ class _Run:
         except trio.ClosedResourceError:
             self.fail(CollectiveError(f"{self._what()}: ring closed"))
             return
+        self.ring._lost.add(name)  # remembered even if this collective ends meanwhile
         # libzmq reports the disconnect *before* it flushes the last messages it read
         # from that peer into the socket's queue: look again after a moment.
         await trio.sleep(_LINK_GRACE)

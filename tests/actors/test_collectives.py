@@ -325,6 +325,27 @@ async def test_closing_many_rings_one_after_another_never_hangs(wire, tmp_path):
     assert proc.stdout.decode().split("\n")[-2] == f"closed {rounds - 1}"
 
 
+async def test_a_neighbour_lost_between_collectives_fails_the_next_one_until_a_new_generation():
+    rings = open_rings(3, timeout=30.0)
+    x = np.ones(5000, np.float32)
+    await on_every_rank(rings, lambda g: g.all_reduce(x.copy(), step=1))
+    rings[1].close()  # as if killed while nobody was in a collective
+    await trio.sleep(0.3)  # the disconnect events arrive
+    survivors = [rings[0], rings[2]]
+    for g in survivors:
+        with trio.fail_after(5), pytest.raises(CollectiveError) as failed:  # not after 30 s
+            await g.all_reduce(x, step=2)
+        assert "disconnected since the last collective" in str(failed.value)
+    # A replacement on the same endpoint at the next generation; the survivors move on.
+    rings[1] = Ring(1, 3, rings[0].endpoints, generation=1, chunk_bytes=4096, timeout=30.0)
+    for g in survivors:
+        g.set_generation(1)
+    got = await on_every_rank(rings, lambda g: g.all_reduce(np.ones(5000, np.float32), step=3))
+    assert all(y.tolist() == [3.0] * 5000 for y in got)
+    for g in rings:
+        g.close()
+
+
 async def test_a_silent_peer_turns_into_collective_error_after_the_timeout():
     rings = open_rings(2, timeout=0.3)
     with pytest.raises(CollectiveError, match="no progress for 0.3 s"):

@@ -85,14 +85,20 @@ async def start_ranks(directory: Path, wire: str) -> list[RankProcess]:
     return [await RankProcess.start(r, GENERATION, directory, wire) for r in range(WORLD)]
 
 
-async def survivors_fail(survivors: list[RankProcess], since: float, event: str) -> None:
-    """Each survivor reports a CollectiveError that is not its no-progress timeout."""
+async def survivors_fail(survivors: list[RankProcess], since: float, event: str) -> dict:
+    """Each survivor reports a CollectiveError that is not its no-progress timeout.
+
+    Returns each survivor's error message by rank.
+    """
+    messages = {}
     for rank in survivors:
         line = await rank.expect("error")
         _, at, message = line.split(" ", 2)
         assert "no progress" not in message, message
         delay = float(at) - since
         print(f"\nrank {rank.rank} raised {delay:.3f} s after {event}: {message}")
+        messages[rank.rank] = message
+    return messages
 
 
 async def replace_and_check(ranks: list[RankProcess], directory: Path, wire: str) -> None:
@@ -167,10 +173,10 @@ async def test_a_killed_rank_is_replaced_by_a_fresh_process_at_the_next_generati
 async def test_a_survivor_still_waiting_when_the_replacement_speaks_fails_and_keeps_it(
     wire, ring_dir
 ):
-    # The victim dies while nobody is in a collective, so no survivor sees the
-    # disconnect during one; they then start the next all-reduce and wait. The
-    # replacement's first generation g+1 chunk must fail the waiting collective at
-    # once (not after the 120 s timeout), and be kept for the next generation.
+    # The victim is frozen (SIGSTOP: no disconnect) while the survivors wait in the
+    # next all-reduce, and its replacement is started before it is killed. The
+    # replacement's first generation g+1 chunk must fail the waiting collective at once
+    # (not after the 120 s timeout), and be kept and used in generation g+1.
     ranks = await start_ranks(ring_dir, wire)
     survivors = [r for r in ranks if r.rank != VICTIM]
     try:
@@ -179,17 +185,19 @@ async def test_a_survivor_still_waiting_when_the_replacement_speaks_fails_and_ke
                 await rank.send("reduce")
             for rank in ranks:
                 await rank.expect("ok")
-            ranks[VICTIM].kill()
-            await ranks[VICTIM].proc.wait()
             for rank in survivors:
                 await rank.send("reduce")
-            await trio.sleep(0.5)
+            frozen = ranks[VICTIM]
+            frozen.proc.send_signal(signal.SIGSTOP)
             ranks[VICTIM] = await RankProcess.start(VICTIM, GENERATION + 1, ring_dir, wire)
             started_at = time.monotonic()
-            out = ring_dir / f"check{VICTIM}.npz"
-            await ranks[VICTIM].send(f"check {GENERATION + 1} {out}")
-            await survivors_fail(survivors, started_at, f"the replacement started ({wire})")
             outs = [ring_dir / f"check{r}.npz" for r in range(WORLD)]
+            await ranks[VICTIM].send(f"check {GENERATION + 1} {outs[VICTIM]}")
+            lines = await survivors_fail(survivors, started_at, f"the replacement started ({wire})")
+            assert "already at generation" in lines[VICTIM + 1]  # the victim's right
+            frozen.kill()
+            await frozen.proc.wait()
+            await trio.sleep(0.5)  # as a supervisor would: the kill comes before the news
             for rank in survivors:
                 await rank.send(f"check {GENERATION + 1} {outs[rank.rank]}")
             for rank in ranks:
