@@ -4,6 +4,7 @@ import os
 import stat
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -311,3 +312,11 @@ def test_ipc_endpoints_live_in_a_private_directory():
 
 def test_one_context_serves_the_whole_process():
     assert get_context() is get_context()
+
+
+def test_wrapping_and_describing_a_socket_raises_no_deprecation_warning():
+    # pyzmq 27 deprecates Socket.socket_type; the wrapper reads Socket.type.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        with open_socket("ROUTER", bind="tcp://127.0.0.1:*") as router:
+            assert repr(router) == "<TrioSocket ROUTER open>"
