@@ -60,6 +60,7 @@ class _Fault:
     recovered_s: float | None = None
     steps_replayed: int | None = None
     restored_from: str = ""
+    resumes_at: float | None = None  # a stall: when SIGCONT is due
 
     def record(self) -> dict:
         return {
@@ -228,6 +229,8 @@ class Coordinator(actors.Actor):
             _Fault(ev["kind"], ev["rank"], self.last_step, now, self.generation, "chaos")
         )
         if ev["kind"] == "stall":
+            self.faults[-1].resumes_at = now + ev["seconds"]
+        if ev["kind"] == "stall":
             self.nursery.start_soon(_resume_later, pid, ev["seconds"])
         self.progress.message(
             f"chaos: {ev['kind']} rank {ev['rank']} at step {ev['step']}"
@@ -249,7 +252,18 @@ class Coordinator(actors.Actor):
     def _log_step(self, record: dict) -> None:
         now = time.time()
         for fault in self.faults:
-            if fault.recovered_s is None and record["generation"] > fault.generation:
+            if fault.recovered_s is not None:
+                continue
+            if (
+                fault.detected_s is None
+                and fault.resumes_at is not None
+                and now >= fault.resumes_at
+                and record["generation"] == fault.generation
+            ):
+                # a stall shorter than the heartbeat timeout: the rank went on, no restart
+                fault.recovered_s, fault.steps_replayed = now - fault.t, 0
+                fault.restored_from = "resumed (SIGCONT)"
+            elif record["generation"] > fault.generation:
                 fault.recovered_s = now - fault.t
                 self.progress.message(
                     f"recovered from {fault.kind} of rank {fault.rank} in "

@@ -126,3 +126,13 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(fault_free, tmp_pat
         assert "resumed at step 10 from" in proc.stderr
         summary = json.loads((d / "summary.json").read_text())
         assert summary["params_sha256"] == done["params_sha256"] == fault_free
+
+
+def test_a_short_stall_is_waited_out_without_a_restart(fault_free, tmp_path):
+    summary = run(
+        tmp_path / "run", *WORLD, "--chaos", "stall:rank=1,step=5,seconds=0.3", command="simulate"
+    )
+    assert summary["params_sha256"] == fault_free and summary["restarts"] == 0
+    (fault,) = json.loads((tmp_path / "run" / "recovery.json").read_text())["faults"]
+    assert fault["kind"] == "stall" and fault["detection_s"] is None
+    assert fault["recovery_s"] >= 0.3 and fault["steps_replayed"] == 0
