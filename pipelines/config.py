@@ -297,6 +297,10 @@ class ClusterConfig:
     heartbeat_timeout: float = 2.0
     # a collective making no progress this long fails (a peer's death is seen sooner)
     collective_timeout: float = 30.0
+    # ddp / zero1: all-reduce the gradient in buckets of about this many MiB, starting
+    # on each while backward still runs (0: one reduction after backward). The bucket
+    # boundaries change the summation order, so they are part of what fixes the bits.
+    bucket_mb: float = 0.0
 
     def __post_init__(self):
         _check_range("cluster.ranks", self.ranks, lo=1, hi=256)
@@ -307,6 +311,13 @@ class ClusterConfig:
         _check_range("cluster.max_seconds", self.max_seconds, lo=0.0, lo_open=True)
         _check_range("cluster.heartbeat_timeout", self.heartbeat_timeout, lo=0.2)
         _check_range("cluster.collective_timeout", self.collective_timeout, lo=0.5)
+        _check_range("cluster.bucket_mb", self.bucket_mb, lo=0.0, hi=1024.0)
+        if self.bucket_mb and self.mode == "zero2":
+            _fail(
+                "cluster.bucket_mb",
+                "0 with mode zero2 (it reduce-scatters contiguous shards)",
+                self.bucket_mb,
+            )
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from .local import build_model_for, step_seed
 from .metrics import evaluate
 from .roles import (
     COORDINATOR,
+    BackwardGate,
     Checkpointer,
     DataLoader,
     Failed,
@@ -188,6 +189,7 @@ class Trainer(actors.Actor):
         # the framework's own share: actor messages, copies, scheduling
         parts = ("data_s", "compute_s", "comm_s", "apply_s")
         timing["other_s"] = max(timing["step_s"] - sum(timing[k] for k in parts), 0.0)
+        timing["overlapped_buckets"] = st.overlapped_buckets / max(st.timed_steps, 1)
         info["timing"] = timing
         info["timed_steps"] = st.timed_steps
         info["hooks"] = await actors.call("HookAnalyzer", ("stats",))
@@ -215,10 +217,32 @@ class Trainer(actors.Actor):
         rs.keep_for_hooks = sampled
         await st.chaos.at(s, "compute")
         seed = step_seed(cfg.train.seed, s, st.rank)
-        grads, loss_sum = await actors.call(
-            "GradientWorker", ("compute", s, batches, seed), timeout=None
+        done = 0
+        if rs.can_overlap() and not sampled:
+            # buckets are all-reduced as backward finishes them (same bits either way)
+            gate = BackwardGate(rs.n)
+            computed = {}
+
+            async def compute() -> None:
+                computed["out"] = await actors.call(
+                    "GradientWorker", ("compute", s, batches, seed, gate), timeout=None
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(compute)
+                done = await actors.call(
+                    "Reducer", ("buckets", s, rs.model.grads, gate), timeout=None
+                )
+            grads, loss_sum = computed["out"]
+            done = _check(done)
+            st.overlapped_buckets += done
+        else:
+            grads, loss_sum = await actors.call(
+                "GradientWorker", ("compute", s, batches, seed, None), timeout=None
+            )
+        reduced = _check(
+            await actors.call("Reducer", ("reduce", s, grads, loss_sum, done), timeout=None)
         )
-        reduced = _check(await actors.call("Reducer", ("reduce", s, grads, loss_sum), timeout=None))
         shard, sq, loss = reduced
         if sampled:
             rs.hook_view["grad"] = shard.copy()

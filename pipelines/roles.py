@@ -33,6 +33,7 @@ from .step import RankStep
 
 __all__ = [
     "COORDINATOR",
+    "BackwardGate",
     "Checkpointer",
     "DataLoader",
     "Failed",
@@ -89,6 +90,7 @@ class RankState:
     min_generation: int = 0  # the coordinator asked for at least this generation
     timing: dict = field(default_factory=lambda: dict.fromkeys(_TIMERS, 0.0))
     timed_steps: int = 0
+    overlapped_buckets: int = 0  # bucket reductions started before backward ended
     _lock: trio.Lock = field(default_factory=trio.Lock)
     _scope: trio.CancelScope | None = None
 
@@ -193,11 +195,18 @@ class GradientWorker(_Role):
         self.state = state
 
     async def handle_call(self, request, from_):
-        kind, s, batches, seed = request
+        kind, s, batches, seed, gate = request
         assert kind == "compute", request
         st = self.state
         t0 = time.perf_counter()
-        grads, loss_sum = await trio.to_thread.run_sync(st.step.compute, batches, seed, s)
+        ready = gate.grad_ready if gate is not None else None
+        try:
+            grads, loss_sum = await trio.to_thread.run_sync(
+                st.step.compute, batches, seed, s, ready
+            )
+        finally:
+            if gate is not None:
+                gate.close()
         dt = time.perf_counter() - t0
         st.add_time("compute_s", dt)
         slow = st.chaos.straggler_factor
@@ -218,18 +227,72 @@ class Reducer(_Role):
         self.state = state
 
     async def handle_call(self, request, from_):
-        kind, s, grads, loss_sum = request
-        assert kind == "reduce", request
+        kind = request[0]
         st = self.state
+        if kind == "buckets":  # overlapped with backward: each bucket once it is final
+            _, s, grads, gate = request
+
+            async def buckets(ring):
+                await st.chaos.before_send(s, "reduce")
+                done = 0
+                for index, (lo, _) in enumerate(st.step.buckets):
+                    if not await gate.wait_final(lo):
+                        break  # backward ended without reaching it (an error)
+                    t0 = time.perf_counter()
+                    await st.step.reduce_bucket(grads, index, s)
+                    st.add_time("comm_s", time.perf_counter() - t0)
+                    done += 1
+                return done
+
+            return await _guarded(st, f"bucket reduction of step {s}", buckets)
+        _, s, grads, loss_sum, done = request
+        assert kind == "reduce", request
 
         async def reduce(ring):
-            await st.chaos.before_send(s, "reduce")
+            if not done:
+                await st.chaos.before_send(s, "reduce")
             t0 = time.perf_counter()
-            out = await st.step.reduce(grads, loss_sum, s)
+            out = await st.step.reduce(grads, loss_sum, s, buckets_done=done)
             st.add_time("comm_s", time.perf_counter() - t0)
             return out
 
         return await _guarded(st, f"reduce of step {s}", reduce)
+
+
+class BackwardGate:
+    """Where backward has got to, told from the compute thread to the trio loop.
+
+    `grad_ready(start, stop)` (the model's callback, on the worker thread) records that
+    grads[start:] is final; `wait_final(lo)` (trio) returns True once grads[lo:] is,
+    False if backward ended first (`close`)."""
+
+    def __init__(self, n: int):
+        self._token = trio.lowlevel.current_trio_token()
+        self._frontier = n
+        self._closed = False
+        self._changed = trio.Event()
+
+    def _advance(self, start: int | None) -> None:
+        if start is None:
+            self._closed = True
+        else:
+            self._frontier = min(self._frontier, start)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def grad_ready(self, start: int, stop: int) -> None:
+        self._token.run_sync_soon(self._advance, start)
+
+    def close(self) -> None:
+        """Backward is over (called from trio)."""
+        self._advance(None)
+
+    async def wait_final(self, lo: int) -> bool:
+        while self._frontier > lo:
+            if self._closed:
+                return False
+            await self._changed.wait()
+        return True
 
 
 # ---------------------------------------------------------------------------------------

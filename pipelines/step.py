@@ -57,6 +57,7 @@ __all__ = [
     "LocalCollective",
     "RankStep",
     "StepStats",
+    "gradient_buckets",
     "shard_bounds",
 ]
 
@@ -170,6 +171,20 @@ class _Member:
         return x
 
 
+def gradient_buckets(layout, n: int, bucket_elems: int) -> list[tuple[int, int]]:
+    """Fixed buckets of a length-n flat gradient, in backward's order (last first):
+    contiguous [lo, hi) ranges cut at trainable parameters' starts, each at least
+    `bucket_elems` long except possibly the first parameters' remainder."""
+    starts = sorted({slot.offset for slot in layout if slot.trainable and slot.offset < n})
+    cuts = [n]
+    for offset in reversed(starts):
+        if cuts[-1] - offset >= bucket_elems:
+            cuts.append(offset)
+    if cuts[-1] != 0:
+        cuts.append(0)
+    return [(cuts[i + 1], cuts[i]) for i in range(len(cuts) - 1)]
+
+
 # ---------------------------------------------------------------------------------------
 # The rank's step
 # ---------------------------------------------------------------------------------------
@@ -214,6 +229,12 @@ class RankStep:
         self.opt = ShardOptimizer(cfg.optimizer, n if full else self.hi - self.lo)
         self.accum = cfg.train.grad_accum
         self._acc = np.zeros(n, dtype=np.float32) if self.accum > 1 else None
+        bucket_mb = cfg.cluster.bucket_mb
+        self.buckets = (
+            gradient_buckets(model.layout, n, int(bucket_mb * (1 << 20)) // 4)
+            if bucket_mb > 0 and self.mode != "zero2" and self.world > 1
+            else []
+        )
 
     # -- memory accounting (summary.json) ----------------------------------------------
 
@@ -231,17 +252,20 @@ class RankStep:
     # -- phases ------------------------------------------------------------------------
 
     def compute(
-        self, batches: list[dict], seed: int = 0, step: int = 0
+        self, batches: list[dict], seed: int = 0, step: int = 0, grad_ready=None
     ) -> tuple[np.ndarray, float]:
         """Sum of the micro-batch gradients (a flat buffer) and of their losses, after
         this rank's gradient transforms.
 
-        Synchronous and CPU-bound: phase 2 runs it in a worker thread.
+        Synchronous and CPU-bound: phase 2 runs it in a worker thread. `grad_ready`
+        (only with one micro-batch and no transforms: see `can_overlap`) is passed to
+        the model's backward, which reports each range of the gradient as it is final.
         """
         loss_sum = 0.0
         grads = None
         for k, batch in enumerate(batches):
-            loss, grads = self.model.compute_gradients(batch, seed=seed + k)
+            ready = grad_ready if k == len(batches) - 1 else None
+            loss, grads = self.model.compute_gradients(batch, seed=seed + k, grad_ready=ready)
             loss_sum += float(loss)
             if self._acc is not None:
                 if k == 0:
@@ -270,16 +294,34 @@ class RankStep:
             self.hook_view["rank_grad"] = flat / self.accum
         return flat, loss_sum
 
-    async def reduce(self, grads: np.ndarray, loss_sum: float, step: int):
+    def can_overlap(self) -> bool:
+        """Whether bucket reductions may start while backward runs: buckets configured,
+        one micro-batch (an accumulated gradient is final only at the end), and no
+        transforms (they edit the whole gradient after backward)."""
+        return bool(self.buckets) and self.accum == 1 and not self.transforms
+
+    async def reduce_bucket(self, grads: np.ndarray, index: int, step: int) -> None:
+        """All-reduce bucket `index` of `grads` in place (ddp, zero1 with buckets)."""
+        lo, hi = self.buckets[index]
+        await self.coll.all_reduce(grads[lo:hi], step=step)
+
+    async def reduce(self, grads: np.ndarray, loss_sum: float, step: int, buckets_done: int = 0):
         """Reduce `grads` per the mode; return (this rank's averaged shard, sq-norm, loss).
 
-        ddp returns the whole averaged gradient as the "shard" it updates.
+        ddp returns the whole averaged gradient as the "shard" it updates. With buckets
+        the gradient is all-reduced bucket by bucket (the first `buckets_done` already
+        were, overlapped with backward); the bits depend on the buckets, never on the
+        timing.
         """
         denom = self.world * self.accum
         if self.mode == "zero2":
             shard = await self.coll.reduce_scatter(grads, step=step)
         else:
-            await self.coll.all_reduce(grads, step=step)
+            if self.buckets:
+                for index in range(buckets_done, len(self.buckets)):
+                    await self.reduce_bucket(grads, index, step)
+            else:
+                await self.coll.all_reduce(grads, step=step)
             shard = grads if self.mode == "ddp" else grads[self.lo : self.hi]
         if denom != 1:
             gradutil.scale(shard, 1.0 / denom)

@@ -136,3 +136,28 @@ def test_early_stopping_stops_every_rank_at_the_same_step(tmp_path):
     )  # fmt: skip
     assert summary["stopped_early"] is True
     assert summary["steps"] == 4  # evaluations at 2 (best) and 4 (no improvement)
+
+
+def test_bucketed_reduction_overlaps_backward_and_keeps_the_numbers(runs, tmp_path):
+    """cluster.bucket_mb: buckets are all-reduced while backward runs; the result is
+    the same bits run after run (with a rank killed mid-backward too) and within 1e-5
+    of one rank."""
+    args = ["--ranks", "4", "--mode", "zero1", "--set", "cluster.bucket_mb=0.03"]
+    first = run(tmp_path / "a", *args)
+    assert first["timing"]["overlapped_buckets"] > 0  # reductions began before backward ended
+    killed = run(tmp_path / "b", *args, "--chaos", "kill:rank=2,step=5,at=compute",
+                 command="simulate")  # fmt: skip
+    assert killed["params_sha256"] == first["params_sha256"] and killed["restarts"] == 1
+    ref = weights(runs[(1, "ddp")][0])
+    assert np.abs(weights(tmp_path / "a") - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def test_bucket_mb_is_rejected_for_zero2(tmp_path):
+    proc = zerotrain("run", "mlp_classifier", "--ranks", "2", "--mode", "zero2",
+                     "--set", "cluster.bucket_mb=1", "--run-dir", str(tmp_path))  # fmt: skip
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("zerotrain: config error: cluster.bucket_mb")
+    )

@@ -180,3 +180,18 @@ async def test_the_simulated_group_gives_the_bits_of_the_real_zeromq_ring(tmp_pa
                     await trio.to_thread.run_sync(ring.close, abandon_on_cancel=True)
         for rs in ranks:
             np.testing.assert_array_equal(rs.model.params, simulated[0].model.params)
+
+
+def test_gradient_buckets_cut_at_parameter_starts_last_first():
+    from pipelines.model import build_model
+    from pipelines.step import gradient_buckets
+
+    model = build_model("mlp_classifier", in_dim=20, n_classes=3, hidden=[8, 8], seed=0)
+    n = model.params.size
+    starts = {slot.offset for slot in model.layout}
+    buckets = gradient_buckets(model.layout, n, 50)
+    assert buckets[0][1] == n and buckets[-1][0] == 0
+    for (lo, _), (_, hi2) in zip(buckets, buckets[1:], strict=False):
+        assert hi2 == lo and lo in starts  # contiguous, descending, on boundaries
+    assert all(hi - lo >= 50 for lo, hi in buckets[:-1])
+    assert gradient_buckets(model.layout, n, n * 2) == [(0, n)]
