@@ -20,7 +20,6 @@ answers every join with the new generation and that step (see pipelines.rank).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -445,9 +444,9 @@ def run_cluster(
     except ValueError as err:
         raise TrainingFailed(f"hooks: {err}") from None
     analyzers = [h for h in loaded if h.kind == "analyzer"]
-    from .data import load_dataset
+    from .data import load_dataset, with_default_cache
 
-    data_cfg = _shared_data(cfg)
+    data_cfg = with_default_cache(cfg.data)
     try:
         train = load_dataset(data_cfg, "train")
         load_dataset(data_cfg, cfg.eval.split)  # materialised once, mapped by rank 0
@@ -630,15 +629,6 @@ async def _side(supervisor: actors.Supervisor) -> None:
         await supervisor.run()
     except actors.ActorError as err:
         print(f"zerotrain: the hook analyzer gave up: {err}", file=sys.stderr)
-
-
-def _shared_data(cfg: Config):
-    """The data config the processes load: with no cache_dir configured, a per-user
-    cache, so the dataset is built once (here) and memory-mapped by every rank."""
-    if cfg.data.cache_dir:
-        return cfg.data
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return dataclasses.replace(cfg.data, cache_dir=os.path.join(base, "zerotrain", "data"))
 
 
 def _free_ports(n: int) -> list[int]:

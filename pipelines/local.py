@@ -23,7 +23,7 @@ import trio
 
 from . import checkpoint as ckpt_mod
 from .config import Config, config_hash, loss_spec, resume_hash
-from .data import batch_for, load_dataset, position
+from .data import batch_for, load_dataset, position, with_default_cache
 from .metrics import EarlyStopping, evaluate
 from .optim import KERNEL_BACKEND
 from .rundir import Progress, RunDir, params_sha256
@@ -221,8 +221,9 @@ def run_local(
     except ValueError as err:
         raise TrainingFailed(f"hooks: {err}") from None
     try:
-        train = load_dataset(cfg.data, "train")
-        evalset = load_dataset(cfg.data, cfg.eval.split)
+        data_cfg = with_default_cache(cfg.data)
+        train = load_dataset(data_cfg, "train")
+        evalset = load_dataset(data_cfg, cfg.eval.split)
     except (OSError, ValueError) as err:
         raise TrainingFailed(f"data: {err}") from None
     if cfg.train.batch_size > len(train):

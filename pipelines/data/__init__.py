@@ -21,6 +21,7 @@ process (see _sampling for the rule). With `cache_dir` set, arrays are written o
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -33,6 +34,7 @@ from ._digits import make_triplets, render_digits
 from ._sampling import batch_indices, position, steps_per_epoch
 
 __all__ = [
+    "with_default_cache",
     "VOCAB",
     "Dataset",
     "batch_for",
@@ -222,6 +224,16 @@ def _materialise(root: Path, arrays: dict, meta: dict) -> None:
         for p in tmp.iterdir():
             p.unlink()
         tmp.rmdir()
+
+
+def with_default_cache(data_cfg):
+    """`data_cfg`, or with no cache_dir configured, the same with the per-user cache
+    ($XDG_CACHE_HOME or ~/.cache, then zerotrain/data): a dataset is built once and
+    memory-mapped by every later run and rank process (same arrays, same bits)."""
+    if data_cfg.cache_dir:
+        return data_cfg
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return dataclasses.replace(data_cfg, cache_dir=os.path.join(base, "zerotrain", "data"))
 
 
 def load_dataset(data_cfg, split: str = "train") -> Dataset:
