@@ -48,8 +48,10 @@ so the mailbox keeps draining and no back-pressure reaches the ranks.
 
 ## Cost to the ranks
 
-The process runs at nice `NICE` with one BLAS thread, so on a busy machine the ranks
-get the cores first and the analyzer falls behind (and drops) instead. It holds at most
+The process runs under SCHED_IDLE (else at nice `NICE`) with one BLAS thread, so on a
+busy machine the ranks get the cores first and the analyzer falls behind (and drops)
+instead; once the ranks are done ("stats") it goes back to SCHED_OTHER at nice `NICE`
+to settle. It holds at most
 `MAX_PENDING_STEPS` + 1 steps of samples: about that many times world x n x 16 bytes
 (each rank's full gradient plus its shards), plus one assembled step.
 
@@ -422,6 +424,7 @@ class HookAnalyzer(actors.Actor):
     async def _settled_stats(self, from_):
         """Reply to "stats" once settled (see the module doc), or at the deadline."""
         ledger = self.ledger
+        _take_the_cpu_back()
         try:
             with trio.move_on_after(min(ledger.timeout_s + 1.0, SETTLE_MAX_S)):
                 while (
@@ -590,6 +593,38 @@ async def _serve(args) -> int:
     return EXIT_HUNG if ledger.exit_reason else 0
 
 
+def _yield_the_cpu():
+    """SCHED_IDLE (Linux): run only on a core no rank wants, and be preempted at once
+    when one does -- nice 10 still takes ~1/10 of a busy core and delays a waking rank.
+    Where SCHED_IDLE is missing or refused, nice `NICE`. (Threads started later inherit
+    the policy.)"""
+    try:
+        os.nice(NICE)
+    except OSError:  # not permitted: run at the parent's priority
+        pass
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
+def _take_the_cpu_back():
+    """The ranks are done ("stats"): every thread back to SCHED_OTHER (still at nice
+    `NICE`), so that settling is not starved by other work on the machine. Best effort."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            if os.sched_getscheduler(tid) == os.SCHED_IDLE:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            pass
+
+
 def main(argv=None) -> int:
     """python -m pipelines.analyzer --run-dir D --world N --timeout S --specs JSON."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.analyzer")
@@ -599,10 +634,7 @@ def main(argv=None) -> int:
     parser.add_argument("--specs", required=True, help="the hook specs as a JSON list")
     parser.add_argument("--base-dir", default=os.getcwd())
     args = parser.parse_args(argv)
-    try:
-        os.nice(NICE)
-    except OSError:  # not permitted: run at the parent's priority
-        pass
+    _yield_the_cpu()
     logging.basicConfig(
         level=os.environ.get("ZEROTRAIN_ANALYZER_LOG", "WARNING"),
         format="%(name)s %(message)s",

@@ -517,9 +517,11 @@ class HookAnalyzer(_Role):
             lo=lo,
             hi=hi,
             batch_size=st.cfg.micro_batch * st.cfg.train.grad_accum,
+            # the view's arrays are fresh copies made for this sample: their [lo:hi]
+            # slices travel as they are, without a second copy
             rank_grad=np.ascontiguousarray(view["rank_grad"], dtype=np.float32),
-            grad=np.array(grad, dtype=np.float32),
-            params=np.array(before, dtype=np.float32),
-            update=np.array(view["update"][lo:hi], dtype=np.float32),
+            grad=np.asarray(grad, dtype=np.float32),
+            params=np.asarray(before, dtype=np.float32),
+            update=np.asarray(view["update"][lo:hi], dtype=np.float32),
         )
         self.outbox.offer(sample)

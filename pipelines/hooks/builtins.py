@@ -160,12 +160,12 @@ def grad_health(grads, *, vanishing: float = 1e-7, exploding: float = 1e3) -> di
     out = {"global_norm": 0.0, "nonfinite": 0, "vanishing": 0, "exploding": 0}
     flags = {}
     for name, g in grads.items():
-        bad = int(np.size(g) - np.count_nonzero(np.isfinite(g)))
-        if bad:
+        sq = _sumsq(g)  # float64: finite for any finite float32 layer, so only a layer
+        bad = 0 if math.isfinite(sq) else int(np.size(g) - np.count_nonzero(np.isfinite(g)))
+        if bad:  # (the elements are counted only then)
             out["nonfinite"] += bad
             flags[f"nonfinite/{name}"] = bad
             continue
-        sq = _sumsq(g)
         out["global_norm"] += sq
         norm = math.sqrt(sq)
         if norm < vanishing:
