@@ -378,8 +378,12 @@ def main(argv=None) -> int:
                    help="torchrun runs per variant (default 4; --quick 1)")  # fmt: skip
     p.add_argument("--chaos-runs", type=int, help="zerotrain chaos runs in part 2 (default 20)")
     p.add_argument("--chaos-steps", type=int, default=30, help="steps of a chaos run")
-    p.add_argument("--torch-timeout", type=float, default=30.0,
-                   help="seconds after the kill for torchrun's first step (default 30)")
+    p.add_argument(
+        "--torch-timeout",
+        type=float,
+        default=30.0,
+        help="seconds after the kill for torchrun's first step (default 30)",
+    )
     p.add_argument("--no-torch", action="store_true", help="skip torchrun")
     p.add_argument("--keep", action="store_true", help="keep the run dirs and logs")
     args = p.parse_args(argv)  # fmt: skip
@@ -408,8 +412,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     print(f"bench_recovery: work dir {work}; char_lm, {RANKS} ranks, global batch "
           f"{cfg.train.batch_size}; part 1: {reps} zerotrain kills, {torch_runs} + "
-          f"{torch_runs} torchrun kills ({STEPS} steps, kill after step {KILL_STEP}); part 2: {m} chaos runs "
-          f"of --steps {args.chaos_steps}", flush=True)  # fmt: skip
+          f"{torch_runs} torchrun kills ({STEPS} steps, kill after step {KILL_STEP}); "
+          f"part 2: {m} chaos runs of --steps {args.chaos_steps}", flush=True)  # fmt: skip
     try:
         result = run_all(args, work, cfg, reps, torch_runs, m, torch_why)
     except BenchError as err:
@@ -494,8 +498,17 @@ def run_all(args, work: Path, cfg, reps: int, torch_runs: int, m: int, torch_why
             "snapshot_every": SNAPSHOT_EVERY,
             "zerotrain_recovery_s": zt_stats,
             "zerotrain_runs": [
-                {k: r[k] for k in ("rank", "recovery_s", "detection_s", "steps_replayed",
-                                   "restored_from", "identical")}
+                {
+                    k: r[k]
+                    for k in (
+                        "rank",
+                        "recovery_s",
+                        "detection_s",
+                        "steps_replayed",
+                        "restored_from",
+                        "identical",
+                    )
+                }
                 for r in zt
             ],  # fmt: skip
             "zerotrain_identical": sum(r["identical"] for r in zt),
@@ -503,8 +516,10 @@ def run_all(args, work: Path, cfg, reps: int, torch_runs: int, m: int, torch_why
             "torchrun_recovered": sum(r["recovered"] for r in tr),
             "torchrun_by_variant": by_variant,
             "torchrun_runs": [
-                {k: r.get(k) for k in ("variant", "rank", "recovered", "recovery_s", "reason",
-                                       "exit")}
+                {
+                    k: r.get(k)
+                    for k in ("variant", "rank", "recovered", "recovery_s", "reason", "exit")
+                }
                 for r in tr
             ],  # fmt: skip
             "torchrun_timeout_s": args.torch_timeout,
@@ -521,8 +536,9 @@ def run_all(args, work: Path, cfg, reps: int, torch_runs: int, m: int, torch_why
             "passed": sum(r["ok"] for r in chaos),
             "faults": len(all_chaos_rec),
             "recovery_s": stats(all_chaos_rec),
-            "failures": [{"spec": r["spec"], "why": r["why"], "cmd": r["cmd"]}
-                         for r in chaos if not r["ok"]],  # fmt: skip
+            "failures": [
+                {"spec": r["spec"], "why": r["why"], "cmd": r["cmd"]} for r in chaos if not r["ok"]
+            ],  # fmt: skip
             "specs": [r["spec"] for r in chaos],
         },
         "targets": {
@@ -554,17 +570,22 @@ def report(res: dict) -> None:
                     else "gloo under a per-restart store prefix")  # fmt: skip
             count = f"{v['recovered']} of {v['runs']}"
             print(f"  {label:<11} {fmt_s(v['recovery_s']):<46} {count:<12} {note}")
-        print(f"  (torchrun recovered = a step logged by the restarted group within "
-              f"{p1['torchrun_timeout_s']:.0f} s of the kill)")
+        print(
+            f"  (torchrun recovered = a step logged by the restarted group within "
+            f"{p1['torchrun_timeout_s']:.0f} s of the kill)"
+        )
         for r in p1["torchrun_runs"]:
             if not r["recovered"]:
-                print(f"    {r['variant']}: not recovered (worker {r['rank']} killed): "
-                      f"{r['reason']}")
+                print(
+                    f"    {r['variant']}: not recovered (worker {r['rank']} killed): {r['reason']}"
+                )
     ratio = p1["ratio_torchrun_over_zerotrain"]
     if ratio is not None:
         tr = p1["torchrun_recovery_s"]
-        print(f"  ratio torchrun / zerotrain (medians; torchrun over all {tr['n']} restarts "
-              f"that recovered, {tr['median']:.3f} s): {ratio:.1f}x")
+        print(
+            f"  ratio torchrun / zerotrain (medians; torchrun over all {tr['n']} restarts "
+            f"that recovered, {tr['median']:.3f} s): {ratio:.1f}x"
+        )
     else:
         print("  ratio: n/a (torchrun recovery not measured)")
     print()
