@@ -198,6 +198,7 @@ class Coordinator(actors.Actor):
         elif step:
             self.resumed_step = step
             self.progress.message(f"resumed at step {step} from {path or source}")
+        self.shards.clear()  # writes of the last generation that did not complete
         joins, self.joins = self.joins, {}
         for join in joins.values():
             join.from_.reply(plan)
@@ -309,7 +310,11 @@ class Coordinator(actors.Actor):
         for waiter in self.stop_waiters.pop(s, []):
             waiter.reply(stop)
 
-    def _shard_written(self, rank: int, s: int, info: dict, counters: dict) -> None:
+    def _shard_written(
+        self, rank: int, s: int, info: dict, counters: dict, generation: int
+    ) -> None:
+        if generation != self.generation:
+            return  # from before a regroup: that round of writes is rewritten or abandoned
         got = self.shards.setdefault(s, {})
         got[rank] = (info, counters)
         if len(got) < self.world:
@@ -339,7 +344,12 @@ class Coordinator(actors.Actor):
             "early_stopping": self.early.state(),
             "metrics": metrics,
         }
-        ckpt_mod.write_manifest(ckpt_mod.checkpoint_dir(self.ckpt_root, s), manifest, infos)
+        ckpt = ckpt_mod.checkpoint_dir(self.ckpt_root, s)
+        try:
+            ckpt_mod.write_manifest(ckpt, manifest, infos)
+        except OSError as err:  # the disk, not the run: report it and train on
+            self.progress.message(f"checkpoint {ckpt} not completed: {err}")
+            return
         ckpt_mod.apply_retention(
             self.ckpt_root,
             cfg.checkpoint.keep_last,

@@ -35,6 +35,7 @@ import trio
 
 import actors
 
+from . import checkpoint as ckpt_mod
 from .chaos import RankChaos
 from .config import from_resolved, loss_spec
 from .data import load_dataset
@@ -129,6 +130,7 @@ class Trainer(actors.Actor):
         if plan["generation"] > st.ring.generation:
             st.ring.set_generation(plan["generation"])
         st.min_generation = max(st.min_generation, plan["generation"])
+        st.generation = plan["generation"]
         how = {"source": plan["source"], "path": plan.get("path")}
         if plan["source"] == "memory":
             s = plan["step"]
@@ -150,6 +152,9 @@ class Trainer(actors.Actor):
         # checkpoint step the shard file is written again (its first write may be torn)
         s, every = plan["step"], st.cfg.checkpoint.every
         to_disk = bool(every and s and s % every == 0 and s != st.cfg.train.steps)
+        if to_disk:  # only when that checkpoint never completed
+            done = ckpt_mod.checkpoint_dir(st.ckpt_root, s) / ckpt_mod.MANIFEST
+            to_disk = not done.exists()
         await actors.call("Checkpointer", ("snapshot", s, to_disk), timeout=None)
 
     async def _train(self, plan: dict) -> bool:

@@ -88,6 +88,7 @@ class RankState:
     chaos: object
     initial_params: np.ndarray
     min_generation: int = 0  # the coordinator asked for at least this generation
+    generation: int = 0  # the generation this rank trains in
     timing: dict = field(default_factory=lambda: dict.fromkeys(_TIMERS, 0.0))
     timed_steps: int = 0
     overlapped_buckets: int = 0  # bucket reductions started before backward ended
@@ -457,7 +458,8 @@ class Checkpointer(_Role):
             )
             await st.chaos.after_shard_write(snap.step)
             await actors.cast(
-                COORDINATOR, ("shard_written", st.rank, snap.step, asdict(info), snap.counters)
+                COORDINATOR,
+                ("shard_written", st.rank, snap.step, asdict(info), snap.counters, st.generation),
             )
         finally:
             self._writes -= 1

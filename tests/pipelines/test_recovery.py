@@ -95,10 +95,18 @@ def test_restart_intensity_exceeded_stops_cleanly(tmp_path):
     )
     last = out["stderr"].strip().splitlines()[-1]
     assert "training failed" in last and "rank1" in last and "SIGKILL" in last
-    # the last good checkpoint is named and kept (a torn newer one may sit beside it)
+    # the last good checkpoint is named and kept (a torn newer one may sit beside it);
+    # on a loaded machine the async shard writes may all still be in flight: then the
+    # message must say so, truthfully
     kept = last.rsplit("last good checkpoint: ", 1)[1]
-    assert kept.startswith(str(tmp_path / "run" / "checkpoints" / "step-0000000"))
-    assert zerotrain("ckpt", "verify", kept).returncode == 0
+    from pipelines.checkpoint import latest_valid
+
+    newest = latest_valid(tmp_path / "run" / "checkpoints").path
+    if newest is None:
+        assert kept == "none written yet", last
+    else:
+        assert kept == str(newest), last
+        assert zerotrain("ckpt", "verify", kept).returncode == 0
 
 
 def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(fault_free, tmp_path):
