@@ -172,9 +172,12 @@ def _cmd_run(args, out) -> int:
 
     cfg = _resolve(args)
     try:
-        load_hooks(args.hooks)
+        hooks = load_hooks(args.hooks)
     except ValueError as err:
         raise _UsageError(f"zerotrain run: {err}") from None
+    # analyzers run in their own process, off the critical path: that is the cluster's
+    # way even for one rank (the in-process runner would run them between steps)
+    analyzers = any(h.kind == "analyzer" for h in hooks) or bool(cfg.hooks.specs)
     resume = _resume_dir(args, cfg)
     chaos = None
     if getattr(args, "chaos", None) is not None:
@@ -187,7 +190,7 @@ def _cmd_run(args, out) -> int:
         else (resume if resume and (resume / "config.json").exists() else default_run_dir(cfg.name))
     )
     try:
-        if cfg.cluster.ranks > 1 or chaos is not None:
+        if cfg.cluster.ranks > 1 or chaos is not None or analyzers:
             from .cluster import run_cluster
 
             run_cluster(cfg, run_dir, resume=resume, hooks=args.hooks, chaos=chaos, out=out)

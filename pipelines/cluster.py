@@ -591,7 +591,8 @@ async def _serve(cfg, coord: Coordinator, plan_path: Path, ipc_dir: str, analyze
                     max_restarts=10,
                     max_seconds=10.0,
                 )
-                nursery.start_soon(_side, side)
+                # up before the ranks, so the first samples have a receiver
+                await nursery.start(_side, side)
             nursery.start_soon(_ranks, ranks, coord)
             await coord.outcome.done.wait()
             if analyzer_specs and coord.outcome.failure is None:
@@ -634,9 +635,9 @@ async def _ranks(supervisor: actors.Supervisor, coord: Coordinator) -> None:
     coord.fail(f"the rank supervisor stopped ({reason})")
 
 
-async def _side(supervisor: actors.Supervisor) -> None:
+async def _side(supervisor: actors.Supervisor, task_status=trio.TASK_STATUS_IGNORED) -> None:
     try:
-        await supervisor.run()
+        await supervisor.run(task_status=task_status)
     except actors.ActorError as err:
         print(f"zerotrain: the hook analyzer gave up: {err}", file=sys.stderr)
 

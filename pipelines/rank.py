@@ -249,16 +249,18 @@ class Trainer(actors.Actor):
             await actors.call("Reducer", ("reduce", s, grads, loss_sum, done), timeout=None)
         )
         shard, sq, loss = reduced
-        if sampled:
-            rs.hook_view["grad"] = shard.copy()
-            rs.hook_view["params_before"] = rs.model.params.copy()
+        lo, hi = rs.lo, rs.hi
+        if sampled:  # what the analyzer gets from this rank: its shard (and own gradient)
+            own = shard[lo:hi] if shard.size == rs.n else shard
+            rs.hook_view["grad"] = own.copy()
+            rs.hook_view["params_before"] = rs.model.params[lo:hi].copy()
         lr, result = _check(await actors.call("Optimizer", ("apply", s, shard, sq), timeout=None))
         dt = time.perf_counter() - t0
         st.add_time("step_s", dt)
         st.timed_steps += 1
         if sampled:
             view = dict(rs.hook_view)
-            view["update"] = rs.model.params - view["params_before"]
+            view["update"] = rs.model.params[lo:hi] - view["params_before"]
             await actors.cast("HookAnalyzer", ("sample", s + 1, loss, lr, view))
         if st.rank == 0:
             record = {

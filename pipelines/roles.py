@@ -506,10 +506,7 @@ class HookAnalyzer(_Role):
         st = self.state
         rs = st.step
         lo, hi = rs.lo, rs.hi
-        grad = view["grad"]
-        if grad.size == rs.n:  # ddp: the whole averaged gradient
-            grad = grad[lo:hi]
-        before = view["params_before"][lo:hi]
+        grad, before = view["grad"], view["params_before"]  # this rank's shard [lo, hi)
         sample = HookSample(
             step=step,
             rank=st.rank,
@@ -524,6 +521,6 @@ class HookAnalyzer(_Role):
             rank_grad=np.ascontiguousarray(view["rank_grad"], dtype=np.float32),
             grad=np.asarray(grad, dtype=np.float32),
             params=np.asarray(before, dtype=np.float32),
-            update=np.asarray(view["update"][lo:hi], dtype=np.float32),
+            update=np.asarray(view["update"], dtype=np.float32),
         )
         self.outbox.offer(sample)
