@@ -76,7 +76,8 @@ def main(argv=None):
     append_line(args.step_log + ".pids", {"rank": rank, "pid": os.getpid(), "restart": restart})
     if args.store_prefix_per_restart:
         # every restarted group under a fresh key prefix of the agent's store: without it
-        # a new group can read its peers' gloo addresses left there by the group before
+        # a new group apparently reads gloo addresses left there by an earlier group
+        # (connectFullMesh: Connection refused, see bench_recovery.py)
         world = int(os.environ["WORLD_SIZE"])
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         store = dist.TCPStore(

@@ -28,9 +28,10 @@ seq 64, global batch 32) and time the fault -> the next completed step.
               Two variants, each run --torch-runs times (default 4):
                 torchrun   the worker calls init_process_group("gloo") as torch's docs do.
                            Here most restarted groups never train again: gloo's
-                           connectFullMesh gets "Connection refused" (the new workers
-                           read peer addresses that the previous group left in the
-                           agent's store), or the last restart hangs.
+                           connectFullMesh gets "Connection refused" (apparently the new
+                           workers read peer addresses that an earlier group left in
+                           the agent's store: the same dead port shows up in two
+                           restarts, and the prefix below cures it), or a restart hangs.
                 torchrun+  the worker inits gloo under a per-restart prefix of the same
                            store (--store-prefix-per-restart), which avoids the stale
                            addresses; the restart path is otherwise the same.
