@@ -48,6 +48,7 @@ __all__ = [
 
 COORDINATOR = "Coordinator@cluster"
 KEEP_SNAPSHOTS = 3
+REPLICA_ACK_WAIT_S = 2.0  # a neighbour slower than this to take a replica is not waited for
 
 
 class Regroup(Exception):
@@ -397,6 +398,7 @@ class Checkpointer(_Role):
         self.state = state
         self.own: dict[int, Snapshot] = {}
         self.replicas: dict[int, Snapshot] = {}
+        self._acks: dict[int, trio.Event] = {}  # step -> set when the right has it
         self._writes = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -404,7 +406,7 @@ class Checkpointer(_Role):
     async def handle_call(self, request, from_):
         kind = request[0]
         if kind == "snapshot":
-            return await self._snapshot(request[1], request[2])
+            return await self._snapshot(request[1], request[2], from_)
         if kind == "held":
             return {"own": sorted(self.own), "replica": sorted(self.replicas)}
         if kind == "own":
@@ -418,28 +420,48 @@ class Checkpointer(_Role):
         raise ValueError(f"Checkpointer: unknown request {kind!r}")
 
     async def handle_cast(self, msg):
+        st = self.state
         if isinstance(msg, Snapshot):
-            st = self.state
-            if msg.rank == (st.rank - 1) % st.world:
+            left = (st.rank - 1) % st.world
+            if msg.rank == left:
                 self.replicas[msg.step] = msg
                 _trim(self.replicas)
+                with trio.move_on_after(1.0):
+                    await actors.cast(f"Checkpointer@rank{left}", ("replica_ack", msg.step))
+        elif msg[0] == "replica_ack":
+            acked = self._acks.pop(msg[1], None)
+            if acked is not None:
+                acked.set()
 
-    async def _snapshot(self, s: int, to_disk: bool):
+    async def _snapshot(self, s: int, to_disk: bool, from_):
         st = self.state
         rs = st.step
         tensors = {k: np.array(v, copy=True) for k, v in rs.shard_tensors().items()}
         snap = Snapshot(st.rank, s, tensors, rs.opt.counters())
         self.own[s] = snap
         _trim(self.own)
-        if st.world > 1:
-            right = (st.rank + 1) % st.world
-            with trio.move_on_after(1.0):  # a dead neighbour: the cast is dropped
-                await actors.cast(f"Checkpointer@rank{right}", snap)
         if to_disk:
             self._writes += 1
             self._idle = trio.Event()
             self.nursery.start_soon(self._write, snap)
-        return None
+        if st.world == 1:
+            return None
+        # the replica: the snapshot counts once the right neighbour has it (so a rank
+        # killed right after its snapshot is restored from it, not from the one before).
+        # The reply waits for the ack off the mailbox, which keeps taking replicas.
+        acked = self._acks[s] = trio.Event()
+        right = (st.rank + 1) % st.world
+        with trio.move_on_after(1.0):  # a dead neighbour: the cast is dropped
+            await actors.cast(f"Checkpointer@rank{right}", snap)
+
+        async def reply_when_acked() -> None:
+            with trio.move_on_after(REPLICA_ACK_WAIT_S):
+                await acked.wait()
+            self._acks.pop(s, None)
+            from_.reply(None)
+
+        self.nursery.start_soon(reply_when_acked)
+        return actors.NOREPLY
 
     async def _write(self, snap: Snapshot) -> None:
         st = self.state
@@ -496,6 +518,10 @@ class HookAnalyzer(_Role):
         kind = request[0]
         if kind == "stats":
             return self.outbox.stats() if self.outbox is not None else {}
+        if kind == "flush":  # the run's end: wait (bounded) until the analyzer has it all
+            if self.outbox is not None:
+                await self.outbox.flush(self.state.rank, request[1])
+            return None
         raise ValueError(f"HookAnalyzer: unknown request {kind!r}")
 
     async def handle_cast(self, msg):
