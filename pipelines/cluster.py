@@ -107,8 +107,9 @@ class Coordinator(actors.Actor):
         self.target = 1  # the generation the next round of joins forms
         self.joins: dict[int, _Join] = {}
         self.pids: dict[int, int] = {}
-        self.down: set[int] = set()
-        self.consecutive_skips = 0  # ranks seen down and not joined since
+        self.down: set[int] = set()  # ranks seen down and not joined since
+        self.consecutive_skips = 0
+        self.deadlines: set[int] = set()  # generations whose regroup is being enforced
         self.monitors: dict = {}  # MonitorRef -> rank
         self.fired: dict[int, float] = {}  # chaos event id -> wall time
         self.faults: list[_Fault] = []
@@ -172,10 +173,27 @@ class Coordinator(actors.Actor):
     async def _ask_regroup(self) -> None:
         if self.generation == 0:
             return
+        if self.target not in self.deadlines:
+            self.deadlines.add(self.target)
+            self.nursery.start_soon(self._enforce_regroup, self.target)
         for r in range(self.world):
             if r not in self.joins and r not in self.down:
                 with trio.move_on_after(1.0):
                     await actors.cast(f"Trainer@rank{r}", ("regroup", self.target))
+
+    async def _enforce_regroup(self, target: int) -> None:
+        """A rank that does not rejoin within the collective timeout (stuck in compute,
+        say, with its heartbeats still going) is killed, and so replaced."""
+        await trio.sleep(self.cfg.cluster.collective_timeout)
+        if self.generation >= target or self.outcome.done.is_set():
+            return
+        for r in range(self.world):
+            if r not in self.joins and r not in self.down and r in self.pids:
+                self.progress.message(f"rank {r} did not rejoin in time: killing it")
+                try:
+                    os.kill(self.pids[r], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def _form_generation(self) -> None:
         held = {r: j.held for r, j in self.joins.items()}
