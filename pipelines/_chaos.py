@@ -7,6 +7,8 @@ SPEC is `;`-separated events `KIND:key=value,...`:
                                      checkpoint (after its shard file of step S is written)
     term:rank=R,step=S[,at=P]        SIGTERM
     stall:rank=R,step=S,seconds=T    SIGSTOP, then SIGCONT after T seconds
+    hang:rank=R,step=S               rank R's step never ends, its heartbeats go on (a
+                                     stuck computation: the process looks alive)
     delay:rank=R,ms=M                M ms added to every send of rank R
     straggler:rank=R,factor=F        rank R computes F times slower (F >= 1)
     random-kill:every=K,seed=X       SIGKILL a random rank every K steps (seeded)
@@ -25,6 +27,7 @@ KINDS: dict[str, dict[str, type]] = {
     "kill": {"rank": int, "step": int},
     "term": {"rank": int, "step": int},
     "stall": {"rank": int, "step": int, "seconds": float},
+    "hang": {"rank": int, "step": int},
     "delay": {"rank": int, "ms": float},
     "straggler": {"rank": int, "factor": float},
     "random-kill": {"every": int, "seed": int},

@@ -45,7 +45,7 @@ def expand(events: list[ChaosEvent], world: int, steps: int) -> list[dict]:
             out.append({"kind": ev.kind, **a})
     for i, ev in enumerate(out):
         ev["id"] = i
-        if ev["kind"] in _SIGNALS:
+        if ev["kind"] in _SIGNALS or ev["kind"] == "hang":
             ev.setdefault("at", "start")
     return out
 
@@ -63,7 +63,7 @@ class RankChaos:
 
     def load(self, events: list[dict]) -> None:
         mine = [e for e in events if e.get("rank") == self.rank]
-        self.pending = [e for e in mine if e["kind"] in _SIGNALS]
+        self.pending = [e for e in mine if e["kind"] in _SIGNALS or e["kind"] == "hang"]
         self.delay_s = sum(e["ms"] for e in mine if e["kind"] == "delay") / 1000.0
         self.straggler_factor = max([e["factor"] for e in mine if e["kind"] == "straggler"] or [1])
 
@@ -77,6 +77,8 @@ class RankChaos:
     async def _fire(self, ev: dict) -> None:
         with trio.move_on_after(2.0):
             await actors.call(self.coordinator, ("chaos_fired", ev["id"], os.getpid()), 2.0)
+        if ev["kind"] == "hang":
+            await trio.sleep_forever()  # the caller's step never ends; the loop runs on
         os.kill(os.getpid(), _SIGNALS[ev["kind"]])
         await trio.sleep(0)
 

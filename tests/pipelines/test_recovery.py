@@ -144,3 +144,20 @@ def test_a_short_stall_is_waited_out_without_a_restart(fault_free, tmp_path):
     (fault,) = json.loads((tmp_path / "run" / "recovery.json").read_text())["faults"]
     assert fault["kind"] == "stall" and fault["detection_s"] is None
     assert fault["recovery_s"] >= 0.3 and fault["steps_replayed"] == 0
+
+
+def test_a_rank_stuck_with_live_heartbeats_is_killed_and_replaced(fault_free, tmp_path):
+    """Its step never ends but its process answers heartbeats: the others' collective
+    times out, they rejoin, and the coordinator kills the one that does not."""
+    summary = run(
+        tmp_path / "run",
+        *WORLD,
+        "--set",
+        "cluster.collective_timeout=1.5",
+        "--chaos",
+        "hang:rank=3,step=6",
+        command="simulate",
+    )
+    assert summary["params_sha256"] == fault_free and summary["restarts"] == 1
+    (fault,) = json.loads((tmp_path / "run" / "recovery.json").read_text())["faults"]
+    assert fault["kind"] == "hang" and fault["detection_s"] >= 1.5
