@@ -111,7 +111,7 @@ def _parser() -> _Parser:
         required=True,
         metavar="SPEC",
         help="';'-separated KIND:key=value,... events (kill, term, stall, "
-        "delay, straggler, random-kill)",
+        "hang, delay, straggler, random-kill)",
     )
     sub.add_parser("pipelines", help="list the built-in pipelines")
     ckpt = sub.add_parser("ckpt", help="inspect or verify checkpoints")
