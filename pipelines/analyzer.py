@@ -63,6 +63,11 @@ counts, the disabled hooks and the pid. `timeouts` (overall and per hook) and `h
 count over the whole run -- they are read back from RUN_DIR/hooks_quarantine.json, since
 a hang ends the process that saw it; the other counters are this process's.
 
+Per rank, in samples, "ranks" says what became of every sample received: analyzed,
+dropped, stale, rejected, skipped (no hook due) or pending; a rank's ("flush", rank)
+call, made at its end after its last cast, answers that rank's counts (and, once every
+rank has flushed, the process takes the CPU back).
+
 "stats" is asked once, when the ranks are done: it first lets the analyzer settle --
 the step in analysis finishes, a complete step waiting for it is analyzed, and no new
 sample arrived for `SETTLE_QUIET_S` -- at most about timeout_s + 1 s (capped by
@@ -107,6 +112,9 @@ MAX_HANGS = 2
 SETTLE_QUIET_S = 0.25  # "stats" waits for this long without a new sample ...
 SETTLE_MAX_S = 10.0  # ... and for the step in analysis, at most timeout_s + 1 or this
 EXIT_HUNG = 75  # a hook hung: exit so that a fresh process reclaims its thread
+# what became of a rank's samples (summary.json hooks.analyzer.ranks), besides "received"
+# and "pending" (held at the time of "stats"): every received sample ends in one of these
+SAMPLE_FATES = ("received", "analyzed", "dropped", "stale", "rejected", "skipped")
 QUARANTINE = "hooks_quarantine.json"
 
 _log = logging.getLogger("zerotrain.hooks.analyzer")
@@ -201,6 +209,9 @@ class _Ledger:
             0,
         )
         self.last_step = 0  # newest step analyzed or dropped: older samples are stale
+        # per rank (str), in samples: what became of each sample received from it
+        self.per_rank = collections.defaultdict(lambda: dict.fromkeys(SAMPLE_FATES, 0))
+        self.flushed = set()  # ranks whose outbox flushed ("flush"): they are done
         self.sinks = []
         self.exit_reason = None
         self.exit_scope = None
@@ -276,9 +287,15 @@ class _Ledger:
                 self.counts["sink_errors"] += 1
                 _log.error("[HookAnalyzer] sink %s failed: %s", type(sink).__name__, _one_line(exc))
 
+    def fate(self, samples, fate: str):
+        """Count `fate` for each of `samples` (HookSamples), per rank."""
+        for s in samples:
+            self.per_rank[str(s.rank)][fate] += 1
+
     def stats(self) -> dict:
         return {
             **self.counts,
+            "ranks": {rank: dict(c) for rank, c in sorted(self.per_rank.items())},
             "hooks": {name: dict(c) for name, c in self.per_hook.items()},
             "disabled": dict(self.disabled),
             "hangs": dict(self.hangs),
@@ -399,6 +416,7 @@ class HookAnalyzer(actors.Actor):
         self.pending = {}  # step -> {rank: HookSample}, incomplete
         self.ready = None  # (step, {rank: sample}): complete, waiting for the analysis task
         self.analyzing = False
+        self.in_analysis = None  # the group being analyzed
         self.last_arrival = trio.current_time()
         self.wake = trio.Event()
         self.nursery.start_soon(self._analysis_loop)
@@ -406,9 +424,13 @@ class HookAnalyzer(actors.Actor):
     # ---- receiving -------------------------------------------------------------------
 
     async def handle_cast(self, msg):
+        if isinstance(msg, HookSample):
+            self.ledger.fate([msg], "received")
         problem = self._check(msg)
         if problem:
             self.ledger.counts["rejected"] += 1
+            if isinstance(msg, HookSample):
+                self.ledger.fate([msg], "rejected")
             self.log.warning("rejected a sample: %s", problem)
             return
         self.last_arrival = trio.current_time()
@@ -419,7 +441,20 @@ class HookAnalyzer(actors.Actor):
             self.ledger.stats_waiting += 1
             self.nursery.start_soon(self._settled_stats, from_)
             return actors.NOREPLY
-        raise ValueError(f"HookAnalyzer answers 'stats', got {request!r:.80}")
+        match request:
+            case ("flush", rank):
+                return self._flushed(rank)
+        raise ValueError(f"HookAnalyzer answers 'stats' or ('flush', rank), got {request!r:.80}")
+
+    def _flushed(self, rank) -> dict:
+        """A rank is done and its outbox empty: the casts it sent before this call (same
+        connection, same mailbox, in order) have all been taken. Answer what this process
+        received from that rank, so that the rank can count what never arrived."""
+        ledger = self.ledger
+        ledger.flushed.add(str(rank))
+        if len(ledger.flushed) >= ledger.world:  # every rank is done training
+            _take_the_cpu_back()
+        return dict(ledger.per_rank[str(rank)])
 
     async def _settled_stats(self, from_):
         """Reply to "stats" once settled (see the module doc), or at the deadline."""
@@ -435,6 +470,11 @@ class HookAnalyzer(actors.Actor):
                     await trio.sleep(0.02)
             stats = ledger.stats()
             stats["pending"] = len(self.pending) + (self.ready is not None)
+            held = [s for group in self.pending.values() for s in group.values()]
+            for group in (self.ready and self.ready[1], self.in_analysis):
+                held += list((group or {}).values())
+            for rank, counts in stats["ranks"].items():
+                counts["pending"] = sum(1 for s in held if str(s.rank) == rank)
             from_.reply(stats)
         finally:
             ledger.stats_waiting -= 1
@@ -460,8 +500,11 @@ class HookAnalyzer(actors.Actor):
         ledger = self.ledger
         if s.step <= ledger.last_step:
             ledger.counts["stale"] += 1
+            ledger.fate([s], "stale")
             return
         group = self.pending.setdefault(s.step, {})
+        if s.rank in group:  # a second sample of the rank for the step: the first is old
+            ledger.fate([group[s.rank]], "stale")
         group[s.rank] = s
         if len(group) < ledger.world:
             while len(self.pending) > MAX_PENDING_STEPS:
@@ -472,12 +515,13 @@ class HookAnalyzer(actors.Actor):
             self._drop(older)
         if self.ready is not None:  # complete but never started: behind
             ledger.counts["dropped"] += 1
+            ledger.fate(self.ready[1].values(), "dropped")
         self.ready = (s.step, group)
         ledger.last_step = max(ledger.last_step, s.step)
         self.wake.set()
 
     def _drop(self, step):
-        del self.pending[step]
+        self.ledger.fate(self.pending.pop(step).values(), "dropped")
         self.ledger.counts["dropped"] += 1
         self.ledger.last_step = max(self.ledger.last_step, step)
 
@@ -489,14 +533,18 @@ class HookAnalyzer(actors.Actor):
             self.wake = trio.Event()
             while self.ready is not None:
                 (step, group), self.ready = self.ready, None
-                self.analyzing = True
+                self.analyzing, self.in_analysis = True, group
+                fate = "dropped"  # cancelled: the process is going down
                 try:
-                    await self._analyze(step, group)
+                    fate = await self._analyze(step, group)
                 finally:
-                    self.analyzing = False
+                    self.analyzing, self.in_analysis = False, None
+                    self.ledger.fate(group.values(), fate)
                 self.ledger.exit_if_asked()
 
-    async def _analyze(self, step: int, group: dict):
+    async def _analyze(self, step: int, group: dict) -> str:
+        """Analyze one complete step; the fate of its samples: "analyzed", "rejected"
+        or "skipped" (no hook due: all disabled)."""
         ledger = self.ledger
         due = [
             name
@@ -504,7 +552,7 @@ class HookAnalyzer(actors.Actor):
             if hook.due(step) and name not in ledger.disabled
         ]
         if not due:
-            return
+            return "skipped"
         try:
             ctx = _context(step, [group[r] for r in sorted(group)])
         except (TypeError, ValueError) as exc:  # e.g. a layout that does not fit
@@ -512,7 +560,7 @@ class HookAnalyzer(actors.Actor):
         if isinstance(ctx, str):
             ledger.counts["rejected"] += 1
             self.log.warning("step %d rejected: %s", step, ctx)
-            return
+            return "rejected"
         records = {}
 
         async def run(name):
@@ -530,6 +578,7 @@ class HookAnalyzer(actors.Actor):
         if ordered:
             await trio.to_thread.run_sync(ledger.write, ordered)
         ledger.counts["steps_analyzed"] += 1
+        return "analyzed"
 
 
 def _context(step: int, samples: list):

@@ -25,7 +25,14 @@ a `put_nowait` on a small bounded queue:
   meanwhile `offer` keeps dropping. The node logs its own drops.
 
 Casts carry no acknowledgement, so `sent` means "handed to the node", not "analyzed";
-the analyzer's own stats say what it analyzed and dropped.
+the analyzer's own stats say what it analyzed and dropped (per rank, in samples).
+
+- **The run's end**: the rank waits for `flush` (bounded) before it reports and exits:
+  queued samples go out, then one call to the analyzer -- behind the casts on the same
+  connection -- answers how many it received. Without it the last casts, still queued
+  in the rank's node or unread by a starved (SCHED_IDLE) analyzer, die with the rank
+  process, and the cluster's "stats" (another connection) is answered before they
+  arrive. `lost` = sent but never received; `unconfirmed` = no answer in time.
 
 The arrays of an offered sample are sent without a copy: give `offer` copies (or fresh
 arrays) that the rank will not modify afterwards.
@@ -120,6 +127,8 @@ class HookOutbox:
         self.layout = wire_layout(layout) if layout is not None else []
         self._send, self._receive = trio.open_memory_channel(capacity)
         self._counts = {"offered": 0, "sent": 0, "dropped": 0, "failed": 0}
+        self._forwarding = False  # a sample taken from the queue and not yet counted
+        self.flushed = None  # what `flush` learned: {"lost", "unconfirmed"} or None
 
     def due(self, step: int) -> bool:
         """True when some analyzer samples `step` (1-based): worth building a sample."""
@@ -141,7 +150,11 @@ class HookOutbox:
         """Forward queued samples to the target until cancelled; never raises for a
         failed send (see the failure rules in the module doc)."""
         async for sample in self._receive:
-            await self._forward(sample)
+            self._forwarding = True
+            try:
+                await self._forward(sample)
+            finally:
+                self._forwarding = False
 
     async def _forward(self, sample: HookSample) -> None:
         node = _current_node()
@@ -156,6 +169,61 @@ class HookOutbox:
             return
         self._counts["sent"] += 1
 
+    async def flush(self, rank: int, timeout: float) -> dict:
+        """The rank is done: wait (at most `timeout` s, in all) until the queue is empty,
+        then ask the analyzer for what it received from `rank` -- a call after the casts
+        on the same connection, so its answer counts every cast that ever arrives. Sets
+        and returns `flushed`: {"lost": sent but never received, "unconfirmed": sent
+        with no answer to tell}. Samples still queued at the deadline count as failed.
+        Never raises for the analyzer's trouble; call it once, after the last offer."""
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline):
+            while self._send.statistics().current_buffer_used or self._forwarding:
+                await trio.sleep(0.01)
+        while True:  # left over at the deadline: never sent
+            try:
+                sample = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            self._fail(sample, f"still queued {timeout:g} s after the run's end")
+        sent = self._counts["sent"]
+        self.flushed = {"lost": 0, "unconfirmed": sent}
+        if not sent:
+            self.flushed["unconfirmed"] = 0
+            return self.flushed
+        received, why = None, "no time left"
+        while received is None and trio.current_time() < deadline:
+            try:
+                left = max(deadline - trio.current_time(), 0.1)
+                got = await actors.call(self.target, ("flush", rank), timeout=left)
+                received = int(got["received"])
+            except Exception as exc:  # the analyzer's trouble must never reach the rank
+                why = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, actors.CallTimeout):
+                    break
+                await trio.sleep(0.2)  # down for now (starved, restarting): ask again
+        if received is None:
+            _log.warning(
+                "[HookOutbox %s] %d samples sent to %s, none confirmed: %s",
+                rank,
+                sent,
+                self.target,
+                why,
+            )
+            return self.flushed
+        # fewer received than sent: lost on the way (or counted by an analyzer process
+        # that has since restarted); more: an earlier incarnation of this rank sent them
+        self.flushed = {"lost": max(sent - received, 0), "unconfirmed": 0}
+        if self.flushed["lost"]:
+            _log.warning(
+                "[HookOutbox %s] %d of %d samples sent to %s never arrived",
+                rank,
+                self.flushed["lost"],
+                sent,
+                self.target,
+            )
+        return self.flushed
+
     def _fail(self, sample, why):
         self._counts["failed"] += 1
         if self._counts["failed"] == 1 or self._counts["failed"] % 100 == 0:
@@ -169,8 +237,10 @@ class HookOutbox:
             )
 
     def stats(self) -> dict:
-        """{"offered", "sent", "dropped", "failed", "queued"} counts of this outbox."""
-        return {**self._counts, "queued": self._send.statistics().current_buffer_used}
+        """{"offered", "sent", "dropped", "failed", "queued"} counts of this outbox, and
+        after `flush` "lost" and "unconfirmed" (see there)."""
+        stats = {**self._counts, "queued": self._send.statistics().current_buffer_used}
+        return {**stats, **(self.flushed or {})}
 
 
 def _current_node():

@@ -197,6 +197,11 @@ class Trainer(actors.Actor):
         timing["overlapped_buckets"] = st.overlapped_buckets / max(st.timed_steps, 1)
         info["timing"] = timing
         info["timed_steps"] = st.timed_steps
+        # the casts to the analyzer may still be on the way (queued here, unread there):
+        # they would be lost with this process, and the analyzer's "stats" (asked by the
+        # cluster, over another connection) could answer before they arrive
+        flush_s = cfg.hooks.timeout_s + 5.0
+        await actors.call("HookAnalyzer", ("flush", flush_s), timeout=flush_s + 5.0)
         info["hooks"] = await actors.call("HookAnalyzer", ("stats",))
         if st.rank == 0:
             info["eval"] = self.final_eval or await trio.to_thread.run_sync(self._eval_metrics)

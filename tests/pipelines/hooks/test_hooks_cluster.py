@@ -91,6 +91,43 @@ def check_accounting(analyzer: dict, offered: int):
     assert analyzer["steps_analyzed"] + analyzer["dropped"] <= offered
 
 
+def check_conservation(summary: dict, world: int):
+    """Every sample a rank offered has one counted fate: dropped or failed by its outbox,
+    or received by the analyzer and there analyzed, dropped, stale, rejected, skipped or
+    still pending -- none vanishes on the way (the rank's end waits for the analyzer to
+    confirm what it received: nothing lost, nothing unconfirmed)."""
+    outboxes = summary["hooks"]["ranks"]
+    fates = summary["hooks"]["analyzer"]["ranks"]
+    assert len(outboxes) == world and set(fates) <= {str(r) for r in range(world)}
+    for rank, out in enumerate(outboxes):
+        assert out["offered"] >= 1, out
+        assert out["lost"] == out["unconfirmed"] == out["queued"] == 0, out
+        got = fates.get(str(rank), dict.fromkeys(("received",), 0))
+        settled = ("analyzed", "dropped", "stale", "rejected", "skipped", "pending")
+        assert got["received"] == sum(got.get(k, 0) for k in settled), got
+        assert out["sent"] == got["received"], (out, got)
+        assert out["offered"] == (
+            out["dropped"] + out["failed"] + sum(got.get(k, 0) for k in settled)
+        ), (out, got)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_every_offered_sample_is_analyzed_or_counted(tmp_path, ranks):
+    """Whatever the load on the machine: the analyzer may fall behind and drop, but it
+    counts what it drops, and the last samples of the run are not lost with the ranks'
+    exit nor left unread when the analyzer's stats are taken."""
+    summary = train(tmp_path, "--hook", "builtin:grad_norm", ranks=ranks)["summary"]
+    check_conservation(summary, ranks)
+    analyzer = summary["hooks"]["analyzer"]
+    check_accounting(analyzer, STEPS)
+    # an analyzed step holds one sample of each rank; a dropped one, at most one each
+    for counts in analyzer["ranks"].values():
+        assert counts["analyzed"] == analyzer["steps_analyzed"], analyzer
+        assert counts["dropped"] <= analyzer["dropped"], analyzer
+    lines = (tmp_path / "hooks.jsonl").read_text().splitlines()
+    assert len(lines) == analyzer["steps_analyzed"]
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> dict:
     return train(tmp_path_factory.mktemp("baseline"))["summary"]
@@ -109,6 +146,7 @@ def test_every_builtin_analyzer_leaves_training_alone_and_logs_its_metrics(tmp_p
     assert summary["params_sha256"] == baseline["params_sha256"]
     assert summary["final_loss"] == baseline["final_loss"]
     check_outboxes(summary)
+    check_conservation(summary, 2)
     analyzer = summary["hooks"]["analyzer"]
     check_accounting(analyzer, STEPS)
     assert analyzer["hook_errors"] == analyzer["timeouts"] == analyzer["restarts"] == 0
