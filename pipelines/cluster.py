@@ -20,6 +20,7 @@ answers every join with the new generation and that step (see pipelines.rank).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -305,6 +306,10 @@ class Coordinator(actors.Actor):
         evaluated = record.get("eval")
         if evaluated:
             self.last_eval = evaluated
+        transforms = record.pop("transforms", None)
+        if transforms:
+            _append_lines(self.rundir.path / "hooks.jsonl", transforms)
+            record["transforms"] = len(transforms)
         record = {k: v for k, v in record.items() if k != "generation"}
         self.rundir.log_step(record)
         extra = ""
@@ -427,6 +432,17 @@ class Coordinator(actors.Actor):
         if not self.outcome.done.is_set():
             self.outcome.failure = reason
             self.outcome.done.set()
+
+
+def _append_lines(path: Path, records: list[dict]) -> None:
+    """Append JSON lines with one O_APPEND write: the analyzer process appends to the same
+    file, and whole writes do not interleave."""
+    data = "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in records)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
 
 
 async def _resume_later(pid: int, seconds: float) -> None:

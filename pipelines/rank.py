@@ -279,8 +279,8 @@ class Trainer(actors.Actor):
                 "generation": generation,
                 "t": time.time(),
             }
-            if rs.transform_records:
-                record["transforms"] = len(rs.transform_records)
+            if rs.transform_records:  # rank 0's, for hooks.jsonl (as the local runner)
+                record["transforms"] = rs.transform_records
             return record
         return None
 

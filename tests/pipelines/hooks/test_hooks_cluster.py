@@ -279,17 +279,22 @@ def test_the_worked_examples_run_on_two_ranks(tmp_path, baseline):
     assert len(hooks["critical_batch"]) == analyzer["steps_analyzed"]
 
 
-def test_every_worked_example_runs_in_process_on_one_rank(tmp_path):
-    """--ranks 1: the local runner calls the hooks inline. The two analyzers that need
-    two ranks say nothing; the others log every sample; the transform logs per step."""
+def test_every_worked_example_runs_on_one_rank(tmp_path):
+    """--ranks 1: analyzers still run in the analyzer process (off the critical path);
+    the transform runs in the rank and logs every step. The two analyzers that need two
+    ranks say nothing; the others log what they analyzed (a sample the analyzer was too
+    busy for is dropped and counted, never lost)."""
     every_example = [a for p in sorted(SCRIPTS.glob("*.py")) for a in ("--hook", str(p))]
     run = train(tmp_path, *every_example, ranks=1)
     hooks = by_hook(run["records"])
     assert all("error" not in r for r in run["records"])
-    assert [r["step"] for r in hooks["dead_layer"]] == [10]
-    assert hooks["dead_layer"][0]["metrics"]["dead_layers"] == 0
     assert [r["step"] for r in hooks["clip_and_noise"]] == list(range(1, STEPS + 1))
     assert "critical_batch" not in hooks and "rank_agreement" not in hooks
-    stats = run["summary"]["hooks"]["hooks"]
-    assert stats["critical_batch"]["ok"] == stats["critical_batch"]["calls"] == STEPS
-    assert stats["rank_agreement"]["ok"] == STEPS // 5
+    assert all(r["metrics"]["dead_layers"] == 0 for r in hooks.get("dead_layer", []))
+    analyzer = run["summary"]["hooks"]["analyzer"]
+    check_accounting(analyzer, STEPS)
+    stats = analyzer["hooks"]
+    for name in ("dead_layer", "critical_batch", "rank_agreement"):
+        assert stats[name]["errors"] == stats[name]["timeouts"] == 0
+        assert stats[name]["ok"] == stats[name]["calls"]
+    assert len(hooks.get("dead_layer", [])) == stats["dead_layer"]["ok"] <= 1  # step 10
