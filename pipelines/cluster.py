@@ -562,6 +562,7 @@ def run_cluster(
         "n_params": info0["n_params"],
         "memory": {"per_rank": [outcome.finished[r]["memory"] for r in range(world)]},
         "timing": info0["timing"],
+        "timing_per_rank": [outcome.finished[r]["timing"] for r in range(world)],
         "first_step_s": (coord.t_first_step - _T0) if coord.t_first_step else None,
         "config_hash": coord.chash,
         "kernels": KERNEL_BACKEND,
