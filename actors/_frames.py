@@ -32,6 +32,7 @@ small tensors into one frame; ``encode`` today always uses one frame per tensor.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+_MAX_NAME = DEFAULT_LIMITS.max_name_len  # for encode's fast check
 
 
 @dataclass(eq=False)
@@ -184,23 +186,36 @@ def encode(msg: Message) -> list:
     body that is not msgpack-native, a dtype outside :data:`DTYPES`, too many
     dimensions, an out-of-range integer. Nothing invalid is ever put on the wire.
     """
-    _check_name("type", msg.type, DEFAULT_LIMITS, error=TypeError)
-    _check_name("sender", msg.sender, DEFAULT_LIMITS, error=TypeError, allow_empty=True)
-    for name, value in (("generation", msg.generation), ("step", msg.step), ("seq", msg.seq)):
-        if type(value) is not int or not _INT_MIN <= value <= _INT_MAX:
-            raise TypeError(f"Message.{name} must be an int in [-2**63, 2**64), got {value!r}")
-    if type(msg.body) is not dict:
-        raise TypeError(f"Message.body must be a dict, got {type(msg.body).__name__}")
-    problem = _body_problem(msg.body, 1, DEFAULT_LIMITS.max_depth)
+    # The fast check covers what every well-formed message looks like; anything else
+    # (a str subclass, say) gets the thorough check, which raises or accepts.
+    kind, sender, generation, step, seq = msg.type, msg.sender, msg.generation, msg.step, msg.seq
+    if not (
+        type(kind) is str
+        and type(sender) is str
+        and 0 < len(kind) <= _MAX_NAME
+        and len(sender) <= _MAX_NAME
+        and type(generation) is int
+        and type(step) is int
+        and type(seq) is int
+        and _INT_MIN <= generation <= _INT_MAX
+        and _INT_MIN <= step <= _INT_MAX
+        and _INT_MIN <= seq <= _INT_MAX
+    ):
+        _check_envelope(msg)
+    body = msg.body
+    if type(body) is not dict:
+        raise TypeError(f"Message.body must be a dict, got {type(body).__name__}")
+    problem = _body_problem(body, 1, DEFAULT_LIMITS.max_depth) if body else None
     if problem:
         raise TypeError(f"Message.body is not msgpack-native: {problem}")
 
     descriptors = []
-    buffers = []
+    frames = [b""]  # frame 0, the header, is filled in below
     for i, tensor in enumerate(msg.tensors):
-        if not isinstance(tensor, np.ndarray):
+        if type(tensor) is not np.ndarray and not isinstance(tensor, np.ndarray):
             raise TypeError(f"Message.tensors[{i}] must be a numpy array, got {type(tensor)}")
-        name = _WIRE_NAME.get(tensor.dtype.newbyteorder("<"))
+        # Native little-endian dtypes hash like their "<" spelling: one dict lookup.
+        name = _WIRE_NAME.get(tensor.dtype) or _WIRE_NAME.get(tensor.dtype.newbyteorder("<"))
         if name is None:
             raise TypeError(
                 f"Message.tensors[{i}] has dtype {tensor.dtype}; accepted: {', '.join(DTYPES)}"
@@ -211,19 +226,43 @@ def encode(msg: Message) -> list:
         wire = tensor.astype(DTYPES[name], order="C", copy=False)
         descriptors.append([name, list(wire.shape), i + 1, 0, wire.nbytes])
         # memoryview.cast rejects zero-size shapes; an empty frame carries nothing anyway.
-        buffers.append(memoryview(wire).cast("B") if wire.size else b"")
+        frames.append(memoryview(wire).cast("B") if wire.size else b"")
 
-    header = {
-        "v": PROTOCOL_VERSION,
-        "type": msg.type,
-        "sender": msg.sender,
-        "generation": msg.generation,
-        "step": msg.step,
-        "seq": msg.seq,
-        "body": msg.body,
-        "tensors": descriptors,
-    }
-    return [msgpack.packb(header, use_bin_type=True), *buffers]
+    frames[0] = _packer().pack(
+        {
+            "v": PROTOCOL_VERSION,
+            "type": kind,
+            "sender": sender,
+            "generation": generation,
+            "step": step,
+            "seq": seq,
+            "body": body,
+            "tensors": descriptors,
+        }
+    )
+    return frames
+
+
+def _check_envelope(msg: Message) -> None:
+    """Raise TypeError unless ``msg``'s type, sender and counters can go on the wire."""
+    _check_name("type", msg.type, DEFAULT_LIMITS, error=TypeError)
+    _check_name("sender", msg.sender, DEFAULT_LIMITS, error=TypeError, allow_empty=True)
+    for name, value in (("generation", msg.generation), ("step", msg.step), ("seq", msg.seq)):
+        if type(value) is not int or not _INT_MIN <= value <= _INT_MAX:
+            raise TypeError(f"Message.{name} must be an int in [-2**63, 2**64), got {value!r}")
+
+
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    # One Packer per thread, reused: packb builds a Packer per call (a third of a small
+    # message's packing time). Per thread because a Packer's buffer is not shareable.
+    try:
+        return _local.packer
+    except AttributeError:
+        _local.packer = msgpack.Packer(use_bin_type=True)
+        return _local.packer
 
 
 # ----------------------------------------------------------------------------------------
@@ -272,33 +311,31 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     if type(header) is not dict or header.keys() != _HEADER_KEYS:
         got = sorted(map(str, header)) if isinstance(header, dict) else type(header).__name__
         raise FrameError(f"header must be a map with keys {sorted(_HEADER_KEYS)}, got {got}")
-    if type(header["v"]) is not int or header["v"] != PROTOCOL_VERSION:
-        raise FrameError(f"protocol version {header['v']!r}, expected {PROTOCOL_VERSION}")
-    _check_name("type", header["type"], limits, error=FrameError)
-    _check_name("sender", header["sender"], limits, error=FrameError, allow_empty=True)
-    for name in ("generation", "step", "seq"):
-        if type(header[name]) is not int:
-            raise FrameError(f"{name} must be an int, got {type(header[name]).__name__}")
-    body = header["body"]
+    version, kind, sender, body = header["v"], header["type"], header["sender"], header["body"]
+    generation, step, seq = header["generation"], header["step"], header["seq"]
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise FrameError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    # (unpackb gives exact str/int/dict: these type checks are exact ones)
+    if not (type(kind) is str and 0 < len(kind) <= limits.max_name_len):
+        _check_name("type", kind, limits, error=FrameError)
+    if not (type(sender) is str and len(sender) <= limits.max_name_len):
+        _check_name("sender", sender, limits, error=FrameError, allow_empty=True)
+    if not (type(generation) is int and type(step) is int and type(seq) is int):
+        for name in ("generation", "step", "seq"):
+            if type(header[name]) is not int:
+                raise FrameError(f"{name} must be an int, got {type(header[name]).__name__}")
     if type(body) is not dict:
         raise FrameError(f"body must be a map, got {type(body).__name__}")
     problem = _body_problem(body, 1, limits.max_depth) if body else None
     if problem:
         raise FrameError(f"body {problem}")
 
-    if header["tensors"] == [] and len(views) == 1:
+    descriptors = header["tensors"]
+    if descriptors == [] and len(views) == 1:
         tensors = []  # the common control message: no tensors, nothing more to check
     else:
-        tensors = _decode_tensors(header["tensors"], views, limits)
-    return Message(
-        type=header["type"],
-        sender=header["sender"],
-        generation=header["generation"],
-        step=header["step"],
-        seq=header["seq"],
-        body=body,
-        tensors=tensors,
-    )
+        tensors = _decode_tensors(descriptors, views, limits)
+    return Message(kind, sender, generation, step, seq, body, tensors)
 
 
 def _as_bytes_view(frame: Any, index: int) -> memoryview:
@@ -335,7 +372,8 @@ def _body_problem(value: Any, depth: int, max_depth: int) -> str | None:
         for key, item in value.items():
             if type(key) is not str:
                 return f"has a map key of type {type(key).__name__}; keys must be str"
-            if type(item) in _FLAT_SCALARS:
+            kind = type(item)  # leaves inline: a call per leaf doubled the cost
+            if kind in _FLAT_SCALARS or (kind is int and _INT_MIN <= item <= _INT_MAX):
                 continue
             problem = _body_problem(item, depth + 1, max_depth)
             if problem:
@@ -344,7 +382,8 @@ def _body_problem(value: Any, depth: int, max_depth: int) -> str | None:
         if depth > max_depth:
             return f"nests deeper than {max_depth} levels"
         for item in value:
-            if type(item) in _FLAT_SCALARS:
+            kind = type(item)
+            if kind in _FLAT_SCALARS or (kind is int and _INT_MIN <= item <= _INT_MAX):
                 continue
             problem = _body_problem(item, depth + 1, max_depth)
             if problem:
@@ -364,7 +403,7 @@ def _decode_tensors(descriptors: Any, views: list[memoryview], limits: Limits):
     canonical = len(descriptors) == len(views) - 1  # one whole frame each, in order?
     tensors = []
     for i, desc in enumerate(descriptors):
-        if not isinstance(desc, list) or len(desc) != 5:
+        if type(desc) is not list or len(desc) != 5:
             raise FrameError(
                 f"tensor {i}: descriptor must be [dtype, shape, frame, offset, nbytes]"
             )
@@ -372,30 +411,35 @@ def _decode_tensors(descriptors: Any, views: list[memoryview], limits: Limits):
         dtype = DTYPES.get(name) if isinstance(name, str) else None
         if dtype is None:
             raise FrameError(f"tensor {i}: dtype {name!r} not in {list(DTYPES)}")
-        if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+        if type(shape) is not list or len(shape) > limits.max_ndim:
             raise FrameError(f"tensor {i}: shape must be a list of at most {limits.max_ndim} ints")
-        if not all(type(d) is int and d >= 0 for d in shape):
-            raise FrameError(f"tensor {i}: shape {shape!r} must hold ints >= 0")
-        if not all(type(x) is int for x in (frame, offset, nbytes)):
+        for d in shape:  # (a loop, not all(<generator>): this runs per message)
+            if type(d) is not int or d < 0:
+                raise FrameError(f"tensor {i}: shape {shape!r} must hold ints >= 0")
+        if type(frame) is not int or type(offset) is not int or type(nbytes) is not int:
             raise FrameError(f"tensor {i}: frame, offset and nbytes must be ints")
         if not 1 <= frame < len(views):
             raise FrameError(f"tensor {i}: frame {frame} outside [1, {len(views) - 1}]")
-        count = math.prod(shape)
-        if nbytes != count * dtype.itemsize:
-            raise FrameError(f"tensor {i}: nbytes {nbytes} != prod({shape}) * {dtype.itemsize}")
-        if offset < 0 or offset % dtype.itemsize:
-            raise FrameError(f"tensor {i}: offset {offset} not a multiple of {dtype.itemsize}")
-        if offset + nbytes > len(views[frame]):
+        count = shape[0] if len(shape) == 1 else math.prod(shape)
+        itemsize = dtype.itemsize
+        if nbytes != count * itemsize:
+            raise FrameError(f"tensor {i}: nbytes {nbytes} != prod({shape}) * {itemsize}")
+        if offset < 0 or offset % itemsize:
+            raise FrameError(f"tensor {i}: offset {offset} not a multiple of {itemsize}")
+        size = len(views[frame])
+        if offset + nbytes > size:
             raise FrameError(
                 f"tensor {i}: bytes [{offset}, {offset + nbytes}) past the end of frame "
-                f"{frame} ({len(views[frame])} bytes)"
+                f"{frame} ({size} bytes)"
             )
         regions.append((frame, offset, offset + nbytes, i))
-        canonical = canonical and frame == i + 1 and offset == 0 and nbytes == len(views[frame])
+        canonical = canonical and frame == i + 1 and offset == 0 and nbytes == size
         if count == 0:
             tensors.append(np.empty(tuple(shape), dtype))
             continue
-        array = np.frombuffer(views[frame], dtype, count, offset).reshape(tuple(shape))
+        array = np.frombuffer(views[frame], dtype, count, offset)
+        if len(shape) != 1:
+            array = array.reshape(tuple(shape))
         # Small frames sit at arbitrary offsets in libzmq's read buffer (TRANSPORT.md).
         tensors.append(array if array.flags.aligned else array.copy())
 

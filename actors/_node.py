@@ -158,6 +158,8 @@ class _Pending:
     peer: str
     target: str
     scope: trio.CancelScope  # the caller's wait (and send)
+    what: Any  # the request, as a CallTimeout names it
+    timeout: float | None
 
     def fail(self, error: Exception) -> None:
         self.slot.deliver(False, error)
@@ -293,7 +295,7 @@ class Node:
         seq = next(self._seq)
         slot = _ReplySlot()
         scope = trio.CancelScope(deadline=trio.current_time() + _seconds(timeout))
-        self._pending[seq] = _Pending(slot, peer.name, str(target), scope)
+        self._pending[seq] = _Pending(slot, peer.name, str(target), scope, what, timeout)
         try:
             with scope:  # also cancelled when the answer comes early: the peer is down
                 if peer.alive is False:
@@ -656,13 +658,13 @@ class Node:
         if entry is None or entry.peer != peer.name:
             return  # a late reply (the caller gave up), or not from the node we asked
         del self._pending[msg.seq]
-        slot, target = entry.slot, entry.target
+        slot = entry.slot
         ok = msg.body.get("ok")
         try:
             if ok is True:
                 slot.deliver(True, from_wire(msg.body.get("value"), msg.tensors))
             elif ok is False:
-                slot.deliver(False, _error_from_wire(target, msg.body))
+                slot.deliver(False, _error_from_wire(entry, msg.body))
             else:
                 raise WireError("reply without ok")
         except WireError as exc:
@@ -858,8 +860,8 @@ def _error(kind: str, reason: Any) -> dict:
     return {"ok": False, "kind": kind, "reason": _reason_to_wire(reason)}
 
 
-def _error_from_wire(target: str, body: dict) -> Exception:
-    kind = body.get("kind")
+def _error_from_wire(request: _Pending, body: dict) -> Exception:
+    target, kind = request.target, body.get("kind")
     try:
         reason = _reason_from_wire(body.get("reason"))
     except _Rejected as exc:
@@ -870,7 +872,9 @@ def _error_from_wire(target: str, body: dict) -> Exception:
     if kind == "noproc":
         return NoSuchActor(text)
     if kind == "timeout":
-        return CallTimeout(target, text, float("nan"))
+        # The serving node waited the caller's own timeout: the same error as a local
+        # call's (the peer's answer can beat the caller's clock when the caller is slow).
+        return CallTimeout(target, request.what, _seconds(request.timeout))
     return RemoteError(f"{target}: {kind}: {text}")
 
 

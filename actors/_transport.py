@@ -94,9 +94,11 @@ DEFAULT_SOCKET_OPTIONS: dict[str, int] = {
 # matters (the ring's acks do).
 
 
-# Plain ints: pyzmq's enum flags cost microseconds per `&` on the hot path.
+# Plain ints: pyzmq's enum flags cost microseconds per `&` on the hot path. EVENTS is
+# the opposite: getsockopt converts its argument to a SocketOption, which is cheapest
+# when it already is one (an int costs an enum lookup per read, several per message).
 _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
-_EVENTS = int(zmq.EVENTS)
+_EVENTS = zmq.SocketOption.EVENTS
 _DONTWAIT = int(zmq.DONTWAIT)
 _SEND_MORE = int(zmq.DONTWAIT | zmq.SNDMORE)
 _FAIRNESS_BUDGET = 16
@@ -307,12 +309,13 @@ class TrioSocket:
         if not frames:
             raise ValueError("a message needs at least one frame")
         await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
-        if self._send_lock.locked():  # a half-sent message is ahead of us
-            await self._send_lock.acquire()
-            waited = True
-        else:
-            self._send_lock.acquire_nowait()
+        # The lock keeps concurrent messages from interleaving. It is taken only by a
+        # sender about to wait: one that finishes without yielding cannot be interleaved,
+        # and a free lock has no queue (trio hands a released lock to its next waiter).
+        lock = self._send_lock
+        held = waited = lock.locked()  # a half-sent message is ahead of us
+        if held:
+            await lock.acquire()
         try:
             trackers = []
             last = len(frames) - 1
@@ -329,6 +332,9 @@ class TrioSocket:
                     )
                 except zmq.Again:
                     waited = True
+                    if not held:
+                        lock.acquire_nowait()  # free: nothing has yielded since the check
+                        held = True
                     if index > 0:
                         # libzmq checks the HWM only at a message's first frame, so this
                         # is not expected; if it happens, finish the message regardless,
@@ -351,7 +357,8 @@ class TrioSocket:
                     trackers.append(result)
                 index += 1
         finally:
-            self._send_lock.release()
+            if held:
+                lock.release()
         self._after_io()
         if not waited:
             await self._fair_checkpoint()
@@ -366,7 +373,7 @@ class TrioSocket:
             # Reading EVENTS first is cheaper than provoking zmq.Again (an exception).
             if self._poll() & _POLLIN:
                 try:
-                    frames = self.zmq.recv_multipart(_DONTWAIT, copy=copy)
+                    frames = self._recv_all(copy)
                 except zmq.Again:  # another thread took it (not ours to prevent)
                     continue
                 self._after_io()
@@ -375,6 +382,19 @@ class TrioSocket:
                 return frames
             waited = True
             await self._wait(_POLLIN, polled=True)
+
+    def _recv_all(self, copy: bool) -> list:
+        # zmq.Socket.recv_multipart reads RCVMORE with a getsockopt per frame; a Frame
+        # knows whether more follow. The rest of a multipart is always there at once.
+        if copy:
+            return self.zmq.recv_multipart(_DONTWAIT, copy=True)
+        recv = self.zmq.recv
+        frame = recv(_DONTWAIT, copy=False)
+        frames = [frame]
+        while frame.more:
+            frame = recv(_DONTWAIT, copy=False)
+            frames.append(frame)
+        return frames
 
     async def send_message(
         self, msg: Message, routing_id: bytes | None = None, *, track: bool = False
@@ -402,8 +422,11 @@ class TrioSocket:
         frames = await self.recv_multipart(copy=False)
         routing_id = None
         if self._router:
-            routing_id = frames[0].bytes
-            frames = frames[1:]
+            routing_id = frames.pop(0).bytes
+        # The header as bytes: cheaper for decode than a view of the zmq.Frame (only
+        # tensors need to stay zero-copy). A header over the limit is left for decode.
+        if frames and len(frames[0]) <= self.limits.max_header_bytes:
+            frames[0] = frames[0].bytes
         try:
             return routing_id, decode(frames, self.limits)
         except FrameError as exc:

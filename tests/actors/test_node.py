@@ -92,10 +92,23 @@ async def test_remote_failures_raise_the_same_errors_as_local_ones(transport):
         with pytest.raises(NoSuchActor, match="no actor registered as 'Nobody' on node w1"):
             await actors.call("Nobody@w1", 1)
         await wait_for_echo("w1")
-        with pytest.raises(CallTimeout, match=r"Echo@w1 timed out after 0.3s"):
+        # The same error whichever deadline fires first, the caller's or the server's.
+        timed_out = r"call to Echo@w1 timed out after 0.3s \(request: \('sleep', 5\)\)"
+        with pytest.raises(CallTimeout, match=timed_out):
             await actors.call("Echo@w1", ("sleep", 5), timeout=0.3)
         with pytest.raises(WireError, match="cannot travel"):
             await actors.call("Echo@w1", ("echo", object()))  # never pickled, never sent
+
+
+def test_a_timeout_reported_by_the_serving_node_names_the_callers_timeout():
+    # Under load the serving node's "timeout" reply can beat the caller's own deadline
+    # (it once arrived first and read "timed out after nans"): both give the same error.
+    from actors._node import _error, _error_from_wire, _Pending
+
+    pending = _Pending(None, "w1", "Echo@w1", trio.CancelScope(), ("sleep", 5), 0.3)
+    error = _error_from_wire(pending, _error("timeout", "no reply within 0.3s"))
+    assert isinstance(error, CallTimeout) and error.timeout == 0.3
+    assert str(error) == "call to Echo@w1 timed out after 0.3s (request: ('sleep', 5))"
 
 
 async def wait_for_echo(worker):
