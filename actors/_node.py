@@ -129,6 +129,7 @@ class _Peer:
     outbox: trio.MemorySendChannel = dataclasses.field(init=False)
     inbox_of_outbox: trio.MemoryReceiveChannel = dataclasses.field(init=False)
     changed: trio.lowlevel.ParkingLot = dataclasses.field(default_factory=trio.lowlevel.ParkingLot)
+    queued: int = 0  # messages in the outbox or being sent (see Node._send)
 
     def __post_init__(self) -> None:
         self.outbox, self.inbox_of_outbox = trio.open_memory_channel(_OUTBOX)
@@ -384,11 +385,11 @@ class Node:
                 "DEALER", connect=peer.endpoint, routing_id=self.name.encode(), linger=0
             )
 
-    # Sending. Every message to a peer goes through that peer's outbox (a bounded
-    # channel) and its one writer task, so messages leave in the order they were queued
-    # -- a link or monitor queued before a call arrives before it
-    # (test_a_remote_link_turns_a_remote_crash_into_an_exit_signal) -- and only one task
-    # ever sends on the DEALER.
+    # Sending. Messages to a peer leave in the order they were queued -- a link or
+    # monitor queued before a call arrives before it
+    # (test_a_remote_link_turns_a_remote_crash_into_an_exit_signal). A sender finding
+    # nothing queued for the peer sends on the DEALER itself; otherwise its message waits
+    # in the peer's outbox (a bounded channel) for the peer's writer task.
 
     def _frames(self, peer: _Peer, kind: str, body: dict, tensors: Any, seq: int) -> list:
         if peer.socket is None:
@@ -398,8 +399,23 @@ class Node:
     async def _send(
         self, peer: _Peer, kind: str, body: dict, tensors: Any = (), seq: int = 0
     ) -> None:
-        """Queue a message for ``peer``, waiting while its outbox is full."""
-        await peer.outbox.send(self._frames(peer, kind, body, tensors, seq))
+        """Send a message to ``peer``: directly when nothing is queued for it (no hand-off
+        to the writer task, a task switch per message), else through its outbox, waiting
+        while the outbox is full. Either way messages leave in order: a direct send counts
+        as queued, and one that has to wait holds the socket's send lock, which the
+        writer then queues behind."""
+        frames = self._frames(peer, kind, body, tensors, seq)
+        peer.queued += 1
+        try:
+            if peer.queued == 1:
+                await self._write(peer, frames)
+            else:
+                await peer.outbox.send(frames)
+                return  # the writer counts it down once written
+        except BaseException:
+            peer.queued -= 1
+            raise
+        peer.queued -= 1
 
     def _send_soon(
         self, peer_name: str, kind: str, body: dict, seq: int = 0, *, droppable: bool = False
@@ -411,6 +427,7 @@ class Node:
         try:
             frames = self._frames(peer, kind, body, (), seq)
             peer.outbox.send_nowait(frames)
+            peer.queued += 1
             return
         except ActorExited as exc:
             log.debug("%s cannot send %s to %s: %s", self._label, kind, peer_name, exc)
@@ -422,7 +439,12 @@ class Node:
 
         async def send_later() -> None:
             with trio.move_on_after(self.send_timeout):
-                await peer.outbox.send(frames)
+                peer.queued += 1  # first: the writer may take it before send returns
+                try:
+                    await peer.outbox.send(frames)
+                except BaseException:
+                    peer.queued -= 1
+                    raise
                 return
             self._stats["dropped"] += 1
             log.warning("%s dropped %s to %s: outbox full", self._label, kind, peer_name)
@@ -437,15 +459,21 @@ class Node:
 
     async def _writer(self, peer: _Peer) -> None:
         async for frames in peer.inbox_of_outbox:
-            socket = peer.socket
-            if socket is None:
-                self._stats["dropped"] += 1
-                continue
             try:
-                await socket.send_multipart(frames, copy=False)
-                self._stats["sent"] += 1
-            except trio.ClosedResourceError:  # reconnected meanwhile
-                self._stats["dropped"] += 1
+                await self._write(peer, frames)
+            finally:
+                peer.queued -= 1
+
+    async def _write(self, peer: _Peer, frames: list) -> None:
+        socket = peer.socket
+        if socket is None:
+            self._stats["dropped"] += 1
+            return
+        try:
+            await socket.send_multipart(frames, copy=False)
+            self._stats["sent"] += 1
+        except trio.ClosedResourceError:  # reconnected meanwhile
+            self._stats["dropped"] += 1
 
     async def _heartbeat(self, peer: _Peer) -> None:
         while True:
