@@ -250,7 +250,47 @@ def worker_pingpong(args) -> dict:
     return {"us": (time.perf_counter() - t0) / count * 1e6}
 
 
+def worker_node_call(args) -> dict:
+    """A remote ``actors.call`` between two nodes: rank 0 serves an echo actor, rank 1
+    calls it (registry lookup, wire data, the node's reader and reply path included)."""
+    import logging
+
+    import trio
+
+    import actors
+
+    logging.getLogger("zerotrain").setLevel(logging.ERROR)  # "peer down" as rank 1 leaves
+
+    class Echo(actors.Actor):
+        async def handle_call(self, request, from_):
+            return request
+
+    count, warmup = args.reps * 1000, 300
+
+    async def main():
+        name = f"rank{args.rank}"
+        async with actors.open_node(name, directory=args.dir) as node:
+            if args.rank == 0:
+                async with trio.open_nursery() as nursery:
+                    await actors.spawn(nursery, Echo(), name="Echo")
+                    await node.wait_peer("rank1")
+                    await node.wait_peer("rank1", alive=False)  # until the caller leaves
+                    nursery.cancel_scope.cancel()
+                return {}
+            with trio.fail_after(30):
+                await node.wait_peer("rank0", names=("Echo",))
+            request = {"request": 1, "args": [1, 2]}
+            for i in range(count + warmup):
+                if i == warmup:
+                    t0 = time.perf_counter()
+                await actors.call("Echo@rank0", request)
+            return {"us": (time.perf_counter() - t0) / count * 1e6}
+
+    return trio.run(main)
+
+
 WORKERS = {
+    "node_call": worker_node_call,
     "ring": worker_ring,
     "gloo": worker_gloo,
     "stream": worker_stream,
@@ -395,16 +435,32 @@ def stream_table(sizes, rounds: int = 3) -> dict:
     return report
 
 
-def latency_table(reps) -> dict:
+def latency_table(reps, rounds: int = 3) -> dict:
+    """Round trips of a small message; the modes alternate for ``rounds`` rounds and the
+    median is kept (one run per mode let a burst of load land on one mode only)."""
     widths = (26, 6, 8, 9)
     print("\n" + row(("round trip, small msg, ipc", "", "us", "vs raw"), widths))
-    raw = spawn("pingpong", 2, mode="raw", reps=reps)[1]["us"]
-    wrapper = spawn("pingpong", 2, mode="wrapper", reps=reps)[1]["us"]
-    wrapped = spawn("pingpong", 2, mode="trio", reps=reps)[1]["us"]
-    print(row(("raw pyzmq", "", f"{raw:.1f}", "1.00x"), widths))
-    print(row(("trio wrapper", "", f"{wrapper:.1f}", f"{wrapper / raw:.2f}x"), widths))
-    print(row(("trio wrapper + codec", "", f"{wrapped:.1f}", f"{wrapped / raw:.2f}x"), widths))
-    return {"raw_us": raw, "trio_wrapper_us": wrapper, "trio_codec_us": wrapped}
+    labels = {
+        "raw": "raw pyzmq",
+        "wrapper": "trio wrapper",
+        "trio": "trio wrapper + codec",
+        "node_call": "actors.call, remote",
+    }
+    runs = {mode: [] for mode in labels}
+    for _ in range(rounds):
+        for mode in labels:
+            kind = "node_call" if mode == "node_call" else "pingpong"
+            runs[mode].append(spawn(kind, 2, mode=mode, reps=reps)[1]["us"])
+    us = {mode: statistics.median(values) for mode, values in runs.items()}
+    for mode, label in labels.items():
+        print(row((label, "", f"{us[mode]:.1f}", f"{us[mode] / us['raw']:.2f}x"), widths))
+    return {
+        "raw_us": us["raw"],
+        "trio_wrapper_us": us["wrapper"],
+        "trio_codec_us": us["trio"],
+        "node_call_us": us["node_call"],
+        "rounds": rounds,
+    }
 
 
 def main() -> None:
