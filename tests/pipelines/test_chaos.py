@@ -1,0 +1,35 @@
+"""Chaos events: expansion into numbered one-shot events and standing conditions."""
+
+from __future__ import annotations
+
+from pipelines._chaos import parse_chaos
+from pipelines.chaos import RankChaos, expand
+
+
+def test_random_kill_expands_deterministically_from_its_seed():
+    events = parse_chaos("random-kill:every=10,seed=3", 4)
+    first, again = expand(events, 4, 50), expand(events, 4, 50)
+    assert first == again
+    assert [e["step"] for e in first] == [10, 20, 30, 40]
+    assert all(e["kind"] == "kill" and 0 <= e["rank"] < 4 and e["at"] == "start" for e in first)
+    assert [e["id"] for e in first] == [0, 1, 2, 3]
+
+
+def test_a_rank_takes_its_own_events_and_conditions():
+    events = expand(
+        parse_chaos(
+            "kill:rank=1,step=5,at=reduce;delay:rank=1,ms=20;straggler:rank=1,factor=3;"
+            "hang:rank=0,step=2",
+            2,
+        ),
+        2,
+        10,
+    )
+    one = RankChaos(1, "Coordinator@cluster")
+    one.load(events)
+    assert [(e["kind"], e["step"], e["at"]) for e in one.pending] == [("kill", 5, "reduce")]
+    assert one.delay_s == 0.02 and one.straggler_factor == 3
+    zero = RankChaos(0, "Coordinator@cluster")
+    zero.load(events)
+    assert [e["kind"] for e in zero.pending] == ["hang"]
+    assert zero.delay_s == 0 and zero.straggler_factor == 1

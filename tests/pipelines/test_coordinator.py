@@ -1,0 +1,55 @@
+"""The Coordinator's choice of a restore point (the heart of "nothing lost")."""
+
+from __future__ import annotations
+
+import io
+
+from pipelines.config import ClusterConfig, Config
+from pipelines.coordinator import Coordinator
+from pipelines.rundir import Progress, RunDir
+
+
+def coordinator(tmp_path, world=4, resume=None):
+    cfg = Config().replace(cluster=ClusterConfig(ranks=world))
+    return Coordinator(
+        cfg,
+        RunDir(tmp_path),
+        Progress(10, 1, io.StringIO()),
+        resume=resume,
+        events=[],
+        n_params=10,
+        train_len=100,
+    )
+
+
+def held(own=(), replica=()):
+    return {"own": list(own), "replica": list(replica)}
+
+
+def test_the_newest_step_every_shard_of_which_survives_is_chosen(tmp_path):
+    c = coordinator(tmp_path)
+    # rank 2 was replaced (holds nothing); its right neighbour, rank 3, holds its
+    # replicas of steps 10 and 20, but only the others' own snapshots of 20 and 30
+    survivors = held(own=[10, 20, 30], replica=[10, 20, 30])
+    state = {0: survivors, 1: survivors, 2: held(), 3: held(own=[10, 20, 30], replica=[10, 20])}
+    assert c._restore_point(state) == ("memory", 20, None)
+
+
+def test_two_neighbours_lost_falls_back_to_disk_then_to_the_seed(tmp_path):
+    c = coordinator(tmp_path)
+    survivors = held(own=[10, 20], replica=[10, 20])
+    state = {0: survivors, 1: held(), 2: held(), 3: survivors}  # rank 1's replica died too
+    assert c._restore_point(state) == ("init", 0, None)  # no checkpoint on disk yet
+
+
+def test_a_fresh_start_takes_the_resume_checkpoint(tmp_path):
+    import numpy as np
+
+    from pipelines.checkpoint import save_checkpoint
+
+    root = tmp_path / "old"
+    tensors = {"params": np.arange(10, dtype=np.float32)}
+    save_checkpoint(root, 7, [(0, 10, tensors)], 10, {"mode": "ddp"})
+    c = coordinator(tmp_path / "run", world=2, resume=root)
+    source, step, path = c._restore_point({0: held(), 1: held()})
+    assert (source, step, path.name) == ("disk", 7, "step-00000007")
