@@ -163,8 +163,7 @@ class Trainer(actors.Actor):
         cfg = st.cfg
         total = cfg.train.steps
         s = plan["step"]
-        stop_at = plan.get("stop_at")
-        while s < total and (stop_at is None or s < stop_at):
+        while s < total:
             record = await self._step(s, plan["generation"])
             s += 1
             ckpt_every = cfg.checkpoint.every

@@ -100,6 +100,18 @@ def char_transformer(vocab, d_model, n_head, n_layer, seq_len):
     return model
 
 
+def train_step(module, opt, x, y, clip_norm: float):
+    """One optimizer step on (x, y) with cross-entropy and optional clipping; the loss."""
+    opt.zero_grad(set_to_none=True)
+    out = module(x)
+    loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y)
+    loss.backward()
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), clip_norm)
+    opt.step()
+    return loss
+
+
 def build(args, gen):
     """(module, batches): batches are (x, y) with y flattened for cross_entropy."""
     if args.model == "mlp":
@@ -178,14 +190,7 @@ def main(argv=None):
     step_s, first_step_unix = [], None
     for step in range(args.steps):
         t0 = time.perf_counter()
-        x, y = batches[step % N_BATCHES]
-        opt.zero_grad(set_to_none=True)
-        out = module(x)
-        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y)
-        loss.backward()
-        if args.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), args.clip_norm)
-        opt.step()
+        loss = train_step(module, opt, *batches[step % N_BATCHES], args.clip_norm)
         step_s.append(time.perf_counter() - t0)
         if first_step_unix is None:
             first_step_unix = time.time()

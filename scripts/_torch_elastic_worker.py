@@ -31,11 +31,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_torch_train import char_transformer  # noqa: E402  (imports torch only)
+from _bench_torch_train import char_transformer, train_step  # noqa: E402  (imports torch only)
 
 N_BATCHES = 4
 
@@ -108,14 +107,7 @@ def main(argv=None):
         batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].reshape(-1)))
 
     for step in range(start, args.steps):
-        x, y = batches[step % N_BATCHES]
-        opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y)
-        loss.backward()
-        if args.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
-        opt.step()
+        loss = train_step(model, opt, *batches[step % N_BATCHES], args.clip_norm)
         s = step + 1
         if rank == 0:
             if args.ckpt_every and s % args.ckpt_every == 0 and s != args.steps:
