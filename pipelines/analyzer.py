@@ -25,9 +25,12 @@ so the mailbox keeps draining and no back-pressure reaches the ranks.
 
 - **Behind**: when a step is complete, every older step still incomplete -- or complete
   and not yet started -- is dropped and counted (`dropped`). At most
-  `MAX_PENDING_STEPS` incomplete steps are held; the oldest goes beyond that. A sample
-  of a step already analyzed or dropped (a late rank, a replay after recovery) is
-  `stale` and ignored.
+  `MAX_PENDING_STEPS` incomplete steps are held; the oldest goes beyond that, and so
+  does one left incomplete for `PENDING_MAX_S` (a rank restarted). A sample of a step
+  already analyzed or dropped (a late rank, a replay after recovery) is `stale` and
+  ignored. A sample that came as a call is answered with its final fate: the rank's
+  credit for the next one (hook_link: demand), so a slow analyzer gets fewer samples
+  instead of dropping copies the ranks paid for.
 - **A hook raises**: its worker's runner logs one line (hook, step, exception, script
   line) and the record {"step", "hook", "error"} goes to hooks.jsonl; the worker then
   exits and the supervisor restarts it, reloading that hook's script from scratch
@@ -106,6 +109,7 @@ __all__ = [
 
 NODE = "analyzer"
 MAX_PENDING_STEPS = 2  # ranks step in lockstep: an older incomplete step is lost
+PENDING_MAX_S = 3.0  # an incomplete step older than this is dropped (a rank restarted)
 NICE = 10  # the analyzer yields the CPU to the ranks (CFS weight ~1/10 of a rank's)
 HOOK_FAILURES = (3, 5.0)  # more than 3 failures in 5 s: the hook is disabled
 MAX_HANGS = 2
@@ -115,6 +119,7 @@ EXIT_HUNG = 75  # a hook hung: exit so that a fresh process reclaims its thread
 # what became of a rank's samples (summary.json hooks.analyzer.ranks), besides "received"
 # and "pending" (held at the time of "stats"): every received sample ends in one of these
 SAMPLE_FATES = ("received", "analyzed", "dropped", "stale", "rejected", "skipped")
+FINAL_FATES = frozenset(SAMPLE_FATES[1:])
 QUARANTINE = "hooks_quarantine.json"
 
 _log = logging.getLogger("zerotrain.hooks.analyzer")
@@ -217,6 +222,9 @@ class _Ledger:
         self.exit_scope = None
         self.hangs = {}  # name -> hangs in this run (all processes), from the quarantine
         self.stats_waiting = 0  # "stats" calls settling: an exit waits for their reply
+        # id(sample) -> the rank's call waiting for that sample's final fate: the reply
+        # is the rank's credit to offer another sample (hook_link.HookOutbox)
+        self.waiting = {}
 
     def open(self, specs: list):
         from pipelines.hooks import ANALYZER, HooksLog, load_hooks
@@ -288,9 +296,18 @@ class _Ledger:
                 _log.error("[HookAnalyzer] sink %s failed: %s", type(sink).__name__, _one_line(exc))
 
     def fate(self, samples, fate: str):
-        """Count `fate` for each of `samples` (HookSamples), per rank."""
+        """Count `fate` for each of `samples` (HookSamples), per rank; a final fate
+        answers the rank's call that brought the sample (its credit comes back)."""
         for s in samples:
             self.per_rank[str(s.rank)][fate] += 1
+            if fate in FINAL_FATES and (from_ := self.waiting.pop(id(s), None)) is not None:
+                from_.reply(fate)
+
+    def release_waiting(self, why: str):
+        """Answer every waiting call (the actor holding their samples restarted)."""
+        waiting, self.waiting = self.waiting, {}
+        for from_ in waiting.values():
+            from_.reply(why)
 
     def stats(self) -> dict:
         return {
@@ -400,8 +417,10 @@ class HookAnalyzer(actors.Actor):
     """Assembles each step from the ranks' HookSamples and has it analyzed.
 
     An actor for state and concurrency: the partial steps of several ranks, received
-    while the previous step is being analyzed. Casts: HookSample. Calls: "stats" ->
-    the process's counters (see the module doc).
+    while the previous step is being analyzed. A HookSample comes as a call (from a
+    rank's HookOutbox: answered with the sample's final fate once it has one -- the
+    rank's credit for its next sample) or as a cast. Calls: "stats" -> the process's
+    counters (see the module doc).
     """
 
     mailbox_size = 64
@@ -413,7 +432,9 @@ class HookAnalyzer(actors.Actor):
         if "HookAnalyzer" in self.ledger.started:
             self.ledger.counts["restarts"] += 1
         self.ledger.started.add("HookAnalyzer")
+        self.ledger.release_waiting("lost")  # samples of the previous incarnation
         self.pending = {}  # step -> {rank: HookSample}, incomplete
+        self.pending_since = {}  # step -> when its first sample arrived
         self.ready = None  # (step, {rank: sample}): complete, waiting for the analysis task
         self.analyzing = False
         self.in_analysis = None  # the group being analyzed
@@ -424,6 +445,9 @@ class HookAnalyzer(actors.Actor):
     # ---- receiving -------------------------------------------------------------------
 
     async def handle_cast(self, msg):
+        self._receive(msg)
+
+    def _receive(self, msg):
         if isinstance(msg, HookSample):
             self.ledger.fate([msg], "received")
         problem = self._check(msg)
@@ -437,6 +461,10 @@ class HookAnalyzer(actors.Actor):
         self._take(msg)
 
     async def handle_call(self, request, from_):
+        if isinstance(request, HookSample):  # answered by ledger.fate, once final
+            self.ledger.waiting[id(request)] = from_
+            self._receive(request)
+            return actors.NOREPLY
         if request == "stats":
             self.ledger.stats_waiting += 1
             self.nursery.start_soon(self._settled_stats, from_)
@@ -502,6 +530,8 @@ class HookAnalyzer(actors.Actor):
             ledger.counts["stale"] += 1
             ledger.fate([s], "stale")
             return
+        if s.step not in self.pending:
+            self.pending_since[s.step] = trio.current_time()
         group = self.pending.setdefault(s.step, {})
         if s.rank in group:  # a second sample of the rank for the step: the first is old
             ledger.fate([group[s.rank]], "stale")
@@ -511,6 +541,7 @@ class HookAnalyzer(actors.Actor):
                 self._drop(min(self.pending))
             return
         del self.pending[s.step]
+        self.pending_since.pop(s.step, None)
         for older in [step for step in self.pending if step < s.step]:
             self._drop(older)
         if self.ready is not None:  # complete but never started: behind
@@ -521,15 +552,27 @@ class HookAnalyzer(actors.Actor):
         self.wake.set()
 
     def _drop(self, step):
+        self.pending_since.pop(step, None)
         self.ledger.fate(self.pending.pop(step).values(), "dropped")
         self.ledger.counts["dropped"] += 1
         self.ledger.last_step = max(self.ledger.last_step, step)
+
+    def _drop_abandoned(self):
+        """Drop incomplete steps nobody completed in PENDING_MAX_S (a rank restarted
+        or gave up on it): their samples' calls get their answer, the ranks their credit."""
+        now = trio.current_time()
+        for step in [t for t, since in self.pending_since.items() if now - since > PENDING_MAX_S]:
+            self._drop(step)
 
     # ---- analysing -------------------------------------------------------------------
 
     async def _analysis_loop(self):
         while True:
-            await self.wake.wait()
+            with trio.move_on_after(PENDING_MAX_S / 2):
+                await self.wake.wait()
+            self._drop_abandoned()
+            if not self.wake.is_set():
+                continue
             self.wake = trio.Event()
             while self.ready is not None:
                 (step, group), self.ready = self.ready, None

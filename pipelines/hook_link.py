@@ -3,7 +3,7 @@
 Each rank process holds one `HookOutbox`. After a step whose number some analyzer wants
 (`outbox.due(step)`), the rank copies what the analyzer needs into a `HookSample` and
 `offer`s it; a task of the rank (`outbox.run`) forwards queued samples to the
-HookAnalyzer actor in the analyzer process with a cast. The step itself only ever does
+HookAnalyzer actor in the analyzer process with a call. The step itself only ever does
 a `put_nowait` on a small bounded queue:
 
     outbox = HookOutbox(cfg.hooks.specs + cli_hooks, layout=model.layout)
@@ -12,27 +12,40 @@ a `put_nowait` on a small bounded queue:
     if outbox.due(step):                                 # 1-based: steps done
         outbox.offer(HookSample(step=step, rank=r, world=w, ..., rank_grad=g.copy(), ...))
 
+## Demand: a sample is built only when the analyzer can take it (GenStage-style)
+
+The analyzer answers a sample's call once that sample has its final fate (analyzed,
+dropped, stale, ...): until then the rank has no *credit* (`has_credit()`). Building
+a sample costs copies of the gradient, parameters and update, and sending it costs the
+memory traffic of a few MB; an analyzer that is slower than training would drop most
+of them anyway. So the ranks sample a due step only when every rank has credit: each
+adds its credit to the step's small all-reduce (`RankStep.hook_credit` ->
+`hooks_agreed`) and all sample the next due step, or none does -- a step is complete
+from every rank or absent, and which steps get sampled never touches the training
+arithmetic. A due step without agreement is `decline`d: counted as offered and
+dropped, nothing copied.
+
 ## Failure rules, in one place
 
-- **Queue full** (the analyzer, or the link to it, is slower than training): `offer`
-  drops the new sample at once and counts it (`dropped`). What is queued goes out.
+- **Queue full**: `offer` drops the new sample at once and counts it (`dropped`). What
+  is queued goes out.
 - **Analyzer down** (its process is restarting, killed, never started): the forwarder
-  checks the analyzer node's liveness before each cast; a sample for a node known to be
-  down is not sent and counts as `failed`, as does a cast that raises (no node in this
-  process, a value that cannot travel). Nothing is raised into the rank.
-- **Link slow**: a cast waits for room in the node's per-peer outbox (at most the
-  node's send timeout, after which the node drops it). Only the forwarder task waits;
-  meanwhile `offer` keeps dropping. The node logs its own drops.
+  checks the analyzer node's liveness before each call; a sample for a node known to be
+  down is not sent and counts as `failed`, as does a call that raises (the node went
+  down meanwhile, no node in this process, a value that cannot travel). Nothing is
+  raised into the rank, and the credit comes back.
+- **Analyzer slow or stopped**: no answer within `reply_timeout` gives the credit back
+  (counted `sent`). Only the forwarder task waits; meanwhile due steps are declined.
 
-Casts carry no acknowledgement, so `sent` means "handed to the node", not "analyzed";
-the analyzer's own stats say what it analyzed and dropped (per rank, in samples).
+`sent` means "handed to the analyzer", not "analyzed"; the analyzer's own stats say
+what it analyzed and dropped (per rank, in samples).
 
 - **The run's end**: the rank waits for `flush` (bounded) before it reports and exits:
-  queued samples go out, then one call to the analyzer -- behind the casts on the same
-  connection -- answers how many it received. Without it the last casts, still queued
-  in the rank's node or unread by a starved (SCHED_IDLE) analyzer, die with the rank
-  process, and the cluster's "stats" (another connection) is answered before they
-  arrive. `lost` = sent but never received; `unconfirmed` = no answer in time.
+  queued samples go out, then one call to the analyzer answers how many it received.
+  Without it the last sample, still queued in the rank or unread by a starved
+  (SCHED_IDLE) analyzer, dies with the rank process, and the cluster's "stats" (another
+  connection) is answered before it arrives. `lost` = sent but never received;
+  `unconfirmed` = no answer in time.
 
 The arrays of an offered sample are sent without a copy: give `offer` copies (or fresh
 arrays) that the rank will not modify afterwards.
@@ -108,7 +121,13 @@ class HookOutbox:
     """
 
     def __init__(
-        self, specs: list, *, target: str = DEFAULT_TARGET, capacity: int = 2, layout=None
+        self,
+        specs: list,
+        *,
+        target: str = DEFAULT_TARGET,
+        capacity: int = 1,
+        layout=None,
+        reply_timeout: float = 30.0,
     ):
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"HookOutbox capacity must be an int >= 1, got {capacity!r}")
@@ -124,6 +143,7 @@ class HookOutbox:
         self.target = target
         self.node = target.rsplit("@", 1)[1]
         self.capacity = capacity
+        self.reply_timeout = reply_timeout
         self.layout = wire_layout(layout) if layout is not None else []
         self._send, self._receive = trio.open_memory_channel(capacity)
         self._counts = {"offered": 0, "sent": 0, "dropped": 0, "failed": 0}
@@ -133,6 +153,18 @@ class HookOutbox:
     def due(self, step: int) -> bool:
         """True when some analyzer samples `step` (1-based): worth building a sample."""
         return any(step % every == 0 for every in self.periods)
+
+    def has_credit(self) -> bool:
+        """True when the analyzer has answered every sample this outbox sent it and
+        nothing is queued: a sample offered now goes out at once. (The ranks agree on
+        their credit before they sample a step: see RankStep.hook_credit.)"""
+        return not self._forwarding and not self._send.statistics().current_buffer_used
+
+    def decline(self, step: int) -> None:
+        """A due step not sampled for want of credit: counted as offered and dropped,
+        without a copy of anything."""
+        self._counts["offered"] += 1
+        self._counts["dropped"] += 1
 
     def offer(self, sample: HookSample) -> bool:
         """Queue `sample` without waiting; False (and counted as dropped) if full."""
@@ -163,7 +195,11 @@ class HookOutbox:
             self._fail(sample, "no node" if node is None else f"node {self.node} is down")
             return
         try:
-            await actors.cast(self.target, sample)
+            # a call, answered once the analyzer is done with the sample (analyzed,
+            # dropped, ...): until then this rank has no credit for another one
+            await actors.call(self.target, sample, timeout=self.reply_timeout)
+        except actors.CallTimeout:
+            pass  # it went out; the analyzer is slow (or stopped): offer again
         except Exception as exc:  # the analyzer's trouble must never reach the rank
             self._fail(sample, f"{type(exc).__name__}: {exc}")
             return
@@ -171,8 +207,8 @@ class HookOutbox:
 
     async def flush(self, rank: int, timeout: float) -> dict:
         """The rank is done: wait (at most `timeout` s, in all) until the queue is empty,
-        then ask the analyzer for what it received from `rank` -- a call after the casts
-        on the same connection, so its answer counts every cast that ever arrives. Sets
+        then ask the analyzer for what it received from `rank` -- a call after the samples'
+        on the same connection, so its answer counts every sample that ever arrives. Sets
         and returns `flushed`: {"lost": sent but never received, "unconfirmed": sent
         with no answer to tell}. Samples still queued at the deadline count as failed.
         Never raises for the analyzer's trouble; call it once, after the last offer."""

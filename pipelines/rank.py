@@ -163,6 +163,7 @@ class Trainer(actors.Actor):
         cfg = st.cfg
         total = cfg.train.steps
         s = plan["step"]
+        self.hooks_agreed = True  # every rank starts here with the same value
         while s < total:
             record = await self._step(s, plan["generation"])
             s += 1
@@ -222,8 +223,15 @@ class Trainer(actors.Actor):
         await st.chaos.at(s, "start")
         batches = await actors.call("DataLoader", ("batches", s), timeout=None)
         st.add_time("data_s", time.perf_counter() - t0)
+        # a due step is sampled only if every rank had credit at the last step (the
+        # analyzer keeps up): the same decision on every rank (hook_link's doc). The
+        # run's last step always is: the run's end waits for the analyzer anyway.
         sampled = self.hooks.due(s + 1)
+        if sampled and not self.hooks_agreed and s + 1 != cfg.train.steps:
+            self.hooks.decline(s + 1)
+            sampled = False
         rs.keep_for_hooks = sampled
+        rs.hook_credit = self.hooks.has_credit() and not sampled
         await st.chaos.at(s, "compute")
         seed = step_seed(cfg.train.seed, s, st.rank)
         done = 0
@@ -253,6 +261,7 @@ class Trainer(actors.Actor):
             await actors.call("Reducer", ("reduce", s, grads, loss_sum, done), timeout=None)
         )
         shard, sq, loss = reduced
+        self.hooks_agreed = rs.hooks_agreed
         lo, hi = rs.lo, rs.hi
         if sampled:  # what the analyzer gets from this rank: its shard (and own gradient)
             own = shard[lo:hi] if shard.size == rs.n else shard

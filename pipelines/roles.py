@@ -514,6 +514,13 @@ class HookAnalyzer(_Role):
     def due(self, step: int) -> bool:
         return self.outbox is not None and self.outbox.due(step)
 
+    def has_credit(self) -> bool:
+        return self.outbox is not None and self.outbox.has_credit()
+
+    def decline(self, step: int) -> None:
+        if self.outbox is not None:
+            self.outbox.decline(step)
+
     async def handle_call(self, request, from_):
         kind = request[0]
         if kind == "stats":

@@ -33,9 +33,9 @@ The modes (DeepSpeed ZeRO stages 0/1/2)::
     zero2   reduce_scatter(grad): each rank keeps only its shard of the summed gradient;
             divide; update params[lo:hi]; all_gather(params)
 
-Global-norm clipping uses one float64 all_reduce of [shard sq-norm, loss sum] in every
-mode (ddp sums the same shard norms), so all three modes see the same clip factor and
-the same reported loss. A non-finite reduced norm makes every rank skip the step.
+Global-norm clipping uses one float64 all_reduce of [shard sq-norm, loss sum, hook
+credit] in every mode (ddp sums the same shard norms), so all three modes see the same
+clip factor and the same reported loss. A non-finite reduced norm makes every rank skip the step.
 
 The step is split in phases (`compute`, `reduce`, `apply`) so phase 2's role actors can
 each own one: GradientWorker runs `compute` in a worker thread, Reducer `reduce`,
@@ -219,6 +219,11 @@ class RankStep:
         # caller sets it for the steps an analyzer is due.
         self.keep_for_hooks = keep_for_hooks
         self.hook_view: dict[str, np.ndarray] = {}
+        # hook_credit: whether this rank's analyzer link could take a sample now; it
+        # rides in the step's small all-reduce, and `hooks_agreed` says whether every
+        # rank could (then all sample the next due step). Never part of the arithmetic.
+        self.hook_credit = False
+        self.hooks_agreed = False
         self.mode = cfg.cluster.mode
         self.rank, self.world = coll.rank, coll.world
         n = model.params.size
@@ -326,8 +331,10 @@ class RankStep:
         if denom != 1:
             gradutil.scale(shard, 1.0 / denom)
         own = shard if self.mode != "ddp" else shard[self.lo : self.hi]
-        totals = np.array([gradutil.sq_norm(own), loss_sum], dtype=np.float64)
+        credit = 1.0 if self.hook_credit else 0.0
+        totals = np.array([gradutil.sq_norm(own), loss_sum, credit], dtype=np.float64)
         await self.coll.all_reduce(totals, step=step)
+        self.hooks_agreed = totals[2] == self.world
         return shard, float(totals[0]), float(totals[1]) / denom
 
     def apply(self, shard: np.ndarray, total_sq_norm: float, step: int) -> tuple[float, StepResult]:

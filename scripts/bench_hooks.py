@@ -8,8 +8,10 @@ What runs: the default pipeline (char_lm: the config's model, batch and optimize
 `--steps` steps with `eval.every=0` (and no periodic checkpoint, a one-batch final eval),
 once without hooks and once with `--hook builtin` (all seven built-in analyzers, every
 step), for each N of `--ranks`. At N >= 2 the analyzers run in the analyzer process
-(nice 10, one BLAS thread) and each rank copies a sample per step (its own gradient,
-its shard of the reduced gradient, parameters and update) and casts it there; at N = 1
+(SCHED_IDLE, one BLAS thread). A rank copies a sample (its own gradient, its shard of
+the reduced gradient, parameters and update) and sends it there only when every rank
+has credit -- the analyzer has answered their previous sample -- else the step is
+declined ("outbox" drops: nothing copied); at N = 1
 the local runner calls the analyzers inline, on the critical path.
 
 How it is measured. The machine has 2 cores shared with other work, so figures move:

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 import actors
-from pipelines.analyzer import EXIT_HUNG, QUARANTINE, analyzer_spec
+from pipelines.analyzer import EXIT_HUNG, MAX_HANGS, QUARANTINE, analyzer_spec
 from pipelines.hook_link import HookOutbox, HookSample, wire_layout
 from pipelines.model import build_model
 
@@ -113,6 +113,10 @@ SCRIPT = textwrap.dedent(
             time.sleep(60)
         return {"awake": 1}
 
+    @analyzer(timeout_s=0.5)
+    def stuck(ctx):
+        time.sleep(60)
+
     @analyzer
     def slow(ctx):
         if ctx.step == 1:
@@ -192,6 +196,36 @@ async def test_a_hanging_hook_is_timed_out_and_the_analyzer_process_restarted(tm
     assert json.loads((tmp_path / QUARANTINE).read_text()) == {"sleepy": 1}
 
 
+async def test_a_sample_sent_as_a_call_is_answered_with_its_final_fate(tmp_path):
+    """The rank's credit: a call per sample, answered once the sample is done with --
+    analyzed, or dropped when its step stays incomplete (a rank never sent its part)."""
+    async with analyzer(tmp_path, ["builtin:grad_norm"]):
+        fates = {}
+
+        async def offer(sample):
+            fates[(sample.step, sample.rank)] = await actors.call(TARGET, sample, timeout=LIMIT)
+
+        async with trio.open_nursery() as nursery:
+            for sample in samples(1):
+                nursery.start_soon(offer, sample)
+        assert fates == {(1, 0): "analyzed", (1, 1): "analyzed"}
+        await offer(samples(2)[1])  # rank 0's part never comes
+        await offer(samples(1)[0])  # a step already analyzed
+    assert fates[(2, 1)] == "dropped" and fates[(1, 0)] == "stale"
+
+
+async def test_a_hook_that_hangs_max_hangs_times_is_disabled_for_the_run(tmp_path, script):
+    async with analyzer(tmp_path, [f"{script}:stuck", "builtin:grad_norm"]):
+        for hang in range(1, MAX_HANGS + 1):
+            await send_step(hang)  # stuck hangs; the process exits and is restarted
+            await wait_restarted(hang)
+        await send_step(MAX_HANGS + 1)
+        s = await wait_stats(lambda s: s["steps_analyzed"] == 1)  # grad_norm alone
+    assert "stuck" in s["disabled"] and s["hangs"] == {"stuck": MAX_HANGS}
+    assert json.loads((tmp_path / QUARANTINE).read_text()) == {"stuck": MAX_HANGS}
+    assert not any(r["step"] == MAX_HANGS + 1 and r["hook"] == "stuck" for r in records(tmp_path))
+
+
 async def test_a_flood_of_steps_is_dropped_and_counted_not_queued(tmp_path, script):
     async with analyzer(tmp_path, [f"{script}:slow"]):
         for step in range(1, 31):  # step 1 holds the analyzer for 2 s
@@ -251,10 +285,19 @@ def test_a_hook_sample_travels_as_wire_data_without_pickle():
 
 
 async def test_a_full_outbox_drops_the_offer_at_once_and_counts_it():
-    box = HookOutbox(["builtin:grad_norm", {"hook": "builtin:noise_scale", "every": 5}])
+    specs = ["builtin:grad_norm", {"hook": "builtin:noise_scale", "every": 5}]
+    box = HookOutbox(specs, capacity=2)
     assert [box.due(s) for s in (1, 5)] == [True, True] and box.periods == [1, 5]
     assert [box.offer(s) for s in samples(1) + samples(2)] == [True, True, False, False]
     assert box.stats() == {"offered": 4, "sent": 0, "dropped": 2, "failed": 0, "queued": 2}
+
+
+async def test_an_outbox_has_credit_only_while_nothing_is_queued_or_unanswered():
+    box = HookOutbox(["builtin:grad_norm"])  # capacity 1: one sample at a time
+    assert box.has_credit()
+    box.decline(1)  # a due step nobody sampled: counted, nothing copied
+    assert box.offer(samples(2)[0]) and not box.has_credit()
+    assert box.stats() == {"offered": 2, "sent": 0, "dropped": 1, "failed": 0, "queued": 1}
 
 
 def test_a_step_is_assembled_from_zero_shards_and_from_ddp_copies():
