@@ -69,7 +69,9 @@ from . import _registry
 from ._actor import (
     ActorRef,
     Down,
+    From,
     MonitorRef,
+    _Call,
     _Cast,
     _ExitSignal,
     _Info,
@@ -418,14 +420,31 @@ class Node:
         peer.queued -= 1
 
     def _send_soon(
-        self, peer_name: str, kind: str, body: dict, seq: int = 0, *, droppable: bool = False
+        self,
+        peer_name: str,
+        kind: str,
+        body: dict,
+        seq: int = 0,
+        *,
+        droppable: bool = False,
+        tensors: Any = (),
     ) -> None:
-        """Queue a message without waiting (signals, answers from the reader task). If
-        the outbox is full, a ``droppable`` message is dropped; any other is handed to a
-        helper task that waits up to ``send_timeout`` (order is then not guaranteed)."""
+        """Send a message without waiting (signals, answers from the reader task, fast
+        call replies): on the socket at once when nothing is queued for the peer and
+        the socket takes it, else through the outbox. If the outbox is full, a
+        ``droppable`` message is dropped; any other is handed to a helper task that
+        waits up to ``send_timeout`` (order is then not guaranteed)."""
         peer = self._peers.get(peer_name) or self._peer(peer_name)
         try:
-            frames = self._frames(peer, kind, body, (), seq)
+            frames = self._frames(peer, kind, body, tensors, seq)
+            if peer.queued == 0 and peer.socket is not None:
+                try:
+                    if peer.socket.try_send_multipart(frames):
+                        self._stats["sent"] += 1
+                        return
+                except trio.ClosedResourceError:  # reconnected meanwhile
+                    self._stats["dropped"] += 1
+                    return
             peer.outbox.send_nowait(frames)
             peer.queued += 1
             return
@@ -633,7 +652,39 @@ class Node:
             request = from_wire(msg.body["request"], msg.tensors)
         except WireError as exc:
             raise _Rejected(f"bad request data: {exc}") from None
+        ref = _registry.whereis(to)
+        if ref is not None and ref.alive:
+            # The fast path: straight into the actor's mailbox, with a return address
+            # that sends the reply from the replying task (no task of our own per call).
+            # A full mailbox takes the slow path below, which waits for room in a task
+            # of its own (at most max_inflight of them) so that the reader never blocks.
+            def answer(ok: bool, value: Any) -> None:
+                self._answer(peer.name, msg.seq, to, ok, value)
+
+            from_ = From(answer, ref, f"<node {peer.name}>")
+            ref._pending.add(from_)
+            try:
+                ref.mailbox.put_nowait(_Call(request, from_))
+                return
+            except (MailboxFull, MailboxClosed):
+                ref._pending.discard(from_)
         await self._spawn_request(self._serve_call, peer.name, msg.seq, to, request, timeout)
+
+    def _answer(self, peer: str, seq: int, to: str, ok: bool, value: Any) -> None:
+        """A fast-path call's reply (From's delivery: runs in the replying task, never
+        waits). The caller enforces its own timeout; an actor that exits first fails
+        its pending calls with ActorExited, which goes back as "exited"."""
+        tensors: Any = ()
+        if not ok:
+            body = _error("exited", value.reason if isinstance(value, ActorExited) else value)
+        else:
+            try:
+                data, tensors = to_wire(value)
+            except WireError as exc:
+                body = _error("bad_reply", f"{to} replied with {exc}")
+            else:
+                body = {"ok": True, "value": data}
+        self._send_soon(peer, "reply", body, seq=seq, tensors=tensors)
 
     async def _serve_call(self, peer: str, seq: int, to: str, request: Any, timeout) -> None:
         ref = _registry.whereis(to)

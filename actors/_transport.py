@@ -364,6 +364,37 @@ class TrioSocket:
             await self._fair_checkpoint()
         return zmq.MessageTracker(*trackers) if track else None
 
+    def try_send_multipart(self, frames: Sequence[Any], copy: bool = False) -> bool:
+        """Send one multipart message now if the socket takes it without waiting; False
+        (nothing sent) when it would have to wait: the HWM is hit, or another task is
+        in the middle of a send. For callers that must not block (a reply sent from
+        the replying task). Buffers as in send_multipart(copy=False)."""
+        if not frames:
+            raise ValueError("a message needs at least one frame")
+        self._check_open()
+        if self._send_lock.locked():
+            return False
+        last = len(frames) - 1
+        send = self.zmq.send
+        try:
+            send(frames[0], _SEND_MORE if last else _DONTWAIT, copy=copy)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EHOSTUNREACH and self._router:
+                raise PeerUnreachable(bytes(frames[0])) from None
+            raise
+        for index in range(1, last + 1):
+            flags = _SEND_MORE if index < last else _DONTWAIT
+            try:
+                send(frames[index], flags, copy=copy)
+            except zmq.Again:
+                # libzmq checks the HWM only at a message's first frame, so not expected;
+                # the rest must follow regardless, or the next message would be glued on
+                send(frames[index], flags & ~_DONTWAIT, copy=copy)
+        self._after_io()
+        return True
+
     async def recv_multipart(self, copy: bool = False) -> list:
         """Receive one whole multipart message (``zmq.Frame`` objects unless copy=True)."""
         await trio.lowlevel.checkpoint_if_cancelled()

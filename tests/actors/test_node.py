@@ -100,6 +100,22 @@ async def test_remote_failures_raise_the_same_errors_as_local_ones(transport):
             await actors.call("Echo@w1", ("echo", object()))  # never pickled, never sent
 
 
+async def test_remote_calls_beyond_the_mailbox_capacity_are_all_answered():
+    # A call goes straight into the actor's mailbox; once it is full the serving node
+    # waits for room in a task of its own: every caller gets its own answer either way.
+    async with cluster("w1"):
+        answers = {}
+
+        async def ask(i):
+            answers[i] = await actors.call("Echo@w1", ("echo", i), timeout=LIMIT)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(actors.call, "Echo@w1", ("sleep", 0.3))  # fills up behind
+            for i in range(3 * actors.Actor.mailbox_size):
+                nursery.start_soon(ask, i)
+    assert answers == {i: i for i in range(3 * actors.Actor.mailbox_size)}
+
+
 def test_a_timeout_reported_by_the_serving_node_names_the_callers_timeout():
     # Under load the serving node's "timeout" reply can beat the caller's own deadline
     # (it once arrived first and read "timed out after nans"): both give the same error.

@@ -136,6 +136,23 @@ async def test_close_wakes_every_blocked_receiver_with_closed_resource_error():
         await pull.recv_multipart()
 
 
+async def test_try_send_sends_a_whole_message_now_or_nothing_at_all():
+    push = open_socket("PUSH", connect=bind_address("ipc").replace("*", "2"))
+    with push:  # no peer yet (IMMEDIATE): the socket would have to wait
+        assert push.try_send_multipart([b"a", b"b"]) is False
+    pull, push = pair("ipc", "PULL", "PUSH")
+    with pull, push, trio.fail_after(HANG_GUARD):
+        await push.send_multipart([b"connected"])  # waits for the pipe to exist
+        assert (await pull.recv_multipart())[0].bytes == b"connected"
+        tensor = np.arange(1 << 15, dtype=np.float32)  # over the zero-copy threshold
+        assert push.try_send_multipart([b"head", tensor]) is True
+        head, body = await pull.recv_multipart()
+        assert head.bytes == b"head" and np.array_equal(np.frombuffer(body, np.float32), tensor)
+        push.close()
+        with pytest.raises(trio.ClosedResourceError):
+            push.try_send_multipart([b"late"])
+
+
 async def test_close_wakes_a_sender_blocked_on_a_full_pipe():
     push = open_socket("PUSH", connect=bind_address("ipc").replace("*", "1"))
     with trio.fail_after(HANG_GUARD):
