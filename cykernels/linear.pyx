@@ -6,12 +6,13 @@ weight or the result); the bias add and the bias-gradient column sums are the Cy
 loops here, run without the GIL. weight is (O, I), PyTorch's nn.Linear layout, so
 checkpoints load into the equivalent torch module.
 Parameter gradients (dweight, dbias) ACCUMULATE (+=, so tied weights such as an
-embedding shared with the output head work); dx OVERWRITES and may be None to skip it
-(the first layer needs no input gradient).
+embedding shared with the output head work) unless accumulate=False, which overwrites
+them: the first write of a backward pass needs no zeroed buffer. dx OVERWRITES and may
+be None to skip it (the first layer needs no input gradient).
 
-Allocation: numpy's matmul has no "C += A @ B" form (BLAS beta = 1), so the dweight
-product goes through one temporary of dweight's size (O x I, small next to the N x O
-activations); nothing else allocates.
+Allocation: numpy's matmul has no "C += A @ B" form (BLAS beta = 1), so an accumulating
+dweight product goes through one temporary of dweight's size; an overwriting one goes
+straight into dweight (matmul out=). Nothing else allocates.
 
 References: llm.c matmul_forward / matmul_backward; torch.nn.Linear and its autograd
 formulas. The numpy twin is cykernels/linear_ref.py.
@@ -75,9 +76,10 @@ def linear_forward(out, x, weight, bias):
             _add_bias(ov, b)
 
 
-def linear_backward(dx, dweight, dbias, dout, x, weight):
+def linear_backward(dx, dweight, dbias, dout, x, weight, accumulate=True):
     """dx = dout @ weight; dweight += dout.T @ x; dbias += sum_n dout[n]
-    (dx and dbias may be None)"""
+    (dx and dbias may be None). accumulate=False overwrites dweight and dbias instead:
+    no zeroing pass and no temporary for the first write of a pass."""
     n, i, o = _dims(x, weight)
     check_array("dout", dout, shape=(n, o))
     check_array("dweight", dweight, shape=(o, i), writable=True)
@@ -90,10 +92,15 @@ def linear_backward(dx, dweight, dbias, dout, x, weight):
     # forward: out = x @ weight.T + bias
     if dx is not None:
         np.matmul(dout, weight, out=dx)
-    dweight += np.matmul(dout.T, x)
+    if accumulate:
+        dweight += np.matmul(dout.T, x)
+    else:
+        np.matmul(dout.T, x, out=dweight)
     cdef float[::1] db
     cdef const float[:, ::1] g = dout
     if dbias is not None:
+        if not accumulate:
+            dbias.fill(0)
         db = dbias
         with nogil:
             _bias_grad(db, g)

@@ -2,8 +2,9 @@
 
 Shape legend: N rows (B*T), I input features, O output features. weight is (O, I),
 PyTorch's nn.Linear layout, so out = x @ weight.T + bias.
-Parameter gradients (dweight, dbias) ACCUMULATE (+=) so tied weights work; the input
-gradient dx OVERWRITES and may be None to skip it (the first layer needs no dx).
+Parameter gradients (dweight, dbias) ACCUMULATE (+=) so tied weights work, unless
+accumulate=False (the first write of a pass overwrites); the input gradient dx
+OVERWRITES and may be None to skip it (the first layer needs no dx).
 """
 
 import numpy as np
@@ -16,10 +17,15 @@ def linear_forward(out, x, weight, bias):
         out += bias
 
 
-def linear_backward(dx, dweight, dbias, dout, x, weight):
-    """dx = dout @ weight; dweight += dout.T @ x; dbias += sum_n dout[n]"""
+def linear_backward(dx, dweight, dbias, dout, x, weight, accumulate=True):
+    """dx = dout @ weight; dweight += dout.T @ x; dbias += sum_n dout[n]
+    (accumulate=False: dweight = ..., dbias = ...)"""
     if dx is not None:
         np.matmul(dout, weight, out=dx)
+    if not accumulate:
+        dweight[...] = 0
+        if dbias is not None:
+            dbias[...] = 0
     dweight += dout.T @ x
     if dbias is not None:
         dbias += dout.sum(axis=0)

@@ -5,7 +5,9 @@ B batch, T time, H heads, V vocabulary, r LoRA rank.
 
 Conventions (the kernels' own): float arrays C-contiguous; every output is a buffer the
 layer owns (`self.buffer`), never an input written in place, so nothing a later backward
-reads is clobbered; parameter gradients accumulate, dx overwrites. Each backward ends by
+reads is clobbered; dx overwrites; parameter gradients accumulate, except that the
+first write of a pass overwrites (`ctx.fresh`) or zeroes first (`ctx.zero_fresh`): the
+gradient buffer is not zeroed between passes. Each backward ends by
 telling the pass which parameter gradients it has finished (`ctx.done`), which is what
 lets the Reducer start on the tail of the gradient while backward still runs.
 
@@ -49,13 +51,17 @@ class Linear(Module):
         dx = self.buffer("dx", x.shape) if need_dx else None
         if w.trainable:
             db = b.grad if b is not None and b.trainable else None
-            self.k.linear_backward(dx, w.grad, db, dout, x, w.data)
+            overwrite = ctx.fresh(w) and (db is None or ctx.fresh(b))
+            if not overwrite:
+                ctx.zero_fresh(w, b)
+            self.k.linear_backward(dx, w.grad, db, dout, x, w.data, accumulate=not overwrite)
         else:
             # Frozen weight (a LoRA base, a frozen layer): the kernel's dweight is not
             # optional, and dx = dout @ W is one BLAS call anyway.
             if dx is not None:
                 np.matmul(dout, w.data, out=dx)
             if b is not None and b.trainable:
+                ctx.zero_fresh(b)
                 b.grad += dout.sum(axis=0)
         ctx.done(w, b)
         return dx
@@ -234,6 +240,7 @@ class LayerNorm(Module):
     def backward(self, ctx, dout, need_dx=True):
         x, w, b = self._x, self.weight, self.bias
         dx = self.buffer("dx", x.shape) if need_dx else None
+        ctx.zero_fresh(w, b)  # the kernel accumulates
         dw = w.grad if w.trainable else self.zeros("dw_frozen", w.shape)
         db = b.grad if b.trainable else self.zeros("db_frozen", b.shape)
         self.k.layernorm_backward(dx, dw, db, dout, x, w.data, self._mean, self._rstd)
@@ -259,6 +266,7 @@ class RMSNorm(Module):
     def backward(self, ctx, dout, need_dx=True):
         x, w = self._x, self.weight
         dx = self.buffer("dx", x.shape) if need_dx else None
+        ctx.zero_fresh(w)  # the kernel accumulates
         dw = w.grad if w.trainable else self.zeros("dw_frozen", w.shape)
         self.k.rmsnorm_backward(dx, dw, dout, x, w.data, self._rstd)
         ctx.done(w)
@@ -330,6 +338,7 @@ class Embedding(Module):
     def backward(self, ctx, dout, need_dx=False):
         # forward: out[n] = W[ids[n]]  ->  dW[ids[n]] += dout[n]; ids have no gradient
         if self.weight.trainable:
+            ctx.zero_fresh(self.weight)  # a scatter-add: it accumulates
             self.k.embedding_backward(self.weight.grad, dout, self._ids)
         ctx.done(self.weight)
         return None

@@ -209,7 +209,8 @@ class Model(Module):
         outputs = self._forward(ctx, batch)
         doutputs = self._output_grads(outputs)
         value = float(loss(outputs, batch, doutputs, 1.0))
-        self.grads.fill(0)
+        # No zeroing pass over `grads`: each parameter's first write of the pass
+        # overwrites it (Pass.fresh), as torch's zero_grad(set_to_none=True) does.
         self._tracker.reset(grad_ready)
         self._backward(ctx, doutputs)
         self._tracker.finish()

@@ -383,7 +383,10 @@ class CharTransformer(Model):
         w = self.tok_emb.weight
         dh = self.buffer("dh", self._h.shape)
         if w.trainable:
-            self.k.linear_backward(dh, w.grad, None, doutputs["logits"], self._h, w.data)
+            accumulate = not ctx.fresh(w)  # first here: the embedding adds to it later
+            self.k.linear_backward(
+                dh, w.grad, None, doutputs["logits"], self._h, w.data, accumulate=accumulate
+            )
         else:
             np.matmul(doutputs["logits"], w.data, out=dh)
         ctx.done(w)

@@ -209,6 +209,18 @@ class Pass:
         self.batch = self.seq = 0
         self.tracker = tracker
 
+    def fresh(self, p):
+        """True while no backward of this pass has written p's gradient yet: its buffer
+        holds last pass's values, so the first write must overwrite (or zero first)."""
+        return self.tracker.fresh(p)
+
+    def zero_fresh(self, *params):
+        """Zero the gradients of `params` not yet written in this pass: for a kernel
+        that can only accumulate into them."""
+        for p in params:
+            if p is not None and p.trainable and self.tracker.fresh(p):
+                p.grad.fill(0)
+
     def done(self, *params):
         """A backward has finished its contribution to these parameters' gradients."""
         tracker = self.tracker
@@ -241,6 +253,11 @@ class GradTracker:
         self.remaining[:] = self.uses
         self.frontier = len(self.params)
         self.callback = callback
+
+    def fresh(self, p):
+        """No backward call has finished writing p's gradient in this pass (the
+        gradient buffer is not zeroed between passes: see Model.compute_gradients)."""
+        return self.remaining[p.index] == self.uses[p.index]
 
     def done(self, p):
         remaining = self.remaining

@@ -87,6 +87,16 @@ def test_parameter_gradients_accumulate_and_dx_overwrites(rng, tolerance):
     np.testing.assert_allclose(dbias, 2 * dbias_once, **tolerance[np.float32])
 
 
+@pytest.mark.parametrize("module", [linear, linear_ref], ids=["cython", "twin"])
+def test_accumulate_false_overwrites_the_parameter_gradients(rng, module):
+    x, weight, b, dout = arrays(rng, np.float32)
+    _, _, dweight_once, dbias_once = run(module, x, weight, b, dout)
+    dweight, dbias = np.full_like(weight, np.nan), np.full_like(b, 5.0)
+    module.linear_backward(None, dweight, dbias, dout, x, weight, accumulate=False)
+    np.testing.assert_array_equal(dweight, dweight_once)
+    np.testing.assert_array_equal(dbias, dbias_once)
+
+
 def test_dx_and_dbias_may_be_skipped(rng):
     x, weight, b, dout = arrays(rng, np.float32)
     _, _, dweight_full, _ = run(linear, x, weight, b, dout)

@@ -75,6 +75,21 @@ def test_the_same_seed_gives_the_same_init_and_gradient_bits(name):
     assert gc.tobytes() != ga.tobytes()
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_whatever_the_gradient_buffer_held_before_the_gradient_is_the_same(variant, backend):
+    # compute_gradients does not zero the buffer: each parameter's first write of the
+    # pass overwrites (or zeroes first), tied and LoRA-frozen parameters included
+    name = variant.split()[0]
+    model = build_model(name, **SMALL[name], **VARIANTS[variant], backend=backend)
+    batch = small_batch(name)
+    model.grads[...] = 0.0
+    clean = model.compute_gradients(batch, seed=2)[1].copy()
+    for garbage in (np.nan, -3.5, np.inf):
+        model.grads[...] = garbage
+        assert model.compute_gradients(batch, seed=2)[1].tobytes() == clean.tobytes()
+
+
 def test_a_later_batch_does_not_change_an_earlier_batchs_gradient():
     model = build_model("char_transformer", **SMALL["char_transformer"])
     first = model.compute_gradients(small_batch("char_transformer", b=2), seed=1)[1].copy()
