@@ -273,9 +273,11 @@ class HookOutbox:
             )
 
     def stats(self) -> dict:
-        """{"offered", "sent", "dropped", "failed", "queued"} counts of this outbox, and
-        after `flush` "lost" and "unconfirmed" (see there)."""
-        stats = {**self._counts, "queued": self._send.statistics().current_buffer_used}
+        """{"offered", "sent", "dropped", "failed", "queued"} counts of this outbox
+        (queued: waiting, or on its way and not yet answered; offered is the sum of the
+        other four), and after `flush` "lost" and "unconfirmed" (see there)."""
+        queued = self._send.statistics().current_buffer_used + int(self._forwarding)
+        stats = {**self._counts, "queued": queued}
         return {**stats, **(self.flushed or {})}
 
 
