@@ -19,15 +19,17 @@ JSON that rank 0 writes to --out:
 Under torchrun (WORLD_SIZE set) it trains with DistributedDataParallel over gloo; else in
 one process. It imports torch only -- nothing from zerotrain -- so torch's cold start is
 torch's own. The models mirror pipelines/model: the MLP is Linear/ReLU with PyTorch's
-layout, the char transformer is pipelines/model/bench.py's twin (GELU tanh, layernorm,
-tied head, causal scaled_dot_product_attention). Data is synthetic: a few fixed random
-batches used in turn (the values do not change the work).
+layout, the char transformer is pipelines/model/torch_twin.py's (GELU tanh, layernorm,
+tied head, causal scaled_dot_product_attention), loaded by file path. Data is
+synthetic: a few fixed random batches used in turn (the values do not change the work).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -46,58 +48,21 @@ def mlp(in_dim, hidden, n_classes):
     return nn.Sequential(*layers)
 
 
+def _torch_twin():
+    """pipelines/model/torch_twin.py (the torch twins of our models), loaded by file
+    path: it imports torch only, while importing the `pipelines` package would add
+    zerotrain's own import time to torch's measured cold start."""
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "model" / "torch_twin.py"
+    spec = importlib.util.spec_from_file_location("zerotrain_torch_twin", path)
+    twin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(twin)
+    return twin
+
+
 def char_transformer(vocab, d_model, n_head, n_layer, seq_len):
-    """pipelines/model/bench.py's torch twin of the default char_transformer."""
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(d_model, 3 * d_model)
-            self.proj = nn.Linear(d_model, d_model)
-
-        def forward(self, x):
-            b, t, c = x.shape
-            q, k, v = (
-                z.view(b, t, n_head, c // n_head).transpose(1, 2)
-                for z in self.qkv(x).split(c, dim=2)
-            )
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return self.proj(y.transpose(1, 2).reshape(b, t, c))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln1, self.attn = nn.LayerNorm(d_model), Attention()
-            self.ln2 = nn.LayerNorm(d_model)
-            self.fc, self.fc_proj = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
-
-        def forward(self, x):
-            x = x + self.attn(self.ln1(x))
-            return x + self.fc_proj(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
-
-    class CharTransformer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok_emb = nn.Embedding(vocab, d_model)
-            self.pos_emb = nn.Embedding(seq_len, d_model)
-            self.blocks = nn.ModuleList(Block() for _ in range(n_layer))
-            self.ln_f = nn.LayerNorm(d_model)
-
-        def forward(self, x):
-            h = self.tok_emb(x) + self.pos_emb(torch.arange(x.shape[1]))
-            for block in self.blocks:
-                h = block(h)
-            return self.ln_f(h) @ self.tok_emb.weight.T
-
-    model = CharTransformer()
-    # GPT-2's init as in pipelines/model (the default N(0, 1) embeddings through the tied
-    # head start at a loss near 10); the work per step is the same either way
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            nn.init.zeros_(p)
-        elif "ln" not in name:
-            nn.init.normal_(p, std=0.02)
-    return model
+    """The default char_transformer's torch twin, with GPT-2's init as ours."""
+    twin = _torch_twin()
+    return twin.gpt2_init(twin.TorchCharTransformer(vocab, d_model, n_head, n_layer, seq_len))
 
 
 def train_step(module, opt, x, y, clip_norm: float):

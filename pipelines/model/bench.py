@@ -95,11 +95,16 @@ def _our_step(model, data):
     return step
 
 
+_TWIN_KEYS = ("vocab", "d_model", "n_head", "n_layer", "seq_len")
+
+
 def _torch_step(model, data, cfg):
     import torch
 
+    from pipelines.model.torch_twin import TorchCharTransformer
+
     torch.set_num_threads(1)
-    module = _torch_transformer(torch, **cfg)
+    module = TorchCharTransformer(**{k: cfg[k] for k in _TWIN_KEYS})
     module.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
     opt = torch.optim.Adam(module.parameters(), lr=1e-3)
     x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"]).reshape(-1)
@@ -111,61 +116,6 @@ def _torch_step(model, data, cfg):
         opt.step()
 
     return step
-
-
-def _torch_transformer(torch, vocab, d_model, n_head, n_layer, seq_len, **_):
-    """The default char_transformer in torch, with our parameter names (GELU tanh, layernorm)."""
-    nn, F = torch.nn, torch.nn.functional
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(d_model, 3 * d_model)
-            self.proj = nn.Linear(d_model, d_model)
-
-        def forward(self, x):
-            b, t, c = x.shape
-            q, k, v = (
-                z.view(b, t, n_head, c // n_head).transpose(1, 2)
-                for z in self.qkv(x).split(c, dim=2)
-            )
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return self.proj(y.transpose(1, 2).reshape(b, t, c))
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(d_model, 4 * d_model)
-            self.proj = nn.Linear(4 * d_model, d_model)
-
-        def forward(self, x):
-            return self.proj(F.gelu(self.fc(x), approximate="tanh"))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln1, self.attn = nn.LayerNorm(d_model), Attention()
-            self.ln2, self.mlp = nn.LayerNorm(d_model), MLP()
-
-        def forward(self, x):
-            x = x + self.attn(self.ln1(x))
-            return x + self.mlp(self.ln2(x))
-
-    class CharTransformer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok_emb = nn.Embedding(vocab, d_model)
-            self.pos_emb = nn.Embedding(seq_len, d_model)
-            self.blocks = nn.ModuleList(Block() for _ in range(n_layer))
-            self.ln_f = nn.LayerNorm(d_model)
-
-        def forward(self, x):
-            h = self.tok_emb(x) + self.pos_emb(torch.arange(x.shape[1]))
-            for block in self.blocks:
-                h = block(h)
-            return self.ln_f(h) @ self.tok_emb.weight.T
-
-    return CharTransformer()
 
 
 # ---- where the time goes -----------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_transformer_weights_of_a_cluster_run_load_into_torch(tmp_path):
     from pipelines.config import load_config
     from pipelines.data import load_dataset
     from pipelines.local import build_model_for
-    from tests.pipelines.model.test_torch_parity import TorchCharTransformer
+    from pipelines.model.torch_twin import TorchCharTransformer
 
     tiny = ["model.d_model=16", "model.n_head=2", "model.n_layer=1", "train.batch_size=8"]
     tiny += ["model.seq_len=16", "data.seq_len=16", "eval.every=0", "eval.max_batches=1"]
