@@ -95,6 +95,7 @@ class RankState:
     overlapped_buckets: int = 0  # bucket reductions started before backward ended
     _lock: trio.Lock = field(default_factory=trio.Lock)
     _scope: trio.CancelScope | None = None
+    _regroup: trio.Event = field(default_factory=trio.Event)  # set by the next regroup
 
     @asynccontextmanager
     async def collective(self, what: str):
@@ -116,6 +117,23 @@ class RankState:
         self.min_generation = max(self.min_generation, generation)
         if self._scope is not None:
             self._scope.cancel()
+        self._regroup.set()
+        self._regroup = trio.Event()
+
+    async def wait_unless_regroup(self, event: trio.Event) -> None:
+        """Wait for `event`, or return at once when a regroup is (or gets) called for:
+        whatever the waiting was for will not come (e.g. the ack of a dead neighbour)."""
+        if self.ring.generation < self.min_generation:
+            return
+        regroup = self._regroup
+        async with trio.open_nursery() as nursery:
+
+            async def first(wait) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(first, event.wait)
+            nursery.start_soon(first, regroup.wait)
 
     def add_time(self, key: str, seconds: float) -> None:
         self.timing[key] += seconds
@@ -455,8 +473,8 @@ class Checkpointer(_Role):
             await actors.cast(f"Checkpointer@rank{right}", snap)
 
         async def reply_when_acked() -> None:
-            with trio.move_on_after(REPLICA_ACK_WAIT_S):
-                await acked.wait()
+            with trio.move_on_after(REPLICA_ACK_WAIT_S):  # or a regroup: it died
+                await st.wait_unless_regroup(acked)
             self._acks.pop(s, None)
             from_.reply(None)
 
