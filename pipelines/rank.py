@@ -189,7 +189,7 @@ class Trainer(actors.Actor):
         # the end: final checkpoint and evaluation, then wait for everyone
         await actors.call("Checkpointer", ("snapshot", s, True), timeout=None)
         await actors.call("Checkpointer", ("flush",), timeout=None)
-        info = {"rank": st.rank, "step": s, "memory": st.step.memory()}
+        info = {"rank": st.rank, "step": s, "memory": st.step.memory(), "cpus": _cpus()}
         timing = {k: v / max(st.timed_steps, 1) for k, v in st.timing.items()}
         # the framework's own share: actor messages, copies, scheduling
         parts = ("data_s", "compute_s", "comm_s", "apply_s")
@@ -398,6 +398,32 @@ async def _run_supervisor(supervisor: actors.Supervisor, scope: trio.CancelScope
     scope.cancel()
 
 
+def _cpus() -> list[int] | None:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def pin_to_cpu(rank: int, world: int) -> int | None:
+    """Pin this process to the rank-th CPU it may run on, if every rank can have one
+    (else leave it free: two ranks pinned to one CPU would be worse than none). Must
+    run before any thread starts (threads inherit the mask). The CPU, or None."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return None
+    if world > len(allowed):
+        return None
+    cpu = allowed[rank % len(allowed)]
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as err:
+        log.warning("rank %d: not pinned to CPU %d: %s", rank, cpu, err)
+        return None
+    return cpu
+
+
 def main() -> None:
     logging.basicConfig(
         level=logging.WARNING,
@@ -408,6 +434,9 @@ def main() -> None:
     except (KeyError, OSError, ValueError) as err:
         print(f"zerotrain rank: cannot read the plan (${PLAN_ENV}): {err}", file=sys.stderr)
         sys.exit(2)
+    cluster = plan["config"]["cluster"]
+    if cluster.get("pin_ranks", True):
+        pin_to_cpu(int(os.environ[actors.ENV["rank"]]), int(cluster["ranks"]))
     code = trio.run(_main, plan)
     # the ring may still hold the last acks for slower neighbours: actors' transport
     # flushes the context at exit, so leave through the normal interpreter exit

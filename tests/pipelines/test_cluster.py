@@ -4,6 +4,7 @@ bit, ZeRO shards what it should, checkpoints reshard (issue 4's correctness list
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -65,6 +66,22 @@ def test_outputs_of_a_cluster_run(runs):
     assert [r["step"] for r in records] == list(range(1, 17))
     assert all({"loss", "lr", "grad_norm", "samples_per_s"} <= set(r) for r in records)
     assert zerotrain("ckpt", "verify", str(d)).returncode == 0
+
+
+def test_ranks_are_pinned_to_a_cpu_each_and_that_never_changes_the_numbers(runs, tmp_path):
+    # the module's 2-rank runs used the default, cluster.pin_ranks = true
+    allowed = sorted(os.sched_getaffinity(0))
+    pinned = runs[(2, "ddp")][1]["cpus_per_rank"]
+    if len(allowed) >= 2:
+        assert pinned == [[allowed[0]], [allowed[1]]]
+    else:  # fewer CPUs than ranks: left free
+        assert pinned == [allowed, allowed]
+    # more ranks than CPUs here (2 cores): not pinned, rather than two ranks per CPU
+    if len(allowed) < 4:
+        assert runs[(4, "zero1")][1]["cpus_per_rank"] == [allowed] * 4
+    free = run(tmp_path / "free", "--ranks", "2", "--set", "cluster.pin_ranks=false")
+    assert free["cpus_per_rank"] == [allowed, allowed]
+    assert free["params_sha256"] == runs[(2, "ddp")][1]["params_sha256"]
 
 
 def test_resume_reaches_the_uninterrupted_parameters(runs, tmp_path):
