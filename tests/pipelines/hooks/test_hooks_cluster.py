@@ -129,6 +129,37 @@ def test_every_offered_sample_is_analyzed_or_counted(tmp_path, ranks):
     assert len(lines) == analyzer["steps_analyzed"]
 
 
+SLOW_HOOK = """
+import time
+from pipelines.hooks import analyzer
+
+@analyzer
+def slow(ctx):
+    time.sleep(0.3)  # far slower than a step of this run
+    return {"step": ctx.step}
+"""
+
+
+def test_a_slow_analyzer_gets_fewer_samples_instead_of_dropping_copies(tmp_path, baseline):
+    """Demand: the ranks build a sample only when the analyzer has answered their last
+    one, so the steps it cannot take are declined in the ranks (nothing copied or sent)
+    rather than sent and dropped there; the run's numbers are those without hooks."""
+    script = tmp_path / "slow_hook.py"
+    script.write_text(SLOW_HOOK)
+    summary = train(tmp_path, "--hook", f"{script}:slow")["summary"]
+    assert summary["params_sha256"] == baseline["params_sha256"]
+    check_conservation(summary, 2)
+    analyzer = summary["hooks"]["analyzer"]
+    assert analyzer["dropped"] == 0 and analyzer["stale"] == 0, analyzer
+    for out in summary["hooks"]["ranks"]:
+        assert out["offered"] == STEPS and out["dropped"] >= 1, out  # declined
+        assert out["sent"] == analyzer["steps_analyzed"], (out, analyzer)
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "hooks.jsonl").read_text().splitlines()
+    ]
+    assert steps[-1] == STEPS and len(steps) == analyzer["steps_analyzed"]
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> dict:
     return train(tmp_path_factory.mktemp("baseline"))["summary"]
