@@ -18,12 +18,14 @@ What runs (each run a fresh process tree, so cold start is measured too):
 
 How it is measured. The machine has 2 cores shared with other work, so every figure
 moves: all runs take turns for `--rounds` rounds (forward order, then reversed, ...) and
-each figure is the median over rounds. A run's samples/s is the median over its steps
-after `--warmup` steps (per-step `samples_per_s` in zerotrain's metrics.jsonl; per-step
-wall time in torch, global batch / step time). Where zerotrain's records carry a
-completion time "t" (the multi-rank cluster), samples/s is taken over the wall clock
-between completions instead, so work between steps (snapshots) counts too; the per-step
-median is kept in the JSON as samples_per_s_step_median.
+each figure is the median over rounds. A run's samples/s is its throughput after
+`--warmup` steps, the same way for every system: samples over the wall clock of those
+steps. For torch that is the sum of its per-step times (its loop does nothing between
+steps); for zerotrain's cluster the time between step completions (record "t"), so work
+between steps (snapshots) counts too; for zerotrain at N = 1 the sum of its per-step
+times. The per-step medians are kept as samples_per_s_step_median, and the DDP ratio is
+printed on them too, "(per-step medians)". (Before 2026-12-02 torch's figure was its
+per-step median against zerotrain's wall clock: a median against a mean.)
 
 Cold start is wall time from spawning the command to the first completed step: for
 zerotrain, the first line appearing in metrics.jsonl (polled every 5 ms; the first
@@ -186,8 +188,11 @@ def run_zerotrain(case: Case, steps: int, warmup: int, work: Path, tag: str) -> 
     summary = json.loads((run_dir / "summary.json").read_text())
     if len(records) <= warmup:
         raise BenchError(f"{case.key}: {len(records)} steps logged, need more than {warmup}")
-    step_sps = statistics.median(r["samples_per_s"] for r in records[warmup:])
-    sps = step_sps
+    timed = records[warmup:]
+    step_sps = statistics.median(r["samples_per_s"] for r in timed)
+    # without completion times: the steps' own times, summed (a mean, as torch's figure)
+    seconds = sum(case.global_batch / r["samples_per_s"] for r in timed)
+    sps = case.global_batch * len(timed) / seconds
     stamped = [r["t"] for r in records[warmup - 1 :] if r.get("t") is not None]
     if len(stamped) == len(records) - warmup + 1 and stamped[-1] > stamped[0]:
         # wall clock between step completions: counts what happens between steps too
@@ -287,10 +292,13 @@ def run_torch(case: Case, cfg, steps: int, warmup: int, work: Path, tag: str) ->
         work / f"{name}.log",
     )
     result = json.loads(out.read_text())
-    step_s = statistics.median(result["step_s"][warmup:])
+    steps_s = result["step_s"][warmup:]
+    # throughput over the wall clock of its steps (torch's loop does nothing between
+    # steps), as zerotrain's figure; the per-step median is kept beside it
     return {
-        "samples_per_s": case.global_batch / step_s,
-        "step_ms": 1e3 * step_s,
+        "samples_per_s": case.global_batch * len(steps_s) / sum(steps_s),
+        "samples_per_s_step_median": case.global_batch / statistics.median(steps_s),
+        "step_ms": 1e3 * sum(steps_s) / len(steps_s),
         "overhead": None,
         "cold_start_s": result["first_step_unix"] - t_launch,
         "final_loss": result["final_loss"],
@@ -359,10 +367,10 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def ratio(a: dict | None, b: dict | None) -> float | None:
-    if not a or not b:
+def ratio(a: dict | None, b: dict | None, key: str = "samples_per_s") -> float | None:
+    if not a or not b or a.get(key) is None or b.get(key) is None:
         return None
-    return a["samples_per_s"] / b["samples_per_s"]
+    return a[key] / b[key]
 
 
 def fmt(value, spec: str, none: str = "n/a") -> str:
@@ -433,8 +441,12 @@ def report(cases: list[Case], results: dict[str, dict], args) -> dict:
     pairs = sorted({(c.model, c.optimizer) for c in cases}, key=lambda p: (p[0] != "mlp", p))
     for model, opt in pairs:
         ours1, ours2 = get(model, opt, "zerotrain", 1), get(model, opt, "zerotrain", 2)
+        ddp = get(model, opt, "torch-ddp", 2)
         r = {
-            "ours_n2_over_torch_ddp_n2": ratio(ours2, get(model, opt, "torch-ddp", 2)),
+            "ours_n2_over_torch_ddp_n2": ratio(ours2, ddp),
+            "ours_n2_over_torch_ddp_n2_step_medians": ratio(
+                ours2, ddp, "samples_per_s_step_median"
+            ),
             "ours_n1_over_torch_1thread": ratio(ours1, get(model, opt, "torch", 1, 1)),
             "ours_n1_over_torch_2threads": ratio(ours1, get(model, opt, "torch", 1, 2)),
             "ours_n2_over_ours_n1": ratio(ours2, ours1),
@@ -454,6 +466,7 @@ def report(cases: list[Case], results: dict[str, dict], args) -> dict:
             "model",
             "opt",
             "ours N2 / DDP N2",
+            "(per-step medians)",
             "ours N1 / torch 1t",
             "ours N1 / torch 2t",
             "ours N2 / ours N1",
