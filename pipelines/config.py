@@ -302,7 +302,7 @@ class ClusterConfig:
     # boundaries change the summation order, so they are part of what fixes the bits.
     bucket_mb: float = 0.0
     # pin each rank process to a CPU of its own (rank r -> the r-th CPU this process
-    # may use), when there are at least as many CPUs as ranks: no migrations, warm
+    # may use) when the run has exactly one rank per such CPU: no migrations, warm
     # caches (+15% samples/s on the MLP at N = 2 here). Never changes the numbers.
     pin_ranks: bool = True
 

@@ -406,14 +406,16 @@ def _cpus() -> list[int] | None:
 
 
 def pin_to_cpu(rank: int, world: int) -> int | None:
-    """Pin this process to the rank-th CPU it may run on, if every rank can have one
-    (else leave it free: two ranks pinned to one CPU would be worse than none). Must
-    run before any thread starts (threads inherit the mask). The CPU, or None."""
+    """Pin this process to the rank-th CPU it may run on when the run has exactly one
+    rank per such CPU. Else leave it free: with more ranks, two would share a CPU;
+    with fewer, every run on the machine would pile onto the first CPUs (restrict the
+    set with taskset to pin a run to some CPUs of a big machine). Must run before any
+    thread starts (threads inherit the mask). The CPU, or None."""
     try:
         allowed = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         return None
-    if world > len(allowed):
+    if world != len(allowed):
         return None
     cpu = allowed[rank % len(allowed)]
     try:

@@ -70,15 +70,15 @@ def test_outputs_of_a_cluster_run(runs):
 
 def test_ranks_are_pinned_to_a_cpu_each_and_that_never_changes_the_numbers(runs, tmp_path):
     # the module's 2-rank runs used the default, cluster.pin_ranks = true
+    # exactly one rank per CPU: pinned, rank r to the r-th CPU; else left free (more
+    # ranks would share CPUs, fewer would pile every run onto the first CPUs)
     allowed = sorted(os.sched_getaffinity(0))
-    pinned = runs[(2, "ddp")][1]["cpus_per_rank"]
-    if len(allowed) >= 2:
-        assert pinned == [[allowed[0]], [allowed[1]]]
-    else:  # fewer CPUs than ranks: left free
-        assert pinned == [allowed, allowed]
-    # more ranks than CPUs here (2 cores): not pinned, rather than two ranks per CPU
-    if len(allowed) < 4:
-        assert runs[(4, "zero1")][1]["cpus_per_rank"] == [allowed] * 4
+    for world, mode in ((2, "ddp"), (4, "zero1")):
+        cpus = runs[(world, mode)][1]["cpus_per_rank"]
+        if len(allowed) == world:
+            assert cpus == [[cpu] for cpu in allowed]
+        else:
+            assert cpus == [allowed] * world
     free = run(tmp_path / "free", "--ranks", "2", "--set", "cluster.pin_ranks=false")
     assert free["cpus_per_rank"] == [allowed, allowed]
     assert free["params_sha256"] == runs[(2, "ddp")][1]["params_sha256"]
