@@ -3,8 +3,9 @@
 Why a process of its own (DESIGN.md, "Processes and the supervisor tree"): a research
 script may raise, hang, leak or burn a core; none of that may stop, stall or change a
 training run. In its own OS process it can be killed and restarted by the cluster
-supervisor like any other child, and the ranks only ever cast to it
-(`pipelines.hook_link.HookOutbox`) -- they never wait for an answer.
+supervisor like any other child. The ranks send it samples from a task of their own
+(`pipelines.hook_link.HookOutbox`); a step never waits for it: a rank whose last sample
+is unanswered declines the next one instead (demand, see hook_link).
 
 The tree inside the process (one_for_one)::
 
@@ -52,9 +53,9 @@ so the mailbox keeps draining and no back-pressure reaches the ranks.
 ## Cost to the ranks
 
 The process runs under SCHED_IDLE (else at nice `NICE`) with one BLAS thread, so on a
-busy machine the ranks get the cores first and the analyzer falls behind (and drops)
-instead; once the ranks are done ("stats") it goes back to SCHED_OTHER at nice `NICE`
-to settle. It holds at most
+busy machine the ranks get the cores first and the analyzer falls behind (the ranks
+then decline samples, counted in their outboxes) instead; once the ranks are done
+("stats") it goes back to SCHED_OTHER at nice `NICE` to settle. It holds at most
 `MAX_PENDING_STEPS` + 1 steps of samples: about that many times world x n x 16 bytes
 (each rank's full gradient plus its shards), plus one assembled step.
 
@@ -475,8 +476,8 @@ class HookAnalyzer(actors.Actor):
         raise ValueError(f"HookAnalyzer answers 'stats' or ('flush', rank), got {request!r:.80}")
 
     def _flushed(self, rank) -> dict:
-        """A rank is done and its outbox empty: the casts it sent before this call (same
-        connection, same mailbox, in order) have all been taken. Answer what this process
+        """A rank is done and its outbox empty: the samples it sent before this call
+        (same connection, same mailbox, in order) have all been taken. Answer what this process
         received from that rank, so that the rank can count what never arrived."""
         ledger = self.ledger
         ledger.flushed.add(str(rank))

@@ -23,9 +23,10 @@ coordinator), so the work done between steps -- building and casting the hook sa
 the analyzer process competing for the cores -- counts. The run's own per-step median
 (metrics.jsonl samples_per_s, which times the step only) is kept in the JSON too.
 
-With hooks, the analyzer's stats say how much it really analyzed (it drops steps when
-it falls behind, by design): steps_analyzed and dropped are printed beside the
-throughput, so a small drop bought by dropping every sample shows as such.
+With hooks, the analyzer's stats say how much it really analyzed (when it falls behind,
+the ranks decline samples, by design): steps_analyzed, the analyzer's drops and the
+outboxes' declines ("outbox") are printed beside the throughput, so a small drop bought
+by skipping every sample shows as such.
 
 Target (issue 6): throughput drops less than 5% with every built-in analyzer at every
 step. Prints a table per N, then one JSON line with every number.
