@@ -680,7 +680,11 @@ async def _serve(args) -> int:
                 supervisor = actors.Supervisor(
                     children, name="analyzer", max_restarts=budget, max_seconds=HOOK_FAILURES[1]
                 )
-                await supervisor.run()
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(supervisor.run)
+                    # up (HookAnalyzer registered) at normal priority, so that a busy
+                    # machine cannot starve the start-up; from now on only idle cores
+                    _yield_the_cpu()
     finally:
         ledger.close()
     return EXIT_HUNG if ledger.exit_reason else 0
@@ -689,16 +693,25 @@ async def _serve(args) -> int:
 def _yield_the_cpu():
     """SCHED_IDLE (Linux): run only on a core no rank wants, and be preempted at once
     when one does -- nice 10 still takes ~1/10 of a busy core and delays a waking rank.
-    Where SCHED_IDLE is missing or refused, nice `NICE`. (Threads started later inherit
-    the policy.)"""
+    Where SCHED_IDLE is missing or refused, nice `NICE`. Every thread of the process
+    (Linux schedules threads; threads started later inherit the caller's policy)."""
+    for tid in _threads():
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, NICE)
+        except (AttributeError, OSError):  # not permitted: the parent's priority
+            pass
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
+
+
+def _threads() -> list[int]:
+    """This process's thread ids (Linux), else [0]: the calling thread."""
     try:
-        os.nice(NICE)
-    except OSError:  # not permitted: run at the parent's priority
-        pass
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
 
 
 def _take_the_cpu_back():
@@ -706,11 +719,7 @@ def _take_the_cpu_back():
     `NICE`), so that settling is not starved by other work on the machine. Best effort."""
     if not hasattr(os, "SCHED_IDLE"):
         return
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
-    for tid in tids:
+    for tid in _threads():
         try:
             if os.sched_getscheduler(tid) == os.SCHED_IDLE:
                 os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
@@ -727,7 +736,6 @@ def main(argv=None) -> int:
     parser.add_argument("--specs", required=True, help="the hook specs as a JSON list")
     parser.add_argument("--base-dir", default=os.getcwd())
     args = parser.parse_args(argv)
-    _yield_the_cpu()
     logging.basicConfig(
         level=os.environ.get("ZEROTRAIN_ANALYZER_LOG", "WARNING"),
         format="%(name)s %(message)s",

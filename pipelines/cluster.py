@@ -264,10 +264,23 @@ async def _ranks(supervisor: actors.Supervisor, coord: Coordinator) -> None:
 
 
 async def _side(supervisor: actors.Supervisor, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The analyzer's supervisor. Hooks must never stop training: if it cannot start
+    (or gives up later), the run goes on without analyzers -- the ranks' outboxes count
+    what they could not send."""
+    started = False
+
+    class _Started:
+        def started(self, value=None):
+            nonlocal started
+            started = True
+            task_status.started(value)
+
     try:
-        await supervisor.run(task_status=task_status)
+        await supervisor.run(task_status=_Started())
     except actors.ActorError as err:
         print(f"zerotrain: the hook analyzer gave up: {err}", file=sys.stderr)
+        if not started:
+            task_status.started()
 
 
 def _free_ports(n: int) -> list[int]:

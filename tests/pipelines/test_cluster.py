@@ -178,3 +178,22 @@ def test_bucket_mb_is_rejected_for_zero2(tmp_path):
         .splitlines()[-1]
         .startswith("zerotrain: config error: cluster.bucket_mb")
     )
+
+
+async def test_an_analyzer_that_cannot_start_does_not_stop_the_run():
+    # hooks must never stop training: the run goes on without the analyzer process
+    import sys
+
+    import trio
+
+    import actors
+    from pipelines.cluster import _side
+
+    broken = actors.process_spec(
+        "analyzer", [sys.executable, "-c", "raise SystemExit(7)"], wait_for=["HookAnalyzer"]
+    )
+    with trio.fail_after(60):
+        async with actors.open_node("cluster"):
+            async with trio.open_nursery() as nursery:
+                sup = actors.Supervisor([broken], name="AnalyzerSupervisor", max_restarts=0)
+                await nursery.start(_side, sup)  # returns: the run may go on

@@ -72,7 +72,7 @@ async def test_ddp_zero1_and_zero2_on_n_ranks_match_world_one(data):
     assert moved > 1e-3  # the reference did train
     assert ref_stats[0][0].clip_coef < 1.0  # and clipping was exercised
     for world in (2, 3, 4):
-        finals = {}
+        finals, losses = {}, {}
         for mode in ("ddp", "zero1", "zero2"):
             cfg = tiny(f"cluster.ranks={world}", f"cluster.mode={mode}")
             ranks, stats = await run_ranks(cfg, data, world)
@@ -81,9 +81,12 @@ async def test_ddp_zero1_and_zero2_on_n_ranks_match_world_one(data):
             assert rel_err(ranks[0].model.params, ref_params) < 1e-5, (world, mode)
             assert stats[0][-1].loss == pytest.approx(ref_stats[0][-1].loss, rel=1e-5)
             finals[mode] = ranks[0].model.params.copy()
-        # same world, same sums in the same order: the modes agree bit for bit
+            losses[mode] = [st.loss for st in stats[0]]
+        # same world, same sums in the same order: the modes agree bit for bit, the
+        # parameters and the reported loss
         np.testing.assert_array_equal(finals["ddp"], finals["zero1"])
         np.testing.assert_array_equal(finals["ddp"], finals["zero2"])
+        assert losses["ddp"] == losses["zero1"] == losses["zero2"], world
 
 
 async def test_gradient_accumulation_gives_the_same_update_as_one_big_batch(data):
