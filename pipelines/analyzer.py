@@ -561,6 +561,8 @@ class HookAnalyzer(actors.Actor):
     def _drop_abandoned(self):
         """Drop incomplete steps nobody completed in PENDING_MAX_S (a rank restarted
         or gave up on it): their samples' calls get their answer, the ranks their credit."""
+        if len(self.ref.mailbox):  # unread samples (a starved process) may complete them
+            return
         now = trio.current_time()
         for step in [t for t, since in self.pending_since.items() if now - since > PENDING_MAX_S]:
             self._drop(step)
