@@ -65,6 +65,15 @@ def char_transformer(vocab, d_model, n_head, n_layer, seq_len):
     return twin.gpt2_init(twin.TorchCharTransformer(vocab, d_model, n_head, n_layer, seq_len))
 
 
+def add_char_transformer_args(parser) -> None:
+    """--vocab --d-model --n-head --n-layer --seq-len, the default pipeline's sizes."""
+    parser.add_argument("--vocab", type=int, default=96)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+
+
 def train_step(module, opt, x, y, clip_norm: float):
     """One optimizer step on (x, y) with cross-entropy and optional clipping; the loss."""
     opt.zero_grad(set_to_none=True)
@@ -129,11 +138,7 @@ def main(argv=None):
     p.add_argument("--in-dim", type=int, default=784)
     p.add_argument("--hidden", type=int, nargs="+", default=[1024, 1024])
     p.add_argument("--n-classes", type=int, default=10)
-    p.add_argument("--vocab", type=int, default=96)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=64)
+    add_char_transformer_args(p)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

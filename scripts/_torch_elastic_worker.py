@@ -34,7 +34,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_torch_train import char_transformer, train_step  # noqa: E402  (imports torch only)
+from _bench_torch_train import (  # noqa: E402  (imports torch only)
+    add_char_transformer_args,
+    char_transformer,
+    train_step,
+)
 
 N_BATCHES = 4
 
@@ -61,11 +65,7 @@ def main(argv=None):
     p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.99])
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip-norm", type=float, default=1.0)
-    p.add_argument("--vocab", type=int, default=96)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=64)
+    add_char_transformer_args(p)
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
