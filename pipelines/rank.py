@@ -417,7 +417,7 @@ def pin_to_cpu(rank: int, world: int) -> int | None:
         return None
     if world != len(allowed):
         return None
-    cpu = allowed[rank % len(allowed)]
+    cpu = allowed[rank]
     try:
         os.sched_setaffinity(0, {cpu})
     except OSError as err:

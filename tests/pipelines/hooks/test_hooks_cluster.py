@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.analyzer import MAX_HANGS
+from pipelines.hooks import load_hooks
 from tests.pipelines.cluster_util import zerotrain
 
 STEPS = 12
@@ -31,15 +32,7 @@ SHORT = [
     "--set", "eval.every=0",
 ]  # fmt: skip
 SCRIPTS = Path(__file__).resolve().parents[3] / "scripts" / "hooks"
-BUILTINS = (
-    "grad_norm",
-    "grad_distribution",
-    "grad_flow",
-    "grad_health",
-    "update_ratio",
-    "rank_cosine",
-    "noise_scale",
-)
+BUILTINS = tuple(hook.name for hook in load_hooks(["builtin"]))  # names: test_builtins
 
 BAD_HOOKS = """
 import time
