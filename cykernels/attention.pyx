@@ -8,10 +8,12 @@ Per batch row b and head h, with q, k, v the head's (T, hs) slices of qkv:
     att    = softmax(preatt) over each row, future positions (t2 > t) masked out
     out    = att v                    heads concatenated back into (T, C)
 
-The four per-head products go to BLAS through numpy's batched np.matmul on strided
-views of qkv / out / dqkv (no copies: each head's (T, hs) slice is a BLAS matrix with
-leading dimension 3C or C). Measured faster here than nested loops even though BLAS
-also computes the masked upper triangle. The masked softmax and its backward are the
+Each head's (T, hs) slice of qkv / out / dqkv is a BLAS matrix with leading dimension
+3C or C, so no product copies anything. With the sgemm of cykernels/gemm.pyx (MKL) one
+loop without the GIL walks the (b, h) tiles and does a tile's products and softmax
+together while its (T, T) block is in cache; without it the products go to numpy's
+batched np.matmul on strided views, then the softmax runs over all tiles. BLAS also
+computes the masked upper triangle: measured faster here than skipping it by hand. The masked softmax and its backward are the
 Cython loops below (exp and the row reductions from cykernels/_simd.pxd, as softmax in
 activations.pyx), run without the GIL; they only touch the causal lower triangle and
 write exact zeros above it. The forward saves att (the probabilities) for the backward;
@@ -27,10 +29,14 @@ Shape legend: B batch, T time, C channels, H heads (n_head), hs = C / H head siz
   out, dout (B, T, C)      att, datt, dpreatt (B, H, T, T)
 """
 
+from libc.math cimport sqrt
+
 from cykernels._simd cimport zt_dot, zt_expf, zt_max, zt_sum
+from cykernels.gemm cimport sgemm, sgemm_fits
 
 import numpy as np
 
+from cykernels import gemm as _gemm
 from cykernels._checks import check_array, check_no_alias
 
 
@@ -64,39 +70,85 @@ def _merged(arr, n_head):
     return arr.reshape(b, t, n_head, c // n_head).transpose(0, 2, 1, 3)
 
 
-# ---- causal softmax over (B*H, T, T) -------------------------------------------------
+# ---- causal softmax of one (T, T) tile -----------------------------------------------
 
 
-cdef void _causal_softmax_forward(float[:, :, ::1] att, float scale) noexcept nogil:
+cdef void _causal_softmax_forward(float* att, Py_ssize_t T, float scale) noexcept nogil:
     """att[t, :t+1] = softmax(att[t, :t+1] * scale); att[t, t+1:] = 0   (in place)"""
-    cdef Py_ssize_t bh, t, t2, T = att.shape[1]
+    cdef Py_ssize_t t, t2
     cdef float m, inv
-    for bh in range(att.shape[0]):
-        for t in range(T):
-            # scale > 0, so max(scale x) = scale max(x): the scaling folds into the exp
-            m = zt_max(&att[bh, t, 0], t + 1)
-            for t2 in range(t + 1):
-                att[bh, t, t2] = zt_expf((att[bh, t, t2] - m) * scale)
-            inv = 1.0 / zt_sum(&att[bh, t, 0], t + 1)
-            for t2 in range(t + 1):
-                att[bh, t, t2] = att[bh, t, t2] * inv
-            for t2 in range(t + 1, T):
-                att[bh, t, t2] = 0.0
+    cdef float* row
+    for t in range(T):
+        row = att + t * T
+        # scale > 0, so max(scale x) = scale max(x): the scaling folds into the exp
+        m = zt_max(row, t + 1)
+        for t2 in range(t + 1):
+            row[t2] = zt_expf((row[t2] - m) * scale)
+        inv = 1.0 / zt_sum(row, t + 1)
+        for t2 in range(t + 1):
+            row[t2] = row[t2] * inv
+        for t2 in range(t + 1, T):
+            row[t2] = 0.0
 
 
-cdef void _causal_softmax_backward(float[:, :, ::1] dpreatt, const float[:, :, ::1] datt,
-                                   const float[:, :, ::1] att, float scale) noexcept nogil:
+cdef void _causal_softmax_backward(float* dpreatt, const float* datt, const float* att,
+                                   Py_ssize_t T, float scale) noexcept nogil:
     """dpreatt[t, :t+1] = scale att (datt - <datt, att>); dpreatt[t, t+1:] = 0"""
-    cdef Py_ssize_t bh, t, t2, T = att.shape[1]
+    cdef Py_ssize_t t, t2, r
     cdef float d
-    for bh in range(att.shape[0]):
-        for t in range(T):
-            # forward: att = softmax(preatt) on the visible row, preatt = q k^T scale
-            d = zt_dot(&datt[bh, t, 0], &att[bh, t, 0], t + 1)
-            for t2 in range(t + 1):
-                dpreatt[bh, t, t2] = scale * att[bh, t, t2] * (datt[bh, t, t2] - d)
-            for t2 in range(t + 1, T):
-                dpreatt[bh, t, t2] = 0.0
+    for t in range(T):
+        r = t * T
+        # forward: att = softmax(preatt) on the visible row, preatt = q k^T scale
+        d = zt_dot(datt + r, att + r, t + 1)
+        for t2 in range(t + 1):
+            dpreatt[r + t2] = scale * att[r + t2] * (datt[r + t2] - d)
+        for t2 in range(t + 1, T):
+            dpreatt[r + t2] = 0.0
+
+
+# ---- attention, tile by tile with sgemm ------------------------------------------------
+
+
+cdef void _forward_tiles(float* out, float* att, const float* qkv, int B, int T, int C,
+                         int H) noexcept nogil:
+    """out, att of every (b, h) tile: preatt = q k^T, softmax, out = att v"""
+    cdef int b, h, hs = C // H, ld = 3 * C
+    cdef const float* q
+    cdef float* a
+    cdef float scale = 1.0 / sqrt(<double>hs)
+    for b in range(B):
+        for h in range(H):
+            q = qkv + <Py_ssize_t>b * T * ld + h * hs
+            a = att + (<Py_ssize_t>b * H + h) * T * T
+            sgemm(False, True, T, T, hs, q, ld, q + C, ld, 0.0, a, T)
+            _causal_softmax_forward(a, T, scale)
+            sgemm(False, False, T, hs, T, a, T, q + 2 * C, ld,
+                  0.0, out + <Py_ssize_t>b * T * C + h * hs, C)
+
+
+cdef void _backward_tiles(float* dqkv, float* dpreatt, float* datt, const float* dout,
+                          const float* qkv, const float* att, int B, int T, int C,
+                          int H) noexcept nogil:
+    """dqkv of every (b, h) tile (see attention_backward)"""
+    cdef int b, h, hs = C // H, ld = 3 * C
+    cdef Py_ssize_t tile, head
+    cdef const float* q
+    cdef const float* do
+    cdef float* dq
+    cdef float scale = 1.0 / sqrt(<double>hs)
+    for b in range(B):
+        for h in range(H):
+            head = <Py_ssize_t>b * T * ld + h * hs
+            q, dq = qkv + head, dqkv + head
+            do = dout + <Py_ssize_t>b * T * C + h * hs
+            tile = (<Py_ssize_t>b * H + h) * T * T
+            # forward: out = att v
+            sgemm(False, True, T, T, hs, do, C, q + 2 * C, ld, 0.0, datt + tile, T)
+            sgemm(True, False, T, hs, T, att + tile, T, do, C, 0.0, dq + 2 * C, ld)
+            _causal_softmax_backward(dpreatt + tile, datt + tile, att + tile, T, scale)
+            # forward: preatt = q k^T scale (scale already folded into dpreatt)
+            sgemm(False, False, T, hs, T, dpreatt + tile, T, q + C, ld, 0.0, dq, ld)
+            sgemm(True, False, T, hs, T, dpreatt + tile, T, q, ld, 0.0, dq + C, ld)
 
 
 # ---- attention -----------------------------------------------------------------------
@@ -110,12 +162,22 @@ def attention_forward(out, att, qkv, n_head):
     check_no_alias({"out": out, "att": att}, {"qkv": qkv})
     if out.size == 0:
         return
+    cdef float[:, :, ::1] o = out
+    cdef float[:, :, :, ::1] a = att
+    cdef const float[:, :, ::1] x = qkv
+    cdef int B = b, T = t, C = c, H = n_head
+    cdef Py_ssize_t bh
+    cdef float scale = 1.0 / np.sqrt(hs)
+    _gemm.library()
+    if sgemm_fits(t, t, 3 * c):
+        with nogil:
+            _forward_tiles(&o[0, 0, 0], &a[0, 0, 0, 0], &x[0, 0, 0], B, T, C, H)
+        return
     q, k, v = _heads(qkv, n_head)
     np.matmul(q, k.transpose(0, 1, 3, 2), out=att)
-    cdef float[:, :, ::1] a = att.reshape(b * n_head, t, t)
-    cdef float scale = 1.0 / np.sqrt(hs)
     with nogil:
-        _causal_softmax_forward(a, scale)
+        for bh in range(<Py_ssize_t>B * H):
+            _causal_softmax_forward(&a[0, 0, 0, 0] + bh * T * T, T, scale)
     np.matmul(att, v, out=_merged(out, n_head))
 
 
@@ -132,18 +194,32 @@ def attention_backward(dqkv, dpreatt, datt, dout, qkv, att, n_head):
                    {"dout": dout, "qkv": qkv, "att": att})
     if dqkv.size == 0:
         return
+    cdef float[:, :, ::1] dx = dqkv
+    cdef float[:, :, :, ::1] dp = dpreatt
+    cdef float[:, :, :, ::1] da = datt
+    cdef const float[:, :, ::1] do = dout
+    cdef const float[:, :, ::1] x = qkv
+    cdef const float[:, :, :, ::1] a = att
+    cdef int B = b, T = t, C = c, H = n_head
+    cdef Py_ssize_t bh, tile
+    cdef float scale = 1.0 / np.sqrt(hs)
+    _gemm.library()
+    if sgemm_fits(t, t, 3 * c):
+        with nogil:
+            _backward_tiles(&dx[0, 0, 0], &dp[0, 0, 0, 0], &da[0, 0, 0, 0], &do[0, 0, 0],
+                            &x[0, 0, 0], &a[0, 0, 0, 0], B, T, C, H)
+        return
     q, k, v = _heads(qkv, n_head)
     dq, dk, dv = _heads(dqkv, n_head)
-    do = _merged(dout, n_head)
+    dom = _merged(dout, n_head)
     # forward: out = att v
-    np.matmul(do, v.transpose(0, 1, 3, 2), out=datt)
-    np.matmul(att.transpose(0, 1, 3, 2), do, out=dv)
-    cdef float[:, :, ::1] dp = dpreatt.reshape(b * n_head, t, t)
-    cdef const float[:, :, ::1] da = datt.reshape(b * n_head, t, t)
-    cdef const float[:, :, ::1] a = att.reshape(b * n_head, t, t)
-    cdef float scale = 1.0 / np.sqrt(hs)
+    np.matmul(dom, v.transpose(0, 1, 3, 2), out=datt)
+    np.matmul(att.transpose(0, 1, 3, 2), dom, out=dv)
     with nogil:
-        _causal_softmax_backward(dp, da, a, scale)
+        for bh in range(<Py_ssize_t>B * H):
+            tile = bh * T * T
+            _causal_softmax_backward(&dp[0, 0, 0, 0] + tile, &da[0, 0, 0, 0] + tile,
+                                     &a[0, 0, 0, 0] + tile, T, scale)
     # forward: preatt = q k^T scale (scale already folded into dpreatt)
     np.matmul(dpreatt, k, out=dq)
     np.matmul(dpreatt.transpose(0, 1, 3, 2), q, out=dk)

@@ -1,18 +1,19 @@
 # cython: language_level=3
 """Fully connected layer, forward and backward side by side: out = x @ weight.T + bias.
 
-The matrix products go to BLAS through numpy (np.matmul with out=, so no copy of x, the
-weight or the result); the bias add and the bias-gradient column sums are the Cython
-loops here, run without the GIL. weight is (O, I), PyTorch's nn.Linear layout, so
+The matrix products go to the sgemm of cykernels/gemm.pyx (MKL, without the GIL) when
+one is loaded, else to BLAS through numpy (np.matmul with out=); either way no copy of
+x, the weight or the result. The bias add and the bias-gradient column sums are the
+Cython loops here, run without the GIL. weight is (O, I), PyTorch's nn.Linear layout, so
 checkpoints load into the equivalent torch module.
 Parameter gradients (dweight, dbias) ACCUMULATE (+=, so tied weights such as an
 embedding shared with the output head work) unless accumulate=False, which overwrites
 them: the first write of a backward pass needs no zeroed buffer. dx OVERWRITES and may
 be None to skip it (the first layer needs no input gradient).
 
-Allocation: numpy's matmul has no "C += A @ B" form (BLAS beta = 1), so an accumulating
-dweight product goes through one temporary of dweight's size; an overwriting one goes
-straight into dweight (matmul out=). Nothing else allocates.
+Allocation: none with sgemm (beta = 1 accumulates in place). numpy's matmul has no
+"C += A @ B" form, so on the numpy path an accumulating dweight product goes through one
+temporary of dweight's size; nothing else allocates.
 
 References: llm.c matmul_forward / matmul_backward; torch.nn.Linear and its autograd
 formulas. The numpy twin is cykernels/linear_ref.py.
@@ -24,6 +25,9 @@ Shape legend: N rows (B*T), I input features, O output features.
 import numpy as np
 
 from cykernels._checks import check_array, check_no_alias
+from cykernels.gemm cimport sgemm, sgemm_fits
+
+from cykernels import gemm as _gemm
 
 
 # ---- argument checks -----------------------------------------------------------------
@@ -67,9 +71,17 @@ def linear_forward(out, x, weight, bias):
     if bias is not None:
         check_array("bias", bias, shape=(o,))
     check_no_alias({"out": out}, {"x": x, "weight": weight, "bias": bias})
-    np.matmul(x, weight.T, out=out)
     cdef float[:, ::1] ov = out
+    cdef const float[:, ::1] xv, wv
     cdef const float[::1] b
+    _gemm.library()
+    if sgemm_fits(n, o, i):
+        xv, wv = x, weight
+        with nogil:
+            sgemm(False, True, ov.shape[0], ov.shape[1], xv.shape[1],
+                  &xv[0, 0], xv.shape[1], &wv[0, 0], wv.shape[1], 0.0, &ov[0, 0], ov.shape[1])
+    else:
+        np.matmul(x, weight.T, out=out)
     if bias is not None and n > 0:
         b = bias
         with nogil:
@@ -90,14 +102,31 @@ def linear_backward(dx, dweight, dbias, dout, x, weight, accumulate=True):
     check_no_alias({"dx": dx, "dweight": dweight, "dbias": dbias},
                    {"dout": dout, "x": x, "weight": weight})
     # forward: out = x @ weight.T + bias
-    if dx is not None:
-        np.matmul(dout, weight, out=dx)
-    if accumulate:
-        dweight += np.matmul(dout.T, x)
-    else:
-        np.matmul(dout.T, x, out=dweight)
-    cdef float[::1] db
     cdef const float[:, ::1] g = dout
+    cdef const float[:, ::1] xv, wv
+    cdef float[:, ::1] dxv, dwv
+    cdef int rows, ins, outs
+    cdef float beta = 1.0 if accumulate else 0.0
+    _gemm.library()
+    if sgemm_fits(n, i, o):
+        rows, ins, outs = n, i, o
+        xv, wv, dwv = x, weight, dweight
+        if dx is not None:
+            dxv = dx
+            with nogil:
+                sgemm(False, False, rows, ins, outs, &g[0, 0], outs, &wv[0, 0], ins,
+                      0.0, &dxv[0, 0], ins)
+        with nogil:
+            sgemm(True, False, outs, ins, rows, &g[0, 0], outs, &xv[0, 0], ins,
+                  beta, &dwv[0, 0], ins)
+    else:
+        if dx is not None:
+            np.matmul(dout, weight, out=dx)
+        if accumulate:
+            dweight += np.matmul(dout.T, x)
+        else:
+            np.matmul(dout.T, x, out=dweight)
+    cdef float[::1] db
     if dbias is not None:
         if not accumulate:
             dbias.fill(0)

@@ -278,6 +278,17 @@ def _limit_blas_threads() -> None:
         os.environ.setdefault(var, "1")
 
 
+def _check_blas_choice() -> None:
+    """ZEROTRAIN_BLAS names a library that is there (a usage error before any rank starts,
+    not N crashed ranks)."""
+    from cykernels import gemm
+
+    try:
+        gemm.resolve(gemm.environment_choice())
+    except (ValueError, ImportError) as err:
+        raise _UsageError(f"zerotrain: {err}") from None
+
+
 def _cmd_report(args, out) -> int:
     from .report import main_report
 
@@ -302,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.command == "ckpt" and args.ckpt_command is None:
             raise _UsageError("zerotrain ckpt: expected inspect DIR or verify DIR")
+        if args.command in ("run", "simulate"):
+            _check_blas_choice()
         handler = {
             "run": _cmd_run,
             "simulate": _cmd_run,

@@ -158,6 +158,8 @@ def run_cluster(
         "config_hash": coord.chash,
         "kernels": KERNEL_BACKEND,
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+        # the matrix library each rank multiplied with (cykernels.gemm: "mkl" or "numpy")
+        "blas": ",".join(sorted({outcome.finished[r]["blas"] for r in range(world)})),
         # the CPUs each rank process may run on (one each when cluster.pin_ranks took)
         "cpus_per_rank": [outcome.finished[r].get("cpus") for r in range(world)],
         "hooks": {"ranks": [outcome.finished[r]["hooks"] for r in range(world)]},

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import trio
 
+from cykernels import gemm
+
 from . import checkpoint as ckpt_mod
 from .config import Config, config_hash, loss_spec, resume_hash
 from .data import batch_for, load_dataset, position, with_default_cache
@@ -379,6 +381,7 @@ def run_local(
         "config_hash": chash,
         "kernels": KERNEL_BACKEND,
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+        "blas": gemm.library(),
         "hooks": hooks_rt.stats(),
         "run_dir": str(rundir.path),
     }

@@ -34,6 +34,7 @@ from pathlib import Path
 import trio
 
 import actors
+from cykernels import gemm
 
 from . import checkpoint as ckpt_mod
 from .chaos import RankChaos
@@ -190,6 +191,7 @@ class Trainer(actors.Actor):
         await actors.call("Checkpointer", ("snapshot", s, True), timeout=None)
         await actors.call("Checkpointer", ("flush",), timeout=None)
         info = {"rank": st.rank, "step": s, "memory": st.step.memory(), "cpus": _cpus()}
+        info["blas"] = gemm.library()
         timing = {k: v / max(st.timed_steps, 1) for k, v in st.timing.items()}
         # the framework's own share: actor messages, copies, scheduling
         parts = ("data_s", "compute_s", "comm_s", "apply_s")

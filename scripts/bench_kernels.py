@@ -195,31 +195,100 @@ def bench_optimizers(args):
     return {"rows": rows}
 
 
+# The char transformer's linear layers: 2048 rows (batch 32 x seq 64), (in, out) features.
+GEMM_SHAPES = [(2048, 128, 384), (2048, 128, 128), (2048, 128, 512), (2048, 512, 128)]
+
+
+def _libraries():
+    from cykernels import gemm
+
+    return [lib for lib in ("mkl", "numpy") if lib == "numpy" or gemm._mkl_path()]
+
+
+def bench_gemm(args):
+    """The linear layers' three products (y = x W^T, dx = dy W, dW = dy^T x) through
+    cykernels.gemm with each library, against torch.mm (MKL inside torch)."""
+    from cykernels import gemm
+
+    rng = np.random.default_rng(0)
+    rows, before = [], gemm.library()
+    for n, i, o in GEMM_SHAPES:
+        x, dy = rng.random((n, i), np.float32), rng.random((n, o), np.float32)
+        w = rng.random((o, i), np.float32)
+        products = {  # name -> (out, a, b, trans_a, trans_b)
+            "y=xW^T": (np.empty((n, o), np.float32), x, w, False, True),
+            "dx=dyW": (np.empty((n, i), np.float32), dy, w, False, False),
+            "dW=dy^Tx": (np.empty((o, i), np.float32), dy, x, True, False),
+        }
+        for name, (out, a, b, ta, tb) in products.items():
+            row = {"shape": f"{n}x{i}->{o}", "product": name}
+            for lib in _libraries():
+                gemm.use(lib)
+                row[f"{lib}_ms"] = 1e3 * time_calls(
+                    lambda out=out, a=a, b=b, ta=ta, tb=tb: gemm.matmul(out, a, b, ta, tb),
+                    args.repeat,
+                )[0]
+            if torch is not None:
+                ta_, tb_, to = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
+                left, right = (ta_.t() if ta else ta_), (tb_.t() if tb else tb_)
+                row["torch_ms"] = 1e3 * time_calls(
+                    lambda: torch.mm(left, right, out=to), args.repeat
+                )[0]
+            rows.append(row)
+    gemm.use(before)
+    totals = {k: sum(r[k] for r in rows) for k in rows[0] if k.endswith("_ms")}
+    rows.append({"shape": "all", "product": "sum", **totals})
+    for r in rows:
+        if "mkl_ms" in r:
+            r["mkl_over_numpy"] = r["mkl_ms"] / r["numpy_ms"]
+        if "torch_ms" in r:
+            r["mkl_over_torch" if "mkl_ms" in r else "numpy_over_torch"] = (
+                r.get("mkl_ms", r["numpy_ms"]) / r["torch_ms"]
+            )
+    columns = [("shape", "shape", "{}"), ("product", "product", "{}")]
+    columns += [(k, k, "{:.3f}") for k in rows[-1] if k not in ("shape", "product")]
+    print_table("float32 matrix products, ms (single thread)", rows, columns)
+    return {"rows": rows}
+
+
 # ---- sections --------------------------------------------------------------------------
 # One function per section, run in this order; each prints its table and returns a dict
 # that lands under its name (without "bench_") in the final JSON line.
 def bench_transformer(args):
-    """Default char transformer: forward + backward + Adam per step, ours vs torch."""
+    """Default char transformer: forward + backward + Adam per step, ours (with each
+    matrix library) vs torch."""
+    from cykernels import gemm
     from pipelines.model.bench import transformer_benchmark
 
-    result = transformer_benchmark(steps=args.transformer_steps, profile=False)
-    row = {
-        "model": "char_transformer 2x128, 4 heads, seq 64, vocab 96, batch 32",
-        "ours_cpu_ms": round(result["ours_cpu_ms"], 2),
-        "ours_steps_per_s": round(result["ours_steps_per_s"], 2),
-    }
-    if result.get("torch_cpu_ms") is not None:
-        row["torch_cpu_ms"] = round(result["torch_cpu_ms"], 2)
-        row["torch_steps_per_s"] = round(result["torch_steps_per_s"], 2)
-        row["ours_over_torch_time"] = round(result["ratio"], 3)
-    columns = [(key, key, "{}") for key in row]
-    print_table("transformer fwd+bwd+Adam (single thread)", [row], columns)
-    return {"rows": [row]}
+    rows, before = [], gemm.library()
+    for lib in _libraries():
+        gemm.use(lib)
+        result = transformer_benchmark(
+            steps=args.transformer_steps, profile=False, torch_reference=not rows
+        )
+        row = {
+            "model": "char_transformer 2x128, 4 heads, seq 64, vocab 96, batch 32",
+            "blas": lib,
+            "ours_cpu_ms": round(result["ours_cpu_ms"], 2),
+            "ours_steps_per_s": round(result["ours_steps_per_s"], 2),
+        }
+        if rows and rows[0].get("torch_cpu_ms") is not None:
+            row["torch_cpu_ms"] = rows[0]["torch_cpu_ms"]
+        elif result.get("torch_cpu_ms") is not None:
+            row["torch_cpu_ms"] = round(result["torch_cpu_ms"], 2)
+        if row.get("torch_cpu_ms"):
+            row["ours_over_torch_time"] = round(row["ours_cpu_ms"] / row["torch_cpu_ms"], 3)
+        rows.append(row)
+    gemm.use(before)
+    columns = [(key, key, "{}") for key in rows[0]]
+    print_table("transformer fwd+bwd+Adam (single thread)", rows, columns)
+    return {"rows": rows}
 
 
 SECTIONS = [
     bench_hardware,
     bench_optimizers,
+    bench_gemm,
     bench_transformer,
 ]
 

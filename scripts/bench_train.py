@@ -211,6 +211,7 @@ def run_zerotrain(case: Case, steps: int, warmup: int, work: Path, tag: str) -> 
         "timing": timing or None,
         "final_loss": summary.get("final_loss"),
         "n_params": summary.get("n_params"),
+        "blas": summary.get("blas"),
     }
 
 
@@ -358,6 +359,8 @@ def aggregate(runs: list[dict]) -> dict:
     ):
         out[key] = median_or_none(r.get(key) for r in runs)
     out["n_params"] = runs[0].get("n_params")
+    if runs[0].get("blas"):  # zerotrain's matrix library (cykernels.gemm)
+        out["blas"] = runs[0]["blas"]
     timings = [r["timing"] for r in runs if r.get("timing")]
     if timings:
         out["timing"] = {
@@ -613,7 +616,8 @@ def main(argv=None) -> int:
             runs[c.key].append(r)
             print(
                 f"  round {rnd} {c.key:36s} {r['samples_per_s']:>9,.0f} samples/s  "
-                f"cold {fmt(r['cold_start_s'], '.2f')} s",
+                f"cold {fmt(r['cold_start_s'], '.2f')} s"
+                + (f"  blas {r['blas']}" if r.get("blas") else ""),
                 flush=True,
             )
     check_same_models(runs)

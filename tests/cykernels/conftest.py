@@ -42,3 +42,23 @@ def torch():
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     return torch
+
+
+def _blas_params():
+    from cykernels import gemm
+
+    has_mkl = gemm._mkl_path() is not None
+    skip_mkl = pytest.mark.skipif(not has_mkl, reason="the mkl package is not installed")
+    return [pytest.param("mkl", marks=skip_mkl), "numpy"]
+
+
+@pytest.fixture(params=_blas_params())
+def blas(request):
+    """Run the test once per matrix library (cykernels.gemm): MKL's sgemm when the mkl
+    package is installed, and numpy's matmul. The process's choice is restored after."""
+    from cykernels import gemm
+
+    before = gemm.library()
+    gemm.use(request.param)
+    yield request.param
+    gemm.use(before)

@@ -6,6 +6,9 @@ import pytest
 
 from cykernels import attention, attention_ref
 
+# Every test here runs with each matrix library (the `blas` fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("blas")
+
 FD_STEP = 1e-6
 FD_TOLERANCE = {"rtol": 1e-6, "atol": 1e-7}
 

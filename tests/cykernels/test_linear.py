@@ -6,6 +6,9 @@ import pytest
 
 from cykernels import linear, linear_ref
 
+# Every test here runs with each matrix library (the `blas` fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("blas")
+
 FD_STEP = 1e-6
 FD_TOLERANCE = {"rtol": 1e-6, "atol": 1e-7}
 
@@ -149,7 +152,11 @@ def test_mismatched_shapes_raise_value_error_naming_the_argument(rng):
     "spoil, message",
     [
         (lambda a: a.astype(np.float64), "expected dtype float32"),
-        (lambda a: np.asfortranarray(np.repeat(a, 2, axis=1)), "expected a C-contiguous"),
+        (
+            # at least 2 x 2, so the Fortran-order copy is not also C-contiguous
+            lambda a: np.asfortranarray(np.repeat(np.repeat(a, 2, axis=0), 2, axis=1)),
+            "expected a C-contiguous",
+        ),
         (lambda a: a[None], "expected 2 dimensions"),
     ],
     ids=["float64", "fortran", "3d"],

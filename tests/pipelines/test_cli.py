@@ -82,6 +82,9 @@ def test_run_writes_metrics_checkpoints_and_summary(tmp_path):
     ):
         assert key in summary, key
     assert summary["steps"] == 4 and summary["seed"] == 3 and summary["ranks"] == 1
+    from cykernels import gemm
+
+    assert summary["blas"] == ("mkl" if gemm._mkl_path() else "numpy")
     assert set(summary["eval"]) == {"loss", "mse", "mae", "r2"}
     assert len(summary["params_sha256"]) == 64
     mem = summary["memory"]["per_rank"][0]
@@ -134,6 +137,19 @@ def test_a_config_error_in_a_subprocess_exits_2_without_a_traceback():
     assert line == (
         "zerotrain: config error: cluster.ranks: expected an integer >= 1 and <= 256, got 0"
     )
+
+
+def test_an_unknown_matrix_library_exits_2_before_any_rank_starts(capsys, monkeypatch):
+    monkeypatch.setenv("ZEROTRAIN_BLAS", "openblas")
+    line = assert_one_line_error(run_main(capsys, "run", "mlp_regressor"))
+    assert line == "zerotrain: ZEROTRAIN_BLAS: expected one of auto, mkl, numpy, got 'openblas'"
+
+
+def test_the_matrix_library_is_chosen_by_the_environment_and_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZEROTRAIN_BLAS", "numpy")
+    proc = zerotrain("run", *TINY, "--run-dir", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["blas"] == "numpy"
 
 
 def test_an_unknown_pipeline_and_a_missing_command_exit_2(capsys):
