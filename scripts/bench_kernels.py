@@ -224,16 +224,13 @@ def bench_gemm(args):
             row = {"shape": f"{n}x{i}->{o}", "product": name}
             for lib in _libraries():
                 gemm.use(lib)
-                row[f"{lib}_ms"] = 1e3 * time_calls(
-                    lambda out=out, a=a, b=b, ta=ta, tb=tb: gemm.matmul(out, a, b, ta, tb),
-                    args.repeat,
-                )[0]
+                call = lambda out=out, a=a, b=b, ta=ta, tb=tb: gemm.matmul(out, a, b, ta, tb)  # noqa: E731
+                row[f"{lib}_ms"] = 1e3 * time_calls(call, args.repeat)[0]
             if torch is not None:
                 ta_, tb_, to = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
                 left, right = (ta_.t() if ta else ta_), (tb_.t() if tb else tb_)
-                row["torch_ms"] = 1e3 * time_calls(
-                    lambda: torch.mm(left, right, out=to), args.repeat
-                )[0]
+                call = lambda left=left, right=right, to=to: torch.mm(left, right, out=to)  # noqa: E731
+                row["torch_ms"] = 1e3 * time_calls(call, args.repeat)[0]
             rows.append(row)
     gemm.use(before)
     totals = {k: sum(r[k] for r in rows) for k in rows[0] if k.endswith("_ms")}
