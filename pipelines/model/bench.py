@@ -33,6 +33,7 @@ def transformer_benchmark(
     Returns a dict::
 
         config            the model config and batch size
+        blas              the matrix library the kernels used (cykernels.gemm)
         ours_ms, ours_cpu_ms  median wall / CPU milliseconds per step (fwd + bwd + Adam)
         ours_steps_per_s      1000 / ours_cpu_ms
         torch_ms, torch_cpu_ms, torch_steps_per_s, and ratio = ours_cpu_ms / torch_cpu_ms
@@ -44,8 +45,11 @@ def transformer_benchmark(
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg["vocab"], size=(batch, cfg["seq_len"] + 1))
     data = {"x": tokens[:, :-1].copy(), "y": tokens[:, 1:].copy()}
+    from cykernels import gemm
+
     result = {
         "config": {**cfg, "batch": batch},
+        "blas": gemm.library(),
         "blas_threads_env": os.environ.get(
             "OPENBLAS_NUM_THREADS", os.environ.get("OMP_NUM_THREADS")
         ),

@@ -157,7 +157,13 @@ async def test_down_is_delivered_when_a_remote_process_is_sigkilled():
             watcher = Watcher()
             w = await actors.spawn(nursery, watcher)
             ref = await actors.call(w, ("monitor", "Echo@w1"))
-            await actors.call("Echo@w2", ("monitor", "Echo@w1"))  # a watcher in another process
+            # A watcher in another process. The round trip after the monitor means w2 has
+            # heard from this incarnation of w1, so a successor is seen as one (and retires
+            # it, with its Downs). Without it a kill could beat w2's first message to w1,
+            # which ZeroMQ then hands to w1's restarted incarnation on reconnect: w2 would be
+            # monitoring the new, live Echo, and no Down is owed (a CI flake, once).
+            await actors.call("Echo@w2", ("monitor", "Echo@w1"))
+            assert await actors.call("Echo@w2", ("call", "Echo@w1", ("echo", 1))) == 1
             pid = await actors.call("Echo@w1", ("pid",))
             os.kill(pid, signal.SIGKILL)
             await watcher.got.wait()
