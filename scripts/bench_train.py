@@ -27,6 +27,12 @@ times. The per-step medians are kept as samples_per_s_step_median, and the DDP r
 printed on them too, "(per-step medians)". (Before 2026-12-02 torch's figure was its
 per-step median against zerotrain's wall clock: a median against a mean.)
 
+zerotrain multiplies with the matrix library cykernels.gemm picks (MKL when the [mkl]
+extra is installed, as the [bench] extra does; numpy's OpenBLAS otherwise; force one with
+ZEROTRAIN_BLAS=mkl|numpy): each round line and the JSON ("blas") say which ran. torch
+uses its own MKL. On 2026-12-02 char_lm at N = 2 was 0.97x DDP with numpy's OpenBLAS and
+1.10-1.15x with MKL.
+
 Cold start is wall time from spawning the command to the first completed step: for
 zerotrain, the first line appearing in metrics.jsonl (polled every 5 ms; the first
 record's "t" when it has one); for torch, rank 0's clock after its first step.
