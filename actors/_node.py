@@ -45,6 +45,16 @@ process killed before answering, and restarted, would leave the watcher waiting 
 back-pressure (a local mailbox is full) it cannot hear anyone, so it judges no one,
 and deadlines restart when it resumes.
 
+Delivery across a restart. A message still queued in ZeroMQ when its peer dies is
+handed to the peer's restarted incarnation when ZeroMQ reconnects (same name, same
+endpoint). Once this node has heard the old incarnation, the successor's first message
+retires it: the caller's pending calls fail with ``noconnection`` and its monitors fire,
+even if the successor then serves the request. A call can therefore run on the new
+incarnation while its caller sees ``noconnection``: at-least-once, not at-most-once,
+across a restart. A node that never heard the old incarnation cannot tell the two apart
+(its monitor then watches the new one). Protocols that must not act twice tag their
+messages, as the training roles do with (generation, step).
+
 Untrusted input. ``recv_message`` bounds and validates frames (``actors._frames``);
 this module validates bodies. A rejected message is logged with its reason, counted
 (``statistics()["rejected"]``), and answered -- with an error ``reply`` when it carried a
