@@ -90,8 +90,15 @@ def _mkl_path():
 
 
 def _load_mkl(path):
-    """Load libmkl_rt at `path`, sequential / LP64 / CNR strict; return (handle, address)."""
-    lib = ctypes.CDLL(path)
+    """Load libmkl_rt at `path`, sequential / LP64 / CNR strict; return (handle, address).
+    A library that does not load, or lacks a function we call, is an ImportError."""
+    try:
+        lib = ctypes.CDLL(path)
+        for name in ("MKL_Set_Threading_Layer", "MKL_Set_Interface_Layer", "MKL_CBWR_Set",
+                     "cblas_sgemm"):
+            getattr(lib, name)
+    except (OSError, AttributeError) as exc:
+        raise ImportError(f"MKL at {path} is not usable: {exc}") from None
     # Both must precede every other MKL call, or MKL has already picked its layers.
     lib.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
     lib.MKL_Set_Interface_Layer.argtypes = [ctypes.c_int]

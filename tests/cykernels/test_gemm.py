@@ -69,6 +69,16 @@ def test_use_rejects_an_unknown_library():
         gemm.use("openblas")
 
 
+def test_a_library_that_does_not_load_is_one_import_error(tmp_path, monkeypatch):
+    fake = tmp_path / "libmkl_rt.so.3"
+    fake.write_bytes(b"not a shared library")
+    monkeypatch.setattr(gemm, "_mkl_path", lambda: str(fake))
+    with pytest.raises(ImportError, match=r"^MKL at .*libmkl_rt.so.3 is not usable: "):
+        gemm.use("mkl")
+    with pytest.raises(ImportError, match="is not usable"):
+        gemm.use("auto")  # auto means MKL when installed: a broken one is an error too
+
+
 def _library_in_a_fresh_process(value):
     env_code = (
         "import os, sys; os.environ['ZEROTRAIN_BLAS'] = sys.argv[1]; "
