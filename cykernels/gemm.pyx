@@ -16,6 +16,9 @@ Which library, decided once per process on first use (`library()`), by ZEROTRAIN
     mkl             MKL, or an ImportError that says how to install it
     numpy           numpy's matmul, whatever BLAS numpy was built with
 
+An installed MKL that does not load is an ImportError naming it under auto too: never a
+silent fall back to the slower library (a run that trains at numpy speed is a bug).
+
 MKL runs with the sequential threading layer (one thread: a rank owns one core), the
 LP64 interface whatever MKL_INTERFACE_LAYER says, and conditional numerical
 reproducibility AUTO|STRICT: the same inputs give the same bits whatever the arrays'
