@@ -13,8 +13,8 @@ Each head's (T, hs) slice of qkv / out / dqkv is a BLAS matrix with leading dime
 loop without the GIL walks the (b, h) tiles and does a tile's products and softmax
 together while its (T, T) block is in cache; without it the products go to numpy's
 batched np.matmul on strided views, then the softmax runs over all tiles. BLAS also
-computes the masked upper triangle: measured faster here than skipping it by hand. The masked softmax and its backward are the
-Cython loops below (exp and the row reductions from cykernels/_simd.pxd, as softmax in
+computes the masked upper triangle: measured faster here than skipping it by hand.
+The masked softmax and its backward are the Cython loops below (exp and the row reductions from cykernels/_simd.pxd, as softmax in
 activations.pyx), run without the GIL; they only touch the causal lower triangle and
 write exact zeros above it. The forward saves att (the probabilities) for the backward;
 the backward takes datt and dpreatt as caller-provided scratch. dqkv OVERWRITES.
@@ -28,8 +28,6 @@ Shape legend: B batch, T time, C channels, H heads (n_head), hs = C / H head siz
   qkv, dqkv (B, T, 3C) laid out [q | k | v], each split into H heads of hs channels
   out, dout (B, T, C)      att, datt, dpreatt (B, H, T, T)
 """
-
-from libc.math cimport sqrt
 
 from cykernels._simd cimport zt_dot, zt_expf, zt_max, zt_sum
 from cykernels.gemm cimport sgemm, sgemm_fits
@@ -110,12 +108,11 @@ cdef void _causal_softmax_backward(float* dpreatt, const float* datt, const floa
 
 
 cdef void _forward_tiles(float* out, float* att, const float* qkv, int B, int T, int C,
-                         int H) noexcept nogil:
+                         int H, float scale) noexcept nogil:
     """out, att of every (b, h) tile: preatt = q k^T, softmax, out = att v"""
     cdef int b, h, hs = C // H, ld = 3 * C
     cdef const float* q
     cdef float* a
-    cdef float scale = 1.0 / sqrt(<double>hs)
     for b in range(B):
         for h in range(H):
             q = qkv + <Py_ssize_t>b * T * ld + h * hs
@@ -128,14 +125,13 @@ cdef void _forward_tiles(float* out, float* att, const float* qkv, int B, int T,
 
 cdef void _backward_tiles(float* dqkv, float* dpreatt, float* datt, const float* dout,
                           const float* qkv, const float* att, int B, int T, int C,
-                          int H) noexcept nogil:
+                          int H, float scale) noexcept nogil:
     """dqkv of every (b, h) tile (see attention_backward)"""
     cdef int b, h, hs = C // H, ld = 3 * C
     cdef Py_ssize_t tile, head
     cdef const float* q
     cdef const float* do
     cdef float* dq
-    cdef float scale = 1.0 / sqrt(<double>hs)
     for b in range(B):
         for h in range(H):
             head = <Py_ssize_t>b * T * ld + h * hs
@@ -171,7 +167,7 @@ def attention_forward(out, att, qkv, n_head):
     _gemm.library()
     if sgemm_fits(t, t, 3 * c):
         with nogil:
-            _forward_tiles(&o[0, 0, 0], &a[0, 0, 0, 0], &x[0, 0, 0], B, T, C, H)
+            _forward_tiles(&o[0, 0, 0], &a[0, 0, 0, 0], &x[0, 0, 0], B, T, C, H, scale)
         return
     q, k, v = _heads(qkv, n_head)
     np.matmul(q, k.transpose(0, 1, 3, 2), out=att)
@@ -207,7 +203,7 @@ def attention_backward(dqkv, dpreatt, datt, dout, qkv, att, n_head):
     if sgemm_fits(t, t, 3 * c):
         with nogil:
             _backward_tiles(&dx[0, 0, 0], &dp[0, 0, 0, 0], &da[0, 0, 0, 0], &do[0, 0, 0],
-                            &x[0, 0, 0], &a[0, 0, 0, 0], B, T, C, H)
+                            &x[0, 0, 0], &a[0, 0, 0, 0], B, T, C, H, scale)
         return
     q, k, v = _heads(qkv, n_head)
     dq, dk, dv = _heads(dqkv, n_head)

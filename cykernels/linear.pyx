@@ -74,12 +74,14 @@ def linear_forward(out, x, weight, bias):
     cdef float[:, ::1] ov = out
     cdef const float[:, ::1] xv, wv
     cdef const float[::1] b
+    cdef int rows, ins, outs
     _gemm.library()
     if sgemm_fits(n, o, i):
+        rows, ins, outs = n, i, o
         xv, wv = x, weight
         with nogil:
-            sgemm(False, True, ov.shape[0], ov.shape[1], xv.shape[1],
-                  &xv[0, 0], xv.shape[1], &wv[0, 0], wv.shape[1], 0.0, &ov[0, 0], ov.shape[1])
+            sgemm(False, True, rows, outs, ins, &xv[0, 0], ins, &wv[0, 0], ins,
+                  0.0, &ov[0, 0], outs)
     else:
         np.matmul(x, weight.T, out=out)
     if bias is not None and n > 0:
