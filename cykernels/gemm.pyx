@@ -59,7 +59,7 @@ ctypedef void (*cblas_sgemm_t)(int layout, int trans_a, int trans_b, int m, int 
 
 cdef cblas_sgemm_t _sgemm = NULL
 _chosen = None  # "mkl" or "numpy" once library() has run
-_handle = None  # the loaded ctypes library, kept alive while _sgemm points into it
+_loaded = {}  # libmkl_rt path -> (ctypes handle, kept alive; cblas_sgemm's address)
 
 
 cdef bint sgemm_fits(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
@@ -137,16 +137,14 @@ def environment_choice():
 def use(name):
     """Switch this process to library `name` ("auto", "mkl" or "numpy"); return the one
     chosen. Tests and benchmarks call it; runs set ZEROTRAIN_BLAS instead."""
-    global _sgemm, _chosen, _handle
+    global _sgemm, _chosen
     path = resolve(name)
     if path is None:
         _sgemm, _chosen = NULL, "numpy"
         return _chosen
-    if _handle is None or _handle._name != path:
-        _handle, address = _load_mkl(path)
-    else:
-        address = ctypes.cast(_handle.cblas_sgemm, ctypes.c_void_p).value
-    _sgemm = <cblas_sgemm_t><size_t>address
+    if path not in _loaded:
+        _loaded[path] = _load_mkl(path)
+    _sgemm = <cblas_sgemm_t><size_t>_loaded[path][1]
     _chosen = "mkl"
     return _chosen
 
