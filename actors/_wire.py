@@ -40,6 +40,7 @@ _RECORDS: dict[str, type] = {}
 _NAMES: dict[type, str] = {}
 _MAX_DEPTH = 12  # tags can double the msgpack depth; _frames allows 32
 _INT_MIN, _INT_MAX = -(2**63), 2**64
+_PLAIN = frozenset({type(None), bool, float, str, bytes})  # travel as they are
 
 
 class WireError(TypeError):
@@ -75,6 +76,25 @@ def to_wire(value: Any) -> tuple[Any, list[np.ndarray]]:
 def _encode(value: Any, tensors: list[np.ndarray], depth: int) -> Any:
     if depth > _MAX_DEPTH:
         raise WireError(f"value nested deeper than {_MAX_DEPTH} levels")
+    # Exact built-in types first (what nearly every message holds); subclasses and the
+    # rest take the general path, _encode_other.
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is int and _INT_MIN <= value < _INT_MAX:
+        return value
+    if kind is list:
+        return [_encode(v, tensors, depth + 1) for v in value]
+    if kind is dict:
+        for key in value:
+            if type(key) is not str or key[:1] == "$":
+                break
+        else:
+            return {k: _encode(v, tensors, depth + 1) for k, v in value.items()}
+    return _encode_other(value, tensors, depth)
+
+
+def _encode_other(value: Any, tensors: list[np.ndarray], depth: int) -> Any:
     if isinstance(value, np.generic):  # before float: np.float64 is a float subclass
         return value.item()
     if isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value < _INT_MAX:
@@ -116,10 +136,18 @@ def from_wire(data: Any, tensors: list[np.ndarray]) -> Any:
 def _decode(data: Any, tensors: list[np.ndarray], depth: int) -> Any:
     if depth > _MAX_DEPTH:
         raise WireError(f"data nested deeper than {_MAX_DEPTH} levels")
-    if isinstance(data, list):
+    kind = type(data)
+    if kind is list:
         return [_decode(v, tensors, depth + 1) for v in data]
-    if not isinstance(data, dict):
+    if kind is not dict:
         return data
+    for key in data:  # a key starting with "$" marks a tagged value
+        if type(key) is str and key[:1] == "$":
+            return _decode_tagged(data, tensors, depth)
+    return {k: _decode(v, tensors, depth + 1) for k, v in data.items()}
+
+
+def _decode_tagged(data: dict, tensors: list[np.ndarray], depth: int) -> Any:
     if len(data) == 1 and "$nd" in data:
         index = data["$nd"]
         if type(index) is not int or not 0 <= index < len(tensors):
@@ -147,6 +175,4 @@ def _decode(data: Any, tensors: list[np.ndarray], depth: int) -> Any:
             return klass(**fields)
         except TypeError as exc:
             raise WireError(f"record {data['$r']}: {exc}") from None
-    if any(k.startswith("$") for k in data if isinstance(k, str)):
-        raise WireError(f"unknown tagged value {sorted(data)!r:.60}")
-    return {k: _decode(v, tensors, depth + 1) for k, v in data.items()}
+    raise WireError(f"unknown tagged value {sorted(map(str, data))!r:.60}")

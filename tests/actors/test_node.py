@@ -6,6 +6,7 @@ Each test runs a node in the test process and one or two worker processes
 """
 
 import dataclasses
+import enum
 import os
 import signal
 import sys
@@ -299,6 +300,34 @@ def test_records_and_tensors_travel_without_pickle():
     assert back.step == 3 and back.batch is tensors[0]
 
 
+class _Color(enum.IntEnum):
+    RED = 1
+
+
+class _Key(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value, data",
+    [
+        # subclasses of the plain types leave the fast path and come back as the base type
+        (
+            {"x": np.float32(1.5), "n": np.int64(-3), "b": np.bool_(True)},
+            {"x": 1.5, "n": -3, "b": True},
+        ),
+        ([_Color.RED, True], [1, True]),
+        ({_Key("k"): 1}, {"k": 1}),
+        ({"$k": 1, 2: "two"}, {"$d": [["$k", 1], [2, "two"]]}),
+        ((1, [2, (3,)]), {"$t": [1, [2, {"$t": [3]}]]}),
+    ],
+)
+def test_to_wire_gives_plain_data_for_subclasses_tags_and_odd_keys(value, data):
+    assert actors.to_wire(value) == (data, [])
+    frames = actors.encode(Message("call", "a", 1, 0, 1, {"v": data}))
+    assert actors.from_wire(actors.decode(frames).body["v"], []) == value
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -312,6 +341,22 @@ def test_records_and_tensors_travel_without_pickle():
 def test_invalid_received_wire_data_is_a_wire_error(bad, message):
     with pytest.raises(WireError, match=message):
         actors.from_wire(bad, [])
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_wire_nesting_is_bounded_the_same_both_ways():
+    ok, too_deep = _nested(12), _nested(13)  # 12 levels of list inside the outer one
+    assert actors.from_wire(actors.to_wire(ok)[0], []) == ok
+    with pytest.raises(WireError, match="value nested deeper than 12 levels"):
+        actors.to_wire(too_deep)
+    with pytest.raises(WireError, match="data nested deeper than 12 levels"):
+        actors.from_wire(too_deep, [])
 
 
 @pytest.mark.parametrize("value", [2**64, -(2**63) - 1, {1, 2}, object(), (x for x in ())])
