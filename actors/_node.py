@@ -47,13 +47,17 @@ and deadlines restart when it resumes.
 
 Delivery across a restart. A message still queued in ZeroMQ when its peer dies is
 handed to the peer's restarted incarnation when ZeroMQ reconnects (same name, same
-endpoint). Once this node has heard the old incarnation, the successor's first message
-retires it: the caller's pending calls fail with ``noconnection`` and its monitors fire,
-even if the successor then serves the request. A call can therefore run on the new
-incarnation while its caller sees ``noconnection``: at-least-once, not at-most-once,
-across a restart. A node that never heard the old incarnation cannot tell the two apart
-(its monitor then watches the new one). Protocols that must not act twice tag their
-messages, as the training roles do with (generation, step).
+endpoint). So every message carries ``at`` in its body: the generation of the peer
+as the sender last heard it. A node drops (and counts, ``statistics()["stale"]``) a
+message addressed to another generation -- its predecessor's mail -- except ``hb``,
+which only says the sender is alive. The sender learns of the restart from the
+successor's first message, which retires the old incarnation: its pending calls fail
+with ``noconnection`` and its monitors fire. So a call is run at most once, by the
+incarnation it was sent to, as in OTP, where a node's restart (a new "creation") cuts
+the mail meant for the old one. One gap remains: a message sent before this node
+ever heard the peer carries no ``at`` and is served by whichever incarnation gets it
+(a monitor then watches the new one). Protocols that must not act twice across that
+gap tag their messages, as the training roles do with (generation, step).
 
 Untrusted input. ``recv_message`` bounds and validates frames (``actors._frames``);
 this module validates bodies. A rejected message is logged with its reason, counted
@@ -234,7 +238,7 @@ class Node:
         self._served: dict[tuple[str, MonitorRef], tuple[ActorRef, _RemoteWatcher]] = {}
         self._inflight = trio.Semaphore(max_inflight)
         self._paused = False
-        self._stats = {"received": 0, "sent": 0, "rejected": 0, "dropped": 0}
+        self._stats = {"received": 0, "sent": 0, "rejected": 0, "dropped": 0, "stale": 0}
         self._nursery: trio.Nursery | None = None
         self._router: TrioSocket | None = None
         self._label = f"[node {name}]"
@@ -406,6 +410,8 @@ class Node:
     def _frames(self, peer: _Peer, kind: str, body: dict, tensors: Any, seq: int) -> list:
         if peer.socket is None:
             raise ActorExited(peer.name, "noconnection", f"(no endpoint known for {peer.name!r})")
+        if peer.generation is not None:  # addressed to the incarnation we know
+            body = {**body, "at": peer.generation}
         return encode(Message(kind, self.name, self.generation, 0, seq, body, list(tensors)))
 
     async def _send(
@@ -629,9 +635,20 @@ class Node:
         endpoint = msg.body.get("endpoint") if msg.type == "hb" else None
         if endpoint is not None and not isinstance(endpoint, str):
             raise _Rejected("hb endpoint must be a string")
+        at = msg.body.get("at")
+        if at is not None and type(at) is not int:
+            raise _Rejected(f"at must be an int (the addressed generation), got {at!r:.40}")
         peer = self._peer(msg.sender, endpoint)
-        if self._heard_from(peer, msg.generation):
-            await handler(self, peer, msg)
+        if not self._heard_from(peer, msg.generation):
+            return
+        if at is not None and at != self.generation and msg.type != "hb":
+            # Sent to this node's predecessor and handed to us by ZeroMQ's reconnect:
+            # not ours to act on (the sender learns of the restart from our messages).
+            self._stats["stale"] += 1
+            log.info("%s dropped %r (seq %d) from %s: sent to generation %x, this is %x",
+                     self._label, msg.type, msg.seq, msg.sender, at, self.generation)  # fmt: skip
+            return
+        await handler(self, peer, msg)
 
     def _reject(self, peer_name: str | None, reason: str, msg: Message | None) -> None:
         self._stats["rejected"] += 1

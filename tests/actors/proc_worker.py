@@ -14,6 +14,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import actors  # noqa: E402
 
+NODE = []  # this process's node, once open
+
 
 class Echo(actors.Actor):
     """Answers test requests; records the Down messages it gets."""
@@ -38,6 +40,11 @@ class Echo(actors.Actor):
                 return "blocked"
             case ("call", target, inner):
                 return await actors.call(target, inner)
+            case ("cast", target, msg):
+                await actors.cast(target, msg)
+                return None
+            case ("node_stats",):
+                return NODE[0].statistics()
             case ("monitor", target):
                 actors.monitor(target)
                 return None
@@ -61,7 +68,8 @@ async def main():
     stubborn = os.environ.get("PROC_WORKER_IGNORE_SIGTERM") == "1"
     if stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    async with actors.child_node(handle_sigterm=not stubborn):
+    async with actors.child_node(handle_sigterm=not stubborn) as node:
+        NODE.append(node)
         await actors.Supervisor([Echo.child_spec(name="Echo")], max_restarts=100).run()
 
 
