@@ -49,15 +49,19 @@ Delivery across a restart. A message still queued in ZeroMQ when its peer dies i
 handed to the peer's restarted incarnation when ZeroMQ reconnects (same name, same
 endpoint). So every message carries ``at`` in its body: the generation of the peer
 as the sender last heard it. A node drops (and counts, ``statistics()["stale"]``) a
-message addressed to another generation -- its predecessor's mail -- except ``hb``,
-which only says the sender is alive. The sender learns of the restart from the
-successor's first message, which retires the old incarnation: its pending calls fail
-with ``noconnection`` and its monitors fire. So a call is run at most once, by the
-incarnation it was sent to, as in OTP, where a node's restart (a new "creation") cuts
-the mail meant for the old one. One gap remains: a message sent before this node
-ever heard the peer carries no ``at`` and is served by whichever incarnation gets it
-(a monitor then watches the new one). Protocols that must not act twice across that
-gap tag their messages, as the training roles do with (generation, step).
+request or bookkeeping message addressed to another generation -- its predecessor's
+mail: calls, stops, monitors, links, replies, downs. The sender learns of the restart
+from the successor's first message, which retires the old incarnation: its pending
+calls fail with ``noconnection`` and its monitors fire. So a call is run at most once,
+by the incarnation it was sent to, as in OTP, where a node's restart (a new
+"creation") cuts the mail meant for the old one. Casts and sends are the exception:
+like mail to a registered name they go to whichever incarnation holds the name when
+they arrive (the training roles cast state to a rank they know was restarted, before
+its node has spoken to theirs; ``hb`` too, which only says the sender is alive). One
+gap remains: a request sent before this node ever heard the peer carries no ``at``
+and is served by whichever incarnation gets it (a monitor then watches the new one).
+Protocols that must not act twice tag their messages, as the training roles do with
+(generation, step).
 
 Untrusted input. ``recv_message`` bounds and validates frames (``actors._frames``);
 this module validates bodies. A rejected message is logged with its reason, counted
@@ -641,9 +645,10 @@ class Node:
         peer = self._peer(msg.sender, endpoint)
         if not self._heard_from(peer, msg.generation):
             return
-        if at is not None and at != self.generation and msg.type != "hb":
-            # Sent to this node's predecessor and handed to us by ZeroMQ's reconnect:
-            # not ours to act on (the sender learns of the restart from our messages).
+        if at is not None and at != self.generation and msg.type not in _TO_ANY_INCARNATION:
+            # A request or bookkeeping for this node's predecessor, handed to us by
+            # ZeroMQ's reconnect: not ours to act on (the sender learns of the restart
+            # from our messages, and its calls fail with noconnection).
             self._stats["stale"] += 1
             log.info("%s dropped %r (seq %d) from %s: sent to generation %x, this is %x",
                      self._label, msg.type, msg.seq, msg.sender, at, self.generation)  # fmt: skip
@@ -904,6 +909,8 @@ class Node:
 _link_ids = itertools.count(1 << 40)  # disjoint from actors._actor's monitor ids
 
 _REQUESTS = ("call", "stop", "stats")
+# Served by whichever incarnation of the node gets them, like mail to a registered name.
+_TO_ANY_INCARNATION = frozenset({"hb", "cast", "send"})
 
 
 def _seconds(timeout: float | None) -> float:

@@ -50,6 +50,9 @@ class Echo(actors.Actor):
                 return None
             case ("downs",):
                 return [(down.target, actors.format_reason(down.reason)) for down in self.downs]
+            case ("bump",):  # a request with a side effect
+                self.casts += 1
+                return self.casts
             case ("casts",):
                 return self.casts
             case ("pid",):

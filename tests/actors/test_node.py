@@ -177,30 +177,42 @@ async def test_down_is_delivered_when_a_remote_process_is_sigkilled():
         assert node.peer_info("w1").alive in (False, True)  # down, or already restarted
 
 
-async def test_mail_for_a_killed_incarnation_is_not_acted_on_by_its_successor():
+async def test_a_call_to_a_killed_incarnation_is_not_run_by_its_successor():
     async with cluster("w1", "w2"):
         assert await actors.call("Echo@w2", ("call", "Echo@w1", ("echo", 1))) == 1  # w2 knows w1
         pid = await actors.call("Echo@w1", ("pid",))
         os.kill(pid, signal.SIGKILL)
         await trio.sleep(0.2)  # w1 is gone; w2 is not told (its heartbeat deadline is 1 s)
-        # w2 still thinks w1 is up: its cast waits in ZeroMQ for w1's endpoint to come back,
-        # and ZeroMQ hands it to w1's restarted incarnation on reconnect.
-        await actors.call("Echo@w2", ("cast", "Echo@w1", "for the old w1"))
-        assert await wait_for_echo("w1") != pid
-        # until w2's queued mail has reached the new w1: dropped, or (wrongly) served
-        stale = casts = 0
-        while not (stale or casts):
-            await trio.sleep(0.05)
-            stale = (await actors.call("Echo@w1", ("node_stats",))).get("stale", 0)
-            casts = await actors.call("Echo@w1", ("casts",))
-        assert (stale, casts) == (1, 0)
-        # w2 learns of the restart and reaches the new incarnation normally
-        while True:
-            try:
-                assert await actors.call("Echo@w2", ("call", "Echo@w1", ("echo", 2))) == 2
-                break
-            except ActorExited:  # w2 had not yet heard the new w1 (Echo@w2 crashed on it)
+        async with trio.open_nursery() as nursery:
+            # w2 still thinks w1 is up: its call waits in ZeroMQ for w1's endpoint to come
+            # back, and ZeroMQ hands it to w1's restarted incarnation on reconnect. w2's
+            # call fails with noconnection once it hears the new w1 (Echo@w2 crashes on it).
+            async def call_the_old_w1():
+                with pytest.raises(ActorExited):
+                    await actors.call("Echo@w2", ("call", "Echo@w1", ("bump",)), timeout=20)
+
+            nursery.start_soon(call_the_old_w1)
+            assert await wait_for_echo("w1") != pid
+            # until w2's queued call has reached the new w1: dropped, or (wrongly) run
+            stale = bumps = 0
+            while not (stale or bumps):
                 await trio.sleep(0.05)
+                stale = (await actors.call("Echo@w1", ("node_stats",))).get("stale", 0)
+                bumps = await actors.call("Echo@w1", ("casts",))
+            assert (stale, bumps) == (1, 0)
+        # w2 reaches the new incarnation normally, and so does a cast
+        assert await wait_for_w2_to_reach_w1(("echo", 2)) == 2
+        await actors.call("Echo@w2", ("cast", "Echo@w1", "hello"))
+        while not await actors.call("Echo@w1", ("casts",)):
+            await trio.sleep(0.05)
+
+
+async def wait_for_w2_to_reach_w1(request):
+    while True:
+        try:
+            return await actors.call("Echo@w2", ("call", "Echo@w1", request))
+        except ActorExited:  # Echo@w2 is being restarted
+            await trio.sleep(0.05)
 
 
 async def test_monitoring_a_missing_remote_actor_gives_noproc():
