@@ -87,10 +87,13 @@ class Mailbox:
         # A checkpoint even when there is room, so a producer that never finds the
         # lane full still lets the consumer run (test_back_pressure_keeps_queue_bounded).
         await trio.lowlevel.checkpoint_if_cancelled()
+        parked = False
         while not self._closed and len(self._messages) >= self.capacity:
             await self._not_full.park()
+            parked = True
         self._append(item)
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not parked:  # parking was this call's schedule point; else yield now
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def put_nowait(self, item: Any) -> None:
         """Queue ``item`` or raise :class:`MailboxFull` / :class:`MailboxClosed`."""
@@ -124,16 +127,19 @@ class Mailbox:
     async def get(self) -> Any:
         """Take the next item: signals first, then messages in arrival order."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        parked = False
         while not (self._signals or self._messages):
             if self._closed:
                 raise MailboxClosed("mailbox closed")
             await self._not_empty.park()
+            parked = True
         if self._signals:
             item = self._signals.popleft()
         else:
             item = self._messages.popleft()
             self._not_full.unpark()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not parked:  # parking was this call's schedule point; else yield now
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return item
 
     def close(self) -> list[Any]:

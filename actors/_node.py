@@ -574,10 +574,12 @@ class Node:
         (a restarted process's predecessor, still in the queue): drop it."""
         if generation in peer.retired:
             return False
+        peer.last_seen = trio.current_time()
+        if generation == peer.generation and peer.alive:
+            return True  # the common case: nothing wait_peer could be waiting for changed
         if peer.generation is not None and generation != peer.generation:
             self._retire(peer, "noconnection")  # a new incarnation: the old one is gone
         peer.generation = generation
-        peer.last_seen = trio.current_time()
         if not peer.alive:
             peer.alive = True
             log.info("%s peer %s up (generation %x)", self._label, peer.name, generation)
@@ -672,8 +674,9 @@ class Node:
         names = msg.body.get("names", [])
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise _Rejected("hb names must be a list of strings")
-        peer.names = tuple(names)
-        peer.changed.unpark_all()
+        if tuple(names) != peer.names:
+            peer.names = tuple(names)
+            peer.changed.unpark_all()
 
     async def _on_call(self, peer: _Peer, msg: Message) -> None:
         to = _field(msg, "to", str)

@@ -121,12 +121,6 @@ def parse_target(target: Any) -> ActorRef | Address | str:
 
     Raises TypeError naming the accepted shapes when ``target`` is none of them.
     """
-    from ._actor import ActorRef
-
-    if isinstance(target, ActorRef | Address):
-        if isinstance(target, Address) and target.node == local_node_name():
-            return target.name
-        return target
     if isinstance(target, str):
         name, at, node = target.partition("@")
         if not at:
@@ -134,6 +128,12 @@ def parse_target(target: Any) -> ActorRef | Address | str:
         check_name(name)
         check_name(node, "node name")
         return name if node == local_node_name() else Address(name, node)
+    from ._actor import ActorRef  # (here: a module-level import would be circular)
+
+    if isinstance(target, ActorRef | Address):
+        if isinstance(target, Address) and target.node == local_node_name():
+            return target.name
+        return target
     raise TypeError(
         "an actor target is an ActorRef, a local name ('Optimizer') or a remote name "
         f"('Optimizer@rank1'); got {target!r}"

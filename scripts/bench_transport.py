@@ -14,7 +14,10 @@ over repetitions of the slowest rank's time (each repetition starts after a barr
 ring wires and gloo take turns for three rounds, so load drifts hit them alike.
 
 Targets (issue 3): at 16M floats, all-reduce bus bandwidth >= 1.5x gloo's, reduce-scatter
-and all-gather >= 2x; codec overhead < 5% of raw pyzmq throughput; round trip < 150 us.
+and all-gather >= 2x; codec overhead < 5% of raw pyzmq throughput; round trip < 150 us
+(checked for each layer: the trio wrapper, wrapper + codec, and a remote actors.call, which
+is also checked as a ratio, <= 2.5x raw pyzmq's round trip: 150 us over the 60 us that
+TRANSPORT.md measured for raw).
 The machine has 2 cores: with N = 4 processes they are oversubscribed, and other work on
 the machine moves every figure; compare the ratios, measured in the same run.
 """
@@ -88,6 +91,9 @@ def worker_gloo(args) -> dict:
 
     address = f"tcp://127.0.0.1:{args.port}"
     dist.init_process_group("gloo", init_method=address, rank=args.rank, world_size=args.world)
+    # torch 2.13 renamed the single-tensor collectives; the old names warn on every call
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     results: dict = {}
     for size_name in args.sizes.split(","):
         n = SIZES[size_name]
@@ -102,9 +108,9 @@ def worker_gloo(args) -> dict:
                 if op == "all_reduce":
                     dist.all_reduce(x)
                 elif op == "reduce_scatter":
-                    dist.reduce_scatter_tensor(reduced, x)
+                    reduce_scatter(reduced, x)
                 else:
-                    dist.all_gather_into_tensor(gathered, x[:shard])
+                    all_gather(gathered, x[:shard])
                 if rep:
                     times.append(time.perf_counter() - t0)
             results[f"{op}/{size_name}"] = times
@@ -506,6 +512,12 @@ def main() -> None:
         checks[f"codec_overhead_{size}<5%"] = report["stream_GBps"][f"codec_overhead/{size}"] < 0.05
     checks["round_trip_wrapper<150us"] = report["round_trip"]["trio_wrapper_us"] < 150
     checks["round_trip_wrapper_codec<150us"] = report["round_trip"]["trio_codec_us"] < 150
+    checks["round_trip_actors_call<150us"] = report["round_trip"]["node_call_us"] < 150
+    # The issue's figures (150 us, with raw pyzmq at 60 us) as a ratio to raw measured in
+    # this run: raw pyzmq itself ranges over 60-150 us between these shared machines.
+    checks["round_trip_actors_call<=2.5x_raw"] = (
+        report["round_trip"]["node_call_us"] <= 2.5 * report["round_trip"]["raw_us"]
+    )
     report["targets_met"] = checks
     report["load_after"] = os.getloadavg()
     report["seconds"] = time.perf_counter() - started

@@ -1,5 +1,7 @@
 """Mailboxes: bounded message lane, never-blocking signal lane, close semantics."""
 
+import collections
+
 import pytest
 import trio
 import trio.testing
@@ -90,6 +92,41 @@ async def test_cancelling_a_blocked_sender_leaves_the_mailbox_unchanged(autojump
         await box.put("b")
     assert box.statistics().depth == 1
     assert box.statistics().senders_waiting == 0
+
+
+class _StepCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.steps: collections.Counter = collections.Counter()
+
+    def before_task_step(self, task) -> None:
+        self.steps[task.name] += 1
+
+
+@pytest.mark.parametrize("op", ["get", "put"])
+@pytest.mark.parametrize("waits", [False, True], ids=["ready", "waits"])
+async def test_get_and_put_are_one_schedule_point_whether_or_not_they_wait(op, waits):
+    """Ready, the call yields once (a busy actor or producer still lets others run);
+    made to wait, its wake-up is that one yield (a second one would cost a scheduler
+    round per message to every actor woken by a remote call)."""
+    box = Mailbox(1)
+    if (op == "put") == waits:
+        box.put_nowait("queued")  # a get finds mail ready, a put a full box
+
+    async def one_op():  # a task that does nothing but the call: two steps are one yield
+        await (box.get() if op == "get" else box.put("new"))
+
+    counter = _StepCounter()
+    trio.lowlevel.add_instrument(counter)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_op, name="one_op")
+            await trio.testing.wait_all_tasks_blocked()
+            if waits:  # free the box: the op's wake-up
+                box.put_nowait("new") if op == "get" else await box.get()
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert counter.steps["one_op"] == 2
+    assert len(box) == (1 if op == "put" else 0)
 
 
 @pytest.mark.parametrize("capacity", [0, -1, 1.5, True])
