@@ -21,6 +21,8 @@ stop        to, reason, timeout                    reply once the actor has exit
 stats       to                                     reply (an ActorStats record)
 reply       ok, value (+ tensors) | ok, kind, why  --
 cast, send  to, msg (+ tensors)                    none
+busy        to                                     none: hold messages for ``to``
+ready       to                                     none: ``to`` takes messages again
 monitor     to, ref                                watching now; down when ``to`` exits
 link        to, ref, sender                        (noproc: down at once)
 watching    ref                                    --
@@ -62,6 +64,20 @@ gap remains: a request sent before this node ever heard the peer carries no ``at
 and is served by whichever incarnation gets it (a monitor then watches the new one).
 Protocols that must not act twice tag their messages, as the training roles do with
 (generation, step).
+
+Back-pressure. The reader never waits for one actor: a call or cast for an actor whose
+mailbox is full joins that actor's *overflow*, a queue that a task of its own empties
+into the mailbox as room appears (arrival order is kept: while an overflow exists,
+everything for that actor goes behind it). Each message that joins it is answered with
+``busy``; the sender then holds its calls and casts to that actor until ``ready``, sent
+once the overflow has drained, or until ``heartbeat_timeout`` has passed since the last
+``busy`` (so a lost ``ready`` costs a pause, not a hang). So a slow actor slows only its
+own senders: replies, heartbeats and mail for other actors keep flowing (an actor that
+calls out while its mailbox is full -- test_a_slow_actor_that_calls_out_under_a_flood_of_
+casts_is_not_deadlocked -- once waited for its reply behind the flood). What an overflow
+holds is what senders sent before ``busy`` reached them: their outbox and ZeroMQ's pipes.
+Past ``_OVERFLOW_MAX`` messages (a sender ignoring ``busy``) the reader itself waits for
+room again, pausing the whole node, as a bound of last resort.
 
 Untrusted input. ``recv_message`` bounds and validates frames (``actors._frames``);
 this module validates bodies. A rejected message is logged with its reason, counted
@@ -116,6 +132,7 @@ log = logging.getLogger("zerotrain.actors.node")
 _MAX_NAMES = 256  # registered names advertised per heartbeat
 _FORGET_AFTER = 30  # a peer down for this many heartbeat timeouts is forgotten
 _OUTBOX = 64  # messages queued per peer before senders wait (bounded, like mailboxes)
+_OVERFLOW_MAX = 1024  # messages waiting for one full mailbox before the reader waits too
 
 
 class _Rejected(Exception):
@@ -187,6 +204,27 @@ class _Pending:
         self.scope.cancel()  # the caller may still be stuck sending to a dead peer
 
 
+class _Overflow:
+    """Mail for one local actor whose mailbox was full, in arrival order (module doc,
+    "Back-pressure"); its drainer task moves it into the mailbox."""
+
+    __slots__ = ("name", "items", "senders", "room")
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # as the senders addressed the actor
+        self.items: collections.deque[Any] = collections.deque()
+        self.senders: set[str] = set()  # peers told busy: each gets ready at the end
+        self.room = trio.lowlevel.ParkingLot()  # the reader, past _OVERFLOW_MAX
+
+
+@dataclasses.dataclass
+class _Gate:
+    """A remote actor said busy: calls and casts to it wait until ``opened``."""
+
+    opened: trio.Event
+    expires: float
+
+
 class _RemoteWatcher:
     """Stands, in the target's node, for a watcher (or linked actor) on another node:
     the local target's exit is forwarded as a ``down`` message."""
@@ -242,7 +280,10 @@ class Node:
         self._served: dict[tuple[str, MonitorRef], tuple[ActorRef, _RemoteWatcher]] = {}
         self._inflight = trio.Semaphore(max_inflight)
         self._paused = False
+        self._overflows: dict[ActorRef, _Overflow] = {}
+        self._gates: dict[tuple[str, str], _Gate] = {}  # (peer, actor name) said busy
         self._stats = {"received": 0, "sent": 0, "rejected": 0, "dropped": 0, "stale": 0}
+        self._stats.update(overflowed=0, held=0)
         self._nursery: trio.Nursery | None = None
         self._router: TrioSocket | None = None
         self._label = f"[node {name}]"
@@ -255,7 +296,9 @@ class Node:
     # =================================================================================
 
     def statistics(self) -> dict[str, int]:
-        """Counters: messages received / sent / rejected / dropped, and peers."""
+        """Counters: messages received / sent / rejected / dropped / stale (for a
+        previous incarnation), overflowed (waited for room in a full mailbox), held
+        (calls and casts this node held because their target said busy), and peers."""
         return {**self._stats, "peers": len(self._peers)}
 
     def peer_info(self, name: str) -> PeerInfo | None:
@@ -321,6 +364,8 @@ class Node:
             with scope:  # also cancelled when the answer comes early: the peer is down
                 if peer.alive is False:
                     raise ActorExited(str(target), "noconnection", "before the call was sent")
+                if kind == "call":
+                    await self._while_busy(peer, target.name)
                 await self._send(peer, kind, body, tensors, seq=seq)
                 await slot.event.wait()
         finally:
@@ -337,12 +382,30 @@ class Node:
         peer = self._peer(target.node)
         with trio.move_on_after(0 if peer.alive is False else self.send_timeout):
             try:
+                await self._while_busy(peer, target.name)
                 await self._send(peer, kind, {"to": target.name, "msg": data}, tensors)
                 return
             except ActorExited:
                 pass
         self._stats["dropped"] += 1
         log.warning("%s dropped a %s to %s: not sent in time", self._label, kind, target)
+
+    async def _while_busy(self, peer: _Peer, name: str) -> None:
+        """Wait while actor ``name`` on ``peer`` has said busy: until its ready, or until
+        the gate expires (a lost ready), whichever comes first."""
+        gate = self._gates.get((peer.name, name))
+        if gate is None:
+            return
+        self._stats["held"] += 1
+        while not gate.opened.is_set() and trio.current_time() < gate.expires:
+            with trio.move_on_at(gate.expires):  # (a busy meanwhile moves expires on)
+                await gate.opened.wait()
+        if self._gates.get((peer.name, name)) is gate:
+            del self._gates[(peer.name, name)]
+
+    def _open_gates(self, peer_name: str) -> None:
+        for key in [key for key in self._gates if key[0] == peer_name]:
+            self._gates.pop(key).opened.set()
 
     def _monitor(self, target: Address, ref: MonitorRef, watcher: ActorRef) -> None:
         self._out[ref] = _Outgoing(target.node, target, "monitor", watcher, trio.current_time())
@@ -554,6 +617,7 @@ class Node:
 
     def _peer_down(self, peer: _Peer, reason: str) -> None:
         peer.alive = False
+        self._open_gates(peer.name)  # its calls and casts fail or drop as for any down peer
         for seq, pending in list(self._pending.items()):
             if pending.peer == peer.name:
                 del self._pending[seq]
@@ -689,19 +753,18 @@ class Node:
             raise _Rejected(f"bad request data: {exc}") from None
         ref = _registry.whereis(to)
         if ref is not None and ref.alive:
-            # The fast path: straight into the actor's mailbox, with a return address
-            # that sends the reply from the replying task (no task of our own per call).
-            # A full mailbox takes the slow path below, which waits for room in a task
-            # of its own (at most max_inflight of them) so that the reader never blocks.
+            # Into the actor's mailbox (or its overflow), with a return address that
+            # sends the reply from the replying task (no task of our own per call). An
+            # actor that has just exited takes the slow path below: noproc or exited.
             def answer(ok: bool, value: Any) -> None:
                 self._answer(peer.name, msg.seq, to, ok, value)
 
             from_ = From(answer, ref, f"<node {peer.name}>")
             ref._pending.add(from_)
             try:
-                ref.mailbox.put_nowait(_Call(request, from_))
+                await self._deliver(peer, to, ref, _Call(request, from_))
                 return
-            except (MailboxFull, MailboxClosed):
+            except MailboxClosed:
                 ref._pending.discard(from_)
         await self._spawn_request(self._serve_call, peer.name, msg.seq, to, request, timeout)
 
@@ -797,17 +860,62 @@ class Node:
             return
         envelope = _Cast(data) if msg.type == "cast" else _Info(data)
         try:
-            ref.mailbox.put_nowait(envelope)
-        except MailboxFull:
-            self._paused = True  # back-pressure reaches the sender through ZMQ's HWM
+            await self._deliver(peer, to, ref, envelope)
+        except MailboxClosed:
+            self._stats["dropped"] += 1
+
+    async def _deliver(self, peer: _Peer, to: str, ref: ActorRef, envelope: Any) -> None:
+        """Put a call or cast from ``peer`` into ``ref``'s mailbox, or behind what already
+        waits for room in its overflow; never waits for the actor (module doc,
+        "Back-pressure"). MailboxClosed: the actor has exited."""
+        overflow = self._overflows.get(ref)
+        if overflow is None:
             try:
-                await ref.mailbox.put(envelope)
-            except MailboxClosed:
-                pass
+                ref.mailbox.put_nowait(envelope)
+                return
+            except MailboxFull:
+                overflow = self._overflows[ref] = _Overflow(to)
+                self._nursery.start_soon(self._drain, ref, overflow)
+        overflow.items.append(envelope)
+        overflow.senders.add(peer.name)
+        self._stats["overflowed"] += 1
+        self._send_soon(peer.name, "busy", {"to": to}, droppable=True)
+        if len(overflow.items) > _OVERFLOW_MAX:  # a sender ignoring busy: bound it
+            self._paused = True
+            try:
+                while len(overflow.items) > _OVERFLOW_MAX and self._overflows.get(ref):
+                    await overflow.room.park()
             finally:
                 self._paused = False
-        except MailboxClosed:
-            pass
+
+    async def _drain(self, ref: ActorRef, overflow: _Overflow) -> None:
+        try:
+            while overflow.items:
+                await ref.mailbox.put(overflow.items[0])
+                overflow.items.popleft()
+                overflow.room.unpark_all()
+        except MailboxClosed:  # exited: its calls were failed with it (ref._pending)
+            self._stats["dropped"] += sum(not isinstance(m, _Call) for m in overflow.items)
+            overflow.items.clear()
+        finally:
+            del self._overflows[ref]
+            overflow.room.unpark_all()
+            for name in overflow.senders:
+                self._send_soon(name, "ready", {"to": overflow.name})
+
+    async def _on_busy(self, peer: _Peer, msg: Message) -> None:
+        to = _field(msg, "to", str)
+        expires = trio.current_time() + self.heartbeat_timeout
+        gate = self._gates.get((peer.name, to))
+        if gate is None:
+            self._gates[(peer.name, to)] = _Gate(trio.Event(), expires)
+        else:
+            gate.expires = expires
+
+    async def _on_ready(self, peer: _Peer, msg: Message) -> None:
+        gate = self._gates.pop((peer.name, _field(msg, "to", str)), None)
+        if gate is not None:
+            gate.opened.set()
 
     async def _on_monitor(self, peer: _Peer, msg: Message) -> None:
         self._serve_watch(peer, msg, "monitor")
@@ -879,6 +987,8 @@ class Node:
         "exit": _on_exit,
         "down": _on_down,
         "error": _on_error,
+        "busy": _on_busy,
+        "ready": _on_ready,
     }
 
     async def _spawn_request(self, fn: Callable[..., Any], *args: Any) -> None:

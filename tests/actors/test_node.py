@@ -215,6 +215,142 @@ async def wait_for_w2_to_reach_w1(request):
             await trio.sleep(0.05)
 
 
+class Relay(actors.Actor):
+    """A slow consumer of casts that calls another node for each one."""
+
+    mailbox_size = 2
+
+    async def init(self):
+        self.got, self.failed = [], []
+
+    async def handle_cast(self, msg):
+        await trio.sleep(0.005)
+        try:
+            self.got.append(await actors.call("Echo@w2", ("echo", msg), timeout=3))
+        except Exception as exc:
+            self.failed.append(repr(exc))
+
+
+async def test_a_slow_actor_that_calls_out_under_a_flood_of_casts_is_not_deadlocked():
+    # w1 floods Relay@test with casts while Relay calls w2 for each one. The replies from
+    # w2 reach Relay although its mailbox is full (the flood waits in an overflow, and
+    # w1 is told to hold its casts): no reply waits behind the flood.
+    flooders, each = 8, 20
+    async with cluster("w1", "w2") as node, trio.open_nursery() as nursery:
+        relay = Relay()
+        await actors.spawn(nursery, relay, name="Relay")
+
+        async def flood(k):
+            for i in range(each):
+                await actors.call("Echo@w1", ("cast", "Relay@test", [k, i]), timeout=LIMIT)
+
+        async with trio.open_nursery() as floods:
+            for k in range(flooders):
+                floods.start_soon(flood, k)
+        while len(relay.got) + len(relay.failed) < flooders * each:
+            await trio.sleep(0.05)
+        assert relay.failed == []
+        for k in range(flooders):  # each flooder's casts arrive in the order sent
+            assert [i for j, i in relay.got if j == k] == list(range(each))
+        assert node.statistics()["overflowed"] > 0  # the flood did meet a full mailbox
+        assert (await actors.call("Echo@w1", ("node_stats",)))["held"] > 0  # w1 held
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def fake_peer(node, name="mallory"):
+    """A hand-driven peer: its inbox, and a DEALER into ``node``."""
+    inbox = open_socket("ROUTER", bind=ipc_endpoint(name, node.directory))
+    out = open_socket("DEALER", connect=node.endpoint, routing_id=name.encode())
+    with inbox, out:
+        yield inbox, out
+
+
+async def next_of_type(inbox, kind):
+    while True:
+        _, msg = await inbox.recv_message()
+        if msg.type == kind:
+            return msg
+
+
+@pytest.mark.parametrize("ending", ["ready", "expiry"])
+async def test_a_busy_actor_holds_its_senders_casts_until_ready_or_expiry(ending):
+    # expiry: heartbeat_timeout after the last busy (a lost ready costs a pause only)
+    timeout = LIMIT if ending == "ready" else 0.3
+    with trio.fail_after(LIMIT):
+        async with actors.open_node("test", heartbeat_timeout=timeout) as node:
+            async with fake_peer(node) as (inbox, out), trio.open_nursery() as nursery:
+
+                async def heartbeats():  # mallory stays alive for the node
+                    while True:
+                        await out.send_message(Message("hb", "mallory", 7, body={"names": []}))
+                        await trio.sleep(0.05)
+
+                nursery.start_soon(heartbeats)
+                await out.send_message(Message("busy", "mallory", 7, body={"to": "Sink"}))
+                await node.wait_peer("mallory")
+                while ("mallory", "Sink") not in node._gates:
+                    await trio.sleep(0.01)
+                nursery.start_soon(actors.cast, "Sink@mallory", "held")
+                while node.statistics()["held"] < 1:
+                    await trio.sleep(0.01)
+                if ending == "ready":
+                    assert await next_of_type_now(inbox) is None  # no cast has left
+                    await out.send_message(Message("ready", "mallory", 7, body={"to": "Sink"}))
+                cast = await next_of_type(inbox, "cast")
+                assert cast.body["to"] == "Sink" and cast.body["msg"] == "held"
+                assert ("mallory", "Sink") not in node._gates
+                nursery.cancel_scope.cancel()
+
+
+class Sink(actors.Actor):
+    """Takes no mail until opened; then records it."""
+
+    mailbox_size = 1
+
+    async def init(self):
+        self.opened, self.got = trio.Event(), []
+
+    async def handle_cast(self, msg):
+        await self.opened.wait()
+        self.got.append(msg)
+
+
+async def test_a_sender_that_ignores_busy_is_bounded_by_pausing_the_reader(monkeypatch):
+    monkeypatch.setattr(actors._node, "_OVERFLOW_MAX", 20)
+    n = 60
+    with trio.fail_after(LIMIT):
+        async with actors.open_node("test") as node, trio.open_nursery() as nursery:
+            sink = Sink()
+            ref = await actors.spawn(nursery, sink, name="Sink")
+            async with fake_peer(node) as (_, out):
+
+                async def flood():  # never reads its inbox, so never hears busy
+                    for i in range(n):
+                        cast = Message("cast", "mallory", 7, body={"to": "Sink", "msg": i})
+                        await out.send_message(cast)
+
+                nursery.start_soon(flood)
+                while not node._paused:  # the overflow passed its bound: the reader waits
+                    await trio.sleep(0.01)
+                assert len(node._overflows[ref].items) == 21  # the bound, and the one over it
+                sink.opened.set()
+                while len(sink.got) < n:
+                    await trio.sleep(0.01)
+            assert sink.got == list(range(n))
+            assert not node._paused and not node._overflows
+            nursery.cancel_scope.cancel()
+
+
+async def next_of_type_now(inbox):
+    """A queued non-heartbeat message, or None once nothing but heartbeats is queued."""
+    while inbox.has_input():
+        _, msg = await inbox.recv_message()
+        if msg.type != "hb":
+            return msg
+    return None
+
+
 async def test_monitoring_a_missing_remote_actor_gives_noproc():
     async with cluster("w1"):
         async with trio.open_nursery() as nursery:
