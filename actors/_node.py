@@ -43,9 +43,9 @@ everything tied to the old one is down. A monitor or link request is acknowledge
 (``watching``) by the incarnation that took it; one not acknowledged within
 ``heartbeat_timeout`` was lost with its peer and fires ``noconnection`` -- otherwise a
 process killed before answering, and restarted, would leave the watcher waiting for a
-``down`` that no one owes it. While the reader itself is paused by
-back-pressure (a local mailbox is full) it cannot hear anyone, so it judges no one,
-and deadlines restart when it resumes.
+``down`` that no one owes it. While the reader itself is paused (the last-resort
+bounds under "Back-pressure") it cannot hear anyone, so it judges no one, and deadlines
+restart when it resumes.
 
 Delivery across a restart. A message still queued in ZeroMQ when its peer dies is
 handed to the peer's restarted incarnation when ZeroMQ reconnects (same name, same
@@ -72,12 +72,14 @@ everything for that actor goes behind it). Each message that joins it is answere
 ``busy``; the sender then holds its calls and casts to that actor until ``ready``, sent
 once the overflow has drained, or until ``heartbeat_timeout`` has passed since the last
 ``busy`` (so a lost ``ready`` costs a pause, not a hang). So a slow actor slows only its
-own senders: replies, heartbeats and mail for other actors keep flowing (an actor that
-calls out while its mailbox is full -- test_a_slow_actor_that_calls_out_under_a_flood_of_
-casts_is_not_deadlocked -- once waited for its reply behind the flood). What an overflow
-holds is what senders sent before ``busy`` reached them: their outbox and ZeroMQ's pipes.
-Past ``_OVERFLOW_MAX`` messages (a sender ignoring ``busy``) the reader itself waits for
-room again, pausing the whole node, as a bound of last resort.
+own senders: replies, heartbeats and mail for other actors keep flowing. (When the
+reader waited for the full mailbox instead, an actor that called out while flooded with
+casts waited for its reply behind the flood: test_a_slow_actor_that_calls_out_under_a_
+flood_of_casts_is_not_deadlocked.) An overflow holds what senders sent before ``busy``
+reached them: at most their outbox and ZeroMQ's pipes each. Two bounds of last resort
+pause the whole reader: an overflow past ``_OVERFLOW_MAX`` messages (a sender ignoring
+``busy``), and ``max_inflight`` requests served in tasks of their own at once (stops,
+and calls for an actor that is not there or has just exited).
 
 Untrusted input. ``recv_message`` bounds and validates frames (``actors._frames``);
 this module validates bodies. A rejected message is logged with its reason, counted
@@ -600,6 +602,10 @@ class Node:
                     self.heartbeat_timeout
                 ):
                     self._forget(peer)  # long gone: bound the peer table
+            for key, gate in list(self._gates.items()):
+                if now >= gate.expires:  # nobody held anything behind it: bound the table
+                    del self._gates[key]
+                    gate.opened.set()
             for ref, out in list(self._out.items()):
                 if out.generation is None and now - out.sent_at > self.heartbeat_timeout:
                     if not self._paused:  # never acknowledged: the request was lost
@@ -905,6 +911,10 @@ class Node:
 
     async def _on_busy(self, peer: _Peer, msg: Message) -> None:
         to = _field(msg, "to", str)
+        try:
+            check_name(to)
+        except ValueError as exc:
+            raise _Rejected(str(exc)) from None
         expires = trio.current_time() + self.heartbeat_timeout
         gate = self._gates.get((peer.name, to))
         if gate is None:

@@ -300,6 +300,14 @@ async def test_a_busy_actor_holds_its_senders_casts_until_ready_or_expiry(ending
                 cast = await next_of_type(inbox, "cast")
                 assert cast.body["to"] == "Sink" and cast.body["msg"] == "held"
                 assert ("mallory", "Sink") not in node._gates
+                if ending == "expiry":  # a gate nobody waits behind expires all the same
+                    await out.send_message(Message("busy", "mallory", 7, body={"to": "Idle"}))
+                    while ("mallory", "Idle") not in node._gates:
+                        await trio.sleep(0.01)
+                    while ("mallory", "Idle") in node._gates:
+                        await trio.sleep(0.01)
+                await out.send_message(Message("busy", "mallory", 7, body={"to": "no@such"}))
+                assert (await next_of_type(inbox, "error")).body["reason"].startswith("actor name")
                 nursery.cancel_scope.cancel()
 
 
