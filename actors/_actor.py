@@ -467,9 +467,15 @@ async def call(target: Any, request: Any, timeout: float | None = 5.0) -> Any:
 async def cast(target: Any, msg: Any) -> None:
     """Deliver ``msg`` to ``handle_cast`` without waiting for it to be handled.
 
-    Waits while the target's mailbox is full (back-pressure). See the failure rules.
-    A remote cast sends numpy arrays without copying and returns once the message is
-    queued: do not modify them afterwards (cast a copy if you must).
+    Waits while the target's mailbox is full (back-pressure); for a remote target,
+    while its node has said the actor is busy (``actors._node``, "Back-pressure"). See
+    the failure rules. A remote cast sends numpy arrays without copying and returns once
+    the message is queued: do not modify them afterwards (cast a copy if you must).
+
+    Unlike OTP's, mailboxes are bounded, so waiting senders can form a cycle: an actor
+    that calls the very actor flooding it with casts waits for a reply that waits for
+    room in its own mailbox. The call's timeout breaks such a cycle; a design avoids it
+    by not calling back into its producers while handling their casts.
     """
     await _fire(target, msg, _Cast, "cast")
 
