@@ -398,21 +398,23 @@ class TrioSocket:
     async def recv_multipart(self, copy: bool = False) -> list:
         """Receive one whole multipart message (``zmq.Frame`` objects unless copy=True)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
+        waited = ready = False
         while True:
             self._check_open()
-            # Reading EVENTS first is cheaper than provoking zmq.Again (an exception).
-            if self._poll() & _POLLIN:
+            # Reading EVENTS first is cheaper than provoking zmq.Again (an exception);
+            # after a wait, _wait has just read it.
+            if ready or self._poll() & _POLLIN:
                 try:
                     frames = self._recv_all(copy)
                 except zmq.Again:  # another thread took it (not ours to prevent)
+                    ready = False
                     continue
                 self._after_io()
                 if not waited:
                     await self._fair_checkpoint()
                 return frames
-            waited = True
-            await self._wait(_POLLIN, polled=True)
+            waited = ready = True
+            await self._wait(_POLLIN, polled=True)  # returns once it has seen POLLIN
 
     def _recv_all(self, copy: bool) -> list:
         # zmq.Socket.recv_multipart reads RCVMORE with a getsockopt per frame; a Frame
