@@ -284,8 +284,9 @@ class Node:
         self._paused = False
         self._overflows: dict[ActorRef, _Overflow] = {}
         self._gates: dict[tuple[str, str], _Gate] = {}  # (peer, actor name) said busy
-        self._stats = {"received": 0, "sent": 0, "rejected": 0, "dropped": 0, "stale": 0}
-        self._stats.update(overflowed=0, held=0)
+        self._stats = dict.fromkeys(
+            ("received", "sent", "rejected", "dropped", "stale", "overflowed", "held"), 0
+        )
         self._nursery: trio.Nursery | None = None
         self._router: TrioSocket | None = None
         self._label = f"[node {name}]"
@@ -872,8 +873,8 @@ class Node:
 
     async def _deliver(self, peer: _Peer, to: str, ref: ActorRef, envelope: Any) -> None:
         """Put a call or cast from ``peer`` into ``ref``'s mailbox, or behind what already
-        waits for room in its overflow; never waits for the actor (module doc,
-        "Back-pressure"). MailboxClosed: the actor has exited."""
+        waits for room in its overflow (module doc, "Back-pressure"); waits only past
+        ``_OVERFLOW_MAX``. MailboxClosed: the actor has exited."""
         overflow = self._overflows.get(ref)
         if overflow is None:
             try:
