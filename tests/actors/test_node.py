@@ -321,6 +321,8 @@ class Sink(actors.Actor):
 
     async def handle_cast(self, msg):
         await self.opened.wait()
+        if msg == "crash":
+            raise RuntimeError("told to crash")
         self.got.append(msg)
 
 
@@ -347,6 +349,35 @@ async def test_a_sender_that_ignores_busy_is_bounded_by_pausing_the_reader(monke
                     await trio.sleep(0.01)
             assert sink.got == list(range(n))
             assert not node._paused and not node._overflows
+            nursery.cancel_scope.cancel()
+
+
+async def test_calls_waiting_in_an_overflow_are_answered_exited_when_the_actor_dies():
+    sink = Sink()
+
+    async def run_sink(task_status):
+        with pytest.raises(RuntimeError, match="told to crash"):
+            await sink.run(name="Sink", task_status=task_status)
+
+    with trio.fail_after(LIMIT):
+        async with actors.open_node("test") as node, trio.open_nursery() as nursery:
+            ref = await nursery.start(run_sink)
+            async with fake_peer(node) as (inbox, out):
+                cast = Message("cast", "mallory", 7, body={"to": "Sink", "msg": "crash"})
+                await out.send_message(cast)
+                for seq in range(1, 6):  # one in the mailbox, the rest in the overflow
+                    call = {"to": "Sink", "request": seq, "timeout": None}
+                    await out.send_message(Message("call", "mallory", 7, seq=seq, body=call))
+                while ref not in node._overflows or len(node._overflows[ref].items) < 4:
+                    await trio.sleep(0.01)
+                sink.opened.set()
+                replies = {}
+                while len(replies) < 5:
+                    msg = await next_of_type(inbox, "reply")
+                    replies[msg.seq] = (msg.body["ok"], msg.body["kind"])
+                assert replies == {seq: (False, "exited") for seq in range(1, 6)}
+                assert (await next_of_type(inbox, "ready")).body["to"] == "Sink"
+            assert not node._overflows
             nursery.cancel_scope.cancel()
 
 
