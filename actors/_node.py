@@ -77,9 +77,10 @@ reader waited for the full mailbox instead, an actor that called out while flood
 casts waited for its reply behind the flood: test_a_slow_actor_that_calls_out_under_a_
 flood_of_casts_is_not_deadlocked.) An overflow holds what senders sent before ``busy``
 reached them: at most their outbox and ZeroMQ's pipes each. Two bounds of last resort
-pause the whole reader: an overflow past ``_OVERFLOW_MAX`` messages (a sender ignoring
-``busy``), and ``max_inflight`` requests served in tasks of their own at once (stops,
-and calls for an actor that is not there or has just exited).
+pause the whole reader: an overflow past ``_OVERFLOW_MAX`` messages or
+``_OVERFLOW_MAX_BYTES`` of tensors (a sender ignoring ``busy``), and ``max_inflight``
+requests served in tasks of their own at once (stops, and calls for an actor that is
+not there or has just exited).
 
 Untrusted input. ``recv_message`` bounds and validates frames (``actors._frames``);
 this module validates bodies. A rejected message is logged with its reason, counted
@@ -135,6 +136,7 @@ _MAX_NAMES = 256  # registered names advertised per heartbeat
 _FORGET_AFTER = 30  # a peer down for this many heartbeat timeouts is forgotten
 _OUTBOX = 64  # messages queued per peer before senders wait (bounded, like mailboxes)
 _OVERFLOW_MAX = 1024  # messages waiting for one full mailbox before the reader waits too
+_OVERFLOW_MAX_BYTES = 256 << 20  # ... or tensor bytes (4 frames of MAXMSGSIZE)
 
 
 class _Rejected(Exception):
@@ -210,13 +212,17 @@ class _Overflow:
     """Mail for one local actor whose mailbox was full, in arrival order (module doc,
     "Back-pressure"); its drainer task moves it into the mailbox."""
 
-    __slots__ = ("name", "items", "senders", "room")
+    __slots__ = ("name", "items", "nbytes", "senders", "room")
 
     def __init__(self, name: str) -> None:
         self.name = name  # as the senders addressed the actor
-        self.items: collections.deque[Any] = collections.deque()
+        self.items: collections.deque[tuple[Any, int]] = collections.deque()  # (mail, bytes)
+        self.nbytes = 0  # tensor bytes held
         self.senders: set[str] = set()  # peers told busy: each gets ready at the end
-        self.room = trio.lowlevel.ParkingLot()  # the reader, past _OVERFLOW_MAX
+        self.room = trio.lowlevel.ParkingLot()  # the reader, past a bound
+
+    def over_bound(self) -> bool:
+        return len(self.items) > _OVERFLOW_MAX or self.nbytes > _OVERFLOW_MAX_BYTES
 
 
 @dataclasses.dataclass
@@ -769,7 +775,7 @@ class Node:
             from_ = From(answer, ref, f"<node {peer.name}>")
             ref._pending.add(from_)
             try:
-                await self._deliver(peer, to, ref, _Call(request, from_))
+                await self._deliver(peer, msg, to, ref, _Call(request, from_))
                 return
             except MailboxClosed:
                 ref._pending.discard(from_)
@@ -867,14 +873,17 @@ class Node:
             return
         envelope = _Cast(data) if msg.type == "cast" else _Info(data)
         try:
-            await self._deliver(peer, to, ref, envelope)
+            await self._deliver(peer, msg, to, ref, envelope)
         except MailboxClosed:
             self._stats["dropped"] += 1
 
-    async def _deliver(self, peer: _Peer, to: str, ref: ActorRef, envelope: Any) -> None:
-        """Put a call or cast from ``peer`` into ``ref``'s mailbox, or behind what already
-        waits for room in its overflow (module doc, "Back-pressure"); waits only past
-        ``_OVERFLOW_MAX``. MailboxClosed: the actor has exited."""
+    async def _deliver(
+        self, peer: _Peer, msg: Message, to: str, ref: ActorRef, envelope: Any
+    ) -> None:
+        """Put a call or cast (``envelope``, made of ``msg``) from ``peer`` into ``ref``'s
+        mailbox, or behind what already waits for room in its overflow (module doc,
+        "Back-pressure"); waits only past the overflow's bounds. MailboxClosed: the
+        actor has exited."""
         overflow = self._overflows.get(ref)
         if overflow is None:
             try:
@@ -883,14 +892,16 @@ class Node:
             except MailboxFull:
                 overflow = self._overflows[ref] = _Overflow(to)
                 self._nursery.start_soon(self._drain, ref, overflow)
-        overflow.items.append(envelope)
+        nbytes = sum(tensor.nbytes for tensor in msg.tensors)
+        overflow.items.append((envelope, nbytes))
+        overflow.nbytes += nbytes
         overflow.senders.add(peer.name)
         self._stats["overflowed"] += 1
         self._send_soon(peer.name, "busy", {"to": to}, droppable=True)
-        if len(overflow.items) > _OVERFLOW_MAX:  # a sender ignoring busy: bound it
+        if overflow.over_bound():  # a sender ignoring busy: bound it
             self._paused = True
             try:
-                while len(overflow.items) > _OVERFLOW_MAX and self._overflows.get(ref):
+                while overflow.over_bound() and self._overflows.get(ref):
                     await overflow.room.park()
             finally:
                 self._paused = False
@@ -898,12 +909,13 @@ class Node:
     async def _drain(self, ref: ActorRef, overflow: _Overflow) -> None:
         try:
             while overflow.items:
-                await ref.mailbox.put(overflow.items[0])
-                overflow.items.popleft()
+                await ref.mailbox.put(overflow.items[0][0])
+                overflow.nbytes -= overflow.items.popleft()[1]
                 overflow.room.unpark_all()
         except MailboxClosed:  # exited: its calls were failed with it (ref._pending)
-            self._stats["dropped"] += sum(not isinstance(m, _Call) for m in overflow.items)
+            self._stats["dropped"] += sum(not isinstance(m, _Call) for m, _ in overflow.items)
             overflow.items.clear()
+            overflow.nbytes = 0
         finally:
             del self._overflows[ref]
             overflow.room.unpark_all()

@@ -326,9 +326,14 @@ class Sink(actors.Actor):
         self.got.append(msg)
 
 
-async def test_a_sender_that_ignores_busy_is_bounded_by_pausing_the_reader(monkeypatch):
-    monkeypatch.setattr(actors._node, "_OVERFLOW_MAX", 20)
+@pytest.mark.parametrize("bound", ["messages", "bytes"])
+async def test_a_sender_that_ignores_busy_is_bounded_by_pausing_the_reader(monkeypatch, bound):
+    if bound == "messages":
+        monkeypatch.setattr(actors._node, "_OVERFLOW_MAX", 20)
+    else:  # 1 KiB tensors past 20 KiB
+        monkeypatch.setattr(actors._node, "_OVERFLOW_MAX_BYTES", 20 << 10)
     n = 60
+    payload = np.zeros(256, np.float32)
     with trio.fail_after(LIMIT):
         async with actors.open_node("test") as node, trio.open_nursery() as nursery:
             sink = Sink()
@@ -337,17 +342,21 @@ async def test_a_sender_that_ignores_busy_is_bounded_by_pausing_the_reader(monke
 
                 async def flood():  # never reads its inbox, so never hears busy
                     for i in range(n):
-                        cast = Message("cast", "mallory", 7, body={"to": "Sink", "msg": i})
+                        body = {"to": "Sink", "msg": [i, {"$nd": 0}]}
+                        cast = Message("cast", "mallory", 7, body=body, tensors=[payload])
                         await out.send_message(cast)
 
                 nursery.start_soon(flood)
                 while not node._paused:  # the overflow passed its bound: the reader waits
                     await trio.sleep(0.01)
-                assert len(node._overflows[ref].items) == 21  # the bound, and the one over it
+                overflow = node._overflows[ref]
+                assert len(overflow.items) == 21  # the bound, and the one over it
+                assert overflow.nbytes == 21 * payload.nbytes
                 sink.opened.set()
                 while len(sink.got) < n:
                     await trio.sleep(0.01)
-            assert sink.got == list(range(n))
+            assert [i for i, _ in sink.got] == list(range(n))
+            assert all(np.array_equal(tensor, payload) for _, tensor in sink.got)
             assert not node._paused and not node._overflows
             nursery.cancel_scope.cancel()
 
