@@ -276,7 +276,7 @@ async def next_of_type(inbox, kind):
 @pytest.mark.parametrize("ending", ["ready", "expiry"])
 async def test_a_busy_actor_holds_its_senders_casts_until_ready_or_expiry(ending):
     # expiry: heartbeat_timeout after the last busy (a lost ready costs a pause only)
-    timeout = LIMIT if ending == "ready" else 0.3
+    timeout = LIMIT if ending == "ready" else HEARTBEAT_TIMEOUT
     with trio.fail_after(LIMIT):
         async with actors.open_node("test", heartbeat_timeout=timeout) as node:
             async with fake_peer(node) as (inbox, out), trio.open_nursery() as nursery:
