@@ -63,7 +63,15 @@ import zmq
 # the exit flush, so the flush (which hands released frames to it) runs first.
 import zmq.utils.garbage  # noqa: F401  (isort: keep after zmq)
 
-from ._frames import DEFAULT_LIMITS, FrameError, Limits, Message, decode, encode
+from ._frames import (
+    DEFAULT_LIMITS,
+    MAX_FRAME_BYTES,
+    FrameError,
+    Limits,
+    Message,
+    decode,
+    encode,
+)
 
 __all__ = [
     "DEFAULT_SOCKET_OPTIONS",
@@ -81,7 +89,7 @@ DEFAULT_SOCKET_OPTIONS: dict[str, int] = {
     "LINGER": 1000,  # the default, -1, makes close/term hang forever on a dead peer
     "SNDHWM": 256,  # HWM counts messages, not bytes: senders wait beyond it
     "RCVHWM": 256,
-    "MAXMSGSIZE": 64 << 20,  # per *frame*; a bigger frame drops the connection
+    "MAXMSGSIZE": MAX_FRAME_BYTES,  # per *frame*; a bigger one drops the connection
     "HEARTBEAT_IVL": 500,  # ms; a SIGSTOPped peer is noticed after HEARTBEAT_TIMEOUT
     "HEARTBEAT_TIMEOUT": 2500,
     "HEARTBEAT_TTL": 2500,

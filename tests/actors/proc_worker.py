@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -30,6 +31,8 @@ class Echo(actors.Actor):
                 return value
             case ("double", array):
                 return array * 2
+            case ("zeros", n):
+                return np.zeros(n, np.float32)
             case ("crash", text):
                 raise RuntimeError(text)
             case ("sleep", seconds):

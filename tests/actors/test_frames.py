@@ -140,6 +140,17 @@ def test_encode_refuses_what_a_peer_could_not_decode(msg, complaint):
         encode(msg)
 
 
+def test_encode_refuses_a_tensor_over_the_frame_cap_that_would_drop_the_connection():
+    from actors._frames import MAX_FRAME_BYTES
+    from actors._transport import DEFAULT_SOCKET_OPTIONS
+
+    assert DEFAULT_SOCKET_OPTIONS["MAXMSGSIZE"] == MAX_FRAME_BYTES  # one number, both ends
+    encode(Message("t", tensors=[np.zeros(MAX_FRAME_BYTES, np.uint8)]))  # (lazy zeros)
+    too_big = np.zeros(MAX_FRAME_BYTES + 1, np.uint8)
+    with pytest.raises(ValueError, match=r"tensors\[0\] is 67108865 bytes, over the 67108864"):
+        encode(Message("t", tensors=[too_big]))
+
+
 # ----------------------------------------------------------------------------------------
 # Rejections, one reason each
 # ----------------------------------------------------------------------------------------

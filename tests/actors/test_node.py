@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import actors
-from actors import ActorExited, CallTimeout, Down, Exit, NoSuchActor, WireError
+from actors import ActorExited, CallTimeout, Down, Exit, NoSuchActor, RemoteError, WireError
 from actors._frames import Message
 from actors._transport import ipc_endpoint, open_socket
 
@@ -99,6 +99,19 @@ async def test_remote_failures_raise_the_same_errors_as_local_ones(transport):
             await actors.call("Echo@w1", ("sleep", 5), timeout=0.3)
         with pytest.raises(WireError, match="cannot travel"):
             await actors.call("Echo@w1", ("echo", object()))  # never pickled, never sent
+
+
+async def test_an_array_too_big_for_one_frame_is_refused_with_a_reason_not_lost():
+    # (Over ZMQ_MAXMSGSIZE the receiver would drop the connection: a silent timeout.)
+    over = (64 << 20) // 4 + 1  # float32s: 4 bytes over the cap (np.zeros is lazy)
+    async with cluster("w1"):
+        with pytest.raises(WireError, match="bytes one frame may carry"):
+            await actors.call("Echo@w1", ("double", np.zeros(over, np.float32)))
+        with pytest.raises(WireError, match="bytes one frame may carry"):
+            await actors.cast("Echo@w1", np.zeros(over, np.float32))
+        with pytest.raises(RemoteError, match="Echo replied with .* bytes one frame may carry"):
+            await actors.call("Echo@w1", ("zeros", over), timeout=LIMIT)
+        assert await actors.call("Echo@w1", ("echo", 1)) == 1
 
 
 async def test_remote_calls_beyond_the_mailbox_capacity_are_all_answered():
