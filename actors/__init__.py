@@ -75,6 +75,7 @@ from ._errors import (
 from ._frames import (
     DEFAULT_LIMITS,
     DTYPES,
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     FrameError,
     Limits,
@@ -175,6 +176,7 @@ __all__ = [
     "DTYPES",
     "FrameError",
     "Limits",
+    "MAX_FRAME_BYTES",
     "Message",
     "PROTOCOL_VERSION",
     "PeerUnreachable",
