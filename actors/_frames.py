@@ -190,7 +190,9 @@ def encode(msg: Message) -> list:
 
     Raises TypeError/ValueError for a message that could not be decoded by a peer: a
     body that is not msgpack-native, a dtype outside :data:`DTYPES`, too many
-    dimensions, an out-of-range integer. Nothing invalid is ever put on the wire.
+    dimensions, an out-of-range integer, or anything over :data:`DEFAULT_LIMITS` or
+    :data:`MAX_FRAME_BYTES` (a list, map, header, tensor count or frame). Nothing invalid
+    is ever put on the wire.
     """
     # The fast check covers what every well-formed message looks like; anything else
     # (a str subclass, say) gets the thorough check, which raises or accepts.
@@ -211,10 +213,14 @@ def encode(msg: Message) -> list:
     body = msg.body
     if type(body) is not dict:
         raise TypeError(f"Message.body must be a dict, got {type(body).__name__}")
-    problem = _body_problem(body, 1, DEFAULT_LIMITS.max_depth) if body else None
+    problem = _body_problem(body, 1, DEFAULT_LIMITS) if body else None
     if problem:
         raise TypeError(f"Message.body is not msgpack-native: {problem}")
 
+    if len(msg.tensors) > DEFAULT_LIMITS.max_tensors:
+        raise ValueError(
+            f"{len(msg.tensors)} tensors; at most {DEFAULT_LIMITS.max_tensors} accepted"
+        )
     descriptors = []
     frames = [b""]  # frame 0, the header, is filled in below
     for i, tensor in enumerate(msg.tensors):
@@ -248,6 +254,11 @@ def encode(msg: Message) -> list:
             "tensors": descriptors,
         }
     )
+    if len(frames[0]) > DEFAULT_LIMITS.max_header_bytes:  # (str and bytes limits within)
+        raise ValueError(
+            f"the header is {len(frames[0])} bytes; a peer accepts at most "
+            f"{DEFAULT_LIMITS.max_header_bytes}: send bulk data as numpy arrays (frames)"
+        )
     return frames
 
 
@@ -341,7 +352,7 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
                 raise FrameError(f"{name} must be an int, got {type(header[name]).__name__}")
     if type(body) is not dict:
         raise FrameError(f"body must be a map, got {type(body).__name__}")
-    problem = _body_problem(body, 1, limits.max_depth) if body else None
+    problem = _body_problem(body, 1, limits) if body else None
     if problem:
         raise FrameError(f"body {problem}")
 
@@ -375,32 +386,37 @@ def _check_name(what: str, value: Any, limits: Limits, *, error: type, allow_emp
         raise error(f"{what} must have 1..{limits.max_name_len} characters, got {len(value)}")
 
 
-def _body_problem(value: Any, depth: int, max_depth: int) -> str | None:
-    """Why ``value`` is not msgpack-native data with str map keys, or None.
+def _body_problem(value: Any, depth: int, limits: Limits) -> str | None:
+    """Why ``value`` is not msgpack-native data with str map keys within ``limits``'
+    container sizes, or None.
 
-    Recursive, but bounded: it refuses to go deeper than ``max_depth``.
+    Recursive, but bounded: it refuses to go deeper than ``limits.max_depth``.
     """
     kind = type(value)
     if kind is dict:
-        if depth > max_depth:
-            return f"nests deeper than {max_depth} levels"
+        if depth > limits.max_depth:
+            return f"nests deeper than {limits.max_depth} levels"
+        if len(value) > limits.max_map_len:
+            return f"has a map of {len(value)} entries; at most {limits.max_map_len} accepted"
         for key, item in value.items():
             if type(key) is not str:
                 return f"has a map key of type {type(key).__name__}; keys must be str"
             kind = type(item)  # leaves inline: a call per leaf doubled the cost
             if kind in _FLAT_SCALARS or (kind is int and _INT_MIN <= item <= _INT_MAX):
                 continue
-            problem = _body_problem(item, depth + 1, max_depth)
+            problem = _body_problem(item, depth + 1, limits)
             if problem:
                 return problem
     elif kind is list:
-        if depth > max_depth:
-            return f"nests deeper than {max_depth} levels"
+        if depth > limits.max_depth:
+            return f"nests deeper than {limits.max_depth} levels"
+        if len(value) > limits.max_array_len:
+            return f"has a list of {len(value)} items; at most {limits.max_array_len} accepted"
         for item in value:
             kind = type(item)
             if kind in _FLAT_SCALARS or (kind is int and _INT_MIN <= item <= _INT_MAX):
                 continue
-            problem = _body_problem(item, depth + 1, max_depth)
+            problem = _body_problem(item, depth + 1, limits)
             if problem:
                 return problem
     elif kind is int:

@@ -488,7 +488,10 @@ class Node:
             raise ActorExited(peer.name, "noconnection", f"(no endpoint known for {peer.name!r})")
         if peer.generation is not None:  # addressed to the incarnation we know
             body = {**body, "at": peer.generation}
-        return encode(Message(kind, self.name, self.generation, 0, seq, body, list(tensors)))
+        try:
+            return encode(Message(kind, self.name, self.generation, 0, seq, body, list(tensors)))
+        except (TypeError, ValueError) as exc:  # over a peer's limits: it would be rejected
+            raise WireError(f"{kind} cannot travel: {exc}") from None
 
     async def _send(
         self, peer: _Peer, kind: str, body: dict, tensors: Any = (), seq: int = 0
@@ -785,17 +788,16 @@ class Node:
         """A fast-path call's reply (From's delivery: runs in the replying task, never
         waits). The caller enforces its own timeout; an actor that exits first fails
         its pending calls with ActorExited, which goes back as "exited"."""
-        tensors: Any = ()
         if not ok:
             body = _error("exited", value.reason if isinstance(value, ActorExited) else value)
         else:
             try:
                 data, tensors = to_wire(value)
-            except WireError as exc:
+                self._send_soon(peer, "reply", {"ok": True, "value": data}, seq, tensors=tensors)
+                return
+            except WireError as exc:  # (raised before anything is sent)
                 body = _error("bad_reply", f"{to} replied with {exc}")
-            else:
-                body = {"ok": True, "value": data}
-        self._send_soon(peer, "reply", body, seq=seq, tensors=tensors)
+        self._send_soon(peer, "reply", body, seq=seq)
 
     async def _serve_call(self, peer: str, seq: int, to: str, request: Any, timeout) -> None:
         ref = _registry.whereis(to)
@@ -1035,7 +1037,11 @@ class Node:
     async def _reply(self, peer: str, seq: int, body: dict, tensors: Any = ()) -> None:
         with trio.move_on_after(self.send_timeout):
             try:
-                await self._send(self._peer(peer), "reply", body, tensors, seq=seq)
+                try:
+                    await self._send(self._peer(peer), "reply", body, tensors, seq=seq)
+                except WireError as exc:  # (raised before anything is sent)
+                    body = _error("bad_reply", f"the reply cannot travel: {exc}")
+                    await self._send(self._peer(peer), "reply", body, seq=seq)
             except ActorExited:
                 pass
             return

@@ -33,6 +33,8 @@ class Echo(actors.Actor):
                 return array * 2
             case ("zeros", n):
                 return np.zeros(n, np.float32)
+            case ("range", n):
+                return list(range(n))
             case ("crash", text):
                 raise RuntimeError(text)
             case ("sleep", seconds):

@@ -133,6 +133,12 @@ def test_non_contiguous_and_big_endian_tensors_arrive_as_little_endian_copies():
         (Message("x", tensors=[np.zeros(2, dtype="datetime64[s]")]), "accepted"),
         (Message("x", tensors=[np.zeros((1,) * 9)]), "9 dims"),
         (Message("x", tensors=[[1.0, 2.0]]), "numpy array"),
+        # over what a peer's decode accepts (DEFAULT_LIMITS): refused, not sent to be lost
+        (Message("x", body={"a": [0] * 65537}), "list of 65537 items; at most 65536"),
+        (Message("x", body={"a": dict.fromkeys(map(str, range(4097)))}), "map of 4097"),
+        (Message("x", body={"a": b"x" * (1 << 20)}), r"header is \d+ bytes; .* at most 1048576"),
+        (Message("x", body={"a": "y" * (1 << 20)}), "header is"),
+        (Message("x", tensors=[np.zeros(1)] * 1025), "1025 tensors; at most 1024"),
     ],
 )
 def test_encode_refuses_what_a_peer_could_not_decode(msg, complaint):

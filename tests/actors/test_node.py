@@ -101,16 +101,25 @@ async def test_remote_failures_raise_the_same_errors_as_local_ones(transport):
             await actors.call("Echo@w1", ("echo", object()))  # never pickled, never sent
 
 
-async def test_an_array_too_big_for_one_frame_is_refused_with_a_reason_not_lost():
-    # (Over ZMQ_MAXMSGSIZE the receiver would drop the connection: a silent timeout.)
+async def test_values_over_a_peers_limits_are_refused_with_a_reason_not_lost():
+    # Sent, they would be dropped by the receiver (a frame over ZMQ_MAXMSGSIZE drops the
+    # connection; decode rejects the rest): the call would time out unexplained.
     over = (64 << 20) // 4 + 1  # float32s: 4 bytes over the cap (np.zeros is lazy)
+    too_much = [b"x" * (2 << 20), list(range(70000)), dict.fromkeys(map(str, range(5000)))]
     async with cluster("w1"):
         with pytest.raises(WireError, match="bytes one frame may carry"):
             await actors.call("Echo@w1", ("double", np.zeros(over, np.float32)))
         with pytest.raises(WireError, match="bytes one frame may carry"):
             await actors.cast("Echo@w1", np.zeros(over, np.float32))
+        for value in too_much:
+            with pytest.raises(WireError, match="call cannot travel: .* at most"):
+                await actors.call("Echo@w1", ("echo", value))
+            with pytest.raises(WireError, match="cast cannot travel: .* at most"):
+                await actors.cast("Echo@w1", value)
         with pytest.raises(RemoteError, match="Echo replied with .* bytes one frame may carry"):
             await actors.call("Echo@w1", ("zeros", over), timeout=LIMIT)
+        with pytest.raises(RemoteError, match="Echo replied with .* list of 70000 items"):
+            await actors.call("Echo@w1", ("range", 70000), timeout=LIMIT)
         assert await actors.call("Echo@w1", ("echo", 1)) == 1
 
 
