@@ -418,6 +418,16 @@ def _deadline_arg(timeout: float | None) -> float:
     return float("inf") if timeout is None else timeout
 
 
+def _check_timeout(timeout: Any) -> None:
+    """A caller's ``timeout``: None or seconds >= 0, else a one-line error naming it."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be None or a number of seconds, got {timeout!r}")
+    if not timeout >= 0:  # (NaN too)
+        raise ValueError(f"timeout must be None or seconds >= 0, got {timeout!r}")
+
+
 # =====================================================================================
 # Client functions
 # =====================================================================================
@@ -455,6 +465,7 @@ async def call(target: Any, request: Any, timeout: float | None = 5.0) -> Any:
     ``timeout`` is in seconds (None: wait forever), and covers waiting for room in a
     full mailbox. Remote requests must be wire data (see ``actors.record``).
     """
+    _check_timeout(timeout)
     where = _registry.parse_target(target)
     if isinstance(where, Address):
         return await _registry.current_node()._call(where, request, timeout)
@@ -500,6 +511,7 @@ async def stop(target: Any, reason: Any = "normal", timeout: float | None = 5.0)
     is supervised, its supervisor sees that exit like any other (a ``permanent`` child
     is restarted). Raises :class:`CallTimeout` if it takes longer than ``timeout``.
     """
+    _check_timeout(timeout)
     where = _registry.parse_target(target)
     if isinstance(where, Address):
         await _registry.current_node()._stop(where, reason, timeout)
@@ -514,6 +526,7 @@ async def stop(target: Any, reason: Any = "normal", timeout: float | None = 5.0)
 
 async def statistics(target: Any, timeout: float | None = 5.0) -> ActorStats:
     """The target's :class:`ActorStats` (answered by the runtime, not the actor's loop)."""
+    _check_timeout(timeout)
     where = _registry.parse_target(target)
     if isinstance(where, Address):
         return await _registry.current_node()._statistics(where, timeout)

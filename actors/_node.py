@@ -760,7 +760,7 @@ class Node:
 
     async def _on_call(self, peer: _Peer, msg: Message) -> None:
         to = _field(msg, "to", str)
-        timeout = _field(msg, "timeout", (int, float, type(None)))
+        timeout = _timeout_field(msg)
         if "request" not in msg.body:
             raise _Rejected("call without a request")
         try:
@@ -820,7 +820,7 @@ class Node:
 
     async def _on_stop(self, peer: _Peer, msg: Message) -> None:
         to, reason = _field(msg, "to", str), _field(msg, "reason", str)
-        timeout = _field(msg, "timeout", (int, float, type(None)))
+        timeout = _timeout_field(msg)
         await self._spawn_request(self._serve_stop, peer.name, msg.seq, to, reason, timeout)
 
     async def _serve_stop(self, peer: str, seq: int, to: str, reason: str, timeout) -> None:
@@ -1064,6 +1064,13 @@ def _field(msg: Message, key: str, kind: Any) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise _Rejected(f"{msg.type}: field {key!r} must be {_kind_name(kind)}, got {value!r:.40}")
     return value
+
+
+def _timeout_field(msg: Message) -> float | None:
+    timeout = _field(msg, "timeout", (int, float, type(None)))
+    if timeout is not None and not timeout >= 0:  # (NaN too)
+        raise _Rejected(f"{msg.type}: timeout must be None or seconds >= 0, got {timeout!r}")
+    return timeout
 
 
 def _kind_name(kind: Any) -> str:

@@ -159,6 +159,25 @@ async def test_calling_or_casting_an_unknown_name_raises_no_such_actor():
         await actors.cast("ghost", 1)
 
 
+@pytest.mark.parametrize(
+    "timeout, error",
+    [("5", TypeError), (True, TypeError), (-1, ValueError), (float("nan"), ValueError)],
+)
+async def test_a_timeout_that_is_not_seconds_is_refused_naming_it(timeout, error):
+    async with trio.open_nursery() as nursery:
+        ref = await start(nursery, Counter(), "counter")
+        for request in (
+            actors.call(ref, 1, timeout=timeout),
+            actors.statistics(ref, timeout=timeout),
+            actors.stop(ref, timeout=timeout),
+            actors.call("Counter@elsewhere", 1, timeout=timeout),  # before any node is needed
+        ):
+            with pytest.raises(error, match=r"^timeout must be None or .*, got "):
+                await request
+        assert await actors.call(ref, 2) == 2  # nothing was sent
+        await actors.stop(ref)
+
+
 async def test_a_cast_to_an_actor_that_exited_is_dropped_silently():
     async with trio.open_nursery() as nursery:
         ref = await start(nursery, Counter())

@@ -480,6 +480,14 @@ async def test_a_malformed_message_is_rejected_and_the_node_keeps_serving():
             await out.send_multipart([msgpack.packb({"v": 1, "type": "call"}), b"x" * 10])
             answer = await recv_answer(inbox)
             assert answer.type == "error"
+
+            # (a negative timeout once reached trio and crashed the serving node)
+            for seq, kind, timeout in [(9, "stop", -1.0), (10, "call", float("nan"))]:
+                body = {"to": "Echo", "reason": "x", "request": 1, "timeout": timeout}
+                await out.send_message(Message(kind, "mallory", 1, 0, seq, body))
+                answer = await recv_answer(inbox)
+                assert (answer.seq, answer.body["kind"]) == (seq, "bad_request")
+                assert "timeout must be None or seconds >= 0" in answer.body["reason"]["text"]
         # ... and w1 still serves everyone else
         assert await actors.call("Echo@w1", ("echo", 42)) == 42
 
