@@ -719,8 +719,10 @@ class Node:
             accepted = ", ".join(sorted(self._handlers))
             raise _Rejected(f"unknown message type {msg.type!r} (accepted: {accepted})")
         endpoint = msg.body.get("endpoint") if msg.type == "hb" else None
-        if endpoint is not None and not isinstance(endpoint, str):
-            raise _Rejected("hb endpoint must be a string")
+        if endpoint is not None and not (
+            isinstance(endpoint, str) and endpoint.startswith(("ipc://", "tcp://"))
+        ):
+            raise _Rejected(f"hb endpoint must be an ipc:// or tcp:// address: {endpoint!r:.60}")
         at = msg.body.get("at")
         if at is not None and type(at) is not int:
             raise _Rejected(f"at must be an int (the addressed generation), got {at!r:.40}")
