@@ -372,9 +372,11 @@ async def test_a_sender_that_ignores_busy_is_bounded_by_pausing_the_reader(monke
                 nursery.start_soon(flood)
                 while not node._paused:  # the overflow passed its bound: the reader waits
                     await trio.sleep(0.01)
-                overflow = node._overflows[ref]
-                assert len(overflow.items) == 21  # the bound, and the one over it
-                assert overflow.nbytes == 21 * payload.nbytes
+                for _ in range(20):  # and keeps it there: at most one over (20 while the
+                    overflow = node._overflows[ref]  # drainer has just made room)
+                    assert len(overflow.items) <= 21
+                    assert overflow.nbytes == len(overflow.items) * payload.nbytes
+                    await trio.sleep(0.005)
                 sink.opened.set()
                 while len(sink.got) < n:
                     await trio.sleep(0.01)
