@@ -56,7 +56,7 @@ PROTOCOL_VERSION = 1
 
 # One frame's size cap: every socket's ZMQ_MAXMSGSIZE (actors._transport). A receiver
 # drops the whole connection on a bigger frame, so the message would vanish unexplained;
-# encode and actors._wire.to_wire refuse it instead.
+# encode refuses it instead.
 MAX_FRAME_BYTES = 64 << 20
 
 # Wire name -> little-endian numpy dtype. Anything not listed is rejected on both ends.
@@ -234,9 +234,13 @@ def encode(msg: Message) -> list:
             )
         if tensor.ndim > DEFAULT_LIMITS.max_ndim:
             raise ValueError(f"Message.tensors[{i}] has {tensor.ndim} dims; at most 8 accepted")
-        # A no-op for C-contiguous little-endian input. (Not ascontiguousarray: it makes 0-d 1-d.)
         if tensor.nbytes > MAX_FRAME_BYTES:
-            raise ValueError(_too_big(f"Message.tensors[{i}]", tensor.nbytes))
+            raise ValueError(
+                f"Message.tensors[{i}] is {tensor.nbytes} bytes, over the {MAX_FRAME_BYTES} "
+                "bytes one frame may carry (ZMQ_MAXMSGSIZE): send it in parts, or use a "
+                "ring collective"
+            )
+        # A no-op for C-contiguous little-endian input. (Not ascontiguousarray: it makes 0-d 1-d.)
         wire = tensor.astype(DTYPES[name], order="C", copy=False)
         descriptors.append([name, list(wire.shape), i + 1, 0, wire.nbytes])
         # memoryview.cast rejects zero-size shapes; an empty frame carries nothing anyway.
@@ -260,13 +264,6 @@ def encode(msg: Message) -> list:
             f"{DEFAULT_LIMITS.max_header_bytes}: send bulk data as numpy arrays (frames)"
         )
     return frames
-
-
-def _too_big(what: str, nbytes: int) -> str:
-    return (
-        f"{what} is {nbytes} bytes, over the {MAX_FRAME_BYTES} bytes one frame may carry "
-        "(ZMQ_MAXMSGSIZE): send it in parts, or use a ring collective"
-    )
 
 
 def _check_envelope(msg: Message) -> None:

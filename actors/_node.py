@@ -110,6 +110,7 @@ from ._actor import (
     MonitorRef,
     _Call,
     _Cast,
+    _check_timeout,
     _ExitSignal,
     _Info,
     _ReplySlot,
@@ -1069,9 +1070,11 @@ def _field(msg: Message, key: str, kind: Any) -> Any:
 
 
 def _timeout_field(msg: Message) -> float | None:
-    timeout = _field(msg, "timeout", (int, float, type(None)))
-    if timeout is not None and not timeout >= 0:  # (NaN too)
-        raise _Rejected(f"{msg.type}: timeout must be None or seconds >= 0, got {timeout!r}")
+    timeout = msg.body.get("timeout")
+    try:
+        _check_timeout(timeout)  # the rule actors.call applies to its caller
+    except (TypeError, ValueError) as exc:
+        raise _Rejected(f"{msg.type}: {exc}") from None
     return timeout
 
 

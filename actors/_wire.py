@@ -34,8 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from . import _frames
-
 __all__ = ["WireError", "from_wire", "record", "to_wire"]
 
 _RECORDS: dict[str, type] = {}
@@ -103,9 +101,7 @@ def _encode_other(value: Any, tensors: list[np.ndarray], depth: int) -> Any:
         raise WireError(f"int {value} is outside msgpack's range [-2**63, 2**64)")
     if value is None or isinstance(value, bool | int | float | str | bytes):
         return value
-    if isinstance(value, np.ndarray):
-        if value.nbytes > _frames.MAX_FRAME_BYTES:
-            raise WireError(_frames._too_big(f"a {value.dtype} array {value.shape}", value.nbytes))
+    if isinstance(value, np.ndarray):  # (its size is checked by encode: MAX_FRAME_BYTES)
         tensors.append(value)
         return {"$nd": len(tensors) - 1}
     if isinstance(value, list):
