@@ -86,6 +86,7 @@ from ._errors import (
 )
 from ._mailbox import Mailbox, MailboxClosed
 from ._registry import Address
+from ._reply import ReplySlot
 from ._wire import record
 
 __all__ = [
@@ -242,23 +243,6 @@ class From:
         return f"From({self.caller})"
 
 
-class _ReplySlot:
-    """A one-shot place a local caller waits on."""
-
-    __slots__ = ("event", "ok", "value", "abandoned")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.ok = False
-        self.value: Any = None
-        self.abandoned = False
-
-    def deliver(self, ok: bool, value: Any) -> None:
-        if not self.abandoned:
-            self.ok, self.value = ok, value
-            self.event.set()
-
-
 # =====================================================================================
 # ActorRef: the handle (a "pid")
 # =====================================================================================
@@ -353,24 +337,29 @@ class ActorRef:
     # -- client side of call/cast ----------------------------------------------------
 
     async def _call(self, request: Any, timeout: float | None, caller: str | None = None) -> Any:
-        slot = _ReplySlot()
+        slot = ReplySlot(timeout)
         from_ = From(slot.deliver, self, caller or _caller_label())
         self._pending.add(from_)
         try:
-            with trio.move_on_after(_deadline_arg(timeout)) as scope:
-                await self.mailbox.put(_Call(request, from_))
-                await slot.event.wait()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if timeout == 0 or not self.mailbox.try_put(_Call(request, from_)):
+                # Full (or timeout 0, whose deadline has passed: nothing is queued).
+                with trio.move_on_at(slot.deadline) as scope:
+                    await self.mailbox.put(_Call(request, from_))
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError
+            ok, value = await slot.wait()
         except MailboxClosed:
             raise ActorExited(str(self), self.exit_reason, "before the call was handled") from None
+        except trio.TooSlowError:
+            raise CallTimeout(str(self), request, timeout) from None
         finally:
-            if not slot.event.is_set():
-                slot.abandoned = True
+            if not from_.done:  # no answer: one arriving now is dropped
+                slot.abandon()
                 self._pending.discard(from_)
-        if scope.cancelled_caught and not slot.event.is_set():
-            raise CallTimeout(str(self), request, timeout)
-        if slot.ok:
-            return slot.value
-        raise slot.value
+        if ok:
+            return value
+        raise value
 
     async def _put(self, envelope: Any) -> None:
         try:

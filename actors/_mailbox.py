@@ -95,11 +95,18 @@ class Mailbox:
         if not parked:  # parking was this call's schedule point; else yield now
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def try_put(self, item: Any) -> bool:
+        """Queue ``item`` if the message lane has room; False if it is full. Raises
+        :class:`MailboxClosed` once closed. Not a checkpoint."""
+        if len(self._messages) >= self.capacity and not self._closed:
+            return False
+        self._append(item)
+        return True
+
     def put_nowait(self, item: Any) -> None:
         """Queue ``item`` or raise :class:`MailboxFull` / :class:`MailboxClosed`."""
-        if not self._closed and len(self._messages) >= self.capacity:
+        if not self.try_put(item):
             raise MailboxFull(f"mailbox full ({self.capacity} messages)")
-        self._append(item)
 
     def _append(self, item: Any) -> None:
         if self._closed:

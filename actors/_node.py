@@ -113,7 +113,6 @@ from ._actor import (
     _check_timeout,
     _ExitSignal,
     _Info,
-    _ReplySlot,
 )
 from ._errors import (
     ActorExited,
@@ -126,6 +125,7 @@ from ._errors import (
 from ._frames import FrameError, Message, encode
 from ._mailbox import MailboxClosed, MailboxFull
 from ._registry import Address, check_name
+from ._reply import ReplySlot
 from ._transport import TrioSocket, ipc_directory, ipc_endpoint, open_socket
 from ._wire import WireError, from_wire, to_wire
 
@@ -197,16 +197,17 @@ class _Outgoing:
 class _Pending:
     """A call (or stop / stats request) sent to a peer, awaiting its reply."""
 
-    slot: _ReplySlot
+    slot: ReplySlot
     peer: str
     target: str
-    scope: trio.CancelScope  # the caller's wait (and send)
     what: Any  # the request, as a CallTimeout names it
     timeout: float | None
+    sending: trio.CancelScope | None = None  # while the caller waits to send
 
     def fail(self, error: Exception) -> None:
         self.slot.deliver(False, error)
-        self.scope.cancel()  # the caller may still be stuck sending to a dead peer
+        if self.sending is not None:
+            self.sending.cancel()  # the caller may be stuck sending to a dead peer
 
 
 class _Overflow:
@@ -367,25 +368,32 @@ class Node:
     ) -> Any:
         peer = self._peer(target.node)
         seq = next(self._seq)
-        slot = _ReplySlot()
-        scope = trio.CancelScope(deadline=trio.current_time() + _seconds(timeout))
-        self._pending[seq] = _Pending(slot, peer.name, str(target), scope, what, timeout)
+        slot = ReplySlot(timeout)
+        pending = self._pending[seq] = _Pending(slot, peer.name, str(target), what, timeout)
         try:
-            with scope:  # also cancelled when the answer comes early: the peer is down
-                if peer.alive is False:
-                    raise ActorExited(str(target), "noconnection", "before the call was sent")
-                if kind == "call":
-                    await self._while_busy(peer, target.name)
-                await self._send(peer, kind, body, tensors, seq=seq)
-                await slot.event.wait()
+            if peer.alive is False:
+                raise ActorExited(str(target), "noconnection", "before the call was sent")
+            await trio.lowlevel.checkpoint_if_cancelled()
+            # Sent at once, or else by the slow path: it waits for a busy actor's ready and
+            # for room. Timeout 0 takes it too, and its passed deadline sends nothing.
+            now = timeout != 0 and self._send_request_now(peer, kind, body, tensors, seq)
+            if not now:
+                with trio.move_on_at(slot.deadline) as pending.sending:
+                    if kind == "call":
+                        await self._while_busy(peer, target.name)
+                    await self._send(peer, kind, body, tensors, seq=seq)
+                if pending.sending.cancelled_caught and not slot.done:
+                    raise trio.TooSlowError
+                pending.sending = None
+            ok, value = await slot.wait()
+        except trio.TooSlowError:
+            raise CallTimeout(str(target), what, timeout) from None
         finally:
-            if self._pending.pop(seq, None) is not None and not slot.event.is_set():
-                slot.abandoned = True
-        if not slot.event.is_set():
-            raise CallTimeout(str(target), what, timeout)
-        if slot.ok:
-            return slot.value
-        raise slot.value
+            if self._pending.pop(seq, None) is not None:
+                slot.abandon()  # a reply arriving now is dropped
+        if ok:
+            return value
+        raise value
 
     async def _fire(self, target: Address, msg: Any, kind: str) -> None:
         data, tensors = to_wire(msg)
@@ -399,6 +407,28 @@ class Node:
                 pass
         self._stats["dropped"] += 1
         log.warning("%s dropped a %s to %s: not sent in time", self._label, kind, target)
+
+    def _send_request_now(
+        self, peer: _Peer, kind: str, body: dict, tensors: list, seq: int
+    ) -> bool:
+        """Send a request at once if nothing has to wait: no busy gate for its actor,
+        nothing queued for ``peer``, room on its socket. False: nothing was sent."""
+        if (kind == "call" and (peer.name, body["to"]) in self._gates) or peer.socket is None:
+            return False
+        return self._send_at_once(peer, self._frames(peer, kind, body, tensors, seq))
+
+    def _send_at_once(self, peer: _Peer, frames: list) -> bool:
+        """Put ``frames`` on ``peer``'s socket now if nothing is queued ahead of them and
+        the socket takes them without waiting; False: not sent."""
+        if peer.queued or peer.socket is None:
+            return False
+        try:
+            if not peer.socket.try_send_multipart(frames):
+                return False
+        except trio.ClosedResourceError:  # reconnected meanwhile: the writer drops it
+            return False
+        self._stats["sent"] += 1
+        return True
 
     async def _while_busy(self, peer: _Peer, name: str) -> None:
         """Wait while actor ``name`` on ``peer`` has said busy: until its ready, or until
@@ -533,14 +563,8 @@ class Node:
         peer = self._peers.get(peer_name) or self._peer(peer_name)
         try:
             frames = self._frames(peer, kind, body, tensors, seq)
-            if peer.queued == 0 and peer.socket is not None:
-                try:
-                    if peer.socket.try_send_multipart(frames):
-                        self._stats["sent"] += 1
-                        return
-                except trio.ClosedResourceError:  # reconnected meanwhile
-                    self._stats["dropped"] += 1
-                    return
+            if self._send_at_once(peer, frames):
+                return
             peer.outbox.send_nowait(frames)
             peer.queued += 1
             return

@@ -94,6 +94,28 @@ async def test_a_call_that_gets_no_reply_in_time_raises_call_timeout(autojump_cl
         await actors.stop("counter")
 
 
+async def test_a_call_with_timeout_zero_times_out_without_being_queued():
+    async with trio.open_nursery() as nursery:
+        ref = await start(nursery, Counter(), "counter")
+        with pytest.raises(CallTimeout, match=r"timed out after 0s"):
+            await actors.call("counter", 5, timeout=0)
+        assert await actors.call("counter", 1) == 1  # the 5 was never added
+        assert ref.processed == 1
+        await actors.stop(ref)
+
+
+async def test_a_cancelled_caller_leaves_nothing_pending_and_its_late_reply_is_dropped(
+    autojump_clock,
+):
+    async with trio.open_nursery() as nursery:
+        ref = await start(nursery, Counter(), "counter")
+        with trio.move_on_after(0.05):
+            await actors.call("counter", "slow", timeout=None)
+        assert not ref._pending  # the call's return address is gone with its caller
+        assert await actors.call("counter", 2, timeout=None) == 2  # after "slow" finishes
+        await actors.stop(ref)
+
+
 async def test_a_crash_in_handle_call_crashes_the_actor_and_names_it_to_the_caller():
     counter = Counter()
     with pytest.RaisesGroup(ValueError):  # the crash propagates to the spawner's nursery

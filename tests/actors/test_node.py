@@ -94,6 +94,11 @@ async def test_remote_failures_raise_the_same_errors_as_local_ones(transport):
         with pytest.raises(NoSuchActor, match="no actor registered as 'Nobody' on node w1"):
             await actors.call("Nobody@w1", 1)
         await wait_for_echo("w1")
+        before = (await actors.statistics("Echo@w1")).processed
+        with pytest.raises(CallTimeout, match=r"timed out after 0s"):
+            await actors.call("Echo@w1", ("echo", 1), timeout=0)  # never sent
+        assert await actors.call("Echo@w1", ("echo", 2)) == 2
+        assert (await actors.statistics("Echo@w1")).processed == before + 1
         # The same error whichever deadline fires first, the caller's or the server's.
         timed_out = r"call to Echo@w1 timed out after 0.3s \(request: \('sleep', 5\)\)"
         with pytest.raises(CallTimeout, match=timed_out):
@@ -145,7 +150,7 @@ def test_a_timeout_reported_by_the_serving_node_names_the_callers_timeout():
     # (it once arrived first and read "timed out after nans"): both give the same error.
     from actors._node import _error, _error_from_wire, _Pending
 
-    pending = _Pending(None, "w1", "Echo@w1", trio.CancelScope(), ("sleep", 5), 0.3)
+    pending = _Pending(None, "w1", "Echo@w1", ("sleep", 5), 0.3)
     error = _error_from_wire(pending, _error("timeout", "no reply within 0.3s"))
     assert isinstance(error, CallTimeout) and error.timeout == 0.3
     assert str(error) == "call to Echo@w1 timed out after 0.3s (request: ('sleep', 5))"
