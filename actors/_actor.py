@@ -409,7 +409,7 @@ def _deadline_arg(timeout: float | None) -> float:
 
 def _check_timeout(timeout: Any) -> None:
     """A caller's ``timeout``: None or seconds >= 0, else a one-line error naming it."""
-    if timeout is None:
+    if timeout is None or (type(timeout) is float and timeout >= 0):
         return
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(f"timeout must be None or a number of seconds, got {timeout!r}")

@@ -735,10 +735,11 @@ class Node:
                 log.exception("%s error handling %s from %s", self._label, msg.type, msg.sender)
 
     async def _dispatch(self, msg: Message) -> None:
-        try:
-            check_name(msg.sender, "sender")
-        except ValueError as exc:
-            raise _Rejected(str(exc)) from None
+        if msg.sender not in self._peers:  # (a known peer's name was checked already)
+            try:
+                check_name(msg.sender, "sender")
+            except ValueError as exc:
+                raise _Rejected(str(exc)) from None
         handler = self._handlers.get(msg.type)
         if handler is None:
             accepted = ", ".join(sorted(self._handlers))

@@ -21,6 +21,7 @@ its own, and it empties itself as actors exit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -122,12 +123,8 @@ def parse_target(target: Any) -> ActorRef | Address | str:
     Raises TypeError naming the accepted shapes when ``target`` is none of them.
     """
     if isinstance(target, str):
-        name, at, node = target.partition("@")
-        if not at:
-            return check_name(name)
-        check_name(name)
-        check_name(node, "node name")
-        return name if node == local_node_name() else Address(name, node)
+        name, address = _split(target)
+        return name if address is None or address.node == local_node_name() else address
     from ._actor import ActorRef  # (here: a module-level import would be circular)
 
     if isinstance(target, ActorRef | Address):
@@ -138,6 +135,17 @@ def parse_target(target: Any) -> ActorRef | Address | str:
         "an actor target is an ActorRef, a local name ('Optimizer') or a remote name "
         f"('Optimizer@rank1'); got {target!r}"
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _split(target: str) -> tuple[str, Address | None]:
+    """``"name"`` -> (name, None); ``"name@node"`` -> (name, its Address). Cached: a
+    process calls the same few targets over and over (invalid ones are not cached)."""
+    name, at, node = target.partition("@")
+    check_name(name)
+    if not at:
+        return name, None
+    return name, Address(name, check_name(node, "node name"))
 
 
 # -- the process's node (set by actors._node) ----------------------------------------

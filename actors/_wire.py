@@ -41,6 +41,7 @@ _NAMES: dict[type, str] = {}
 _MAX_DEPTH = 12  # tags can double the msgpack depth; _frames allows 32
 _INT_MIN, _INT_MAX = -(2**63), 2**64
 _PLAIN = frozenset({type(None), bool, float, str, bytes})  # travel as they are
+_NESTED = frozenset({list, dict})  # what from_wire looks into
 
 
 class WireError(TypeError):
@@ -83,14 +84,18 @@ def _encode(value: Any, tensors: list[np.ndarray], depth: int) -> Any:
         return value
     if kind is int and _INT_MIN <= value < _INT_MAX:
         return value
+    # Items of a _PLAIN type are taken inline: a call per leaf was half the cost.
     if kind is list:
-        return [_encode(v, tensors, depth + 1) for v in value]
+        return [v if type(v) in _PLAIN else _encode(v, tensors, depth + 1) for v in value]
     if kind is dict:
         for key in value:
             if type(key) is not str or key[:1] == "$":
                 break
         else:
-            return {k: _encode(v, tensors, depth + 1) for k, v in value.items()}
+            return {
+                k: v if type(v) in _PLAIN else _encode(v, tensors, depth + 1)
+                for k, v in value.items()
+            }
     return _encode_other(value, tensors, depth)
 
 
@@ -137,14 +142,16 @@ def _decode(data: Any, tensors: list[np.ndarray], depth: int) -> Any:
     if depth > _MAX_DEPTH:
         raise WireError(f"data nested deeper than {_MAX_DEPTH} levels")
     kind = type(data)
-    if kind is list:
-        return [_decode(v, tensors, depth + 1) for v in data]
+    if kind is list:  # (leaves inline, as in _encode)
+        return [v if type(v) not in _NESTED else _decode(v, tensors, depth + 1) for v in data]
     if kind is not dict:
         return data
     for key in data:  # a key starting with "$" marks a tagged value
         if type(key) is str and key[:1] == "$":
             return _decode_tagged(data, tensors, depth)
-    return {k: _decode(v, tensors, depth + 1) for k, v in data.items()}
+    return {
+        k: v if type(v) not in _NESTED else _decode(v, tensors, depth + 1) for k, v in data.items()
+    }
 
 
 def _decode_tagged(data: dict, tensors: list[np.ndarray], depth: int) -> Any:
