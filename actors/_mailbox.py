@@ -160,6 +160,11 @@ class Mailbox:
         return leftovers
 
     @property
+    def taker_waiting(self) -> bool:
+        """Whether the actor is parked in :meth:`get` (a message would wake it)."""
+        return bool(self._not_empty)
+
+    @property
     def closed(self) -> bool:
         return self._closed
 

@@ -290,6 +290,7 @@ class Node:
         self._served: dict[tuple[str, MonitorRef], tuple[ActorRef, _RemoteWatcher]] = {}
         self._inflight = trio.Semaphore(max_inflight)
         self._paused = False
+        self._woke_a_waiter = False  # the message just dispatched woke a parked task
         self._overflows: dict[ActorRef, _Overflow] = {}
         self._gates: dict[tuple[str, str], _Gate] = {}  # (peer, actor name) said busy
         self._stats = dict.fromkeys(
@@ -733,6 +734,13 @@ class Node:
                 self._reject(msg.sender, str(exc), msg)
             except Exception:  # one bad message must never take the node down
                 log.exception("%s error handling %s from %s", self._label, msg.type, msg.sender)
+            if self._woke_a_waiter:
+                # Yield to the task just woken (a caller, an idle actor) before reading
+                # ZMQ_EVENTS and re-arming the wait: trio runs the next batch in random
+                # order, so about half the time the reply leaves before that bookkeeping.
+                # Measured: -26 us on a remote call's round trip, no more CPU (14 rounds).
+                self._woke_a_waiter = False
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _dispatch(self, msg: Message) -> None:
         if msg.sender not in self._peers:  # (a known peer's name was checked already)
@@ -879,6 +887,7 @@ class Node:
             return  # a late reply (the caller gave up), or not from the node we asked
         del self._pending[msg.seq]
         slot = entry.slot
+        self._woke_a_waiter = slot.waiting
         ok = msg.body.get("ok")
         try:
             if ok is True:
@@ -917,6 +926,7 @@ class Node:
         overflow = self._overflows.get(ref)
         if overflow is None:
             try:
+                self._woke_a_waiter = ref.mailbox.taker_waiting
                 ref.mailbox.put_nowait(envelope)
                 return
             except MailboxFull:

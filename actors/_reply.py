@@ -52,6 +52,11 @@ class ReplySlot:
         self._task: trio.lowlevel.Task | None = None
         self._expired = False
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a task is parked in :meth:`wait` (an answer would wake it)."""
+        return self._task is not None
+
     def deliver(self, ok: bool, value: Any) -> None:
         """Answer: ``(True, result)`` or ``(False, exception)``. Never waits; dropped
         if the slot is already done."""

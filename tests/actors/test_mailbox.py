@@ -18,6 +18,22 @@ async def test_messages_come_out_in_arrival_order():
     assert [await box.get() for _ in range(4)] == [0, 1, 2, 3]
 
 
+async def test_taker_waiting_says_whether_the_actor_is_parked_in_get():
+    box = Mailbox(4)
+    seen = []
+
+    async def put_soon():
+        seen.append(box.taker_waiting)
+        await box.put("m")
+        seen.append(box.taker_waiting)
+
+    assert not box.taker_waiting
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_soon)
+        assert await box.get() == "m"
+    assert seen == [True, False]
+
+
 async def test_signals_are_taken_before_messages():
     box = Mailbox(4)
     await box.put("message")

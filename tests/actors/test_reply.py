@@ -113,3 +113,19 @@ async def test_a_slot_abandoned_before_waiting_drops_its_answer():
     slot.abandon()
     slot.deliver(True, "late")
     assert slot.done and slot.value is None
+
+
+async def test_waiting_is_true_only_while_a_task_is_parked_on_the_slot():
+    slot = ReplySlot(5)
+    seen = []
+
+    async def answer_soon():
+        seen.append(slot.waiting)  # the waiter has parked by now
+        slot.deliver(True, 1)
+        seen.append(slot.waiting)
+
+    assert not slot.waiting
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_soon)
+        await slot.wait()
+    assert seen == [True, False] and not slot.waiting
