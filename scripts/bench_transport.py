@@ -441,9 +441,11 @@ def stream_table(sizes, rounds: int = 3) -> dict:
     return report
 
 
-def latency_table(reps, rounds: int = 3) -> dict:
+def latency_table(reps, rounds: int = 5) -> dict:
     """Round trips of a small message; the modes alternate for ``rounds`` rounds and the
-    median is kept (one run per mode let a burst of load land on one mode only)."""
+    median is kept (one run per mode let a burst of load land on one mode only). The
+    ratios to raw are medians of each round's ratio: a round's modes run back to back,
+    so a slow spell of this shared machine scales them together."""
     widths = (26, 6, 8, 9)
     print("\n" + row(("round trip, small msg, ipc", "", "us", "vs raw"), widths))
     labels = {
@@ -458,13 +460,20 @@ def latency_table(reps, rounds: int = 3) -> dict:
             kind = "node_call" if mode == "node_call" else "pingpong"
             runs[mode].append(spawn(kind, 2, mode=mode, reps=reps)[1]["us"])
     us = {mode: statistics.median(values) for mode, values in runs.items()}
+    vs_raw = {
+        mode: statistics.median(v / r for v, r in zip(values, runs["raw"], strict=True))
+        for mode, values in runs.items()
+    }
     for mode, label in labels.items():
-        print(row((label, "", f"{us[mode]:.1f}", f"{us[mode] / us['raw']:.2f}x"), widths))
+        print(row((label, "", f"{us[mode]:.1f}", f"{vs_raw[mode]:.2f}x"), widths))
+    per_round = zip(runs["node_call"], runs["raw"], strict=True)
+    print(f"  actors.call / raw per round: {[round(v / r, 2) for v, r in per_round]}")
     return {
         "raw_us": us["raw"],
         "trio_wrapper_us": us["wrapper"],
         "trio_codec_us": us["trio"],
         "node_call_us": us["node_call"],
+        "node_call_vs_raw": vs_raw["node_call"],
         "rounds": rounds,
     }
 
@@ -515,9 +524,7 @@ def main() -> None:
     checks["round_trip_actors_call<150us"] = report["round_trip"]["node_call_us"] < 150
     # The issue's figures (150 us, with raw pyzmq at 60 us) as a ratio to raw measured in
     # this run: raw pyzmq itself ranges over 60-150 us between these shared machines.
-    checks["round_trip_actors_call<=2.5x_raw"] = (
-        report["round_trip"]["node_call_us"] <= 2.5 * report["round_trip"]["raw_us"]
-    )
+    checks["round_trip_actors_call<=2.5x_raw"] = report["round_trip"]["node_call_vs_raw"] <= 2.5
     report["targets_met"] = checks
     report["load_after"] = os.getloadavg()
     report["seconds"] = time.perf_counter() - started
