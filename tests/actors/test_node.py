@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import actors
 from actors import ActorExited, CallTimeout, Down, Exit, NoSuchActor, RemoteError, WireError
 from actors._frames import Message
+from actors._node import _OUTBOX
 from actors._transport import ipc_endpoint, open_socket
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proc_worker.py")
@@ -389,6 +390,43 @@ async def test_a_sender_that_ignores_busy_is_bounded_by_pausing_the_reader(monke
             assert all(np.array_equal(tensor, payload) for _, tensor in sink.got)
             assert not node._paused and not node._overflows
             nursery.cancel_scope.cancel()
+
+
+async def test_a_call_stuck_sending_to_a_peer_fails_when_the_peer_goes_down():
+    # mallory never reads: casts back up until ZeroMQ's queues and the node's outbox for
+    # it are full, so a call has to wait to be sent (the slow path). The peer going down
+    # must end that wait at once with noconnection, even with no timeout.
+    with trio.fail_after(LIMIT):
+        async with actors.open_node("test", send_timeout=LIMIT) as node:
+            async with fake_peer(node) as (_inbox, out), trio.open_nursery() as nursery:
+                await out.send_message(Message("hb", "mallory", 7, body={"names": []}))
+                await node.wait_peer("mallory")
+
+                async def cast_forever():
+                    while True:
+                        await actors.cast("Sink@mallory", np.zeros(1 << 16, np.uint8))
+
+                for _ in range(_OUTBOX + 8):  # more casters than the outbox holds
+                    nursery.start_soon(cast_forever)
+                outbox = node._peers["mallory"].outbox
+                while True:  # until nothing leaves and the outbox is full
+                    sent = node.statistics()["sent"]
+                    await trio.sleep(0.1)
+                    full = outbox.statistics().current_buffer_used == _OUTBOX
+                    if full and node.statistics()["sent"] == sent:
+                        break
+
+                async def goes_down():
+                    await trio.sleep(0.2)
+                    node.peer_exited("mallory")
+
+                nursery.start_soon(goes_down)
+                with pytest.raises(ActorExited, match="noconnection"):
+                    await actors.call("Sink@mallory", 1, timeout=None)
+                # Ended by the peer's going down, not by anything leaving: ZeroMQ drops
+                # the stalled connection only after its heartbeat timeout (2.5 s).
+                assert node.statistics()["sent"] == sent
+                nursery.cancel_scope.cancel()
 
 
 async def test_calls_waiting_in_an_overflow_are_answered_exited_when_the_actor_dies():
