@@ -339,13 +339,14 @@ class ActorRef:
     async def _call(self, request: Any, timeout: float | None, caller: str | None = None) -> Any:
         slot = ReplySlot(timeout)
         from_ = From(slot.deliver, self, caller or _caller_label())
+        call = _Call(request, from_)
         self._pending.add(from_)
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            if timeout == 0 or not self.mailbox.try_put(_Call(request, from_)):
+            if timeout == 0 or not self.mailbox.try_put(call):
                 # Full (or timeout 0, whose deadline has passed: nothing is queued).
                 with trio.move_on_at(slot.deadline) as scope:
-                    await self.mailbox.put(_Call(request, from_))
+                    await self.mailbox.put(call)
                 if scope.cancelled_caught:
                     raise trio.TooSlowError
             ok, value = await slot.wait()

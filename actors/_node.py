@@ -926,8 +926,9 @@ class Node:
         overflow = self._overflows.get(ref)
         if overflow is None:
             try:
-                self._woke_a_waiter = ref.mailbox.taker_waiting
+                waiting = ref.mailbox.taker_waiting
                 ref.mailbox.put_nowait(envelope)
+                self._woke_a_waiter = waiting
                 return
             except MailboxFull:
                 overflow = self._overflows[ref] = _Overflow(to)
