@@ -484,6 +484,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the collectives")
     parser.add_argument("--chunk", type=int, default=4 << 20, help="ring chunk_bytes")
+    parser.add_argument(
+        "--latency-only", type=int, metavar="ROUNDS", help="only the round-trip table"
+    )
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=2, help=argparse.SUPPRESS)
@@ -496,6 +499,10 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](args)), flush=True)
         return
 
+    if args.latency_only:
+        report = latency_table(args.reps, args.latency_only)
+        print(json.dumps({"round_trip": report, "load": os.getloadavg()}))
+        return
     sizes = ["1M"] if args.quick else list(SIZES)
     worlds = [2] if args.quick else [2, 4]
     try:
