@@ -377,7 +377,7 @@ class Node:
             await trio.lowlevel.checkpoint_if_cancelled()
             # Sent at once, or else by the slow path: it waits for a busy actor's ready and
             # for room. Timeout 0 takes it too, and its passed deadline sends nothing.
-            now = timeout != 0 and self._send_request_now(peer, kind, body, tensors, seq)
+            now = timeout != 0 and self._send_now(peer, kind, body, tensors, seq)
             if not now:
                 with trio.move_on_at(slot.deadline) as pending.sending:
                     if kind == "call":
@@ -399,22 +399,26 @@ class Node:
     async def _fire(self, target: Address, msg: Any, kind: str) -> None:
         data, tensors = to_wire(msg)
         peer = self._peer(target.node)
+        body = {"to": target.name, "msg": data}
+        if peer.alive is not False:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._send_now(peer, kind, body, tensors, 0):  # (no cancel scope: see _reply)
+                await peer.socket.fair_checkpoint()
+                return
         with trio.move_on_after(0 if peer.alive is False else self.send_timeout):
             try:
                 await self._while_busy(peer, target.name)
-                await self._send(peer, kind, {"to": target.name, "msg": data}, tensors)
+                await self._send(peer, kind, body, tensors)
                 return
             except ActorExited:
                 pass
         self._stats["dropped"] += 1
         log.warning("%s dropped a %s to %s: not sent in time", self._label, kind, target)
 
-    def _send_request_now(
-        self, peer: _Peer, kind: str, body: dict, tensors: list, seq: int
-    ) -> bool:
-        """Send a request at once if nothing has to wait: no busy gate for its actor,
-        nothing queued for ``peer``, room on its socket. False: nothing was sent."""
-        if (kind == "call" and (peer.name, body["to"]) in self._gates) or peer.socket is None:
+    def _send_now(self, peer: _Peer, kind: str, body: dict, tensors: list, seq: int) -> bool:
+        """Send a request or cast at once if nothing has to wait: no busy gate for its
+        actor, nothing queued for ``peer``, room on its socket. False: nothing was sent."""
+        if (peer.name, body["to"]) in self._gates or peer.socket is None:
             return False
         return self._send_at_once(peer, self._frames(peer, kind, body, tensors, seq))
 

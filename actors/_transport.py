@@ -280,7 +280,7 @@ class TrioSocket:
         self._parked_count = 0
         self._wanted = {_POLLIN: 0, _POLLOUT: 0}  # waiters per flag
         self._watch_flag = 0  # the flag the watcher waits for
-        self._streak = 0  # operations since the last yield (see _fair_checkpoint)
+        self._streak = 0  # operations since the last yield (see fair_checkpoint)
         self._send_lock = trio.StrictFIFOLock()  # senders queue in order; no interleaving
 
     # -- the public face -----------------------------------------------------------------
@@ -370,7 +370,7 @@ class TrioSocket:
                 lock.release()
         self._after_io()
         if not waited:
-            await self._fair_checkpoint()
+            await self.fair_checkpoint()
         return zmq.MessageTracker(*trackers) if track else None
 
     def try_send_multipart(self, frames: Sequence[Any], copy: bool = False) -> bool:
@@ -421,7 +421,7 @@ class TrioSocket:
                     continue
                 self._after_io()
                 if not waited:
-                    await self._fair_checkpoint()
+                    await self.fair_checkpoint()
                 return frames
             waited = ready = True
             await self._wait(_POLLIN, polled=True, confirm=False)
@@ -518,10 +518,11 @@ class TrioSocket:
         if self._closed:
             raise trio.ClosedResourceError("socket was closed")
 
-    async def _fair_checkpoint(self) -> None:
-        # An operation that did not wait yields to the scheduler only every
-        # _FAIRNESS_BUDGET calls: a full trio checkpoint costs about as much as the
-        # send itself, and the HWM bounds how long a sender can go without waiting.
+    async def fair_checkpoint(self) -> None:
+        """Yield to the scheduler every _FAIRNESS_BUDGET calls, not on every one: what
+        an operation that did not have to wait does (a full trio checkpoint costs about
+        as much as a small send; the HWM bounds how long a sender goes without waiting).
+        For a loop around :meth:`try_send_multipart`, which never yields."""
         self._streak += 1
         if self._streak >= _FAIRNESS_BUDGET:
             self._streak = 0

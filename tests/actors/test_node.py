@@ -429,6 +429,31 @@ async def test_a_call_stuck_sending_to_a_peer_fails_when_the_peer_goes_down():
                 nursery.cancel_scope.cancel()
 
 
+async def test_remote_casts_that_never_wait_still_let_other_tasks_run():
+    # 200 small casts fit in ZeroMQ's queues, so none has to wait; the caster must still
+    # yield now and then (every 16th), or heartbeats and the reader would starve.
+    async with actors.open_node("test") as node:
+        async with fake_peer(node) as (_inbox, out), trio.open_nursery() as nursery:
+            await out.send_message(Message("hb", "mallory", 7, body={"names": []}))
+            await node.wait_peer("mallory")
+            ticks = 0
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(ticker)
+            await trio.sleep(0.01)
+            ticks = 0
+            for i in range(200):
+                await actors.cast("Sink@mallory", i)
+            assert ticks >= 200 // 16 - 1
+            assert node.statistics()["held"] == 0  # (all went at once: none was held)
+            nursery.cancel_scope.cancel()
+
+
 async def test_calls_waiting_in_an_overflow_are_answered_exited_when_the_actor_dies():
     sink = Sink()
 
