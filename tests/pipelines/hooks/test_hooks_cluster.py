@@ -95,7 +95,8 @@ def check_conservation(summary: dict, world: int):
     assert len(outboxes) == world and set(fates) <= {str(r) for r in range(world)}
     for rank, out in enumerate(outboxes):
         assert out["offered"] >= 1, out
-        assert out["lost"] == out["unconfirmed"] == out["queued"] == 0, out
+        # (the whole hooks summary as text, so that a failure in CI says why in full)
+        assert out["lost"] == out["unconfirmed"] == out["queued"] == 0, json.dumps(summary["hooks"])
         got = fates.get(str(rank), dict.fromkeys(("received",), 0))
         settled = ("analyzed", "dropped", "stale", "rejected", "skipped", "pending")
         assert got["received"] == sum(got.get(k, 0) for k in settled), got
