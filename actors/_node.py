@@ -430,8 +430,8 @@ class Node:
         try:
             if not peer.socket.try_send_multipart(frames):
                 return False
-        except trio.ClosedResourceError:  # reconnected meanwhile: the writer drops it
-            return False
+        except trio.ClosedResourceError:  # reconnected meanwhile: the slow path (or the
+            return False  # outbox's writer) sends it on the new socket
         self._stats["sent"] += 1
         return True
 
