@@ -147,7 +147,11 @@ class HookOutbox:
         self.layout = wire_layout(layout) if layout is not None else []
         self._send, self._receive = trio.open_memory_channel(capacity)
         self._counts = {"offered": 0, "sent": 0, "dropped": 0, "failed": 0}
-        self._forwarding = False  # a sample taken from the queue and not yet counted
+        # Samples offered and not yet counted (queued, or on their way and unanswered).
+        # Counted at the offer: a memory channel hands an item straight to a waiting
+        # receiver, so neither its buffer nor the forwarder shows that sample until the
+        # forwarder has run (test_a_sample_handed_to_the_waiting_forwarder_...).
+        self._unsettled = 0
         self.flushed = None  # what `flush` learned: {"lost", "unconfirmed"} or None
 
     def due(self, step: int) -> bool:
@@ -158,7 +162,7 @@ class HookOutbox:
         """True when the analyzer has answered every sample this outbox sent it and
         nothing is queued: a sample offered now goes out at once. (The ranks agree on
         their credit before they sample a step: see RankStep.hook_credit.)"""
-        return not self._forwarding and not self._send.statistics().current_buffer_used
+        return not self._unsettled
 
     def decline(self, step: int) -> None:
         """A due step not sampled for want of credit: counted as offered and dropped,
@@ -176,17 +180,17 @@ class HookOutbox:
         except trio.WouldBlock:
             self._counts["dropped"] += 1
             return False
+        self._unsettled += 1
         return True
 
     async def run(self) -> None:
         """Forward queued samples to the target until cancelled; never raises for a
         failed send (see the failure rules in the module doc)."""
         async for sample in self._receive:
-            self._forwarding = True
             try:
                 await self._forward(sample)
             finally:
-                self._forwarding = False
+                self._unsettled -= 1
 
     async def _forward(self, sample: HookSample) -> None:
         node = _current_node()
@@ -214,13 +218,14 @@ class HookOutbox:
         Never raises for the analyzer's trouble; call it once, after the last offer."""
         deadline = trio.current_time() + timeout
         with trio.move_on_at(deadline):
-            while self._send.statistics().current_buffer_used or self._forwarding:
+            while self._unsettled:
                 await trio.sleep(0.01)
         while True:  # left over at the deadline: never sent
             try:
                 sample = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
+            self._unsettled -= 1
             self._fail(sample, f"still queued {timeout:g} s after the run's end")
         sent = self._counts["sent"]
         self.flushed = {"lost": 0, "unconfirmed": sent}
@@ -276,8 +281,7 @@ class HookOutbox:
         """{"offered", "sent", "dropped", "failed", "queued"} counts of this outbox
         (queued: waiting, or on its way and not yet answered; offered is the sum of the
         other four), and after `flush` "lost" and "unconfirmed" (see there)."""
-        queued = self._send.statistics().current_buffer_used + int(self._forwarding)
-        stats = {**self._counts, "queued": queued}
+        stats = {**self._counts, "queued": self._unsettled}
         return {**stats, **(self.flushed or {})}
 
 

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 import actors
 from pipelines.analyzer import EXIT_HUNG, MAX_HANGS, QUARANTINE, analyzer_spec
@@ -298,6 +299,23 @@ async def test_an_outbox_has_credit_only_while_nothing_is_queued_or_unanswered()
     box.decline(1)  # a due step nobody sampled: counted, nothing copied
     assert box.offer(samples(2)[0]) and not box.has_credit()
     assert box.stats() == {"offered": 2, "sent": 0, "dropped": 1, "failed": 0, "queued": 1}
+
+
+async def test_a_sample_handed_to_the_waiting_forwarder_is_unsettled_until_forwarded():
+    """A memory channel gives an item straight to a parked receiver: the queue is empty
+    before the forwarder has run. The outbox must still count that sample -- else the
+    run's end (flush) and the ranks' credit see nothing in flight (a flaky
+    test_hooks_cluster failure: queued=1 after flush)."""
+    box = HookOutbox(["builtin:grad_norm"])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.run)
+        await trio.testing.wait_all_tasks_blocked()  # the forwarder waits on the queue
+        assert box.offer(samples(1)[0])
+        assert not box.has_credit() and box.stats()["queued"] == 1
+        await trio.testing.wait_all_tasks_blocked()  # forwarded: no node here, so failed
+        assert box.has_credit()
+        assert box.stats() == {"offered": 1, "sent": 0, "dropped": 0, "failed": 1, "queued": 0}
+        nursery.cancel_scope.cancel()
 
 
 def test_a_step_is_assembled_from_zero_shards_and_from_ddp_copies():
