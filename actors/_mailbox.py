@@ -71,7 +71,7 @@ class Mailbox:
         self.capacity = capacity
         self._messages: collections.deque[Any] = collections.deque()
         self._signals: collections.deque[Any] = collections.deque()
-        self._not_empty = trio.lowlevel.ParkingLot()
+        self._taker: trio.lowlevel.Task | None = None  # the owner, parked in get
         self._not_full = trio.lowlevel.ParkingLot()
         self._closed = False
         self._high_water = 0
@@ -113,14 +113,14 @@ class Mailbox:
             raise MailboxClosed("mailbox closed: its actor has exited")
         self._messages.append(item)
         self._high_water = max(self._high_water, len(self._messages))
-        self._not_empty.unpark()
+        self._wake_taker()
 
     def signal(self, item: Any) -> None:
         """Deliver a runtime signal; never waits. Dropped silently once closed."""
         if self._closed:
             return
         self._signals.append(item)
-        self._not_empty.unpark()
+        self._wake_taker()
 
     def remove_signals(self, predicate) -> int:
         """Drop queued signals for which ``predicate(signal)`` is true; return how many."""
@@ -132,19 +132,26 @@ class Mailbox:
     # ----------------------------------------------------------------- receiver
 
     async def get(self) -> Any:
-        """Take the next item: signals first, then messages in arrival order."""
+        """Take the next item: signals first, then messages in arrival order. One task
+        at a time (the owner): a second concurrent taker raises RuntimeError."""
         await trio.lowlevel.checkpoint_if_cancelled()
         parked = False
         while not (self._signals or self._messages):
             if self._closed:
                 raise MailboxClosed("mailbox closed")
-            await self._not_empty.park()
+            if self._taker is not None:
+                raise RuntimeError("another task is already waiting in this mailbox's get")
+            # Parked by hand, not in a ParkingLot: there is one taker, and a put wakes it
+            # with one reschedule (the path of every message to an idle actor).
+            self._taker = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_get)
             parked = True
         if self._signals:
             item = self._signals.popleft()
         else:
             item = self._messages.popleft()
-            self._not_full.unpark()
+            if self._not_full:  # (an unpark of an empty ParkingLot still costs a call)
+                self._not_full.unpark()
         if not parked:  # parking was this call's schedule point; else yield now
             await trio.lowlevel.cancel_shielded_checkpoint()
         return item
@@ -156,13 +163,23 @@ class Mailbox:
         self._signals.clear()
         self._messages.clear()
         self._not_full.unpark_all()
-        self._not_empty.unpark_all()
+        self._wake_taker()
         return leftovers
 
     @property
     def taker_waiting(self) -> bool:
         """Whether the actor is parked in :meth:`get` (a message would wake it)."""
-        return bool(self._not_empty)
+        return self._taker is not None
+
+    def _wake_taker(self) -> None:
+        taker = self._taker
+        if taker is not None:
+            self._taker = None
+            trio.lowlevel.reschedule(taker)
+
+    def _abort_get(self, raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._taker = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     @property
     def closed(self) -> bool:

@@ -101,6 +101,44 @@ async def test_closing_wakes_blocked_senders_with_mailbox_closed():
         await box.get()
 
 
+async def test_closing_wakes_a_waiting_taker_with_mailbox_closed():
+    box = Mailbox(1)
+    errors = []
+
+    async def taker():
+        try:
+            await box.get()
+        except MailboxClosed as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(taker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert box.taker_waiting
+        box.close()
+    assert len(errors) == 1 and not box.taker_waiting
+
+
+async def test_a_cancelled_taker_leaves_the_mailbox_usable(autojump_clock):
+    box = Mailbox(2)
+    with trio.move_on_after(1):
+        await box.get()
+    assert not box.taker_waiting
+    box.put_nowait("after")  # must not wake the task that gave up (trio would crash)
+    assert await box.get() == "after"
+
+
+async def test_a_second_task_waiting_in_get_is_refused():
+    box = Mailbox(1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.get)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RuntimeError, match="already waiting"):
+            await box.get()
+        box.put_nowait("for the first")
+    assert len(box) == 0
+
+
 async def test_cancelling_a_blocked_sender_leaves_the_mailbox_unchanged(autojump_clock):
     box = Mailbox(1)
     await box.put("a")
