@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import fcntl
 import itertools
-import math
 import mmap
 import os
 import secrets
@@ -720,15 +719,17 @@ class _Run:
 
     async def execute(self, initial: list[tuple[int, int]], hops: list[_Hop]) -> None:
         ring = self.ring
-        # What goes out: (hop, chunk, payload), payload an array view or a received Frame.
-        send_tx, send_rx = trio.open_memory_channel[tuple[int, int, object]](math.inf)
         per = self.per
-        total_sends = sum(len(ring._chunks(h.start, h.stop, per)) for h in hops if h.forward)
-        for start, stop in initial:
-            for c, (a, b) in enumerate(ring._chunks(start, stop, per)):
+        first = [ring._chunks(start, stop, per) for start, stop in initial]
+        forwarded = sum(len(ring._chunks(h.start, h.stop, per)) for h in hops if h.forward)
+        self.total_sends = total_sends = sum(map(len, first)) + forwarded
+        # What goes out: (hop, chunk, payload), payload an array view or a received Frame.
+        # Every chunk is sent once, so the queue is bounded by the collective itself: a
+        # count gone wrong fails here (WouldBlock) instead of queueing without end.
+        send_tx, send_rx = trio.open_memory_channel[tuple[int, int, object]](total_sends)
+        for chunks in first:
+            for c, (a, b) in enumerate(chunks):
                 send_tx.send_nowait((0, c, self.flat[a:b]))
-                total_sends += 1
-        self.total_sends = total_sends
         with trio.move_on_after(ring.timeout) as scope:
             self.scope = scope
             async with trio.open_nursery() as nursery:
