@@ -613,8 +613,12 @@ async def wait_released(tracker: zmq.MessageTracker | None, timeout: float = 60.
     if tracker is None:
         return
     delay = 50e-6
-    with trio.fail_after(timeout):
+    released = False
+    with trio.move_on_after(timeout):
         while not tracker.done:
             await trio.sleep(delay)
             delay = min(delay * 2, 5e-3)
+        released = True
+    if not released:
+        raise TimeoutError(f"libzmq still holds the buffers of a tracked send after {timeout} s")
     await trio.lowlevel.checkpoint()

@@ -2,6 +2,7 @@
 ``Echo`` actor under a supervisor. Run only as a supervised child.
 PROC_WORKER_IGNORE_SIGTERM=1 makes it ignore SIGTERM (to test the SIGKILL fallback)."""
 
+import collections
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ class Echo(actors.Actor):
 
     async def init(self):
         self.casts = 0
+        self.cast_log = collections.deque(maxlen=1000)  # the latest casts, in arrival order
         self.downs = []
 
     async def handle_call(self, request, from_):
@@ -60,12 +62,15 @@ class Echo(actors.Actor):
                 return self.casts
             case ("casts",):
                 return self.casts
+            case ("cast_log",):
+                return list(self.cast_log)
             case ("pid",):
                 return os.getpid()
         raise ValueError(f"unknown request {request!r}")
 
     async def handle_cast(self, msg):
         self.casts += 1
+        self.cast_log.append(msg)
 
     async def handle_info(self, msg):
         if isinstance(msg, actors.Down):

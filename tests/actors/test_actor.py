@@ -340,13 +340,15 @@ async def test_a_monitor_delivers_down_with_the_exit_reason():
         await actors.stop(w)
 
 
-async def test_monitoring_a_missing_actor_gives_down_noproc_at_once():
+async def test_monitoring_a_missing_actor_gives_down_noproc_at_once(autojump_clock):
     async with trio.open_nursery() as nursery:
         watcher = Watcher()
         w = await start(nursery, watcher)
         ref = await actors.call(w, ("monitor", "nobody"))
+        asked = trio.current_time()
         await watcher.got.wait()
         assert watcher.events == [Down(ref, "nobody", "noproc")]
+        assert trio.current_time() == asked  # no timer on the way (the clock autojumps)
         await actors.stop(w)
 
 
