@@ -135,7 +135,11 @@ class Mailbox:
         """Take the next item: signals first, then messages in arrival order. One task
         at a time (the owner): a second concurrent taker raises RuntimeError."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        parked = False
+        if self._signals or self._messages:
+            # Mail is ready: yield now, before taking it, not after (an item must never
+            # sit out of the mailbox, not yet handled, across a schedule point: another
+            # task of the actor would see an empty mailbox with work on its way).
+            await trio.lowlevel.cancel_shielded_checkpoint()
         while not (self._signals or self._messages):
             if self._closed:
                 raise MailboxClosed("mailbox closed")
@@ -145,15 +149,11 @@ class Mailbox:
             # with one reschedule (the path of every message to an idle actor).
             self._taker = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._abort_get)
-            parked = True
         if self._signals:
-            item = self._signals.popleft()
-        else:
-            item = self._messages.popleft()
-            if self._not_full:  # (an unpark of an empty ParkingLot still costs a call)
-                self._not_full.unpark()
-        if not parked:  # parking was this call's schedule point; else yield now
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            return self._signals.popleft()
+        item = self._messages.popleft()
+        if self._not_full:  # (an unpark of an empty ParkingLot still costs a call)
+            self._not_full.unpark()
         return item
 
     def close(self) -> list[Any]:

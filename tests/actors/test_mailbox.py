@@ -128,6 +128,25 @@ async def test_a_cancelled_taker_leaves_the_mailbox_usable(autojump_clock):
     assert await box.get() == "after"
 
 
+async def test_an_item_is_never_out_of_the_mailbox_unhandled_across_a_schedule_point():
+    """get yields before it takes ready mail, not after: at every moment another task
+    can run, an item is either still in the mailbox or already in its taker's hands (the
+    analyzer's abandoned-step check reads the mailbox's length to know what is coming)."""
+    box = Mailbox(2)
+    box.put_nowait("a")
+    taken = []
+
+    async def taker():
+        taken.append(await box.get())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(taker)
+        for _ in range(5):
+            assert len(box) == 1 or taken == ["a"], "taken out, not yet handed over"
+            await trio.lowlevel.cancel_shielded_checkpoint()
+    assert taken == ["a"]
+
+
 async def test_a_second_task_waiting_in_get_is_refused():
     box = Mailbox(1)
     async with trio.open_nursery() as nursery:
