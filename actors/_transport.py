@@ -318,11 +318,12 @@ class TrioSocket:
         if not frames:
             raise ValueError("a message needs at least one frame")
         await trio.lowlevel.checkpoint_if_cancelled()
+        await self.fair_checkpoint()  # before, not after: see fair_checkpoint
         # The lock keeps concurrent messages from interleaving. It is taken only by a
         # sender about to wait: one that finishes without yielding cannot be interleaved,
         # and a free lock has no queue (trio hands a released lock to its next waiter).
         lock = self._send_lock
-        held = waited = lock.locked()  # a half-sent message is ahead of us
+        held = lock.locked()  # a half-sent message is ahead of us
         if held:
             await lock.acquire()
         try:
@@ -340,7 +341,6 @@ class TrioSocket:
                         track=track,
                     )
                 except zmq.Again:
-                    waited = True
                     if not held:
                         lock.acquire_nowait()  # free: nothing has yielded since the check
                         held = True
@@ -369,8 +369,6 @@ class TrioSocket:
             if held:
                 lock.release()
         self._after_io()
-        if not waited:
-            await self.fair_checkpoint()
         return zmq.MessageTracker(*trackers) if track else None
 
     def try_send_multipart(self, frames: Sequence[Any], copy: bool = False) -> bool:
@@ -407,7 +405,8 @@ class TrioSocket:
     async def recv_multipart(self, copy: bool = False) -> list:
         """Receive one whole multipart message (``zmq.Frame`` objects unless copy=True)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        waited = ready = False
+        await self.fair_checkpoint()  # before, not after: see fair_checkpoint
+        ready = False
         while True:
             self._check_open()
             # Reading EVENTS first is cheaper than provoking zmq.Again (an exception).
@@ -420,10 +419,8 @@ class TrioSocket:
                     ready = False
                     continue
                 self._after_io()
-                if not waited:
-                    await self.fair_checkpoint()
                 return frames
-            waited = ready = True
+            ready = True
             await self._wait(_POLLIN, polled=True, confirm=False)
 
     def _recv_all(self, copy: bool) -> list:
@@ -520,9 +517,14 @@ class TrioSocket:
 
     async def fair_checkpoint(self) -> None:
         """Yield to the scheduler every _FAIRNESS_BUDGET calls, not on every one: what
-        an operation that did not have to wait does (a full trio checkpoint costs about
+        an operation that does not have to wait does (a full trio checkpoint costs about
         as much as a small send; the HWM bounds how long a sender goes without waiting).
-        For a loop around :meth:`try_send_multipart`, which never yields."""
+        For a loop around :meth:`try_send_multipart`, which never yields.
+
+        send and receive take this turn *before* they act, never after: a received
+        message or a sent one is the caller's at once, with no schedule point between
+        the socket and the caller's own bookkeeping (a collective's watcher once saw a
+        done ack taken off the socket but not yet recorded, and failed a finished run)."""
         self._streak += 1
         if self._streak >= _FAIRNESS_BUDGET:
             self._streak = 0

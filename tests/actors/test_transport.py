@@ -139,6 +139,30 @@ async def test_cancelling_a_receive_loses_no_message():
     assert cancelled > 0  # the cancellations did land (else this checked nothing)
 
 
+async def test_a_received_message_is_the_callers_with_no_schedule_point_in_between():
+    """Receives that do not wait yield now and then (fairness), but before they take a
+    message, never after: at every moment another task can run, a sent message is still
+    on the socket or already returned (a collective's watcher once saw a done ack off the
+    socket and not yet recorded, and failed a finished run)."""
+    pull, push = pair("ipc", "PULL", "PUSH")
+    with pull, push, trio.fail_after(HANG_GUARD):
+        got = []
+
+        async def receive_one():
+            got.append(await pull.recv_multipart(copy=True))
+
+        for turn in range(20):  # one of these receives is the one whose turn it is to yield
+            await push.send_multipart([b"m"])
+            while not pull.has_input():
+                await trio.sleep(0.001)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive_one)
+                for _ in range(3):
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    assert pull.has_input() or len(got) == turn + 1, "taken, not returned"
+        assert len(got) == 20
+
+
 # ----------------------------------------------------------------------------------------
 # Wake-ups and closing
 # ----------------------------------------------------------------------------------------
