@@ -73,6 +73,7 @@ class Mailbox:
         self._signals: collections.deque[Any] = collections.deque()
         self._taker: trio.lowlevel.Task | None = None  # the owner, parked in get
         self._not_full = trio.lowlevel.ParkingLot()
+        self._kept = 0  # room kept for senders woken from _not_full that have not run yet
         self._closed = False
         self._high_water = 0
 
@@ -84,24 +85,31 @@ class Mailbox:
         Raises :class:`MailboxClosed` if the mailbox is closed before or while waiting.
         Cancellation while waiting leaves the mailbox untouched.
         """
-        # A checkpoint even when there is room, so a producer that never finds the
-        # lane full still lets the consumer run (test_back_pressure_keeps_queue_bounded).
         await trio.lowlevel.checkpoint_if_cancelled()
-        parked = False
-        while not self._closed and len(self._messages) >= self.capacity:
-            await self._not_full.park()
-            parked = True
-        self._append(item)
-        if not parked:  # parking was this call's schedule point; else yield now
+        if self._closed or not self._full():
+            self._append(item)
+            # A checkpoint even when there is room, so a producer that never finds the
+            # lane full still lets the consumer run (test_back_pressure_keeps_queue_bounded).
             await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        # Full: wait until a taken message's room is handed to us, in arrival order --
+        # get keeps it for the sender it wakes, so nobody else can take it meanwhile.
+        await self._not_full.park()
+        if not self._closed:
+            self._kept -= 1
+        self._append(item)
 
     def try_put(self, item: Any) -> bool:
-        """Queue ``item`` if the message lane has room; False if it is full. Raises
-        :class:`MailboxClosed` once closed. Not a checkpoint."""
-        if len(self._messages) >= self.capacity and not self._closed:
+        """Queue ``item`` if the message lane has room; False if it is full (room kept
+        for a waiting sender counts as full). Raises :class:`MailboxClosed` once
+        closed. Not a checkpoint."""
+        if not self._closed and self._full():
             return False
         self._append(item)
         return True
+
+    def _full(self) -> bool:
+        return len(self._messages) + self._kept >= self.capacity
 
     def put_nowait(self, item: Any) -> None:
         """Queue ``item`` or raise :class:`MailboxFull` / :class:`MailboxClosed`."""
@@ -152,8 +160,9 @@ class Mailbox:
         if self._signals:
             return self._signals.popleft()
         item = self._messages.popleft()
-        if self._not_full:  # (an unpark of an empty ParkingLot still costs a call)
+        if self._not_full:  # the room goes to the longest-waiting sender
             self._not_full.unpark()
+            self._kept += 1
         return item
 
     def close(self) -> list[Any]:

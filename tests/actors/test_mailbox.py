@@ -62,6 +62,25 @@ async def test_a_sender_waits_while_the_mailbox_is_full(autojump_clock):
     assert len(box) == 2
 
 
+async def test_waiting_senders_get_the_room_in_arrival_order_and_nobody_cuts_in():
+    """A message taken frees room for the longest-waiting sender: try_put (what the
+    node's reader uses) cannot take it before that sender has run."""
+    box = Mailbox(1)
+    box.put_nowait("first")
+    taken = []
+    async with trio.open_nursery() as nursery:
+        for name in "ABC":
+            nursery.start_soon(box.put, name)
+            await trio.testing.wait_all_tasks_blocked()  # parked in this order
+        for _ in range(3):
+            taken.append(await box.get())
+            assert not box.try_put("cut in"), "the room was the waiting sender's"
+            await trio.testing.wait_all_tasks_blocked()
+        taken.append(await box.get())
+    assert taken == ["first", "A", "B", "C"]
+    assert box.try_put("room again") and box.statistics().senders_waiting == 0
+
+
 def test_put_nowait_raises_when_full():
     box = Mailbox(1)
     box.put_nowait("a")
