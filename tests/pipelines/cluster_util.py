@@ -38,10 +38,18 @@ def zerotrain(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 def run(run_dir: Path, *args: str, command: str = "run", expect: int = 0) -> dict:
     """`zerotrain COMMAND mlp_classifier SMALL ARGS --run-dir RUN_DIR`; its summary."""
+    return run_logged(run_dir, *args, command=command, expect=expect)[0]
+
+
+def run_logged(
+    run_dir: Path, *args: str, command: str = "run", expect: int = 0
+) -> tuple[dict, str]:
+    """As `run`, and what the command printed on stderr (its progress lines)."""
     proc = zerotrain(command, "mlp_classifier", *SMALL, *args, "--run-dir", str(run_dir))
     assert proc.returncode == expect, proc.stderr[-3000:]
     path = Path(run_dir) / "summary.json"
-    return json.loads(path.read_text()) if expect == 0 else {"stderr": proc.stderr}
+    summary = json.loads(path.read_text()) if expect == 0 else {"stderr": proc.stderr}
+    return summary, proc.stderr
 
 
 def weights(run_dir: Path) -> np.ndarray:

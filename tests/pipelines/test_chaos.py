@@ -13,6 +13,10 @@ def test_random_kill_expands_deterministically_from_its_seed():
     assert [e["step"] for e in first] == [10, 20, 30, 40]
     assert all(e["kind"] == "kill" and 0 <= e["rank"] < 4 and e["at"] == "start" for e in first)
     assert [e["id"] for e in first] == [0, 1, 2, 3]
+    # the seed picks the ranks: pinned, so a run's faults stay the same across versions
+    assert [e["rank"] for e in first] == [3, 0, 0, 0]
+    other = expand(parse_chaos("random-kill:every=10,seed=4", 4), 4, 50)
+    assert [e["rank"] for e in other] == [2, 3, 3, 2]
 
 
 def test_a_rank_takes_its_own_events_and_conditions():

@@ -92,9 +92,15 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_reason(tmp_path, how, rea
 
 
 def test_no_valid_checkpoint_gives_none_and_every_reason(tmp_path):
-    _corrupt(save(tmp_path, 1, 2, vectors()), "bit-flip")
+    first = save(tmp_path, 1, 2, vectors())
+    _corrupt(first, "bit-flip")
+    second = save(tmp_path, 2, 2, vectors())
+    _corrupt(second, "torn")
     found = ck.latest_valid(tmp_path)
-    assert found.path is None and len(found.skipped) == 1
+    assert found.path is None
+    reasons = dict(found.skipped)
+    assert set(reasons) == {first, second}
+    assert "SHA-256 mismatch" in reasons[first] and "no manifest.json" in reasons[second]
     assert ck.latest_valid(tmp_path / "nothing").path is None
 
 

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from .cluster_util import run, weights, zerotrain
+from .cluster_util import run, run_logged, weights, zerotrain
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def test_zero_shards_optimizer_state_and_gradients(runs):
         for rank_mem in mem((world, "zero2")):
             assert rank_mem["optimizer_state_bytes"] <= full["optimizer_state_bytes"] // world + 16
             assert rank_mem["reduced_grad_bytes"] <= full["reduced_grad_bytes"] // world + 8
-    z1 = mem((4, "zero1"))[0]
-    assert z1["optimizer_state_bytes"] < full["optimizer_state_bytes"] // 3
-    assert z1["reduced_grad_bytes"] == full["reduced_grad_bytes"]  # zero1 keeps it whole
+    for z1 in mem((4, "zero1")):
+        assert z1["optimizer_state_bytes"] <= full["optimizer_state_bytes"] // 4 + 16
+        assert z1["reduced_grad_bytes"] == full["reduced_grad_bytes"]  # zero1 keeps it whole
 
 
 def test_same_config_and_seed_twice_is_bitwise_identical(runs, tmp_path):
@@ -92,13 +92,17 @@ def test_resume_reaches_the_uninterrupted_parameters(runs, tmp_path):
         if ckpt.name != "step-00000015":
             shutil.rmtree(ckpt)
     (resumed / "summary.json").unlink()
-    again = run(resumed, "--ranks", "2", "--mode", "zero2", "--resume")
+    again, log = run_logged(resumed, "--ranks", "2", "--mode", "zero2", "--resume")
+    assert "resumed at step 15 from" in log  # (a run from the seed gives the same bits)
     assert again["params_sha256"] == summary["params_sha256"]
     # a different world size and mode reshards the checkpoint
     other = tmp_path / "resharded"
     shutil.copytree(resumed, other)
     shutil.rmtree(other / "checkpoints" / "step-00000016")
-    moved = run(other, "--ranks", "4", "--mode", "zero1", "--resume", str(other / "checkpoints"))
+    moved, log = run_logged(
+        other, "--ranks", "4", "--mode", "zero1", "--resume", str(other / "checkpoints")
+    )
+    assert "resumed at step 15 from" in log
     assert moved["steps"] == 16
     assert moved["samples_per_s"] > 0 and moved["ranks"] == 4
     ref = weights(d)

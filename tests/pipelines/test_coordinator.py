@@ -36,10 +36,19 @@ def test_the_newest_step_every_shard_of_which_survives_is_chosen(tmp_path):
 
 
 def test_two_neighbours_lost_falls_back_to_disk_then_to_the_seed(tmp_path):
-    c = coordinator(tmp_path)
+    import numpy as np
+
+    from pipelines.checkpoint import save_checkpoint
+
     survivors = held(own=[10, 20], replica=[10, 20])
     state = {0: survivors, 1: held(), 2: held(), 3: survivors}  # rank 1's replica died too
-    assert c._restore_point(state) == ("init", 0, None)  # no checkpoint on disk yet
+    fresh = coordinator(tmp_path / "fresh")
+    assert fresh._restore_point(state) == ("init", 0, None)  # no checkpoint on disk yet
+    c = coordinator(tmp_path / "run")
+    tensors = {"params": np.zeros(10, np.float32)}
+    save_checkpoint(c.ckpt_root, 10, [(0, 10, tensors)], 10, {"mode": "zero2"})
+    source, step, path = c._restore_point(state)
+    assert (source, step, path.name) == ("disk", 10, "step-00000010")
 
 
 def test_a_fresh_start_takes_the_resume_checkpoint(tmp_path):

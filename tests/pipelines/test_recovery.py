@@ -42,11 +42,15 @@ def test_a_fault_loses_nothing(spec, fault_free, tmp_path):
     for fault in faults:
         assert fault["detection_s"] is not None and fault["detection_s"] >= 0
         assert fault["recovery_s"] is not None and fault["recovery_s"] > 0
-        assert fault["steps_replayed"] is not None and fault["steps_replayed"] >= 0
+        assert fault["steps_replayed"] is not None
     if "rank=2,step=7;" in spec or "rank=1,step=7;" in spec:
         assert {f["restored_from"] for f in faults} == {"disk"}
     else:
         assert {f["restored_from"] for f in faults} == {"memory"}
+        # from the newest snapshot (every 4 steps) whose shards all survived: at worst the
+        # one before it, if the newest was still being replicated -- never from scratch
+        for fault in faults:
+            assert 0 <= fault["steps_replayed"] < 2 * 4, fault
 
 
 def test_a_hung_rank_is_detected_killed_and_replaced(fault_free, tmp_path):
@@ -89,24 +93,20 @@ def test_restart_intensity_exceeded_stops_cleanly(tmp_path):
         "--set",
         "checkpoint.every=2",
         "--chaos",
-        "kill:rank=1,step=7;kill:rank=1,step=8;kill:rank=1,step=9",
+        "kill:rank=1,step=11;kill:rank=1,step=12;kill:rank=1,step=13",
         command="simulate",
         expect=3,
     )
     last = out["stderr"].strip().splitlines()[-1]
     assert "training failed" in last and "rank1" in last and "SIGKILL" in last
     # the last good checkpoint is named and kept (a torn newer one may sit beside it);
-    # on a loaded machine the async shard writes may all still be in flight: then the
-    # message must say so, truthfully
+    # by step 11 the writes of steps 2..8 have long finished, so there is one
     kept = last.rsplit("last good checkpoint: ", 1)[1]
     from pipelines.checkpoint import latest_valid
 
     newest = latest_valid(tmp_path / "run" / "checkpoints").path
-    if newest is None:
-        assert kept == "none written yet", last
-    else:
-        assert kept == str(newest), last
-        assert zerotrain("ckpt", "verify", kept).returncode == 0
+    assert newest is not None and kept == str(newest), last
+    assert zerotrain("ckpt", "verify", kept).returncode == 0
 
 
 def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(fault_free, tmp_path):
