@@ -155,16 +155,18 @@ def test_residual_forward_adds_and_backward_copies_into_both(rng):
     np.testing.assert_array_equal(da, dout)
 
 
-def test_residual_twin_matches_kernel_and_finite_differences(rng):
-    a, b, projection = (rng.standard_normal((2, 4)) for _ in range(3))
-    out = np.empty_like(a)
-    activations_ref.residual_forward(out, a, b)
-    np.testing.assert_array_equal(out, a + b)
-    da, db = np.empty_like(a), np.empty_like(b)
-    activations_ref.residual_backward(da, db, projection)
-    # d/da sum(projection * (a + b)) = projection exactly, likewise for b
-    np.testing.assert_array_equal(da, projection)
-    np.testing.assert_array_equal(db, projection)
+def test_residual_kernel_and_twin_are_exact(rng):
+    """out = a + b is one correctly rounded addition, and d/da sum(dout * (a + b)) is
+    dout exactly (likewise for b): kernel and twin give exactly those bits."""
+    a, b, dout = (rng.standard_normal((2, 4)).astype(np.float32) for _ in range(3))
+    for module in (activations, activations_ref):
+        out = np.empty_like(a)
+        module.residual_forward(out, a, b)
+        np.testing.assert_array_equal(out, a + b)
+        da, db = np.full_like(a, np.nan), np.full_like(b, np.nan)
+        module.residual_backward(da, db, dout)
+        np.testing.assert_array_equal(da, dout)
+        np.testing.assert_array_equal(db, dout)
 
 
 # ---- special values ------------------------------------------------------------------

@@ -32,6 +32,39 @@ def test_kernel_and_twin_agree_bit_for_bit(rng, p):
         assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
 
 
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
+
+
+def _splitmix64_finaliser(z: int) -> int:
+    """Written out here from the published algorithm (Steele, Lea and Flood, 2014), not
+    taken from dropout_ref: the kernel and its twin share dropout_params."""
+    z &= _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def test_the_mask_is_the_documented_hash_of_seed_and_offset():
+    # anchor: splitmix64 started from 0 outputs these two first (its published values)
+    assert [_splitmix64_finaliser(k * _GOLDEN) for k in (1, 2)] == [
+        0xE220A8397B1DCDAF,
+        0x6E789E6AA1B965F4,
+    ]
+    seed, offset, p, n = 12345, 7, 0.3, 512
+    key = _splitmix64_finaliser(seed)
+    threshold = int(p * 2**32)
+    want = [
+        int((_splitmix64_finaliser(key + (offset + i) * _GOLDEN) >> 32) >= threshold)
+        for i in range(n)
+    ]
+    x = np.ones(n, np.float32)
+    for module in (dropout, dropout_ref):
+        out, mask, _ = run(module, x, x, p, seed, offset)
+        assert mask.tolist() == want, module.__name__
+        assert out.tolist() == [np.float32(1 / (1 - p)) * k for k in want]
+
+
 def test_the_mask_of_a_slice_is_the_slice_of_the_mask(rng):
     x = rng.standard_normal(1000).astype(np.float32)
     _, full, _ = run(dropout, x, x, 0.3, seed=42)
@@ -42,10 +75,10 @@ def test_the_mask_of_a_slice_is_the_slice_of_the_mask(rng):
 
 def test_the_mask_is_a_pure_function_of_seed_and_offset(rng):
     x = rng.standard_normal((8, 64)).astype(np.float32)
-    masks = {key: run(dropout, x, x, 0.5, *key)[1] for key in [(1, 0), (1, 0), (2, 0), (1, 512)]}
-    assert len(masks) == 3
-    first = run(dropout, x, x, 0.5, 1, 0)[1]
-    np.testing.assert_array_equal(first, masks[(1, 0)])
+    masks = {key: run(dropout, x, x, 0.5, *key)[1] for key in [(1, 0), (2, 0), (1, 512)]}
+    assert len({mask.tobytes() for mask in masks.values()}) == 3
+    again = run(dropout, x, x, 0.5, 1, 0)[1]
+    np.testing.assert_array_equal(again, masks[(1, 0)])
     assert (masks[(1, 0)] != masks[(2, 0)]).mean() > 0.3  # another seed: another mask
     assert (masks[(1, 0)] != masks[(1, 512)]).mean() > 0.3  # another offset too
 

@@ -147,7 +147,9 @@ def test_layernorm_keeps_precision_for_rows_with_a_large_offset(rng):
     norms.layernorm_forward(out, mean, rstd, x, weight, bias)
     want = np.empty(x.shape)
     norms_ref.layernorm_forward(want, np.empty(4), np.empty(4), x.astype(np.float64), weight, bias)
-    np.testing.assert_allclose(out, want, atol=1e-3)  # float32 x itself is only ~6e-5 exact
+    # the reference gets the same float32 x, so only the kernel's arithmetic differs:
+    # measured <= 4.3e-5; a naive float32 mean gives ~1.2e-4, a one-pass variance ~0.1
+    np.testing.assert_allclose(out, want, atol=1e-4)
 
 
 def test_a_constant_row_normalises_to_the_bias_and_rmsnorm_of_zeros_is_zero():
