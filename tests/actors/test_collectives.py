@@ -6,6 +6,7 @@ rank processes (tests/actors/ring_worker.py, fresh interpreters, never forked).
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -191,8 +192,10 @@ async def test_a_world_of_one_leaves_the_array_as_it_is():
     with Ring(0, 1, ["ipc:///unused"]) as ring:
         x = np.arange(5, dtype=np.float32)
         assert (await ring.all_reduce(x, step=0)) is x and x.tolist() == [0, 1, 2, 3, 4]
-        assert (await ring.reduce_scatter(x, step=0)).tolist() == x.tolist()
+        assert (await ring.reduce_scatter(x, step=0)).tolist() == [0, 1, 2, 3, 4]
+        assert (await ring.all_gather(x, step=0)).tolist() == [0, 1, 2, 3, 4]
         await ring.barrier(step=0)
+        assert x.tolist() == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
@@ -305,6 +308,8 @@ async def test_a_rank_killed_mid_collective_makes_every_other_rank_raise(wire, t
                 if rank != victim:
                     output = await proc.stdout.receive_some(10_000)
                     assert status == 3 and b"collective-error" in output, output
+                    # told of the lost peer, not left to the ring's own timeout
+                    assert b"no progress" not in output, output
     finally:
         for proc in procs:
             if proc.returncode is None:
@@ -348,8 +353,10 @@ async def test_a_neighbour_lost_between_collectives_fails_the_next_one_until_a_n
 
 async def test_a_silent_peer_turns_into_collective_error_after_the_timeout():
     rings = open_rings(2, timeout=0.3)
-    with pytest.raises(CollectiveError, match="no progress for 0.3 s"):
+    started = trio.current_time()
+    with trio.fail_after(5), pytest.raises(CollectiveError, match="no progress for 0.3 s"):
         await rings[0].all_reduce(np.ones(10_000, np.float32), step=1)
+    assert trio.current_time() - started >= 0.3  # not before its timeout
     for g in rings:
         g.close()
 
@@ -436,19 +443,25 @@ async def test_a_cancelled_collective_leaves_the_ring_broken_until_a_new_generat
         await rings[0].all_reduce(x, step=2)
     for g in rings:
         g.set_generation(1)
-    got = await everywhere(rings, "all_reduce", [np.ones(10_000, np.float32)] * 2, step=3)
-    assert [y[0] for y in got] == [2.0, 2.0]
+    arrays = [np.ones(10_000, np.float32) for _ in rings]  # one array per rank
+    got = await everywhere(rings, "all_reduce", arrays, step=3)
+    assert [y.tobytes() for y in got] == [np.full(10_000, 2, np.float32).tobytes()] * 2
     for g in rings:
         g.close()
 
 
 async def test_a_lane_notice_that_does_not_match_the_lane_is_refused():
     rings = open_rings(2, lanes=True)
-    fields = (_LANE, _OPS["all_reduce"], 10, 0, 0, 0, 1, 0, 0, 0, 2048)
-    bogus = _LANE_REF.pack(bytes(16), os.getpid(), 0, 0)  # fd 0 of this process: stdin
+    arrays = [np.ones(2048, np.float32) for _ in rings]
+    await everywhere(rings, "all_reduce", arrays, step=1)  # rank 0's lane now exists
+    lane = rings[0]._out_lane
+    # a notice naming rank 0's real lane (pid, fd) under another token: the second
+    # collective of generation 0 (seq 1), step 2, hop 0, chunk 0 of 2048 float32s
+    fields = (_LANE, _OPS["all_reduce"], 10, 0, 0, 0, 2, 1, 0, 0, 2048)
+    bogus = _LANE_REF.pack(bytes(16), lane.pid, lane.fd, 0)
     await rings[0]._outbox.send_multipart([_HEADER.pack(_MAGIC, _VERSION, *fields), bogus])
-    with pytest.raises(CollectiveError, match="lane"):
-        await rings[1].all_reduce(np.ones(2048, np.float32), step=1)
+    with pytest.raises(CollectiveError, match="does not match its notice"):
+        await rings[1].all_reduce(np.ones(2048, np.float32), step=2)
     for g in rings:
         g.close()
 
@@ -456,7 +469,12 @@ async def test_a_lane_notice_that_does_not_match_the_lane_is_refused():
 def test_ipc_rings_bind_inside_the_private_directory():
     rings = open_rings(2)
     try:
-        assert all(e.startswith(f"ipc://{ipc_directory()}/") for e in rings[0].endpoints)
+        directory = ipc_directory()
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        for endpoint in rings[0].endpoints:  # bound: a socket file in that directory
+            path = endpoint.removeprefix("ipc://")
+            assert os.path.dirname(path) == directory
+            assert stat.S_ISSOCK(os.stat(path).st_mode), path
     finally:
         for g in rings:
             g.close()

@@ -1,5 +1,7 @@
 """Names: registration, lookup, name@node addressing."""
 
+import threading
+
 import pytest
 import trio
 
@@ -68,9 +70,16 @@ async def test_targets_parse_into_local_names_or_remote_addresses(target, parsed
     assert str(Address("Optimizer", "rank1")) == "Optimizer@rank1"
 
 
-@pytest.mark.parametrize("bad", ["", "a b", "a@", "@node", "a@b@c", 3, None])
-async def test_malformed_targets_are_rejected_with_the_accepted_shapes(bad):
-    with pytest.raises((ValueError, TypeError), match="name|target"):
+@pytest.mark.parametrize("bad", ["", "a b", "a@", "@node", "a@b@c"])
+async def test_malformed_names_are_rejected_saying_what_a_name_is(bad):
+    with pytest.raises(ValueError, match="must be a non-empty string without '@' or whitespace"):
+        _registry.parse_target(bad)
+
+
+@pytest.mark.parametrize("bad", [3, None, b"idle"])
+async def test_targets_of_another_type_are_rejected_with_the_accepted_shapes(bad):
+    shapes = r"an ActorRef, a local name \('Optimizer'\) or a remote name \('Optimizer@rank1'\)"
+    with pytest.raises(TypeError, match=shapes):
         _registry.parse_target(bad)
 
 
@@ -79,7 +88,28 @@ async def test_remote_targets_without_a_node_say_how_to_open_one():
         await actors.call("Optimizer@rank1", 1)
 
 
-async def test_each_trio_run_has_its_own_registry():
+async def test_a_trio_run_starts_with_an_empty_registry():
     assert actors.registered() == []
     with pytest.raises(NoSuchActor):
         await actors.call("idle", 1)
+
+
+def test_trio_runs_at_the_same_time_have_registries_of_their_own():
+    """Two runs in two threads each register "idle" at once: no NameTaken, and each
+    finds its own actor under the name."""
+    both_registered = threading.Barrier(2, timeout=10)
+    found = {}
+
+    async def one_run(label):
+        async with trio.open_nursery() as nursery:
+            ref = await actors.spawn(nursery, Idle(), name="idle")
+            await trio.to_thread.run_sync(both_registered.wait)
+            found[label] = (actors.whereis("idle") is ref, actors.registered())
+            await actors.stop("idle")
+
+    threads = [threading.Thread(target=trio.run, args=(one_run, label)) for label in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert found == {"a": (True, ["idle"]), "b": (True, ["idle"])}
