@@ -1,5 +1,8 @@
 """Config schema: loading, one-line errors naming the key, --set overrides, the hash."""
 
+import subprocess
+import sys
+
 import pytest
 
 from pipelines.config import (
@@ -123,19 +126,34 @@ def test_a_toml_file_with_only_some_keys_gets_the_defaults(tmp_path):
     assert cfg.train.steps == 100 and cfg.cluster.mode == "ddp"
 
 
+# one value in each section that shapes the numbers
+CHANGES = [
+    "train.seed=1",
+    "model.d_model=32",
+    "data.seq_len=16",
+    "optimizer.lr=1e-4",
+    "schedule.warmup_steps=7",
+]
+
+
 def test_config_hash_is_stable_and_changes_with_any_value():
-    a, b = load_config("char_lm"), load_config("char_lm")
-    assert config_hash(a) == config_hash(b)
-    assert len(config_hash(a)) == 64
-    assert config_hash(load_config("char_lm", ["train.seed=1"])) != config_hash(a)
+    a = load_config("char_lm")
+    assert config_hash(a) == config_hash(load_config("char_lm")) and len(config_hash(a)) == 64
+    # the same in another process (no per-process salt, no dict-order luck)
+    code = "from pipelines.config import *; print(config_hash(load_config('char_lm')))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == config_hash(a)
+    hashes = {config_hash(load_config("char_lm", [change])) for change in CHANGES}
+    assert len(hashes) == len(CHANGES) and config_hash(a) not in hashes
 
 
-def test_resume_hash_ignores_world_size_and_mode_but_not_the_optimizer():
+def test_resume_hash_ignores_world_size_and_mode_but_not_the_numbers():
     base = load_config("char_lm")
     assert resume_hash(
         load_config("char_lm", ["cluster.ranks=4", "cluster.mode=zero2"])
     ) == resume_hash(base)
-    assert resume_hash(load_config("char_lm", ["optimizer.lr=1e-4"])) != resume_hash(base)
+    for change in CHANGES:
+        assert resume_hash(load_config("char_lm", [change])) != resume_hash(base), change
 
 
 def test_the_global_batch_is_split_over_ranks_and_micro_steps():

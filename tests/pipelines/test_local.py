@@ -175,16 +175,13 @@ def test_analyzers_that_raise_are_counted_and_do_not_change_the_run(tmp_path):
 def test_a_transform_edits_the_gradient_before_the_step_deterministically(tmp_path):
     script = tmp_path / "hooks.py"
     script.write_text(HOOKS)
-    plain = run(tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", sub="plain")
-    # halving every gradient under SGD == halving the learning rate
-    half_lr = run(
-        tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", "optimizer.lr=0.0005", sub="half"
-    )
-    a = run(
-        tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", sub="a", hooks=[f"{script}:halve"]
-    )
-    b = run(
-        tmp_path, "mlp_classifier", *TINY, "optimizer.name=sgd", sub="b", hooks=[f"{script}:halve"]
-    )
-    assert a["params_sha256"] == b["params_sha256"] != plain["params_sha256"]
-    assert a["final_loss"] == pytest.approx(half_lr["final_loss"], rel=1e-4)
+    # plain SGD (no weight decay, no warm-up, no clipping): halving every gradient is
+    # halving the learning rate, and both are exact in binary floating point
+    sgd = ("optimizer.name=sgd", "optimizer.weight_decay=0", "optimizer.lr=0.05")
+    sgd += ("schedule.warmup_steps=0", "train.clip_norm=0")
+    plain = run(tmp_path, "mlp_classifier", *TINY, *sgd, sub="plain")
+    half_lr = run(tmp_path, "mlp_classifier", *TINY, *sgd, "optimizer.lr=0.025", sub="half")
+    a = run(tmp_path, "mlp_classifier", *TINY, *sgd, sub="a", hooks=[f"{script}:halve"])
+    b = run(tmp_path, "mlp_classifier", *TINY, *sgd, sub="b", hooks=[f"{script}:halve"])
+    assert a["params_sha256"] == b["params_sha256"] == half_lr["params_sha256"]
+    assert plain["final_loss"] != pytest.approx(half_lr["final_loss"], rel=1e-3)  # it moved

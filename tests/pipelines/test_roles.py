@@ -41,7 +41,14 @@ async def test_without_a_regroup_the_wait_is_for_the_event():
     st, acked = state(), trio.Event()
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(st.wait_unless_regroup, acked)
+            done = trio.Event()
+
+            async def wait():
+                await st.wait_unless_regroup(acked)
+                done.set()
+
+            nursery.start_soon(wait)
             await trio.testing.wait_all_tasks_blocked()
+            assert not done.is_set()  # waiting for the event
             acked.set()
-    assert st.min_generation == 0
+        assert done.is_set() and st.min_generation == 0

@@ -80,6 +80,10 @@ async def test_ddp_zero1_and_zero2_on_n_ranks_match_world_one(data):
                 np.testing.assert_array_equal(rs.model.params, ranks[0].model.params)
             assert rel_err(ranks[0].model.params, ref_params) < 1e-5, (world, mode)
             assert stats[0][-1].loss == pytest.approx(ref_stats[0][-1].loss, rel=1e-5)
+            # the gradient is the average over ranks, not their sum (AdamW and a
+            # global clip would hide a wrong scale in the parameters)
+            for rank_stats in stats:
+                assert_same_gradients(rank_stats, ref_stats[0])
             finals[mode] = ranks[0].model.params.copy()
             losses[mode] = [st.loss for st in stats[0]]
         # same world, same sums in the same order: the modes agree bit for bit, the
@@ -89,12 +93,32 @@ async def test_ddp_zero1_and_zero2_on_n_ranks_match_world_one(data):
         assert losses["ddp"] == losses["zero1"] == losses["zero2"], world
 
 
+def assert_same_gradients(stats, ref_stats):
+    """Step by step: the same gradient norm and clip factor as world one's."""
+    assert len(stats) == len(ref_stats)
+    for st, want in zip(stats, ref_stats, strict=True):
+        assert st.grad_norm == pytest.approx(want.grad_norm, rel=1e-5), st.step
+        assert st.clip_coef == pytest.approx(want.clip_coef, rel=1e-5), st.step
+
+
 async def test_gradient_accumulation_gives_the_same_update_as_one_big_batch(data):
-    ref, _ = await run_ranks(tiny(), data, 1)
-    acc, _ = await run_ranks(
+    ref, ref_stats = await run_ranks(tiny(), data, 1)
+    acc, stats = await run_ranks(
         tiny("train.grad_accum=4", "cluster.ranks=2", "cluster.mode=zero2"), data, 2
     )
     assert rel_err(acc[0].model.params, ref[0].model.params) < 1e-5
+    for rank_stats in stats:  # averaged over micro-steps and ranks, not summed
+        assert_same_gradients(rank_stats, ref_stats[0])
+
+
+async def test_plain_sgd_without_clipping_matches_world_one(data):
+    """SGD with no clipping moves by the gradient itself: a gradient summed instead of
+    averaged (over ranks or micro-steps) would move the parameters N times as far."""
+    plain = ("optimizer.name=sgd", "train.clip_norm=0")
+    ref, _ = await run_ranks(tiny(*plain), data, 1)
+    for extra in (("cluster.ranks=2",), ("cluster.ranks=2", "train.grad_accum=2")):
+        ranks, _ = await run_ranks(tiny(*plain, *extra, "cluster.mode=zero2"), data, 2)
+        assert rel_err(ranks[0].model.params, ref[0].model.params) < 1e-5, extra
 
 
 async def test_zero2_shrinks_optimizer_state_and_gradients_per_rank(data):
