@@ -20,11 +20,17 @@ def test_a_context_from_flat_buffers_holds_views_not_copies():
 
 def test_an_analyzer_context_cannot_change_training_data():
     flat = np.zeros(SIZE, dtype=np.float32)
-    ctx = HookContext.from_flat(0, LAYOUT, flat, params=flat.copy())
-    with pytest.raises(ValueError, match="read-only"):
-        ctx.grads["fc.bias"][0] = 1.0
-    with pytest.raises(TypeError):
-        ctx.grads["fc.bias"] = np.ones(3)
+    ctx = HookContext.from_flat(
+        0, LAYOUT, flat, rank_grads=[flat.copy(), flat.copy()], params=flat.copy(),
+        update=flat.copy(),
+    )  # fmt: skip
+    mappings = [ctx.grads, ctx.params, ctx.update, *ctx.rank_grads.values()]
+    for mapping in mappings:
+        for name in ("embed.weight", "fc.weight", "fc.bias"):
+            with pytest.raises(ValueError, match="read-only"):
+                mapping[name].reshape(-1)[0] = 1.0
+        with pytest.raises(TypeError):
+            mapping["fc.bias"] = np.ones(3)
     assert flat.flags.writeable  # the caller's buffer itself is untouched
 
 

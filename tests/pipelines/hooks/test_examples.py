@@ -73,5 +73,5 @@ def test_clip_and_noise_is_reproducible_and_bounds_each_layer():
     (a, records), (b, _), (c, _) = run(5), run(5), run(6)
     assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
     assert records[0]["metrics"] == {"clipped": 3}
-    for _, offset, shape in LAYOUT:
-        assert np.linalg.norm(a[offset : offset + int(np.prod(shape))]) < 1.2
+    for _, offset, shape in LAYOUT:  # clipped to 1, plus noise of std 0.01 per element
+        assert abs(np.linalg.norm(a[offset : offset + int(np.prod(shape))]) - 1.0) < 0.05

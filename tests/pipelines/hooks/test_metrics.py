@@ -19,6 +19,7 @@ def test_scalars_and_small_arrays_become_plain_json_values():
             "f": np.float32(1.5),
             "i": np.int64(3),
             "b": True,
+            "nb": np.bool_(True),
             "nan": math.nan,
             "arr": np.array([[1.0, np.nan], [2.0, 3.0]], dtype=np.float32),
             "zero_d": np.array(2.5),
@@ -26,7 +27,7 @@ def test_scalars_and_small_arrays_become_plain_json_values():
     )
     assert out["f"] == 1.5 and type(out["f"]) is float
     assert out["i"] == 3 and type(out["i"]) is int
-    assert out["b"] == 1
+    assert out["b"] == out["nb"] == 1 and type(out["b"]) is type(out["nb"]) is int
     assert math.isnan(out["nan"])
     assert out["arr"] == [[1.0, None], [2.0, 3.0]]
     assert out["zero_d"] == 2.5

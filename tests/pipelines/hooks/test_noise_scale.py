@@ -76,7 +76,14 @@ def test_a_non_finite_step_is_reported_as_nan_and_leaves_the_averages_alone():
     bad = {r: {"w": np.array([np.nan, 2.0])} for r in range(2)}
     second = noise.update(bad, {"w": np.array([np.nan, 2.0])}, b_small=2)
     assert math.isnan(second["g2_step"]) and math.isnan(second["b_simple_step"])
-    assert second["b_simple"] == first["b_simple"]
+    for key in ("b_simple", "g2", "trace_sigma"):  # (b_simple alone, a ratio, hid decay)
+        assert second[key] == first[key], key
+    # and the next good step continues as if the bad one had never come
+    clean = NoiseScale(beta=0.9)
+    clean.update(good, {"w": np.array([1.5, 2.0])}, b_small=2)
+    later = {r: {"w": np.array([0.5 + r, 1.0])} for r in range(2)}
+    want = clean.update(later, {"w": np.array([1.0, 1.0])}, b_small=2)
+    assert noise.update(later, {"w": np.array([1.0, 1.0])}, b_small=2) == want
 
 
 def test_the_noise_scale_needs_the_per_rank_batch_size():
