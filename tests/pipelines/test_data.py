@@ -89,6 +89,11 @@ def test_corpus_batches_are_next_character_pairs_and_eval_is_held_out():
     n = len(load_corpus_text())
     assert len(train) + len(held) + 32 == n
     assert 0.04 < (len(held) + 16) / n < 0.06
+    # held out: the eval tokens are the corpus's tail, the train tokens all before it
+    tokens = encode(load_corpus_text())
+    train_tokens, held_tokens = train.arrays["tokens"], held.arrays["tokens"]
+    np.testing.assert_array_equal(train_tokens, tokens[: len(train_tokens)])
+    np.testing.assert_array_equal(held_tokens, tokens[len(train_tokens) :])
 
 
 def test_digits_are_deterministic_images_of_all_ten_classes(digits):

@@ -39,13 +39,16 @@ def test_language_model_perplexity_is_exp_of_the_token_loss():
 
 
 def test_regression_metrics():
+    # errors 0, 0.5, 0, 2 (so MSE != MAE) in two batches; the loss passed in is the
+    # model's own (it may carry regularisation), not the metric
     acc = MetricAccumulator("mlp_regressor")
     y = np.array([[1.0], [2.0], [3.0], [4.0]], np.float32)
-    p = np.array([[1.0], [2.0], [3.0], [5.0]], np.float32)
-    acc.add({"loss": 0.25, "predictions": p}, {"y": y})
+    p = np.array([[1.0], [2.5], [3.0], [6.0]], np.float32)
+    acc.add({"loss": 0.7, "predictions": p[:2]}, {"y": y[:2]})
+    acc.add({"loss": 0.7, "predictions": p[2:]}, {"y": y[2:]})
     r = acc.result()
-    assert r["mse"] == pytest.approx(0.25) and r["mae"] == pytest.approx(0.25)
-    assert r["r2"] == pytest.approx(1 - 1.0 / 5.0)
+    assert r["mse"] == pytest.approx((0.25 + 4.0) / 4) and r["mae"] == pytest.approx(2.5 / 4)
+    assert r["r2"] == pytest.approx(1 - 4.25 / 5.0)  # 5.0: sum of (y - mean y)^2
 
 
 def test_triplet_accuracy_counts_positives_closer_than_negatives():

@@ -10,7 +10,7 @@ def test_every_public_name_is_exported_once_and_exists():
         assert hasattr(api, name), name
 
 
-def test_no_private_module_leaks_a_public_name_it_does_not_export():
+def test_no_private_module_leaks_a_public_class_it_does_not_export():
     exported = set(api.__all__)
     for module in ("_module", "_layers", "_model", "_models"):
         mod = getattr(api, module)

@@ -47,21 +47,21 @@ def test_state_dict_round_trips_and_holds_copies():
     assert b.params.tobytes() == a.params.tobytes()
 
 
-def test_load_state_dict_rejects_a_bad_dict_in_one_line_and_writes_nothing():
+def test_load_state_dict_rejects_a_bad_dict_in_one_line_and_writes_nothing(raises_one_line):
     model = build_model("mlp_classifier", in_dim=3, n_classes=2, hidden=[4])
     before = model.params.copy()
     sd = model.state_dict()
     sd["layers.0.weight"] = sd["layers.0.weight"] + 1  # would change the model if written
     missing = {k: v for k, v in sd.items() if k != "layers.1.bias"}
-    with pytest.raises(ValueError, match=r"missing key 'layers.1.bias' \(shape \(2,\)\)"):
+    with raises_one_line(ValueError, match=r"missing key 'layers.1.bias' \(shape \(2,\)\)"):
         model.load_state_dict(missing)
-    with pytest.raises(ValueError, match="unexpected key 'head.weight'"):
+    with raises_one_line(ValueError, match="unexpected key 'head.weight'"):
         model.load_state_dict({**sd, "head.weight": np.zeros(1, np.float32)})
     with pytest.raises(
         ValueError, match=r"'layers.1.weight' has shape \(4, 2\), expected \(2, 4\)"
     ):
         model.load_state_dict({**sd, "layers.1.weight": np.zeros((4, 2), np.float32)})
-    with pytest.raises(ValueError, match="'layers.1.bias' has dtype float64, expected float32"):
+    with raises_one_line(ValueError, match="'layers.1.bias' has dtype float64, expected float32"):
         model.load_state_dict({**sd, "layers.1.bias": np.zeros(2)})
     assert np.array_equal(model.params, before)
 
@@ -138,8 +138,8 @@ def test_lora_trains_only_the_adapters_and_keeps_the_base_out_of_params():
     assert all(grads[s.offset : s.offset + int(np.prod(s.shape))].any() for s in b_grads)
 
 
-def test_a_lora_target_that_matches_nothing_is_a_one_line_error():
-    with pytest.raises(ValueError, match=r"lora targets \['attn.out'\] match no Linear layer"):
+def test_a_lora_target_that_matches_nothing_is_a_one_line_error(raises_one_line):
+    with raises_one_line(ValueError, match=r"lora targets \['attn.out'\] match no Linear layer"):
         build_model("char_transformer", **LM, lora={"rank": 2, "targets": ["attn.out"]})
-    with pytest.raises(ValueError, match=r"lora: unknown key\(s\) \['r'\]"):
+    with raises_one_line(ValueError, match=r"lora: unknown key\(s\) \['r'\]"):
         build_model("char_transformer", **LM, lora={"r": 2, "targets": ["qkv"]})

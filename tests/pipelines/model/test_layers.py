@@ -113,12 +113,12 @@ def test_two_dropout_layers_draw_different_masks_from_one_seed():
     assert not np.array_equal(block.drop_attn._mask, block.drop_mlp._mask)
 
 
-def test_unknown_layer_options_are_one_line_errors():
-    with pytest.raises(ValueError, match="activation: expected one of relu, gelu, silu, tanh"):
+def test_unknown_layer_options_are_one_line_errors(raises_one_line):
+    with raises_one_line(ValueError, match="activation: expected one of relu, gelu, silu, tanh"):
         Activation("swish")
-    with pytest.raises(ValueError, match="norm: expected 'layernorm' or 'rmsnorm', got 'batch'"):
+    with raises_one_line(ValueError, match="norm: expected 'layernorm' or 'rmsnorm', got 'batch'"):
         Block(8, 2, norm="batch")
-    with pytest.raises(ValueError, match="n_head: must divide d_model 8, got 3"):
+    with raises_one_line(ValueError, match="n_head: must divide d_model 8, got 3"):
         CausalSelfAttention(8, 3)
-    with pytest.raises(ValueError, match=r"dropout: expected a probability in \[0, 1\)"):
+    with raises_one_line(ValueError, match=r"dropout: expected a probability in \[0, 1\)"):
         Dropout(1.0)

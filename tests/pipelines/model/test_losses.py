@@ -85,16 +85,16 @@ def test_a_registered_user_loss_is_used_by_name_with_its_options():
     check_gradients(model, class_batch(), "cross_entropy + 0.5*test_hinge")
 
 
-def test_loss_spec_errors_are_one_line_and_list_what_is_accepted():
-    with pytest.raises(ValueError, match="unknown loss 'nll'; known losses: cross_entropy"):
+def test_loss_spec_errors_are_one_line_and_list_what_is_accepted(raises_one_line):
+    with raises_one_line(ValueError, match="unknown loss 'nll'; known losses: cross_entropy"):
         resolve_loss("nll")
-    with pytest.raises(ValueError, match="cannot parse '0.1\\*\\*kl_div'"):
+    with raises_one_line(ValueError, match="cannot parse '0.1\\*\\*kl_div'"):
         resolve_loss("cross_entropy + 0.1**kl_div")
-    with pytest.raises(ValueError, match=r"loss cross_entropy: unknown option\(s\) \['smooth'\]"):
+    with raises_one_line(ValueError, match=r"loss cross_entropy: unknown option\(s\) \['smooth'\]"):
         resolve_loss({"cross_entropy": {"smooth": 0.1}})
-    with pytest.raises(ValueError, match="'mse' is already a loss"):
+    with raises_one_line(ValueError, match="'mse' is already a loss"):
         register_loss("mse", lambda *a: 0.0)
-    with pytest.raises(ValueError, match="loss spec: expected a name"):
+    with raises_one_line(ValueError, match="loss spec: expected a name"):
         resolve_loss(3)
 
 

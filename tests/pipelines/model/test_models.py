@@ -136,27 +136,32 @@ def test_the_forward_pass_is_causal():
 
 def test_every_registered_model_builds_from_keyword_config():
     assert model_names() == sorted(SMALL)
+    for name in model_names():
+        model = build_model(name, **SMALL[name])
+        assert model.params.size > 0 and model.params.size == sum(
+            int(np.prod(slot.shape)) for slot in model.layout
+        ), name
 
 
-def test_build_model_errors_are_one_line_and_name_what_is_accepted():
-    with pytest.raises(ValueError, match="unknown model 'gpt'; known models: char_transformer"):
+def test_build_model_errors_are_one_line_and_name_what_is_accepted(raises_one_line):
+    with raises_one_line(ValueError, match="unknown model 'gpt'; known models: char_transformer"):
         build_model("gpt")
-    with pytest.raises(ValueError, match=r"mlp_classifier: unknown config key\(s\) \['width'\]"):
+    with raises_one_line(ValueError, match=r"mlp_classifier: unknown config key\(s\) \['width'\]"):
         build_model("mlp_classifier", in_dim=3, n_classes=2, width=4)
-    with pytest.raises(ValueError, match=r"missing config key\(s\) \['n_classes'\]"):
+    with raises_one_line(ValueError, match=r"missing config key\(s\) \['n_classes'\]"):
         build_model("mlp_classifier", in_dim=3)
-    with pytest.raises(ValueError, match="float64 needs backend='numpy'"):
+    with raises_one_line(ValueError, match="float64 needs backend='numpy'"):
         build_model("mlp_classifier", in_dim=3, n_classes=2, dtype="float64")
-    with pytest.raises(ValueError, match="backend: expected one of cython, numpy, got 'gpu'"):
+    with raises_one_line(ValueError, match="backend: expected one of cython, numpy, got 'gpu'"):
         build_model("mlp_classifier", in_dim=3, n_classes=2, backend="gpu")
 
 
-def test_a_bad_batch_is_a_one_line_error_naming_the_key():
+def test_a_bad_batch_is_a_one_line_error_naming_the_key(raises_one_line):
     model = build_model("mlp_classifier", in_dim=3, n_classes=2)
-    with pytest.raises(ValueError, match=r"mlp_classifier batch: missing key 'y'"):
+    with raises_one_line(ValueError, match=r"mlp_classifier batch: missing key 'y'"):
         model.compute_gradients({"x": np.zeros((2, 3), np.float32)})
-    with pytest.raises(ValueError, match=r"batch\['x'\]: expected \(B, 3\) float, got float32"):
+    with raises_one_line(ValueError, match=r"batch\['x'\]: expected \(B, 3\) float, got float32"):
         model.forward({"x": np.zeros(3, np.float32)})
     lm = build_model("char_transformer", **SMALL["char_transformer"])
-    with pytest.raises(ValueError, match=r"sequence length must be in \[1, 6\], got 7"):
+    with raises_one_line(ValueError, match=r"sequence length must be in \[1, 6\], got 7"):
         lm.forward({"x": np.zeros((1, 7), np.int64)})
