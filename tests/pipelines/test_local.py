@@ -84,9 +84,17 @@ def test_a_resumed_run_ends_with_the_same_params_sha256(tmp_path):
     full = run(tmp_path, "mlp_classifier", *TINY, sub="full")
     part = run(tmp_path, "mlp_classifier", *TINY, "train.steps=5", sub="part")
     assert part["steps"] == 5
-    resumed = run(tmp_path, "mlp_classifier", *TINY, sub="resumed", resume=tmp_path / "part")
+    log = io.StringIO()
+    cfg = load_config("mlp_classifier", [*QUIET, *TINY])
+    resumed = run_local(cfg, tmp_path / "resumed", out=log, resume=tmp_path / "part")
     assert resumed["steps"] == 8
     assert resumed["params_sha256"] == full["params_sha256"]
+    # it did resume (a run from scratch ends with the same bits): from step 5, and only
+    # steps 6..8 were trained here
+    assert "resumed from" in log.getvalue() and "(step 5," in log.getvalue()
+    metrics = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    trained = [json.loads(line)["step"] for line in metrics if '"loss"' in line]
+    assert trained == [6, 7, 8]
 
 
 def test_resume_skips_a_corrupted_newest_checkpoint(tmp_path):
