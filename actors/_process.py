@@ -7,7 +7,7 @@ A crash and its restart
     # parent (the `zerotrain` process)
     async with actors.open_node("cluster") as node:
         ranks = [
-            actors.process_spec(f"rank{r}", [sys.executable, "-m", "pipelines.rank", str(r)],
+            actors.process_spec(f"rank{r}", [sys.executable, "-m", "app.rank", str(r)],
                                 wait_for=["Optimizer"], rank=r)
             for r in range(4)
         ]

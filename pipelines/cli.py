@@ -167,8 +167,9 @@ def _resume_dir(args, cfg) -> Path | None:
 
 
 def _cmd_run(args, out) -> int:
-    from .local import TrainingFailed, load_hooks, run_local
-    from .rundir import default_run_dir
+    from .core import TrainingFailed, load_hooks
+    from .local import run_local
+    from .store.rundir import default_run_dir
 
     cfg = _resolve(args)
     try:
@@ -181,7 +182,7 @@ def _cmd_run(args, out) -> int:
     resume = _resume_dir(args, cfg)
     chaos = None
     if getattr(args, "chaos", None) is not None:
-        from ._chaos import parse_chaos
+        from .cluster.chaos import parse_chaos
 
         chaos = parse_chaos(args.chaos, cfg.cluster.ranks)
     run_dir = (
@@ -226,7 +227,7 @@ def _cmd_pipelines(args, out) -> int:
 
 
 def _cmd_ckpt(args, out) -> int:
-    from .checkpoint import inspect_checkpoint
+    from .store.checkpoint import inspect_checkpoint
 
     target = Path(args.dir)
     if not target.exists():
@@ -290,7 +291,7 @@ def _check_blas_choice() -> None:
 
 
 def _cmd_report(args, out) -> int:
-    from .report import main_report
+    from .hooks.report import main_report
 
     return main_report([args.run_dir, *(["--out", args.out] if args.out else [])])
 

@@ -5,8 +5,8 @@ data, drives `RankStep` with the world-1 collective, logs metrics, evaluates, ea
 checkpoints (and resumes), and writes summary.json. It is also the reference the
 multi-rank cluster must agree with (same params_sha256 for the same config and seed).
 
-The pieces a rank process needs too (model from config, a rank's micro-batches, the
-per-step dropout seed) are the public helpers at the top; phase 2 reuses them.
+What it shares with the multi-rank runner (model from config, a rank's micro-batches,
+the per-step dropout seed, the skip limit) lives in pipelines.core.
 """
 
 from __future__ import annotations
@@ -18,103 +18,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import trio
 
 from cykernels import gemm
 
-from . import checkpoint as ckpt_mod
 from .config import Config, config_hash, loss_spec, resume_hash
-from .data import batch_for, load_dataset, position, with_default_cache
+from .core import (
+    DROPOUT_STREAM,
+    MAX_CONSECUTIVE_SKIPS,
+    TrainingFailed,
+    build_model_for,
+    load_hooks,
+    rank_batches,
+    step_seed,
+)
+from .data import load_dataset, position, with_default_cache
 from .metrics import EarlyStopping, evaluate
 from .optim import KERNEL_BACKEND
-from .rundir import Progress, RunDir, params_sha256
 from .step import LocalCollective, RankStep
+from .store import checkpoint as ckpt_mod
+from .store.rundir import Progress, RunDir, params_sha256
 
-__all__ = [
-    "TrainingFailed",
-    "build_model_for",
-    "load_hooks",
-    "rank_batches",
-    "run_local",
-    "step_seed",
-]
-
-_DROPOUT = 0xD80
-# Skipping a non-finite step is recovery; skipping this many in a row is a diverged run.
-MAX_CONSECUTIVE_SKIPS = 20
-
-
-class TrainingFailed(RuntimeError):
-    """The run could not complete (exit code 3); the message says why in one line."""
-
-
-# ---------------------------------------------------------------------------------------
-# Building blocks shared with rank processes
-# ---------------------------------------------------------------------------------------
-
-
-def build_model_for(cfg: Config, meta: dict):
-    """The configured model, with the sizes the data dictates filled in when not given."""
-    from pipelines.model import build_model
-
-    opts = dict(cfg.model.options)
-    name = cfg.model.name
-    if name == "char_transformer":
-        opts.setdefault("vocab", meta["vocab_size"])
-        opts.setdefault("seq_len", meta["seq_len"])
-    elif name == "mlp_classifier":
-        opts.setdefault("in_dim", meta["n_features"])
-        opts.setdefault("n_classes", meta["n_classes"])
-    else:
-        opts.setdefault("in_dim", meta["n_features"])
-    opts.setdefault("seed", cfg.train.seed)
-    try:
-        return build_model(name, **opts)
-    except (TypeError, ValueError) as err:
-        raise TrainingFailed(f"model: {str(err).splitlines()[0]}") from None
-
-
-def rank_batches(dataset, cfg: Config, step: int, rank: int, world: int) -> list[dict]:
-    """Rank `rank`'s micro-batches of 0-based global step `step`."""
-    epoch, pos = position(step, len(dataset), cfg.train.batch_size)
-    return [
-        batch_for(
-            dataset,
-            cfg.train.seed,
-            epoch,
-            pos,
-            rank,
-            world,
-            cfg.train.batch_size,
-            micro=k,
-            accum=cfg.train.grad_accum,
-        )
-        for k in range(cfg.train.grad_accum)
-    ]
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The dropout seed of a rank's step (micro-batch k adds k)."""
-    return int(np.random.SeedSequence([seed, _DROPOUT, step, rank]).generate_state(1)[0])
-
-
-# ---------------------------------------------------------------------------------------
-# Hooks: in this process for one rank (the HookAnalyzer actor takes analyzers over later)
-# ---------------------------------------------------------------------------------------
-
-
-def load_hooks(specs: list) -> list:
-    """pipelines.hooks Hooks for `specs`; ValueError (one line) when one cannot load."""
-    if not specs:
-        return []
-    from pipelines.hooks import HookError
-    from pipelines.hooks import load_hooks as _load
-
-    try:
-        return _load(list(specs))
-    except HookError as err:
-        raise ValueError(str(err).splitlines()[0]) from None
+__all__ = ["run_local"]
 
 
 class _Hooks:
@@ -280,7 +205,7 @@ def run_local(
                 "step_in_epoch": pos,
                 "global_step": state.step,
             },
-            "rng": {"seed": cfg.train.seed, "dropout_stream": _DROPOUT},
+            "rng": {"seed": cfg.train.seed, "dropout_stream": DROPOUT_STREAM},
             "counters": rank.opt.counters(),
             "early_stopping": early.state(),
             "metrics": metrics,

@@ -128,7 +128,7 @@ class AnalyzerRunner:
 
     hooks                   analyzer Hooks (transforms are refused: they run in the rank).
     sinks                   objects with write(records) (and optionally close()):
-                            HooksLog, pipelines.tensorboard.EventWriter.
+                            HooksLog, pipelines.hooks.tensorboard.EventWriter.
     timeout_s               default per-call budget; a hook's own timeout_s wins.
                             None: call inline, without a thread and without a timeout.
     max_consecutive_errors  disable a hook after this many failures in a row (None: never).

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.checkpoint import read_safetensors_file
 from pipelines.cli import main
-from pipelines.rundir import Progress
+from pipelines.store.checkpoint import read_safetensors_file
+from pipelines.store.rundir import Progress
 
 REPO = Path(__file__).resolve().parents[2]
 # A run of a few steps on a few hundred samples: seconds, not minutes.

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pipelines.config import load_config
-from pipelines.local import TrainingFailed, run_local
+from pipelines.core import TrainingFailed
+from pipelines.local import run_local
 
 QUIET = ["eval.every=0", "checkpoint.every=0"]
 

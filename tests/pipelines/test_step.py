@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from pipelines.config import load_config
+from pipelines.core import build_model_for, rank_batches, step_seed
 from pipelines.data import load_dataset
-from pipelines.local import build_model_for, rank_batches, step_seed
 from pipelines.step import InProcessGroup, LocalCollective, RankStep, shard_bounds
 
 STEPS = 4

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.analyzer import MAX_HANGS
 from pipelines.hooks import load_hooks
-from tests.pipelines.cluster_util import zerotrain
+from pipelines.hooks.process import MAX_HANGS
+from tests.pipelines.cluster.cluster_util import zerotrain
 
 STEPS = 12
 SHORT = [

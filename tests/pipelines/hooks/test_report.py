@@ -5,7 +5,7 @@ import pytest
 
 from pipelines.hooks import AnalyzerRunner, HooksLog
 from pipelines.hooks.builtins import builtin_hooks
-from pipelines.report import ReportError, load_run, main_report, render_report
+from pipelines.hooks.report import ReportError, load_run, main_report, render_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

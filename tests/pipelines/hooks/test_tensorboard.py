@@ -1,6 +1,6 @@
 """Event files: framing and messages checked by an independent decoder, then by TensorBoard.
 
-The decoder here shares no code with pipelines.tensorboard: a bit-at-a-time CRC-32C and
+The decoder here shares no code with pipelines.hooks.tensorboard: a bit-at-a-time CRC-32C and
 a generic protobuf wire-format reader.
 """
 
@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from pipelines.tensorboard import EventWriter, crc32c, masked_crc32c, read_records
+from pipelines.hooks.tensorboard import EventWriter, crc32c, masked_crc32c, read_records
 
 # ---- an independent reader -----------------------------------------------------------
 

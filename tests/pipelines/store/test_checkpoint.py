@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import trio
 
-from pipelines import checkpoint as ck
-from pipelines._safetensors import SafetensorsError, read_safetensors, safetensors_bytes
 from pipelines.config import load_config
+from pipelines.core import build_model_for, rank_batches
 from pipelines.data import load_dataset
-from pipelines.local import build_model_for, rank_batches
 from pipelines.step import InProcessGroup, LocalCollective, RankStep, shard_bounds
+from pipelines.store import checkpoint as ck
+from pipelines.store.safetensors import SafetensorsError, read_safetensors, safetensors_bytes
 
 N = 1001
 

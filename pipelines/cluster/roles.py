@@ -9,7 +9,7 @@
     ├── Checkpointer    in-memory snapshots, the left neighbour's replica, shard files
     └── HookAnalyzer    offers gradient samples to the analyzer process, never waits
 
-The Trainer (pipelines.rank) drives them with local calls, one step at a time. Work
+The Trainer (pipelines.cluster.rank) drives them with local calls, one step at a time. Work
 that can fail for reasons outside this rank -- a collective whose peer died, a
 neighbour that is gone -- is answered with a `Failed` value instead of crashing the
 actor: the Trainer then rejoins the cluster (GenServer style `{:error, reason}`).
@@ -27,9 +27,9 @@ import trio
 
 import actors
 
-from . import checkpoint as ckpt_mod
-from .local import rank_batches
-from .step import RankStep
+from ..core import rank_batches
+from ..step import RankStep
+from ..store import checkpoint as ckpt_mod
 
 __all__ = [
     "COORDINATOR",
@@ -552,7 +552,7 @@ class HookAnalyzer(_Role):
     async def handle_cast(self, msg):
         kind, step, loss, lr, view = msg
         assert kind == "sample", msg[0]
-        from .hook_link import HookSample
+        from ..hooks.link import HookSample
 
         st = self.state
         rs = st.step

@@ -1,11 +1,11 @@
-"""The rank's shared state (pipelines.roles.RankState): what a regroup interrupts."""
+"""The rank's shared state (pipelines.cluster.roles.RankState): what a regroup interrupts."""
 
 from types import SimpleNamespace
 
 import trio
 import trio.testing
 
-from pipelines.roles import RankState
+from pipelines.cluster.roles import RankState
 
 LIMIT = 10  # seconds: a hang fails the test
 

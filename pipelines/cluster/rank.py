@@ -1,8 +1,8 @@
-"""A rank process (`python -m pipelines.rank`), started by the cluster supervisor.
+"""A rank process (`python -m pipelines.cluster.rank`), started by the cluster supervisor.
 
 It opens its node as a supervised child (heartbeats to the cluster), builds its model
 replica and data, opens its end of the ring, and runs the six role actors
-(pipelines.roles) plus the Trainer under a rank supervisor.
+(pipelines.cluster.roles) plus the Trainer under a rank supervisor.
 
 The Trainer's life is a loop of *join, restore, train*:
 
@@ -36,12 +36,14 @@ import trio
 import actors
 from cykernels import gemm
 
-from . import checkpoint as ckpt_mod
+from ..config import from_resolved, loss_spec
+from ..core import build_model_for, step_seed
+from ..data import load_dataset
+from ..metrics import evaluate
+from ..step import RankStep
+from ..store import checkpoint as ckpt_mod
+from ..store.rundir import params_sha256
 from .chaos import RankChaos
-from .config import from_resolved, loss_spec
-from .data import load_dataset
-from .local import build_model_for, step_seed
-from .metrics import evaluate
 from .roles import (
     COORDINATOR,
     BackwardGate,
@@ -55,8 +57,6 @@ from .roles import (
     Reducer,
     Regroup,
 )
-from .rundir import params_sha256
-from .step import RankStep
 
 __all__ = ["PLAN_ENV", "main"]
 
@@ -312,7 +312,7 @@ class Trainer(actors.Actor):
         )
 
     def _export(self, s: int, sha: str) -> None:
-        from . import checkpoint as ckpt_mod
+        from ..store import checkpoint as ckpt_mod
 
         st = self.state
         ckpt_mod.export_weights(
@@ -357,7 +357,7 @@ async def _main(plan: dict) -> int:
             )
             outbox = None
             if plan.get("analyzers"):
-                from .hook_link import HookOutbox
+                from ..hooks.link import HookOutbox
 
                 outbox = HookOutbox(specs, layout=model.layout)
             hooks = HookAnalyzer(state, outbox)

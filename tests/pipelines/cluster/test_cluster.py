@@ -114,11 +114,11 @@ def test_transformer_weights_of_a_cluster_run_load_into_torch(tmp_path):
     module by name (strict), and the two give the same logits."""
     torch = pytest.importorskip("torch")
     st_torch = pytest.importorskip("safetensors.torch")
-    from pipelines.checkpoint import read_safetensors_file
     from pipelines.config import load_config
+    from pipelines.core import build_model_for
     from pipelines.data import load_dataset
-    from pipelines.local import build_model_for
     from pipelines.model.torch_twin import TorchCharTransformer
+    from pipelines.store.checkpoint import read_safetensors_file
 
     tiny = ["model.d_model=16", "model.n_head=2", "model.n_layer=1", "train.batch_size=8"]
     tiny += ["model.seq_len=16", "data.seq_len=16", "eval.every=0", "eval.max_batches=1"]
@@ -191,7 +191,7 @@ async def test_an_analyzer_that_cannot_start_does_not_stop_the_run():
     import trio
 
     import actors
-    from pipelines.cluster import _side
+    from pipelines.cluster.main import _side
 
     broken = actors.process_spec(
         "analyzer", [sys.executable, "-c", "raise SystemExit(7)"], wait_for=["HookAnalyzer"]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._safetensors import SafetensorsError, read_safetensors, safetensors_bytes
+from .safetensors import SafetensorsError, read_safetensors, safetensors_bytes
 
 __all__ = [
     "FORMAT",

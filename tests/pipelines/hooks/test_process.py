@@ -15,8 +15,8 @@ import trio
 import trio.testing
 
 import actors
-from pipelines.analyzer import EXIT_HUNG, MAX_HANGS, QUARANTINE, analyzer_spec
-from pipelines.hook_link import HookOutbox, HookSample, wire_layout
+from pipelines.hooks.link import HookOutbox, HookSample, wire_layout
+from pipelines.hooks.process import EXIT_HUNG, MAX_HANGS, QUARANTINE, analyzer_spec
 from pipelines.model import build_model
 
 LIMIT = 40
@@ -319,7 +319,7 @@ async def test_a_sample_handed_to_the_waiting_forwarder_is_unsettled_until_forwa
 
 
 def test_a_step_is_assembled_from_zero_shards_and_from_ddp_copies():
-    from pipelines.analyzer import _context
+    from pipelines.hooks.process import _context
 
     rank_grads, grad, params, update = step_arrays(4)
     ctx = _context(4, samples(4))

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines._chaos import parse_chaos
-from pipelines.chaos import RankChaos, expand
+from pipelines.cluster.chaos import RankChaos, expand, parse_chaos
 
 
 def test_random_kill_expands_deterministically_from_its_seed():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 
+from pipelines.cluster.coordinator import Coordinator
 from pipelines.config import ClusterConfig, Config
-from pipelines.coordinator import Coordinator
-from pipelines.rundir import Progress, RunDir
+from pipelines.store.rundir import Progress, RunDir
 
 
 def coordinator(tmp_path, world=4, resume=None):
@@ -38,7 +38,7 @@ def test_the_newest_step_every_shard_of_which_survives_is_chosen(tmp_path):
 def test_two_neighbours_lost_falls_back_to_disk_then_to_the_seed(tmp_path):
     import numpy as np
 
-    from pipelines.checkpoint import save_checkpoint
+    from pipelines.store.checkpoint import save_checkpoint
 
     survivors = held(own=[10, 20], replica=[10, 20])
     state = {0: survivors, 1: held(), 2: held(), 3: survivors}  # rank 1's replica died too
@@ -54,7 +54,7 @@ def test_two_neighbours_lost_falls_back_to_disk_then_to_the_seed(tmp_path):
 def test_a_fresh_start_takes_the_resume_checkpoint(tmp_path):
     import numpy as np
 
-    from pipelines.checkpoint import save_checkpoint
+    from pipelines.store.checkpoint import save_checkpoint
 
     root = tmp_path / "old"
     tensors = {"params": np.arange(10, dtype=np.float32)}

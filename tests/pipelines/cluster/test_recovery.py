@@ -102,7 +102,7 @@ def test_restart_intensity_exceeded_stops_cleanly(tmp_path):
     # the last good checkpoint is named and kept (a torn newer one may sit beside it);
     # by step 11 the writes of steps 2..8 have long finished, so there is one
     kept = last.rsplit("last good checkpoint: ", 1)[1]
-    from pipelines.checkpoint import latest_valid
+    from pipelines.store.checkpoint import latest_valid
 
     newest = latest_valid(tmp_path / "run" / "checkpoints").path
     assert newest is not None and kept == str(newest), last

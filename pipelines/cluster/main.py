@@ -8,7 +8,7 @@
                              apart, so a failing research script cannot use up the
                              ranks' restart budget
 
-The Coordinator (pipelines.coordinator) is the control plane: joins, generations,
+The Coordinator (pipelines.cluster.coordinator) is the control plane: joins, generations,
 metrics, manifests, the fault record.
 """
 
@@ -26,14 +26,14 @@ import trio
 
 import actors
 
-from . import checkpoint as ckpt_mod
+from ..config import Config, config_hash, resume_hash
+from ..core import TrainingFailed, load_hooks
+from ..optim import KERNEL_BACKEND
+from ..store import checkpoint as ckpt_mod
+from ..store.rundir import Progress, RunDir, write_json_atomic
 from .chaos import expand
-from .config import Config, config_hash, resume_hash
 from .coordinator import Coordinator
-from .local import TrainingFailed, load_hooks
-from .optim import KERNEL_BACKEND
 from .rank import PLAN_ENV
-from .rundir import Progress, RunDir, write_json_atomic
 
 __all__ = ["run_cluster"]
 
@@ -73,7 +73,7 @@ def run_cluster(
     except ValueError as err:
         raise TrainingFailed(f"hooks: {err}") from None
     analyzers = [h for h in loaded if h.kind == "analyzer"]
-    from .data import load_dataset, with_default_cache
+    from ..data import load_dataset, with_default_cache
 
     data_cfg = with_default_cache(cfg.data)
     try:
@@ -85,7 +85,7 @@ def run_cluster(
         raise TrainingFailed(
             f"train.batch_size {cfg.train.batch_size} exceeds the {len(train)} training samples"
         )
-    from .local import build_model_for
+    from ..core import build_model_for
 
     n_params = int(build_model_for(cfg, train.meta).params.size)
     resume_root = _resume_point(Path(resume)) if resume is not None else None
@@ -192,7 +192,7 @@ async def _serve(cfg, coord: Coordinator, plan_path: Path, ipc_dir: str, analyze
             specs = [
                 actors.process_spec(
                     f"rank{r}",
-                    [sys.executable, "-m", "pipelines.rank"],
+                    [sys.executable, "-m", "pipelines.cluster.rank"],
                     env=env,
                     rank=r,
                     restart="transient",
@@ -209,7 +209,7 @@ async def _serve(cfg, coord: Coordinator, plan_path: Path, ipc_dir: str, analyze
                 name="RankSupervisor",
             )
             if analyzer_specs:
-                from .analyzer import analyzer_spec
+                from ..hooks.process import analyzer_spec
 
                 side = actors.Supervisor(
                     [

@@ -5,7 +5,7 @@
       metrics.jsonl     one JSON object per optimizer step: step (1-based count of steps
                         done), loss, lr, grad_norm, samples_per_s, skipped (this step was
                         skipped for a non-finite gradient), plus eval results when evaluated
-      checkpoints/      see pipelines.checkpoint
+      checkpoints/      see pipelines.store.checkpoint
       summary.json      final_loss, eval, steps, ranks, mode, seed, wall_s, samples_per_s,
                         restarts, skipped_steps, params_sha256, memory (per rank, bytes),
                         config_hash, stopped_early, status

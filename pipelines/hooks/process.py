@@ -4,12 +4,12 @@ Why a process of its own (DESIGN.md, "Processes and the supervisor tree"): a res
 script may raise, hang, leak or burn a core; none of that may stop, stall or change a
 training run. In its own OS process it can be killed and restarted by the cluster
 supervisor like any other child. The ranks send it samples from a task of their own
-(`pipelines.hook_link.HookOutbox`); a step never waits for it: a rank whose last sample
+(`pipelines.hooks.link.HookOutbox`); a step never waits for it: a rank whose last sample
 is unanswered declines the next one instead (demand, see hook_link).
 
 The tree inside the process (one_for_one)::
 
-    analyzer process  (python -m pipelines.analyzer, a child of the cluster supervisor)
+    analyzer process  (python -m pipelines.hooks.process, a child of the cluster supervisor)
     └── Supervisor "analyzer"               one_for_one
         ├── HookWorker "hook:grad_norm"      one analyzer hook, its own worker thread
         ├── HookWorker "hook:noise_scale"    ...
@@ -95,7 +95,7 @@ import numpy as np
 import trio
 
 import actors
-from pipelines.hook_link import HookSample
+from pipelines.hooks.link import HookSample
 
 __all__ = [
     "EXIT_HUNG",
@@ -156,7 +156,7 @@ def analyzer_spec(
     argv = [
         sys.executable,
         "-m",
-        "pipelines.analyzer",
+        "pipelines.hooks.process",
         "--run-dir",
         str(Path(run_dir).resolve()),
         "--world",
@@ -229,7 +229,7 @@ class _Ledger:
 
     def open(self, specs: list):
         from pipelines.hooks import ANALYZER, HooksLog, load_hooks
-        from pipelines.tensorboard import EventWriter
+        from pipelines.hooks.tensorboard import EventWriter
 
         hung = _read_quarantine(self.run_dir)
         self.hangs = dict(hung)
@@ -730,8 +730,8 @@ def _take_the_cpu_back():
 
 
 def main(argv=None) -> int:
-    """python -m pipelines.analyzer --run-dir D --world N --timeout S --specs JSON."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.analyzer")
+    """python -m pipelines.hooks.process --run-dir D --world N --timeout S --specs JSON."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.hooks.process")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--timeout", type=float, required=True)

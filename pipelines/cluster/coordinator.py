@@ -7,7 +7,7 @@ durable) and the fault record of a chaos run. It monitors every rank's Trainer; 
 ranks have joined it picks the newest step whose state still exists -- each shard in its
 owner's snapshot or, for a replaced rank, in its right neighbour's replica; else the
 newest valid checkpoint on disk; else the seed -- and answers every join with the new
-generation and that step (see pipelines.rank). A rank that does not rejoin within the
+generation and that step (see pipelines.cluster.rank). A rank that does not rejoin within the
 collective timeout is killed, and so replaced.
 """
 
@@ -25,12 +25,12 @@ import trio
 
 import actors
 
-from . import checkpoint as ckpt_mod
-from .config import Config, config_hash, resume_hash
-from .data import position
-from .local import _DROPOUT, MAX_CONSECUTIVE_SKIPS
-from .metrics import EarlyStopping
-from .rundir import Progress, RunDir
+from ..config import Config, config_hash, resume_hash
+from ..core import DROPOUT_STREAM, MAX_CONSECUTIVE_SKIPS
+from ..data import position
+from ..metrics import EarlyStopping
+from ..store import checkpoint as ckpt_mod
+from ..store.rundir import Progress, RunDir
 
 __all__ = ["Coordinator"]
 
@@ -359,7 +359,7 @@ class Coordinator(actors.Actor):
                 "step_in_epoch": pos,
                 "global_step": s,
             },
-            "rng": {"seed": cfg.train.seed, "dropout_stream": _DROPOUT},
+            "rng": {"seed": cfg.train.seed, "dropout_stream": DROPOUT_STREAM},
             "counters": got[0][1],
             "early_stopping": self.early.state(),
             "metrics": metrics,

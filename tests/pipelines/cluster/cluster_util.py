@@ -53,7 +53,7 @@ def run_logged(
 
 
 def weights(run_dir: Path) -> np.ndarray:
-    from pipelines.checkpoint import read_safetensors_file
+    from pipelines.store.checkpoint import read_safetensors_file
 
     tensors, _ = read_safetensors_file(Path(run_dir) / "weights.safetensors")
     return np.concatenate([tensors[k].ravel() for k in sorted(tensors)])

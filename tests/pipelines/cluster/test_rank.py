@@ -1,4 +1,4 @@
-"""The rank process's own set-up (pipelines.rank): pinning to a CPU."""
+"""The rank process's own set-up (pipelines.cluster.rank): pinning to a CPU."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 
 PROBE = """
 import json, os, sys
-from pipelines.rank import pin_to_cpu
+from pipelines.cluster.rank import pin_to_cpu
 got = pin_to_cpu(int(sys.argv[1]), int(sys.argv[2]))
 print(json.dumps([got, sorted(os.sched_getaffinity(0))]))
 """
