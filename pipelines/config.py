@@ -58,6 +58,7 @@ __all__ = [
     "load_config",
     "loss_spec",
     "parse_override",
+    "resume_fields",
     "resume_hash",
     "from_resolved",
 ]
@@ -793,9 +794,15 @@ def config_hash(cfg: Config) -> str:
 _RESUME_FREE = ("cluster", "checkpoint", "eval", "description", "name")
 
 
-def resume_hash(cfg: Config) -> str:
-    """sha256 of the parts a checkpoint must agree on to be resumed exactly."""
+def resume_fields(cfg: Config) -> dict:
+    """The parts of the config a checkpoint must agree on to be resumed exactly (plain
+    data: a checkpoint records them, so a mismatch can be named key by key)."""
     d = {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "log_every")}
     d["schedule"] = dict(d["schedule"], total_steps=cfg.total_steps)
-    return hashlib.sha256(_canonical(d)).hexdigest()
+    return d
+
+
+def resume_hash(cfg: Config) -> str:
+    """sha256 of resume_fields(cfg)."""
+    return hashlib.sha256(_canonical(resume_fields(cfg))).hexdigest()

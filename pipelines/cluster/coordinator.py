@@ -25,10 +25,9 @@ import trio
 
 import actors
 
-from ..config import Config, config_hash, resume_hash
-from ..core import DROPOUT_STREAM, MAX_CONSECUTIVE_SKIPS
-from ..data import position
-from ..metrics import EarlyStopping
+from .. import core
+from ..config import Config
+from ..core import RunIdentity
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import Progress, RunDir
 
@@ -89,8 +88,7 @@ class Coordinator(actors.Actor):
         *,
         resume,
         events: list[dict],
-        n_params: int,
-        train_len: int,
+        identity: RunIdentity,
     ):
         self.cfg = cfg
         self.world = cfg.cluster.ranks
@@ -100,13 +98,13 @@ class Coordinator(actors.Actor):
         self.events = events
         self.outcome = _Outcome()
         self.ckpt_root = rundir.checkpoints(cfg.checkpoint.dir)
-        self.chash, self.rhash = config_hash(cfg), resume_hash(cfg)
+        self.identity = identity  # what every manifest records of the run
         self.generation = 0
         self.target = 1  # the generation the next round of joins forms
         self.joins: dict[int, _Join] = {}
         self.pids: dict[int, int] = {}
         self.down: set[int] = set()  # ranks seen down and not joined since
-        self.consecutive_skips = 0
+        self.skips = core.SkipLimit()
         self.deadlines: set[int] = set()  # generations whose regroup is being enforced
         self.monitors: dict = {}  # MonitorRef -> rank
         self.fired: dict[int, float] = {}  # chaos event id -> wall time
@@ -121,13 +119,10 @@ class Coordinator(actors.Actor):
         self.stopped_early = False
         self.shards: dict[int, dict[int, tuple]] = {}
         self.finishing: dict[int, tuple] = {}
-        cfg_es = cfg.eval.early_stopping
-        self.early = EarlyStopping(cfg_es.metric, cfg_es.patience, cfg_es.mode, cfg_es.min_delta)
+        self.early = core.early_stopping_for(cfg)
         self.t_first_step: float | None = None
         self.resumed_step = 0
         self.analyzer_stats = None
-        self.n_params = n_params  # the manifest's n
-        self.train_len = train_len  # training samples (the manifest's data position)
 
     # -- calls -------------------------------------------------------------------------
 
@@ -289,13 +284,10 @@ class Coordinator(actors.Actor):
         self.losses[s] = record["loss"]
         if s <= self.last_step:
             return  # a replayed step: same bits, logged already
-        self.consecutive_skips = self.consecutive_skips + 1 if record["skipped"] else 0
-        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+        failure = self.skips.update(record["skipped"], s)
+        if failure:
             self.rundir.log_step({k: v for k, v in record.items() if k not in ("t", "generation")})
-            self.fail(
-                f"{self.consecutive_skips} consecutive steps skipped for non-finite "
-                f"gradients (last at step {s})"
-            )
+            self.fail(failure)
             return
         if self.t_first_step is None:
             self.t_first_step = now
@@ -309,9 +301,7 @@ class Coordinator(actors.Actor):
             record["transforms"] = len(transforms)
         record = {k: v for k, v in record.items() if k != "generation"}
         self.rundir.log_step(record)
-        extra = ""
-        if evaluated:
-            extra = " | eval " + " ".join(f"{k} {v:.4g}" for k, v in evaluated.items())
+        extra = core.eval_text(evaluated) if evaluated else ""
         self.progress.update(s, record["loss"], record["lr"], record["samples_per_s"], extra)
 
     def _eval(self, s: int, metrics: dict) -> None:
@@ -341,42 +331,23 @@ class Coordinator(actors.Actor):
             return
         del self.shards[s]
         infos = [ckpt_mod.ShardInfo(**i) for i, _ in got.values()]
-        epoch, pos = position(s, self.train_len, self.cfg.train.batch_size)
-        metrics = {k: v for k, v in self._eval_at(s).items()}
-        metrics["train_loss"] = self.losses.get(s, math.nan)
-        cfg = self.cfg
-        manifest = {
-            "step": s,
-            "world": self.world,
-            "n": self.n_params,
-            "mode": cfg.cluster.mode,
-            "config_hash": self.chash,
-            "resume_hash": self.rhash,
-            "optimizer": cfg.optimizer.name,
-            "data": {
-                "seed": cfg.train.seed,
-                "epoch": epoch,
-                "step_in_epoch": pos,
-                "global_step": s,
-            },
-            "rng": {"seed": cfg.train.seed, "dropout_stream": DROPOUT_STREAM},
-            "counters": got[0][1],
-            "early_stopping": self.early.state(),
-            "metrics": metrics,
-        }
+        metrics = dict(self._eval_at(s), train_loss=self.losses.get(s, math.nan))
+        manifest = core.checkpoint_manifest(
+            self.cfg,
+            self.identity,
+            s,
+            world=self.world,
+            counters=got[0][1],
+            early_state=self.early.state(),
+            metrics=metrics,
+        )
         ckpt = ckpt_mod.checkpoint_dir(self.ckpt_root, s)
         try:
             ckpt_mod.write_manifest(ckpt, manifest, infos)
         except OSError as err:  # the disk, not the run: report it and train on
             self.progress.message(f"checkpoint {ckpt} not completed: {err}")
             return
-        ckpt_mod.apply_retention(
-            self.ckpt_root,
-            cfg.checkpoint.keep_last,
-            cfg.checkpoint.keep_best,
-            cfg.checkpoint.best_metric,
-            cfg.checkpoint.best_mode,
-        )
+        core.retain(self.cfg, self.ckpt_root)
 
     def _eval_at(self, s: int) -> dict:
         done = [k for k in self.evals if k <= s]

@@ -15,7 +15,6 @@ metrics, manifests, the fault record.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -26,9 +25,9 @@ import trio
 
 import actors
 
-from ..config import Config, config_hash, resume_hash
-from ..core import TrainingFailed, load_hooks
-from ..optim import KERNEL_BACKEND
+from .. import core
+from ..config import Config
+from ..core import RunIdentity, TrainingFailed, prepare_run
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import Progress, RunDir, write_json_atomic
 from .chaos import expand
@@ -43,15 +42,6 @@ __all__ = ["run_cluster"]
 # ---------------------------------------------------------------------------------------
 
 
-def _resume_point(resume: Path | None) -> Path | None:
-    if resume is None:
-        return None
-    for root in (resume, resume / "checkpoints"):
-        if ckpt_mod.latest_valid(root).path is not None:
-            return root
-    raise TrainingFailed(f"--resume: no valid checkpoint under {resume}")
-
-
 def run_cluster(
     cfg: Config,
     run_dir: str | Path,
@@ -62,39 +52,46 @@ def run_cluster(
     out=None,
 ) -> dict:
     """Train `cfg` on cfg.cluster.ranks rank processes; return the summary (also
-    written). `chaos`: parsed ChaosEvents (simulate) or None. Raises TrainingFailed."""
-    out = out if out is not None else sys.stderr
+    written). `chaos`: parsed ChaosEvents (simulate) or None. Raises RunRefused (exit
+    2) before the run dir is created when the run cannot start as asked, TrainingFailed
+    (exit 3) when it cannot go on."""
     t_start = time.perf_counter()
+    inputs = prepare_run(cfg, resume=resume, hooks=hooks)
+    identity = inputs.identity
     rundir = RunDir(run_dir)
-    rundir.write_config(cfg, config_hash(cfg), resume_hash(cfg))
+    rundir.write_config(cfg, identity.config_hash, identity.resume_hash)
+    progress = core.progress_for(cfg, out)
     specs = list(cfg.hooks.specs) + list(hooks)
-    try:
-        loaded = load_hooks(specs)
-    except ValueError as err:
-        raise TrainingFailed(f"hooks: {err}") from None
-    analyzers = [h for h in loaded if h.kind == "analyzer"]
-    from ..data import load_dataset, with_default_cache
-
-    data_cfg = with_default_cache(cfg.data)
-    try:
-        train = load_dataset(data_cfg, "train")
-        load_dataset(data_cfg, cfg.eval.split)  # materialised once, mapped by rank 0
-    except (OSError, ValueError) as err:
-        raise TrainingFailed(f"data: {err}") from None
-    if cfg.train.batch_size > len(train):
-        raise TrainingFailed(
-            f"train.batch_size {cfg.train.batch_size} exceeds the {len(train)} training samples"
-        )
-    from ..core import build_model_for
-
-    n_params = int(build_model_for(cfg, train.meta).params.size)
-    resume_root = _resume_point(Path(resume)) if resume is not None else None
-    events = expand(chaos or [], cfg.cluster.ranks, cfg.train.steps)
-    every_log = cfg.train.log_every or max(cfg.train.steps // 20, 1)
-    progress = Progress(cfg.train.steps, every_log, out, prefix="zerotrain: ")
+    analyzers = any(h.kind == "analyzer" for h in inputs.hooks)
     # ipc paths must be short (AF_UNIX): a private directory under /tmp
     ipc_dir = tempfile.mkdtemp(prefix="zt-")
-    plan_path = rundir.path / "plan.json"
+    plan_path = _write_plan(cfg, rundir, specs, analyzers, ipc_dir, inputs.data_cfg.cache_dir)
+    coord = Coordinator(
+        cfg,
+        rundir,
+        progress,
+        resume=inputs.resume.root if inputs.resume else None,
+        events=expand(chaos or [], cfg.cluster.ranks, cfg.train.steps),
+        identity=identity,
+    )
+    del inputs  # the top process keeps no model or data while the ranks train
+    try:
+        trio.run(_serve, cfg, coord, plan_path, ipc_dir, specs if analyzers else None, rundir)
+    finally:
+        rundir.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    recovery = [f.record() for f in coord.faults]
+    if chaos is not None or recovery:
+        write_json_atomic(
+            rundir.path / "recovery.json", {"faults": recovery, "restarts": coord.restarts}
+        )
+    if coord.outcome.failure is not None:
+        raise TrainingFailed(coord.outcome.failure)
+    return _summarize(cfg, coord, identity, rundir, progress, time.perf_counter() - t_start)
+
+
+def _write_plan(cfg, rundir: RunDir, specs, analyzers: bool, ipc_dir: str, cache) -> Path:
+    """plan.json: what every rank process reads to start (the run's config, endpoints)."""
     world = cfg.cluster.ranks
     if cfg.cluster.transport == "ipc":
         endpoints = [f"ipc://{ipc_dir}/ring-{r}" for r in range(world)]
@@ -104,67 +101,47 @@ def run_cluster(
         "config": cfg.to_dict(),
         "run_dir": str(rundir.path.resolve()),
         "hooks": specs,
-        "analyzers": bool(analyzers),
+        "analyzers": analyzers,
         "endpoints": endpoints,
-        "data_cache": data_cfg.cache_dir,
+        "data_cache": cache,
     }
+    plan_path = rundir.path / "plan.json"
     write_json_atomic(plan_path, plan)
-    coord = Coordinator(
-        cfg,
-        rundir,
-        progress,
-        resume=resume_root,
-        events=events,
-        n_params=n_params,
-        train_len=len(train),
-    )
-    try:
-        trio.run(_serve, cfg, coord, plan_path, ipc_dir, specs if analyzers else None, rundir)
-    finally:
-        rundir.close()
-        shutil.rmtree(ipc_dir, ignore_errors=True)
-    outcome = coord.outcome
-    recovery = [f.record() for f in coord.faults]
-    if chaos is not None or recovery:
-        write_json_atomic(
-            rundir.path / "recovery.json", {"faults": recovery, "restarts": coord.restarts}
-        )
-    if outcome.failure is not None:
-        raise TrainingFailed(outcome.failure)
-    wall = time.perf_counter() - t_start
-    info0 = outcome.finished[0]
+    return plan_path
+
+
+def _summarize(
+    cfg, coord: Coordinator, identity: RunIdentity, rundir: RunDir, progress: Progress, wall
+) -> dict:
+    """Write summary.json from the ranks' final reports; return the summary."""
+    world = cfg.cluster.ranks
+    finished = coord.outcome.finished
+    info0 = finished[0]
     steps = info0["step"]
-    done_samples = (steps - coord.resumed_step) * cfg.train.batch_size
-    summary = {
-        "status": "ok",
-        "pipeline": cfg.name,
-        "final_loss": coord.losses.get(steps, math.nan),
-        "eval": {k: info0["eval"][k] for k in cfg.eval.metrics if k in info0["eval"]},
-        "steps": steps,
-        "ranks": world,
-        "mode": cfg.cluster.mode,
-        "seed": cfg.train.seed,
-        "wall_s": wall,
-        "samples_per_s": done_samples / wall if wall > 0 else 0.0,
-        "restarts": coord.restarts,
-        "skipped_steps": info0["skipped_steps"],
-        "stopped_early": coord.stopped_early,
-        "params_sha256": info0["params_sha256"],
-        "n_params": info0["n_params"],
-        "memory": {"per_rank": [outcome.finished[r]["memory"] for r in range(world)]},
-        "timing": info0["timing"],
-        "timing_per_rank": [outcome.finished[r]["timing"] for r in range(world)],
-        "first_step_s": (coord.t_first_step - _T0) if coord.t_first_step else None,
-        "config_hash": coord.chash,
-        "kernels": KERNEL_BACKEND,
-        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+    summary = core.run_summary(
+        cfg,
+        identity,
+        steps=steps,
+        trained_steps=steps - coord.resumed_step,
+        wall_s=wall,
+        final_loss=coord.losses.get(steps, math.nan),
+        eval_metrics=info0["eval"],
+        restarts=coord.restarts,
+        skipped_steps=info0["skipped_steps"],
+        stopped_early=coord.stopped_early,
+        params_sha256=info0["params_sha256"],
+        n_params=info0["n_params"],
+        memory=[finished[r]["memory"] for r in range(world)],
         # the matrix library each rank multiplied with (cykernels.gemm: "mkl" or "numpy")
-        "blas": ",".join(sorted({outcome.finished[r]["blas"] for r in range(world)})),
-        # the CPUs each rank process may run on (one each when cluster.pin_ranks took)
-        "cpus_per_rank": [outcome.finished[r].get("cpus") for r in range(world)],
-        "hooks": {"ranks": [outcome.finished[r]["hooks"] for r in range(world)]},
-        "run_dir": str(rundir.path),
-    }
+        blas=",".join(sorted({finished[r]["blas"] for r in range(world)})),
+        hooks={"ranks": [finished[r]["hooks"] for r in range(world)]},
+        run_dir=rundir.path,
+    )
+    summary["timing"] = info0["timing"]
+    summary["timing_per_rank"] = [finished[r]["timing"] for r in range(world)]
+    summary["first_step_s"] = (coord.t_first_step - _T0) if coord.t_first_step else None
+    # the CPUs each rank process may run on (one each when cluster.pin_ranks took)
+    summary["cpus_per_rank"] = [finished[r].get("cpus") for r in range(world)]
     if coord.analyzer_stats is not None:
         summary["hooks"]["analyzer"] = coord.analyzer_stats
     rundir.write_summary(summary)

@@ -36,10 +36,9 @@ import trio
 import actors
 from cykernels import gemm
 
-from ..config import from_resolved, loss_spec
-from ..core import build_model_for, step_seed
+from ..config import from_resolved
+from ..core import build_model_for, evaluate_run, export_weights, step_seed
 from ..data import load_dataset
-from ..metrics import evaluate
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import params_sha256
@@ -296,30 +295,11 @@ class Trainer(actors.Actor):
 
     def _eval_metrics(self) -> dict:
         st = self.state
-        cfg = st.cfg
-        metrics = list(
-            dict.fromkeys(
-                [*cfg.eval.metrics, cfg.checkpoint.best_metric, cfg.eval.early_stopping.metric]
-            )
-        )
-        return evaluate(
-            st.model,
-            st.evalset,
-            metrics=metrics,
-            batch_size=cfg.eval.batch_size,
-            max_batches=cfg.eval.max_batches,
-            loss_fn=loss_spec(cfg.loss),
-        )
+        return evaluate_run(st.cfg, st.model, st.evalset)
 
     def _export(self, s: int, sha: str) -> None:
-        from ..store import checkpoint as ckpt_mod
-
         st = self.state
-        ckpt_mod.export_weights(
-            Path(st.ckpt_root).parent / "weights.safetensors",
-            st.model.state_dict(),
-            {"pipeline": st.cfg.name, "step": str(s), "params_sha256": sha},
-        )
+        export_weights(Path(st.ckpt_root).parent, st.cfg, st.model, s, sha)
 
 
 def _check(result):

@@ -27,7 +27,7 @@ import trio
 
 import actors
 
-from ..core import rank_batches
+from ..core import install_checkpoint, rank_batches, read_checkpoint
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
 
@@ -363,15 +363,8 @@ class Optimizer(_Role):
             rs.opt.load({}, {})
             return None
         if source == "disk":
-            manifest, full = await trio.to_thread.run_sync(
-                lambda: ckpt_mod.load_full(how["path"], verify=False)
-            )
-            if manifest["n"] != rs.n:
-                raise ValueError(
-                    f"checkpoint {how['path']} has {manifest['n']} parameters, the model {rs.n}"
-                )
-            params = full.pop("params")
-            rs.load_full(params, full, manifest.get("counters", {}))
+            manifest, full = await trio.to_thread.run_sync(read_checkpoint, how["path"], rs.n)
+            install_checkpoint(rs, manifest, full)
             return None
         snap: Snapshot = how["snapshot"]
         lo, hi = rs.lo, rs.hi

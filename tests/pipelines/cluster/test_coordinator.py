@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 
 from pipelines.cluster.coordinator import Coordinator
-from pipelines.config import ClusterConfig, Config
+from pipelines.config import ClusterConfig, Config, config_hash, resume_fields, resume_hash
+from pipelines.core import RunIdentity
 from pipelines.store.rundir import Progress, RunDir
 
 
@@ -17,8 +18,17 @@ def coordinator(tmp_path, world=4, resume=None):
         Progress(10, 1, io.StringIO()),
         resume=resume,
         events=[],
-        n_params=10,
-        train_len=100,
+        identity=RunIdentity(
+            pipeline=cfg.name,
+            n_params=10,
+            shapes={"w": [10]},
+            optimizer=cfg.optimizer.name,
+            optimizer_state=["exp_avg", "exp_avg_sq"],
+            dataset={"name": "digits", "train_samples": 100, "meta": {}},
+            resume_config=resume_fields(cfg),
+            config_hash=config_hash(cfg),
+            resume_hash=resume_hash(cfg),
+        ),
     )
 
 
