@@ -11,9 +11,12 @@ CONFIG is a .toml path or a built-in pipeline name (`zerotrain pipelines`); with
 default pipeline (char_lm) runs. `--set` overrides any config key by dotted path; the value
 is read as TOML (`--set optimizer.betas=[0.9,0.95]`), a bare word as a string.
 
-Exit codes: 0 success; 2 usage or config error (one line on stderr, no traceback);
-3 training failed (one line on stderr; the traceback of an unexpected error goes to
-error.txt in the run dir). `ckpt verify` exits 1 when a checkpoint is invalid.
+Exit codes: 0 success; 2 usage or config error, or a run that cannot start as asked (a
+--resume naming nothing resumable or a checkpoint of another run, a batch larger than the
+data: one line on stderr, no traceback, no run dir created); 3 training failed (one line
+on stderr; the traceback of an unexpected error goes to error.txt in the run dir).
+`ckpt verify` exits 0 when the newest usable checkpoint it names exists, 1 when nothing
+under DIR can be resumed from.
 """
 
 from __future__ import annotations
@@ -118,7 +121,10 @@ def _parser() -> _Parser:
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", metavar="ACTION", parser_class=_Parser)
     for name, text in (
         ("inspect", "describe checkpoints"),
-        ("verify", "check every file's size and SHA-256"),
+        (
+            "verify",
+            "check every file's size and SHA-256; exit 1 when none can be resumed from",
+        ),
     ):
         c = ckpt_sub.add_parser(name, help=text)
         c.add_argument("dir", help="a checkpoint dir, a checkpoint root or a run dir")
@@ -167,7 +173,7 @@ def _resume_dir(args, cfg) -> Path | None:
 
 
 def _cmd_run(args, out) -> int:
-    from .core import TrainingFailed, load_hooks
+    from .core import RunRefused, TrainingFailed, load_hooks
     from .local import run_local
     from .store.rundir import default_run_dir
 
@@ -197,6 +203,9 @@ def _cmd_run(args, out) -> int:
             run_cluster(cfg, run_dir, resume=resume, hooks=args.hooks, chaos=chaos, out=out)
         else:
             run_local(cfg, run_dir, resume=resume, hooks=args.hooks, out=out)
+    except RunRefused as err:
+        print(f"zerotrain {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except TrainingFailed as err:
         print(f"zerotrain run: training failed: {err}", file=sys.stderr)
         return EXIT_FAILED
@@ -242,10 +251,11 @@ def _cmd_ckpt(args, out) -> int:
         for row in rows:
             print(json.dumps(row, indent=1, sort_keys=True), file=out)
         return EXIT_OK
-    bad = 0
-    for row in rows:
+    bad, usable = 0, None
+    for row in rows:  # oldest first
         ok = row["status"] == "ok"
         bad += not ok
+        usable = row if ok else usable
         print(
             f"{'OK ' if ok else 'BAD'} {row['path']}: "
             + (
@@ -258,7 +268,11 @@ def _cmd_ckpt(args, out) -> int:
             file=out,
         )
     print(f"{len(rows) - bad} of {len(rows)} checkpoints valid", file=out)
-    return EXIT_INVALID if bad else EXIT_OK
+    if usable is None:
+        print(f"nothing to resume from under {target}", file=out)
+        return EXIT_INVALID
+    print(f"newest usable: {usable['path']} (step {usable.get('step')})", file=out)
+    return EXIT_OK
 
 
 _BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")

@@ -238,27 +238,39 @@ def prepare_run(cfg: Config, *, resume=None, hooks=()) -> RunInputs:
     except (OSError, ValueError) as err:
         raise TrainingFailed(f"data: {err}") from None
     if cfg.train.batch_size > len(train):
-        raise TrainingFailed(
-            f"train.batch_size {cfg.train.batch_size} exceeds the {len(train)} training samples"
+        raise RunRefused(
+            f"train.batch_size {cfg.train.batch_size} exceeds the {len(train)} training "
+            f"samples (accepted: 1 to {len(train)})"
         )
     model = build_model_for(cfg, train.meta)
     identity = RunIdentity.of(cfg, model, train)
     point = None
     if resume is not None:
         point = find_resume(Path(resume))
+        check_resume(identity, point)
     return RunInputs(loaded, data_cfg, train, evalset, model, identity, point)
 
 
 def find_resume(where: Path) -> ResumePoint:
     """The newest valid checkpoint in `where` (a checkpoint root) or in its checkpoints/
-    (a run dir)."""
+    (a run dir). RunRefused, naming each checkpoint passed over and why, when none is."""
+    if not where.is_dir():
+        raise RunRefused(
+            f"--resume: no such directory {str(where)!r} (accepted: a run dir or a checkpoint root)"
+        )
     skipped = []
     for root in (where, where / "checkpoints"):
         found = ckpt_mod.latest_valid(root)
         skipped += found.skipped
         if found.path is not None:
             return ResumePoint(root, found.path, found.manifest, skipped)
-    raise TrainingFailed(f"--resume: no valid checkpoint under {where}")
+    if not skipped:
+        raise RunRefused(
+            f"--resume: no checkpoint under {where} (accepted: a run dir or a checkpoint "
+            "root holding step-* checkpoints)"
+        )
+    reasons = "; ".join(f"{path.name}: {why}" for path, why in skipped)
+    raise RunRefused(f"--resume: no valid checkpoint under {where} ({reasons})")
 
 
 def check_resume(identity: RunIdentity, point: ResumePoint) -> None:
@@ -267,8 +279,9 @@ def check_resume(identity: RunIdentity, point: ResumePoint) -> None:
     why = _difference(identity, point.manifest)
     if why:
         raise RunRefused(
-            f"--resume: {point.path} is not a checkpoint of this run: {why} (a resume may "
-            "change the world size, mode, steps, eval, checkpoint and logging settings)"
+            f"--resume: {point.path} is not a checkpoint of this run: {why} (accepted: one "
+            "that differs in world size, mode, train.steps, eval, checkpoint or logging "
+            "settings only)"
         )
 
 
@@ -303,10 +316,18 @@ def _difference(identity: RunIdentity, manifest: dict) -> str | None:
     keys = [k for k in dict.fromkeys([*theirs, *mine]) if theirs.get(k) != mine.get(k)]
     parts = [
         f"{k} {_short(theirs.get(k))} in the checkpoint, {_short(mine.get(k))} here"
+        + _HINTS.get(k, "").format(theirs.get(k))
         for k in keys[:3]
     ]
     more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
     return "; ".join(parts) + more if parts else "resume_hash differs"
+
+
+# How to keep a checkpoint's value where the config derives it.
+_HINTS = {
+    "schedule.total_steps": " (train.steps unless set; --set schedule.total_steps={} "
+    "keeps the checkpoint's schedule)",
+}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -155,11 +155,6 @@ class _LocalRun:
         """Install the checkpoint prepare_run found and checked."""
         for path, reason in point.skipped:
             self.progress.message(f"skipping checkpoint {path}: {reason}")
-        if point.manifest.get("resume_hash") != self.identity.resume_hash:
-            self.progress.message(
-                "warning: the config differs from the checkpoint's in what shapes "
-                "the numbers; continuing anyway"
-            )
         manifest, full = core.read_checkpoint(point.path, self.rank.n)
         core.install_checkpoint(self.rank, manifest, full)
         self.step = int(manifest["step"])

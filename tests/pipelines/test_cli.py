@@ -4,6 +4,7 @@ errors in-process through `main()` (the same code path, without an interpreter s
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -200,9 +201,22 @@ def test_simulate_validates_its_chaos_spec(capsys, tmp_path):
     assert [f["kind"] for f in recovery["faults"]] == ["kill"]
 
 
-def test_ckpt_verify_and_inspect_report_a_corrupted_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
-    assert zerotrain("run", *TINY, "--run-dir", str(run_dir)).returncode == 0
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A TINY run (one rank, adam): checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    proc = zerotrain("run", *TINY, "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_ckpt_verify_and_inspect_report_a_corrupted_checkpoint(tiny_run, tmp_path):
+    run_dir = copy_run(tiny_run, tmp_path / "run")
     ok = zerotrain("ckpt", "verify", str(run_dir))
     assert ok.returncode == 0 and "2 of 2 checkpoints valid" in ok.stdout
     shard = next((run_dir / "checkpoints" / "step-00000004").glob("*.safetensors"))
@@ -210,12 +224,71 @@ def test_ckpt_verify_and_inspect_report_a_corrupted_checkpoint(tmp_path):
     raw[-3] ^= 1
     shard.write_bytes(bytes(raw))
     bad = zerotrain("ckpt", "verify", str(run_dir / "checkpoints"))
-    assert bad.returncode == 1 and "SHA-256 mismatch" in bad.stdout
-    inspect = zerotrain("ckpt", "inspect", str(run_dir / "checkpoints" / "step-00000002"))
+    assert "SHA-256 mismatch" in bad.stdout and "1 of 2 checkpoints valid" in bad.stdout
+    # the exit code says whether there is something to resume from, and what
+    assert bad.returncode == 0, bad.stdout
+    assert f"newest usable: {run_dir / 'checkpoints' / 'step-00000002'} (step 2)" in bad.stdout
+    (run_dir / "checkpoints" / "step-00000002" / "manifest.json").unlink()
+    none = zerotrain("ckpt", "verify", str(run_dir))
+    assert none.returncode == 1 and "0 of 2 checkpoints valid" in none.stdout
+    assert "nothing to resume from" in none.stdout and "newest usable" not in none.stdout
+    inspect = zerotrain("ckpt", "inspect", str(tiny_run / "checkpoints" / "step-00000002"))
     assert inspect.returncode == 0
     row = json.loads(inspect.stdout)
     assert row["status"] == "ok" and row["step"] == 2 and row["world"] == 1
     assert zerotrain("ckpt", "verify", str(tmp_path / "missing")).returncode == 2
+
+
+@pytest.mark.parametrize("ranks", ["1", "2"])
+def test_a_missing_resume_dir_exits_2_and_creates_no_run_dir(tmp_path, ranks):
+    proc = zerotrain("run", *TINY, "--ranks", ranks, "--run-dir", str(tmp_path / "new"),
+                     "--resume", str(tmp_path / "nowhere"))  # fmt: skip
+    line = assert_one_line_error(proc, 2)
+    assert f"--resume: no such directory {str(tmp_path / 'nowhere')!r}" in line
+    assert not (tmp_path / "new").exists()
+    # without --run-dir: no runs/<pipeline>-<time> is made either
+    proc = zerotrain("run", *TINY, "--ranks", ranks, "--resume", "nowhere", cwd=tmp_path)
+    assert_one_line_error(proc, 2)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("ranks", ["1", "2"])
+def test_a_batch_larger_than_the_data_exits_2_and_creates_no_run_dir(tmp_path, ranks):
+    proc = zerotrain("run", *TINY, "--ranks", ranks, "--set", "train.batch_size=512",
+                     "--run-dir", str(tmp_path / "new"))  # fmt: skip
+    line = assert_one_line_error(proc, 2)
+    assert "train.batch_size 512 exceeds the 256 training samples (accepted: 1 to 256)" in line
+    assert not (tmp_path / "new").exists()
+
+
+def test_no_valid_checkpoint_names_each_checkpoint_and_why(tiny_run, tmp_path):
+    run_dir = copy_run(tiny_run, tmp_path / "run")
+    shard = next((run_dir / "checkpoints" / "step-00000004").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-8])
+    (run_dir / "checkpoints" / "step-00000002" / "manifest.json").unlink()
+    proc = zerotrain("run", *TINY, "--run-dir", str(tmp_path / "new"), "--resume", str(run_dir))
+    line = assert_one_line_error(proc, 2)
+    assert f"--resume: no valid checkpoint under {run_dir} (" in line
+    assert "step-00000004: shard-00000-of-00001.safetensors: " in line and "truncated" in line
+    assert "step-00000002: no manifest.json (incomplete write)" in line
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["char_lm", "--steps", "4"], "pipeline 'mlp_regressor' in the checkpoint, 'char_lm' here"),
+        ([*TINY, "--set", "optimizer.name=sgd"], "optimizer 'adam' in the checkpoint, 'sgd' here"),
+    ],
+)
+def test_resuming_another_run_on_two_ranks_exits_2_before_any_rank_starts(
+    tiny_run, tmp_path, args, named
+):
+    proc = zerotrain("run", *args, "--ranks", "2", "--mode", "zero2",
+                     "--run-dir", str(tmp_path / "new"), "--resume", str(tiny_run))  # fmt: skip
+    line = assert_one_line_error(proc, 2)
+    assert "is not a checkpoint of this run" in line and named in line
+    assert not (tmp_path / "new").exists()
 
 
 def test_progress_is_a_bar_redrawn_in_place_on_a_terminal():

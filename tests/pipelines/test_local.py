@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipelines.config import load_config
-from pipelines.core import TrainingFailed
+from pipelines.core import RunRefused, TrainingFailed
 from pipelines.local import run_local
 
 QUIET = ["eval.every=0", "checkpoint.every=0"]
@@ -79,14 +79,18 @@ def test_the_triplet_embedder_orders_90_percent_of_held_out_triplets_in_150_step
 
 
 TINY = ["model.hidden=[16]", "data.n_train=256", "data.n_eval=64", "train.steps=8"]
+# the full run's schedule, for runs cut short to be resumed (a shorter train.steps is a
+# shorter schedule, which a resume refuses)
+SCHEDULE = ["schedule.total_steps=8", "schedule.warmup_steps=4"]
 
 
 def test_a_resumed_run_ends_with_the_same_params_sha256(tmp_path):
-    full = run(tmp_path, "mlp_classifier", *TINY, sub="full")
-    part = run(tmp_path, "mlp_classifier", *TINY, "train.steps=5", sub="part")
+    full = run(tmp_path, "mlp_classifier", *TINY, *SCHEDULE, sub="full")
+    # the schedule's length is that of the full run (else more steps are a new schedule)
+    part = run(tmp_path, "mlp_classifier", *TINY, "train.steps=5", *SCHEDULE, sub="part")
     assert part["steps"] == 5
     log = io.StringIO()
-    cfg = load_config("mlp_classifier", [*QUIET, *TINY])
+    cfg = load_config("mlp_classifier", [*QUIET, *TINY, *SCHEDULE])
     resumed = run_local(cfg, tmp_path / "resumed", out=log, resume=tmp_path / "part")
     assert resumed["steps"] == 8
     assert resumed["params_sha256"] == full["params_sha256"]
@@ -99,17 +103,44 @@ def test_a_resumed_run_ends_with_the_same_params_sha256(tmp_path):
 
 
 def test_resume_skips_a_corrupted_newest_checkpoint(tmp_path):
-    full = run(tmp_path, "mlp_classifier", *TINY, "checkpoint.every=3", sub="full")
-    part = run(tmp_path, "mlp_classifier", *TINY, "checkpoint.every=3", "train.steps=6", sub="part")
+    full = run(tmp_path, "mlp_classifier", *TINY, *SCHEDULE, "checkpoint.every=3", sub="full")
+    part = run(
+        tmp_path,
+        "mlp_classifier",
+        *TINY,
+        "checkpoint.every=3",
+        "train.steps=6",
+        *SCHEDULE,
+        sub="part",
+    )
     assert part["steps"] == 6
     shard = next((tmp_path / "part" / "checkpoints" / "step-00000006").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-8])
     out = io.StringIO()
-    cfg = load_config("mlp_classifier", [*QUIET, *TINY, "checkpoint.every=3"])
+    cfg = load_config("mlp_classifier", [*QUIET, *TINY, *SCHEDULE, "checkpoint.every=3"])
     resumed = run_local(cfg, tmp_path / "resumed", resume=tmp_path / "part", out=out)
     assert "skipping checkpoint" in out.getvalue() and "truncated" in out.getvalue()
     assert "resumed from" in out.getvalue() and "step 3" in out.getvalue()
     assert resumed["params_sha256"] == full["params_sha256"]
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["optimizer.name=sgd"], "optimizer 'adamw' in the checkpoint, 'sgd' here"),
+        (["model.hidden=[12]"], "parameter count 12730 in the checkpoint, 9550 here"),
+        (["optimizer.lr=0.5"], "optimizer.lr 0.001 in the checkpoint, 0.5 here"),
+    ],
+)
+def test_resuming_another_run_is_refused_before_the_run_dir_exists(
+    tmp_path, overrides, named, raises_one_line
+):
+    run(tmp_path, "mlp_classifier", *TINY, "train.steps=2", *SCHEDULE, sub="adamw")
+    cfg = load_config("mlp_classifier", [*QUIET, *TINY, *SCHEDULE, *overrides])
+    with raises_one_line(RunRefused, match="is not a checkpoint of this run") as info:
+        run_local(cfg, tmp_path / "other", out=io.StringIO(), resume=tmp_path / "adamw")
+    assert named in str(info.value)
+    assert not (tmp_path / "other").exists()
 
 
 def test_early_stopping_ends_the_run_when_the_metric_stalls(tmp_path):
