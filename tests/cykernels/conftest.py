@@ -5,9 +5,10 @@ per-dtype tolerance table every kernel-vs-reference comparison uses.
         x = rng.standard_normal((4, 8), dtype=np.float32)
         np.testing.assert_allclose(kernel(x), twin(x), **tolerance[np.float32])
 
-`tolerance` is TOLERANCE as a fixture (a conftest is not importable under
---import-mode=importlib). Use the `torch` fixture, not `import torch`, so a machine without
-torch skips those tests instead of failing them.
+`tolerance` is TOLERANCE as a fixture and `finite_differences` the one gradient check by
+central differences (a conftest is not importable under --import-mode=importlib). Use the
+`torch` fixture, not `import torch`, so a machine without torch skips those tests instead
+of failing them.
 """
 
 import zlib
@@ -22,6 +23,36 @@ TOLERANCE = {
     np.dtype(np.float32): {"rtol": 1e-6, "atol": 1e-5},
     np.dtype(np.float64): {"rtol": 1e-12, "atol": 1e-12},
 }
+
+# Central differences on the float64 twins: error ~ h^2 (truncation) + 1e-16 / h (rounding).
+FD_STEP = 1e-6
+FD_TOLERANCE = {"rtol": 1e-6, "atol": 1e-7}
+
+
+def assert_matches_finite_differences(grad, loss, wrt, err_msg=""):
+    """Assert `grad` is d loss() / d wrt, by central differences of step FD_STEP.
+
+    `loss()` is a scalar that reads `wrt` (a float64 array) in place: each element is bumped
+    by +-FD_STEP and restored, so `wrt` is unchanged when this returns.
+    """
+    assert wrt.dtype == np.float64, f"finite differences need float64, got {wrt.dtype}"
+    numeric = np.empty_like(wrt)
+    for i in np.ndindex(wrt.shape):
+        keep = wrt[i]
+        wrt[i] = keep + FD_STEP
+        up = loss()
+        wrt[i] = keep - FD_STEP
+        down = loss()
+        wrt[i] = keep
+        numeric[i] = (up - down) / (2 * FD_STEP)
+    np.testing.assert_allclose(grad, numeric, **FD_TOLERANCE, err_msg=err_msg)
+
+
+@pytest.fixture
+def finite_differences():
+    """assert_matches_finite_differences(grad, loss, wrt, err_msg=""): the kernel tests'
+    gradient check, `loss()` a scalar reading `wrt` in place."""
+    return assert_matches_finite_differences
 
 
 @pytest.fixture

@@ -9,9 +9,6 @@ from cykernels import attention, attention_ref
 # Every test here runs with each matrix library (the `blas` fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("blas")
 
-FD_STEP = 1e-6
-FD_TOLERANCE = {"rtol": 1e-6, "atol": 1e-7}
-
 
 def arrays(rng, dtype, b=None, t=None, n_head=None, head_size=None):
     b = b or int(rng.integers(1, 4))
@@ -61,7 +58,7 @@ def test_forward_and_gradient_match_torch_scaled_dot_product_attention(torch, rn
     np.testing.assert_allclose(dqkv, tqkv.grad.numpy(), **tolerance[np.float32])
 
 
-def test_twin_gradient_matches_central_finite_differences_in_float64(rng):
+def test_twin_gradient_matches_central_finite_differences_in_float64(rng, finite_differences):
     qkv, projection, n_head = arrays(rng, np.float64, b=2, t=5, n_head=2, head_size=3)
     _, _, dqkv = run(attention_ref, qkv, projection, n_head)
     out = np.empty_like(projection)
@@ -71,16 +68,7 @@ def test_twin_gradient_matches_central_finite_differences_in_float64(rng):
         attention_ref.attention_forward(out, att, qkv, n_head)
         return float((out * projection).sum())
 
-    numeric = np.empty_like(qkv)
-    for i in np.ndindex(qkv.shape):
-        keep = qkv[i]
-        qkv[i] = keep + FD_STEP
-        up = loss()
-        qkv[i] = keep - FD_STEP
-        down = loss()
-        qkv[i] = keep
-        numeric[i] = (up - down) / (2 * FD_STEP)
-    np.testing.assert_allclose(dqkv, numeric, **FD_TOLERANCE)
+    finite_differences(dqkv, loss, qkv)
 
 
 def test_att_is_causal_rows_sum_to_one_and_the_future_is_exactly_zero(rng):

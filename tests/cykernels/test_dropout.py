@@ -6,9 +6,6 @@ import pytest
 
 from cykernels import dropout, dropout_ref
 
-FD_STEP = 1e-6
-FD_TOLERANCE = {"rtol": 1e-6, "atol": 1e-7}
-
 
 def run(module, x, dout, p, seed, offset=0):
     """(out, mask, dx) from one forward and one backward."""
@@ -108,7 +105,7 @@ def test_the_backward_is_the_mask_times_the_scale(rng):
     np.testing.assert_array_equal(dx, np.where(mask == 1, dout * np.float32(1 / 0.6), 0.0))
 
 
-def test_twin_backward_matches_central_finite_differences_in_float64(rng):
+def test_twin_backward_matches_central_finite_differences_in_float64(rng, finite_differences):
     x, projection = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))
     _, _, dx = run(dropout_ref, x, projection, 0.3, seed=5)
     out, mask = np.empty_like(x), np.empty(x.shape, np.uint8)
@@ -117,16 +114,7 @@ def test_twin_backward_matches_central_finite_differences_in_float64(rng):
         dropout_ref.dropout_forward(out, mask, x, 0.3, 5)
         return float((out * projection).sum())
 
-    numeric = np.empty_like(x)
-    for i in np.ndindex(x.shape):
-        keep = x[i]
-        x[i] = keep + FD_STEP
-        up = loss()
-        x[i] = keep - FD_STEP
-        down = loss()
-        x[i] = keep
-        numeric[i] = (up - down) / (2 * FD_STEP)
-    np.testing.assert_allclose(dx, numeric, **FD_TOLERANCE)
+    finite_differences(dx, loss, x)
 
 
 def test_the_expectation_matches_torch_dropout_scaling(torch, rng):

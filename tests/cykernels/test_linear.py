@@ -9,9 +9,6 @@ from cykernels import linear, linear_ref
 # Every test here runs with each matrix library (the `blas` fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("blas")
 
-FD_STEP = 1e-6
-FD_TOLERANCE = {"rtol": 1e-6, "atol": 1e-7}
-
 
 def arrays(rng, dtype, bias=True):
     n, i, o = (int(v) for v in rng.integers(1, 12, 3))
@@ -56,7 +53,7 @@ def test_forward_and_gradients_match_torch_autograd(torch, rng, tolerance, bias)
         np.testing.assert_allclose(got, expected.detach().numpy(), **tolerance[np.float32])
 
 
-def test_twin_gradients_match_central_finite_differences_in_float64(rng):
+def test_twin_gradients_match_central_finite_differences_in_float64(rng, finite_differences):
     x, weight, b, projection = arrays(rng, np.float64)
     _, *grads = run(linear_ref, x, weight, b, projection)
     params = [x, weight, b]
@@ -66,17 +63,8 @@ def test_twin_gradients_match_central_finite_differences_in_float64(rng):
         linear_ref.linear_forward(out, *params)
         return float((out * projection).sum())
 
-    for param, grad in zip(params, grads, strict=True):
-        numeric = np.empty_like(param)
-        for i in np.ndindex(param.shape):
-            keep = param[i]
-            param[i] = keep + FD_STEP
-            up = loss()
-            param[i] = keep - FD_STEP
-            down = loss()
-            param[i] = keep
-            numeric[i] = (up - down) / (2 * FD_STEP)
-        np.testing.assert_allclose(grad, numeric, **FD_TOLERANCE)
+    for name, param, grad in zip(["x", "weight", "bias"], params, grads, strict=True):
+        finite_differences(grad, loss, param, err_msg=name)
 
 
 def test_parameter_gradients_accumulate_and_dx_overwrites(rng, tolerance):
