@@ -86,7 +86,7 @@ from ._frames import (
 from ._mailbox import Mailbox, MailboxClosed, MailboxFull, MailboxStats
 from ._node import Node, PeerInfo, open_node
 from ._process import ENV, ProcessChild, child_node, process_spec
-from ._registry import Address, registered, wait_registered, whereis
+from ._registry import Address, current_node, registered, wait_registered, whereis
 from ._spec import ChildSpec, ChildType, Restart, child_spec
 from ._supervisor import (
     ABANDON_AFTER,
@@ -140,6 +140,7 @@ __all__ = [
     "MailboxStats",
     # names
     "Address",
+    "current_node",
     "registered",
     "wait_registered",
     "whereis",

@@ -32,7 +32,7 @@ from ._errors import NameTaken, NoNode
 if TYPE_CHECKING:
     from ._actor import ActorRef
 
-__all__ = ["Address", "registered", "wait_registered", "whereis"]
+__all__ = ["Address", "current_node", "registered", "wait_registered", "whereis"]
 
 _NAME = re.compile(r"^[^\s@]+$")
 
@@ -156,6 +156,10 @@ def set_node(node: Any) -> None:
 
 
 def current_node(required: bool = True) -> Any:
+    """This process's `Node` (open_node / child_node), or None with required=False.
+
+    Raises NoNode when there is none and one is required.
+    """
     node = _registry().node
     if node is None and required:
         raise NoNode(

@@ -653,11 +653,10 @@ def resolve(cfg: Config) -> Config:
 def _model_builder(name: str):
     """The class `build_model(name, **options)` instantiates, when the model core imports."""
     try:
-        from pipelines.model import _models
+        from pipelines.model import MODELS
     except ImportError:  # no model core: the kwarg check is left to build time
         return None
-    registry = getattr(_models, "MODELS", None) or getattr(_models, "_MODELS", {})
-    cls = registry.get(name)
+    cls = MODELS.get(name)
     return cls.__init__ if cls is not None else None
 
 

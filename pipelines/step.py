@@ -50,6 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
+from actors import shard_bounds
+
 from .optim import ShardOptimizer, StepResult, gradutil, lr_at
 
 __all__ = [
@@ -60,27 +62,6 @@ __all__ = [
     "gradient_buckets",
     "shard_bounds",
 ]
-
-
-def _own_shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
-    """Contiguous shards; the first n % world ranks hold one element more (the ring's
-    rule, restated for when actors' collectives are not importable)."""
-    if n < 0 or world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need n >= 0, world >= 1, 0 <= rank < world; got {n}, {world}, {rank}")
-    size, extra = divmod(n, world)
-    lo = rank * size + min(rank, extra)
-    return lo, lo + size + (rank < extra)
-
-
-try:  # one definition of the sharding for the ring, the optimizer and checkpoints
-    from actors._collectives import shard_bounds as _ring_shard_bounds
-except ImportError:
-    _ring_shard_bounds = _own_shard_bounds
-
-
-def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
-    """[lo, hi) of rank's contiguous shard of a length-n flat vector (actors' ring)."""
-    return _ring_shard_bounds(n, world, rank)
 
 
 # ---------------------------------------------------------------------------------------

@@ -286,8 +286,6 @@ class HookOutbox:
 
 
 def _current_node():
-    """This process's node, or None. (actors has no public accessor for it yet: the
-    rank could pass its node in, but the outbox is made before and used after.)"""
-    from actors import _registry
-
-    return _registry.current_node(required=False)
+    """This process's node, or None: the outbox is made before the rank's node opens and
+    used after it closes, so it asks at each send instead of being handed the node."""
+    return actors.current_node(required=False)

@@ -157,12 +157,10 @@ async def test_a_non_finite_gradient_on_one_rank_makes_every_rank_skip(data):
         np.testing.assert_array_equal(rs.model.params, before)
 
 
-def test_our_shard_rule_is_the_rings():
-    from pipelines.step import _own_shard_bounds
+def test_the_step_shards_by_the_rings_rule():
+    import actors
 
-    for n, world in [(10, 3), (7, 4), (19090, 4), (3, 4), (0, 2)]:
-        for r in range(world):
-            assert _own_shard_bounds(n, world, r) == shard_bounds(n, world, r)
+    assert shard_bounds is actors.shard_bounds  # one rule for ring, optimizer and checkpoints
 
 
 def test_shards_tile_the_vector_with_sizes_differing_by_at_most_one():
