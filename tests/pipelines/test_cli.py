@@ -3,19 +3,16 @@ errors in-process through `main()` (the same code path, without an interpreter s
 
 import io
 import json
-import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from pipelines.cli import main
 from pipelines.store.checkpoint import read_safetensors_file
 from pipelines.store.rundir import Progress
+from tests.pipelines.cli_util import zerotrain
 
-REPO = Path(__file__).resolve().parents[2]
 # A run of a few steps on a few hundred samples: seconds, not minutes.
 TINY = [
     "mlp_regressor",
@@ -30,18 +27,6 @@ TINY = [
     "--set",
     "checkpoint.every=2",
 ]
-
-
-def zerotrain(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        cwd=cwd or REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def assert_one_line_error(proc, code=2):

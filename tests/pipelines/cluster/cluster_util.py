@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from tests.pipelines.cli_util import zerotrain
 
 # a small MLP on little data: every run is a second or two of real processes
 SMALL = [
@@ -21,19 +20,6 @@ SMALL = [
     "--set", "eval.every=0",
     "--set", "cluster.snapshot_every=4",
 ]  # fmt: skip
-
-
-def zerotrain(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run the real command line in a fresh interpreter."""
-    env = dict(os.environ)
-    env.pop("OPENBLAS_NUM_THREADS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 def run(run_dir: Path, *args: str, command: str = "run", expect: int = 0) -> dict:

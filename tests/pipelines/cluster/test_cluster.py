@@ -10,7 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from .cluster_util import run, run_logged, weights, zerotrain
+from tests.pipelines.cli_util import zerotrain
+
+from .cluster_util import run, run_logged, weights
 
 
 @pytest.fixture(scope="module")

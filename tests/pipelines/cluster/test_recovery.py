@@ -9,7 +9,9 @@ import shutil
 
 import pytest
 
-from .cluster_util import SMALL, run, zerotrain
+from tests.pipelines.cli_util import zerotrain
+
+from .cluster_util import SMALL, run
 
 WORLD = ["--ranks", "4", "--mode", "zero2"]
 

@@ -20,7 +20,7 @@ import pytest
 
 from pipelines.hooks import load_hooks
 from pipelines.hooks.process import MAX_HANGS
-from tests.pipelines.cluster.cluster_util import zerotrain
+from tests.pipelines.cli_util import zerotrain
 
 STEPS = 12
 SHORT = [
