@@ -1,6 +1,6 @@
 """One rank process for tests/actors/test_ring_rejoin.py (spawned, never forked).
 
-    python rejoin_worker.py RANK WORLD DIR GENERATION [--frames]
+    python rejoin_worker.py RANK WORLD DIR GENERATION --wire W   # W: lanes or frames
 
 Builds ``Ring(RANK, WORLD, ..., generation=GENERATION)`` over ``DIR/rank-<r>`` and then
 obeys one command per line on stdin, answering one line on stdout each:
@@ -99,10 +99,11 @@ async def serve(ring: Ring) -> None:
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--frames"]
+    *args, option, wire = sys.argv[1:]
+    assert option == "--wire" and wire in ("lanes", "frames"), sys.argv
     rank, world, directory, generation = int(args[0]), int(args[1]), args[2], int(args[3])
     endpoints = [ipc_endpoint(f"rank-{r}", directory) for r in range(world)]
-    lanes = "--frames" not in sys.argv
+    lanes = wire == "lanes"
 
     async def run():
         options = dict(generation=generation, timeout=TIMEOUT, lanes=lanes)

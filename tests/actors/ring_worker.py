@@ -1,9 +1,9 @@
 """One rank process for tests/actors/test_collectives.py (spawned, never forked).
 
-    python ring_worker.py ops   RANK WORLD DIR OUT.npz [--frames]  # every collective
-    python ring_worker.py loop  RANK WORLD DIR [--frames]          # all-reduce until failure
-    python ring_worker.py early RANK WORLD DIR OUT.npz [--frames]  # one all-reduce, rank 0 late
-    python ring_worker.py closes ROUNDS DIR [--frames]             # 3 rings in this process
+    python ring_worker.py ops   RANK WORLD DIR OUT.npz --wire W  # every collective
+    python ring_worker.py loop  RANK WORLD DIR --wire W          # all-reduce until failure
+    python ring_worker.py early RANK WORLD DIR OUT.npz --wire W  # one all-reduce, rank 0 late
+    python ring_worker.py closes ROUNDS DIR --wire W             # 3 rings in this process
 
 `ops` runs each collective on seeded inputs and saves inputs and outputs. `loop` prints
 "ready" after its first all-reduce, then all-reduces until a CollectiveError, which it
@@ -12,7 +12,7 @@ prints as "collective-error: ..." before exiting with status 3. `early`: every r
 `closes`: ROUNDS times, open all three rings of a world of 3 in this one process, run an
 all-reduce (odd rounds only), close them one after another (with a pause between closes
 on every third round) and print "closed ROUND".
-`--frames` turns shared-memory lanes off.
+`--wire` is the `wire` fixture of tests/actors/conftest.py: lanes or frames.
 """
 
 import sys
@@ -100,13 +100,14 @@ async def run_closes(rounds: int, directory: str, lanes: bool) -> None:
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--frames"]
+    *args, option, wire = sys.argv[1:]
+    assert option == "--wire" and wire in ("lanes", "frames"), sys.argv
+    lanes = wire == "lanes"
     if args[0] == "closes":
-        trio.run(run_closes, int(args[1]), args[2], "--frames" not in sys.argv)
+        trio.run(run_closes, int(args[1]), args[2], lanes)
         return
     mode, rank, world, directory = args[0], int(args[1]), int(args[2]), args[3]
     endpoints = [ipc_endpoint(f"rank-{r}", directory) for r in range(world)]
-    lanes = "--frames" not in sys.argv
 
     async def run():
         options = dict(timeout=10.0, chunk_bytes=CHUNK_BYTES, lanes=lanes)

@@ -19,6 +19,7 @@ from actors import (
     NoSuchActor,
     Stop,
 )
+from tests.actors.actor_util import TrappingWatcher, Watcher
 
 
 class Counter(Actor):
@@ -295,37 +296,6 @@ async def test_back_pressure_keeps_queue_bounded_and_memory_flat(autojump_clock)
 
 
 # ------------------------------------------------------------------------ monitors & links
-
-
-class Watcher(Actor):
-    trap_exits = False
-
-    async def init(self):
-        self.events = []
-        self.got = trio.Event()
-
-    async def handle_call(self, request, from_):
-        kind, target = request
-        if kind == "monitor":
-            return actors.monitor(target)
-        if kind == "demonitor":
-            actors.demonitor(target)
-            return None
-        if kind == "link":
-            actors.link(target)
-            return None
-        if kind == "unlink":
-            actors.unlink(target)
-            return None
-        raise AssertionError(request)
-
-    async def handle_info(self, msg):
-        self.events.append(msg)
-        self.got.set()
-
-
-class TrappingWatcher(Watcher):
-    trap_exits = True
 
 
 async def test_a_monitor_delivers_down_with_the_exit_reason():

@@ -34,7 +34,6 @@ from actors._collectives import (
 from actors._transport import ipc_directory, ipc_endpoint
 
 WORKER = Path(__file__).with_name("ring_worker.py")
-WIRES = {"lanes": [], "frames": ["--frames"]}  # worker flags per wire
 HANG_GUARD = 60  # seconds; only a hang takes this long
 _counter = iter(range(10**9))
 
@@ -136,11 +135,6 @@ def copies(xs):
     return [x.copy() for x in xs]
 
 
-@pytest.fixture(params=sorted(WIRES))
-def wire(request):
-    return request.param
-
-
 @pytest.mark.parametrize("world", [2, 3, 4])
 async def test_collectives_match_numpy_with_sizes_not_divisible_by_the_world(world, wire):
     rings = open_rings(world, lanes=wire == "lanes")
@@ -229,7 +223,7 @@ async def spawn_ranks(mode: str, world: int, directory: Path, wire: str, out=Non
             for r in range(world):
                 argv = [sys.executable, str(WORKER), mode, str(r), str(world), str(directory)]
                 argv += [str(out(r))] if out else []
-                argv += WIRES[wire]
+                argv += ["--wire", wire]
                 procs.append(await nursery.start(trio.run_process, argv))
     return [p.returncode for p in procs]
 
@@ -294,7 +288,7 @@ async def test_a_rank_killed_mid_collective_makes_every_other_rank_raise(wire, t
     argv = [sys.executable, str(WORKER), "loop"]
     procs = [
         await trio.lowlevel.open_process(
-            [*argv, str(r), str(world), str(directory), *WIRES[wire]], stdout=subprocess.PIPE
+            [*argv, str(r), str(world), str(directory), "--wire", wire], stdout=subprocess.PIPE
         )
         for r in range(world)
     ]
@@ -323,7 +317,7 @@ async def test_closing_many_rings_one_after_another_never_hangs(wire, tmp_path):
     directory = tmp_path / "ring"
     directory.mkdir(mode=0o700)
     rounds = 20
-    argv = [sys.executable, str(WORKER), "closes", str(rounds), str(directory), *WIRES[wire]]
+    argv = [sys.executable, str(WORKER), "closes", str(rounds), str(directory), "--wire", wire]
     with trio.fail_after(HANG_GUARD):
         proc = await trio.run_process(argv, capture_stdout=True, check=False)
     assert proc.returncode == 0

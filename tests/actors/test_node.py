@@ -25,6 +25,7 @@ from actors import ActorExited, CallTimeout, Down, Exit, NoSuchActor, RemoteErro
 from actors._frames import Message
 from actors._node import _OUTBOX
 from actors._transport import ipc_endpoint, open_socket
+from tests.actors.actor_util import TrappingWatcher
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proc_worker.py")
 LIMIT = 30  # seconds; a hang fails the test instead of the suite
@@ -57,22 +58,6 @@ async def cluster_node(workers, endpoint):
             sup = await nursery.start(actors.Supervisor(specs, name="workers").run)
             yield node
             await actors.stop(sup, timeout=None)
-
-
-class Watcher(actors.Actor):
-    trap_exits = True
-
-    async def init(self):
-        self.events = []
-        self.got = trio.Event()
-
-    async def handle_call(self, request, from_):
-        kind, target = request
-        return actors.monitor(target) if kind == "monitor" else actors.link(target)
-
-    async def handle_info(self, msg):
-        self.events.append(msg)
-        self.got.set()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -186,7 +171,7 @@ async def test_one_rank_calls_another_by_name():
 async def test_down_is_delivered_when_a_remote_process_is_sigkilled():
     async with cluster("w1", "w2") as node:
         async with trio.open_nursery() as nursery:
-            watcher = Watcher()
+            watcher = TrappingWatcher()
             w = await actors.spawn(nursery, watcher)
             ref = await actors.call(w, ("monitor", "Echo@w1"))
             # A watcher in another process. The round trip after the monitor means w2 has
@@ -499,7 +484,7 @@ async def next_of_type_now(inbox):
 async def test_monitoring_a_missing_remote_actor_gives_noproc():
     async with cluster("w1"):
         async with trio.open_nursery() as nursery:
-            watcher = Watcher()
+            watcher = TrappingWatcher()
             w = await actors.spawn(nursery, watcher)
             ref = await actors.call(w, ("monitor", "Nobody@w1"))
             await watcher.got.wait()
@@ -510,7 +495,7 @@ async def test_monitoring_a_missing_remote_actor_gives_noproc():
 async def test_a_remote_link_turns_a_remote_crash_into_an_exit_signal():
     async with cluster("w1"):
         async with trio.open_nursery() as nursery:
-            watcher = Watcher()  # traps exits
+            watcher = TrappingWatcher()
             w = await actors.spawn(nursery, watcher)
             await actors.call(w, ("link", "Echo@w1"))
             with pytest.raises(ActorExited):

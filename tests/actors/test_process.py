@@ -12,6 +12,7 @@ import trio
 
 import actors
 from actors import ActorExited, NoNode, StartChildError
+from tests.actors.actor_util import child, wait_restarted
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proc_worker.py")
 LIMIT = 30
@@ -35,16 +36,6 @@ async def supervised(*specs, **supervisor_options):
                 await actors.stop(ref, timeout=None)
 
 
-async def child(id):
-    return {c.id: c for c in await actors.which_children("ranks")}[id]
-
-
-async def wait_restarted(id, restarts=1):
-    while (info := await child(id)).restarts < restarts or info.state != "running":
-        await trio.sleep(0.05)
-    return info
-
-
 def alive(pid):
     try:
         os.kill(pid, 0)
@@ -55,9 +46,9 @@ def alive(pid):
 
 async def test_a_process_child_killed_with_sigkill_is_restarted():
     async with supervised(worker_spec("w1")):
-        before = await child("w1")
+        before = await child("ranks", "w1")
         os.kill(before.pid, signal.SIGKILL)
-        after = await wait_restarted("w1")
+        after = await wait_restarted("ranks", "w1")
         assert after.pid != before.pid
         assert "was killed by SIGKILL" in after.last_exit
         assert await actors.call("Echo@w1", ("echo", 1)) == 1
@@ -65,9 +56,9 @@ async def test_a_process_child_killed_with_sigkill_is_restarted():
 
 async def test_a_sigstopped_process_child_is_detected_by_missed_heartbeats_and_restarted():
     async with supervised(worker_spec("w1")):
-        before = await child("w1")
+        before = await child("ranks", "w1")
         os.kill(before.pid, signal.SIGSTOP)
-        after = await wait_restarted("w1")
+        after = await wait_restarted("ranks", "w1")
         assert f"sent no heartbeat for {HEARTBEAT_TIMEOUT:g}s; killed" in after.last_exit
         assert not alive(before.pid)  # SIGKILLed and reaped, not left stopped
         assert await actors.call("Echo@w1", ("echo", 2)) == 2
@@ -77,24 +68,24 @@ async def test_a_child_whose_event_loop_blocks_is_treated_as_hung():
     async with supervised(worker_spec("w1")):
         with pytest.raises(ActorExited, match="noconnection"):
             await actors.call("Echo@w1", ("block", 30), timeout=20)
-        info = await wait_restarted("w1")
+        info = await wait_restarted("ranks", "w1")
         assert "sent no heartbeat" in info.last_exit
 
 
 async def test_a_process_that_exits_normally_is_not_restarted_when_transient():
     async with supervised(worker_spec("w1", restart="transient")):
-        pid = (await child("w1")).pid
+        pid = (await child("ranks", "w1")).pid
         os.kill(pid, signal.SIGTERM)  # the worker shuts down cleanly: exit status 0
-        while (info := await child("w1")).state != "done":
+        while (info := await child("ranks", "w1")).state != "done":
             await trio.sleep(0.05)
         assert (info.last_exit, info.restarts) == ("normal", 0)
 
 
 async def test_stopping_a_process_child_sends_sigterm_and_it_exits_cleanly():
     async with supervised(worker_spec("w1")):
-        pid = (await child("w1")).pid
+        pid = (await child("ranks", "w1")).pid
         await actors.terminate_child("ranks", "w1")
-        info = await child("w1")
+        info = await child("ranks", "w1")
         assert (info.state, info.last_exit) == ("done", "normal")
         assert not alive(pid)
         await actors.restart_child("ranks", "w1")
@@ -104,9 +95,9 @@ async def test_stopping_a_process_child_sends_sigterm_and_it_exits_cleanly():
 async def test_a_process_ignoring_sigterm_is_sigkilled_after_its_shutdown_timeout():
     spec = worker_spec("w1", shutdown=0.5, env={"PROC_WORKER_IGNORE_SIGTERM": "1"})
     async with supervised(spec):
-        pid = (await child("w1")).pid
+        pid = (await child("ranks", "w1")).pid
         await actors.terminate_child("ranks", "w1")
-        info = await child("w1")
+        info = await child("ranks", "w1")
         assert info.last_exit == "killed"
         assert not alive(pid)
 
@@ -124,7 +115,7 @@ async def test_escalation_stops_every_process():
     escalation = pytest.RaisesGroup(actors.RestartIntensityExceeded, flatten_subgroups=True)
     with escalation:
         async with supervised(worker_spec("w1"), worker_spec("w2"), max_restarts=0):
-            pids += [(await child(w)).pid for w in ("w1", "w2")]
+            pids += [(await child("ranks", w)).pid for w in ("w1", "w2")]
             os.kill(pids[0], signal.SIGKILL)
             await trio.sleep_forever()
     assert not any(alive(p) for p in pids)

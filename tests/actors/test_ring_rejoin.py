@@ -21,7 +21,6 @@ import trio
 from actors._collectives import shard_bounds
 
 WORKER = Path(__file__).with_name("rejoin_worker.py")
-WIRES = {"lanes": [], "frames": ["--frames"]}
 HANG_GUARD = 90  # seconds; only a hang takes this long (the rings' own timeout is 120 s)
 WORLD, VICTIM, GENERATION = 3, 1, 3
 
@@ -37,7 +36,7 @@ class RankProcess:
     @classmethod
     async def start(cls, rank: int, generation: int, directory: Path, wire: str):
         argv = [sys.executable, str(WORKER), str(rank), str(WORLD), str(directory)]
-        argv += [str(generation), *WIRES[wire]]
+        argv += [str(generation), "--wire", wire]
         proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         return cls(rank, proc)
 
@@ -74,11 +73,6 @@ async def ring_dir(tmp_path):
     directory = tmp_path / "ring"
     directory.mkdir(mode=0o700)
     return directory
-
-
-@pytest.fixture(params=sorted(WIRES))
-def wire(request):
-    return request.param
 
 
 async def start_ranks(directory: Path, wire: str) -> list[RankProcess]:

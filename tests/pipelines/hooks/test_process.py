@@ -18,6 +18,7 @@ import actors
 from pipelines.hooks.link import HookOutbox, HookSample, wire_layout
 from pipelines.hooks.process import EXIT_HUNG, MAX_HANGS, QUARANTINE, analyzer_spec
 from pipelines.model import build_model
+from tests.actors import actor_util
 
 LIMIT = 40
 TARGET = "HookAnalyzer@analyzer"
@@ -69,12 +70,11 @@ async def wait_stats(predicate):
 
 
 async def child():
-    return {c.id: c for c in await actors.which_children("cluster")}["analyzer"]
+    return await actor_util.child("cluster", "analyzer")
 
 
 async def wait_restarted(restarts):
-    while (info := await child()).restarts < restarts or info.state != "running":
-        await trio.sleep(0.05)
+    info = await actor_util.wait_restarted("cluster", "analyzer", restarts)
     await actors.call(TARGET, "stats", timeout=10)  # up and answering
     return info
 
