@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +76,27 @@ async def ring_dir(tmp_path):
     return directory
 
 
-async def start_ranks(directory: Path, wire: str) -> list[RankProcess]:
-    return [await RankProcess.start(r, GENERATION, directory, wire) for r in range(WORLD)]
+@asynccontextmanager
+async def running_ranks(directory: Path, wire: str):
+    """WORLD rejoin_worker processes at GENERATION, as (ranks, survivors: all but VICTIM),
+    the whole test bounded by HANG_GUARD. On the way out every process still running is
+    killed: the ones started here (a frozen victim too) and the replacements a test put
+    into `ranks`."""
+    ranks = [await RankProcess.start(r, GENERATION, directory, wire) for r in range(WORLD)]
+    started = list(ranks)
+    try:
+        with trio.fail_after(HANG_GUARD):
+            yield ranks, [r for r in ranks if r.rank != VICTIM]
+    finally:
+        for rank in {id(r): r for r in [*started, *ranks]}.values():
+            await rank.stop()
+
+
+async def exit_all(ranks: list[RankProcess]) -> None:
+    """Ask every rank to close its ring and exit; each must exit with status 0."""
+    for rank in ranks:
+        await rank.send("exit")
+        assert await rank.proc.wait() == 0
 
 
 async def survivors_fail(survivors: list[RankProcess], since: float, event: str) -> dict:
@@ -123,45 +143,33 @@ def assert_exact(results: list[dict]) -> None:
             assert np.array_equal(got[f"all_gather/{n}"], gathered)
 
 
-async def stop_all(ranks: list[RankProcess]) -> None:
-    for rank in ranks:
-        await rank.stop()
-
-
 @pytest.mark.parametrize("when", ["mid-collective", "between-collectives", "stopped"])
 async def test_a_killed_rank_is_replaced_by_a_fresh_process_at_the_next_generation(
     when, wire, ring_dir
 ):
-    ranks = await start_ranks(ring_dir, wire)
-    survivors = [r for r in ranks if r.rank != VICTIM]
-    try:
-        with trio.fail_after(HANG_GUARD):
+    async with running_ranks(ring_dir, wire) as (ranks, survivors):
+        for rank in survivors:
+            await rank.send("loop")
+        if when != "between-collectives":  # all-reducing 16 MiB over and over
+            await ranks[VICTIM].send("loop")
+            await ranks[VICTIM].expect("ready")
             for rank in survivors:
-                await rank.send("loop")
-            if when != "between-collectives":  # all-reducing 16 MiB over and over
-                await ranks[VICTIM].send("loop")
-                await ranks[VICTIM].expect("ready")
-                for rank in survivors:
-                    await rank.expect("ready")
-                await trio.sleep(0.2)
-            else:  # the victim did one all-reduce; the survivors wait in the next one
-                await ranks[VICTIM].send("reduce")
-                await ranks[VICTIM].expect("ok")
-                for rank in survivors:
-                    await rank.expect("ready")
-                await trio.sleep(0.5)
-            if when == "stopped":  # frozen, then killed by its supervisor after 1 s
-                ranks[VICTIM].proc.send_signal(signal.SIGSTOP)
-                await trio.sleep(1.0)
-            killed_at = ranks[VICTIM].kill()
-            await ranks[VICTIM].proc.wait()
-            await survivors_fail(survivors, killed_at, f"the kill ({when}, {wire})")
-            await replace_and_check(ranks, ring_dir, wire)
-            for rank in ranks:
-                await rank.send("exit")
-                assert await rank.proc.wait() == 0
-    finally:
-        await stop_all(ranks)
+                await rank.expect("ready")
+            await trio.sleep(0.2)
+        else:  # the victim did one all-reduce; the survivors wait in the next one
+            await ranks[VICTIM].send("reduce")
+            await ranks[VICTIM].expect("ok")
+            for rank in survivors:
+                await rank.expect("ready")
+            await trio.sleep(0.5)
+        if when == "stopped":  # frozen, then killed by its supervisor after 1 s
+            ranks[VICTIM].proc.send_signal(signal.SIGSTOP)
+            await trio.sleep(1.0)
+        killed_at = ranks[VICTIM].kill()
+        await ranks[VICTIM].proc.wait()
+        await survivors_fail(survivors, killed_at, f"the kill ({when}, {wire})")
+        await replace_and_check(ranks, ring_dir, wire)
+        await exit_all(ranks)
 
 
 async def test_a_survivor_still_waiting_when_the_replacement_speaks_fails_and_keeps_it(
@@ -171,34 +179,27 @@ async def test_a_survivor_still_waiting_when_the_replacement_speaks_fails_and_ke
     # next all-reduce, and its replacement is started before it is killed. The
     # replacement's first generation g+1 chunk must fail the waiting collective at once
     # (not after the 120 s timeout), and be kept and used in generation g+1.
-    ranks = await start_ranks(ring_dir, wire)
-    survivors = [r for r in ranks if r.rank != VICTIM]
-    try:
-        with trio.fail_after(HANG_GUARD):
-            for rank in ranks:
-                await rank.send("reduce")
-            for rank in ranks:
-                await rank.expect("ok")
-            for rank in survivors:
-                await rank.send("reduce")
-            frozen = ranks[VICTIM]
-            frozen.proc.send_signal(signal.SIGSTOP)
-            ranks[VICTIM] = await RankProcess.start(VICTIM, GENERATION + 1, ring_dir, wire)
-            started_at = time.monotonic()
-            outs = [ring_dir / f"check{r}.npz" for r in range(WORLD)]
-            await ranks[VICTIM].send(f"check {GENERATION + 1} {outs[VICTIM]}")
-            lines = await survivors_fail(survivors, started_at, f"the replacement started ({wire})")
-            assert "already at generation" in lines[VICTIM + 1]  # the victim's right
-            frozen.kill()
-            await frozen.proc.wait()
-            await trio.sleep(0.5)  # as a supervisor would: the kill comes before the news
-            for rank in survivors:
-                await rank.send(f"check {GENERATION + 1} {outs[rank.rank]}")
-            for rank in ranks:
-                await rank.expect("checked")
-            assert_exact([dict(np.load(out)) for out in outs])
-            for rank in ranks:
-                await rank.send("exit")
-                assert await rank.proc.wait() == 0
-    finally:
-        await stop_all(ranks)
+    async with running_ranks(ring_dir, wire) as (ranks, survivors):
+        for rank in ranks:
+            await rank.send("reduce")
+        for rank in ranks:
+            await rank.expect("ok")
+        for rank in survivors:
+            await rank.send("reduce")
+        frozen = ranks[VICTIM]
+        frozen.proc.send_signal(signal.SIGSTOP)
+        ranks[VICTIM] = await RankProcess.start(VICTIM, GENERATION + 1, ring_dir, wire)
+        started_at = time.monotonic()
+        outs = [ring_dir / f"check{r}.npz" for r in range(WORLD)]
+        await ranks[VICTIM].send(f"check {GENERATION + 1} {outs[VICTIM]}")
+        lines = await survivors_fail(survivors, started_at, f"the replacement started ({wire})")
+        assert "already at generation" in lines[VICTIM + 1]  # the victim's right
+        frozen.kill()
+        await frozen.proc.wait()
+        await trio.sleep(0.5)  # as a supervisor would: the kill comes before the news
+        for rank in survivors:
+            await rank.send(f"check {GENERATION + 1} {outs[rank.rank]}")
+        for rank in ranks:
+            await rank.expect("checked")
+        assert_exact([dict(np.load(out)) for out in outs])
+        await exit_all(ranks)

@@ -60,29 +60,22 @@ def assert_close(actual, expected, tol):
 # ---- kernel vs numpy twin ------------------------------------------------------------
 
 
+VARIANTS = {"sgd": SGD_VARIANTS, "adam": ADAM_VARIANTS}
+STATE = {"sgd": ("param", "buf"), "adam": ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+
+
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("variant", SGD_VARIANTS)
-def test_sgd_kernel_matches_twin(rng, tolerance, size, variant):
+@pytest.mark.parametrize(
+    "optimizer, variant", [(kind, name) for kind, table in VARIANTS.items() for name in table]
+)
+def test_kernel_matches_twin_over_five_steps(rng, tolerance, size, optimizer, variant):
     ours = Shard(rng, size)
     ref = ours.copy()
     for step in range(1, 6):
         grad = rng.standard_normal(size, dtype=np.float32)
-        ours.sgd(optim, grad, step, **SGD_VARIANTS[variant])
-        ref.sgd(optim_ref, grad, step, **SGD_VARIANTS[variant])
-    assert_close(ours.param, ref.param, tolerance[np.float32])
-    assert_close(ours.buf, ref.buf, tolerance[np.float32])
-
-
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("variant", ADAM_VARIANTS)
-def test_adam_kernel_matches_twin(rng, tolerance, size, variant):
-    ours = Shard(rng, size)
-    ref = ours.copy()
-    for step in range(1, 6):
-        grad = rng.standard_normal(size, dtype=np.float32)
-        ours.adam(optim, grad, step, **ADAM_VARIANTS[variant])
-        ref.adam(optim_ref, grad, step, **ADAM_VARIANTS[variant])
-    for name in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        getattr(ours, optimizer)(optim, grad, step, **VARIANTS[optimizer][variant])
+        getattr(ref, optimizer)(optim_ref, grad, step, **VARIANTS[optimizer][variant])
+    for name in STATE[optimizer]:
         assert_close(getattr(ours, name), getattr(ref, name), tolerance[np.float32])
 
 
