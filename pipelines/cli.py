@@ -6,6 +6,9 @@
     zerotrain pipelines
     zerotrain ckpt inspect DIR
     zerotrain ckpt verify DIR
+    zerotrain generate RUN_DIR [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K]
+    zerotrain predict RUN_DIR INPUT [--out FILE]
+    zerotrain eval RUN_DIR [--data PATH]          (these three: pipelines.use)
 
 CONFIG is a .toml path or a built-in pipeline name (`zerotrain pipelines`); without it the
 default pipeline (char_lm) runs. `--set` overrides any config key by dotted path; the value
@@ -100,6 +103,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="PATH[:NAME]",
         help="a gradient-hook script (repeatable)",
     )
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="with --resume: continue although data files changed since the run",
+    )
 
 
 def _parser() -> _Parser:
@@ -131,6 +139,9 @@ def _parser() -> _Parser:
     report = sub.add_parser("report", help="render PNG plots of a run's metrics and hooks")
     report.add_argument("run_dir", help="the run's directory (holds metrics.jsonl)")
     report.add_argument("--out", help="where to write the PNGs (default RUN_DIR/report)")
+    from .use import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -186,6 +197,13 @@ def _cmd_run(args, out) -> int:
     # way even for one rank (the in-process runner would run them between steps)
     analyzers = any(h.kind == "analyzer" for h in hooks) or bool(cfg.hooks.specs)
     resume = _resume_dir(args, cfg)
+    from .data import DataError
+    from .use import check_data
+
+    try:  # before any rank starts: bad data is a usage error (exit 2)
+        check_data(cfg, resume=resume, allow_change=args.allow_data_change)
+    except DataError as err:
+        raise _UsageError(f"zerotrain run: data: {err}") from None
     chaos = None
     if getattr(args, "chaos", None) is not None:
         from .cluster.chaos import parse_chaos
@@ -319,12 +337,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     _limit_blas_threads()
     from .config import ConfigError
+    from .data import DataError
+    from .use import COMMANDS, UsageError
 
     try:
         if args.command is None:
             raise _UsageError(
-                "zerotrain: expected a command: run, simulate, pipelines, ckpt, report "
-                "(see zerotrain --help)"
+                "zerotrain: expected a command: run, simulate, pipelines, ckpt, report, "
+                "generate, predict, eval (see zerotrain --help)"
             )
         if args.command == "ckpt" and args.ckpt_command is None:
             raise _UsageError("zerotrain ckpt: expected inspect DIR or verify DIR")
@@ -336,10 +356,14 @@ def main(argv: list[str] | None = None) -> int:
             "pipelines": _cmd_pipelines,
             "ckpt": _cmd_ckpt,
             "report": _cmd_report,
+            **COMMANDS,
         }[args.command]
         return handler(args, sys.stdout if args.command != "run" else sys.stderr)
-    except _UsageError as err:
+    except (_UsageError, UsageError) as err:
         print(str(err), file=sys.stderr)
+        return EXIT_USAGE
+    except DataError as err:
+        print(f"zerotrain {args.command}: data: {err}", file=sys.stderr)
         return EXIT_USAGE
     except ConfigError as err:
         print(f"zerotrain: config error: {err}", file=sys.stderr)

@@ -5,7 +5,8 @@ defaults are the dataclass defaults below, so `Config()` is a valid, tiny config
 
     description = "one line shown by `zerotrain pipelines`"
     [model]      name (required) + the model builder's keyword arguments
-    [data]       name (corpus | digits | friedman | digit_triplets) + that dataset's options
+    [data]       name (corpus | digits | friedman | digit_triplets | table | text) + that
+                 dataset's options (table and text read the user's files: pipelines.data)
     [loss]       name (a pipelines.model.losses registry entry, "" = the model's default)
                  + the loss's keyword arguments
     [optimizer]  name (sgd | adam | adamw), lr, betas, eps, weight_decay, momentum, ...
@@ -117,7 +118,9 @@ def _check_range(key: str, value: float, lo=None, hi=None, lo_open=False, hi_ope
 # checked against the builder in `resolve`.
 
 MODEL_NAMES = ("char_transformer", "mlp_classifier", "mlp_regressor", "triplet_embedder")
-DATASET_NAMES = ("corpus", "digits", "friedman", "digit_triplets")
+DATASET_NAMES = ("corpus", "digits", "friedman", "digit_triplets", "table", "text")
+# Datasets read from the user's files (their options name paths; see pipelines.data).
+FILE_DATASETS = ("table", "text")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 SCHEDULE_NAMES = ("constant", "warmup_cosine", "step", "linear")
 MODES = ("ddp", "zero1", "zero2")
@@ -142,9 +145,9 @@ MODEL_METRICS = {
 }
 # Which datasets feed which model (the batch keys must match).
 MODEL_DATASETS = {
-    "char_transformer": ("corpus",),
-    "mlp_classifier": ("digits",),
-    "mlp_regressor": ("friedman",),
+    "char_transformer": ("corpus", "text"),
+    "mlp_classifier": ("digits", "table"),
+    "mlp_regressor": ("friedman", "table"),
     "triplet_embedder": ("digit_triplets",),
 }
 
@@ -171,7 +174,33 @@ DATASET_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
         "n_features": (int, 10),
     },
     "digit_triplets": {"n_train": (int, 20000), "n_eval": (int, 2000), "noise": (float, 0.1)},
+    # path: CSV/TSV (header row), .npy, .npz or .safetensors; features: column or array
+    # names ([] = every column but the target); target: a column or array name ("" = the
+    # last column, or array "y"); task: "" = the model's (classification for
+    # mlp_classifier, regression for mlp_regressor); eval from eval_path, else the
+    # eval_fraction tail (split = "tail") or a data.seed-drawn share (split = "random").
+    "table": {
+        "path": (str, ""),
+        "eval_path": (str, ""),
+        "eval_fraction": (float, 0.2),
+        "split": (str, "tail"),
+        "features": (list[str], []),
+        "target": (str, ""),
+        "task": (str, ""),
+        "standardize": (bool, False),
+    },
+    # path: a file, a directory or a glob of UTF-8 text; tokenizer: bytes (256 ids) or
+    # chars (the training files' characters); eval from eval_path, else the tail.
+    "text": {
+        "path": (str, ""),
+        "eval_path": (str, ""),
+        "eval_fraction": (float, 0.05),
+        "tokenizer": (str, "bytes"),
+        "seq_len": (int, 64),
+    },
 }
+TABLE_TASKS = ("classification", "regression")
+TOKENIZERS = ("bytes", "chars")
 
 
 @dataclass(frozen=True)
@@ -199,6 +228,8 @@ class DataConfig:
                     list(known) + ["name", "seed", "cache_dir"],
                     f" for dataset {self.name!r}",
                 )
+            if key == "features" and isinstance(value, str):
+                value = [value]  # one column or array name
             full[key] = _coerce(f"data.{key}", value, known[key][0])
         for key, (_, default) in known.items():
             full.setdefault(key, default)
@@ -211,6 +242,15 @@ class DataConfig:
             _check_range("data.noise", full["noise"], lo=0.0)
         if "eval_fraction" in full:
             _check_range("data.eval_fraction", full["eval_fraction"], lo=0.0, hi=0.5, lo_open=True)
+        if self.name in FILE_DATASETS:
+            if not full["path"]:
+                _fail("data.path", f"a file, directory or glob for dataset {self.name!r}", "")
+        if self.name == "table":
+            _check_choice("data.split", full["split"], ("tail", "random"))
+            if full["task"]:
+                _check_choice("data.task", full["task"], TABLE_TASKS)
+        if self.name == "text":
+            _check_choice("data.tokenizer", full["tokenizer"], TOKENIZERS)
         object.__setattr__(self, "options", full)
 
 
@@ -608,9 +648,21 @@ def from_resolved(d: dict) -> Config:
     return from_dict(d, name=name)
 
 
+# The task a table is read for, by model (a table's labels are mapped for classification).
+MODEL_TASKS = {"mlp_classifier": "classification", "mlp_regressor": "regression"}
+
+
 def resolve(cfg: Config) -> Config:
-    """Check what spans sections; return `cfg` (it is already in canonical form)."""
+    """Check what spans sections; return `cfg` in canonical form (a table's task filled
+    in from the model)."""
     model = cfg.model.name
+    if cfg.data.name == "table" and model in MODEL_TASKS:
+        task = MODEL_TASKS[model]
+        if cfg.data.options["task"] not in ("", task):
+            _fail("data.task", f'{task!r} (or "") for model {model!r}', cfg.data.options["task"])
+        if not cfg.data.options["task"]:
+            options = dict(cfg.data.options, task=task)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, options=options))
     if cfg.data.name not in MODEL_DATASETS[model]:
         _fail(
             "data.name",
@@ -771,9 +823,23 @@ def load_config(source: str | Path | None = None, overrides: list[str] = ()) -> 
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    for text in overrides:
-        _apply_override(raw, *parse_override(text))
+    parsed = [parse_override(text) for text in overrides]
+    _keep_data_options_of(raw, parsed)
+    for parts, value in parsed:
+        _apply_override(raw, parts, value)
     return from_dict(raw, name=name)
+
+
+def _keep_data_options_of(raw: dict, parsed: list) -> None:
+    """`--set data.name=X` over a file naming another dataset keeps only the file's [data]
+    keys that X accepts: `mlp_classifier --set data.name=table` drops digits' n_train."""
+    new = [v for parts, v in parsed if parts == ["data", "name"]]
+    data = raw.get("data")
+    if not new or not isinstance(data, dict) or data.get("name") == new[-1]:
+        return
+    accepted = set(DATASET_OPTIONS.get(new[-1], ())) | {"name", "seed", "cache_dir"}
+    for key in [k for k in data if k not in accepted]:
+        del data[key]
 
 
 def _canonical(obj: Any) -> bytes:

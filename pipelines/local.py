@@ -23,6 +23,7 @@ from cykernels import gemm
 from . import core
 from .config import Config
 from .core import ResumePoint, RunInputs, TrainingFailed, prepare_run, rank_batches, step_seed
+from .data import data_record
 from .step import LocalCollective, RankStep
 from .store import checkpoint as ckpt_mod
 from .store.rundir import RunDir, params_sha256
@@ -122,6 +123,7 @@ def run_local(
     inputs = prepare_run(cfg, resume=resume, hooks=hooks)
     rundir = RunDir(run_dir)
     rundir.write_config(cfg, inputs.identity.config_hash, inputs.identity.resume_hash)
+    rundir.write_data(data_record(inputs.train))
     run = _LocalRun(cfg, inputs, rundir, out)
     try:
         if inputs.resume is not None:

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-__all__ = ["EarlyStopping", "MetricAccumulator", "evaluate", "is_better"]
+__all__ = ["EarlyStopping", "MetricAccumulator", "evaluate", "is_better", "model_kind"]
 
 _KIND = {
     "mlp_classifier": "classifier",
@@ -28,11 +28,26 @@ _KIND = {
 }
 
 
+KINDS = ("classifier", "language", "regression", "triplet")
+
+
+def model_kind(model) -> str:
+    """The metric family of a model: its `kind` attribute (a model from a file says
+    which it is), else the kind of its registered name."""
+    kind = getattr(model, "kind", None) or _KIND.get(model.name)
+    if kind not in KINDS:
+        raise ValueError(
+            f"model {model.name!r}: expected a kind of {', '.join(KINDS)}, got {kind!r}"
+        )
+    return kind
+
+
 class MetricAccumulator:
     """Sums over eval batches for one model kind; `result()` gives every metric."""
 
     def __init__(self, model_name: str, n_classes: int = 0):
-        self.kind = _KIND[model_name]
+        """`model_name`: a registered model's name or a kind (KINDS)."""
+        self.kind = model_name if model_name in KINDS else _KIND[model_name]
         self.loss_sum = 0.0
         self.count = 0
         self.confusion = np.zeros((n_classes, n_classes), np.int64) if n_classes else None
@@ -106,7 +121,7 @@ def evaluate(
 
     Walks `dataset.eval_indices()` in order (non-overlapping windows for the corpus).
     """
-    acc = MetricAccumulator(model.name, dataset.meta.get("n_classes", 0))
+    acc = MetricAccumulator(model_kind(model), dataset.meta.get("n_classes", 0))
     idx = dataset.eval_indices()
     starts = range(0, idx.size, batch_size)
     if max_batches:

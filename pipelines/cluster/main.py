@@ -28,6 +28,7 @@ import actors
 from .. import core
 from ..config import Config
 from ..core import RunIdentity, TrainingFailed, prepare_run
+from ..data import data_record
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import Progress, RunDir, write_json_atomic
 from .chaos import expand
@@ -60,6 +61,7 @@ def run_cluster(
     identity = inputs.identity
     rundir = RunDir(run_dir)
     rundir.write_config(cfg, identity.config_hash, identity.resume_hash)
+    rundir.write_data(data_record(inputs.train))
     progress = core.progress_for(cfg, out)
     specs = list(cfg.hooks.specs) + list(hooks)
     analyzers = any(h.kind == "analyzer" for h in inputs.hooks)

@@ -2,16 +2,21 @@
 
 No network at run time: the character corpus ships as corpus.txt.gz (made once by
 scripts/make_corpus.py from standard-library docstrings); digits, regression targets and
-triplets are generated deterministically from `data.seed`.
+triplets are generated deterministically from `data.seed`. The user's own files come in
+as `table` (CSV/TSV, .npy, .npz, .safetensors: see _table) and `text` (UTF-8 files:
+see _text); their sizes (features, classes, vocabulary) are in `dataset.meta`, which the
+model builder reads, and what went in (files with size and SHA-256, classes, vocabulary,
+standardisation) is the run's data.json (`data_record`).
 
     ds = load_dataset(cfg.data, "train")          # or "eval" (held out)
     batch = batch_for(ds, seed, epoch, step, rank, world, batch_size)
 
 A batch is a dict of numpy arrays whose keys are the model's (BATCH_KEYS):
 
-    corpus          x (B, T) int64, y (B, T) int64 (the next characters: x shifted by one)
+    corpus, text    x (B, T) int64, y (B, T) int64 (the next tokens: x shifted by one)
     digits          x (B, 784) float32 in [0, 1], y (B,) int64 class
     friedman        x (B, F) float32 in [0, 1], y (B, 1) float32 standardised target
+    table           x (B, F) float32, y (B,) int64 class or (B, 1) float32 value
     digit_triplets  anchor, positive, negative (B, 784) float32
 
 `batch_for` is pure: the same arguments give the same batch, on any machine, in any
@@ -31,14 +36,23 @@ from pathlib import Path
 import numpy as np
 
 from ._digits import make_triplets, render_digits
+from ._files import DataError, file_identity, resolve_paths
 from ._sampling import batch_indices, position, steps_per_epoch
+from ._table import load_table
+from ._text import chars_decode, chars_encode, load_text
 
 __all__ = [
     "with_default_cache",
     "VOCAB",
+    "DataError",
     "Dataset",
     "batch_for",
     "batch_indices",
+    "chars_decode",
+    "chars_encode",
+    "data_record",
+    "file_identity",
+    "resolve_paths",
     "decode",
     "encode",
     "load_corpus_text",
@@ -243,6 +257,10 @@ def load_dataset(data_cfg, split: str = "train") -> Dataset:
     """
     if split not in _SPLITS:
         raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
+    if data_cfg.name == "table":
+        return load_table(data_cfg, split)
+    if data_cfg.name == "text":
+        return load_text(data_cfg, split)
     name, seed, opts = data_cfg.name, data_cfg.seed, dict(data_cfg.options)
     if not data_cfg.cache_dir:
         return _wrap(name, split, *_build_arrays(name, seed, split, opts))
@@ -253,6 +271,12 @@ def load_dataset(data_cfg, split: str = "train") -> Dataset:
     meta = json.loads((root / "meta.json").read_text())
     arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(root.glob("*.npy"))}
     return _wrap(name, split, arrays, meta)
+
+
+def data_record(dataset) -> dict:
+    """What a run records of its data (data.json): the dataset's name and meta -- for
+    file sources the files with size and SHA-256, classes, vocabulary, statistics."""
+    return {"name": dataset.name, "meta": dict(dataset.meta)}
 
 
 def batch_for(

@@ -2,6 +2,9 @@
 
     <run dir>/
       config.json       the resolved config, its config_hash and resume_hash
+      data.json         the data's record: dataset name and meta (for the user's files:
+                        each file's path, size and SHA-256; classes, vocabulary,
+                        standardisation -- what predict, generate and eval read back)
       metrics.jsonl     one JSON object per optimizer step: step (1-based count of steps
                         done), loss, lr, grad_norm, samples_per_s, skipped (this step was
                         skipped for a non-finite gradient), plus eval results when evaluated
@@ -84,6 +87,9 @@ class RunDir:
             self.path / "config.json",
             {"config": cfg.to_dict(), "config_hash": config_hash, "resume_hash": resume_hash},
         )
+
+    def write_data(self, record: dict) -> None:
+        write_json_atomic(self.path / "data.json", record)
 
     def log_step(self, record: dict) -> None:
         self._metrics.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")

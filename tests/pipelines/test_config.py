@@ -78,7 +78,7 @@ def test_a_dataset_that_does_not_feed_the_model_is_rejected():
     with pytest.raises(
         ConfigError,
         match=r"^data.name: expected a dataset for model "
-        r"'mlp_classifier': digits, got \"friedman\"$",
+        r"'mlp_classifier': digits, table, got \"friedman\"$",
     ):
         from_dict({"model": {"name": "mlp_classifier"}, "data": {"name": "friedman"}})
 

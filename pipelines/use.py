@@ -1,0 +1,461 @@
+"""Using what was trained -- generate, predict, eval -- and checking data before a run.
+
+    zerotrain generate RUN_DIR [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K]
+                       [--seed S]
+    zerotrain predict RUN_DIR INPUT [--out FILE.csv|FILE.jsonl]
+    zerotrain eval RUN_DIR [--data PATH]
+
+A run directory holds what these need: config.json (the model), weights.safetensors (its
+final weights) and data.json (the tokenizer and vocabulary, the classes, the feature
+names and standardisation the model was trained with), so a prediction reads its input
+exactly as training read its data.
+
+`check_data` runs before any rank starts: a file dataset is read, checked and prepared
+once (the ranks then map the prepared arrays), and a `--resume` whose data files changed
+since the run is refused, naming the file, unless the change is allowed.
+
+Every mistake is a `UsageError` of one line (the CLI prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .config import FILE_DATASETS, Config, from_resolved
+from .data import DataError, file_identity
+
+__all__ = ["COMMANDS", "Trained", "UsageError", "add_commands", "check_data", "load_run"]
+
+
+class UsageError(ValueError):
+    """Bad input to a command; `str(err)` is one line fit to print as it is."""
+
+
+# ---------------------------------------------------------------------------------------
+# Before a run: the data is usable, and unchanged when resuming
+# ---------------------------------------------------------------------------------------
+
+
+def check_data(cfg: Config, *, resume: Path | None = None, allow_change: bool = False) -> None:
+    """Read, check and prepare a file dataset's splits (built-in datasets pass); DataError
+    (one line, naming the file) for anything a run would have to guess about.
+
+    With `resume`, the files recorded in that run's data.json must be unchanged (size and
+    SHA-256) unless `allow_change`.
+    """
+    if cfg.data.name not in FILE_DATASETS:
+        return
+    from .data import load_dataset, with_default_cache
+
+    data_cfg = with_default_cache(cfg.data)
+    train = load_dataset(data_cfg, "train")
+    load_dataset(data_cfg, "eval")
+    if resume is not None and not allow_change:
+        _check_unchanged(resume, train.meta.get("files", []))
+
+
+def _check_unchanged(resume: Path, current: list[dict]) -> None:
+    record = None
+    for where in (resume, resume.parent):
+        if (where / "data.json").is_file():
+            record = json.loads((where / "data.json").read_text())
+            break
+    if record is None:
+        return  # a run from before data was recorded: nothing to compare
+    before = record.get("meta", {}).get("files", [])
+    now = {f["path"]: f for f in current}
+    for old in before:
+        path = old["path"]
+        if path not in now:
+            raise DataError(
+                f"--resume: data file {path} of the run is no longer among data.path's "
+                "files (pass --allow-data-change to resume anyway)"
+            )
+        new = file_identity(Path(path))
+        if (new["size"], new["sha256"]) != (old["size"], old["sha256"]):
+            raise DataError(
+                f"--resume: data file {path} changed since the run (size {old['size']} -> "
+                f"{new['size']}, sha256 {old['sha256'][:12]} -> {new['sha256'][:12]}); pass "
+                "--allow-data-change to resume anyway"
+            )
+    added = sorted(set(now) - {f["path"] for f in before})
+    if added:
+        raise DataError(
+            f"--resume: data file {added[0]} was not among the run's files (pass "
+            "--allow-data-change to resume anyway)"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# A trained run
+# ---------------------------------------------------------------------------------------
+
+
+class Trained:
+    """A finished run's config, data record and model with its final weights."""
+
+    def __init__(self, run_dir: Path, cfg: Config, meta: dict, model):
+        self.run_dir, self.cfg, self.meta, self.model = run_dir, cfg, meta, model
+
+
+def load_run(run_dir: str | Path) -> Trained:
+    from .core import TrainingFailed, build_model_for
+    from .store.checkpoint import read_safetensors_file
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"{run_dir}: not a run directory (no config.json)")
+    weights = run_dir / "weights.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"{run_dir}: no weights.safetensors (the run did not finish)")
+    cfg = from_resolved(json.loads((run_dir / "config.json").read_text())["config"])
+    if (run_dir / "data.json").is_file():
+        meta = json.loads((run_dir / "data.json").read_text())["meta"]
+    else:  # a built-in dataset: its meta is a function of the config
+        from .data import load_dataset, with_default_cache
+
+        meta = load_dataset(with_default_cache(cfg.data), "train").meta
+    try:
+        model = build_model_for(cfg, meta)
+    except TrainingFailed as err:
+        raise UsageError(f"{run_dir}: {err}") from None
+    tensors, _ = read_safetensors_file(weights)
+    try:
+        model.load_state_dict({k: v.astype(model.dtype) for k, v in tensors.items()})
+    except ValueError as err:
+        raise UsageError(f"{weights}: {err}") from None
+    return Trained(run_dir, cfg, meta, model)
+
+
+def _kind(trained: Trained) -> str:
+    from .metrics import model_kind
+
+    return model_kind(trained.model)
+
+
+# ---------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------
+
+
+def _tokenizer(meta: dict):
+    """(encode str -> ids, decode ids -> str) of a language run's data."""
+    tok = meta.get("tokenizer")
+    if tok == "bytes":
+        return (
+            lambda s: np.frombuffer(s.encode("utf-8"), np.uint8).astype(np.int64),
+            lambda ids: bytes(int(i) for i in ids).decode("utf-8", errors="replace"),
+        )
+    if tok == "chars":
+        from .data import chars_decode, chars_encode
+
+        vocab = meta["vocab"]
+        return (lambda s: chars_encode(s, vocab, "--prompt"), lambda ids: chars_decode(ids, vocab))
+    from .data import decode, encode
+
+    def enc(s):
+        try:
+            return encode(s)
+        except ValueError as err:
+            raise UsageError(f"--prompt: {err}") from None
+
+    return enc, decode
+
+
+def generate(
+    trained: Trained,
+    prompt: str = "",
+    tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> str:
+    """`tokens` tokens sampled after `prompt` (the prompt included in the result).
+
+    Deterministic for a seed: token i is drawn with the i-th uniform of
+    default_rng(seed), from softmax(logits / temperature) over the top_k most likely
+    (0 = all); temperature 0 takes the most likely token.
+    """
+    if _kind(trained) != "language":
+        raise UsageError(
+            f"generate: {trained.run_dir} trained {trained.cfg.model.name!r}, not a language "
+            "model (char_transformer)"
+        )
+    model, meta = trained.model, trained.meta
+    encode, decode = _tokenizer(meta)
+    try:
+        ids = list(encode(prompt)) if prompt else []
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    if not ids:  # start from a newline when the vocabulary has one
+        start = encode("\n") if meta.get("tokenizer") != "chars" or "\n" in meta["vocab"] else [0]
+        ids = [int(start[0])]
+        prompt_len = 0
+    else:
+        prompt_len = len(ids)
+    rng = np.random.default_rng(seed)
+    seq_len = model.seq_len
+    for _ in range(tokens):
+        ctx = np.asarray(ids[-seq_len:], np.int64)[None, :]
+        logits = model.forward({"x": ctx})["logits"][0, -1].astype(np.float64)
+        u = rng.random()
+        if temperature == 0:
+            ids.append(int(np.argmax(logits)))
+            continue
+        if top_k and top_k < logits.size:
+            cut = np.partition(logits, -top_k)[-top_k]
+            logits = np.where(logits >= cut, logits, -np.inf)
+        p = np.exp((logits - logits.max()) / temperature)
+        cdf = np.cumsum(p / p.sum())
+        ids.append(int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), logits.size - 1)))
+    out = ids if prompt_len else ids[1:]
+    return decode(out)
+
+
+# ---------------------------------------------------------------------------------------
+# predict
+# ---------------------------------------------------------------------------------------
+
+
+def _table_input(trained: Trained, path: Path) -> np.ndarray:
+    """The feature matrix of a table in the training format (float32, standardised)."""
+    from .data._table import _check_finite, read_features
+
+    meta = trained.meta
+    if path.suffix.lower() == ".npy":
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        if arr.ndim == 2 and arr.shape[1] == meta["n_features"]:
+            x = arr  # features only
+        else:
+            x = read_features(path, meta["columns"], meta["target"], False)[0]
+    else:
+        x = read_features(path, meta["columns"], meta["target"], False)[0]
+    if int(np.prod(x.shape[1:])) != meta["n_features"]:
+        raise DataError(
+            f"{path}: {int(np.prod(x.shape[1:]))} features per row, the model takes "
+            f"{meta['n_features']}"
+        )
+    _check_finite(path, x)
+    x = np.asarray(x[:], np.float32).reshape(x.shape[0], -1)
+    std = meta.get("standardize")
+    if std:
+        x = (x - np.asarray(std["mean"], np.float32)) / np.asarray(std["std"], np.float32)
+    return x
+
+
+def predict(trained: Trained, path: Path, batch_size: int = 1024) -> list[dict]:
+    """One record per input row: {"row", "label", "probabilities": {class: p}} for a
+    classifier, {"row", "value"} for a regressor."""
+    kind = _kind(trained)
+    if kind not in ("classifier", "regression"):
+        raise UsageError(
+            f"predict: {trained.run_dir} trained {trained.cfg.model.name!r}; predict takes a "
+            "classifier or regressor run (a language model: use generate)"
+        )
+    x = _table_input(trained, path)
+    classes = trained.meta.get("classes") or list(range(trained.meta.get("n_classes", 0)))
+    records = []
+    for lo in range(0, x.shape[0], batch_size):
+        out = trained.model.forward({"x": x[lo : lo + batch_size]})
+        if kind == "classifier":
+            z = out["logits"].astype(np.float64)
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            for i, row in enumerate(p):
+                records.append(
+                    {
+                        "row": lo + i,
+                        "label": classes[int(np.argmax(row))],
+                        "probabilities": {
+                            str(c): float(v) for c, v in zip(classes, row, strict=True)
+                        },
+                    }
+                )
+        else:
+            for i, v in enumerate(out["predictions"].reshape(len(out["predictions"]), -1)):
+                records.append({"row": lo + i, "value": float(v[0])})
+    return records
+
+
+def write_predictions(records: list[dict], out, fmt: str) -> None:
+    if fmt == "jsonl":
+        for r in records:
+            out.write(json.dumps(r) + "\n")
+        return
+    w = csv.writer(out)
+    if records and "probabilities" in records[0]:
+        classes = list(records[0]["probabilities"])
+        w.writerow(["row", "label", *(f"p_{c}" for c in classes)])
+        for r in records:
+            w.writerow([r["row"], r["label"], *(f"{r['probabilities'][c]:.6g}" for c in classes)])
+    else:
+        w.writerow(["row", "value"])
+        for r in records:
+            w.writerow([r["row"], f"{r['value']:.8g}"])
+
+
+# ---------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------
+
+
+def eval_dataset(trained: Trained, path: Path | None):
+    """The data `eval` scores: the run's own held-out split, or the file at `path` read
+    with the run's tokenizer / columns, classes and standardisation."""
+    from .data import load_dataset, with_default_cache
+
+    cfg, meta = trained.cfg, trained.meta
+    if path is None:
+        return load_dataset(with_default_cache(cfg.data), cfg.eval.split)
+    kind = _kind(trained)
+    if kind == "language":
+        from .data._text import TextWindows, _check_utf8, _encode_files, map_bytes
+
+        _check_utf8(path)
+        tok = meta.get("tokenizer")
+        if tok == "chars":
+            tokens = _encode_files([path], meta["vocab"], np.uint32)
+        elif tok == "bytes":
+            tokens = map_bytes(path)
+        else:
+            from .data import encode
+
+            try:
+                tokens = encode(path.read_text(encoding="utf-8"))
+            except ValueError as err:
+                raise DataError(f"{path}: {err}") from None
+        seq_len = trained.model.seq_len
+        if len(tokens) <= seq_len:
+            raise DataError(f"{path}: {len(tokens)} tokens; a sample needs {seq_len + 1}")
+        return TextWindows("eval", tokens, seq_len, meta)
+    if kind in ("classifier", "regression") and "columns" in meta:
+        from .data._table import TableDataset, _class_ids, _regression_target, read_features
+
+        x, raw, _, target = read_features(path, meta["columns"], meta["target"], True)
+        if meta["task"] == "classification":
+            y = _class_ids(path, raw, target, meta["classes"])
+        else:
+            y = _regression_target(path, raw, target)
+        return TableDataset("eval", x, np.asarray(y), np.arange(x.shape[0]), meta)
+    raise UsageError(
+        f"eval --data: {trained.run_dir} trained on the built-in {cfg.data.name!r} data; "
+        "--data takes a run trained on a table or text"
+    )
+
+
+def evaluate_run(trained: Trained, path: Path | None) -> dict:
+    from .config import loss_spec
+    from .metrics import evaluate
+
+    ds = eval_dataset(trained, path)
+    cfg = trained.cfg
+    return evaluate(
+        trained.model,
+        ds,
+        metrics=cfg.eval.metrics,
+        batch_size=cfg.eval.batch_size,
+        loss_fn=loss_spec(cfg.loss),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The commands
+# ---------------------------------------------------------------------------------------
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise _arg_error(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise _arg_error(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _arg_error(msg):
+    import argparse
+
+    return argparse.ArgumentTypeError(msg)
+
+
+def add_commands(sub) -> None:
+    """Add generate, predict and eval to the CLI's subparsers."""
+    g = sub.add_parser("generate", help="sample text from a trained language model")
+    g.add_argument("run_dir", help="a finished run of a character LM")
+    g.add_argument("--prompt", default="", help="text to continue (default: a new line)")
+    g.add_argument("--tokens", type=_nonneg_int, default=200, help="tokens to sample")
+    g.add_argument("--temperature", type=_nonneg_float, default=1.0, help="0 = most likely")
+    g.add_argument("--top-k", type=_nonneg_int, default=0, help="sample among the k likeliest")
+    g.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed")
+    p = sub.add_parser("predict", help="labels or values for a table, from a trained model")
+    p.add_argument("run_dir", help="a finished classifier or regressor run")
+    p.add_argument("input", help="a table in the training format (CSV/TSV, .npy, ...)")
+    p.add_argument("--out", help="FILE.csv or FILE.jsonl (default: CSV on stdout)")
+    e = sub.add_parser("eval", help="the configured metrics of a trained run on a data set")
+    e.add_argument("run_dir", help="a finished run")
+    e.add_argument("--data", help="a file in the training format (default: the run's eval)")
+
+
+def _cmd_generate(args, out) -> int:
+    text = generate(
+        load_run(args.run_dir),
+        args.prompt,
+        args.tokens,
+        args.temperature,
+        args.top_k,
+        args.seed,
+    )
+    out.write(text + ("" if text.endswith("\n") else "\n"))
+    return 0
+
+
+def _cmd_predict(args, out) -> int:
+    trained = load_run(args.run_dir)
+    path = Path(args.input)
+    if not path.is_file():
+        raise UsageError(f"zerotrain predict: no such file {args.input!r}")
+    records = predict(trained, path)
+    if args.out:
+        target = Path(args.out)
+        fmt = {".csv": "csv", ".jsonl": "jsonl"}.get(target.suffix.lower())
+        if fmt is None:
+            raise UsageError(
+                f"zerotrain predict --out: expected a .csv or .jsonl file, got {args.out!r}"
+            )
+        with open(target, "w", newline="") as f:
+            write_predictions(records, f, fmt)
+        print(f"wrote {len(records)} predictions to {target}", file=sys.stderr)
+    else:
+        write_predictions(records, out, "csv")
+    return 0
+
+
+def _cmd_eval(args, out) -> int:
+    trained = load_run(args.run_dir)
+    path = None
+    if args.data:
+        path = Path(args.data)
+        if not path.is_file():
+            raise UsageError(f"zerotrain eval --data: no such file {args.data!r}")
+    out.write(json.dumps(evaluate_run(trained, path), sort_keys=True) + "\n")
+    return 0
+
+
+COMMANDS = {"generate": _cmd_generate, "predict": _cmd_predict, "eval": _cmd_eval}
