@@ -168,6 +168,29 @@ def _tokenizer(meta: dict):
     return enc, decode
 
 
+def sample(model, ids: list[int], tokens: int, temperature=1.0, top_k=0, seed=0) -> list[int]:
+    """`ids` followed by `tokens` sampled ids: token i is drawn with the i-th uniform of
+    default_rng(seed) from softmax(logits / temperature) over the top_k likeliest (0 =
+    all), the logits of the last model.seq_len ids; temperature 0 takes the likeliest."""
+    ids = list(ids)
+    rng = np.random.default_rng(seed)
+    seq_len = model.seq_len
+    for _ in range(tokens):
+        ctx = np.asarray(ids[-seq_len:], np.int64)[None, :]
+        logits = model.forward({"x": ctx})["logits"][0, -1].astype(np.float64)
+        u = rng.random()
+        if temperature == 0:
+            ids.append(int(np.argmax(logits)))
+            continue
+        if top_k and top_k < logits.size:
+            cut = np.partition(logits, -top_k)[-top_k]
+            logits = np.where(logits >= cut, logits, -np.inf)
+        p = np.exp((logits - logits.max()) / temperature)
+        cdf = np.cumsum(p / p.sum())
+        ids.append(int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), logits.size - 1)))
+    return ids
+
+
 def generate(
     trained: Trained,
     prompt: str = "",
@@ -178,9 +201,7 @@ def generate(
 ) -> str:
     """`tokens` tokens sampled after `prompt` (the prompt included in the result).
 
-    Deterministic for a seed: token i is drawn with the i-th uniform of
-    default_rng(seed), from softmax(logits / temperature) over the top_k most likely
-    (0 = all); temperature 0 takes the most likely token.
+    Deterministic for a seed (see `sample`).
     """
     if _kind(trained) != "language":
         raise UsageError(
@@ -199,21 +220,7 @@ def generate(
         prompt_len = 0
     else:
         prompt_len = len(ids)
-    rng = np.random.default_rng(seed)
-    seq_len = model.seq_len
-    for _ in range(tokens):
-        ctx = np.asarray(ids[-seq_len:], np.int64)[None, :]
-        logits = model.forward({"x": ctx})["logits"][0, -1].astype(np.float64)
-        u = rng.random()
-        if temperature == 0:
-            ids.append(int(np.argmax(logits)))
-            continue
-        if top_k and top_k < logits.size:
-            cut = np.partition(logits, -top_k)[-top_k]
-            logits = np.where(logits >= cut, logits, -np.inf)
-        p = np.exp((logits - logits.max()) / temperature)
-        cdf = np.cumsum(p / p.sum())
-        ids.append(int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), logits.size - 1)))
+    ids = sample(model, ids, tokens, temperature, top_k, seed)
     out = ids if prompt_len else ids[1:]
     return decode(out)
 
