@@ -76,6 +76,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("ddp", "zero1", "zero2"), help="data-parallel mode")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps")
     p.add_argument("--seed", type=_nonneg_int, help="run seed")
+    p.add_argument(
+        "--model",
+        metavar="PATH.py:NAME",
+        help="a model from a file (model.name = file:PATH.py:NAME)",
+    )
     p.add_argument("--run-dir", help="output directory (default runs/<pipeline>-<time>)")
     p.add_argument(
         "--set",
@@ -164,6 +169,8 @@ def _resolve(args):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
+    if args.model is not None:
+        overrides.append(f"model.name={json.dumps('file:' + args.model)}")
     return load_config(args.config, overrides)
 
 

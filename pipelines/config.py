@@ -160,6 +160,11 @@ class ModelConfig:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.name, str) and self.name.startswith("file:"):
+            path, _, obj = self.name[5:].rpartition(":")
+            if not path.endswith(".py") or not obj.isidentifier():
+                _fail("model.name", '"file:PATH.py:NAME" for a model from a file', self.name)
+            return
         _check_choice("model.name", self.name, MODEL_NAMES)
 
 
@@ -650,6 +655,38 @@ def from_resolved(d: dict) -> Config:
 
 # The task a table is read for, by model (a table's labels are mapped for classification).
 MODEL_TASKS = {"mlp_classifier": "classification", "mlp_regressor": "regression"}
+# A model from a file is scored as its data says: the built-in model of that kind.
+_KIND_MODEL = {
+    "corpus": "char_transformer",
+    "text": "char_transformer",
+    "digits": "mlp_classifier",
+    "friedman": "mlp_regressor",
+    "digit_triplets": "triplet_embedder",
+}
+
+
+def data_kind(data: DataConfig) -> str:
+    """The metric family the data implies: classifier, language, regression, triplet."""
+    if data.name == "table":
+        return "classifier" if data.options["task"] == "classification" else "regression"
+    return {
+        "char_transformer": "language",
+        "mlp_classifier": "classifier",
+        "mlp_regressor": "regression",
+        "triplet_embedder": "triplet",
+    }[_KIND_MODEL[data.name]]
+
+
+def _metrics_model(cfg: Config) -> str:
+    """The registered model whose metrics apply (a file model: its data's kind's)."""
+    if not cfg.model.name.startswith("file:"):
+        return cfg.model.name
+    if cfg.data.name == "table":
+        return MODEL_TASKS_BY_TASK[cfg.data.options["task"]]
+    return _KIND_MODEL[cfg.data.name]
+
+
+MODEL_TASKS_BY_TASK = {"classification": "mlp_classifier", "regression": "mlp_regressor"}
 
 
 def resolve(cfg: Config) -> Config:
@@ -663,7 +700,11 @@ def resolve(cfg: Config) -> Config:
         if not cfg.data.options["task"]:
             options = dict(cfg.data.options, task=task)
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, options=options))
-    if cfg.data.name not in MODEL_DATASETS[model]:
+    if model.startswith("file:"):
+        if cfg.data.name == "table" and not cfg.data.options["task"]:
+            _fail("data.task", "classification or regression for a model from a file", "")
+        model = _metrics_model(cfg)
+    if not cfg.model.name.startswith("file:") and cfg.data.name not in MODEL_DATASETS[model]:
         _fail(
             "data.name",
             f"a dataset for model {model!r}: " + ", ".join(MODEL_DATASETS[model]),
@@ -696,7 +737,8 @@ def resolve(cfg: Config) -> Config:
             f"at most schedule.total_steps = {cfg.schedule.total_steps}",
             cfg.schedule.warmup_steps,
         )
-    _check_builder_kwargs("model", cfg.model.options, _model_builder(model), model)
+    if not cfg.model.name.startswith("file:"):  # a file's builder is checked when built
+        _check_builder_kwargs("model", cfg.model.options, _model_builder(model), model)
     if cfg.loss.name:
         _check_loss(cfg.loss)
     return cfg

@@ -90,6 +90,8 @@ def build_model_for(cfg: Config, meta: dict):
 
     opts = dict(cfg.model.options)
     name = cfg.model.name
+    if name.startswith("file:"):
+        return _build_file_model(cfg, meta)
     if name == "char_transformer":
         opts.setdefault("vocab", meta["vocab_size"])
         opts.setdefault("seq_len", meta["seq_len"])
@@ -103,6 +105,30 @@ def build_model_for(cfg: Config, meta: dict):
         return build_model(name, **opts)
     except (TypeError, ValueError) as err:
         raise TrainingFailed(f"model: {str(err).splitlines()[0]}") from None
+
+
+def _build_file_model(cfg: Config, meta: dict):
+    """A model from the user's file: offered the data's sizes and the seed; scored as
+    its data's kind (config.data_kind)."""
+    from pipelines.model import ModelFileError, build_file_model
+
+    from .config import data_kind
+
+    offered = {"seed": cfg.train.seed}
+    for key, field in (
+        ("in_dim", "n_features"),
+        ("n_classes", "n_classes"),
+        ("vocab", "vocab_size"),
+        ("seq_len", "seq_len"),
+    ):
+        if field in meta:
+            offered[key] = meta[field]
+    try:
+        model = build_file_model(cfg.model.name, dict(cfg.model.options), offered)
+    except ModelFileError as err:
+        raise TrainingFailed(str(err)) from None
+    model.kind = data_kind(cfg.data)
+    return model
 
 
 def rank_batches(dataset, cfg: Config, step: int, rank: int, world: int) -> list[dict]:

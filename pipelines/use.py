@@ -4,6 +4,7 @@
                        [--seed S]
     zerotrain predict RUN_DIR INPUT [--out FILE.csv|FILE.jsonl]
     zerotrain eval RUN_DIR [--data PATH]
+    zerotrain check-model PATH.py:NAME [--batch B] [--set KEY=VALUE ...]
 
 A run directory holds what these need: config.json (the model), weights.safetensors (its
 final weights) and data.json (the tokenizer and vocabulary, the classes, the feature
@@ -49,15 +50,37 @@ def check_data(cfg: Config, *, resume: Path | None = None, allow_change: bool = 
     With `resume`, the files recorded in that run's data.json must be unchanged (size and
     SHA-256) unless `allow_change`.
     """
-    if cfg.data.name not in FILE_DATASETS:
+    file_model = cfg.model.name.startswith("file:")
+    if cfg.data.name not in FILE_DATASETS and not file_model:
         return
     from .data import load_dataset, with_default_cache
 
     data_cfg = with_default_cache(cfg.data)
     train = load_dataset(data_cfg, "train")
     load_dataset(data_cfg, "eval")
-    if resume is not None and not allow_change:
+    if resume is not None and not allow_change and cfg.data.name in FILE_DATASETS:
         _check_unchanged(resume, train.meta.get("files", []))
+    if file_model:
+        _check_file_model(cfg, train)
+
+
+def _check_file_model(cfg: Config, train) -> None:
+    """The file model builds and takes two samples of the data (UsageError otherwise)."""
+    from .core import TrainingFailed, build_model_for
+
+    try:
+        model = build_model_for(cfg, train.meta)
+    except TrainingFailed as err:
+        raise UsageError(str(err)) from None
+    batch = train.take(np.arange(2))
+    try:
+        model.compute_gradients(batch)
+    except (KeyError, ValueError, TypeError, IndexError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UsageError(
+            f"{cfg.model.name[5:]}: does not take the data's batch (keys "
+            f"{', '.join(sorted(batch))}): {type(err).__name__}: {msg}"
+        ) from None
 
 
 def _check_unchanged(resume: Path, current: list[dict]) -> None:
@@ -372,6 +395,84 @@ def evaluate_run(trained: Trained, path: Path | None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# check-model
+# ---------------------------------------------------------------------------------------
+
+# Sizes offered to a model under check (it takes those it accepts; --set overrides).
+_CHECK_SIZES = {"in_dim": 6, "n_classes": 3, "vocab": 11, "seq_len": 8}
+
+
+def _example_batch(model, rng, b: int) -> dict:
+    """A batch the model takes: its own example_batch(rng, b) when it has one, else
+    tokens (a `vocab`) or features (an `in_dim`) with the first targets it accepts."""
+    if hasattr(model, "example_batch"):
+        return model.example_batch(rng, b)
+    if hasattr(model, "vocab"):
+        t = min(getattr(model, "seq_len", 8), 8)
+        return {
+            "x": rng.integers(0, model.vocab, (b, t)),
+            "y": rng.integers(0, model.vocab, (b, t)),
+        }
+    if hasattr(model, "in_dim"):
+        x = rng.normal(size=(b, model.in_dim))
+        out = getattr(model, "out_dim", 1)
+        for y in (rng.integers(0, 2, b), rng.normal(size=(b, out))):
+            try:
+                model.evaluate({"x": x, "y": y}, lambda o, bt, g=None, s=1.0: 0.0)
+                return {"x": x, "y": y}
+            except (ValueError, KeyError, IndexError):
+                continue
+    raise UsageError(
+        f"check-model: cannot make a batch for {model.name}; give it a method "
+        "example_batch(rng, batch_size) returning one"
+    )
+
+
+def check_model(spec: str, batch: int = 4, options: dict | None = None, per_tensor=5):
+    """[(parameter name, worst relative error, passed)] of a central-difference check of
+    the model's backward (float64, numpy backend, pipelines.model.testing's probe loss)."""
+    from .model import ModelFileError, build_file_model
+    from .model.testing import _close, probe_loss
+
+    offered = {**_CHECK_SIZES, "seed": 0, "backend": "numpy", "dtype": "float64"}
+    try:
+        model = build_file_model(spec, dict(options or {}), offered)
+    except (ModelFileError, ValueError) as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    if model.dtype != np.float64:
+        raise UsageError(
+            f"check-model: {spec} built a {model.dtype.name} model; pass its backend and "
+            "dtype keywords on to _setup so it can be built in float64"
+        )
+    rng = np.random.default_rng(0)
+    data = _example_batch(model, rng, batch)
+    loss = probe_loss()
+    _, grads = model.compute_gradients(data, loss)
+    g, p0 = grads.copy(), model.params.copy()
+    eps, rows = 1e-6, []
+    try:
+        for slot in model.layout:
+            if not slot.trainable:
+                continue
+            size = int(np.prod(slot.shape))
+            worst, ok = 0.0, True
+            for i in rng.choice(size, size=min(per_tensor, size), replace=False):
+                values = []
+                for sign in (1.0, -1.0):
+                    model.params[...] = p0
+                    model.params[slot.offset + i] += sign * eps
+                    values.append(model.compute_gradients(data, loss)[0])
+                numeric, analytic = (values[0] - values[1]) / (2 * eps), g[slot.offset + i]
+                scale = max(abs(numeric), abs(analytic), 1e-12)
+                worst = max(worst, abs(numeric - analytic) / scale)
+                ok &= _close(numeric, analytic)
+            rows.append((slot.name, worst, bool(ok)))
+    finally:
+        model.params[...] = p0
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
 # The commands
 # ---------------------------------------------------------------------------------------
 
@@ -418,6 +519,17 @@ def add_commands(sub) -> None:
     e = sub.add_parser("eval", help="the configured metrics of a trained run on a data set")
     e.add_argument("run_dir", help="a finished run")
     e.add_argument("--data", help="a file in the training format (default: the run's eval)")
+    c = sub.add_parser("check-model", help="finite-difference check of a model file's backward")
+    c.add_argument("spec", metavar="PATH.py:NAME", help="a Model subclass or a function")
+    c.add_argument("--batch", type=_nonneg_int, default=4, help="samples in the check batch")
+    c.add_argument(
+        "--set",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword argument of the model (repeatable; TOML values)",
+    )
 
 
 def _cmd_generate(args, out) -> int:
@@ -465,4 +577,29 @@ def _cmd_eval(args, out) -> int:
     return 0
 
 
-COMMANDS = {"generate": _cmd_generate, "predict": _cmd_predict, "eval": _cmd_eval}
+def _cmd_check_model(args, out) -> int:
+    from .config import ConfigError, parse_override
+
+    options = {}
+    for text in args.options:
+        try:
+            parts, value = parse_override(text)
+        except ConfigError as err:
+            raise UsageError(f"zerotrain check-model: {err}") from None
+        options[".".join(parts)] = value
+    rows = check_model(args.spec, max(args.batch, 1), options)
+    width = max([len(r[0]) for r in rows] + [9])
+    out.write(f"{'parameter':<{width}}  {'worst rel. error':>16}  result\n")
+    for name, worst, ok in rows:
+        out.write(f"{name:<{width}}  {worst:>16.3e}  {'pass' if ok else 'FAIL'}\n")
+    failed = sum(not ok for _, _, ok in rows)
+    out.write(f"{len(rows) - failed} of {len(rows)} parameters pass\n")
+    return 1 if failed else 0
+
+
+COMMANDS = {
+    "generate": _cmd_generate,
+    "predict": _cmd_predict,
+    "eval": _cmd_eval,
+    "check-model": _cmd_check_model,
+}

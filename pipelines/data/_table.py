@@ -282,8 +282,6 @@ def _read_arrays(path: Path, features: list[str], target: str, need_target: bool
                 f"({x.shape[0]},) or ({x.shape[0]}, 1), one value per row of {x_name!r}"
             )
         y = y.reshape(-1)
-    elif need_target:
-        raise DataError(f"{path}: no array {target!r}; arrays: {', '.join(sorted(arrays))}")
     return x, y, [x_name], target
 
 

@@ -13,7 +13,8 @@ update to an optimizer working on a flat shard::
 Models (build_model names; each class docstring lists its config, batch keys, outputs
 and parameter names): mlp_classifier, mlp_regressor, triplet_embedder, char_transformer.
 Losses by name or weighted sums: see pipelines.model.losses. Gradient checks for new
-layers: pipelines.model.testing.
+layers: pipelines.model.testing. A model from the user's file ("PATH.py:NAME"):
+build_file_model (see _file).
 
 Public names live here and only here (tests/pipelines/model/test_api.py checks it);
 the implementation is in the private modules `_module`, `_layers`, `_model`, `_models`,
@@ -21,6 +22,12 @@ plus the public `losses` (the loss registry), `testing` (gradient checks) and `b
 (the training-step benchmark against torch).
 """
 
+from pipelines.model._file import (
+    ModelFileError,
+    build_file_model,
+    load_model_object,
+    parse_model_spec,
+)
 from pipelines.model._kernels import BACKENDS
 from pipelines.model._layers import (
     MLP,
@@ -72,15 +79,19 @@ __all__ = [
     "Model",
     "Module",
     "ModuleList",
+    "ModelFileError",
     "ParamSlot",
     "Parameter",
     "Pass",
     "RMSNorm",
     "SwiGLUMLP",
     "TripletEmbedder",
+    "build_file_model",
     "build_model",
+    "load_model_object",
     "loss_names",
     "model_names",
+    "parse_model_spec",
     "register_loss",
     "register_model",
     "resolve_loss",
