@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, config_hash, loss_spec, resume_fields, resume_hash
-from .data import batch_for, load_dataset, position, with_default_cache
+from .data import RECORD_ONLY, batch_for, load_dataset, position, with_default_cache
 from .metrics import EarlyStopping, evaluate
 from .store import checkpoint as ckpt_mod
 from .store.rundir import Progress
@@ -115,14 +115,14 @@ def _build_file_model(cfg: Config, meta: dict):
     from .config import data_kind
 
     offered = {"seed": cfg.train.seed}
-    for key, field in (
+    for key, size in (
         ("in_dim", "n_features"),
         ("n_classes", "n_classes"),
         ("vocab", "vocab_size"),
         ("seq_len", "seq_len"),
     ):
-        if field in meta:
-            offered[key] = meta[field]
+        if size in meta:
+            offered[key] = meta[size]
     try:
         model = build_file_model(cfg.model.name, dict(cfg.model.options), offered)
     except ModelFileError as err:
@@ -201,7 +201,13 @@ class RunIdentity:
             shapes={slot.name: list(slot.shape) for slot in model.layout},
             optimizer=cfg.optimizer.name,
             optimizer_state=sorted(ShardOptimizer(cfg.optimizer, 0).state),
-            dataset={"name": train.name, "train_samples": len(train), "meta": dict(train.meta)},
+            dataset={
+                "name": train.name,
+                "train_samples": len(train),
+                # the files and what was fitted on them are the data check's to compare
+                # (pipelines.use.check_data, --allow-data-change)
+                "meta": {k: v for k, v in train.meta.items() if k not in RECORD_ONLY},
+            },
             resume_config=resume_fields(cfg),
             config_hash=config_hash(cfg),
             resume_hash=resume_hash(cfg),

@@ -45,6 +45,7 @@ __all__ = [
     "with_default_cache",
     "VOCAB",
     "DataError",
+    "RECORD_ONLY",
     "Dataset",
     "batch_for",
     "batch_indices",
@@ -271,6 +272,12 @@ def load_dataset(data_cfg, split: str = "train") -> Dataset:
     meta = json.loads((root / "meta.json").read_text())
     arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(root.glob("*.npy"))}
     return _wrap(name, split, arrays, meta)
+
+
+# Meta keys a run records but a resume does not compare: the files (size, SHA-256) and
+# the statistics fitted on them; `zerotrain run --resume` compares the files itself and
+# refuses a change unless --allow-data-change (pipelines.use.check_data).
+RECORD_ONLY = ("files", "standardize")
 
 
 def data_record(dataset) -> dict:

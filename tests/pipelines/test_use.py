@@ -166,6 +166,7 @@ def test_resume_with_a_changed_data_file_is_refused_naming_it(tmp_path, capsys):
     base = ["--set", "data.name=table", "--set", f'data.path="{train}"']
     base += ["--set", "model.hidden=[8]", "--set", "train.batch_size=20"]
     base += ["--set", "checkpoint.every=5", "--set", f'data.cache_dir="{tmp_path / "c"}"']
+    base += ["--set", "schedule.total_steps=8", "--set", "schedule.warmup_steps=2"]
     assert cli(capsys, "run", "mlp_classifier", "--steps", 5, "--run-dir", run_dir, *base)[0] == 0
     write_points(train, 200, 1)  # same size and columns, other numbers
     resume = ["run", "mlp_classifier", "--steps", "8", "--resume", str(run_dir), *base]
