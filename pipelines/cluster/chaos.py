@@ -34,9 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-import actors
-
 from ..config import ConfigError
+from .messages import chaos_fired
 
 __all__ = ["ChaosEvent", "RankChaos", "expand", "parse_chaos"]
 
@@ -175,7 +174,7 @@ class RankChaos:
 
     async def _fire(self, ev: dict) -> None:
         with trio.move_on_after(2.0):
-            await actors.call(self.coordinator, ("chaos_fired", ev["id"], os.getpid()), 2.0)
+            await chaos_fired(self.coordinator, ev["id"], os.getpid(), 2.0)
         if ev["kind"] == "hang":
             await trio.sleep_forever()  # the caller's step never ends; the loop runs on
         os.kill(os.getpid(), _SIGNALS[ev["kind"]])

@@ -1,18 +1,24 @@
 """The Coordinator: the control plane of a cluster run, an actor in the `zerotrain` process.
 
-It holds what must outlive any rank: the generation, the metrics log, the early-stopping
-state, the checkpoint manifests (written once every rank's shard file of a step is
-durable) and the fault record of a chaos run. It monitors every rank's Trainer; a Down
-(a killed, crashed or hung-and-killed rank) asks the survivors to regroup. When all N
-ranks have joined it picks the newest step whose state still exists -- each shard in its
-owner's snapshot or, for a replaced rank, in its right neighbour's replica; else the
-newest valid checkpoint on disk; else the seed -- and answers every join with the new
-generation and that step (see pipelines.cluster.rank). A rank that does not rejoin within the
-collective timeout is killed, and so replaced.
+Its own state is the run's membership and recovery: who has joined, which generation
+trains, which ranks are down, who waits at the end (`Recovery` is its state machine). It
+monitors every rank's Trainer; a Down (a killed, crashed or hung-and-killed rank) asks
+the survivors to regroup. When all N ranks have joined it picks the newest step whose
+state still exists -- each shard in its owner's snapshot or, for a replaced rank, in its
+right neighbour's replica; else the newest valid checkpoint on disk; else the seed -- and
+answers every join with a Plan: the new generation and that step (see
+pipelines.cluster.rank). A rank that does not rejoin within the collective timeout is
+killed, and so replaced.
+
+What must also outlive any rank is kept by helpers with one job each, fed by the
+Coordinator's messages: `StepLog` (metrics.jsonl, progress, the consecutive-skip limit),
+`EarlyStop` (the decisions every rank asks for), `Manifests` (a checkpoint's manifest
+once every rank's shard file of its step is durable) and `FaultLog` (recovery.json).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -30,8 +36,405 @@ from ..config import Config
 from ..core import RunIdentity
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import Progress, RunDir
+from . import messages as msg
+from .messages import (
+    EXIT,
+    REGROUP,
+    ChaosFired,
+    EvalReported,
+    Held,
+    Join,
+    Plan,
+    ProtocolActor,
+    RankFinished,
+    ShardWritten,
+    StepLogged,
+    StopQuery,
+)
 
-__all__ = ["Coordinator"]
+__all__ = ["Coordinator", "EarlyStop", "FaultLog", "Manifests", "Recovery", "StepLog"]
+
+
+class Recovery(enum.Enum):
+    """Where the run stands, as the Coordinator sees it::
+
+        (start) --> STARTING --all N joined--> TRAINING <----------------------+
+                                                  |                            |
+                            a Down, or a Join (a  |        all N joined: the   |
+                            rank restarted before |        generation after is |
+                            its Down was seen)    v        formed at the       |
+                                              REGROUPING --restore point-------+
+                                                  |  ^
+                          collective_timeout, and +--+ ranks not rejoined are
+                          some rank has not rejoined   killed (and so replaced)
+
+        TRAINING --every rank sent RankFinished--> DONE   (each is answered EXIT)
+        any state --fail(reason)----------------> DONE   (skip limit, no restarts left)
+
+    STARTING: generation 0; joins wait until all N ranks have joined. A Down changes
+    nothing: the rank supervisor restarts the rank, which joins.
+    TRAINING: generation g >= 1 trains. A rank that has finished waits in its
+    RankFinished call until all N have; a Down answers the waiting ones REGROUP.
+    REGROUPING: generation g + 1 is forming. The ranks not joined and not down were
+    cast RegroupCalled (they abort their step and join); joins wait for all N.
+    DONE: the outcome is set (finished, or failed with a reason); Downs are ignored.
+    """
+
+    STARTING = "starting"
+    TRAINING = "training"
+    REGROUPING = "regrouping"
+    DONE = "done"
+
+
+@dataclass
+class _Join:
+    from_: actors.From
+    pid: int
+    held: Held
+
+
+@dataclass
+class _Outcome:
+    done: trio.Event = field(default_factory=trio.Event)
+    failure: str | None = None
+    finished: dict = field(default_factory=dict)  # rank -> its final info
+
+
+class Coordinator(ProtocolActor):
+    """The control plane of one run (see the module doc)."""
+
+    mailbox_size = 256
+
+    def __init__(
+        self,
+        cfg: Config,
+        rundir: RunDir,
+        progress: Progress,
+        *,
+        resume,
+        events: list[dict],
+        identity: RunIdentity,
+    ):
+        self.cfg = cfg
+        self.world = cfg.cluster.ranks
+        self.progress = progress
+        self.resume = resume  # a checkpoint dir to start from, or None
+        self.outcome = _Outcome()
+        self.ckpt_root = rundir.checkpoints(cfg.checkpoint.dir)
+        self.state = Recovery.STARTING
+        self.generation = 0  # the generation training (or last trained)
+        self.joins: dict[int, _Join] = {}
+        self.pids: dict[int, int] = {}
+        self.down: set[int] = set()  # ranks seen down and not joined since
+        self.deadlines: set[int] = set()  # generations whose regroup is being enforced
+        self.monitors: dict = {}  # MonitorRef -> rank
+        self.finishing: dict[int, tuple] = {}  # rank -> (its From, its final info)
+        self.resumed_step = 0
+        self.analyzer_stats = None
+        self.steps = StepLog(rundir, progress)
+        self.stops = EarlyStop(cfg, progress)
+        self.fault_log = FaultLog(events)
+        self.manifests = Manifests(cfg, self.ckpt_root, identity)
+
+    # what the run's summary and recovery.json read
+    faults = property(lambda self: self.fault_log.faults)
+    restarts = property(lambda self: self.fault_log.restarts)
+    losses = property(lambda self: self.steps.losses)
+    t_first_step = property(lambda self: self.steps.t_first_step)
+    stopped_early = property(lambda self: self.stops.stopped_early)
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def handle_call(self, request, from_):
+        match request:
+            case Join(rank=rank, pid=pid, held=held) if rank < self.world:
+                return await self._join(rank, pid, held, from_)
+            case ChaosFired(event_id=event_id, pid=pid) if self.fault_log.knows(event_id):
+                return self._chaos_fired(event_id, pid)
+            case StopQuery(step=s):
+                return self.stops.query(s, from_)
+            case RankFinished(rank=rank, info=info) if rank < self.world:
+                self.finishing[rank] = (from_, info)
+                if len(self.finishing) == self.world:
+                    self._finish()
+                return actors.NOREPLY
+        return self.reject(request)
+
+    async def _join(self, rank: int, pid: int, held: Held, from_):
+        if self.pids.get(rank) not in (None, pid):
+            self.progress.message(f"rank {rank} is back (pid {pid})")
+        self.pids[rank] = pid
+        self.finishing.pop(rank, None)
+        if not any(r == rank for r in self.monitors.values()):
+            self.monitors[actors.monitor(f"Trainer@rank{rank}")] = rank
+        self.joins[rank] = _Join(from_, pid, held)
+        self.down.discard(rank)
+        if self.state is Recovery.TRAINING:  # a rank left a running generation: regroup
+            self.state = Recovery.REGROUPING
+        await self._ask_regroup()
+        if len(self.joins) == self.world:
+            self._form_generation()
+        return actors.NOREPLY
+
+    async def _ask_regroup(self) -> None:
+        if self.state is not Recovery.REGROUPING:
+            return
+        forming = self.generation + 1
+        if forming not in self.deadlines:
+            self.deadlines.add(forming)
+            self.nursery.start_soon(self._enforce_regroup, forming)
+        for r in range(self.world):
+            if r not in self.joins and r not in self.down:
+                with trio.move_on_after(1.0):
+                    await msg.ask_regroup(r, forming)
+
+    async def _enforce_regroup(self, forming: int) -> None:
+        """A rank that does not rejoin within the collective timeout (stuck in compute,
+        say, with its heartbeats still going) is killed, and so replaced."""
+        await trio.sleep(self.cfg.cluster.collective_timeout)
+        if self.generation >= forming or self.outcome.done.is_set():
+            return
+        for r in range(self.world):
+            if r not in self.joins and r not in self.down and r in self.pids:
+                self.progress.message(f"rank {r} did not rejoin in time: killing it")
+                try:
+                    os.kill(self.pids[r], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _form_generation(self) -> None:
+        source, step, path = self._restore_point({r: j.held for r, j in self.joins.items()})
+        gen = self.generation + 1
+        self.generation = gen
+        if self.state is not Recovery.DONE:
+            self.state = Recovery.TRAINING
+        self.fault_log.restored(step, source)
+        plan = Plan(gen, step, source, str(path) if path else None, self.fault_log.pending())
+        if gen > 1:
+            self.progress.message(
+                f"generation {gen}: all {self.world} ranks joined; resuming at step {step} "
+                f"from {source}"
+            )
+        elif step:
+            self.resumed_step = step
+            self.progress.message(f"resumed at step {step} from {path or source}")
+        self.manifests.clear()  # writes of the last generation that did not complete
+        joins, self.joins = self.joins, {}
+        for join in joins.values():
+            join.from_.reply(plan)
+
+    def _restore_point(self, held: dict[int, Held]) -> tuple[str, int, Path | None]:
+        world = self.world
+        steps = sorted({s for h in held.values() for s in h.own}, reverse=True)
+        for s in steps:
+            if all(s in held[r].own or s in held[(r + 1) % world].replica for r in range(world)):
+                return "memory", s, None
+        for root in (self.ckpt_root, self.resume):
+            if root is None:
+                continue
+            lv = ckpt_mod.latest_valid(root)
+            for bad, why in lv.skipped:
+                self.progress.message(f"skipping checkpoint {bad}: {why}")
+            if lv.path is not None:
+                return "disk", int(lv.manifest["step"]), lv.path
+        return "init", 0, None
+
+    def _chaos_fired(self, event_id: int, pid: int) -> bool:
+        ev = self.fault_log.fired(event_id, self.steps.last_step, self.generation)
+        if ev["kind"] == "stall":
+            self.nursery.start_soon(_resume_later, pid, ev["seconds"])
+        self.progress.message(
+            f"chaos: {ev['kind']} rank {ev['rank']} at step {ev['step']}"
+            + (f" ({ev['at']})" if ev.get("at") not in (None, "start") else "")
+        )
+        return True
+
+    # -- casts -------------------------------------------------------------------------
+
+    async def handle_cast(self, message):
+        match message:
+            case StepLogged(record=record):
+                self._log_step(record)
+            case EvalReported(step=s, metrics=metrics) if self.stops.accepts(metrics):
+                self.steps.evaluated(s, metrics)
+                self.stops.evaluated(s, metrics)
+            case ShardWritten(rank=rank, generation=generation) if rank < self.world:
+                if generation == self.generation:  # else from before a regroup: rewritten
+                    self.manifests.shard_written(message, self.steps, self.stops)
+            case _:
+                self.drop(message)
+
+    def _log_step(self, record: dict) -> None:
+        for line in self.fault_log.step_seen(record["generation"], time.time()):
+            self.progress.message(line)
+        failure = self.steps.log(record)
+        if failure is not None:
+            self.fail(failure)
+
+    # -- monitors ----------------------------------------------------------------------
+
+    async def handle_info(self, message):
+        if not isinstance(message, actors.Down):
+            return
+        rank = self.monitors.pop(message.ref, None)
+        if rank is None or self.outcome.done.is_set():
+            return
+        reason = actors.format_reason(message.reason)
+        self.fault_log.down(rank, reason, self.steps.last_step, self.generation)
+        self.progress.message(f"rank {rank} is down ({reason}); the others regroup")
+        self.joins.pop(rank, None)
+        self.down.add(rank)
+        for waiter, _ in list(self.finishing.values()):
+            waiter.reply(REGROUP)
+        self.finishing.clear()
+        if self.state is Recovery.TRAINING:
+            self.state = Recovery.REGROUPING
+        await self._ask_regroup()
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        for waiter, info in self.finishing.values():
+            self.outcome.finished[info["rank"]] = info
+            waiter.reply(EXIT)
+        self.finishing.clear()
+        self.state = Recovery.DONE
+        self.outcome.done.set()
+
+    def fail(self, reason: str) -> None:
+        if not self.outcome.done.is_set():
+            self.outcome.failure = reason
+            self.state = Recovery.DONE
+            self.outcome.done.set()
+
+
+# ---------------------------------------------------------------------------------------
+# What outlives any rank, besides membership
+# ---------------------------------------------------------------------------------------
+
+
+class StepLog:
+    """The run's metrics as rank 0 reports them: metrics.jsonl (a replayed step is
+    logged once), hooks.jsonl's transform records, the progress line, the losses and
+    evaluations by step, and the consecutive-skip limit."""
+
+    def __init__(self, rundir: RunDir, progress: Progress):
+        self.rundir = rundir
+        self.progress = progress
+        self.last_step = 0  # the newest step logged
+        self.losses: dict[int, float] = {}
+        self.evals: dict[int, dict] = {}
+        self.skips = core.SkipLimit()
+        self.t_first_step: float | None = None
+
+    def log(self, record: dict) -> str | None:
+        """Log one step's record; the failure when the skip limit is reached."""
+        s = record["step"]
+        self.losses[s] = record["loss"]
+        if s <= self.last_step:
+            return None  # a replayed step: same bits, logged already
+        failure = self.skips.update(record["skipped"], s)
+        if failure:
+            self.rundir.log_step({k: v for k, v in record.items() if k not in ("t", "generation")})
+            return failure
+        if self.t_first_step is None:
+            self.t_first_step = time.time()
+        self.last_step = s
+        evaluated = record.get("eval")
+        transforms = record.pop("transforms", None)
+        if transforms:
+            _append_lines(self.rundir.path / "hooks.jsonl", transforms)
+            record["transforms"] = len(transforms)
+        record = {k: v for k, v in record.items() if k != "generation"}
+        self.rundir.log_step(record)
+        extra = core.eval_text(evaluated) if evaluated else ""
+        self.progress.update(s, record["loss"], record["lr"], record["samples_per_s"], extra)
+        return None
+
+    def evaluated(self, s: int, metrics: dict) -> None:
+        self.evals[s] = metrics
+
+    def eval_at(self, s: int) -> dict:
+        """The newest evaluation at or before step `s` ({} if none)."""
+        done = [k for k in self.evals if k <= s]
+        return dict(self.evals[max(done)]) if done else {}
+
+
+class EarlyStop:
+    """Early stopping's decision after each evaluation, the same for every rank: a rank
+    asking before rank 0's evaluation arrived waits for it."""
+
+    def __init__(self, cfg: Config, progress: Progress):
+        self.early = core.early_stopping_for(cfg)
+        self.progress = progress
+        self.decisions: dict[int, bool] = {}
+        self.waiters: dict[int, list] = {}
+        self.stopped_early = False
+
+    def accepts(self, metrics: dict) -> bool:
+        """Whether `metrics` holds what the decision needs."""
+        return not self.early.patience or self.early.metric in metrics
+
+    def query(self, s: int, from_: actors.From):
+        if s in self.decisions:
+            return self.decisions[s]
+        self.waiters.setdefault(s, []).append(from_)
+        return actors.NOREPLY
+
+    def evaluated(self, s: int, metrics: dict) -> None:
+        if s in self.decisions or not self.early.patience:
+            return
+        stop = bool(self.early.update(metrics[self.early.metric]))
+        self.decisions[s] = stop
+        if stop and not self.stopped_early:
+            self.stopped_early = True
+            self.progress.message(
+                f"early stop at step {s}: {self.early.metric} did not improve for "
+                f"{self.early.patience} evaluations"
+            )
+        for waiter in self.waiters.pop(s, []):
+            waiter.reply(stop)
+
+
+class Manifests:
+    """A checkpoint's manifest, written once every rank's shard file of its step is
+    durable (then retention runs). A write failure is reported and training goes on."""
+
+    def __init__(self, cfg: Config, root: Path, identity: RunIdentity):
+        self.cfg = cfg
+        self.world = cfg.cluster.ranks
+        self.root = root
+        self.identity = identity  # what every manifest records of the run
+        self.shards: dict[int, dict[int, tuple]] = {}  # step -> rank -> (info, counters)
+
+    def clear(self) -> None:
+        self.shards.clear()
+
+    def shard_written(self, m: ShardWritten, steps: StepLog, stops: EarlyStop) -> None:
+        s = m.step
+        got = self.shards.setdefault(s, {})
+        got[m.rank] = (m.info, m.counters)
+        if len(got) < self.world:
+            return
+        del self.shards[s]
+        infos = [ckpt_mod.ShardInfo(**i) for i, _ in got.values()]
+        metrics = dict(steps.eval_at(s), train_loss=steps.losses.get(s, math.nan))
+        manifest = core.checkpoint_manifest(
+            self.cfg,
+            self.identity,
+            s,
+            world=self.world,
+            counters=got[0][1],
+            early_state=stops.early.state(),
+            metrics=metrics,
+        )
+        ckpt = ckpt_mod.checkpoint_dir(self.root, s)
+        try:
+            ckpt_mod.write_manifest(ckpt, manifest, infos)
+        except OSError as err:  # the disk, not the run: report it and train on
+            steps.progress.message(f"checkpoint {ckpt} not completed: {err}")
+            return
+        core.retain(self.cfg, self.root)
 
 
 @dataclass
@@ -61,309 +464,38 @@ class _Fault:
         }
 
 
-@dataclass
-class _Join:
-    from_: actors.From
-    pid: int
-    held: dict
+class FaultLog:
+    """The faults of a run (recovery.json): each chaos event fired and each rank seen
+    down, with when it was detected, where the run restored from and when it had
+    recovered (the first step logged by a later generation)."""
 
-
-@dataclass
-class _Outcome:
-    done: trio.Event = field(default_factory=trio.Event)
-    failure: str | None = None
-    finished: dict = field(default_factory=dict)  # rank -> its final info
-
-
-class Coordinator(actors.Actor):
-    """The control plane of one run (see the module doc)."""
-
-    mailbox_size = 256
-
-    def __init__(
-        self,
-        cfg: Config,
-        rundir: RunDir,
-        progress: Progress,
-        *,
-        resume,
-        events: list[dict],
-        identity: RunIdentity,
-    ):
-        self.cfg = cfg
-        self.world = cfg.cluster.ranks
-        self.rundir = rundir
-        self.progress = progress
-        self.resume = resume  # a checkpoint dir to start from, or None
-        self.events = events
-        self.outcome = _Outcome()
-        self.ckpt_root = rundir.checkpoints(cfg.checkpoint.dir)
-        self.identity = identity  # what every manifest records of the run
-        self.generation = 0
-        self.target = 1  # the generation the next round of joins forms
-        self.joins: dict[int, _Join] = {}
-        self.pids: dict[int, int] = {}
-        self.down: set[int] = set()  # ranks seen down and not joined since
-        self.skips = core.SkipLimit()
-        self.deadlines: set[int] = set()  # generations whose regroup is being enforced
-        self.monitors: dict = {}  # MonitorRef -> rank
-        self.fired: dict[int, float] = {}  # chaos event id -> wall time
+    def __init__(self, events: list[dict]):
+        self.events = events  # the chaos events, numbered (chaos.expand)
+        self.fired_at: dict[int, float] = {}  # event id -> wall time
         self.faults: list[_Fault] = []
         self.restarts = 0
-        self.last_step = 0  # the newest step logged
-        self.losses: dict[int, float] = {}
-        self.last_eval: dict = {}
-        self.evals: dict[int, dict] = {}
-        self.decisions: dict[int, bool] = {}
-        self.stop_waiters: dict[int, list] = {}
-        self.stopped_early = False
-        self.shards: dict[int, dict[int, tuple]] = {}
-        self.finishing: dict[int, tuple] = {}
-        self.early = core.early_stopping_for(cfg)
-        self.t_first_step: float | None = None
-        self.resumed_step = 0
-        self.analyzer_stats = None
 
-    # -- calls -------------------------------------------------------------------------
+    def knows(self, event_id: int) -> bool:
+        return any(e["id"] == event_id for e in self.events)
 
-    async def handle_call(self, request, from_):
-        kind = request[0]
-        if kind == "join":
-            _, rank, pid, held = request
-            return await self._join(rank, pid, held, from_)
-        if kind == "chaos_fired":
-            return self._chaos_fired(request[1], request[2])
-        if kind == "should_stop":
-            s = request[1]
-            if s in self.decisions:
-                return self.decisions[s]
-            self.stop_waiters.setdefault(s, []).append(from_)
-            return actors.NOREPLY
-        if kind == "finished":
-            _, rank, info = request
-            self.finishing[rank] = (from_, info)
-            if len(self.finishing) == self.world:
-                self._finish()
-            return actors.NOREPLY
-        raise ValueError(f"Coordinator: unknown request {kind!r}")
+    def pending(self) -> list[dict]:
+        return [e for e in self.events if e["id"] not in self.fired_at]
 
-    async def _join(self, rank: int, pid: int, held: dict, from_):
-        if self.pids.get(rank) not in (None, pid):
-            self.progress.message(f"rank {rank} is back (pid {pid})")
-        self.pids[rank] = pid
-        self.finishing.pop(rank, None)
-        if not any(r == rank for r in self.monitors.values()):
-            self.monitors[actors.monitor(f"Trainer@rank{rank}")] = rank
-        self.joins[rank] = _Join(from_, pid, held)
-        self.down.discard(rank)
-        if self.target == self.generation:  # a rank left a running generation: regroup
-            self.target = self.generation + 1
-        await self._ask_regroup()
-        if len(self.joins) == self.world:
-            self._form_generation()
-        return actors.NOREPLY
-
-    async def _ask_regroup(self) -> None:
-        if self.generation == 0:
-            return
-        if self.target not in self.deadlines:
-            self.deadlines.add(self.target)
-            self.nursery.start_soon(self._enforce_regroup, self.target)
-        for r in range(self.world):
-            if r not in self.joins and r not in self.down:
-                with trio.move_on_after(1.0):
-                    await actors.cast(f"Trainer@rank{r}", ("regroup", self.target))
-
-    async def _enforce_regroup(self, target: int) -> None:
-        """A rank that does not rejoin within the collective timeout (stuck in compute,
-        say, with its heartbeats still going) is killed, and so replaced."""
-        await trio.sleep(self.cfg.cluster.collective_timeout)
-        if self.generation >= target or self.outcome.done.is_set():
-            return
-        for r in range(self.world):
-            if r not in self.joins and r not in self.down and r in self.pids:
-                self.progress.message(f"rank {r} did not rejoin in time: killing it")
-                try:
-                    os.kill(self.pids[r], signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-    def _form_generation(self) -> None:
-        held = {r: j.held for r, j in self.joins.items()}
-        source, step, path = self._restore_point(held)
-        gen = self.target
-        self.generation = gen
-        for fault in self.faults:
-            if fault.steps_replayed is None:
-                fault.steps_replayed = max(fault.step - step, 0)
-                fault.restored_from = source
-        pending = [e for e in self.events if e["id"] not in self.fired]
-        plan = {"action": "train", "generation": gen, "step": step, "source": source}
-        plan["path"] = str(path) if path else None
-        plan["chaos"] = pending
-        if gen > 1:
-            self.progress.message(
-                f"generation {gen}: all {self.world} ranks joined; resuming at step {step} "
-                f"from {source}"
-            )
-        elif step:
-            self.resumed_step = step
-            self.progress.message(f"resumed at step {step} from {path or source}")
-        self.shards.clear()  # writes of the last generation that did not complete
-        joins, self.joins = self.joins, {}
-        for join in joins.values():
-            join.from_.reply(plan)
-
-    def _restore_point(self, held: dict) -> tuple[str, int, Path | None]:
-        world = self.world
-        steps = sorted({s for h in held.values() for s in h["own"]}, reverse=True)
-        for s in steps:
-            if all(
-                s in held[r]["own"] or s in held[(r + 1) % world]["replica"] for r in range(world)
-            ):
-                return "memory", s, None
-        for root in (self.ckpt_root, self.resume):
-            if root is None:
-                continue
-            lv = ckpt_mod.latest_valid(root)
-            for bad, why in lv.skipped:
-                self.progress.message(f"skipping checkpoint {bad}: {why}")
-            if lv.path is not None:
-                return "disk", int(lv.manifest["step"]), lv.path
-        return "init", 0, None
-
-    def _chaos_fired(self, event_id: int, pid: int) -> bool:
+    def fired(self, event_id: int, last_step: int, generation: int) -> dict:
+        """Record chaos event `event_id` as fired now; the event."""
         now = time.time()
-        self.fired[event_id] = now
+        self.fired_at[event_id] = now
         ev = next(e for e in self.events if e["id"] == event_id)
-        self.faults.append(
-            _Fault(ev["kind"], ev["rank"], self.last_step, now, self.generation, "chaos")
-        )
+        fault = _Fault(ev["kind"], ev["rank"], last_step, now, generation, "chaos")
         if ev["kind"] == "stall":
-            self.faults[-1].resumes_at = now + ev["seconds"]
-        if ev["kind"] == "stall":
-            self.nursery.start_soon(_resume_later, pid, ev["seconds"])
-        self.progress.message(
-            f"chaos: {ev['kind']} rank {ev['rank']} at step {ev['step']}"
-            + (f" ({ev['at']})" if ev.get("at") not in (None, "start") else "")
-        )
-        return True
+            fault.resumes_at = now + ev["seconds"]
+        self.faults.append(fault)
+        return ev
 
-    # -- casts -------------------------------------------------------------------------
-
-    async def handle_cast(self, msg):
-        kind = msg[0]
-        if kind == "step":
-            self._log_step(msg[1])
-        elif kind == "eval":
-            self._eval(msg[1], msg[2])
-        elif kind == "shard_written":
-            self._shard_written(*msg[1:])
-
-    def _log_step(self, record: dict) -> None:
-        now = time.time()
-        for fault in self.faults:
-            if fault.recovered_s is not None:
-                continue
-            if (
-                fault.detected_s is None
-                and fault.resumes_at is not None
-                and now >= fault.resumes_at
-                and record["generation"] == fault.generation
-            ):
-                # a stall shorter than the heartbeat timeout: the rank went on, no restart
-                fault.recovered_s, fault.steps_replayed = now - fault.t, 0
-                fault.restored_from = "resumed (SIGCONT)"
-            elif record["generation"] > fault.generation:
-                fault.recovered_s = now - fault.t
-                self.progress.message(
-                    f"recovered from {fault.kind} of rank {fault.rank} in "
-                    f"{fault.recovered_s:.3f}s ({fault.steps_replayed} steps replayed)"
-                )
-        s = record["step"]
-        self.losses[s] = record["loss"]
-        if s <= self.last_step:
-            return  # a replayed step: same bits, logged already
-        failure = self.skips.update(record["skipped"], s)
-        if failure:
-            self.rundir.log_step({k: v for k, v in record.items() if k not in ("t", "generation")})
-            self.fail(failure)
-            return
-        if self.t_first_step is None:
-            self.t_first_step = now
-        self.last_step = s
-        evaluated = record.get("eval")
-        if evaluated:
-            self.last_eval = evaluated
-        transforms = record.pop("transforms", None)
-        if transforms:
-            _append_lines(self.rundir.path / "hooks.jsonl", transforms)
-            record["transforms"] = len(transforms)
-        record = {k: v for k, v in record.items() if k != "generation"}
-        self.rundir.log_step(record)
-        extra = core.eval_text(evaluated) if evaluated else ""
-        self.progress.update(s, record["loss"], record["lr"], record["samples_per_s"], extra)
-
-    def _eval(self, s: int, metrics: dict) -> None:
-        self.evals[s] = metrics
-        self.last_eval = metrics
-        if s in self.decisions or not self.early.patience:
-            return
-        stop = bool(self.early.update(metrics[self.early.metric]))
-        self.decisions[s] = stop
-        if stop and not self.stopped_early:
-            self.stopped_early = True
-            self.progress.message(
-                f"early stop at step {s}: {self.early.metric} did not improve for "
-                f"{self.early.patience} evaluations"
-            )
-        for waiter in self.stop_waiters.pop(s, []):
-            waiter.reply(stop)
-
-    def _shard_written(
-        self, rank: int, s: int, info: dict, counters: dict, generation: int
-    ) -> None:
-        if generation != self.generation:
-            return  # from before a regroup: that round of writes is rewritten or abandoned
-        got = self.shards.setdefault(s, {})
-        got[rank] = (info, counters)
-        if len(got) < self.world:
-            return
-        del self.shards[s]
-        infos = [ckpt_mod.ShardInfo(**i) for i, _ in got.values()]
-        metrics = dict(self._eval_at(s), train_loss=self.losses.get(s, math.nan))
-        manifest = core.checkpoint_manifest(
-            self.cfg,
-            self.identity,
-            s,
-            world=self.world,
-            counters=got[0][1],
-            early_state=self.early.state(),
-            metrics=metrics,
-        )
-        ckpt = ckpt_mod.checkpoint_dir(self.ckpt_root, s)
-        try:
-            ckpt_mod.write_manifest(ckpt, manifest, infos)
-        except OSError as err:  # the disk, not the run: report it and train on
-            self.progress.message(f"checkpoint {ckpt} not completed: {err}")
-            return
-        core.retain(self.cfg, self.ckpt_root)
-
-    def _eval_at(self, s: int) -> dict:
-        done = [k for k in self.evals if k <= s]
-        return dict(self.evals[max(done)]) if done else {}
-
-    # -- monitors ----------------------------------------------------------------------
-
-    async def handle_info(self, msg):
-        if not isinstance(msg, actors.Down):
-            return
-        rank = self.monitors.pop(msg.ref, None)
-        if rank is None or self.outcome.done.is_set():
-            return
+    def down(self, rank: int, reason: str, last_step: int, generation: int) -> None:
+        """Rank `rank` was seen down: a chaos event's fault is detected, or a crash."""
         now = time.time()
         self.restarts += 1
-        reason = actors.format_reason(msg.reason)
         fault = next(
             (
                 f
@@ -373,33 +505,40 @@ class Coordinator(actors.Actor):
             None,
         )
         if fault is None:
-            fault = _Fault("crash", rank, self.last_step, now, self.generation)
+            fault = _Fault("crash", rank, last_step, now, generation)
             self.faults.append(fault)
         fault.detected_s = now - fault.t
         fault.reason = reason if fault.reason != "chaos" else f"chaos: {reason}"
-        self.progress.message(f"rank {rank} is down ({reason}); the others regroup")
-        self.joins.pop(rank, None)
-        self.down.add(rank)
-        for waiter, _ in list(self.finishing.values()):
-            waiter.reply("regroup")
-        self.finishing.clear()
-        if self.target == self.generation:
-            self.target = self.generation + 1
-        await self._ask_regroup()
 
-    # -- the end -----------------------------------------------------------------------
+    def restored(self, step: int, source: str) -> None:
+        """A generation formed at `step` from `source`: what earlier faults replay."""
+        for fault in self.faults:
+            if fault.steps_replayed is None:
+                fault.steps_replayed = max(fault.step - step, 0)
+                fault.restored_from = source
 
-    def _finish(self) -> None:
-        for waiter, info in self.finishing.values():
-            self.outcome.finished[info["rank"]] = info
-            waiter.reply("exit")
-        self.finishing.clear()
-        self.outcome.done.set()
-
-    def fail(self, reason: str) -> None:
-        if not self.outcome.done.is_set():
-            self.outcome.failure = reason
-            self.outcome.done.set()
+    def step_seen(self, generation: int, now: float) -> list[str]:
+        """A step of `generation` was logged: faults now recovered (progress lines)."""
+        lines = []
+        for fault in self.faults:
+            if fault.recovered_s is not None:
+                continue
+            if (
+                fault.detected_s is None
+                and fault.resumes_at is not None
+                and now >= fault.resumes_at
+                and generation == fault.generation
+            ):
+                # a stall shorter than the heartbeat timeout: the rank went on, no restart
+                fault.recovered_s, fault.steps_replayed = now - fault.t, 0
+                fault.restored_from = "resumed (SIGCONT)"
+            elif generation > fault.generation:
+                fault.recovered_s = now - fault.t
+                lines.append(
+                    f"recovered from {fault.kind} of rank {fault.rank} in "
+                    f"{fault.recovered_s:.3f}s ({fault.steps_replayed} steps replayed)"
+                )
+        return lines
 
 
 def _append_lines(path: Path, records: list[dict]) -> None:

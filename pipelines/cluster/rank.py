@@ -1,8 +1,10 @@
 """A rank process (`python -m pipelines.cluster.rank`), started by the cluster supervisor.
 
 It opens its node as a supervised child (heartbeats to the cluster), builds its model
-replica and data, opens its end of the ring, and runs the six role actors
-(pipelines.cluster.roles) plus the Trainer under a rank supervisor.
+replica and data, opens its end of the ring, and runs the role actors
+(pipelines.cluster.roles) and the Trainer under its "RoleSupervisor" (one_for_all, no
+restarts: a crashed role is a crashed rank). The messages are the records of
+pipelines.cluster.messages.
 
 The Trainer's life is a loop of *join, restore, train*:
 
@@ -13,8 +15,8 @@ The Trainer's life is a loop of *join, restore, train*:
 2. restore: the Optimizer installs that state and all-gathers the full parameters.
 3. train: steps until the end; every `snapshot_every` steps a snapshot is taken and
    replicated to the right neighbour, every `checkpoint.every` steps also written to
-   disk. A failed collective, a vanished neighbour or the Coordinator's "regroup" ends
-   the attempt: back to 1. Replayed steps give the same bits (pure data, seeded
+   disk. A failed collective, a vanished neighbour or the Coordinator's RegroupCalled
+   ends the attempt: back to 1. Replayed steps give the same bits (pure data, seeded
    dropout, fixed summation order), so nothing is lost.
 
 Exit status 0 only when the Coordinator says the run is over; any other end (SIGTERM,
@@ -42,19 +44,19 @@ from ..data import load_dataset
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import params_sha256
+from . import messages as msg
 from .chaos import RankChaos
+from .messages import COORDINATOR, Failed, Plan, ProtocolActor, Regroup, RegroupCalled, RestoreState
 from .roles import (
-    COORDINATOR,
     BackwardGate,
     Checkpointer,
     DataLoader,
-    Failed,
-    GradientWorker,
-    HookAnalyzer,
+    HookSampler,
     Optimizer,
     RankState,
-    Reducer,
-    Regroup,
+    compute_gradients,
+    reduce_buckets,
+    reduce_gradients,
 )
 
 __all__ = ["PLAN_ENV", "main"]
@@ -88,33 +90,31 @@ def _transforms(cfg, model, rank: int, world: int, specs: list):
     )
 
 
-class Trainer(actors.Actor):
-    """Drives the steps (see the module doc); casts ("regroup", g) abort its attempt."""
+class Trainer(ProtocolActor):
+    """Drives the steps (see the module doc). A RegroupCalled cast aborts its attempt."""
 
-    def __init__(self, state: RankState, hooks: HookAnalyzer, finished: trio.Event):
+    def __init__(self, state: RankState, finished: trio.Event):
         self.state = state
-        self.hooks = hooks
         self.finished = finished
         self.exit_ok = False
         self.final_eval: dict | None = None
+        self.hooks_agreed = True
 
     async def init(self) -> None:
         self.state.chaos.nursery = self.nursery
         self.nursery.start_soon(self._drive)
 
-    async def handle_cast(self, msg):
-        if msg[0] == "regroup":
-            self.state.abort_collectives(int(msg[1]))
+    async def handle_cast(self, message):
+        match message:
+            case RegroupCalled(generation=generation):
+                self.state.abort_collectives(generation)
+            case _:
+                self.drop(message)
 
     async def _drive(self) -> None:
         st = self.state
         while True:
-            held = await actors.call("Checkpointer", ("held",))
-            plan = await actors.call(
-                COORDINATOR, ("join", st.rank, os.getpid(), held), timeout=None
-            )
-            if plan["action"] == "exit":
-                break
+            plan = await msg.join(st.rank, os.getpid(), await msg.held_snapshots())
             try:
                 await self._restore(plan)
                 if await self._train(plan):
@@ -124,53 +124,49 @@ class Trainer(actors.Actor):
         self.exit_ok = True
         self.finished.set()
 
-    async def _restore(self, plan: dict) -> None:
+    async def _restore(self, plan: Plan) -> None:
         st = self.state
-        st.chaos.load(plan["chaos"])
-        if plan["generation"] > st.ring.generation:
-            st.ring.set_generation(plan["generation"])
-        st.min_generation = max(st.min_generation, plan["generation"])
-        st.generation = plan["generation"]
-        how = {"source": plan["source"], "path": plan.get("path")}
-        if plan["source"] == "memory":
-            s = plan["step"]
-            snap = await actors.call("Checkpointer", ("own", s))
-            if snap is None:
+        st.chaos.load(plan.chaos)
+        if plan.generation > st.ring.generation:
+            st.ring.set_generation(plan.generation)
+        st.min_generation = max(st.min_generation, plan.generation)
+        st.generation = plan.generation
+        s = plan.step
+        snapshot = None
+        if plan.source == "memory":
+            snapshot = await msg.own_snapshot(s)
+            if snapshot is None:
                 right = (st.rank + 1) % st.world
                 try:
-                    snap = await actors.call(
-                        f"Checkpointer@rank{right}", ("replica_of", st.rank, s), 10.0
-                    )
+                    snapshot = await msg.replica_of(right, st.rank, s, 10.0)
                 except actors.ActorError as err:
                     raise Regroup(f"replica from rank {right}: {err}") from None
-                if snap is None:
+                if snapshot is None:
                     raise Regroup(f"rank {right} holds no replica of step {s}")
-            how["snapshot"] = snap
-        result = await actors.call("Optimizer", ("restore", how), timeout=None)
-        _check(result)
+        await msg.restore_state(RestoreState(plan.source, s, plan.path, snapshot))
         # the restored state is a snapshot too (a later failure can come back to it); on a
         # checkpoint step the shard file is written again (its first write may be torn)
-        s, every = plan["step"], st.cfg.checkpoint.every
+        every = st.cfg.checkpoint.every
         to_disk = bool(every and s and s % every == 0 and s != st.cfg.train.steps)
         if to_disk:  # only when that checkpoint never completed
             done = ckpt_mod.checkpoint_dir(st.ckpt_root, s) / ckpt_mod.MANIFEST
             to_disk = not done.exists()
-        await actors.call("Checkpointer", ("snapshot", s, to_disk), timeout=None)
+        await msg.take_snapshot(s, to_disk)
 
-    async def _train(self, plan: dict) -> bool:
-        """Steps from plan["step"]; True when the run is complete."""
+    async def _train(self, plan: Plan) -> bool:
+        """Steps from plan.step; True when the run is complete."""
         st = self.state
         cfg = st.cfg
         total = cfg.train.steps
-        s = plan["step"]
+        s = plan.step
         self.hooks_agreed = True  # every rank starts here with the same value
         while s < total:
-            record = await self._step(s, plan["generation"])
+            record = await self._step(s, plan.generation)
             s += 1
             ckpt_every = cfg.checkpoint.every
             to_disk = bool(ckpt_every and s % ckpt_every == 0 and s != total)
             if to_disk or s % cfg.cluster.snapshot_every == 0:
-                await actors.call("Checkpointer", ("snapshot", s, to_disk), timeout=None)
+                await msg.take_snapshot(s, to_disk)
             stop = False
             if (cfg.eval.every and s % cfg.eval.every == 0) or s == total:
                 metrics = (
@@ -179,16 +175,22 @@ class Trainer(actors.Actor):
                 if record is not None:
                     record["eval"] = metrics
                     self.final_eval = metrics
-                    await actors.cast(COORDINATOR, ("eval", s, metrics))
+                    await msg.eval_reported(s, metrics)
                 if cfg.eval.early_stopping.patience and s != total:
-                    stop = await actors.call(COORDINATOR, ("should_stop", s), timeout=None)
+                    stop = await msg.should_stop(s)
             if record is not None:
-                await actors.cast(COORDINATOR, ("step", record))
+                await msg.step_logged(record)
             if stop:
                 break
-        # the end: final checkpoint and evaluation, then wait for everyone
-        await actors.call("Checkpointer", ("snapshot", s, True), timeout=None)
-        await actors.call("Checkpointer", ("flush",), timeout=None)
+        await self._finish(s)
+        return True
+
+    async def _finish(self, s: int) -> None:
+        """The end: final checkpoint and evaluation, then wait for everyone (Regroup if
+        a rank fails first)."""
+        st = self.state
+        await msg.take_snapshot(s, True)
+        await msg.flush_writes()
         info = {"rank": st.rank, "step": s, "memory": st.step.memory(), "cpus": _cpus()}
         info["blas"] = gemm.library()
         timing = {k: v / max(st.timed_steps, 1) for k, v in st.timing.items()}
@@ -201,97 +203,85 @@ class Trainer(actors.Actor):
         # the casts to the analyzer may still be on the way (queued here, unread there):
         # they would be lost with this process, and the analyzer's "stats" (asked by the
         # cluster, over another connection) could answer before they arrive
-        flush_s = cfg.hooks.timeout_s + 5.0
-        await actors.call("HookAnalyzer", ("flush", flush_s), timeout=flush_s + 5.0)
-        info["hooks"] = await actors.call("HookAnalyzer", ("stats",))
+        await msg.flush_hooks(st.cfg.hooks.timeout_s + 5.0)
+        info["hooks"] = await msg.hook_stats()
         if st.rank == 0:
             info["eval"] = self.final_eval or await trio.to_thread.run_sync(self._eval_metrics)
             info["params_sha256"] = params_sha256(st.model)
             info["n_params"] = int(st.model.params.size)
             info["skipped_steps"] = st.step.opt.skipped
             await trio.to_thread.run_sync(self._export, s, info["params_sha256"])
-        reply = await actors.call(COORDINATOR, ("finished", st.rank, info), timeout=None)
-        if reply == "regroup":
-            raise Regroup("a rank failed before the run ended")
-        return True
+        await msg.rank_finished(st.rank, info)
 
     async def _step(self, s: int, generation: int) -> dict | None:
         """One step; rank 0 returns its metrics record (the others None)."""
         st = self.state
-        cfg = st.cfg
         rs = st.step
         t0 = time.perf_counter()
         await st.chaos.at(s, "start")
-        batches = await actors.call("DataLoader", ("batches", s), timeout=None)
+        batches = await msg.fetch_batches(s)
         st.add_time("data_s", time.perf_counter() - t0)
-        # a due step is sampled only if every rank had credit at the last step (the
-        # analyzer keeps up): the same decision on every rank (hook_link's doc). The
-        # run's last step always is: the run's end waits for the analyzer anyway.
-        sampled = self.hooks.due(s + 1)
-        if sampled and not self.hooks_agreed and s + 1 != cfg.train.steps:
-            self.hooks.decline(s + 1)
-            sampled = False
+        decision = await msg.sample_decision(s + 1, self.hooks_agreed)
+        sampled = decision.sampled
         rs.keep_for_hooks = sampled
-        rs.hook_credit = self.hooks.has_credit() and not sampled
+        rs.hook_credit = decision.credit
         await st.chaos.at(s, "compute")
-        seed = step_seed(cfg.train.seed, s, st.rank)
-        done = 0
-        if rs.can_overlap() and not sampled:
-            # buckets are all-reduced as backward finishes them (same bits either way)
-            gate = BackwardGate(rs.n)
-            computed = {}
-
-            async def compute() -> None:
-                computed["out"] = await actors.call(
-                    "GradientWorker", ("compute", s, batches, seed, gate), timeout=None
-                )
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(compute)
-                done = await actors.call(
-                    "Reducer", ("buckets", s, rs.model.grads, gate), timeout=None
-                )
-            grads, loss_sum = computed["out"]
-            done = _check(done)
-            st.overlapped_buckets += done
-        else:
-            grads, loss_sum = await actors.call(
-                "GradientWorker", ("compute", s, batches, seed, None), timeout=None
-            )
-        reduced = _check(
-            await actors.call("Reducer", ("reduce", s, grads, loss_sum, done), timeout=None)
-        )
-        shard, sq, loss = reduced
+        shard, sq, loss = await self._gradients(s, batches, overlap=not sampled)
         self.hooks_agreed = rs.hooks_agreed
         lo, hi = rs.lo, rs.hi
         if sampled:  # what the analyzer gets from this rank: its shard (and own gradient)
             own = shard[lo:hi] if shard.size == rs.n else shard
             rs.hook_view["grad"] = own.copy()
             rs.hook_view["params_before"] = rs.model.params[lo:hi].copy()
-        lr, result = _check(await actors.call("Optimizer", ("apply", s, shard, sq), timeout=None))
+        lr, result = await msg.apply_update(s, shard, sq)
         dt = time.perf_counter() - t0
         st.add_time("step_s", dt)
         st.timed_steps += 1
         if sampled:
             view = dict(rs.hook_view)
             view["update"] = rs.model.params[lo:hi] - view["params_before"]
-            await actors.cast("HookAnalyzer", ("sample", s + 1, loss, lr, view))
-        if st.rank == 0:
-            record = {
-                "step": s + 1,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": result.grad_norm,
-                "samples_per_s": cfg.train.batch_size / dt if dt > 0 else 0.0,
-                "skipped": not result.applied,
-                "clip_coef": result.clip_coef,
-                "generation": generation,
-                "t": time.time(),
-            }
-            if rs.transform_records:  # rank 0's, for hooks.jsonl (as the local runner)
-                record["transforms"] = rs.transform_records
-            return record
-        return None
+            await msg.send_sample(s + 1, loss, lr, view)
+        if st.rank != 0:
+            return None
+        record = {
+            "step": s + 1,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "samples_per_s": st.cfg.train.batch_size / dt if dt > 0 else 0.0,
+            "skipped": not result.applied,
+            "clip_coef": result.clip_coef,
+            "generation": generation,
+            "t": time.time(),
+        }
+        if rs.transform_records:  # rank 0's, for hooks.jsonl (as the local runner)
+            record["transforms"] = rs.transform_records
+        return record
+
+    async def _gradients(self, s: int, batches, overlap: bool):
+        """Compute this rank's gradients of step `s` and reduce them: (shard, sq_norm,
+        loss). With `overlap` (and a mode that can), buckets are all-reduced as backward
+        finishes them (same bits either way)."""
+        st = self.state
+        rs = st.step
+        seed = step_seed(st.cfg.train.seed, s, st.rank)
+        done = 0
+        if overlap and rs.can_overlap():
+            gate = BackwardGate(rs.n)
+            computed = {}
+
+            async def compute() -> None:
+                computed["out"] = await compute_gradients(st, s, batches, seed, gate)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(compute)
+                done = await reduce_buckets(st, s, rs.model.grads, gate)
+            grads, loss_sum = computed["out"]
+            done = _check(done)  # (after the nursery: a Regroup must not be grouped)
+            st.overlapped_buckets += done
+        else:
+            grads, loss_sum = await compute_gradients(st, s, batches, seed, None)
+        return _check(await reduce_gradients(st, s, grads, loss_sum, done))
 
     def _eval_metrics(self) -> dict:
         st = self.state
@@ -340,20 +330,17 @@ async def _main(plan: dict) -> int:
                 from ..hooks.link import HookOutbox
 
                 outbox = HookOutbox(specs, layout=model.layout)
-            hooks = HookAnalyzer(state, outbox)
             finished = trio.Event()
-            trainer = Trainer(state, hooks, finished)
+            trainer = Trainer(state, finished)
             roles = [
                 DataLoader.child_spec(state, name="DataLoader"),
-                GradientWorker.child_spec(state, name="GradientWorker"),
-                Reducer.child_spec(state, name="Reducer"),
                 Optimizer.child_spec(state, name="Optimizer"),
                 Checkpointer.child_spec(state, name="Checkpointer"),
-                actors.ChildSpec(id="HookAnalyzer", start=_runner(hooks, "HookAnalyzer")),
+                HookSampler.child_spec(state, outbox, name="HookSampler"),
                 actors.ChildSpec(id="Trainer", start=_runner(trainer, "Trainer")),
             ]
             supervisor = actors.Supervisor(
-                roles, strategy="one_for_all", max_restarts=0, name="RankSupervisor"
+                roles, strategy="one_for_all", max_restarts=0, name="RoleSupervisor"
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_run_supervisor, supervisor, nursery.cancel_scope)

@@ -1,19 +1,27 @@
-"""The six role actors of a rank process, and the state they share.
+"""The role actors of a rank process, the step functions the Trainer runs itself, and
+the state they share.
 
-    rank supervisor (one_for_all, no restarts: a crashed role is a crashed rank, which
+    role supervisor (one_for_all, no restarts: a crashed role is a crashed rank, which
     │                the cluster supervisor restarts as a fresh process)
     ├── DataLoader      batches of (seed, epoch, step, rank), one step prefetched
-    ├── GradientWorker  compute_gradients in a worker thread: the loop keeps serving
-    ├── Reducer         reduce-scatter (zero2) / all-reduce (ddp, zero1) over the ring
     ├── Optimizer       this rank's shard of params and optimizer state; the all-gather
     ├── Checkpointer    in-memory snapshots, the left neighbour's replica, shard files
-    └── HookAnalyzer    offers gradient samples to the analyzer process, never waits
+    ├── HookSampler     offers gradient samples to the analyzer process, never waits
+    └── Trainer         drives the steps (pipelines.cluster.rank)
 
-The Trainer (pipelines.cluster.rank) drives them with local calls, one step at a time. Work
-that can fail for reasons outside this rank -- a collective whose peer died, a
-neighbour that is gone -- is answered with a `Failed` value instead of crashing the
-actor: the Trainer then rejoins the cluster (GenServer style `{:error, reason}`).
-A bug still crashes the actor, and with it the rank.
+Each actor here holds state that outlives one call: the DataLoader its prefetch, the
+Optimizer the shard it updates and restores, the Checkpointer its snapshots, replicas
+and background writes (and peers cast to it), the HookSampler its outbox. Computing the
+gradients (`compute_gradients`, in a worker thread) and reducing them over the ring
+(`reduce_buckets`, `reduce_gradients`) hold none: they are functions the Trainer awaits,
+and the ring's one-user-at-a-time guard is `RankState.collective`.
+
+The messages are records of pipelines.cluster.messages. Work that can fail for reasons
+outside this rank -- a collective whose peer died, a neighbour that is gone -- is
+answered with a `Failed` value instead of crashing the actor: the Trainer then rejoins
+the cluster (GenServer style `{:error, reason}`). A message an actor does not accept is
+rejected (a call) or dropped and counted (a cast). A bug still crashes the actor, and
+with it the rank.
 """
 
 from __future__ import annotations
@@ -30,47 +38,43 @@ import actors
 from ..core import install_checkpoint, rank_batches, read_checkpoint
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
+from . import messages as msg
+from .messages import (
+    ApplyUpdate,
+    BatchesWanted,
+    Failed,
+    FlushWrites,
+    Held,
+    HeldQuery,
+    HookFlush,
+    HookStats,
+    OwnSnapshot,
+    ProtocolActor,
+    Regroup,
+    ReplicaAck,
+    ReplicaWanted,
+    RestoreState,
+    SampleDecision,
+    SampleQuery,
+    SampleView,
+    Snapshot,
+    TakeSnapshot,
+)
 
 __all__ = [
-    "COORDINATOR",
     "BackwardGate",
     "Checkpointer",
     "DataLoader",
-    "Failed",
-    "GradientWorker",
-    "HookAnalyzer",
+    "HookSampler",
     "Optimizer",
     "RankState",
-    "Reducer",
-    "Regroup",
-    "Snapshot",
+    "compute_gradients",
+    "reduce_buckets",
+    "reduce_gradients",
 ]
 
-COORDINATOR = "Coordinator@cluster"
 KEEP_SNAPSHOTS = 3
 REPLICA_ACK_WAIT_S = 2.0  # a neighbour slower than this to take a replica is not waited for
-
-
-class Regroup(Exception):
-    """This rank must rejoin the cluster (a peer failed, or the coordinator asked)."""
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A role's answer when its work failed outside this rank (see the module doc)."""
-
-    reason: str
-
-
-@actors.record
-@dataclass
-class Snapshot:
-    """One rank's shard of the training state after `step` steps (in memory)."""
-
-    rank: int
-    step: int
-    tensors: dict  # params and every optimizer state vector, this rank's [lo, hi)
-    counters: dict
 
 
 @dataclass
@@ -151,7 +155,7 @@ async def _guarded(state: RankState, what: str, fn):
         return Failed(f"{what}: {str(err).splitlines()[0]}")
 
 
-class _Role(actors.Actor):
+class _Role(ProtocolActor):
     # a role that does not stop within a second is killed: the rank is going down anyway
     shutdown = 1.0
 
@@ -170,10 +174,8 @@ class DataLoader(_Role):
 
     def __init__(self, state: RankState):
         self.state = state
-        self._ahead: dict[int, object] = {}  # step -> trio.Event-guarded result
-
-    async def init(self) -> None:
-        self._ready: dict[int, trio.Event] = {}
+        self._ahead: dict[int, object] = {}  # step -> its batches, once prepared
+        self._ready: dict[int, trio.Event] = {}  # step -> set when its prefetch ended
 
     def _make(self, s: int):
         st = self.state
@@ -187,8 +189,12 @@ class DataLoader(_Role):
             event.set()
 
     async def handle_call(self, request, from_):
-        kind, s = request
-        assert kind == "batches", request
+        match request:
+            case BatchesWanted(step=s):
+                return await self._batches(s)
+        return self.reject(request)
+
+    async def _batches(self, s: int):
         if s in self._ready:
             await self._ready.pop(s).wait()
         batches = self._ahead.pop(s, None)
@@ -203,80 +209,61 @@ class DataLoader(_Role):
 
 
 # ---------------------------------------------------------------------------------------
-# GradientWorker
+# Gradients: computed in a worker thread, reduced over the ring
 # ---------------------------------------------------------------------------------------
 
 
-class GradientWorker(_Role):
-    """compute_gradients of this rank's micro-batches in a worker thread (the kernels
-    release the GIL), so heartbeats and messages keep flowing meanwhile."""
-
-    def __init__(self, state: RankState):
-        self.state = state
-
-    async def handle_call(self, request, from_):
-        kind, s, batches, seed, gate = request
-        assert kind == "compute", request
-        st = self.state
-        t0 = time.perf_counter()
-        ready = gate.grad_ready if gate is not None else None
-        try:
-            grads, loss_sum = await trio.to_thread.run_sync(
-                st.step.compute, batches, seed, s, ready
-            )
-        finally:
-            if gate is not None:
-                gate.close()
-        dt = time.perf_counter() - t0
-        st.add_time("compute_s", dt)
-        slow = st.chaos.straggler_factor
-        if slow > 1:  # chaos: a straggler computes `factor` times slower
-            await trio.sleep(dt * (slow - 1))
-        return grads, loss_sum
+async def compute_gradients(st: RankState, s: int, batches, seed: int, gate):
+    """(grads, loss_sum) of this rank's micro-batches of step `s`, computed in a worker
+    thread (the kernels release the GIL), so heartbeats and messages keep flowing.
+    `gate`: a BackwardGate told of each gradient range as backward finalises it."""
+    t0 = time.perf_counter()
+    ready = gate.grad_ready if gate is not None else None
+    try:
+        grads, loss_sum = await trio.to_thread.run_sync(st.step.compute, batches, seed, s, ready)
+    finally:
+        if gate is not None:
+            gate.close()
+    dt = time.perf_counter() - t0
+    st.add_time("compute_s", dt)
+    slow = st.chaos.straggler_factor
+    if slow > 1:  # chaos: a straggler computes `factor` times slower
+        await trio.sleep(dt * (slow - 1))
+    return grads, loss_sum
 
 
-# ---------------------------------------------------------------------------------------
-# Reducer
-# ---------------------------------------------------------------------------------------
+async def reduce_buckets(st: RankState, s: int, grads: np.ndarray, gate: BackwardGate):
+    """All-reduce each gradient bucket once backward has finalised it (overlapped with
+    backward; same bits as reducing after it). The number of buckets done, or Failed."""
 
-
-class Reducer(_Role):
-    """The gradient reduction of the configured mode over the ring (see step.RankStep)."""
-
-    def __init__(self, state: RankState):
-        self.state = state
-
-    async def handle_call(self, request, from_):
-        kind = request[0]
-        st = self.state
-        if kind == "buckets":  # overlapped with backward: each bucket once it is final
-            _, s, grads, gate = request
-
-            async def buckets(ring):
-                await st.chaos.before_send(s, "reduce")
-                done = 0
-                for index, (lo, _) in enumerate(st.step.buckets):
-                    if not await gate.wait_final(lo):
-                        break  # backward ended without reaching it (an error)
-                    t0 = time.perf_counter()
-                    await st.step.reduce_bucket(grads, index, s)
-                    st.add_time("comm_s", time.perf_counter() - t0)
-                    done += 1
-                return done
-
-            return await _guarded(st, f"bucket reduction of step {s}", buckets)
-        _, s, grads, loss_sum, done = request
-        assert kind == "reduce", request
-
-        async def reduce(ring):
-            if not done:
-                await st.chaos.before_send(s, "reduce")
+    async def buckets(ring):
+        await st.chaos.before_send(s, "reduce")
+        done = 0
+        for index, (lo, _) in enumerate(st.step.buckets):
+            if not await gate.wait_final(lo):
+                break  # backward ended without reaching it (an error)
             t0 = time.perf_counter()
-            out = await st.step.reduce(grads, loss_sum, s, buckets_done=done)
+            await st.step.reduce_bucket(grads, index, s)
             st.add_time("comm_s", time.perf_counter() - t0)
-            return out
+            done += 1
+        return done
 
-        return await _guarded(st, f"reduce of step {s}", reduce)
+    return await _guarded(st, f"bucket reduction of step {s}", buckets)
+
+
+async def reduce_gradients(st: RankState, s: int, grads: np.ndarray, loss_sum, done: int):
+    """The gradient reduction of the configured mode over the ring (step.RankStep.reduce):
+    (shard, sq_norm, loss), or Failed. `done`: buckets reduced already."""
+
+    async def reduce(ring):
+        if not done:
+            await st.chaos.before_send(s, "reduce")
+        t0 = time.perf_counter()
+        out = await st.step.reduce(grads, loss_sum, s, buckets_done=done)
+        st.add_time("comm_s", time.perf_counter() - t0)
+        return out
+
+    return await _guarded(st, f"reduce of step {s}", reduce)
 
 
 class BackwardGate:
@@ -323,20 +310,20 @@ class BackwardGate:
 class Optimizer(_Role):
     """Owns this rank's shard of the parameters and of the optimizer state.
 
-    ("apply", s, shard, sq_norm): clip, update the shard, all-gather the parameters.
-    ("restore", how): install a snapshot or a checkpoint and rebuild the full vectors.
+    ApplyUpdate: clip, update the shard, all-gather the parameters.
+    RestoreState: install a snapshot or a checkpoint and rebuild the full vectors.
     """
 
     def __init__(self, state: RankState):
         self.state = state
 
     async def handle_call(self, request, from_):
-        kind = request[0]
-        if kind == "apply":
-            return await self._apply(*request[1:])
-        if kind == "restore":
-            return await self._restore(request[1])
-        raise ValueError(f"Optimizer: unknown request {kind!r}")
+        match request:
+            case ApplyUpdate(step=s, shard=shard, sq_norm=sq_norm):
+                return await self._apply(s, shard, sq_norm)
+            case RestoreState():
+                return await self._restore(request)
+        return self.reject(request)
 
     async def _apply(self, s: int, shard: np.ndarray, sq_norm: float):
         st = self.state
@@ -353,20 +340,18 @@ class Optimizer(_Role):
 
         return await _guarded(st, f"all-gather of step {s}", gather)
 
-    async def _restore(self, how: dict):
-        """how: {"source": "init"|"memory"|"disk", "snapshot": Snapshot, "path": str}."""
+    async def _restore(self, how: RestoreState):
         st = self.state
         rs = st.step
-        source = how["source"]
-        if source == "init":
+        if how.source == "init":
             rs.model.params[:] = st.initial_params
             rs.opt.load({}, {})
             return None
-        if source == "disk":
-            manifest, full = await trio.to_thread.run_sync(read_checkpoint, how["path"], rs.n)
+        if how.source == "disk":
+            manifest, full = await trio.to_thread.run_sync(read_checkpoint, how.path, rs.n)
             install_checkpoint(rs, manifest, full)
             return None
-        snap: Snapshot = how["snapshot"]
+        snap = how.snapshot
         lo, hi = rs.lo, rs.hi
         rs.model.params[lo:hi] = snap.tensors["params"]
         full_state = rs.mode == "ddp"
@@ -394,13 +379,14 @@ class Checkpointer(_Role):
     """Snapshots of this rank's shard (in memory), the left neighbour's replica, and
     shard files on disk written in a worker thread while training goes on.
 
-    ("snapshot", s, to_disk): copy the shard; send the copy to the right neighbour's
+    TakeSnapshot(s, to_disk): copy the shard; send the copy to the right neighbour's
         Checkpointer (its replica of us); when `to_disk`, write the shard file in the
         background and tell the coordinator when it is durable.
-    ("held",): the steps of own snapshots and of replicas held (for the coordinator).
-    ("own", s) / ("replica_of", r, s): a snapshot by step (None if not held).
-    ("flush",): wait for background writes.
-    Cast Snapshot from the left neighbour: keep it as the replica.
+    HeldQuery: the steps of own snapshots and of replicas held (for the coordinator).
+    OwnSnapshot(s) / ReplicaWanted(r, s): a snapshot by step (None if not held).
+    FlushWrites: wait for background writes.
+    Cast Snapshot from the left neighbour: keep it as the replica, and ack it.
+    Cast ReplicaAck(s) from the right neighbour: it holds our snapshot of step s.
     """
 
     mailbox_size = 16
@@ -415,34 +401,36 @@ class Checkpointer(_Role):
         self._idle.set()
 
     async def handle_call(self, request, from_):
-        kind = request[0]
-        if kind == "snapshot":
-            return await self._snapshot(request[1], request[2], from_)
-        if kind == "held":
-            return {"own": sorted(self.own), "replica": sorted(self.replicas)}
-        if kind == "own":
-            return self.own.get(request[1])
-        if kind == "replica_of":
-            snap = self.replicas.get(request[2])
-            return snap if snap is not None and snap.rank == request[1] else None
-        if kind == "flush":
-            await self._idle.wait()
-            return None
-        raise ValueError(f"Checkpointer: unknown request {kind!r}")
+        match request:
+            case TakeSnapshot(step=s, to_disk=to_disk):
+                return await self._snapshot(s, to_disk, from_)
+            case HeldQuery():
+                return Held(sorted(self.own), sorted(self.replicas))
+            case OwnSnapshot(step=s):
+                return self.own.get(s)
+            case ReplicaWanted(rank=rank, step=s):
+                snap = self.replicas.get(s)
+                return snap if snap is not None and snap.rank == rank else None
+            case FlushWrites():
+                await self._idle.wait()
+                return None
+        return self.reject(request)
 
-    async def handle_cast(self, msg):
+    async def handle_cast(self, message):
         st = self.state
-        if isinstance(msg, Snapshot):
-            left = (st.rank - 1) % st.world
-            if msg.rank == left:
-                self.replicas[msg.step] = msg
+        left = (st.rank - 1) % st.world
+        match message:
+            case Snapshot(rank=rank, step=s) if rank == left:
+                self.replicas[s] = message
                 _trim(self.replicas)
                 with trio.move_on_after(1.0):
-                    await actors.cast(f"Checkpointer@rank{left}", ("replica_ack", msg.step))
-        elif msg[0] == "replica_ack":
-            acked = self._acks.pop(msg[1], None)
-            if acked is not None:
-                acked.set()
+                    await msg.replica_ack(left, s)
+            case ReplicaAck(step=s):
+                acked = self._acks.pop(s, None)
+                if acked is not None:
+                    acked.set()
+            case _:
+                self.drop(message)
 
     async def _snapshot(self, s: int, to_disk: bool, from_):
         st = self.state
@@ -461,9 +449,8 @@ class Checkpointer(_Role):
         # killed right after its snapshot is restored from it, not from the one before).
         # The reply waits for the ack off the mailbox, which keeps taking replicas.
         acked = self._acks[s] = trio.Event()
-        right = (st.rank + 1) % st.world
         with trio.move_on_after(1.0):  # a dead neighbour: the cast is dropped
-            await actors.cast(f"Checkpointer@rank{right}", snap)
+            await msg.send_replica((st.rank + 1) % st.world, snap)
 
         async def reply_when_acked() -> None:
             with trio.move_on_after(REPLICA_ACK_WAIT_S):  # or a regroup: it died
@@ -490,10 +477,7 @@ class Checkpointer(_Role):
                 )
             )
             await st.chaos.after_shard_write(snap.step)
-            await actors.cast(
-                COORDINATOR,
-                ("shard_written", st.rank, snap.step, asdict(info), snap.counters, st.generation),
-            )
+            await msg.shard_written(st.rank, snap.step, asdict(info), snap.counters, st.generation)
         finally:
             self._writes -= 1
             if self._writes == 0:
@@ -506,13 +490,14 @@ def _trim(snaps: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# HookAnalyzer
+# HookSampler
 # ---------------------------------------------------------------------------------------
 
 
-class HookAnalyzer(_Role):
-    """The rank's side of the gradient hooks: builds a sample on the steps an analyzer
-    is due and offers it to the analyzer process without waiting (full: dropped)."""
+class HookSampler(_Role):
+    """The rank's side of the gradient hooks: decides which steps are sampled, builds a
+    sample on them and offers it to the analyzer process without waiting (full:
+    dropped). It owns the HookOutbox and its forwarder task."""
 
     def __init__(self, state: RankState, outbox):
         self.state = state
@@ -522,49 +507,57 @@ class HookAnalyzer(_Role):
         if self.outbox is not None:
             self.nursery.start_soon(self.outbox.run)
 
-    def due(self, step: int) -> bool:
-        return self.outbox is not None and self.outbox.due(step)
-
-    def has_credit(self) -> bool:
-        return self.outbox is not None and self.outbox.has_credit()
-
-    def decline(self, step: int) -> None:
-        if self.outbox is not None:
-            self.outbox.decline(step)
-
     async def handle_call(self, request, from_):
-        kind = request[0]
-        if kind == "stats":
-            return self.outbox.stats() if self.outbox is not None else {}
-        if kind == "flush":  # the run's end: wait (bounded) until the analyzer has it all
-            if self.outbox is not None:
-                await self.outbox.flush(self.state.rank, request[1])
-            return None
-        raise ValueError(f"HookAnalyzer: unknown request {kind!r}")
+        match request:
+            case SampleQuery(step=step, agreed=agreed):
+                return self._decide(step, agreed)
+            case HookStats():
+                return self.outbox.stats() if self.outbox is not None else {}
+            case HookFlush(seconds=seconds):  # the run's end: wait (bounded) for the analyzer
+                if self.outbox is not None:
+                    await self.outbox.flush(self.state.rank, seconds)
+                return None
+        return self.reject(request)
 
-    async def handle_cast(self, msg):
-        kind, step, loss, lr, view = msg
-        assert kind == "sample", msg[0]
+    def _decide(self, step: int, agreed: bool) -> SampleDecision:
+        """A due step is sampled only if every rank had credit at the step before (the
+        analyzer keeps up): the same decision on every rank (hooks.link's doc). The
+        run's last step always is: the run's end waits for the analyzer anyway."""
+        outbox = self.outbox
+        if outbox is None:
+            return SampleDecision(False, False)
+        sampled = outbox.due(step)
+        if sampled and not agreed and step != self.state.cfg.train.steps:
+            outbox.decline(step)
+            sampled = False
+        return SampleDecision(sampled, outbox.has_credit() and not sampled)
+
+    async def handle_cast(self, message):
+        match message:
+            case SampleView() if self.outbox is not None:
+                self.outbox.offer(self._sample(message))
+            case _:
+                self.drop(message)
+
+    def _sample(self, m: SampleView):
         from ..hooks.link import HookSample
 
         st = self.state
         rs = st.step
-        lo, hi = rs.lo, rs.hi
-        grad, before = view["grad"], view["params_before"]  # this rank's shard [lo, hi)
-        sample = HookSample(
-            step=step,
+        view = m.view
+        return HookSample(
+            step=m.step,
             rank=st.rank,
             world=st.world,
-            loss=float(loss),
-            lr=float(lr),
-            lo=lo,
-            hi=hi,
+            loss=float(m.loss),
+            lr=float(m.lr),
+            lo=rs.lo,
+            hi=rs.hi,
             batch_size=st.cfg.micro_batch * st.cfg.train.grad_accum,
             # the view's arrays are fresh copies made for this sample: their [lo:hi]
             # slices travel as they are, without a second copy
             rank_grad=np.ascontiguousarray(view["rank_grad"], dtype=np.float32),
-            grad=np.asarray(grad, dtype=np.float32),
-            params=np.asarray(before, dtype=np.float32),
+            grad=np.asarray(view["grad"], dtype=np.float32),
+            params=np.asarray(view["params_before"], dtype=np.float32),
             update=np.asarray(view["update"], dtype=np.float32),
         )
-        self.outbox.offer(sample)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 from pipelines.cluster.coordinator import Coordinator
+from pipelines.cluster.messages import Held
 from pipelines.config import ClusterConfig, Config, config_hash, resume_fields, resume_hash
 from pipelines.core import RunIdentity
 from pipelines.store.rundir import Progress, RunDir
@@ -33,7 +34,7 @@ def coordinator(tmp_path, world=4, resume=None):
 
 
 def held(own=(), replica=()):
-    return {"own": list(own), "replica": list(replica)}
+    return Held(list(own), list(replica))
 
 
 def test_the_newest_step_every_shard_of_which_survives_is_chosen(tmp_path):

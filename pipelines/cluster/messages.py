@@ -1,0 +1,688 @@
+"""The cluster protocol: every message between the Trainer, the Coordinator and a rank's
+role actors, as a record, with one client function per message.
+
+=================== =========================== ====== ==================================
+record              sender -> receiver          kind   reply
+=================== =========================== ====== ==================================
+Join                Trainer -> Coordinator      call   Plan (once all ranks joined)
+StepLogged          Trainer -> Coordinator      cast
+EvalReported        Trainer -> Coordinator      cast
+StopQuery           Trainer -> Coordinator      call   bool (early stopping's decision)
+RankFinished        Trainer -> Coordinator      call   EXIT, or REGROUP: a rank failed
+ChaosFired          RankChaos -> Coordinator    call   True
+ShardWritten        Checkpointer -> Coordinator cast
+RegroupCalled       Coordinator -> Trainer      cast
+BatchesWanted       Trainer -> DataLoader       call   the rank's micro-batches
+ApplyUpdate         Trainer -> Optimizer        call   (lr, StepResult) | Failed
+RestoreState        Trainer -> Optimizer        call   None | Failed
+TakeSnapshot        Trainer -> Checkpointer     call   None (once the replica is acked)
+HeldQuery           Trainer -> Checkpointer     call   Held
+OwnSnapshot         Trainer -> Checkpointer     call   Snapshot | None
+ReplicaWanted       Trainer -> Checkpointer@r+1 call   Snapshot | None
+Snapshot            Checkpointer -> @r+1        cast   (kept as the replica of rank r)
+ReplicaAck          Checkpointer -> @r-1        cast
+FlushWrites         Trainer -> Checkpointer     call   None (background writes done)
+SampleQuery         Trainer -> HookSampler      call   SampleDecision
+SampleView          Trainer -> HookSampler      cast
+HookFlush           Trainer -> HookSampler      call   None
+HookStats           Trainer -> HookSampler      call   dict (the outbox's counters)
+=================== =========================== ====== ==================================
+
+What holds:
+
+* Every record checks its fields in ``__post_init__`` and raises :class:`BadMessage`
+  (a TypeError) naming the field, what it must be and what it got. A record that comes
+  from another process is rebuilt by the actors codec with its constructor, and the
+  codec turns that TypeError into a rejected message: the node answers a call with an
+  error and drops a cast, counting it (``actors._wire``, ``actors._node``). So a
+  malformed record never reaches an actor.
+* Records that cross between processes (the Coordinator's, ``RegroupCalled`` and the
+  Checkpointers' replica traffic, and the replies ``Plan``, ``Held``, ``Rejected``) are
+  ``@actors.record``. The others are only sent inside a rank process and are not
+  registered: a peer cannot name them, so the DataLoader, Optimizer and HookSampler
+  only ever see them from their own Trainer.
+* A receiver (a :class:`ProtocolActor`) answers a call it does not know with
+  :class:`Rejected` and drops a cast it does not know, counting it in its
+  ``statistics().dropped`` -- never an exception, which would crash the actor and with
+  it the rank (or, for the Coordinator, the run).
+* A role's work that fails for a reason outside this rank (a dead peer mid-collective)
+  is answered with :class:`Failed`; the Trainer turns it into :class:`Regroup`.
+
+Adding a message: one record here (its checks in ``__post_init__``), one client function
+here, one ``case`` in the receiver's ``handle_call`` or ``handle_cast``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import numbers
+
+import numpy as np
+
+import actors
+
+from ..store.checkpoint import ShardInfo
+
+__all__ = [
+    "COORDINATOR",
+    "EXIT",
+    "REGROUP",
+    "SOURCES",
+    "ApplyUpdate",
+    "BadMessage",
+    "BatchesWanted",
+    "ChaosFired",
+    "EvalReported",
+    "Failed",
+    "FlushWrites",
+    "Held",
+    "HeldQuery",
+    "HookFlush",
+    "HookStats",
+    "Join",
+    "OwnSnapshot",
+    "Plan",
+    "ProtocolActor",
+    "RankFinished",
+    "Regroup",
+    "RegroupCalled",
+    "Rejected",
+    "ReplicaAck",
+    "ReplicaWanted",
+    "RestoreState",
+    "SampleDecision",
+    "SampleQuery",
+    "SampleView",
+    "ShardWritten",
+    "Snapshot",
+    "StepLogged",
+    "StopQuery",
+    "TakeSnapshot",
+    "apply_update",
+    "ask_regroup",
+    "chaos_fired",
+    "eval_reported",
+    "fetch_batches",
+    "flush_hooks",
+    "flush_writes",
+    "held_snapshots",
+    "hook_stats",
+    "join",
+    "own_snapshot",
+    "rank_finished",
+    "replica_ack",
+    "replica_of",
+    "restore_state",
+    "sample_decision",
+    "send_replica",
+    "send_sample",
+    "shard_written",
+    "should_stop",
+    "step_logged",
+    "take_snapshot",
+]
+
+COORDINATOR = "Coordinator@cluster"
+_SHARD_INFO = frozenset(f.name for f in dataclasses.fields(ShardInfo))
+SOURCES = ("init", "memory", "disk")  # where a generation's starting state comes from
+EXIT, REGROUP = "exit", "regroup"  # the Coordinator's answers to RankFinished
+
+log = logging.getLogger("zerotrain.cluster")
+
+
+class BadMessage(actors.WireError):
+    """A message that does not fit its record (a TypeError: the actors codec rejects a
+    received one before any actor sees it)."""
+
+
+class Regroup(Exception):
+    """This rank must rejoin the cluster (a peer failed, or the Coordinator asked)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Field checks: each a predicate and what it accepts, for BadMessage's text
+# ---------------------------------------------------------------------------------------
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_str_dict(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
+
+
+NAT = (lambda v: _is_int(v) and v >= 0, "an int >= 0")
+POSITIVE = (lambda v: _is_int(v) and v >= 1, "an int >= 1")
+REAL = (_is_real, "a real number")
+SECONDS = (lambda v: _is_real(v) and v >= 0, "a number of seconds >= 0")
+BOOL = (lambda v: isinstance(v, bool | np.bool_), "a bool")
+STR_DICT = (_is_str_dict, "a dict with str keys")
+OPT_STR_DICT = (lambda v: v is None or _is_str_dict(v), "None or a dict with str keys")
+STEPS = (lambda v: isinstance(v, list) and all(NAT[0](s) for s in v), "a list of ints >= 0")
+VECTOR = (
+    lambda v: isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype == np.float32,
+    "a 1-D float32 array",
+)
+TENSORS = (
+    lambda v: _is_str_dict(v) and all(VECTOR[0](t) for t in v.values()),
+    "a dict of 1-D float32 arrays",
+)
+COUNTERS = (
+    lambda v: _is_str_dict(v) and all(_is_int(c) for c in v.values()),
+    "a dict of int counters",
+)
+
+
+def _check(message, /, **kinds) -> None:
+    """Raise BadMessage for the first field of `message` its kind does not accept."""
+    for name, (accepts, what) in kinds.items():
+        value = getattr(message, name)
+        if not accepts(value):
+            raise BadMessage(
+                f"{type(message).__name__}.{name}: expected {what}, got "
+                f"{type(value).__name__} {value!r:.60}"
+            )
+
+
+def _wire(cls):
+    """A record that crosses between processes (named cluster.<Class> on the wire)."""
+    return actors.record(dataclasses.dataclass(frozen=True)(cls), name=f"cluster.{cls.__name__}")
+
+
+_local = dataclasses.dataclass(frozen=True)  # a record sent only inside a rank process
+
+
+# ---------------------------------------------------------------------------------------
+# Replies
+# ---------------------------------------------------------------------------------------
+
+
+@_local
+class Failed:
+    """A role's answer when its work failed outside this rank (see the module doc)."""
+
+    reason: str
+
+
+@_wire
+class Rejected:
+    """The answer to a call its receiver does not accept (unknown or malformed)."""
+
+    reason: str
+
+
+@_wire
+class Held:
+    """The steps of the snapshots a rank holds: its own, and its left neighbour's
+    replicas."""
+
+    own: list
+    replica: list
+
+    def __post_init__(self):
+        _check(self, own=STEPS, replica=STEPS)
+
+
+@_wire
+class Plan:
+    """The Coordinator's answer to Join: train generation `generation` from the state
+    after `step` steps, taken from `source` ("init", "memory" or "disk" at `path`);
+    `chaos` is the events not fired yet."""
+
+    generation: int
+    step: int
+    source: str
+    path: str | None
+    chaos: list
+
+    def __post_init__(self):
+        _check(self, generation=POSITIVE, step=NAT)
+        if self.source not in SOURCES:
+            raise BadMessage(f"Plan.source: expected one of {SOURCES}, got {self.source!r:.40}")
+        if self.path is not None and not isinstance(self.path, str):
+            raise BadMessage(f"Plan.path: expected None or a str, got {self.path!r:.40}")
+        if not (isinstance(self.chaos, list) and all(_is_str_dict(e) for e in self.chaos)):
+            raise BadMessage(f"Plan.chaos: expected a list of dicts, got {self.chaos!r:.60}")
+
+
+@_local
+class SampleDecision:
+    """Whether this step is sampled for the analyzer, and whether this rank has credit
+    (room to offer the next sample) -- the latter is agreed on by all ranks."""
+
+    sampled: bool
+    credit: bool
+
+
+# ---------------------------------------------------------------------------------------
+# To the Coordinator
+# ---------------------------------------------------------------------------------------
+
+
+@_wire
+class Join:
+    rank: int
+    pid: int
+    held: Held
+
+    def __post_init__(self):
+        _check(self, rank=NAT, pid=POSITIVE)
+        if not isinstance(self.held, Held):
+            raise BadMessage(f"Join.held: expected a Held record, got {self.held!r:.60}")
+
+
+@_wire
+class StepLogged:
+    """Rank 0's metrics line of one step (a metrics.jsonl record plus its generation,
+    and the transform hooks' records for hooks.jsonl)."""
+
+    record: dict
+
+    def __post_init__(self):
+        _check(self, record=STR_DICT)
+        r = self.record
+        for key, kind in (("step", POSITIVE), ("generation", NAT), ("skipped", BOOL)):
+            if not kind[0](r.get(key)):
+                raise BadMessage(f"StepLogged.record[{key!r}]: expected {kind[1]}")
+        for key in ("loss", "lr", "samples_per_s"):
+            if not _is_real(r.get(key)):
+                raise BadMessage(f"StepLogged.record[{key!r}]: expected a real number")
+        if not OPT_STR_DICT[0](r.get("eval")):
+            raise BadMessage("StepLogged.record['eval']: expected None or a dict")
+        transforms = r.get("transforms")
+        if transforms is not None and not (
+            isinstance(transforms, list) and all(_is_str_dict(t) for t in transforms)
+        ):
+            raise BadMessage("StepLogged.record['transforms']: expected a list of dicts")
+
+
+@_wire
+class EvalReported:
+    step: int
+    metrics: dict
+
+    def __post_init__(self):
+        _check(self, step=POSITIVE, metrics=STR_DICT)
+
+
+@_wire
+class StopQuery:
+    step: int
+
+    def __post_init__(self):
+        _check(self, step=POSITIVE)
+
+
+@_wire
+class RankFinished:
+    rank: int
+    info: dict  # step, memory, timing, hooks ... (rank 0: eval, params_sha256)
+
+    def __post_init__(self):
+        _check(self, rank=NAT, info=STR_DICT)
+        if self.info.get("rank") != self.rank:
+            raise BadMessage(f"RankFinished.info['rank']: expected {self.rank}")
+
+
+@_wire
+class ChaosFired:
+    event_id: int
+    pid: int
+
+    def __post_init__(self):
+        _check(self, event_id=NAT, pid=POSITIVE)
+
+
+@_wire
+class ShardWritten:
+    """Rank `rank`'s shard file of step `step` is durable (`info`: a ShardInfo's
+    fields); `generation`: the generation that wrote it."""
+
+    rank: int
+    step: int
+    info: dict
+    counters: dict
+    generation: int
+
+    def __post_init__(self):
+        _check(self, rank=NAT, step=NAT, info=STR_DICT, counters=COUNTERS)
+        _check(self, generation=NAT)
+        if set(self.info) != _SHARD_INFO:
+            raise BadMessage(f"ShardWritten.info: expected the keys {sorted(_SHARD_INFO)}")
+
+
+# ---------------------------------------------------------------------------------------
+# To the Trainer
+# ---------------------------------------------------------------------------------------
+
+
+@_wire
+class RegroupCalled:
+    """Abort the current attempt and rejoin for generation `generation`."""
+
+    generation: int
+
+    def __post_init__(self):
+        _check(self, generation=POSITIVE)
+
+
+# ---------------------------------------------------------------------------------------
+# To the role actors of a rank
+# ---------------------------------------------------------------------------------------
+
+
+@_local
+class BatchesWanted:
+    step: int
+
+    def __post_init__(self):
+        _check(self, step=NAT)
+
+
+@_local
+class ApplyUpdate:
+    """Clip, update this rank's shard with the reduced gradient `shard` (global squared
+    norm `sq_norm`), all-gather the parameters."""
+
+    step: int
+    shard: np.ndarray
+    sq_norm: float
+
+    def __post_init__(self):
+        _check(self, step=NAT, shard=VECTOR, sq_norm=REAL)
+
+
+@_wire
+class Snapshot:
+    """One rank's shard of the training state after `step` steps (in memory)."""
+
+    rank: int
+    step: int
+    tensors: dict  # params and every optimizer state vector, this rank's [lo, hi)
+    counters: dict
+
+    def __post_init__(self):
+        _check(self, rank=NAT, step=NAT, tensors=TENSORS, counters=COUNTERS)
+        if "params" not in self.tensors:
+            raise BadMessage("Snapshot.tensors: expected a 'params' entry")
+
+
+@_local
+class RestoreState:
+    """Install the state after `step` steps from `source`: the seed ("init"),
+    `snapshot` ("memory") or the checkpoint at `path` ("disk")."""
+
+    source: str
+    step: int
+    path: str | None = None
+    snapshot: Snapshot | None = None
+
+    def __post_init__(self):
+        _check(self, step=NAT)
+        if self.source not in SOURCES:
+            raise BadMessage(f"RestoreState.source: expected one of {SOURCES}, got {self.source!r}")
+        if self.source == "memory" and not isinstance(self.snapshot, Snapshot):
+            raise BadMessage("RestoreState: source 'memory' needs a Snapshot")
+        if self.source == "disk" and not isinstance(self.path, str):
+            raise BadMessage("RestoreState: source 'disk' needs a path")
+
+
+@_local
+class TakeSnapshot:
+    """Snapshot the state after `step` steps, replicate it to the right neighbour, and
+    write the shard file when `to_disk`."""
+
+    step: int
+    to_disk: bool
+
+    def __post_init__(self):
+        _check(self, step=NAT, to_disk=BOOL)
+
+
+@_local
+class HeldQuery:
+    pass
+
+
+@_local
+class OwnSnapshot:
+    step: int
+
+    def __post_init__(self):
+        _check(self, step=NAT)
+
+
+@_wire
+class ReplicaWanted:
+    """Rank `rank`'s snapshot of step `step`, from the replicas its right neighbour
+    holds."""
+
+    rank: int
+    step: int
+
+    def __post_init__(self):
+        _check(self, rank=NAT, step=NAT)
+
+
+@_wire
+class ReplicaAck:
+    step: int
+
+    def __post_init__(self):
+        _check(self, step=NAT)
+
+
+@_local
+class FlushWrites:
+    pass
+
+
+@_local
+class SampleQuery:
+    """Is step `step` (1-based) sampled for the analyzer? `agreed`: every rank had
+    credit at the step before (so all decide alike)."""
+
+    step: int
+    agreed: bool
+
+    def __post_init__(self):
+        _check(self, step=POSITIVE, agreed=BOOL)
+
+
+@_local
+class SampleView:
+    """This rank's view of step `step` for the analyzer: its gradient shard, the
+    parameters before and the update (fresh arrays), and its own gradient."""
+
+    step: int
+    loss: float
+    lr: float
+    view: dict
+
+    def __post_init__(self):
+        _check(self, step=POSITIVE, loss=REAL, lr=REAL, view=STR_DICT)
+        missing = {"grad", "params_before", "update", "rank_grad"} - set(self.view)
+        if missing:
+            raise BadMessage(f"SampleView.view: missing {sorted(missing)}")
+
+
+@_local
+class HookFlush:
+    """Wait (at most `seconds`) until the analyzer has every sample offered."""
+
+    seconds: float
+
+    def __post_init__(self):
+        _check(self, seconds=SECONDS)
+
+
+@_local
+class HookStats:
+    pass
+
+
+# ---------------------------------------------------------------------------------------
+# The receiving side
+# ---------------------------------------------------------------------------------------
+
+
+class ProtocolActor(actors.Actor):
+    """An actor that receives this module's records. Subclasses answer what they accept
+    with one ``case`` each and end with ``return self.reject(request)`` /
+    ``self.drop(msg)``; the defaults reject everything."""
+
+    async def handle_call(self, request, from_):
+        return self.reject(request)
+
+    async def handle_cast(self, msg):
+        self.drop(msg)
+
+    def reject(self, request) -> Rejected:
+        """The answer to a call this actor does not accept (logged)."""
+        reason = f"{self.ref.label} does not accept {_describe(request)}"
+        self.log.warning("rejected a call: %s", reason)
+        return Rejected(reason)
+
+    def drop(self, msg) -> None:
+        """Drop a cast this actor does not accept: counted in statistics().dropped and
+        logged at the 1st, 2nd, 4th, 8th ... time (a flood must not flood the log)."""
+        self.ref.dropped += 1
+        n = self.ref.dropped
+        if n & (n - 1) == 0:
+            self.log.warning("dropped %s (%d dropped so far)", _describe(msg), n)
+
+
+def _describe(value) -> str:
+    if dataclasses.is_dataclass(value):
+        return f"a {type(value).__name__} record"
+    return f"{type(value).__name__} {value!r:.40}"
+
+
+def _expect(reply, kind: type, what: str):
+    """`reply` if it is a `kind`; a Rejected (a bug on one side) raises BadMessage."""
+    if isinstance(reply, kind):
+        return reply
+    raise BadMessage(f"{what}: expected a {kind.__name__} reply, got {_describe(reply)}")
+
+
+def _reply(reply):
+    """A role's reply; Failed (its work failed outside this rank) raises Regroup, and
+    Rejected (a bug on one side) raises BadMessage."""
+    if isinstance(reply, Failed):
+        raise Regroup(reply.reason)
+    if isinstance(reply, Rejected):
+        raise BadMessage(reply.reason)
+    return reply
+
+
+# ---------------------------------------------------------------------------------------
+# Client functions: one per message
+# ---------------------------------------------------------------------------------------
+
+
+async def join(rank: int, pid: int, held: Held) -> Plan:
+    """Join the next generation; returns once every rank has joined."""
+    plan = await actors.call(COORDINATOR, Join(rank, pid, held), timeout=None)
+    return _expect(plan, Plan, "join")
+
+
+async def step_logged(record: dict) -> None:
+    await actors.cast(COORDINATOR, StepLogged(record))
+
+
+async def eval_reported(step: int, metrics: dict) -> None:
+    await actors.cast(COORDINATOR, EvalReported(step, metrics))
+
+
+async def should_stop(step: int) -> bool:
+    """Early stopping's decision after the evaluation of `step` (waits for it)."""
+    return _expect(await actors.call(COORDINATOR, StopQuery(step), timeout=None), bool, "stop")
+
+
+async def rank_finished(rank: int, info: dict) -> None:
+    """Report the end; returns when every rank has, raises Regroup if one failed first."""
+    reply = await actors.call(COORDINATOR, RankFinished(rank, info), timeout=None)
+    if reply == REGROUP:
+        raise Regroup("a rank failed before the run ended")
+    if reply != EXIT:
+        raise BadMessage(f"rank_finished: expected {EXIT!r} or {REGROUP!r}, got {reply!r:.40}")
+
+
+async def chaos_fired(coordinator: str, event_id: int, pid: int, timeout: float) -> None:
+    await actors.call(coordinator, ChaosFired(event_id, pid), timeout)
+
+
+async def shard_written(rank: int, step: int, info: dict, counters: dict, generation: int) -> None:
+    await actors.cast(COORDINATOR, ShardWritten(rank, step, info, counters, generation))
+
+
+async def ask_regroup(rank: int, generation: int) -> None:
+    await actors.cast(f"Trainer@rank{rank}", RegroupCalled(generation))
+
+
+async def fetch_batches(step: int) -> list:
+    return await actors.call("DataLoader", BatchesWanted(step), timeout=None)
+
+
+async def apply_update(step: int, shard: np.ndarray, sq_norm: float):
+    """(lr, StepResult); Regroup if the all-gather failed."""
+    reply = await actors.call("Optimizer", ApplyUpdate(step, shard, sq_norm), timeout=None)
+    return _reply(reply)
+
+
+async def restore_state(how: RestoreState) -> None:
+    """Install `how`'s state; Regroup if rebuilding the full vectors failed."""
+    _reply(await actors.call("Optimizer", how, timeout=None))
+
+
+async def take_snapshot(step: int, to_disk: bool) -> None:
+    _reply(await actors.call("Checkpointer", TakeSnapshot(step, to_disk), timeout=None))
+
+
+async def held_snapshots() -> Held:
+    return _expect(await actors.call("Checkpointer", HeldQuery()), Held, "held")
+
+
+async def own_snapshot(step: int) -> Snapshot | None:
+    return _reply(await actors.call("Checkpointer", OwnSnapshot(step)))
+
+
+async def replica_of(holder: int, rank: int, step: int, timeout: float) -> Snapshot | None:
+    """Rank `rank`'s snapshot of `step` as rank `holder` (its right neighbour) holds it."""
+    reply = await actors.call(f"Checkpointer@rank{holder}", ReplicaWanted(rank, step), timeout)
+    return _reply(reply)
+
+
+async def send_replica(rank: int, snap: Snapshot) -> None:
+    await actors.cast(f"Checkpointer@rank{rank}", snap)
+
+
+async def replica_ack(rank: int, step: int) -> None:
+    await actors.cast(f"Checkpointer@rank{rank}", ReplicaAck(step))
+
+
+async def flush_writes() -> None:
+    _reply(await actors.call("Checkpointer", FlushWrites(), timeout=None))
+
+
+async def sample_decision(step: int, agreed: bool) -> SampleDecision:
+    reply = await actors.call("HookSampler", SampleQuery(step, agreed))
+    return _expect(reply, SampleDecision, "sample_decision")
+
+
+async def send_sample(step: int, loss: float, lr: float, view: dict) -> None:
+    await actors.cast("HookSampler", SampleView(step, loss, lr, view))
+
+
+async def flush_hooks(seconds: float) -> None:
+    _reply(await actors.call("HookSampler", HookFlush(seconds), timeout=seconds + 5))
+
+
+async def hook_stats() -> dict:
+    return _expect(await actors.call("HookSampler", HookStats()), dict, "hook_stats")
