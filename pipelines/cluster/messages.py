@@ -15,6 +15,7 @@ RegroupCalled       Coordinator -> Trainer      cast
 BatchesWanted       Trainer -> DataLoader       call   the rank's micro-batches
 ApplyUpdate         Trainer -> Optimizer        call   (lr, StepResult) | Failed
 RestoreState        Trainer -> Optimizer        call   None | Failed
+ShardQuery          Checkpointer -> Optimizer   call   Snapshot (a copy of its shard)
 TakeSnapshot        Trainer -> Checkpointer     call   None (once the replica is acked)
 HeldQuery           Trainer -> Checkpointer     call   Held
 OwnSnapshot         Trainer -> Checkpointer     call   Snapshot | None
@@ -94,6 +95,7 @@ __all__ = [
     "SampleDecision",
     "SampleQuery",
     "SampleView",
+    "ShardQuery",
     "ShardWritten",
     "Snapshot",
     "StepLogged",
@@ -117,6 +119,7 @@ __all__ = [
     "sample_decision",
     "send_replica",
     "send_sample",
+    "shard_snapshot",
     "shard_written",
     "should_stop",
     "step_logged",
@@ -434,6 +437,16 @@ class RestoreState:
 
 
 @_local
+class ShardQuery:
+    """A copy of the Optimizer's shard of the state after `step` steps, as a Snapshot."""
+
+    step: int
+
+    def __post_init__(self):
+        _check(self, step=NAT)
+
+
+@_local
 class TakeSnapshot:
     """Snapshot the state after `step` steps, replicate it to the right neighbour, and
     write the shard file when `to_disk`."""
@@ -639,6 +652,11 @@ async def apply_update(step: int, shard: np.ndarray, sq_norm: float):
 async def restore_state(how: RestoreState) -> None:
     """Install `how`'s state; Regroup if rebuilding the full vectors failed."""
     _reply(await actors.call("Optimizer", how, timeout=None))
+
+
+async def shard_snapshot(step: int) -> Snapshot:
+    reply = await actors.call("Optimizer", ShardQuery(step), timeout=None)
+    return _expect(reply, Snapshot, "shard_snapshot")
 
 
 async def take_snapshot(step: int, to_disk: bool) -> None:

@@ -10,8 +10,9 @@ the state they share.
     └── Trainer         drives the steps (pipelines.cluster.rank)
 
 Each actor here holds state that outlives one call: the DataLoader its prefetch, the
-Optimizer the shard it updates and restores, the Checkpointer its snapshots, replicas
-and background writes (and peers cast to it), the HookSampler its outbox. Computing the
+Optimizer this rank's shard of the parameters and optimizer state (it updates, restores
+and copies it; the Checkpointer asks it for a copy), the Checkpointer its snapshots,
+replicas and background writes (and peers cast to it), the HookSampler its outbox. Computing the
 gradients (`compute_gradients`, in a worker thread) and reducing them over the ring
 (`reduce_buckets`, `reduce_gradients`) hold none: they are functions the Trainer awaits,
 and the ring's one-user-at-a-time guard is `RankState.collective`.
@@ -57,6 +58,7 @@ from .messages import (
     SampleDecision,
     SampleQuery,
     SampleView,
+    ShardQuery,
     Snapshot,
     TakeSnapshot,
 )
@@ -312,6 +314,7 @@ class Optimizer(_Role):
 
     ApplyUpdate: clip, update the shard, all-gather the parameters.
     RestoreState: install a snapshot or a checkpoint and rebuild the full vectors.
+    ShardQuery: a copy of the shard and the counters (what a snapshot keeps).
     """
 
     def __init__(self, state: RankState):
@@ -323,6 +326,10 @@ class Optimizer(_Role):
                 return await self._apply(s, shard, sq_norm)
             case RestoreState():
                 return await self._restore(request)
+            case ShardQuery(step=s):
+                rs = self.state.step
+                tensors = {k: np.array(v, copy=True) for k, v in rs.shard_tensors().items()}
+                return Snapshot(self.state.rank, s, tensors, rs.opt.counters())
         return self.reject(request)
 
     async def _apply(self, s: int, shard: np.ndarray, sq_norm: float):
@@ -434,9 +441,7 @@ class Checkpointer(_Role):
 
     async def _snapshot(self, s: int, to_disk: bool, from_):
         st = self.state
-        rs = st.step
-        tensors = {k: np.array(v, copy=True) for k, v in rs.shard_tensors().items()}
-        snap = Snapshot(st.rank, s, tensors, rs.opt.counters())
+        snap = await msg.shard_snapshot(s)
         self.own[s] = snap
         _trim(self.own)
         if to_disk:

@@ -228,6 +228,7 @@ def neighbour(cfg, data, directory, steps, go, took, done, out):
             async with actors.open_node("rank0", directory=directory):
                 st = rank_state(cfg, data, 0, idle_ring(0))
                 async with trio.open_nursery() as nursery:
+                    await actors.spawn(nursery, Optimizer(st), name="Optimizer")
                     await actors.spawn(nursery, Checkpointer(st), name="Checkpointer")
                     await trio.to_thread.run_sync(go.wait)
                     out["shard"] = (st.step.lo, st.step.hi)
