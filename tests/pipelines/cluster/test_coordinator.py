@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
-from pipelines.cluster.coordinator import Coordinator
-from pipelines.cluster.messages import Held
+import trio
+
+import actors
+from pipelines.cluster.coordinator import Coordinator, Recovery
+from pipelines.cluster.messages import (
+    ChaosFired,
+    EvalReported,
+    Held,
+    Join,
+    RankFinished,
+    Rejected,
+    ShardWritten,
+)
 from pipelines.config import ClusterConfig, Config, config_hash, resume_fields, resume_hash
 from pipelines.core import RunIdentity
 from pipelines.store.rundir import Progress, RunDir
 
 
-def coordinator(tmp_path, world=4, resume=None):
+def coordinator(tmp_path, world=4, resume=None, patience=0):
     cfg = Config().replace(cluster=ClusterConfig(ranks=world))
+    if patience:
+        stopping = dataclasses.replace(cfg.eval.early_stopping, patience=patience, metric="loss")
+        cfg = cfg.replace(eval=dataclasses.replace(cfg.eval, early_stopping=stopping))
     return Coordinator(
         cfg,
         RunDir(tmp_path),
@@ -73,3 +88,23 @@ def test_a_fresh_start_takes_the_resume_checkpoint(tmp_path):
     c = coordinator(tmp_path / "run", world=2, resume=root)
     source, step, path = c._restore_point({0: held(), 1: held()})
     assert (source, step, path.name) == ("disk", 7, "step-00000007")
+
+
+async def test_messages_the_coordinator_cannot_act_on_are_rejected_or_dropped(tmp_path):
+    # each would raise in the Coordinator -- a rank past the world, a chaos event it does
+    # not know, an evaluation without the early-stopping metric -- and its crash would
+    # fail the run
+    c = coordinator(tmp_path, world=2, patience=2)
+    info = {"file": "f", "rank": 3, "lo": 0, "hi": 1, "bytes": 4, "sha256": "0"}
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            ref = await actors.spawn(nursery, c)
+            for bad in (Join(2, 4242, held()), ChaosFired(99, 4242), RankFinished(5, {"rank": 5})):
+                answer = await actors.call(ref, bad)
+                assert isinstance(answer, Rejected) and type(bad).__name__ in answer.reason
+            await actors.cast(ref, EvalReported(4, {"accuracy": 0.5}))  # no "loss"
+            await actors.cast(ref, ShardWritten(3, 5, info, {}, 0))
+            assert isinstance(await actors.call(ref, None), Rejected)  # alive, casts handled
+            nursery.cancel_scope.cancel()
+    assert ref.dropped == 2
+    assert c.state is Recovery.STARTING and not c.outcome.done.is_set()
