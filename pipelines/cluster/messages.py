@@ -56,7 +56,6 @@ here, one ``case`` in the receiver's ``handle_call`` or ``handle_cast``.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import numbers
 
 import numpy as np
@@ -130,8 +129,6 @@ COORDINATOR = "Coordinator@cluster"
 _SHARD_INFO = frozenset(f.name for f in dataclasses.fields(ShardInfo))
 SOURCES = ("init", "memory", "disk")  # where a generation's starting state comes from
 EXIT, REGROUP = "exit", "regroup"  # the Coordinator's answers to RankFinished
-
-log = logging.getLogger("zerotrain.cluster")
 
 
 class BadMessage(actors.WireError):
@@ -550,6 +547,8 @@ class ProtocolActor(actors.Actor):
     with one ``case`` each and end with ``return self.reject(request)`` /
     ``self.drop(msg)``; the defaults reject everything."""
 
+    rejected = 0  # calls answered Rejected (dropped casts count in statistics().dropped)
+
     async def handle_call(self, request, from_):
         return self.reject(request)
 
@@ -557,18 +556,23 @@ class ProtocolActor(actors.Actor):
         self.drop(msg)
 
     def reject(self, request) -> Rejected:
-        """The answer to a call this actor does not accept (logged)."""
+        """The answer to a call this actor does not accept: counted in `rejected`."""
         reason = f"{self.ref.label} does not accept {_describe(request)}"
-        self.log.warning("rejected a call: %s", reason)
+        self.rejected += 1
+        _log_sparsely(self, "rejected a call", reason, self.rejected)
         return Rejected(reason)
 
     def drop(self, msg) -> None:
-        """Drop a cast this actor does not accept: counted in statistics().dropped and
-        logged at the 1st, 2nd, 4th, 8th ... time (a flood must not flood the log)."""
+        """Drop a cast this actor does not accept: counted in statistics().dropped."""
         self.ref.dropped += 1
-        n = self.ref.dropped
-        if n & (n - 1) == 0:
-            self.log.warning("dropped %s (%d dropped so far)", _describe(msg), n)
+        _log_sparsely(self, "dropped", _describe(msg), self.ref.dropped)
+
+
+def _log_sparsely(actor: actors.Actor, what: str, detail: str, n: int) -> None:
+    """Log the 1st, 2nd, 4th, 8th ... time: a flood of bad messages must not flood the
+    log."""
+    if n & (n - 1) == 0:
+        actor.log.warning("%s %s (%d so far)", what, detail, n)
 
 
 def _describe(value) -> str:

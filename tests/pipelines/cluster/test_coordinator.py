@@ -106,5 +106,5 @@ async def test_messages_the_coordinator_cannot_act_on_are_rejected_or_dropped(tm
             await actors.cast(ref, ShardWritten(3, 5, info, {}, 0))
             assert isinstance(await actors.call(ref, None), Rejected)  # alive, casts handled
             nursery.cancel_scope.cancel()
-    assert ref.dropped == 2
+    assert ref.dropped == 2 and c.rejected == 4
     assert c.state is Recovery.STARTING and not c.outcome.done.is_set()
