@@ -386,9 +386,9 @@ class Checkpointer(_Role):
     """Snapshots of this rank's shard (in memory), the left neighbour's replica, and
     shard files on disk written in a worker thread while training goes on.
 
-    TakeSnapshot(s, to_disk): copy the shard; send the copy to the right neighbour's
-        Checkpointer (its replica of us); when `to_disk`, write the shard file in the
-        background and tell the coordinator when it is durable.
+    TakeSnapshot(s, to_disk): take a copy of the shard from the Optimizer; send it to
+        the right neighbour's Checkpointer (its replica of us); when `to_disk`, write the
+        shard file in the background and tell the coordinator when it is durable.
     HeldQuery: the steps of own snapshots and of replicas held (for the coordinator).
     OwnSnapshot(s) / ReplicaWanted(r, s): a snapshot by step (None if not held).
     FlushWrites: wait for background writes.
