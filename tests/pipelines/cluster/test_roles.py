@@ -2,6 +2,7 @@
 interrupts, the DataLoader's prefetch, the Optimizer's restore, the Checkpointer's
 replicas."""
 
+import shutil
 import tempfile
 import threading
 from types import SimpleNamespace
@@ -278,6 +279,7 @@ async def test_the_checkpointer_keeps_its_left_neighbours_newest_replicas_and_ac
         done.set()
         if thread.is_alive():
             await trio.to_thread.run_sync(thread.join)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def replicas_held(ref, shard):
