@@ -255,7 +255,7 @@ def generate(
 
 def _table_input(trained: Trained, path: Path) -> np.ndarray:
     """The feature matrix of a table in the training format (float32, standardised)."""
-    from .data._table import _check_finite, read_features
+    from .data import check_finite, read_features
 
     meta = trained.meta
     if path.suffix.lower() == ".npy":
@@ -271,7 +271,7 @@ def _table_input(trained: Trained, path: Path) -> np.ndarray:
             f"{path}: {int(np.prod(x.shape[1:]))} features per row, the model takes "
             f"{meta['n_features']}"
         )
-    _check_finite(path, x)
+    check_finite(path, x)
     x = np.asarray(x[:], np.float32).reshape(x.shape[0], -1)
     std = meta.get("standardize")
     if std:
@@ -345,12 +345,12 @@ def eval_dataset(trained: Trained, path: Path | None):
         return load_dataset(with_default_cache(cfg.data), cfg.eval.split)
     kind = _kind(trained)
     if kind == "language":
-        from .data._text import TextWindows, _check_utf8, _encode_files, map_bytes
+        from .data import TextWindows, check_utf8, encode_files, map_bytes
 
-        _check_utf8(path)
+        check_utf8(path)
         tok = meta.get("tokenizer")
         if tok == "chars":
-            tokens = _encode_files([path], meta["vocab"], np.uint32)
+            tokens = encode_files([path], meta["vocab"], np.uint32)
         elif tok == "bytes":
             tokens = map_bytes(path)
         else:
@@ -365,13 +365,13 @@ def eval_dataset(trained: Trained, path: Path | None):
             raise DataError(f"{path}: {len(tokens)} tokens; a sample needs {seq_len + 1}")
         return TextWindows("eval", tokens, seq_len, meta)
     if kind in ("classifier", "regression") and "columns" in meta:
-        from .data._table import TableDataset, _class_ids, _regression_target, read_features
+        from .data import TableDataset, class_ids, read_features, regression_target
 
         x, raw, _, target = read_features(path, meta["columns"], meta["target"], True)
         if meta["task"] == "classification":
-            y = _class_ids(path, raw, target, meta["classes"])
+            y = class_ids(path, raw, target, meta["classes"])
         else:
-            y = _regression_target(path, raw, target)
+            y = regression_target(path, raw, target)
         return TableDataset("eval", x, np.asarray(y), np.arange(x.shape[0]), meta)
     raise UsageError(
         f"eval --data: {trained.run_dir} trained on the built-in {cfg.data.name!r} data; "
@@ -432,7 +432,7 @@ def check_model(spec: str, batch: int = 4, options: dict | None = None, per_tens
     """[(parameter name, worst relative error, passed)] of a central-difference check of
     the model's backward (float64, numpy backend, pipelines.model.testing's probe loss)."""
     from .model import ModelFileError, build_file_model
-    from .model.testing import _close, probe_loss
+    from .model.testing import close_enough, probe_loss
 
     offered = {**_CHECK_SIZES, "seed": 0, "backend": "numpy", "dtype": "float64"}
     try:
@@ -465,7 +465,7 @@ def check_model(spec: str, batch: int = 4, options: dict | None = None, per_tens
                 numeric, analytic = (values[0] - values[1]) / (2 * eps), g[slot.offset + i]
                 scale = max(abs(numeric), abs(analytic), 1e-12)
                 worst = max(worst, abs(numeric - analytic) / scale)
-                ok &= _close(numeric, analytic)
+                ok &= close_enough(numeric, analytic)
             rows.append((slot.name, worst, bool(ok)))
     finally:
         model.params[...] = p0

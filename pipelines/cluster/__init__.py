@@ -58,6 +58,15 @@ Recovery, hop by hop: rank 1 of 4 is SIGKILLed during step 14 (snapshots every 4
    step; recovery.json gets detection_s, recovery_s, steps_replayed and restored_from.
 """
 
-from .main import run_cluster
-
 __all__ = ["run_cluster"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, not with the package: a rank process runs
+    # `python -m pipelines.cluster.rank`, and importing main (which imports rank) here
+    # would load rank twice, once as a module and once as __main__.
+    if name == "run_cluster":
+        from .main import run_cluster
+
+        return run_cluster
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,10 +38,34 @@ import numpy as np
 from ._digits import make_triplets, render_digits
 from ._files import DataError, file_identity, resolve_paths
 from ._sampling import batch_indices, position, steps_per_epoch
-from ._table import load_table
-from ._text import chars_decode, chars_encode, load_text
+from ._table import (
+    TableDataset,
+    check_finite,
+    class_ids,
+    load_table,
+    read_features,
+    regression_target,
+)
+from ._text import (
+    TextWindows,
+    chars_decode,
+    chars_encode,
+    check_utf8,
+    encode_files,
+    load_text,
+    map_bytes,
+)
 
 __all__ = [
+    "TableDataset",
+    "TextWindows",
+    "check_finite",
+    "check_utf8",
+    "class_ids",
+    "encode_files",
+    "map_bytes",
+    "read_features",
+    "regression_target",
     "with_default_cache",
     "VOCAB",
     "DataError",

@@ -305,7 +305,7 @@ def _check_numeric(path, what, arr) -> None:
         raise DataError(f"{path}: {what} has dtype {arr.dtype}; expected numbers (int or float)")
 
 
-def _check_finite(path: Path, x) -> None:
+def check_finite(path: Path, x) -> None:
     """DataError naming the first non-finite feature (row, column), read in chunks."""
     if getattr(x, "dtype", np.dtype("f4")).kind != "f":
         return
@@ -382,7 +382,7 @@ def _classes_of(path: Path, raw, target: str) -> list:
     return [int(v) for v in np.unique(raw)]
 
 
-def _class_ids(path: Path, raw, target: str, classes: list) -> np.ndarray:
+def class_ids(path: Path, raw, target: str, classes: list) -> np.ndarray:
     """Labels -> ids into `classes`; DataError naming the first label not among them."""
     lookup = {c: i for i, c in enumerate(classes)}
     by_int = classes and isinstance(classes[0], int)
@@ -427,7 +427,7 @@ def _class_ids(path: Path, raw, target: str, classes: list) -> np.ndarray:
     return out
 
 
-def _regression_target(path: Path, raw, target: str) -> np.ndarray:
+def regression_target(path: Path, raw, target: str) -> np.ndarray:
     if isinstance(raw, list):
         out = np.empty(len(raw), np.float32)
         for i, (v, line) in enumerate(raw):
@@ -482,9 +482,9 @@ def _build(opts: dict, seed: int, path: Path, eval_path: Path | None):
             perm = rng.permutation(n)
             train_rows, eval_rows = np.sort(perm[k:]), np.sort(perm[:k])
         ex, eraw = x, raw
-    _check_finite(path, x)
+    check_finite(path, x)
     if eval_path is not None:
-        _check_finite(eval_path, ex)
+        check_finite(eval_path, ex)
     arrays = {}
     meta = {
         "task": task,
@@ -500,14 +500,14 @@ def _build(opts: dict, seed: int, path: Path, eval_path: Path | None):
                 f"{path}: target {target!r} has {len(classes)} class; classification needs 2 "
                 "or more"
             )
-        arrays["y"] = _class_ids(path, raw, target, classes)
+        arrays["y"] = class_ids(path, raw, target, classes)
         meta.update(classes=classes, n_classes=len(classes))
         if eval_path is not None:
-            arrays["eval_y"] = _class_ids(eval_path, eraw, target, classes)
+            arrays["eval_y"] = class_ids(eval_path, eraw, target, classes)
     else:
-        y = _regression_target(path, raw, target)
+        y = regression_target(path, raw, target)
         if eval_path is not None:
-            arrays["eval_y"] = _regression_target(eval_path, eraw, target)
+            arrays["eval_y"] = regression_target(eval_path, eraw, target)
         if isinstance(raw, list) or not _mappable(path):
             arrays["y"] = np.asarray(y, np.float32)
     # CSV (parsed) and .npz (unmappable) features are materialised; .npy and

@@ -71,7 +71,7 @@ def _pieces(path: Path):
         yield lo - pending, text
 
 
-def _check_utf8(path: Path) -> int:
+def check_utf8(path: Path) -> int:
     """The file's size after checking it decodes; DataError for an empty file."""
     size = map_bytes(path).size
     if size == 0:
@@ -105,7 +105,7 @@ def chars_decode(ids, vocab: str) -> str:
     return "".join(vocab[int(i)] for i in np.asarray(ids).ravel())
 
 
-def _encode_files(paths: list[Path], vocab: str, dtype) -> np.ndarray:
+def encode_files(paths: list[Path], vocab: str, dtype) -> np.ndarray:
     """The chars-tokenized stream of `paths` in order; DataError (file, line) for a
     character outside `vocab`."""
     parts = []
@@ -129,7 +129,7 @@ def _encode_files(paths: list[Path], vocab: str, dtype) -> np.ndarray:
 
 def _build(opts: dict, paths: list[Path], eval_paths: list[Path]):
     for p in paths + eval_paths:
-        _check_utf8(p)
+        check_utf8(p)
     arrays, meta = {}, {"tokenizer": opts["tokenizer"], "seq_len": opts["seq_len"]}
     if opts["tokenizer"] == "bytes":
         meta["vocab_size"] = 256
@@ -144,9 +144,9 @@ def _build(opts: dict, paths: list[Path], eval_paths: list[Path]):
                 seen = np.union1d(seen, np.unique(_code_points(text)))
         vocab = "".join(map(chr, seen.tolist()))
         dtype = np.uint16 if len(vocab) <= 1 << 16 else np.uint32
-        arrays["tokens"] = _encode_files(paths, vocab, dtype)
+        arrays["tokens"] = encode_files(paths, vocab, dtype)
         if eval_paths:
-            arrays["eval_tokens"] = _encode_files(eval_paths, vocab, dtype)
+            arrays["eval_tokens"] = encode_files(eval_paths, vocab, dtype)
         meta.update(vocab=vocab, vocab_size=len(vocab))
     meta["files"] = [file_identity(p) for p in paths + eval_paths]
     return arrays, meta

@@ -67,7 +67,7 @@ class LayerModel(Model):
         self.dx = self.layer.backward(ctx, doutputs["out"], need_dx=need_dx)
 
 
-def _close(numeric, analytic):
+def close_enough(numeric, analytic):
     return abs(numeric - analytic) <= 1e-6 + 1e-5 * abs(numeric)
 
 
@@ -105,7 +105,7 @@ def check_gradients(model, batch, loss, *, seed=0, per_tensor=3, directions=2, e
     finally:
         model.params[...] = p0
     for what, numeric, analytic in checked:
-        assert _close(numeric, analytic), (
+        assert close_enough(numeric, analytic), (
             f"{what}: finite difference {numeric:.10g} vs backward {analytic:.10g}"
         )
     return len(checked)
@@ -124,6 +124,6 @@ def check_input_gradient(model, batch, loss, *, seed=0, coords=4, eps=1e-6):
             xs.reshape(-1)[i] += sign * eps
             values.append(model.compute_gradients({**batch, "x": xs}, loss, seed=seed)[0])
         numeric = (values[0] - values[1]) / (2 * eps)
-        assert _close(numeric, dx.reshape(-1)[i]), (
+        assert close_enough(numeric, dx.reshape(-1)[i]), (
             f"x[{i}]: finite difference {numeric:.10g} vs backward {dx.reshape(-1)[i]:.10g}"
         )
