@@ -9,6 +9,8 @@
     zerotrain generate RUN_DIR [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K]
     zerotrain predict RUN_DIR INPUT [--out FILE]
     zerotrain eval RUN_DIR [--data PATH]          (these three: pipelines.use)
+    zerotrain env [CONFIG] [--ranks N] [identity flags] [--json]   (pipelines.launch)
+    zerotrain keys init DIR --nodes N
 
 CONFIG is a .toml path or a built-in pipeline name (`zerotrain pipelines`); without it the
 default pipeline (char_lm) runs. `--set` overrides any config key by dotted path; the value
@@ -30,6 +32,8 @@ import os
 import sys
 import traceback
 from pathlib import Path
+
+from .launch import LAUNCH_COMMANDS, register_launch_commands, run_launch_command
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
@@ -147,6 +151,7 @@ def _parser() -> _Parser:
     from .use import add_commands
 
     add_commands(sub)
+    register_launch_commands(sub)
     return parser
 
 
@@ -351,10 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             raise _UsageError(
                 "zerotrain: expected a command: run, simulate, pipelines, ckpt, report, "
-                "generate, predict, eval (see zerotrain --help)"
+                f"generate, predict, eval, {', '.join(LAUNCH_COMMANDS)} (see zerotrain --help)"
             )
         if args.command == "ckpt" and args.ckpt_command is None:
             raise _UsageError("zerotrain ckpt: expected inspect DIR or verify DIR")
+        if args.command in LAUNCH_COMMANDS:
+            return run_launch_command(args, sys.stdout)
         if args.command in ("run", "simulate"):
             _check_blas_choice()
         handler = {

@@ -1,0 +1,131 @@
+"""CURVE with the cluster's keys over real tcp sockets and pyzmq's ThreadAuthenticator:
+a node's key gets in and its messages carry the key as User-Id; an unknown key, a
+plaintext client and a client expecting another node's server key do not.
+
+A refusal is observed, not waited out: the server's monitor socket reports the failed
+handshake (ZMQ_EVENT_HANDSHAKE_FAILED_AUTH when ZAP says no, _FAILED_PROTOCOL when the
+mechanisms or keys do not match), and only then is the server checked to hold nothing.
+"""
+
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from pipelines.launch import init_keys
+from pipelines.launch.curve import (
+    curve_client,
+    curve_server,
+    peer_node,
+    start_authenticator,
+)
+
+GUARD_MS = 20_000  # a bound on a hung handshake, far above any expected wait
+FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail",
+}
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return init_keys(tmp_path / "keys", 2)
+
+
+@pytest.fixture
+def server(keys):
+    """Node 0's CURVE PULL socket on 127.0.0.1 behind the authenticator, its monitor,
+    and its Context; everything closed and stopped afterwards."""
+    ctx = zmq.Context()
+    auth = start_authenticator(ctx, keys)
+    sock = ctx.socket(zmq.PULL)
+    sock.linger = 0
+    curve_server(sock, keys, node=0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(FAILED))
+    try:
+        yield ctx, sock, monitor, f"tcp://127.0.0.1:{port}"
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+        auth.stop()
+        ctx.term()
+
+
+def next_handshake(monitor) -> str:
+    """'ok' or the kind of failure of the next handshake the server saw."""
+    assert monitor.poll(GUARD_MS), "no handshake event at all"
+    event = recv_monitor_message(monitor)["event"]
+    return "ok" if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else FAILED[event]
+
+
+def push(ctx, address, setup, payload=b"hello") -> zmq.Socket:
+    client = ctx.socket(zmq.PUSH)
+    client.linger = 0
+    setup(client)
+    client.connect(address)
+    client.send(payload, zmq.DONTWAIT)  # queued until the connection is up, if ever
+    return client
+
+
+def test_each_nodes_key_gets_in_and_its_messages_carry_that_key_as_user_id(keys, server):
+    ctx, sock, monitor, address = server
+    clients = [
+        push(ctx, address, lambda s, n=node: curve_client(s, keys, n, 0), b"from %d" % node)
+        for node in (1, 0)
+    ]
+    try:
+        assert [next_handshake(monitor) for _ in clients] == ["ok", "ok"]
+        senders = {}
+        for _ in clients:
+            assert sock.poll(GUARD_MS)
+            frame = sock.recv(copy=False)
+            assert frame.get("User-Id") == keys.public[peer_node(frame, keys)].decode()
+            senders[frame.bytes] = peer_node(frame, keys)
+        assert senders == {b"from 0": 0, b"from 1": 1}
+    finally:
+        for client in clients:
+            client.close(0)
+
+
+def refuse_unknown_key(keys, s):
+    public, secret = zmq.curve_keypair()  # a valid CURVE key the cluster never issued
+    s.curve_serverkey, s.curve_publickey, s.curve_secretkey = keys.public[0], public, secret
+
+
+def refuse_plaintext(keys, s):
+    pass  # no CURVE at all
+
+
+def refuse_wrong_server_key(keys, s):
+    curve_client(s, keys, node=1, server_node=1)  # expects node 1 where node 0 listens
+
+
+@pytest.mark.parametrize(
+    "client_setup, failure",
+    [
+        (refuse_unknown_key, "auth"),
+        (refuse_plaintext, "protocol"),
+        (refuse_wrong_server_key, "protocol"),
+    ],
+    ids=lambda v: getattr(v, "__name__", v),
+)
+def test_a_client_without_a_cluster_key_never_gets_a_message_through(
+    keys, server, client_setup, failure
+):
+    ctx, sock, monitor, address = server
+    stranger = push(ctx, address, lambda s: client_setup(keys, s))
+    member = None
+    try:
+        assert next_handshake(monitor) == failure
+        assert sock.poll(0) == 0
+        # the server still serves the cluster: a node's message is the first to arrive
+        member = push(ctx, address, lambda s: curve_client(s, keys, node=1, server_node=0))
+        assert sock.poll(GUARD_MS)
+        frame = sock.recv(copy=False)
+        assert peer_node(frame, keys) == 1
+    finally:
+        stranger.close(0)
+        if member is not None:
+            member.close(0)
