@@ -55,21 +55,29 @@ def test_a_directory_and_a_glob_read_every_file_in_sorted_order(tmp_path):
     (tmp_path / "b.txt").write_text("second é\n" * 20)
     (tmp_path / "a.txt").write_text("first\n" * 20)
     (tmp_path / ".hidden").write_text("QQQ\n")
+    stream = "first\n" * 20 + "second é\n" * 20
     for path in (tmp_path, tmp_path / "*.txt"):
-        ds = load_dataset(text(path, tokenizer="chars", seq_len=8, eval_fraction=0.1), "train")
-        vocab = ds.meta["vocab"]
-        got = "".join(vocab[i] for i in tokens_of(ds))
-        assert ("first\n" * 20 + "second é\n" * 20).startswith(got)
-        assert "Q" not in vocab  # .hidden is skipped
+        cfg = text(path, tokenizer="chars", seq_len=8, eval_fraction=0.1)
+        train, ev = load_dataset(cfg, "train"), load_dataset(cfg, "eval")
+        vocab = train.meta["vocab"]
+        assert vocab == "".join(sorted(set(stream)))  # .hidden's Q is skipped
+        # the whole stream, a then b: train is its first 90%, eval the rest
+        got = [vocab[i] for i in np.concatenate([tokens_of(train), tokens_of(ev)])]
+        assert "".join(got) == stream
+        assert len(tokens_of(train)) == int(len(stream) * 0.9)
 
 
 def test_a_cached_multi_file_stream_is_mapped_by_the_next_process(tmp_path):
     (tmp_path / "a.txt").write_text("abc\n" * 40)
     (tmp_path / "b.txt").write_text("xyz\n" * 40)
     cache = str(tmp_path / "cache")
-    first = load_dataset(text(tmp_path / "*.txt", cache, seq_len=8), "train")
-    again = load_dataset(text(tmp_path / "*.txt", cache, seq_len=8), "train")
+    first = load_dataset(text(tmp_path / "*.txt", cache, seq_len=8, eval_fraction=0.1), "train")
+    again = load_dataset(text(tmp_path / "*.txt", cache, seq_len=8, eval_fraction=0.1), "train")
     assert isinstance(again.arrays["tokens"].base, np.memmap)
+    # the bytes of a.txt then b.txt, the train share of them
+    stream = np.frombuffer(("abc\n" * 40 + "xyz\n" * 40).encode(), np.uint8)
+    np.testing.assert_array_equal(tokens_of(first), stream[: len(tokens_of(first))])
+    assert len(tokens_of(first)) == int(stream.size * 0.9)
     np.testing.assert_array_equal(tokens_of(first), tokens_of(again))
 
 
