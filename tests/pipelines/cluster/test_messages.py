@@ -28,21 +28,21 @@ def shard_info():
     return {"file": "rank0.safetensors", "rank": 0, "lo": 0, "hi": 3, "bytes": 12, "sha256": "0"}
 
 
+STEP_RECORD = {
+    "step": 3,
+    "loss": 1.5,
+    "lr": 0.1,
+    "samples_per_s": 9.0,
+    "skipped": False,
+    "generation": 1,
+    "eval": None,
+}
+
 WIRE = {  # one of each record that crosses between processes
     "Held": lambda: m.Held([4, 8], [8]),
     "Plan": lambda: m.Plan(2, 8, "memory", None, [{"id": 0, "kind": "kill"}]),
     "Join": lambda: m.Join(1, 4242, m.Held([8], [])),
-    "StepLogged": lambda: m.StepLogged(
-        {
-            "step": 3,
-            "loss": 1.5,
-            "lr": 0.1,
-            "samples_per_s": 9.0,
-            "skipped": False,
-            "generation": 1,
-            "eval": None,
-        }  # fmt: skip
-    ),
+    "StepLogged": lambda: m.StepLogged(dict(STEP_RECORD)),
     "EvalReported": lambda: m.EvalReported(4, {"loss": 0.5}),
     "StopQuery": lambda: m.StopQuery(4),
     "RankFinished": lambda: m.RankFinished(1, {"rank": 1, "step": 16}),
@@ -102,6 +102,65 @@ def received(data):
                 "f": {"generation": 1, "step": 0, "source": "tape", "path": None, "chaos": []},
             },
             "Plan.source",
+        ),  # fmt: skip
+        ({"$r": "cluster.Held", "f": {"own": [4, -1], "replica": []}}, "Held.own"),
+        ({"$r": "cluster.Held", "f": {"own": [], "replica": ["8"]}}, "Held.replica"),
+        (
+            {
+                "$r": "cluster.Plan",
+                "f": {"generation": 1, "step": 0, "source": "init", "path": None, "chaos": [3]},
+            },
+            "Plan.chaos",
+        ),  # fmt: skip
+        ({"$r": "cluster.EvalReported", "f": {"step": 0, "metrics": {}}}, "EvalReported.step"),
+        ({"$r": "cluster.EvalReported", "f": {"step": 4, "metrics": {1: 0.5}}}, "metrics"),
+        ({"$r": "cluster.StopQuery", "f": {"step": 2.5}}, "StopQuery.step"),
+        (
+            {"$r": "cluster.RankFinished", "f": {"rank": 1, "info": {"rank": 0}}},
+            "RankFinished.info['rank']",
+        ),  # fmt: skip
+        ({"$r": "cluster.ChaosFired", "f": {"event_id": -1, "pid": 5}}, "ChaosFired.event_id"),
+        ({"$r": "cluster.ChaosFired", "f": {"event_id": 0, "pid": 0}}, "ChaosFired.pid"),
+        (
+            {
+                "$r": "cluster.ShardWritten",
+                "f": {
+                    "rank": 0,
+                    "step": 5,
+                    "info": {
+                        "file": "rank0.safetensors",
+                        "rank": 0,
+                        "lo": 0,
+                        "hi": 3,
+                        "bytes": 12,
+                        "sha256": "0",
+                    },
+                    "counters": {"n": 1.5},
+                    "generation": 1,
+                },
+            },
+            "ShardWritten.counters",
+        ),  # fmt: skip
+        (
+            {
+                "$r": "cluster.Snapshot",
+                "f": {
+                    "rank": 0,
+                    "step": 1,
+                    "tensors": {"m": np.zeros(3, np.float32)},
+                    "counters": {},
+                },
+            },
+            "'params'",
+        ),  # fmt: skip
+        ({"$r": "cluster.ReplicaWanted", "f": {"rank": -1, "step": 4}}, "ReplicaWanted.rank"),
+        (
+            {"$r": "cluster.StepLogged", "f": {"record": {**STEP_RECORD, "loss": "1.5"}}},
+            "StepLogged.record['loss']",
+        ),  # fmt: skip
+        (
+            {"$r": "cluster.StepLogged", "f": {"record": {**STEP_RECORD, "skipped": 0}}},
+            "StepLogged.record['skipped']",
         ),  # fmt: skip
     ],
 )
