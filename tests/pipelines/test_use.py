@@ -68,6 +68,24 @@ def test_top_k_1_is_greedy_and_each_token_is_drawn_from_the_last_seq_len(lm_run)
         assert ids[end] == int(np.searchsorted(cdf, u * cdf[-1], side="right"))
 
 
+def test_eval_of_a_text_file_reads_it_with_the_runs_tokenizer(lm_run, tmp_path, capsys):
+    raw = open(SOURCE, "rb").read()  # ASCII: a byte is a character
+    frac = load_run(lm_run).cfg.data.options["eval_fraction"]
+    cut = int(len(raw) * (1.0 - frac))
+    (tmp_path / "tail.txt").write_bytes(raw[cut:])  # the run's own held-out text
+    (tmp_path / "head.txt").write_bytes(raw[: len(raw) - cut])  # as long, other text
+    own = json.loads(cli(capsys, "eval", lm_run)[1])
+    code, out, err = cli(capsys, "eval", lm_run, "--data", tmp_path / "tail.txt")
+    assert code == 0, err
+    assert json.loads(out) == own
+    head = json.loads(cli(capsys, "eval", lm_run, "--data", tmp_path / "head.txt")[1])
+    assert head["loss"] != own["loss"]  # the file given is the one scored
+    (tmp_path / "bad.txt").write_bytes(raw[:100] + b"\xff" + raw[100:200])
+    code, _, err = cli(capsys, "eval", lm_run, "--data", tmp_path / "bad.txt")
+    assert code == 2
+    assert "bad.txt: not UTF-8 at byte 100" in one_line(err)
+
+
 def test_generate_refuses_a_prompt_outside_the_vocabulary(lm_run, capsys):
     meta = json.loads((lm_run / "data.json").read_text())["meta"]
     if meta["tokenizer"] != "chars":
@@ -119,7 +137,7 @@ def table_run(tmp_path_factory):
     return run_dir, held
 
 
-def test_eval_of_the_finished_run_gives_the_runs_own_final_eval(table_run, capsys):
+def test_eval_of_the_finished_run_gives_the_runs_own_final_eval(table_run, tmp_path, capsys):
     run_dir, held = table_run
     summary = json.loads((run_dir / "summary.json").read_text())
     code, out, _ = cli(capsys, "eval", run_dir)
@@ -128,6 +146,15 @@ def test_eval_of_the_finished_run_gives_the_runs_own_final_eval(table_run, capsy
     code, out, _ = cli(capsys, "eval", run_dir, "--data", held)
     assert json.loads(out) == pytest.approx(summary["eval"], rel=1e-12)
     assert summary["eval"]["accuracy"] > 0.9
+    # the file given is the one scored: the held rows with every label swapped
+    rows = list(csv.reader(open(held)))
+    swap = {"left": "right", "right": "left", "side": "side"}
+    flipped = tmp_path / "flipped.csv"
+    with open(flipped, "w", newline="") as f:
+        csv.writer(f).writerows([[*r[:-1], swap[r[-1]]] for r in rows])
+    code, out, _ = cli(capsys, "eval", run_dir, "--data", flipped)
+    assert code == 0
+    assert json.loads(out)["accuracy"] == pytest.approx(1 - summary["eval"]["accuracy"])
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
@@ -146,6 +173,8 @@ def test_predict_labels_a_table_with_the_training_classes(table_run, tmp_path, c
         labels = [r["label"] for r in recs]
         probs = np.array([[r["probabilities"]["left"], r["probabilities"]["right"]] for r in recs])
     assert len(labels) == 100
+    rows = [int(r["row"]) for r in (rows if fmt == "csv" else recs)]
+    assert rows == list(range(100))
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
     assert labels == ["left" if p[0] > p[1] else "right" for p in probs]
     assert np.mean([a == b for a, b in zip(labels, truth, strict=True)]) > 0.9
