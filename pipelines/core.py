@@ -338,6 +338,10 @@ def _difference(identity: RunIdentity, manifest: dict) -> str | None:
     ):
         there = manifest.get(key)
         if there is not None and there != here[key]:
+            entry = _first_difference(there, here[key])
+            if entry is not None:  # a dataset's meta is too long to show whole
+                k, a, b = entry
+                return f"{what} {k} {_short(a)} in the checkpoint, {_short(b)} here"
             return f"{what} {_short(there)} in the checkpoint, {_short(here[key])} here"
     if manifest.get("resume_hash") == identity.resume_hash:
         return None
@@ -360,6 +364,18 @@ _HINTS = {
     "schedule.total_steps": " (train.steps unless set; --set schedule.total_steps={} "
     "keeps the checkpoint's schedule)",
 }
+
+
+def _first_difference(there, here) -> tuple | None:
+    """(dotted key, checkpoint's value, this run's) of the first entry in which two dicts
+    differ; None unless both are dicts with such an entry."""
+    if not (isinstance(there, dict) and isinstance(here, dict)):
+        return None
+    theirs, mine = _flatten(there), _flatten(here)
+    for k in dict.fromkeys([*theirs, *mine]):
+        if theirs.get(k) != mine.get(k):
+            return k, theirs.get(k), mine.get(k)
+    return None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -15,6 +15,7 @@ from pipelines.core import (
     build_model_for,
     check_resume,
     checkpoint_manifest,
+    prepare_run,
 )
 from pipelines.data import load_dataset
 
@@ -61,7 +62,10 @@ def test_a_checkpoint_resumes_at_any_world_size_mode_and_step_count():
             {"optimizer_state": ["momentum_buffer"]},
             "optimizer state ['momentum_buffer'] in the checkpoint, ['exp_avg', 'exp_avg_sq']",
         ),
-        ({"dataset": {"name": "friedman"}}, "data {'name': 'friedman'} in the checkpoint"),
+        (
+            {"dataset": {"name": "friedman"}},
+            "data name 'friedman' in the checkpoint, 'digits' here",
+        ),
     ],
 )
 def test_a_checkpoint_of_another_run_is_refused_in_one_line_naming_what_differs(
@@ -114,3 +118,25 @@ def test_the_skip_limit_fails_only_on_that_many_consecutive_skips():
     assert reason == f"{MAX_CONSECUTIVE_SKIPS} consecutive steps skipped for non-finite " + (
         "gradients (last at step 77)"
     )
+
+
+def test_a_batch_as_large_as_the_data_is_accepted_and_one_larger_refused(raises_one_line):
+    cfg = load_config("mlp_classifier", [*SMALL, "train.batch_size=256"])
+    assert len(prepare_run(cfg).train) == 256
+    cfg = load_config("mlp_classifier", [*SMALL, "train.batch_size=257"])
+    with raises_one_line(RunRefused, match=r"257 exceeds the 256 training samples \(accepted: 1"):
+        prepare_run(cfg)
+
+
+def test_data_whose_vocabulary_changed_under_the_same_config_is_refused(tmp_path, raises_one_line):
+    # the same path, length and config: only the data's meta (its vocabulary) differs
+    text = tmp_path / "t.txt"
+    overrides = ["data.name=text", f'data.path="{text}"', "data.tokenizer=chars"]
+    text.write_text("abcd\n" * 200)
+    cfg, before = identity("char_lm", *overrides)
+    text.write_text("abce\n" * 200)
+    _, after = identity("char_lm", *overrides)
+    assert after.resume_hash == before.resume_hash and after.shapes == before.shapes
+    with raises_one_line(RunRefused, match="data meta.vocab ") as info:
+        check(after, manifest_of(cfg, before))
+    assert "data meta.vocab '\\nabcd' in the checkpoint, '\\nabce' here" in str(info.value)
