@@ -88,6 +88,10 @@ def test_a_fresh_start_takes_the_resume_checkpoint(tmp_path):
     c = coordinator(tmp_path / "run", world=2, resume=root)
     source, step, path = c._restore_point({0: held(), 1: held()})
     assert (source, step, path.name) == ("disk", 7, "step-00000007")
+    # once this run has checkpointed, its own newer checkpoint is taken, not the resume's
+    save_checkpoint(c.ckpt_root, 9, [(0, 10, tensors)], 10, {"mode": "ddp"})
+    source, step, path = c._restore_point({0: held(), 1: held()})
+    assert (source, step, path) == ("disk", 9, c.ckpt_root / "step-00000009")
 
 
 async def test_messages_the_coordinator_cannot_act_on_are_rejected_or_dropped(tmp_path):
@@ -95,7 +99,7 @@ async def test_messages_the_coordinator_cannot_act_on_are_rejected_or_dropped(tm
     # not know, an evaluation without the early-stopping metric -- and its crash would
     # fail the run
     c = coordinator(tmp_path, world=2, patience=2)
-    info = {"file": "f", "rank": 3, "lo": 0, "hi": 1, "bytes": 4, "sha256": "0"}
+    info = {"file": "f", "rank": 2, "lo": 0, "hi": 1, "bytes": 4, "sha256": "0"}
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             ref = await actors.spawn(nursery, c)
@@ -103,7 +107,7 @@ async def test_messages_the_coordinator_cannot_act_on_are_rejected_or_dropped(tm
                 answer = await actors.call(ref, bad)
                 assert isinstance(answer, Rejected) and type(bad).__name__ in answer.reason
             await actors.cast(ref, EvalReported(4, {"accuracy": 0.5}))  # no "loss"
-            await actors.cast(ref, ShardWritten(3, 5, info, {}, 0))
+            await actors.cast(ref, ShardWritten(2, 5, info, {}, 0))  # ranks are 0 and 1
             assert isinstance(await actors.call(ref, None), Rejected)  # alive, casts handled
             nursery.cancel_scope.cancel()
     assert ref.dropped == 2 and c.rejected == 4
