@@ -20,6 +20,7 @@ from pipelines.cluster.messages import (
     BatchesWanted,
     Held,
     HeldQuery,
+    OwnSnapshot,
     ReplicaWanted,
     RestoreState,
     Snapshot,
@@ -236,6 +237,9 @@ def neighbour(cfg, data, directory, steps, go, took, done, out):
                     for s in steps:
                         st.model.params[:] = s
                         await actors.call("Checkpointer", TakeSnapshot(s, False), timeout=None)
+                    # its own snapshots are copies: the params moved on since step 8
+                    own = await actors.call("Checkpointer", OwnSnapshot(8), timeout=None)
+                    out["own 8"] = own.tensors["params"].copy()
                     took.set()  # every snapshot's reply came: each was acked
                     await trio.to_thread.run_sync(done.wait)
                     nursery.cancel_scope.cancel()
@@ -274,6 +278,8 @@ async def test_the_checkpointer_keeps_its_left_neighbours_newest_replicas_and_ac
                     await trio.to_thread.run_sync(took.wait)
                     assert "error" not in out, out.get("error")
                     await replicas_held(ref, out["shard"])
+                    lo, hi = out["shard"]
+                    np.testing.assert_array_equal(out["own 8"], np.full(hi - lo, 8, np.float32))
                     nursery.cancel_scope.cancel()
     finally:
         done.set()
