@@ -94,7 +94,7 @@ def test_a_fresh_start_takes_the_resume_checkpoint(tmp_path):
     assert (source, step, path) == ("disk", 9, c.ckpt_root / "step-00000009")
 
 
-async def test_messages_the_coordinator_cannot_act_on_are_rejected_or_dropped(tmp_path):
+async def test_messages_the_coordinator_cannot_act_on_are_rejected_or_dropped(tmp_path, caplog):
     # each would raise in the Coordinator -- a rank past the world, a chaos event it does
     # not know, an evaluation without the early-stopping metric -- and its crash would
     # fail the run
@@ -111,4 +111,12 @@ async def test_messages_the_coordinator_cannot_act_on_are_rejected_or_dropped(tm
             assert isinstance(await actors.call(ref, None), Rejected)  # alive, casts handled
             nursery.cancel_scope.cancel()
     assert ref.dropped == 2 and c.rejected == 4
+    # logged the 1st, 2nd and 4th time, not each time: a flood must not flood the log
+    logged = [r.getMessage() for r in caplog.records if r.name == "zerotrain.actors"]
+    assert [line.split("(")[-1] for line in logged if "rejected a call" in line] == [
+        "1 so far)",
+        "2 so far)",
+        "4 so far)",
+    ]
+    assert len([line for line in logged if " dropped " in line]) == 2
     assert c.state is Recovery.STARTING and not c.outcome.done.is_set()
