@@ -79,6 +79,10 @@ def test_a_cached_multi_file_stream_is_mapped_by_the_next_process(tmp_path):
     np.testing.assert_array_equal(tokens_of(first), stream[: len(tokens_of(first))])
     assert len(tokens_of(first)) == int(stream.size * 0.9)
     np.testing.assert_array_equal(tokens_of(first), tokens_of(again))
+    # other options, same files and cache: prepared again, not served the bytes' arrays
+    chars = load_dataset(text(tmp_path / "*.txt", cache, seq_len=8, tokenizer="chars"), "train")
+    assert chars.meta["vocab"] == "\nabcxyz"
+    assert tokens_of(chars)[:4].tolist() == [1, 2, 3, 0]
 
 
 def test_eval_path_is_encoded_with_the_training_vocabulary(tmp_path, raises_one_line):
