@@ -81,6 +81,13 @@ def test_standardisation_is_fitted_on_the_training_rows_only(animals):
     np.testing.assert_allclose(ev.take(np.arange(4))["x"][:, 1], expected, rtol=1e-6)
 
 
+def test_a_constant_feature_standardises_to_zero(tmp_path):
+    rows = [[7, i, i % 2] for i in range(10)]
+    path = write_csv(tmp_path / "c.csv", ["k", "f", "y"], rows)
+    ds = load_dataset(table(path, standardize=True, eval_fraction=0.2), "train")
+    np.testing.assert_array_equal(ds.take(np.arange(8))["x"][:, 0], np.zeros(8, np.float32))
+
+
 def test_npy_is_memory_mapped_and_its_target_is_a_column(tmp_path):
     arr = np.column_stack([np.arange(30.0), np.arange(30.0) * 2, np.arange(30) % 3])
     np.save(tmp_path / "d.npy", arr.astype(np.float32))
