@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
-from pipelines.use import load_run
+from pipelines.use import load_run, predict
 
 SOURCE = inspect.getsourcefile(textwrap)  # a text file nobody on the project wrote
 
@@ -175,9 +175,42 @@ def test_predict_labels_a_table_with_the_training_classes(table_run, tmp_path, c
     assert len(labels) == 100
     rows = [int(r["row"]) for r in (rows if fmt == "csv" else recs)]
     assert rows == list(range(100))
+    # in batches of 7 rows: the same records
+    batched = predict(load_run(run_dir), held, batch_size=7)
+    assert [(r["row"], r["label"]) for r in batched] == list(enumerate(labels))
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
     assert labels == ["left" if p[0] > p[1] else "right" for p in probs]
     assert np.mean([a == b for a, b in zip(labels, truth, strict=True)]) > 0.9
+
+
+def test_predict_of_a_regressor_is_its_forward_on_the_standardised_rows(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 10, size=(1100, 2))  # two of predict's batches of 1024
+    train = tmp_path / "train.csv"
+    with open(train, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["u", "v", "t"])
+        w.writerows([[f"{a:.4f}", f"{b:.4f}", f"{a + 0.5 * b:.4f}"] for a, b in x])
+    run_dir = tmp_path / "run"
+    code, _, err = cli(
+        capsys,
+        *("run", "mlp_regressor", "--steps", 20, "--run-dir", run_dir),
+        *("--set", "data.name=table", "--set", f'data.path="{train}"'),
+        *("--set", "data.standardize=true", "--set", "model.hidden=[8]"),
+        *("--set", "train.batch_size=24", "--set", f'data.cache_dir="{tmp_path / "c"}"'),
+    )
+    assert code == 0, err
+    out_path = tmp_path / "pred.csv"
+    assert cli(capsys, "predict", run_dir, train, "--out", out_path)[0] == 0
+    rows = list(csv.DictReader(open(out_path)))
+    assert [int(r["row"]) for r in rows] == list(range(1100))
+    # replayed by hand: the file's features, data.json's statistics, the final weights
+    std = json.loads((run_dir / "data.json").read_text())["meta"]["standardize"]
+    feats = np.array([r[:2] for r in list(csv.reader(open(train)))[1:]], np.float64)
+    feats = feats.astype(np.float32)
+    z = (feats - np.asarray(std["mean"], np.float32)) / np.asarray(std["std"], np.float32)
+    want = load_run(run_dir).model.forward({"x": z})["predictions"].reshape(-1)
+    np.testing.assert_allclose([float(r["value"]) for r in rows], want, rtol=1e-7)
 
 
 def test_predict_on_a_table_without_the_feature_columns_is_one_line(table_run, tmp_path, capsys):
