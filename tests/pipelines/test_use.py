@@ -240,3 +240,29 @@ def test_resume_with_a_changed_data_file_is_refused_naming_it(tmp_path, capsys):
     code, _, err = cli(capsys, *resume, "--allow-data-change")
     assert code == 0, err
     assert "resumed from" in err
+
+
+def test_resume_with_a_file_added_to_or_gone_from_the_data_is_refused_naming_it(tmp_path, capsys):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text(open(SOURCE).read()[:4000])
+    (texts / "b.txt").write_text(open(SOURCE).read()[4000:8000])
+    run_dir = tmp_path / "run"
+    base = ["--set", "data.name=text", "--set", f'data.path="{texts}"']
+    base += ["--set", "data.seq_len=16", "--set", "model.seq_len=16"]
+    base += ["--set", "model.d_model=16", "--set", "model.n_layer=1"]
+    base += ["--set", "checkpoint.every=2", "--set", "schedule.total_steps=4"]
+    base += ["--set", "schedule.warmup_steps=1", "--set", "train.batch_size=8"]
+    base += ["--set", f'data.cache_dir="{tmp_path / "c"}"']
+    assert cli(capsys, "run", "char_lm", "--steps", 2, "--run-dir", run_dir, *base)[0] == 0
+    resume = ["run", "char_lm", "--steps", "4", "--resume", str(run_dir), *base]
+    (texts / "c.txt").write_text("more text\n" * 50)
+    code, _, err = cli(capsys, *resume)
+    assert code == 2
+    assert f"data file {(texts / 'c.txt').resolve()} was not among the run's files" in one_line(err)
+    (texts / "c.txt").unlink()
+    (texts / "b.txt").unlink()
+    code, _, err = cli(capsys, *resume)
+    assert code == 2
+    line = one_line(err)
+    assert f"data file {(texts / 'b.txt').resolve()} of the run is no longer among" in line
