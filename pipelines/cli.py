@@ -33,6 +33,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from .daemon import DAEMON_COMMANDS, register_daemon_commands, run_daemon_command
 from .launch import LAUNCH_COMMANDS, register_launch_commands, run_launch_command
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
@@ -152,6 +153,7 @@ def _parser() -> _Parser:
 
     add_commands(sub)
     register_launch_commands(sub)
+    register_daemon_commands(sub)
     return parser
 
 
@@ -356,12 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             raise _UsageError(
                 "zerotrain: expected a command: run, simulate, pipelines, ckpt, report, "
-                f"generate, predict, eval, {', '.join(LAUNCH_COMMANDS)} (see zerotrain --help)"
+                "generate, predict, eval, "
+                f"{', '.join(LAUNCH_COMMANDS)}, {', '.join(DAEMON_COMMANDS)} (see zerotrain --help)"
             )
         if args.command == "ckpt" and args.ckpt_command is None:
             raise _UsageError("zerotrain ckpt: expected inspect DIR or verify DIR")
         if args.command in LAUNCH_COMMANDS:
             return run_launch_command(args, sys.stdout)
+        if args.command in DAEMON_COMMANDS:
+            return run_daemon_command(args)
         if args.command in ("run", "simulate"):
             _check_blas_choice()
         handler = {

@@ -1,0 +1,201 @@
+"""`zerotrain serve` and the client verbs on the command line.
+
+``register_daemon_commands(subparsers)`` adds them to the `zerotrain` parser;
+``run_daemon_command(args)`` runs one and returns its exit code (2 with one line on
+stderr for anything a user can fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .statedir import DEFAULT_HTTP, DaemonUsageError, default_state_dir
+
+__all__ = ["DAEMON_COMMANDS", "register_daemon_commands", "run_daemon_command"]
+
+DAEMON_COMMANDS = (
+    "serve",
+    "submit",
+    "jobs",
+    "status",
+    "pause",
+    "resume",
+    "stop",
+    "cancel",
+    "logs",
+    "export",
+)
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+def _count(text: str, *, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+    return value
+
+
+def _state_dir_option(p) -> None:
+    p.add_argument(
+        "--state-dir",
+        help="the daemon's state directory (default $ZEROTRAIN_STATE_DIR, else "
+        "$XDG_STATE_HOME/zerotrain, else ~/.local/state/zerotrain)",
+    )
+
+
+def register_daemon_commands(sub) -> None:
+    serve = sub.add_parser("serve", help="run the training daemon (foreground)")
+    _state_dir_option(serve)
+    serve.add_argument(
+        "--cpus",
+        type=lambda t: _count(t, least=1),
+        help="CPU budget: a job needs one per rank (default: every CPU this process may use)",
+    )
+    serve.add_argument(
+        "--http",
+        default=DEFAULT_HTTP,
+        help=f"HOST:PORT for /metrics and / (default {DEFAULT_HTTP}), or off",
+    )
+    serve.add_argument(
+        "--grace",
+        type=lambda t: _count(t, least=1),
+        default=25,
+        help="seconds a stopping job gets before SIGKILL (default 25)",
+    )
+
+    submit = sub.add_parser("submit", help="queue a training job; prints its id")
+    _state_dir_option(submit)
+    submit.add_argument(
+        "config", nargs="?", default=None, help="a .toml path or a built-in pipeline"
+    )
+    submit.add_argument("--ranks", type=lambda t: _count(t, least=1), help="rank processes")
+    submit.add_argument("--mode", choices=("ddp", "zero1", "zero2"), help="data-parallel mode")
+    submit.add_argument("--steps", type=lambda t: _count(t, least=1), help="optimizer steps")
+    submit.add_argument("--seed", type=lambda t: _count(t, least=0), help="run seed")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--hook", dest="hooks", action="append", default=[], metavar="PATH[:NAME]")
+    submit.add_argument("--name", help="a name for the job (default job-ID)")
+    submit.add_argument("--priority", type=int, default=0, help="higher starts first (default 0)")
+
+    jobs = sub.add_parser("jobs", help="list the daemon's jobs (not ended ones unless --all)")
+    _state_dir_option(jobs)
+    jobs.add_argument("--all", action="store_true", help="also done, failed and cancelled jobs")
+    jobs.add_argument("--json", action="store_true", help="a JSON list")
+
+    status = sub.add_parser("status", help="one job's status, or the daemon's")
+    _state_dir_option(status)
+    status.add_argument("job", nargs="?", default="", help="a job id or name")
+    status.add_argument("--json", action="store_true", help="a JSON object")
+
+    for verb, text in (
+        ("pause", "stop a job at a step and keep it paused (processes exit)"),
+        ("resume", "continue a paused or stopped job"),
+        ("stop", "stop a job with a checkpoint; resumable"),
+        ("cancel", "stop a job for good"),
+    ):
+        p = sub.add_parser(verb, help=text)
+        _state_dir_option(p)
+        p.add_argument("job", help="a job id or name")
+        if verb != "resume":
+            p.add_argument(
+                "--wait", action="store_true", help="return once the job's processes are gone"
+            )
+
+    logs = sub.add_parser("logs", help="a job's output")
+    _state_dir_option(logs)
+    logs.add_argument("job", help="a job id or name")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing until the job ends"
+    )
+
+    export = sub.add_parser("export", help="a job's latest weights as safetensors (PyTorch names)")
+    _state_dir_option(export)
+    export.add_argument("job", help="a job id or name")
+    export.add_argument("out", nargs="?", help="output file (default JOBNAME.safetensors)")
+
+
+def run_daemon_command(args, out=None) -> int:
+    out = out or sys.stdout
+    try:
+        return _run(args, out)
+    except DaemonUsageError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(args, out) -> int:
+    from . import client, protocol
+
+    state_dir = default_state_dir(args.state_dir)
+    command = args.command
+    if command == "serve":
+        return _serve(args, state_dir)
+    if command == "submit":
+        request = client.submit_request(args)
+        reply = client.call(state_dir, request)
+        print(reply["id"], file=out)
+        return EXIT_OK
+    if command == "jobs":
+        jobs = client.call(state_dir, protocol.ListJobs(args.all))
+        print(json.dumps(jobs, indent=1) if args.json else client.format_table(jobs), file=out)
+        return EXIT_OK
+    if command == "status":
+        reply = client.call(state_dir, protocol.JobStatus(args.job))
+        if args.json:
+            print(json.dumps(reply, indent=1), file=out)
+        elif args.job:
+            reply.pop("config", None)
+            width = max(map(len, reply))
+            for key, value in reply.items():
+                if key != "summary":
+                    print(f"{key:<{width}}  {'' if value is None else value}", file=out)
+        else:
+            d = reply["daemon"]
+            print(
+                f"daemon pid {d['pid']} at {d['state_dir']}: {d['cpus_in_use']} of "
+                f"{d['cpus']} cpus in use, http {d['http'] or 'off'}",
+                file=out,
+            )
+            print(client.format_table(reply["jobs"]), file=out)
+        return EXIT_OK
+    if command in ("pause", "resume", "stop", "cancel"):
+        reply = client.call(state_dir, protocol.Control(command, args.job))
+        if getattr(args, "wait", False):
+            reply = client.wait_until_settled(state_dir, args.job, timeout=120)
+        print(f"job {reply['id']} ({reply['name']}): {reply['state']}", file=out)
+        return EXIT_OK
+    if command == "logs":
+        client.follow_logs(state_dir, args.job, args.follow)
+        return EXIT_OK
+    if command == "export":
+        status = client.call(state_dir, protocol.JobStatus(args.job))
+        target = Path(args.out or f"{status['name']}.safetensors")
+        path, step = client.export_job(status, status["config"], target)
+        print(f"{path} (step {step})", file=out)
+        return EXIT_OK
+    raise DaemonUsageError(f"zerotrain: unknown daemon command {command!r}")
+
+
+def _serve(args, state_dir: Path) -> int:
+    import trio
+
+    from .app import Daemon
+    from .http import parse_http
+
+    http = parse_http(args.http)
+    cpus = args.cpus or len(os.sched_getaffinity(0))
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="zerotrain serve: %(message)s"
+    )
+    daemon = Daemon(state_dir, cpus=cpus, http=http, grace=float(args.grace))
+    daemon.open()
+    trio.run(daemon.serve)
+    return EXIT_OK

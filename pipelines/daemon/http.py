@@ -1,0 +1,216 @@
+"""The daemon's read-only HTTP side: /metrics, /healthz, /readyz, /api/status and /.
+
+It runs in a thread of its own (wsgiref, one thread per request) and reads only
+``daemon.snapshot``, a dict the trio loop replaces whole once a second and on every state
+change: the thread never touches the job table or a supervisor, so a slow scraper cannot
+slow the daemon's loop, and the loop never waits for the thread.
+
+/metrics is produced by prometheus_client from that snapshot (a custom collector, so a
+job's series appear and disappear with the job). Served from what a job's metrics.jsonl
+says: zerotrain_step, zerotrain_loss, zerotrain_samples_total,
+zerotrain_step_seconds (histogram of the gaps between consecutive steps),
+zerotrain_last_step_timestamp_seconds, zerotrain_paused, zerotrain_restarts_total{reason}
+(reason="resume": the job's starts after its first), zerotrain_queue_depth,
+zerotrain_jobs{state}. Per-rank series (rank_up, compute seconds, RSS), checkpoint time and
+hook errors need telemetry from inside a run and are not served yet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .statedir import DEFAULT_HTTP, DaemonUsageError
+from .supervisor import STEP_BUCKETS
+
+__all__ = ["DEFAULT_HTTP", "parse_http", "start_http"]
+
+log = logging.getLogger("zerotrain.daemon")
+
+
+def parse_http(text: str) -> str | None:
+    """``HOST:PORT`` (or ``off``) -> the address, or None for off; DaemonUsageError if
+    malformed. A non-loopback host is accepted with a warning (the endpoints are
+    read-only but name run dirs and losses)."""
+    if text == "off":
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        if not sep or not host or not 0 <= int(port) <= 65535:
+            raise ValueError
+        ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        raise DaemonUsageError(
+            f"zerotrain serve: --http expected HOST:PORT (e.g. {DEFAULT_HTTP}) or off, got {text!r}"
+        ) from None
+    if not ip.is_loopback:
+        log.warning(
+            "[daemon] --http %s is not a loopback address: reachable from the network", text
+        )
+    return text
+
+
+class _Collector:
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def collect(self):
+        snap = self.daemon.snapshot
+        jobs = snap.get("jobs", [])
+        step = GaugeMetricFamily("zerotrain_step", "Last optimizer step", labels=["job"])
+        loss = GaugeMetricFamily("zerotrain_loss", "Last training loss", labels=["job"])
+        samples = CounterMetricFamily(
+            "zerotrain_samples", "Samples trained (steps x global batch)", labels=["job"]
+        )
+        last = GaugeMetricFamily(
+            "zerotrain_last_step_timestamp_seconds", "Wall time of the last step", labels=["job"]
+        )
+        paused = GaugeMetricFamily("zerotrain_paused", "1 while the job is paused", labels=["job"])
+        restarts = CounterMetricFamily(
+            "zerotrain_restarts", "Starts of a job after its first", labels=["job", "reason"]
+        )
+        hist = HistogramMetricFamily(
+            "zerotrain_step_seconds", "Seconds between consecutive steps", labels=["job"]
+        )
+        by_state: dict[str, int] = {}
+        for job in jobs:
+            label = [str(job["id"])]
+            by_state[job["state"]] = by_state.get(job["state"], 0) + 1
+            paused.add_metric(label, 1.0 if job["state"] == "paused" else 0.0)
+            restarts.add_metric([*label, "resume"], float(job.get("restarts") or 0))
+            if job.get("step"):
+                step.add_metric(label, float(job["step"]))
+                samples.add_metric(label, float(job["step"] * job.get("batch_size", 0)))
+            if job.get("loss") is not None:
+                loss.add_metric(label, float(job["loss"]))
+            if job.get("last_step_t") is not None:
+                last.add_metric(label, float(job["last_step_t"]))
+            if "step_hist" in job:
+                counts, cumulative, buckets = job["step_hist"], 0, []
+                for bound, n in zip([*STEP_BUCKETS, float("inf")], counts, strict=True):
+                    cumulative += n
+                    buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+                hist.add_metric(label, buckets, job["step_sum"])
+        queue = GaugeMetricFamily("zerotrain_queue_depth", "Jobs waiting to start")
+        queue.add_metric([], float(by_state.get("queued", 0)))
+        states = GaugeMetricFamily("zerotrain_jobs", "Jobs by state", labels=["state"])
+        for state, n in sorted(by_state.items()):
+            states.add_metric([state], float(n))
+        yield from (step, loss, samples, last, paused, restarts, hist, queue, states)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args):  # requests are not news
+        pass
+
+
+class HttpServer:
+    def __init__(self, server: _Server, thread: threading.Thread):
+        self.server = server
+        self.thread = thread
+        host, port = server.server_address[:2]
+        self.address = f"{host}:{port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_http(address: str, daemon) -> HttpServer:
+    host, _, port = address.rpartition(":")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(daemon))
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return _reply(start_response, "405 Method Not Allowed", "read-only: GET only\n")
+        if path == "/metrics":
+            return _reply(start_response, "200 OK", generate_latest(registry), CONTENT_TYPE_LATEST)
+        if path == "/healthz":
+            return _reply(start_response, "200 OK", "ok\n")
+        if path == "/readyz":
+            info = daemon.snapshot.get("daemon", {})
+            if daemon.ready:
+                return _reply(start_response, "200 OK", "ready\n")
+            why = "stopping" if info.get("closing") else "starting"
+            return _reply(start_response, "503 Service Unavailable", f"not ready: {why}\n")
+        if path == "/api/status":
+            body = json.dumps(daemon.snapshot, default=str)
+            return _reply(start_response, "200 OK", body, "application/json")
+        if path == "/":
+            return _reply(start_response, "200 OK", _PAGE, "text/html; charset=utf-8")
+        return _reply(start_response, "404 Not Found", f"no page {path}\n")
+
+    server = make_server(host.strip("[]"), int(port), app, _Server, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="zerotrain-http", daemon=True)
+    thread.start()
+    return HttpServer(server, thread)
+
+
+def _reply(start_response, status, body, content_type="text/plain; charset=utf-8"):
+    data = body.encode() if isinstance(body, str) else body
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>zerotrain</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; } td, th { padding: .3em .8em; text-align: left; }
+th { border-bottom: 2px solid #888; } tr:nth-child(even) { background: #f3f3f3; }
+.running { color: #06c; } .done { color: #080; } .failed { color: #c00; }
+.paused, .stopped, .stopping { color: #a60; } .cancelled { color: #777; }
+svg { background: #fafafa; border: 1px solid #ddd; margin: .5em 1em .5em 0; }
+#who { color: #666; }
+</style></head>
+<body><h1>zerotrain</h1><p id="who">connecting...</p>
+<table id="jobs"><thead><tr><th>id</th><th>name</th><th>pipeline</th><th>state</th>
+<th>step</th><th>loss</th><th>ranks</th><th>restarts</th><th>params_sha256</th></tr></thead>
+<tbody></tbody></table><div id="curves"></div>
+<script>
+const ESC = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"};
+function esc(s) { return String(s ?? "").replace(/[&<>"]/g, c => ESC[c]); }
+function curve(job) {
+  const pts = job.losses || []; if (pts.length < 2) return "";
+  const W = 360, H = 140, xs = pts.map(p => p[0]), ys = pts.map(p => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  const line = pts.map(p => ((p[0]-x0)/((x1-x0)||1)*(W-20)+10).toFixed(1) + "," +
+                            (H-10-(p[1]-y0)/((y1-y0)||1)*(H-30)).toFixed(1)).join(" ");
+  return `<svg width="${W}" height="${H}"><text x="10" y="14">job ${job.id} loss ` +
+         `${y1.toPrecision(3)} .. ${y0.toPrecision(3)}</text>` +
+         `<polyline fill="none" stroke="#06c" stroke-width="1.5" points="${line}"/></svg>`;
+}
+async function refresh() {
+  try {
+    const snap = await (await fetch("/api/status")).json(), d = snap.daemon;
+    document.getElementById("who").textContent =
+      `daemon pid ${d.pid} - ${d.state_dir} - ${d.cpus_in_use} of ${d.cpus} cpus in use`;
+    document.querySelector("#jobs tbody").innerHTML = snap.jobs.slice().reverse().map(j =>
+      `<tr><td>${j.id}</td><td>${esc(j.name)}</td><td>${esc(j.pipeline)}</td>` +
+      `<td class="${esc(j.state)}">${esc(j.state)}</td><td>${j.step}</td>` +
+      `<td>${j.loss == null ? "" : j.loss.toFixed(4)}</td><td>${j.ranks}</td>` +
+      `<td>${j.restarts}</td>` +
+      `<td><code>${esc((j.params_sha256 || "").slice(0, 16))}</code></td></tr>`
+    ).join("");
+    document.getElementById("curves").innerHTML = snap.jobs.map(curve).join("");
+  } catch (e) { document.getElementById("who").textContent = "daemon unreachable"; }
+}
+refresh(); setInterval(refresh, 2000);
+</script></body></html>
+"""

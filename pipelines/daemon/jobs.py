@@ -1,0 +1,234 @@
+"""The job table: every job the daemon was given and its history, in SQLite (WAL).
+
+A job's state machine (the daemon is its only writer)::
+
+    queued ──start──> running ──exit 0──> done
+      │  ^               │  └──exit != 0, not asked to stop──> failed
+      │  │               └──pause / stop / cancel──> stopping ──process gone──> paused
+      │  │                                                                  | stopped
+      │  │                                                                  | cancelled
+      │  └──resume── paused | stopped
+      └──pause / stop / cancel──> paused | stopped | cancelled   (never started: no process)
+
+``want`` records what a ``stopping`` job becomes once its processes are gone: ``paused``,
+``stopped``, ``cancelled``, or ``queued`` (the daemon itself is shutting down; the job
+resumes when a daemon next serves this state dir). A job that is started again resumes
+from its run dir's newest valid checkpoint: its config, seed and run dir are fixed at
+submit, so every restart continues the same run.
+
+SQLite's WAL mode lets readers (``zerotrain jobs`` could read the file directly) run
+beside the daemon's writes; every write is one short transaction, committed before the
+state change is acted on, so a daemon killed at any point leaves a table that says what
+was running, and the next daemon resumes exactly those jobs.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .statedir import DaemonUsageError
+
+__all__ = ["ACTIVE", "FINAL", "Job", "JobState", "JobTable"]
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+ACTIVE = frozenset({JobState.RUNNING, JobState.STOPPING})  # have (or may have) processes
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    name        TEXT NOT NULL,
+    pipeline    TEXT NOT NULL,
+    config      TEXT NOT NULL,      -- the resolved config, JSON (Config.to_dict())
+    config_hash TEXT NOT NULL,
+    argv        TEXT NOT NULL,      -- JSON list: `zerotrain run` arguments after CONFIG
+    cwd         TEXT NOT NULL,
+    ranks       INTEGER NOT NULL,
+    priority    INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    want        TEXT,               -- what a stopping job becomes
+    run_dir     TEXT NOT NULL,
+    submitted   REAL NOT NULL,
+    started     REAL,               -- the first start
+    ended       REAL,
+    attempts    INTEGER NOT NULL DEFAULT 0,  -- how many times a process was started
+    restarts    INTEGER NOT NULL DEFAULT 0,  -- starts after the first (resumes)
+    step        INTEGER NOT NULL DEFAULT 0,
+    loss        REAL,
+    pid         INTEGER,            -- the job's `zerotrain run` process while it runs
+    exit_code   INTEGER,
+    error       TEXT,
+    summary     TEXT                -- summary.json once done, JSON
+);
+"""
+
+_COLUMNS = (
+    "id name pipeline config config_hash argv cwd ranks priority state want run_dir "
+    "submitted started ended attempts restarts step loss pid exit_code error summary"
+).split()
+
+
+@dataclass
+class Job:
+    id: int
+    name: str
+    pipeline: str
+    config: dict
+    config_hash: str
+    argv: list[str]
+    cwd: str
+    ranks: int
+    priority: int
+    state: JobState
+    want: str | None
+    run_dir: str
+    submitted: float
+    started: float | None = None
+    ended: float | None = None
+    attempts: int = 0
+    restarts: int = 0
+    step: int = 0
+    loss: float | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    summary: dict | None = field(default=None)
+
+    @classmethod
+    def _from_row(cls, row: tuple) -> Job:
+        d = dict(zip(_COLUMNS, row, strict=True))
+        d["config"] = json.loads(d["config"])
+        d["argv"] = json.loads(d["argv"])
+        d["summary"] = json.loads(d["summary"]) if d["summary"] else None
+        d["state"] = JobState(d["state"])
+        return cls(**d)
+
+    def public(self) -> dict:
+        """What `zerotrain status --json` shows: plain data."""
+        out = {
+            k: getattr(self, k)
+            for k in (
+                "id name pipeline state run_dir step loss restarts attempts priority ranks "
+                "submitted started ended exit_code error config_hash"
+            ).split()
+        }
+        out["state"] = str(self.state)
+        out["summary"] = self.summary
+        out["params_sha256"] = (self.summary or {}).get("params_sha256")
+        return out
+
+
+class JobTable:
+    """The jobs table of one state dir. Opening it checks that the file is a database we
+    can read; a file that is not is reported (DaemonUsageError) and left as it is."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+            self.db.execute("SELECT count(*) FROM jobs").fetchone()
+            missing = set(_COLUMNS) - {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+            if missing:
+                raise sqlite3.DatabaseError(f"table jobs lacks columns {sorted(missing)}")
+        except sqlite3.Error as err:
+            raise DaemonUsageError(
+                f"zerotrain serve: cannot read the job database {self.path}: {err} "
+                "(the file is left as it is; move it away to start with an empty table)"
+            ) from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- reads ---------------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job | None:
+        row = self.db.execute(
+            f"SELECT {','.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return Job._from_row(row) if row else None
+
+    def all(self, states=None) -> list[Job]:
+        rows = self.db.execute(f"SELECT {','.join(_COLUMNS)} FROM jobs ORDER BY id").fetchall()
+        jobs = [Job._from_row(r) for r in rows]
+        return [j for j in jobs if states is None or j.state in states]
+
+    def ids(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT id FROM jobs ORDER BY id")]
+
+    # ---- writes (one transaction each) ----------------------------------------------
+
+    def add(
+        self,
+        *,
+        name: str,
+        pipeline: str,
+        config: dict,
+        config_hash: str,
+        argv: list[str],
+        cwd: str,
+        ranks: int,
+        priority: int,
+        run_dir_for,
+    ) -> Job:
+        """Insert a queued job; ``run_dir_for(id)`` gives its run dir (it may need the id)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute(
+                "INSERT INTO jobs (name, pipeline, config, config_hash, argv, cwd, ranks, "
+                "priority, state, run_dir, submitted) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    name,
+                    pipeline,
+                    json.dumps(config, sort_keys=True),
+                    config_hash,
+                    json.dumps(argv),
+                    cwd,
+                    ranks,
+                    priority,
+                    JobState.QUEUED.value,
+                    "",
+                    time.time(),
+                ),
+            )
+            job_id = cur.lastrowid
+            run_dir = str(run_dir_for(job_id))
+            if not name:
+                self.db.execute("UPDATE jobs SET name = ? WHERE id = ?", (f"job-{job_id}", job_id))
+            self.db.execute("UPDATE jobs SET run_dir = ? WHERE id = ?", (run_dir, job_id))
+        return self.get(job_id)
+
+    def update(self, job_id: int, **fields) -> None:
+        if not fields:
+            return
+        for key in fields:
+            if key not in _COLUMNS or key == "id":
+                raise KeyError(f"jobs has no column {key!r}")
+        values = []
+        for key, value in fields.items():
+            if key in ("summary", "config", "argv") and value is not None:
+                value = json.dumps(value, sort_keys=True)
+            elif isinstance(value, JobState):
+                value = value.value
+            values.append(value)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.db:
+            self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*values, job_id))

@@ -1,0 +1,317 @@
+"""The job supervisor: runs one job as a child `zerotrain run` and reports how it ended.
+
+A job is a `zerotrain run` process, started in its own session and process group; the
+job's whole cluster (coordinator, rank processes, analyzer) lives under it. So a job that
+crashes, hangs or is killed touches no other job and not the daemon, and a job gets
+exactly what `zerotrain run` gives: same config, seed and run dir => the same bits.
+
+* start: ``zerotrain run CONFIG ARGS --run-dir RUN`` (a fresh start), or with
+  ``--resume RUN`` once the run dir holds a valid checkpoint from an earlier attempt.
+  A fresh start in a run dir left by an earlier attempt without a valid checkpoint moves
+  that dir aside (``RUN.attempt-N``): a run starts in an empty dir or resumes, nothing in
+  between.
+* stop: SIGTERM to the job's process group, as a terminal's Ctrl-C reaches every
+  process of a foreground job: `zerotrain run`'s planned stop (issue 17) agrees on a step
+  and checkpoints. A job still running ``grace`` seconds later is SIGKILLed.
+* the parent's death: the job's top process has PR_SET_PDEATHSIG = SIGKILL, set before
+  it execs (a ``python -c`` launcher, so no code runs between fork and exec in the
+  daemon, which has threads). The signal fires when the *thread* that forked the child
+  ends, so the child is forked by the daemon's main thread (a plain ``Popen``, a few ms)
+  and waited for through a pidfd: trio's ``open_process`` forks in a worker thread,
+  which trio retires after a few idle seconds, and that would kill the job.
+  Every process of a job carries ``ZEROTRAIN_DAEMON_JOB=<state dir>:<job id>`` in its
+  environment (rank processes inherit it): that is how :func:`job_processes` finds what
+  is left of a job after its top process is gone -- the daemon when a job ends, the next
+  daemon for the jobs of one that was killed -- to kill it before the run dir is reused.
+* progress: the supervisor reads new lines of the run's metrics.jsonl (appended line by
+  line, pipelines.store.rundir) every :data:`POLL_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+__all__ = [
+    "EXIT_STOPPED",
+    "POLL_SECONDS",
+    "JobSupervisor",
+    "Progress",
+    "job_marker",
+    "job_processes",
+    "kill_processes",
+]
+
+log = logging.getLogger("zerotrain.daemon")
+
+EXIT_STOPPED = 4  # `zerotrain run`: stopped by a planned stop, resumable (issue 17)
+POLL_SECONDS = 0.5
+MARKER_VAR = "ZEROTRAIN_DAEMON_JOB"
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# Runs in the job's top process between fork and the real exec: set the parent-death
+# signal, then make sure the parent did not die before it was set (the signal would
+# never come), then become `zerotrain run`.
+_LAUNCHER = (
+    "import ctypes, os, sys\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0) != 0: sys.exit(70)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(71)\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
+
+
+def job_marker(state_dir: Path, job_id: int | None) -> str:
+    """The environment entry that marks a job's processes (prefix of all jobs' if None)."""
+    base = f"{MARKER_VAR}={Path(state_dir).resolve()}:"
+    return base if job_id is None else f"{base}{job_id}"
+
+
+def job_processes(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds ``marker`` (an exact entry, or a
+    prefix ending in ':' for every job of a state dir). Other users' processes, and
+    processes that end while we look, are skipped."""
+    want = marker.encode()
+    prefix = want.endswith(b":")
+    found = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z":
+            continue  # a zombie: already dead, waiting for its parent
+        for item in env.split(b"\0"):
+            if (item.startswith(want) and item[len(want) :].isdigit()) if prefix else item == want:
+                found.append(int(entry.name))
+                break
+    return found
+
+
+async def kill_processes(marker: str, *, wait: float = 10.0) -> int:
+    """SIGKILL every process holding ``marker`` until none is left (or ``wait`` runs out).
+    Returns how many were killed."""
+    killed = 0
+    with trio.move_on_after(wait):
+        while True:
+            pids = job_processes(marker)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            await trio.sleep(0.05)
+    return killed
+
+
+@dataclass
+class Progress:
+    """What the run's metrics.jsonl said last: read by status, /metrics and the page."""
+
+    step: int = 0
+    loss: float | None = None
+    last_t: float | None = None
+    samples_per_s: float | None = None
+    losses: list = field(default_factory=list)  # (step, loss), thinned to <= 400 points
+    step_hist: list = field(default_factory=lambda: [0] * (len(STEP_BUCKETS) + 1))
+    step_sum: float = 0.0
+    steps_seen: int = 0
+
+    def add(self, record: dict) -> None:
+        step, t = record.get("step"), record.get("t")
+        if not isinstance(step, int):
+            return
+        if isinstance(t, int | float) and self.last_t is not None and step == self.step + 1:
+            dt = max(0.0, t - self.last_t)
+            self.step_sum += dt
+            self.steps_seen += 1
+            for i, bound in enumerate(STEP_BUCKETS):
+                if dt <= bound:
+                    self.step_hist[i] += 1
+                    break
+            else:
+                self.step_hist[-1] += 1
+        self.step = step
+        loss = record.get("loss")
+        self.loss = float(loss) if isinstance(loss, int | float) else self.loss
+        self.last_t = float(t) if isinstance(t, int | float) else self.last_t
+        sps = record.get("samples_per_s")
+        self.samples_per_s = float(sps) if isinstance(sps, int | float) else self.samples_per_s
+        if self.loss is not None:
+            self.losses.append((step, self.loss))
+            if len(self.losses) > 400:
+                self.losses = self.losses[::2]
+
+
+class JobSupervisor:
+    """Runs one attempt of one job: start, watch, stop on request, clean up."""
+
+    def __init__(
+        self, job, state_dir: Path, config_path: Path, log_path: Path, grace: float, on_start
+    ):
+        self.job = job
+        self.on_start = on_start  # called with the top process's pid once it is started
+        self.state_dir = Path(state_dir)
+        self.config_path = config_path
+        self.log_path = log_path
+        self.grace = grace
+        self.marker = job_marker(state_dir, job.id)
+        self.process: subprocess.Popen | None = None
+        self.progress = Progress()
+        self.started_at = None
+        self.stop_requested_at: float | None = None
+        self._stop = trio.Event()
+
+    def argv(self, resume: bool) -> list[str]:
+        run = [
+            "-m",
+            "pipelines.cli",
+            "run",
+            str(self.config_path),
+            *self.job.argv,
+            "--run-dir",
+            self.job.run_dir,
+        ]
+        if resume:
+            run += ["--resume", self.job.run_dir]
+        return [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *run]
+
+    def request_stop(self) -> None:
+        """The planned stop: SIGTERM to the job's process group (idempotent)."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Start the job (``on_start(pid)``) and return its exit code once every process
+        of the job is gone (negative: killed by that signal)."""
+        resume = await trio.to_thread.run_sync(self._prepare_run_dir)
+        env = {**os.environ, self.marker.split("=", 1)[0]: self.marker.split("=", 1)[1]}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(self.log_path, "ab") as out:
+            how = " (resume)" if resume else ""
+            when = time.strftime("%Y-%m-%d %H:%M:%S")
+            attempt = self.job.attempts
+            line = f"--- zerotrain serve: job {self.job.id} attempt {attempt}{how} at {when}\n"
+            out.write(line.encode())
+            out.flush()
+            self.process = subprocess.Popen(
+                self.argv(resume),
+                cwd=self.job.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started_at = time.time()
+        self.on_start(self.process.pid)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_metrics)
+                nursery.start_soon(self._stopper)
+                await self._wait()
+                nursery.cancel_scope.cancel()
+            self._read_metrics()
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.process.returncode is None:
+                    self._signal_group(signal.SIGKILL)
+                    await self._wait()
+                # the rest of the job (ranks, analyzer) may outlive its top process briefly
+                with trio.move_on_after(3.0):
+                    while job_processes(self.marker):
+                        await trio.sleep(0.1)
+                await kill_processes(self.marker)
+        return self.process.returncode
+
+    async def _wait(self) -> int:
+        """Wait for the top process to exit, then reap it (only here, see _signal_group)."""
+        fd = os.pidfd_open(self.process.pid)
+        try:
+            while self.process.poll() is None:
+                await trio.lowlevel.wait_readable(fd)
+        finally:
+            os.close(fd)
+        return self.process.returncode
+
+    def _signal_group(self, sig: int) -> None:
+        # The group id is the top process's pid (a new session): valid while that process
+        # is not reaped, which happens only in _wait(), never between this check and kill.
+        if self.process is not None and self.process.returncode is None:
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    async def _stopper(self) -> None:
+        await self._stop.wait()
+        self._signal_group(signal.SIGTERM)
+        await trio.sleep(self.grace)
+        log.warning("[job %d] not stopped %gs after SIGTERM: SIGKILL", self.job.id, self.grace)
+        self._signal_group(signal.SIGKILL)
+
+    # ---- run dir -------------------------------------------------------------------
+
+    def _prepare_run_dir(self) -> bool:
+        """True to resume (a valid checkpoint from an earlier attempt); else make sure the
+        run dir does not exist, moving an earlier attempt's aside."""
+        from ..store.checkpoint import latest_valid
+
+        run_dir = Path(self.job.run_dir)
+        sub = self.job.config.get("checkpoint", {}).get("dir", "checkpoints")
+        if self.job.attempts > 1 and latest_valid(run_dir / sub).path is not None:
+            return True
+        if run_dir.exists():
+            n = 1
+            while (aside := run_dir.with_name(f"{run_dir.name}.attempt-{n}")).exists():
+                n += 1
+            run_dir.rename(aside)
+        return False
+
+    # ---- progress ------------------------------------------------------------------
+
+    _offset = 0
+    _partial = b""
+
+    def _read_metrics(self) -> None:
+        path = Path(self.job.run_dir) / "metrics.jsonl"
+        try:
+            with open(path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read(1 << 22)
+        except OSError:
+            return
+        self._offset += len(data)
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                self.progress.add(record)
+
+    async def _watch_metrics(self) -> None:
+        while True:
+            self._read_metrics()
+            await trio.sleep(POLL_SECONDS)
