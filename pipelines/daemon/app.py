@@ -33,6 +33,7 @@ from pathlib import Path
 
 import trio
 
+from ..store.rundir import write_json_atomic
 from . import notify, protocol
 from .control import serve_control
 from .jobs import FINAL, Job, JobState, JobTable
@@ -91,6 +92,10 @@ class Daemon:
 
                         http = start_http(self.http_address, self)
                         self.http_bound = http.address
+                        host, _, port = http.address.rpartition(":")
+                        write_json_atomic(
+                            self.state.http_path, {"host": host, "port": int(port)}
+                        )
                         log.info("[daemon] http on http://%s/", self.http_bound)
                     nursery.start_soon(self._scheduler)
                     nursery.start_soon(self._publisher)

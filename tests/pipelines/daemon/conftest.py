@@ -1,0 +1,170 @@
+"""A real daemon for the tests: `zerotrain serve` as a process of its own, on a state dir
+in tmp_path, with real `zerotrain run` jobs and rank processes under it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# a small job that still runs real ranks: seconds, not minutes
+SMALL = ["mlp_classifier", "--ranks", "2", "--seed", "3"]
+MARKER_VAR = "ZEROTRAIN_DAEMON_JOB"
+
+
+def zerotrain(*args, env=None, timeout=120, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def marked_pids(state_dir: Path) -> list[int]:
+    """Live processes of any job of this state dir (their environment marker)."""
+    want = f"{MARKER_VAR}={Path(state_dir).resolve()}:".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{entry}/environ").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+        except OSError:
+            continue
+        if stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z":
+            continue
+        if any(item.startswith(want) for item in env.split(b"\0")):
+            pids.append(int(entry))
+    return pids
+
+
+class DaemonProcess:
+    def __init__(self, state_dir: Path, *extra, env=None):
+        self.state_dir = Path(state_dir)
+        self.extra = [str(e) for e in extra]
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.state_dir.with_name(self.state_dir.name + "-serve.log")
+
+    def start(self, *, wait=True) -> DaemonProcess:
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", "serve", "--state-dir", str(self.state_dir)]
+            + self.extra,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=self.env,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=30.0) -> None:
+        from pipelines.daemon import protocol
+        from pipelines.daemon.client import call
+        from pipelines.daemon.statedir import DaemonUsageError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}: {self.output()}"
+            try:
+                call(self.state_dir, protocol.DaemonInfo(), timeout=5)
+                return
+            except DaemonUsageError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args, timeout=120) -> subprocess.CompletedProcess:
+        return zerotrain(*args, "--state-dir", self.state_dir, timeout=timeout)
+
+    def submit(self, *args) -> int:
+        r = self.cli("submit", *args)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout)
+
+    def status(self, job) -> dict:
+        r = self.cli("status", job, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def wait_for(self, job, states, timeout=180.0, step=None) -> dict:
+        """Poll until the job is in one of ``states`` (and, if given, at >= ``step``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.status(job)
+            if s["state"] in states and (step is None or (s["step"] or 0) >= step):
+                return s
+            assert s["state"] not in ("failed",) or "failed" in states, s
+            assert time.monotonic() < deadline, f"job {job} still {s['state']}: {s}"
+            time.sleep(0.2)
+
+    def terminate(self, timeout=60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def cleanup(self) -> None:
+        self.terminate()
+        self.log.close()
+        for pid in marked_pids(self.state_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    made = []
+
+    def make(*extra, name="state", start=True, env=None) -> DaemonProcess:
+        d = DaemonProcess(tmp_path / name, "--http", "off", *extra, env=env)
+        made.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in made:
+        d.cleanup()
+
+
+_REFERENCE: dict[tuple, str] = {}
+
+
+@pytest.fixture(scope="session")
+def reference_hash(tmp_path_factory):
+    """params_sha256 of `zerotrain run ARGS` (cached per ARGS for the session)."""
+
+    def run(*args) -> str:
+        key = tuple(map(str, args))
+        if key not in _REFERENCE:
+            run_dir = tmp_path_factory.mktemp("ref") / "run"
+            r = zerotrain("run", *key, "--run-dir", run_dir, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+            _REFERENCE[key] = json.loads((run_dir / "summary.json").read_text())["params_sha256"]
+        return _REFERENCE[key]
+
+    return run
