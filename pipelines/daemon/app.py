@@ -93,9 +93,7 @@ class Daemon:
                         http = start_http(self.http_address, self)
                         self.http_bound = http.address
                         host, _, port = http.address.rpartition(":")
-                        write_json_atomic(
-                            self.state.http_path, {"host": host, "port": int(port)}
-                        )
+                        write_json_atomic(self.state.http_path, {"host": host, "port": int(port)})
                         log.info("[daemon] http on http://%s/", self.http_bound)
                     nursery.start_soon(self._scheduler)
                     nursery.start_soon(self._publisher)
@@ -281,6 +279,7 @@ class Daemon:
             "closing": self.closing,
             "started": self.started_at,
             "jobs": states,
+            "control": dict(vars(self.control_stats)) if self.control_stats else {},
         }
 
     # ---- requests ------------------------------------------------------------------

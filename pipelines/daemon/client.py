@@ -34,7 +34,7 @@ def call(state_dir: Path, request, *, timeout: float = 30.0):
     sock.settimeout(timeout)
     try:
         try:
-            sock.connect(str(path))
+            _connect(sock, str(path), timeout)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
             raise DaemonUsageError(no_daemon_message(Path(state_dir))) from None
         except PermissionError:
@@ -59,6 +59,19 @@ def call(state_dir: Path, request, *, timeout: float = 30.0):
         return protocol.decode_reply(frames, 1)
     except protocol.ControlError as err:
         raise DaemonUsageError(str(err)) from None
+
+
+def _connect(sock, path: str, timeout: float) -> None:
+    """Connect, waiting while the daemon's accept queue is full (EAGAIN on a Unix
+    socket: the daemon is busy, not gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return sock.connect(path)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError from None
+            time.sleep(0.02)
 
 
 def _recv_exactly(sock, n: int) -> bytes:
