@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 import msgpack
@@ -218,10 +220,11 @@ def test_the_control_endpoint_survives_ten_thousand_malformed_messages(daemon_fa
 def test_a_peer_of_another_uid_is_refused_even_when_the_modes_allow_it(daemon_factory):
     if os.getuid() != 0:
         pytest.skip("needs root to connect as another uid")
-    d = daemon_factory()
+    root = tempfile.mkdtemp(prefix="zt-uid-")  # under /tmp: every ancestor traversable
+    os.chmod(root, 0o755)
+    d = daemon_factory(name=f"{root}/state")  # (an absolute name replaces tmp_path)
     os.chmod(d.state_dir, 0o755)
     os.chmod(d.state_dir / "control.sock", 0o777)
-    os.chmod(d.state_dir.parent, 0o755)
     code = (
         "import os, socket, sys\n"
         "os.setgid(65534); os.setuid(65534)\n"
@@ -238,3 +241,5 @@ def test_a_peer_of_another_uid_is_refused_even_when_the_modes_allow_it(daemon_fa
     assert r.returncode == 0, r.stderr
     assert b"refused: this daemon serves uid 0 only, the peer is uid 65534" in r.stdout
     assert b"state_dir" not in r.stdout
+    d.cleanup()
+    shutil.rmtree(root)

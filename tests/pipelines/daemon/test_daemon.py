@@ -68,6 +68,8 @@ def test_pause_stops_every_process_and_resume_ends_bit_identical(daemon_factory,
     done = d.wait_for(job, {"done"})
     assert done["restarts"] == 1
     assert done["params_sha256"] == reference_hash(*LONG)
+    # it continued from its checkpoint (a restart from the seed gives the same bits)
+    assert f"resumed at step {paused['step'] // 20 * 20} from" in d.cli("logs", job).stdout
 
 
 def test_a_daemon_killed_mid_job_takes_its_jobs_along_and_the_next_one_resumes_them(
@@ -88,6 +90,7 @@ def test_a_daemon_killed_mid_job_takes_its_jobs_along_and_the_next_one_resumes_t
     assert done["restarts"] == 1
     assert done["params_sha256"] == reference_hash(*LONG)
     assert "was running when its daemon died: now queued" in d.output()
+    assert "resumed at step" in d.cli("logs", job).stdout
 
 
 def test_a_daemon_stopped_by_sigterm_resumes_its_jobs_when_it_next_serves(
