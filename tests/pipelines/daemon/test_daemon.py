@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_a_daemon_killed_mid_job_takes_its_jobs_along_and_the_next_one_resumes_t
 ):
     d = daemon_factory()
     job = d.submit(*LONG)
-    d.wait_for(job, {"running"}, step=60)
+    run_dir = d.wait_for(job, {"running"}, step=60)["run_dir"]
     d.kill9()
     # the job's top process dies with the daemon (parent-death signal); its ranks follow
     # when they miss the coordinator's heartbeats, and the next daemon kills any left
@@ -86,6 +87,8 @@ def test_a_daemon_killed_mid_job_takes_its_jobs_along_and_the_next_one_resumes_t
     while marked_pids(d.state_dir) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert marked_pids(d.state_dir) == []
+    # taken along, not left to finish on its own: 240 steps were still to go
+    assert not (Path(run_dir) / "summary.json").exists()
     d.start()
     done = d.wait_for(job, {"done"})
     assert done["restarts"] == 1
