@@ -98,9 +98,10 @@ def _read_message(sock) -> list[bytes]:
 
 
 def submit_request(args) -> protocol.Submit:
-    """Validate the submit arguments exactly as `zerotrain run` would (config, overrides,
-    hooks) and build the request: the pipeline file's text, not its path, so later edits
-    of the file do not change the queued job."""
+    """Validate the submit arguments as `zerotrain run` does before any rank starts
+    (config and overrides, hooks, data files, a file model) and build the request: the
+    pipeline file's text, not its path, so later edits of the file do not change the
+    queued job."""
     from ..config import CONFIG_DIR, ConfigError, load_config
     from ..core import load_hooks
 
@@ -114,6 +115,10 @@ def submit_request(args) -> protocol.Submit:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
+    if args.model is not None:  # absolute: the job runs in this directory, but be exact
+        path, sep, name = args.model.partition(":")
+        model = os.path.abspath(path) + sep + name
+        overrides.append(f"model.name={json.dumps('file:' + model)}")
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
@@ -122,6 +127,13 @@ def submit_request(args) -> protocol.Submit:
         load_hooks(args.hooks)
     except ValueError as err:
         raise DaemonUsageError(f"zerotrain submit: {err}; nothing queued") from None
+    from ..data import DataError
+    from ..use import UsageError, check_data
+
+    try:  # what `zerotrain run` checks before any rank starts
+        check_data(cfg)
+    except (DataError, UsageError) as err:
+        raise DaemonUsageError(f"zerotrain submit: data: {err}; nothing queued") from None
     source = args.config or cfg.name
     path = Path(source)
     if not (path.suffix == ".toml" or path.exists()):

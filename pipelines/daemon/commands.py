@@ -80,6 +80,9 @@ def register_daemon_commands(sub) -> None:
     submit.add_argument("--mode", choices=("ddp", "zero1", "zero2"), help="data-parallel mode")
     submit.add_argument("--steps", type=lambda t: _count(t, least=1), help="optimizer steps")
     submit.add_argument("--seed", type=lambda t: _count(t, least=0), help="run seed")
+    submit.add_argument(
+        "--model", metavar="PATH.py:NAME", help="a model from a file (model.name = file:...)"
+    )
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--hook", dest="hooks", action="append", default=[], metavar="PATH[:NAME]")
     submit.add_argument("--name", help="a name for the job (default job-ID)")

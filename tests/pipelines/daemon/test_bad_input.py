@@ -62,6 +62,15 @@ def test_bad_submits_queue_nothing(daemon_factory):
         "(zerotrain serve --cpus N); nothing queued"
     )
     assert "nothing queued" in _one_line(d.cli("submit", *SMALL, "--hook", "/nonexistent.py"))
+    line = _one_line(
+        d.cli("submit", *SMALL, "--set", "data.name=table", "--set", "data.path=/nonexistent.csv")
+    )
+    assert line == (
+        "zerotrain submit: data: data.path: no such file or directory '/nonexistent.csv'; "
+        "nothing queued"
+    )
+    line = _one_line(d.cli("submit", *SMALL, "--model", "/nonexistent.py:Net"))
+    assert line.startswith("zerotrain submit: data: model file '/nonexistent.py'")
     assert d.cli("jobs", "--all", "--json").stdout.strip() == "[]"
 
 
