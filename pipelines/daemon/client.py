@@ -43,7 +43,10 @@ def call(state_dir: Path, request, *, timeout: float = 30.0):
                 "(the state dir belongs to another user)"
             ) from None
         sender = f"zerotrain-{os.getpid()}"
-        sock.sendall(protocol.encode_call(request, 1, sender, timeout))
+        try:
+            sock.sendall(protocol.encode_call(request, 1, sender, timeout))
+        except BrokenPipeError:
+            pass  # the daemon answered (a refusal) and closed before reading: read it
         frames = _read_message(sock)
     except TimeoutError:
         raise DaemonUsageError(

@@ -1,0 +1,261 @@
+"""The daemon's costs, measured against `zerotrain run` (issue 18, "Acceptance").
+
+    python scripts/bench_daemon.py            # a few minutes on 2 shared cores
+    python scripts/bench_daemon.py --quick    # fewer repetitions
+
+Every job is mlp_classifier, 2 ranks, seed 3, on a daemon of its own (a state dir in a
+temp dir, --cpus 4 so two 2-rank jobs run side by side).
+
+  start      submit -> the job's first step (metrics.jsonl's first "t"), from the
+             client's clock before the request (the CLI's own start-up is not in it:
+             the request goes through pipelines.daemon.client), and `zerotrain run`
+             cold: process start -> first step. Median of --runs.
+  overhead   samples/s of a 300-step job (summary.json) under the daemon over the same
+             `zerotrain run`, alternating, median of --runs pairs each.
+  scrape     the same job's samples/s while a thread GETs /metrics at 10 Hz, over
+             without (alternating pairs).
+  status     the control call JobStatus (all jobs) while two jobs train, and the
+             `zerotrain status` command line (a new Python process each time).
+  stop       `stop` at a random moment 0.5-3 s after a job's first step -> the job is
+             `stopped` (its processes gone), median and max of --stops.
+
+Prints a table and one final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.daemon import protocol  # noqa: E402
+from pipelines.daemon.client import call  # noqa: E402
+
+JOB = ["mlp_classifier", "--ranks", "2", "--seed", "3"]
+
+
+def _submit_args(steps: int) -> argparse.Namespace:
+    return argparse.Namespace(
+        config="mlp_classifier",
+        ranks=2,
+        mode=None,
+        steps=steps,
+        seed=3,
+        model=None,
+        overrides=[],
+        hooks=[],
+        name=None,
+        priority=0,
+    )
+
+
+def _first_step_t(run_dir: Path, timeout=120.0) -> float:
+    m = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = m.read_text().split("\n", 1)[0]
+            if line:
+                return json.loads(line)["t"]
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.002)
+    raise TimeoutError(f"no step in {m}")
+
+
+def _wait_state(state: Path, job: str, states: set, timeout=300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = call(state, protocol.JobStatus(job))
+        if s["state"] in states:
+            return s
+        time.sleep(0.02)
+    raise TimeoutError(f"job {job} not in {states}")
+
+
+class Daemon:
+    def __init__(self, root: Path):
+        self.state = root / "state"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "serve",
+                "--state-dir",
+                str(self.state),
+                "--cpus",
+                "4",
+                "--http",
+                "127.0.0.1:0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.info = call(self.state, protocol.DaemonInfo())
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def submit(self, steps: int) -> tuple[str, Path, float]:
+        from pipelines.daemon.client import submit_request
+
+        request = submit_request(_submit_args(steps))
+        t0 = time.time()
+        reply = call(self.state, request)
+        return str(reply["id"]), Path(reply["run_dir"]), t0
+
+    def close(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
+
+
+def _run_cold(root: Path, steps: int) -> tuple[float, dict]:
+    run_dir = root / f"run-{time.monotonic_ns()}"
+    t0 = time.time()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "run",
+            *JOB,
+            "--steps",
+            str(steps),
+            "--run-dir",
+            str(run_dir),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    first = json.loads((run_dir / "metrics.jsonl").read_text().split("\n", 1)[0])["t"]
+    return first - t0, json.loads((run_dir / "summary.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--stops", type=int, default=10)
+    opts = ap.parse_args()
+    runs, stops = (2, 3) if opts.quick else (opts.runs, opts.stops)
+    rng = random.Random(18)
+    root = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
+    d = Daemon(root)
+    http = d.info["http"]
+    out: dict = {}
+    try:
+        # start latency, and samples/s with and without the daemon
+        start, cold, ratio = [], [], []
+        for _ in range(runs):
+            job, run_dir, t0 = d.submit(300)
+            start.append(_first_step_t(run_dir) - t0)
+            done = _wait_state(d.state, job, {"done"})
+            c, summary = _run_cold(root, 300)
+            cold.append(c)
+            ratio.append(done["summary"]["samples_per_s"] / summary["samples_per_s"])
+        out["start_s"] = statistics.median(start)
+        out["cold_run_start_s"] = statistics.median(cold)
+        out["daemon_samples_ratio"] = statistics.median(ratio)
+        # /metrics at 10 Hz
+        scraped = []
+        for _ in range(runs):
+            stop = threading.Event()
+
+            def scrape(stop):
+                while not stop.is_set():
+                    urllib.request.urlopen(f"http://{http}/metrics", timeout=5).read()
+                    stop.wait(0.1)
+
+            pair = []
+            for with_scrape in (False, True):
+                t = threading.Thread(target=scrape, args=(stop,)) if with_scrape else None
+                if t:
+                    t.start()
+                job, _, _ = d.submit(300)
+                done = _wait_state(d.state, job, {"done"})
+                if t:
+                    stop.set()
+                    t.join()
+                pair.append(done["summary"]["samples_per_s"])
+            scraped.append(pair[1] / pair[0])
+        out["scrape_10hz_samples_ratio"] = statistics.median(scraped)
+        # status while two jobs train
+        jobs = [d.submit(2000)[0] for _ in range(2)]
+        for j in jobs:
+            _wait_state(d.state, j, {"running"})
+        calls, clis = [], []
+        for _ in range(200):
+            t = time.perf_counter()
+            call(d.state, protocol.JobStatus(""))
+            calls.append(time.perf_counter() - t)
+        for _ in range(20):
+            t = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "pipelines.cli", "status", "--state-dir", str(d.state)],
+                check=True,
+                capture_output=True,
+            )
+            clis.append(time.perf_counter() - t)
+        for j in jobs:
+            call(d.state, protocol.Control("cancel", j))
+            _wait_state(d.state, j, {"cancelled"})
+
+        def p99(xs):
+            return sorted(xs)[min(len(xs) - 1, int(0.99 * len(xs)))]
+
+        out["status_call_p99_ms"] = p99(calls) * 1e3
+        out["status_call_median_ms"] = statistics.median(calls) * 1e3
+        out["status_cli_p99_ms"] = p99(clis) * 1e3
+        out["status_cli_median_ms"] = statistics.median(clis) * 1e3
+        # stop at random moments
+        stop_s = []
+        for _ in range(stops):
+            job, run_dir, _ = d.submit(2000)
+            _first_step_t(run_dir)
+            time.sleep(rng.uniform(0.5, 3.0))
+            t = time.monotonic()
+            call(d.state, protocol.Control("stop", job))
+            _wait_state(d.state, job, {"stopped"})
+            stop_s.append(time.monotonic() - t)
+            call(d.state, protocol.Control("cancel", job))
+        out["stop_median_s"] = statistics.median(stop_s)
+        out["stop_max_s"] = max(stop_s)
+    finally:
+        d.close()
+    rows = [
+        ("submit -> first step (s)", out["start_s"], "target < 0.5"),
+        ("zerotrain run cold -> first step (s)", out["cold_run_start_s"], ""),
+        ("samples/s, daemon / zerotrain run", out["daemon_samples_ratio"], "target > 0.98"),
+        ("samples/s, /metrics at 10 Hz / none", out["scrape_10hz_samples_ratio"], "target > 0.99"),
+        ("status call, 2 jobs training, p99 (ms)", out["status_call_p99_ms"], "target < 100"),
+        ("zerotrain status CLI, p99 (ms)", out["status_cli_p99_ms"], "target < 100"),
+        ("stop -> stopped, median (s)", out["stop_median_s"], ""),
+        ("stop -> stopped, max (s)", out["stop_max_s"], ""),
+    ]
+    for name, value, note in rows:
+        print(f"{name:<42} {value:10.3f}  {note}")
+    print(json.dumps({k: round(v, 4) for k, v in out.items()}))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
