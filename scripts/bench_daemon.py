@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -241,6 +242,7 @@ def main() -> None:
         out["stop_max_s"] = max(stop_s)
     finally:
         d.close()
+        shutil.rmtree(root, ignore_errors=True)
     rows = [
         ("submit -> first step (s)", out["start_s"], "target < 0.5"),
         ("zerotrain run cold -> first step (s)", out["cold_run_start_s"], ""),
