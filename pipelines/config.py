@@ -5,8 +5,9 @@ defaults are the dataclass defaults below, so `Config()` is a valid, tiny config
 
     description = "one line shown by `zerotrain pipelines`"
     [model]      name (required) + the model builder's keyword arguments
-    [data]       name (corpus | digits | friedman | digit_triplets | table | text) + that
-                 dataset's options (table and text read the user's files: pipelines.data)
+    [data]       name (corpus | digits | friedman | digit_triplets | table | text |
+                 triplets) + that dataset's options (table, text and triplets read the
+                 user's files: pipelines.data)
     [loss]       name (a pipelines.model.losses registry entry, "" = the model's default)
                  + the loss's keyword arguments
     [optimizer]  name (sgd | adam | adamw), lr, betas, eps, weight_decay, momentum, ...
@@ -118,9 +119,9 @@ def _check_range(key: str, value: float, lo=None, hi=None, lo_open=False, hi_ope
 # checked against the builder in `resolve`.
 
 MODEL_NAMES = ("char_transformer", "mlp_classifier", "mlp_regressor", "triplet_embedder")
-DATASET_NAMES = ("corpus", "digits", "friedman", "digit_triplets", "table", "text")
+DATASET_NAMES = ("corpus", "digits", "friedman", "digit_triplets", "table", "text", "triplets")
 # Datasets read from the user's files (their options name paths; see pipelines.data).
-FILE_DATASETS = ("table", "text")
+FILE_DATASETS = ("table", "text", "triplets")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 SCHEDULE_NAMES = ("constant", "warmup_cosine", "step", "linear")
 MODES = ("ddp", "zero1", "zero2")
@@ -148,7 +149,7 @@ MODEL_DATASETS = {
     "char_transformer": ("corpus", "text"),
     "mlp_classifier": ("digits", "table"),
     "mlp_regressor": ("friedman", "table"),
-    "triplet_embedder": ("digit_triplets",),
+    "triplet_embedder": ("digit_triplets", "triplets"),
 }
 
 
@@ -193,6 +194,19 @@ DATASET_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
         "target": (str, ""),
         "task": (str, ""),
         "standardize": (bool, False),
+    },
+    # a labelled table read as "table" reads it for classification; n_train / n_eval
+    # triplets drawn from the train / eval rows with data.seed (pipelines.data._triplets).
+    "triplets": {
+        "path": (str, ""),
+        "eval_path": (str, ""),
+        "eval_fraction": (float, 0.2),
+        "split": (str, "tail"),
+        "features": (list[str], []),
+        "target": (str, ""),
+        "standardize": (bool, False),
+        "n_train": (int, 20000),
+        "n_eval": (int, 2000),
     },
     # path: a file, a directory or a glob of UTF-8 text; tokenizer: bytes (256 ids) or
     # chars (the training files' characters); eval from eval_path, else the tail.
@@ -250,8 +264,9 @@ class DataConfig:
         if self.name in FILE_DATASETS:
             if not full["path"]:
                 _fail("data.path", f"a file, directory or glob for dataset {self.name!r}", "")
-        if self.name == "table":
+        if self.name in ("table", "triplets"):
             _check_choice("data.split", full["split"], ("tail", "random"))
+        if self.name == "table":
             if full["task"]:
                 _check_choice("data.task", full["task"], TABLE_TASKS)
         if self.name == "text":
@@ -662,6 +677,7 @@ _KIND_MODEL = {
     "digits": "mlp_classifier",
     "friedman": "mlp_regressor",
     "digit_triplets": "triplet_embedder",
+    "triplets": "triplet_embedder",
 }
 
 

@@ -3,10 +3,11 @@
 No network at run time: the character corpus ships as corpus.txt.gz (made once by
 scripts/make_corpus.py from standard-library docstrings); digits, regression targets and
 triplets are generated deterministically from `data.seed`. The user's own files come in
-as `table` (CSV/TSV, .npy, .npz, .safetensors: see _table) and `text` (UTF-8 files:
-see _text); their sizes (features, classes, vocabulary) are in `dataset.meta`, which the
-model builder reads, and what went in (files with size and SHA-256, classes, vocabulary,
-standardisation) is the run's data.json (`data_record`).
+as `table` (CSV/TSV, .npy, .npz, .safetensors: see _table), `text` (UTF-8 files:
+see _text) and `triplets` (drawn from a labelled table: see _triplets); their sizes
+(features, classes, vocabulary) are in `dataset.meta`, which the model builder reads,
+and what went in (files with size and SHA-256, classes, vocabulary, standardisation) is
+the run's data.json (`data_record`).
 
     ds = load_dataset(cfg.data, "train")          # or "eval" (held out)
     batch = batch_for(ds, seed, epoch, step, rank, world, batch_size)
@@ -18,6 +19,7 @@ A batch is a dict of numpy arrays whose keys are the model's (BATCH_KEYS):
     friedman        x (B, F) float32 in [0, 1], y (B, 1) float32 standardised target
     table           x (B, F) float32, y (B,) int64 class or (B, 1) float32 value
     digit_triplets  anchor, positive, negative (B, 784) float32
+    triplets        anchor, positive, negative (B, F) float32 (rows of a table)
 
 `batch_for` is pure: the same arguments give the same batch, on any machine, in any
 process (see _sampling for the rule). With `cache_dir` set, arrays are written once as
@@ -55,6 +57,7 @@ from ._text import (
     load_text,
     map_bytes,
 )
+from ._triplets import load_triplets
 
 __all__ = [
     "TableDataset",
@@ -286,6 +289,8 @@ def load_dataset(data_cfg, split: str = "train") -> Dataset:
         return load_table(data_cfg, split)
     if data_cfg.name == "text":
         return load_text(data_cfg, split)
+    if data_cfg.name == "triplets":
+        return load_triplets(data_cfg, split)
     name, seed, opts = data_cfg.name, data_cfg.seed, dict(data_cfg.options)
     if not data_cfg.cache_dir:
         return _wrap(name, split, *_build_arrays(name, seed, split, opts))
