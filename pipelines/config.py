@@ -194,6 +194,7 @@ DATASET_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
         "target": (str, ""),
         "task": (str, ""),
         "standardize": (bool, False),
+        "follow": (bool, False),
     },
     # a labelled table read as "table" reads it for classification; n_train / n_eval
     # triplets drawn from the train / eval rows with data.seed (pipelines.data._triplets).
@@ -210,12 +211,15 @@ DATASET_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
     },
     # path: a file, a directory or a glob of UTF-8 text; tokenizer: bytes (256 ids) or
     # chars (the training files' characters); eval from eval_path, else the tail.
+    # follow (table and text): path is a directory read anew at each epoch boundary, each
+    # epoch's files recorded in the run dir (pipelines.data._follow); needs eval_path.
     "text": {
         "path": (str, ""),
         "eval_path": (str, ""),
         "eval_fraction": (float, 0.05),
         "tokenizer": (str, "bytes"),
         "seq_len": (int, 64),
+        "follow": (bool, False),
     },
 }
 TABLE_TASKS = ("classification", "regression")

@@ -28,7 +28,17 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, config_hash, loss_spec, resume_fields, resume_hash
-from .data import RECORD_ONLY, batch_for, load_dataset, position, with_default_cache
+from .data import (
+    RECORD_ONLY,
+    EpochLog,
+    batch_for,
+    load_dataset,
+    locate,
+    locate_in,
+    position,
+    read_epochs,
+    with_default_cache,
+)
 from .metrics import EarlyStopping, evaluate
 from .store import checkpoint as ckpt_mod
 from .store.rundir import Progress
@@ -52,6 +62,7 @@ __all__ = [
     "evaluate_run",
     "export_weights",
     "find_resume",
+    "followed_epochs",
     "install_checkpoint",
     "load_hooks",
     "prepare_run",
@@ -133,10 +144,10 @@ def _build_file_model(cfg: Config, meta: dict):
 
 def rank_batches(dataset, cfg: Config, step: int, rank: int, world: int) -> list[dict]:
     """Rank `rank`'s micro-batches of 0-based global step `step`."""
-    epoch, pos = position(step, len(dataset), cfg.train.batch_size)
+    epoch, pos, part = locate(dataset, step, cfg.train.batch_size)
     return [
         batch_for(
-            dataset,
+            part,
             cfg.train.seed,
             epoch,
             pos,
@@ -264,9 +275,13 @@ def prepare_run(cfg: Config, *, resume=None, hooks=()) -> RunInputs:
     except ValueError as err:
         raise TrainingFailed(f"hooks: {err}") from None
     data_cfg = with_default_cache(cfg.data)
+    point = find_resume(Path(resume)) if resume is not None else None
+    # data.follow: a resume replays the epochs' files its checkpoint recorded
+    recorded = point.manifest.get("data", {}).get("epoch_files", []) if point else []
+    epochs = EpochLog(records=recorded)
     try:
-        train = load_dataset(data_cfg, "train")
-        evalset = load_dataset(data_cfg, cfg.eval.split)
+        train = load_dataset(data_cfg, "train", epochs=epochs)
+        evalset = load_dataset(data_cfg, cfg.eval.split, epochs=epochs)
     except (OSError, ValueError) as err:
         raise TrainingFailed(f"data: {err}") from None
     if cfg.train.batch_size > len(train):
@@ -276,9 +291,7 @@ def prepare_run(cfg: Config, *, resume=None, hooks=()) -> RunInputs:
         )
     model = build_model_for(cfg, train.meta)
     identity = RunIdentity.of(cfg, model, train)
-    point = None
-    if resume is not None:
-        point = find_resume(Path(resume))
+    if point is not None:
         check_resume(identity, point)
     return RunInputs(loaded, data_cfg, train, evalset, model, identity, point)
 
@@ -475,9 +488,18 @@ def checkpoint_manifest(
     counters: dict,
     early_state: dict,
     metrics: dict,
+    data_epochs: list | None = None,
 ) -> dict:
-    """The manifest of the checkpoint of `step` (store.checkpoint adds format and shards)."""
-    epoch, pos = position(step, identity.train_samples, cfg.train.batch_size)
+    """The manifest of the checkpoint of `step` (store.checkpoint adds format and shards).
+
+    `data_epochs`: a followed directory's epoch records (data.read_epochs), which the
+    data position then carries for a resume to replay."""
+    if data_epochs is None:
+        epoch, pos = position(step, identity.train_samples, cfg.train.batch_size)
+        followed = {}
+    else:
+        epoch, pos = locate_in(data_epochs, step, cfg.train.batch_size)
+        followed = {"epoch_files": data_epochs}
     return {
         **identity.manifest_fields(),
         "step": step,
@@ -488,12 +510,18 @@ def checkpoint_manifest(
             "epoch": epoch,
             "step_in_epoch": pos,
             "global_step": step,
+            **followed,
         },
         "rng": {"seed": cfg.train.seed, "dropout_stream": DROPOUT_STREAM},
         "counters": counters,
         "early_stopping": early_state,
         "metrics": metrics,
     }
+
+
+def followed_epochs(cfg: Config, run_dir: Path) -> list | None:
+    """The run's epoch records when its data is a followed directory, else None."""
+    return read_epochs(run_dir) if cfg.data.options.get("follow") else None
 
 
 def retain(cfg: Config, root: Path) -> None:

@@ -23,7 +23,7 @@ from cykernels import gemm
 from . import core
 from .config import Config
 from .core import ResumePoint, RunInputs, TrainingFailed, prepare_run, rank_batches, step_seed
-from .data import data_record
+from .data import data_record, record_epochs
 from .step import LocalCollective, RankStep
 from .store import checkpoint as ckpt_mod
 from .store.rundir import RunDir, params_sha256
@@ -124,6 +124,7 @@ def run_local(
     rundir = RunDir(run_dir)
     rundir.write_config(cfg, inputs.identity.config_hash, inputs.identity.resume_hash)
     rundir.write_data(data_record(inputs.train))
+    record_epochs(inputs.train, rundir.path)
     run = _LocalRun(cfg, inputs, rundir, out)
     try:
         if inputs.resume is not None:
@@ -230,6 +231,7 @@ class _LocalRun:
             counters=rank.opt.counters(),
             early_state=self.early.state(),
             metrics=dict(self.last_eval, train_loss=self.last_loss),
+            data_epochs=core.followed_epochs(self.cfg, self.rundir.path),
         )
         ckpt_mod.save_checkpoint(
             self.ckpt_root, self.step, shards, self.model.params.size, manifest

@@ -59,7 +59,9 @@ def check_data(cfg: Config, *, resume: Path | None = None, allow_change: bool = 
     train = load_dataset(data_cfg, "train")
     load_dataset(data_cfg, "eval")
     if resume is not None and not allow_change and cfg.data.name in FILE_DATASETS:
-        _check_unchanged(resume, train.meta.get("files", []))
+        # a followed directory grows by design: only the recorded files must be unchanged
+        growing = bool(cfg.data.options.get("follow"))
+        _check_unchanged(resume, train.meta.get("files", []), allow_added=growing)
     if file_model:
         _check_file_model(cfg, train)
 
@@ -83,7 +85,7 @@ def _check_file_model(cfg: Config, train) -> None:
         ) from None
 
 
-def _check_unchanged(resume: Path, current: list[dict]) -> None:
+def _check_unchanged(resume: Path, current: list[dict], allow_added: bool = False) -> None:
     record = None
     for where in (resume, resume.parent):
         if (where / "data.json").is_file():
@@ -108,7 +110,7 @@ def _check_unchanged(resume: Path, current: list[dict]) -> None:
                 "--allow-data-change to resume anyway"
             )
     added = sorted(set(now) - {f["path"] for f in before})
-    if added:
+    if added and not allow_added:
         raise DataError(
             f"--resume: data file {added[0]} was not among the run's files (pass "
             "--allow-data-change to resume anyway)"

@@ -9,6 +9,9 @@ SPEC is `;`-separated events `KIND:key=value,...`:
     stall:rank=R,step=S,seconds=T    SIGSTOP, then SIGCONT after T seconds
     hang:rank=R,step=S               rank R's step never ends, its heartbeats go on (a
                                      stuck computation: the process looks alive)
+    wait:rank=R,step=S,until=PATH    rank R's step S starts only once PATH exists (a gate
+                                     a test or operator opens: e.g. give every rank one to
+                                     hold the run at step S while files are added)
     delay:rank=R,ms=M                M ms added to every send of rank R
     straggler:rank=R,factor=F        rank R computes F times slower (F >= 1)
     random-kill:every=K,seed=X       SIGKILL a random rank every K steps (seeded)
@@ -40,6 +43,8 @@ from .messages import chaos_fired
 __all__ = ["ChaosEvent", "RankChaos", "expand", "parse_chaos"]
 
 _SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "stall": signal.SIGSTOP}
+# events that fire once, at a point of a step
+_ONE_SHOT = (*_SIGNALS, "hang", "wait")
 # how long after a phase starts its kill lands (the phase is then under way)
 _PHASE_DELAY_S = {"compute": 0.002, "reduce": 0.0005, "gather": 0.0005}
 
@@ -53,6 +58,7 @@ KINDS: dict[str, dict[str, type]] = {
     "term": {"rank": int, "step": int},
     "stall": {"rank": int, "step": int, "seconds": float},
     "hang": {"rank": int, "step": int},
+    "wait": {"rank": int, "step": int, "until": str},
     "delay": {"rank": int, "ms": float},
     "straggler": {"rank": int, "factor": float},
     "random-kill": {"every": int, "seed": int},
@@ -143,7 +149,7 @@ def expand(events: list[ChaosEvent], world: int, steps: int) -> list[dict]:
             out.append({"kind": ev.kind, **a})
     for i, ev in enumerate(out):
         ev["id"] = i
-        if ev["kind"] in _SIGNALS or ev["kind"] == "hang":
+        if ev["kind"] in _ONE_SHOT:
             ev.setdefault("at", "start")
     return out
 
@@ -161,7 +167,7 @@ class RankChaos:
 
     def load(self, events: list[dict]) -> None:
         mine = [e for e in events if e.get("rank") == self.rank]
-        self.pending = [e for e in mine if e["kind"] in _SIGNALS or e["kind"] == "hang"]
+        self.pending = [e for e in mine if e["kind"] in _ONE_SHOT]
         self.delay_s = sum(e["ms"] for e in mine if e["kind"] == "delay") / 1000.0
         self.straggler_factor = max([e["factor"] for e in mine if e["kind"] == "straggler"] or [1])
 
@@ -173,6 +179,10 @@ class RankChaos:
         return None
 
     async def _fire(self, ev: dict) -> None:
+        if ev["kind"] == "wait":  # not a fault: the step waits, the loop runs on
+            while not os.path.exists(ev["until"]):
+                await trio.sleep(0.05)
+            return
         with trio.move_on_after(2.0):
             await chaos_fired(self.coordinator, ev["id"], os.getpid(), 2.0)
         if ev["kind"] == "hang":

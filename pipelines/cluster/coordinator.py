@@ -427,6 +427,7 @@ class Manifests:
             counters=got[0][1],
             early_state=stops.early.state(),
             metrics=metrics,
+            data_epochs=core.followed_epochs(self.cfg, steps.rundir.path),
         )
         ckpt = ckpt_mod.checkpoint_dir(self.root, s)
         try:

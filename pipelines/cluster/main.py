@@ -28,7 +28,7 @@ import actors
 from .. import core
 from ..config import Config
 from ..core import RunIdentity, TrainingFailed, prepare_run
-from ..data import data_record
+from ..data import data_record, record_epochs
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import Progress, RunDir, write_json_atomic
 from .chaos import expand
@@ -62,6 +62,7 @@ def run_cluster(
     rundir = RunDir(run_dir)
     rundir.write_config(cfg, identity.config_hash, identity.resume_hash)
     rundir.write_data(data_record(inputs.train))
+    record_epochs(inputs.train, rundir.path)
     progress = core.progress_for(cfg, out)
     specs = list(cfg.hooks.specs) + list(hooks)
     analyzers = any(h.kind == "analyzer" for h in inputs.hooks)

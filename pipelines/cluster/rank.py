@@ -40,7 +40,7 @@ from cykernels import gemm
 
 from ..config import from_resolved
 from ..core import build_model_for, evaluate_run, export_weights, step_seed
-from ..data import load_dataset
+from ..data import EPOCHS_DIR, EpochLog, load_dataset
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import params_sha256
@@ -70,8 +70,10 @@ def _build(plan: dict, rank: int) -> dict:
     cfg = from_resolved(plan["config"])
     world = cfg.cluster.ranks
     data_cfg = dataclasses.replace(cfg.data, cache_dir=plan.get("data_cache") or cfg.data.cache_dir)
-    dataset = load_dataset(data_cfg, "train")
-    evalset = load_dataset(data_cfg, cfg.eval.split) if rank == 0 else None
+    # data.follow: each epoch's files as the run recorded them (or records them first)
+    epochs = EpochLog(Path(plan["run_dir"]) / EPOCHS_DIR)
+    dataset = load_dataset(data_cfg, "train", epochs=epochs)
+    evalset = load_dataset(data_cfg, cfg.eval.split, epochs=epochs) if rank == 0 else None
     model = build_model_for(cfg, dataset.meta)
     return {"cfg": cfg, "world": world, "dataset": dataset, "evalset": evalset, "model": model}
 

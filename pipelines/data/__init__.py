@@ -39,6 +39,7 @@ import numpy as np
 
 from ._digits import make_triplets, render_digits
 from ._files import DataError, file_identity, resolve_paths
+from ._follow import EPOCHS_DIR, EpochLog, load_followed, locate_in, read_epochs
 from ._sampling import batch_indices, position, steps_per_epoch
 from ._table import (
     TableDataset,
@@ -72,6 +73,8 @@ __all__ = [
     "with_default_cache",
     "VOCAB",
     "DataError",
+    "EPOCHS_DIR",
+    "EpochLog",
     "RECORD_ONLY",
     "Dataset",
     "batch_for",
@@ -85,7 +88,11 @@ __all__ = [
     "encode",
     "load_corpus_text",
     "load_dataset",
+    "locate",
+    "locate_in",
     "position",
+    "read_epochs",
+    "record_epochs",
     "steps_per_epoch",
 ]
 
@@ -278,13 +285,18 @@ def with_default_cache(data_cfg):
     return dataclasses.replace(data_cfg, cache_dir=os.path.join(base, "zerotrain", "data"))
 
 
-def load_dataset(data_cfg, split: str = "train") -> Dataset:
+def load_dataset(data_cfg, split: str = "train", *, epochs: EpochLog | None = None) -> Dataset:
     """The `split` ("train" or "eval", held out) of the dataset `data_cfg` describes.
 
     `data_cfg` is a pipelines.config.DataConfig (name, seed, cache_dir, options).
+    `epochs`: with data.follow, the run's record of each epoch's files (see _follow;
+    one log for both splits of a run).
     """
     if split not in _SPLITS:
         raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
+    if data_cfg.options.get("follow"):
+        loader = load_table if data_cfg.name == "table" else load_text
+        return load_followed(data_cfg, split, epochs, loader)
     if data_cfg.name == "table":
         return load_table(data_cfg, split)
     if data_cfg.name == "text":
@@ -313,6 +325,22 @@ def data_record(dataset) -> dict:
     """What a run records of its data (data.json): the dataset's name and meta -- for
     file sources the files with size and SHA-256, classes, vocabulary, statistics."""
     return {"name": dataset.name, "meta": dict(dataset.meta)}
+
+
+def record_epochs(dataset, run_dir) -> None:
+    """A followed dataset's epoch records go to the run dir, shared from then on by every
+    process of the run (a dataset that is not followed: nothing to do)."""
+    log = getattr(dataset, "log", None)
+    if log is not None:
+        log.attach(Path(run_dir) / EPOCHS_DIR)
+
+
+def locate(dataset, step: int, batch_size: int):
+    """(epoch, step within it, the dataset that epoch trains on) of 0-based global step
+    `step`: `position` over a fixed dataset, the recorded epochs of a followed one."""
+    if hasattr(dataset, "locate"):
+        return dataset.locate(step, batch_size)
+    return (*position(step, len(dataset), batch_size), dataset)
 
 
 def batch_for(

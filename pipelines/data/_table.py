@@ -459,17 +459,53 @@ def read_features(path: Path, features: list[str], target: str, need_target: boo
     return _read_arrays(path, features, target, need_target)
 
 
-def _build(opts: dict, seed: int, path: Path, eval_path: Path | None):
+def _targets(task, parts, target, classes=None):
+    """(y of the files in `parts` concatenated, classes): class ids into `classes` (the
+    sorted labels of every part when None) or regression values. parts: (path, raw)."""
+    if task == "classification":
+        if classes is None:
+            found = set()
+            for path, raw in parts:
+                found.update(_classes_of(path, raw, target))
+            classes = sorted(found)
+            if len(classes) < 2:
+                raise DataError(
+                    f"{parts[0][0]}: target {target!r} has {len(classes)} class; "
+                    "classification needs 2 or more"
+                )
+        ys = [class_ids(path, raw, target, classes) for path, raw in parts]
+    else:
+        ys = [regression_target(path, raw, target) for path, raw in parts]
+    return (ys[0] if len(ys) == 1 else np.concatenate(ys)), classes
+
+
+def _build(opts: dict, seed: int, paths: list[Path], eval_path: Path | None):
     features, target, task = list(opts["features"]), opts["target"], opts["task"]
     if task not in ("classification", "regression"):
         raise DataError(
             "data.task: expected classification or regression (set it, or use "
             f"mlp_classifier / mlp_regressor), got {task!r}"
         )
+    path = paths[0]
     x, raw, names, target = read_features(path, features, target, True)
+    check_finite(path, x)
+    parts = [(path, raw)]
+    if len(paths) > 1:  # several files (a followed directory): their rows in order
+        xs = [x]
+        for other in paths[1:]:
+            if _suffix(other) != _suffix(path):
+                raise DataError(f"{other}: every table file must have the format {path.suffix}")
+            ox, oraw, _, _ = read_features(other, names, target, True)
+            if ox.shape[1:] != x.shape[1:]:
+                raise DataError(f"{other}: {ox.shape[1]} feature columns, {path} has {x.shape[1]}")
+            check_finite(other, ox)
+            xs.append(ox)
+            parts.append((other, oraw))
+        x = np.concatenate([np.asarray(a, np.float32) for a in xs])
     n = x.shape[0]
     if eval_path is not None:
         ex, eraw, _, _ = read_features(eval_path, names, target, True)
+        check_finite(eval_path, ex)
         train_rows, eval_rows = np.arange(n), np.arange(ex.shape[0])
     else:
         k = max(1, int(round(n * opts["eval_fraction"])))
@@ -481,10 +517,6 @@ def _build(opts: dict, seed: int, path: Path, eval_path: Path | None):
             rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT]))
             perm = rng.permutation(n)
             train_rows, eval_rows = np.sort(perm[k:]), np.sort(perm[:k])
-        ex, eraw = x, raw
-    check_finite(path, x)
-    if eval_path is not None:
-        check_finite(eval_path, ex)
     arrays = {}
     meta = {
         "task": task,
@@ -493,27 +525,17 @@ def _build(opts: dict, seed: int, path: Path, eval_path: Path | None):
         "target": target,
         "format": path.suffix.lower(),
     }
+    one_map = len(paths) == 1 and _mappable(path)
+    y, classes = _targets(task, parts, target)
     if task == "classification":
-        classes = _classes_of(path, raw, target)
-        if len(classes) < 2:
-            raise DataError(
-                f"{path}: target {target!r} has {len(classes)} class; classification needs 2 "
-                "or more"
-            )
-        arrays["y"] = class_ids(path, raw, target, classes)
         meta.update(classes=classes, n_classes=len(classes))
-        if eval_path is not None:
-            arrays["eval_y"] = class_ids(eval_path, eraw, target, classes)
-    else:
-        y = regression_target(path, raw, target)
-        if eval_path is not None:
-            arrays["eval_y"] = regression_target(eval_path, eraw, target)
-        if isinstance(raw, list) or not _mappable(path):
-            arrays["y"] = np.asarray(y, np.float32)
-    # CSV (parsed) and .npz (unmappable) features are materialised; .npy and
-    # .safetensors features stay views of the file's map.
-    source = _mappable(path)
-    if not source:
+    if task == "classification" or not one_map:
+        arrays["y"] = np.asarray(y, np.int64 if task == "classification" else np.float32)
+    if eval_path is not None:
+        arrays["eval_y"] = _targets(task, [(eval_path, eraw)], target, classes)[0]
+    # CSV (parsed), .npz (unmappable) and several files' features are materialised; one
+    # .npy or .safetensors file's features stay views of the file's map.
+    if not one_map:
         arrays["x"] = np.ascontiguousarray(x)
     if eval_path is not None and not _mappable(eval_path):
         arrays["eval_x"] = np.ascontiguousarray(ex)
@@ -521,7 +543,7 @@ def _build(opts: dict, seed: int, path: Path, eval_path: Path | None):
         arrays["train_rows"], arrays["eval_rows"] = train_rows, eval_rows
     if opts["standardize"]:
         meta["standardize"] = _stats(x, train_rows)
-    files = [path] + ([eval_path] if eval_path is not None else [])
+    files = list(paths) + ([eval_path] if eval_path is not None else [])
     meta["files"] = [file_identity(p) for p in files]
     return arrays, meta
 
@@ -530,9 +552,11 @@ def _mappable(path: Path) -> bool:
     return path.suffix.lower() in (".npy", ".safetensors")
 
 
-def load_table(data_cfg, split: str) -> TableDataset:
+def load_table(data_cfg, split: str, paths: list[Path] | None = None) -> TableDataset:
+    """The `split` of the table data_cfg names; `paths`: the files to read instead of
+    data.path's (a followed directory's files of one epoch, see _follow)."""
     opts = data_cfg.options
-    path = _one_file(opts["path"], "data.path")
+    path = paths[0] if paths else _one_file(opts["path"], "data.path")
     eval_path = _one_file(opts["eval_path"], "data.eval_path") if opts["eval_path"] else None
     for p in (path, eval_path):
         if p is not None:
@@ -541,13 +565,13 @@ def load_table(data_cfg, split: str) -> TableDataset:
         raise DataError(
             f"data.eval_path: {eval_path} must have the format of data.path ({path.suffix})"
         )
-    paths = [path] + ([eval_path] if eval_path is not None else [])
+    train_paths = list(paths) if paths else [path]
     arrays, meta = prepared(
         "table",
         opts,
-        paths,
+        train_paths + ([eval_path] if eval_path is not None else []),
         data_cfg.cache_dir,
-        lambda: _build(opts, data_cfg.seed, path, eval_path),
+        lambda: _build(opts, data_cfg.seed, train_paths, eval_path),
     )
     which = "eval" if split == "eval" and eval_path is not None else "train"
     src = path if which == "train" else eval_path

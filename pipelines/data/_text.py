@@ -152,9 +152,11 @@ def _build(opts: dict, paths: list[Path], eval_paths: list[Path]):
     return arrays, meta
 
 
-def load_text(data_cfg, split: str) -> TextWindows:
+def load_text(data_cfg, split: str, paths: list[Path] | None = None) -> TextWindows:
+    """The `split` of the text data_cfg names; `paths`: the files to read instead of
+    data.path's (a followed directory's files of one epoch, see _follow)."""
     opts = data_cfg.options
-    paths = resolve_paths(opts["path"], "data.path")
+    paths = list(paths) if paths else resolve_paths(opts["path"], "data.path")
     eval_paths = resolve_paths(opts["eval_path"], "data.eval_path") if opts["eval_path"] else []
     arrays, meta = prepared(
         "text",

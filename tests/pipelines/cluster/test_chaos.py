@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import trio
+import trio.testing
+
 from pipelines.cluster.chaos import RankChaos, expand, parse_chaos
 
 
@@ -36,3 +39,26 @@ def test_a_rank_takes_its_own_events_and_conditions():
     zero.load(events)
     assert [e["kind"] for e in zero.pending] == ["hang"]
     assert zero.delay_s == 0 and zero.straggler_factor == 1
+
+
+def test_a_wait_holds_its_step_until_the_file_exists_and_fires_once(tmp_path):
+    gate = tmp_path / "gate"
+    chaos = RankChaos(0, "coordinator")
+    chaos.load(expand(parse_chaos(f"wait:rank=0,step=3,until={gate}", 1), 1, 10))
+    progress = []
+
+    async def steps():
+        for s in (2, 3, 3):  # step 3 again: a replay after a recovery does not wait
+            await chaos.at(s, "start")
+            progress.append(s)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(steps)
+            await trio.sleep(60)  # virtual time: a minute of polling
+            assert progress == [2]
+            gate.touch()
+            await trio.sleep(1)
+            assert progress == [2, 3, 3]
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
