@@ -7,7 +7,8 @@ Formats (by suffix) and what each costs:
                         is reported by line and column) into float32 .npy in the cache,
                         which every rank memory-maps
     .npy                one 2-D array (n, F + 1): the target is a column (the last by
-                        default, data.target = "k" for column k); memory-mapped in place,
+                        default, data.target = "k" for column k); checked through a map,
+                        then the ranks read their batches' rows with pread (_RowReader),
                         nothing copied
     .npz                arrays by name (data.features = ["x"], data.target = "y" by
                         default); zip members cannot be mapped, so the features are
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +285,63 @@ def _read_arrays(path: Path, features: list[str], target: str, need_target: bool
             )
         y = y.reshape(-1)
     return x, y, [x_name], target
+
+
+class _RowReader:
+    """Some columns of the rows of a C-order .npy matrix, read with os.pread: a batch's
+    rows enter this process and nothing else does. (A memory map would also map the
+    kernel's fault-around window, 64 KiB by default, around every row a batch touches:
+    over a run the whole file ends up in each rank's RSS, shared but resident.)
+
+    reader[rows] is (len(rows), len(cols)) in the file's dtype; None from `of` when the
+    file is not a C-order 2-D .npy (the map is used then)."""
+
+    def __init__(self, fd, offset, row_bytes, dtype, n, cols):
+        self.fd, self.offset, self.row_bytes, self.dtype = fd, offset, row_bytes, dtype
+        self.cols = np.asarray(cols)
+        lo, hi = int(self.cols.min()), int(self.cols.max()) + 1
+        self.span = (lo * dtype.itemsize, (hi - lo) * dtype.itemsize)
+        self.pick = None if list(cols) == list(range(lo, hi)) else self.cols - lo
+        self.shape = (n, len(cols))
+
+    @classmethod
+    def of(cls, path: Path, cols: list[int]):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                version, np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+        if fortran or len(shape) != 2 or dtype.hasobject:
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        return cls(fd, offset, shape[1] * dtype.itemsize, dtype, shape[0], cols)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        rows = np.asarray(rows)
+        start, size = self.span
+        out = np.empty((len(rows), size // self.dtype.itemsize), self.dtype)
+        view = out.view(np.uint8).reshape(len(rows), size)
+        for i, r in enumerate(rows.tolist()):
+            view[i] = np.frombuffer(
+                os.pread(self.fd, size, self.offset + r * self.row_bytes + start), np.uint8
+            )
+        return out if self.pick is None else out[:, self.pick]
+
+    def __del__(self):
+        os.close(self.fd)
+
+
+def _npy_readers(path: Path, names: list[str], target: str):
+    """(features reader, target reader) of a .npy table, or None (see _RowReader)."""
+    x = _RowReader.of(path, [int(c) for c in names])
+    if x is None:
+        return None
+    return x, _RowReader.of(path, [int(target)])
 
 
 class _Columns:
@@ -582,8 +641,15 @@ def load_table(data_cfg, split: str, paths: list[Path] | None = None) -> TableDa
     x = arrays.get("x" if which == "train" else "eval_x")
     y = arrays.get("y" if which == "train" else "eval_y")
     if x is None or y is None:
-        # features (or a regression target) read from the file's own map
-        mx, my, _, _ = read_features(src, meta["columns"], meta["target"], True)
+        # features (or a regression target) read from the file itself: a .npy's rows by
+        # pread, a .safetensors' through its map
+        readers = None
+        if src.suffix.lower() == ".npy":
+            readers = _npy_readers(src, meta["columns"], meta["target"])
+        if readers is not None:
+            mx, my = readers
+        else:
+            mx, my, _, _ = read_features(src, meta["columns"], meta["target"], True)
         x = mx if x is None else x
         y = my if y is None else y
     if rows is None:
