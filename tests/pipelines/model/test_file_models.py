@@ -66,6 +66,22 @@ def test_the_worked_example_trains_from_the_cli(tmp_path, capsys):
     assert "gated.gate.weight" in names  # the file's model, not the built-in
 
 
+def test_the_analyzer_process_names_a_file_models_parameters_without_importing_it(tmp_path, capsys):
+    """The analyzer builds no model: the ranks send the layout (names, offsets, shapes)
+    with each sample, so a model from a file is analysed by its own parameter names."""
+    spec = f"{MODELS / 'gated_mlp.py'}:GatedMLP"
+    code, _, err = cli(
+        capsys,
+        *("run", "mlp_classifier", "--model", spec, "--steps", 4, *SMALL),
+        *("--ranks", 2, "--hook", "builtin:grad_norm", "--run-dir", tmp_path / "run"),
+        *("--set", "cluster.pin_ranks=false"),
+    )
+    assert code == 0, err
+    records = [json.loads(line) for line in open(tmp_path / "run" / "hooks.jsonl")]
+    names = {k for r in records for k in r.get("metrics", {}) if k.startswith("norm/")}
+    assert {"norm/gated.gate.weight", "norm/gated.value.weight", "norm/head.bias"} <= names
+
+
 def test_check_model_passes_a_correct_layer_and_fails_a_wrong_backward(tmp_path, capsys):
     code, out, _ = cli(capsys, "check-model", f"{MODELS / 'gated_mlp.py'}:GatedMLP")
     assert code == 0, out
