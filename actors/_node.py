@@ -92,14 +92,12 @@ The cost of a remote call. The caller encodes and sends on the peer's DEALER its
 parks on a ``ReplySlot``. The peer's reader receives and decodes it and puts it in the
 actor's mailbox. The actor replies from its own task, straight onto its DEALER. Our
 reader then hands the reply to the caller. So a round trip has two task hand-offs (reader
--> actor, reader -> caller) on top of what the trio wrapper and the codec cost. Measured
-on the 2-core VM (``bench_transport``, ratios to raw pyzmq in the same run): wrapper
-1.4x, wrapper + codec 1.7-1.85x, ``actors.call`` 2.45-2.6x. Removing the hand-offs
-(leader/followers: the waiting task reads the socket itself) was measured as an upper
-bound with throwaway hacks: about 10 % on the serving side, and about 7 % on the calling
-side. It is not done: an idle actor would then wait on its mailbox and the socket at
-once, and trio can wake a task out of ``wait_readable`` only by ``notify_closing``. That
-would tax every local message to that actor.
+-> actor, reader -> caller) on top of what the trio wrapper and the codec cost
+(``bench_transport`` prints each layer's ratio to raw pyzmq). The hand-offs stay, and
+leader/followers (the waiting task reads the socket itself) is not used, because an idle
+actor would then wait on its mailbox and the socket at once, and trio can wake a task
+out of ``wait_readable`` only by ``notify_closing``: that would tax every local message
+to that actor, for a gain bounded at about a tenth of a call.
 """
 
 from __future__ import annotations
@@ -754,8 +752,8 @@ class Node:
             if self._woke_a_waiter:
                 # Yield to the task just woken (a caller, an idle actor) before reading
                 # ZMQ_EVENTS and re-arming the wait: trio runs the next batch in random
-                # order, so about half the time the reply leaves before that bookkeeping.
-                # Measured: -26 us on a remote call's round trip, no more CPU (14 rounds).
+                # order, so otherwise about half the time the reply would leave only after
+                # that bookkeeping (a remote call's round trip is shorter this way).
                 self._woke_a_waiter = False
                 await trio.lowlevel.cancel_shielded_checkpoint()
 

@@ -5,10 +5,9 @@ Design note
 A call waits for exactly one thing: its reply (or an error in its place), or its
 deadline. The obvious way to write that, an Event awaited inside ``trio.move_on_at``,
 costs a cancel scope per call: entering and leaving one (its deadline registered with
-the run loop, the cancel-status bookkeeping). Replacing it took about 6 % off a remote
-call's round trip (median 387 -> 362 us over 12 alternating rounds of
-``bench_transport``'s ``node_call`` worker) and a local call from ~30 to ~22 us. So a
-:class:`ReplySlot` parks its caller with ``wait_task_rescheduled`` instead:
+the run loop, the cancel-status bookkeeping), a measurable part of a call's cost
+(``bench_transport``'s ``node_call`` worker shows it). So a :class:`ReplySlot` parks
+its caller with ``wait_task_rescheduled`` instead:
 
 - whoever answers (:meth:`ReplySlot.deliver`) reschedules the caller at once;
 - one timer task per trio run (a system task, started on first use) keeps the deadlines

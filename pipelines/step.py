@@ -5,7 +5,8 @@ Written against a small collective interface so that the same code runs
 - in one process with world size 1 (`LocalCollective`: every operation is the identity),
 - in one process simulating N ranks (`InProcessGroup(N).members`, used by the tests that
   prove ddp == zero1 == zero2 == world 1), and
-- in N rank processes over the ZeroMQ ring (phase 2: an adapter over actors' Ring).
+- in N rank processes over the ZeroMQ ring (`actors.Ring`, passed in as it is:
+  pipelines.cluster.rank).
 
 The collective interface is actors' `Ring` (so a Ring plugs in as it is): arrays are
 flat, C-contiguous, and every rank calls the same operations in the same order with the
@@ -37,9 +38,10 @@ Global-norm clipping uses one float64 all_reduce of [shard sq-norm, loss sum, ho
 credit] in every mode (ddp sums the same shard norms), so all three modes see the same
 clip factor and the same reported loss. A non-finite reduced norm makes every rank skip the step.
 
-The step is split in phases (`compute`, `reduce`, `apply`) so phase 2's role actors can
-each own one: GradientWorker runs `compute` in a worker thread, Reducer `reduce`,
-Optimizer `apply`; `RankStep.step` strings them together for the single-process runner.
+The step is split in phases (`compute`, `reduce`, `apply`) so that the cluster's role
+actors (pipelines.cluster.roles) each own one: GradientWorker runs `compute` in a worker
+thread, Reducer `reduce`, Optimizer `apply`; `RankStep.step` strings them together for
+the single-process runner.
 """
 
 from __future__ import annotations
@@ -243,7 +245,8 @@ class RankStep:
         """Sum of the micro-batch gradients (a flat buffer) and of their losses, after
         this rank's gradient transforms.
 
-        Synchronous and CPU-bound: phase 2 runs it in a worker thread. `grad_ready`
+        Synchronous and CPU-bound: the cluster's GradientWorker runs it in a worker
+        thread. `grad_ready`
         (only with one micro-batch and no transforms: see `can_overlap`) is passed to
         the model's backward, which reports each range of the gradient as it is final.
         """

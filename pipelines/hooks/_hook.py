@@ -100,8 +100,9 @@ def analyzer(fn=None, *, every: int = 1, name: str | None = None, timeout_s: flo
     """Declare a read-only analyzer hook: `fn(ctx) -> dict of metrics | None`.
 
     It runs in the analyzer process, never in a rank: the step does not wait for it, and
-    its context holds read-only arrays. If it raises, the runner logs one line, counts it
-    and carries on; if it outlives `timeout_s` it is quarantined (see `AnalyzerRunner`).
+    its context holds read-only arrays. If it raises or outlives `timeout_s`, the error
+    is logged and recorded and the hook restarted or disabled: the failure policy in the
+    `pipelines.hooks` doc.
 
         @analyzer(every=10)
         def head_norm(ctx):

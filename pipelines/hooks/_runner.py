@@ -1,44 +1,15 @@
 """The analyzer runner: calls each due hook on a context and never lets one hurt the rest.
 
-This is the part of the HookAnalyzer actor that knows nothing of actors: give it the
-hooks and a context, it runs the hooks due at that step and hands the records to its
-sinks (hooks.jsonl, TensorBoard). The actor around it (phase 2) owns the mailbox, the
-drop-when-behind policy and the process it all runs in.
+This is the part of hook analysis that knows nothing of actors: give it hooks and a
+context, it calls the hooks due at that step, records what each returned (or how it
+failed) and hands the records to its sinks (hooks.jsonl, TensorBoard). It is used in two
+places: by each HookWorker of the analyzer process (pipelines.hooks.process), one hook
+per runner, and directly by a single-process run (pipelines.local).
 
-## Failure rules, in one place
+What it does when a hook fails is one part of the hook failure policy, written out in
+`pipelines.hooks` (the package doc): it records the error and marks a hung hook HUNG;
+what happens to the hook next (called again, restarted, disabled) is decided around it.
 
-- A hook that **raises** (or returns something that is not metrics) is caught: one log
-  line names the hook, the step, the exception and the line of the script it came
-  from; the hook's `errors` count goes up; an error record goes to the sinks; the other
-  hooks run as usual, and the same hook is called again at its next due step. After
-  `max_consecutive_errors` failures in a row (None: never) it is DISABLED, logged once.
-- A hook that **hangs** — has not returned `timeout_s` after it was called — is timed
-  out. Python cannot stop a running thread, so the call is abandoned: it keeps running
-  in its daemon worker thread (which cannot block interpreter exit; the next call gets
-  a new worker), whatever it returns later is thrown away, and the hook is HUNG — never
-  called again in this process, since it may hold a lock or half-updated state.
-  `needs_restart` turns true: the HookAnalyzer answers by letting its process be
-  restarted by its supervisor, the only way to reclaim the thread; the new process
-  reloads the scripts from scratch. Until then the other hooks keep running.
-- A sample the actor could not take because it was behind is **dropped** by the actor,
-  which counts it here with `note_dropped`.
-- A sink that fails (disk full) is logged and counted; the records of that step are lost.
-
-None of these reach a rank: the ranks only offer contexts and never wait for answers.
-
-## What the HookAnalyzer actor does with it (phase 2)
-
-    hooks = [h for h in load_hooks(specs, base_dir=...) if h.kind == ANALYZER]
-    runner = AnalyzerRunner(hooks, sinks=[HooksLog(run_dir / "hooks.jsonl"),
-                                          EventWriter(run_dir / "tb")])
-    on each offered step:  if not runner.due(step): skip it (nothing to build)
-                           if behind:               runner.note_dropped()
-                           else:  ctx = HookContext.from_flat(step, layout, reduced,
-                                        rank_grads=..., params=..., update=..., ...)
-                                  await trio.to_thread.run_sync(runner.run, ctx)
-                           if runner.needs_restart: crash, to be restarted
-    on stats request:      runner.stats()
-    on stop:               runner.close()   (in `finally`)
 With `timeout_s=None` a hook runs inline in the caller's thread: cheaper, but a hang
 then hangs the runner (fine in tests and notebooks, never in a run).
 """
@@ -65,13 +36,15 @@ class HookState(enum.Enum):
     """Where a hook is in its life inside one analyzer process.
 
         ACTIVE --returns metrics-------------------> ACTIVE
-        ACTIVE --raises / bad metrics---------------> ACTIVE   (errors += 1)
-        ACTIVE --max_consecutive_errors in a row----> DISABLED (not called again)
+        ACTIVE --raises / bad metrics---------------> ACTIVE   (errors += 1; the runner's
+                                                                owner decides what next)
         ACTIVE --outlives its timeout---------------> HUNG     (not called again;
-                                                                 runner.needs_restart)
+                                                                runner.needs_restart)
+        ACTIVE --disabled by the failure policy------> DISABLED (not called again)
 
     DISABLED and HUNG are final for this process; a restarted analyzer process starts
-    every hook ACTIVE again, with its script freshly loaded.
+    every hook ACTIVE again (except those quarantined for hanging), its script freshly
+    loaded.
     """
 
     ACTIVE = "active"
@@ -84,13 +57,17 @@ class _Hung(Exception):
 
 
 class HookStats:
-    """Counters of one hook: calls, ok, errors, timeouts, skipped (not ACTIVE), seconds."""
+    """Counters of one hook: calls, ok, errors, timeouts, skipped (not ACTIVE), seconds.
 
-    __slots__ = ("state", "calls", "ok", "errors", "timeouts", "skipped", "seconds", "streak")
+    The one record of a hook's calls: a runner counts into it, and the analyzer process
+    hands the same object to each incarnation of the hook's worker, so the counts
+    outlive a restart."""
+
+    __slots__ = ("state", "calls", "ok", "errors", "timeouts", "skipped", "seconds")
 
     def __init__(self):
         self.state = HookState.ACTIVE
-        self.calls = self.ok = self.errors = self.timeouts = self.skipped = self.streak = 0
+        self.calls = self.ok = self.errors = self.timeouts = self.skipped = 0
         self.seconds = 0.0
 
     def as_dict(self):
@@ -99,6 +76,36 @@ class HookStats:
             **{k: getattr(self, k) for k in ("calls", "ok", "errors", "timeouts", "skipped")},
             "seconds": round(self.seconds, 6),
         }
+
+
+class Sinks:
+    """Where records go: each sink gets every batch; a sink that fails (disk full) is
+    logged and counted (`errors`) and the records of that batch are lost to it -- losing
+    a step of metrics beats losing the analyzer."""
+
+    def __init__(self, sinks=(), *, label: str = "HookAnalyzer", logger: logging.Logger = _log):
+        self.sinks, self.label, self.logger = list(sinks), label, logger
+        self.errors = 0
+
+    def write(self, records):
+        for sink in self.sinks:
+            try:
+                sink.write(records)
+            except Exception as exc:
+                self.errors += 1
+                self.logger.warning(
+                    "[%s] sink %s failed: %s: %s", self.label, type(sink).__name__,
+                    type(exc).__name__, exc,
+                )  # fmt: skip
+
+    def close(self):
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            try:
+                if close is not None:
+                    close()
+            except Exception as exc:
+                self.logger.warning("[%s] closing %s: %s", self.label, type(sink).__name__, exc)
 
 
 class HooksLog:
@@ -124,15 +131,16 @@ class HooksLog:
 
 
 class AnalyzerRunner:
-    """Runs analyzer hooks on contexts, with the failure rules of this module's doc.
+    """Runs analyzer hooks on contexts; records a hook's failure and goes on.
 
-    hooks                   analyzer Hooks (transforms are refused: they run in the rank).
-    sinks                   objects with write(records) (and optionally close()):
-                            HooksLog, pipelines.hooks.tensorboard.EventWriter.
-    timeout_s               default per-call budget; a hook's own timeout_s wins.
-                            None: call inline, without a thread and without a timeout.
-    max_consecutive_errors  disable a hook after this many failures in a row (None: never).
-    label                   log-line prefix: the actor's role (and rank).
+    hooks      analyzer Hooks (transforms are refused: they run in the rank).
+    sinks      objects with write(records) (and optionally close()):
+               HooksLog, pipelines.hooks.tensorboard.EventWriter.
+    timeout_s  default per-call budget; a hook's own timeout_s wins.
+               None: call inline, without a thread and without a timeout.
+    stats      {name: HookStats} to count into (default: fresh ones); the analyzer
+               process passes the counters its earlier workers of that hook kept.
+    label      log-line prefix: the actor's role (and rank).
     """
 
     def __init__(
@@ -141,7 +149,7 @@ class AnalyzerRunner:
         *,
         sinks=(),
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
-        max_consecutive_errors: int | None = None,
+        stats: dict | None = None,
         label: str = "HookAnalyzer",
         logger: logging.Logger = _log,
     ):
@@ -155,14 +163,12 @@ class AnalyzerRunner:
         if len(set(names)) != len(names):
             raise HookError(f"hook names must be unique in a run, got {names}")
         self.hooks = hooks
-        self.sinks = list(sinks)
+        self.sinks = Sinks(sinks, label=label, logger=logger)
         self.timeout_s = timeout_s
-        self.max_consecutive_errors = max_consecutive_errors
         self.label = label
         self.logger = logger
-        self.dropped = 0
-        self.sink_errors = 0
-        self._stats = {h.name: HookStats() for h in hooks}
+        stats = stats if stats is not None else {}
+        self._stats = {h.name: stats.setdefault(h.name, HookStats()) for h in hooks}
         self._worker = None
 
     # ---- client API ------------------------------------------------------------------
@@ -176,11 +182,11 @@ class AnalyzerRunner:
         """Run every ACTIVE hook due at ctx.step; send the records to the sinks; return them."""
         records = [r for h in self.due(ctx.step) if (r := self.run_hook(h, ctx)) is not None]
         if records:
-            self._write(records)
+            self.sinks.write(records)
         return records
 
     def run_hook(self, hook: Hook, ctx) -> dict | None:
-        """One call under the failure rules: a record (metrics or error), or None if the
+        """One call under the failure policy: a record (metrics or error), or None if the
         hook is not ACTIVE or had nothing to say (returned None or {})."""
         stats = self._stats[hook.name]
         if stats.state is not HookState.ACTIVE:
@@ -198,16 +204,14 @@ class AnalyzerRunner:
             self._warn(f"hook {hook.name!r} hung at step {ctx.step} (> {timeout} s): abandoned")
             return make_record(ctx.step, hook, error=f"timeout: no answer within {timeout} s")
         except Exception as exc:  # a research script's bug must not end the analyzer
-            return self._failed(hook, stats, ctx.step, exc)
+            stats.errors += 1
+            error = f"{type(exc).__name__}: {exc}"
+            self._warn(f"hook {hook.name!r} failed at step {ctx.step}{_where(exc, hook)}: {error}")
+            return make_record(ctx.step, hook, error=error)
         finally:
             stats.seconds += time.perf_counter() - start
         stats.ok += 1
-        stats.streak = 0
         return make_record(ctx.step, hook, metrics) if metrics else None
-
-    def note_dropped(self, n: int = 1):
-        """Count `n` contexts the actor dropped because it was behind."""
-        self.dropped += n
 
     @property
     def needs_restart(self) -> bool:
@@ -215,21 +219,17 @@ class AnalyzerRunner:
         return any(s.state is HookState.HUNG for s in self._stats.values())
 
     def stats(self) -> dict:
-        """{"hooks": {name: counters}, "dropped": n, "sink_errors": n}."""
+        """{"hooks": {name: counters}, "sink_errors": n}."""
         return {
             "hooks": {name: s.as_dict() for name, s in self._stats.items()},
-            "dropped": self.dropped,
-            "sink_errors": self.sink_errors,
+            "sink_errors": self.sinks.errors,
         }
 
     def close(self):
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
-        for sink in self.sinks:
-            close = getattr(sink, "close", None)
-            if close is not None:
-                close()
+        self.sinks.close()
 
     # ---- internals -------------------------------------------------------------------
 
@@ -240,25 +240,6 @@ class AnalyzerRunner:
             self._worker = _Worker()
             weakref.finalize(self, self._worker.stop)  # a forgotten runner ends its thread
         return self._worker.call(hook, ctx, timeout)
-
-    def _failed(self, hook, stats, step, exc):
-        stats.errors += 1
-        stats.streak += 1
-        error = f"{type(exc).__name__}: {exc}"
-        self._warn(f"hook {hook.name!r} failed at step {step}{_where(exc, hook)}: {error}")
-        limit = self.max_consecutive_errors
-        if limit is not None and stats.streak >= limit:
-            stats.state = HookState.DISABLED
-            self._warn(f"hook {hook.name!r} disabled after {stats.streak} failures in a row")
-        return make_record(step, hook, error=error)
-
-    def _write(self, records):
-        for sink in self.sinks:
-            try:
-                sink.write(records)
-            except Exception as exc:  # losing a step of metrics beats losing the analyzer
-                self.sink_errors += 1
-                self._warn(f"sink {type(sink).__name__} failed: {type(exc).__name__}: {exc}")
 
     def _warn(self, message):
         self.logger.warning("[%s] %s", self.label, message)

@@ -25,7 +25,10 @@ from every rank or absent, and which steps get sampled never touches the trainin
 arithmetic. A due step without agreement is `decline`d: counted as offered and
 dropped, nothing copied.
 
-## Failure rules, in one place
+## When the analyzer cannot take a sample (the rank's side of the failure policy)
+
+A rank never waits for the analyzer and never sees its errors (the policy as a whole is
+in the `pipelines.hooks` doc):
 
 - **Queue full**: `offer` drops the new sample at once and counts it (`dropped`). What
   is queued goes out.

@@ -5,16 +5,19 @@ script may raise, hang, leak or burn a core; none of that may stop, stall or cha
 training run. In its own OS process it can be killed and restarted by the cluster
 supervisor like any other child. The ranks send it samples from a task of their own
 (`pipelines.hooks.link.HookOutbox`); a step never waits for it: a rank whose last sample
-is unanswered declines the next one instead (demand, see hook_link).
+is unanswered declines the next one instead (demand, see pipelines.hooks.link).
 
 The tree inside the process (one_for_one)::
 
     analyzer process  (python -m pipelines.hooks.process, a child of the cluster supervisor)
-    └── Supervisor "analyzer"               one_for_one
-        ├── HookWorker "hook:grad_norm"      one analyzer hook, its own worker thread
-        ├── HookWorker "hook:noise_scale"    ...
-        └── HookAnalyzer "HookAnalyzer"      assembles steps, runs the due workers,
-                                             writes hooks.jsonl and TensorBoard files
+    └── Supervisor "analyzer"                one_for_one, 3 restarts in 5 s
+        ├── Supervisor (temporary)            one_for_one, HOOK_RESTARTS: gives up =
+        │   └── HookWorker "hook:grad_norm"   the hook is disabled; one analyzer hook,
+        │                                     its own worker thread
+        ├── Supervisor (temporary)
+        │   └── HookWorker "hook:noise_scale" ...
+        └── HookAnalyzer "HookAnalyzer"       assembles steps, runs the due workers,
+                                              writes hooks.jsonl and TensorBoard files
 
 A step from N ranks arrives as N `HookSample` casts; the HookAnalyzer puts the shards
 together (grad, params, update by [lo:hi]; each rank's own gradient whole), builds a
@@ -22,7 +25,12 @@ read-only `HookContext` and calls the due HookWorkers concurrently; their record
 to the sinks. Receiving never waits for analysis: the analysis runs in a helper task,
 so the mailbox keeps draining and no back-pressure reaches the ranks.
 
-## Failure rules, in one place
+## What fails here, and what happens
+
+The hook failure policy (a hook raises, hangs, or its worker keeps failing; a sink
+fails; the process is killed) is written once, in the `pipelines.hooks` package doc; the
+constants it names (`HOOK_RESTARTS`, `MAX_HANGS`, `EXIT_HUNG`) are defined here. What
+belongs to this process alone:
 
 - **Behind**: when a step is complete, every older step still incomplete -- or complete
   and not yet started -- is dropped and counted (`dropped`). At most
@@ -30,25 +38,11 @@ so the mailbox keeps draining and no back-pressure reaches the ranks.
   does one left incomplete for `PENDING_MAX_S` (a rank restarted). A sample of a step
   already analyzed or dropped (a late rank, a replay after recovery) is `stale` and
   ignored. A sample that came as a call is answered with its final fate: the rank's
-  credit for the next one (hook_link: demand), so a slow analyzer gets fewer samples
-  instead of dropping copies the ranks paid for.
-- **A hook raises**: its worker's runner logs one line (hook, step, exception, script
-  line) and the record {"step", "hook", "error"} goes to hooks.jsonl; the worker then
-  exits and the supervisor restarts it, reloading that hook's script from scratch
-  (`restarts`). A hook failing more than `HOOK_FAILURES[0]` times within
-  `HOOK_FAILURES[1]` seconds is disabled for this process instead (logged once) --
-  a broken hook must not exhaust the supervisor's restart budget.
-- **A hook hangs** (no answer within timeout_s): its record says "timeout", the other
-  hooks of the step go on in their own threads. Python cannot stop a thread, so the
-  process then exits with status `EXIT_HUNG` and the cluster supervisor starts a fresh
-  one. The hang is remembered in RUN_DIR/hooks_quarantine.json; a hook that hung
-  `MAX_HANGS` times is not loaded again in this run.
+  credit for the next one (pipelines.hooks.link: demand), so a slow analyzer gets fewer
+  samples instead of dropping copies the ranks paid for.
 - **A sample that makes no sense** (wrong world, bounds, lengths, not a HookSample) is
   logged, counted (`rejected`) and ignored. A spec that fails to load is logged and
   skipped: the analyzer runs the hooks it could load.
-- **SIGKILL** of the process: the cluster supervisor restarts it; hooks.jsonl is
-  appended to (lines are flushed per step); counters start again from zero in the new
-  process; the ranks' outboxes count what they could not send meanwhile.
 
 ## Cost to the ranks
 
@@ -88,18 +82,19 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import trio
 
 import actors
-from pipelines.hooks.link import HookSample
+
+from ._runner import HookState, HookStats, Sinks
+from .link import HookSample
 
 __all__ = [
     "EXIT_HUNG",
-    "HOOK_FAILURES",
+    "HOOK_RESTARTS",
     "MAX_HANGS",
     "MAX_PENDING_STEPS",
     "HookAnalyzer",
@@ -112,8 +107,10 @@ NODE = "analyzer"
 MAX_PENDING_STEPS = 2  # ranks step in lockstep: an older incomplete step is lost
 PENDING_MAX_S = 3.0  # an incomplete step older than this is dropped (a rank restarted)
 NICE = 10  # the analyzer yields the CPU to the ranks (CFS weight ~1/10 of a rank's)
-HOOK_FAILURES = (3, 5.0)  # more than 3 failures in 5 s: the hook is disabled
-MAX_HANGS = 2
+# a hook's worker is restarted at most 3 times in 5 s (OTP's default intensity); one
+# failure more and its supervisor gives up: the hook is disabled for this process
+HOOK_RESTARTS = (3, 5.0)
+MAX_HANGS = 2  # a hook that hung this many times in a run is not loaded again
 SETTLE_QUIET_S = 0.25  # "stats" waits for this long without a new sample ...
 SETTLE_MAX_S = 10.0  # ... and for the step in analysis, at most timeout_s + 1 or this
 EXIT_HUNG = 75  # a hook hung: exit so that a fresh process reclaims its thread
@@ -198,33 +195,21 @@ class _Ledger:
         self.hooks = {}  # name -> (spec, Hook), in load order
         self.disabled = {}  # name -> why
         self.started = set()  # worker names started once (a later init is a restart)
-        self.failures = collections.defaultdict(collections.deque)  # name -> times
-        self.per_hook = {}  # name -> {"calls", "ok", "errors", "timeouts"}
+        self.per_hook = {}  # name -> HookStats, shared by every worker of that hook
         self.counts = dict.fromkeys(
-            (
-                "steps_analyzed",
-                "dropped",
-                "stale",
-                "rejected",
-                "skipped",
-                "hook_errors",
-                "timeouts",
-                "restarts",
-                "sink_errors",
-            ),
-            0,
+            ("steps_analyzed", "dropped", "stale", "rejected", "skipped", "restarts"), 0
         )
         self.last_step = 0  # newest step analyzed or dropped: older samples are stale
         # per rank (str), in samples: what became of each sample received from it
         self.per_rank = collections.defaultdict(lambda: dict.fromkeys(SAMPLE_FATES, 0))
         self.flushed = set()  # ranks whose outbox flushed ("flush"): they are done
-        self.sinks = []
+        self.sinks = None  # a hooks.Sinks, once open
         self.exit_reason = None
         self.exit_scope = None
         self.hangs = {}  # name -> hangs in this run (all processes), from the quarantine
         self.stats_waiting = 0  # "stats" calls settling: an exit waits for their reply
         # id(sample) -> the rank's call waiting for that sample's final fate: the reply
-        # is the rank's credit to offer another sample (hook_link.HookOutbox)
+        # is the rank's credit to offer another sample (link.HookOutbox)
         self.waiting = {}
 
     def open(self, specs: list):
@@ -233,7 +218,6 @@ class _Ledger:
 
         hung = _read_quarantine(self.run_dir)
         self.hangs = dict(hung)
-        self.counts["timeouts"] = sum(hung.values())  # run-wide: earlier processes' hangs
         for spec in specs:
             try:
                 loaded = load_hooks([spec], base_dir=self.base_dir)
@@ -249,28 +233,23 @@ class _Ledger:
                     )
                     continue
                 self.hooks[hook.name] = (spec, hook)
-                self.per_hook[hook.name] = dict.fromkeys(("calls", "ok", "errors", "timeouts"), 0)
-                self.per_hook[hook.name]["timeouts"] = hung.get(hook.name, 0)
+                self.per_hook[hook.name] = HookStats()
+                # run-wide: a hang ends the process that saw it (the quarantine file)
+                self.per_hook[hook.name].timeouts = hung.get(hook.name, 0)
                 if hung.get(hook.name, 0) >= MAX_HANGS:
                     self.disable(hook.name, f"hung {hung[hook.name]} times in this run")
-        self.sinks = [HooksLog(self.run_dir / "hooks.jsonl"), EventWriter(self.run_dir / "tb")]
+        self.sinks = Sinks(
+            [HooksLog(self.run_dir / "hooks.jsonl"), EventWriter(self.run_dir / "tb")]
+        )
 
     def disable(self, name: str, why: str):
+        """Call hook `name` no more in this process (logged once)."""
         if name not in self.disabled:
             self.disabled[name] = why
             _log.warning("[HookAnalyzer] hook %r disabled: %s", name, why)
-
-    def failed(self, name: str) -> bool:
-        """Count a failure of hook `name`; True if it is now disabled (over budget)."""
-        limit, window = HOOK_FAILURES
-        now = time.monotonic()
-        times = self.failures[name]
-        times.append(now)
-        while now - times[0] > window:
-            times.popleft()
-        if len(times) > limit:
-            self.disable(name, f"failed more than {limit} times in {window:g} s")
-        return name in self.disabled
+        stats = self.per_hook.get(name)
+        if stats is not None and stats.state is HookState.ACTIVE:  # HUNG says more
+            stats.state = HookState.DISABLED
 
     def hung(self, name: str):
         """Remember the hang on disk, and ask the process to exit (a fresh one reclaims
@@ -289,12 +268,7 @@ class _Ledger:
             self.exit_scope.cancel()
 
     def write(self, records: list):
-        for sink in self.sinks:
-            try:
-                sink.write(records)
-            except Exception as exc:  # losing a step of metrics beats losing the analyzer
-                self.counts["sink_errors"] += 1
-                _log.error("[HookAnalyzer] sink %s failed: %s", type(sink).__name__, _one_line(exc))
+        self.sinks.write(records)
 
     def fate(self, samples, fate: str):
         """Count `fate` for each of `samples` (HookSamples), per rank; a final fate
@@ -311,21 +285,22 @@ class _Ledger:
             from_.reply(why)
 
     def stats(self) -> dict:
+        hooks = self.per_hook.values()
         return {
             **self.counts,
+            "hook_errors": sum(h.errors for h in hooks),
+            "timeouts": sum(h.timeouts for h in hooks),
+            "sink_errors": self.sinks.errors if self.sinks else 0,
             "ranks": {rank: dict(c) for rank, c in sorted(self.per_rank.items())},
-            "hooks": {name: dict(c) for name, c in self.per_hook.items()},
+            "hooks": {name: c.as_dict() for name, c in self.per_hook.items()},
             "disabled": dict(self.disabled),
             "hangs": dict(self.hangs),
             "pid": os.getpid(),
         }
 
     def close(self):
-        for sink in self.sinks:
-            try:
-                sink.close()
-            except Exception as exc:
-                _log.error("[HookAnalyzer] closing %s: %s", type(sink).__name__, _one_line(exc))
+        if self.sinks is not None:
+            self.sinks.close()
 
 
 def _read_quarantine(run_dir: Path) -> dict:
@@ -350,8 +325,9 @@ class HookWorker(actors.Actor):
     """Runs one analyzer hook on the contexts the HookAnalyzer calls it with.
 
     An actor for failure isolation: its hook runs in its own worker thread (a hang
-    holds up no other hook) and its crash -- after a raise -- is restarted alone, with
-    the hook's script reloaded (see the failure rules in the module doc).
+    holds up no other hook), and a raise crashes the worker alone: its supervisor
+    restarts it with the hook's script reloaded, or disables the hook (see the failure
+    policy in the `pipelines.hooks` doc). Its counters (`ledger.per_hook`) outlive it.
 
     handle_call(("run", ctx)) -> a hooks.jsonl record, or None (nothing to say).
     """
@@ -375,7 +351,10 @@ class HookWorker(actors.Actor):
         self.ledger.started.add(self.name)
         self.hook = hook
         self.runner = AnalyzerRunner(
-            [hook], timeout_s=self.ledger.timeout_s, label=f"HookAnalyzer {self.name}"
+            [hook],
+            timeout_s=self.ledger.timeout_s,
+            stats=self.ledger.per_hook,
+            label=f"HookAnalyzer {self.name}",
         )
 
     async def handle_call(self, request, from_):
@@ -385,24 +364,15 @@ class HookWorker(actors.Actor):
         raise ValueError(f"HookWorker takes ('run', ctx), got {request!r:.80}")
 
     async def _run(self, ctx):
-        counts = self.ledger.per_hook[self.name]
-        counts["calls"] += 1
         record = await trio.to_thread.run_sync(
             self.runner.run_hook, self.hook, ctx, abandon_on_cancel=True
         )
         if self.runner.needs_restart:
-            counts["timeouts"] += 1
-            self.ledger.counts["timeouts"] += 1
             self.ledger.hung(self.name)
             self.ledger.disable(self.name, "hung: waiting for the process restart")
             return record
-        if record is not None and "error" in record:
-            counts["errors"] += 1
-            self.ledger.counts["hook_errors"] += 1
-            if self.ledger.failed(self.name):
-                return record
+        if record is not None and "error" in record:  # a crash: the supervisor decides
             raise actors.Stop(f"hook {self.name!r} failed at step {ctx.step}", reply=record)
-        counts["ok"] += 1
         return record
 
     async def terminate(self, reason):
@@ -671,17 +641,12 @@ async def _serve(args) -> int:
     ledger = _Ledger(Path(args.run_dir), args.world, args.timeout, args.base_dir)
     try:
         ledger.open(json.loads(args.specs))
-        workers = [
-            HookWorker.child_spec(ledger, name, name=f"hook:{name}") for name in ledger.hooks
-        ]
-        children = [*workers, HookAnalyzer.child_spec(ledger, name="HookAnalyzer")]
-        budget = HOOK_FAILURES[0] * len(workers) + 3  # broken hooks get disabled first
+        children = [_hook_spec(ledger, name) for name in ledger.hooks]
+        children.append(HookAnalyzer.child_spec(ledger, name="HookAnalyzer"))
         async with actors.child_node():
             with trio.CancelScope() as scope:
                 ledger.exit_scope = scope
-                supervisor = actors.Supervisor(
-                    children, name="analyzer", max_restarts=budget, max_seconds=HOOK_FAILURES[1]
-                )
+                supervisor = actors.Supervisor(children, name="analyzer")
                 async with trio.open_nursery() as nursery:
                     await nursery.start(supervisor.run)
                     # up (HookAnalyzer registered) at normal priority, so that a busy
@@ -690,6 +655,25 @@ async def _serve(args) -> int:
     finally:
         ledger.close()
     return EXIT_HUNG if ledger.exit_reason else 0
+
+
+def _hook_spec(ledger: _Ledger, name: str) -> actors.ChildSpec:
+    """Hook `name`'s worker under a supervisor of its own with the intensity
+    `HOOK_RESTARTS`: a failing hook is restarted; one failing faster than that makes its
+    supervisor give up, which disables the hook. Temporary, so giving up ends there and
+    never charges the process's own restart budget."""
+    restarts, seconds = HOOK_RESTARTS
+    worker = HookWorker.child_spec(ledger, name, name=f"hook:{name}")
+    supervisor = actors.Supervisor([worker], max_restarts=restarts, max_seconds=seconds)
+
+    async def start(task_status=trio.TASK_STATUS_IGNORED):
+        try:
+            return await supervisor.run(task_status=task_status)
+        except actors.RestartIntensityExceeded:
+            ledger.disable(name, f"failed more than {restarts} times in {seconds:g} s")
+            raise
+
+    return actors.ChildSpec(id=f"hook:{name}", start=start, restart="temporary", type="supervisor")
 
 
 def _yield_the_cpu():

@@ -16,7 +16,13 @@ import trio.testing
 
 import actors
 from pipelines.hooks.link import HookOutbox, HookSample, wire_layout
-from pipelines.hooks.process import EXIT_HUNG, MAX_HANGS, QUARANTINE, analyzer_spec
+from pipelines.hooks.process import (
+    EXIT_HUNG,
+    HOOK_RESTARTS,
+    MAX_HANGS,
+    QUARANTINE,
+    analyzer_spec,
+)
 from pipelines.model import build_model
 from tests.actors import actor_util
 
@@ -108,6 +114,10 @@ SCRIPT = textwrap.dedent(
             raise RuntimeError("flaky broke")
         return {"step": ctx.step}
 
+    @analyzer
+    def always(ctx):
+        raise RuntimeError("always broken")
+
     @analyzer(timeout_s=1.0)
     def sleepy(ctx):
         if ctx.step == 4:
@@ -173,7 +183,8 @@ async def test_a_raising_hook_is_logged_restarted_and_later_steps_are_analyzed(
             )
         s = await stats()
     assert (s["hook_errors"], s["restarts"]) == (1, 1)
-    assert s["hooks"]["flaky"] == {"calls": 3, "ok": 2, "errors": 1, "timeouts": 0}
+    flaky = {k: s["hooks"]["flaky"][k] for k in ("state", "calls", "ok", "errors", "timeouts")}
+    assert flaky == {"state": "active", "calls": 3, "ok": 2, "errors": 1, "timeouts": 0}
     got = {(r["step"], r["hook"]): r for r in records(tmp_path)}
     assert got[(2, "flaky")]["error"] == "RuntimeError: flaky broke"
     assert got[(3, "flaky")]["metrics"] == {"step": 3}  # the restarted worker
@@ -181,6 +192,29 @@ async def test_a_raising_hook_is_logged_restarted_and_later_steps_are_analyzed(
     lines = [line for line in capfd.readouterr().err.splitlines() if "research.py:" in line]
     assert len(lines) == 1 and "hook 'flaky' failed at step 2" in lines[0]
     assert "RuntimeError: flaky broke" in lines[0]
+
+
+async def test_a_hook_failing_faster_than_its_restart_intensity_is_disabled_alone(tmp_path, script):
+    """The one rule: a raising hook is restarted by its own supervisor, and one failing
+    more than HOOK_RESTARTS allows is disabled -- never charging the process's budget
+    (the HookAnalyzer is not restarted, nor the process) nor disturbing the others."""
+    async with analyzer(tmp_path, [f"{script}:always", "builtin:grad_norm"]):
+        step = 0
+        while "always" not in (s := await stats())["disabled"]:
+            step += 1
+            await send_step(step)
+            await wait_stats(lambda s, t=step: s["steps_analyzed"] == t)
+        await send_step(step + 1)
+        s = await wait_stats(lambda s: s["steps_analyzed"] == step + 1)
+        assert (await child()).restarts == 0  # the process was never restarted
+    always = s["hooks"]["always"]
+    assert always["state"] == "disabled" and always["ok"] == 0
+    assert step >= HOOK_RESTARTS[0] + 1  # at least one failure more than the budget
+    assert always["errors"] == always["calls"] == step  # every due step until disabled
+    assert s["restarts"] == step - 1  # every failure but the last restarted the worker
+    assert "failed more than 3 times in 5 s" in s["disabled"]["always"]
+    got = {(r["step"], r["hook"]): r for r in records(tmp_path)}
+    assert (step + 1, "always") not in got and "metrics" in got[(step + 1, "grad_norm")]
 
 
 async def test_a_hanging_hook_is_timed_out_and_the_analyzer_process_restarted(tmp_path, script):
