@@ -13,8 +13,11 @@ analyzer Hook with a stable name and metric names. The names are a contract with
                        nonfinite/<param>, vanishing/<param>, exploding/<param> (flagged only)
     update_ratio       ratio/<param>, max, median
     rank_cosine        matrix (ranks x ranks), mean, min (off-diagonal)
-    noise_scale        b_simple, g2, trace_sigma (EMA-smoothed), *_step (this step's),
-                       b_small, b_big
+    noise_scale        b_simple, g2, trace_sigma (averaged over training steps: see
+                       NoiseScale), window_steps (that average's window in steps),
+                       gap (steps since the previous sample), *_step (this step's raw
+                       estimates: b_simple, g2, trace_sigma, and small_sq / big_sq,
+                       the squared norms |G_small|² and |G_big|²), b_small, b_big
 
 Sums of squares and dot products accumulate in float64 (in bounded chunks, so no copy
 of a whole layer): the noise scale subtracts nearly equal squared norms and float32
@@ -36,6 +39,7 @@ __all__ = [
     "NoiseScale",
     "builtin_hooks",
     "dot",
+    "ema_window",
     "grad_distribution",
     "grad_distribution_hook",
     "grad_flow",
@@ -233,17 +237,32 @@ def noise_scale_estimates(small_sq, big_sq, b_small, b_big) -> tuple[float, floa
     return g2, trace
 
 
-class NoiseScale:
-    """The simple gradient noise scale B_simple = tr(Σ) / |G|², EMA-smoothed.
+def ema_window(weight: float, beta: float) -> float:
+    """The effective window, in training steps, of an average with bias-correction
+    weight `weight`: sum over the steps it spans of beta^age = weight / (1 - beta).
+    It grows like the number of steps seen and levels off at 1 / (1 - beta)."""
+    return weight / (1.0 - beta)
 
-    Each step, |G_small|² is the mean over ranks of each rank's squared gradient norm
+
+class NoiseScale:
+    """The simple gradient noise scale B_simple = tr(Σ) / |G|², averaged over training steps.
+
+    Each sample, |G_small|² is the mean over ranks of each rank's squared gradient norm
     (every rank's gradient is an independent estimate at B_small = per-rank batch), and
     |G_big|² that of the reduced gradient (B_big = B_small * ranks). The two unbiased
-    estimates each go through an exponential moving average with decay `beta`
-    (bias-corrected like Adam's moments, so the first steps are not pulled to 0), and
-    B_simple is the ratio of the averages — a ratio of noisy estimates would be biased
-    and often negative. A step with non-finite gradients is reported as nan and does not
-    enter the averages.
+    estimates each go through an exponential moving average over *training steps* with
+    decay `beta` per step, and B_simple is the ratio of the averages -- a ratio of
+    noisy estimates would be biased and often negative.
+
+    A sample taken `gap` steps after the previous one decays the averages as `gap`
+    steps would (beta**gap) and enters with weight 1 - beta**gap: it stands for the
+    steps since the last sample, so the result is the every-step average of the series
+    each sample holds until the next. The bias correction (like Adam's moments, so the
+    first steps are not pulled to 0) follows the same rule, and `window_steps` is the
+    effective window in steps (`ema_window`): whether the analyzer saw every step or
+    one in ten, the average spans what beta says. Successive calls without `step` are
+    consecutive steps. A step with non-finite gradients is reported as nan and is a
+    missing sample: it leaves the averages and the step count alone.
     """
 
     def __init__(self, beta: float = 0.95):
@@ -251,9 +270,10 @@ class NoiseScale:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.beta = beta
         self.g2 = self.trace = self.weight = 0.0
+        self.last_step = 0  # the step of the last sample folded in; 0: none yet
 
-    def update(self, rank_grads, grads, b_small: int) -> dict:
-        """Fold in one step; the metrics of the `noise_scale` hook."""
+    def update(self, rank_grads, grads, b_small: int, step: int | None = None) -> dict:
+        """Fold in the sample of `step`; the metrics of the `noise_scale` hook."""
         if len(rank_grads) < 2:
             raise ValueError(
                 f"the noise scale needs the gradients of >= 2 ranks, got {len(rank_grads)}"
@@ -263,20 +283,27 @@ class NoiseScale:
         small_sq /= len(rank_grads)
         big_sq = sum(_sumsq(g) for g in grads.values())
         g2, trace = noise_scale_estimates(small_sq, big_sq, b_small, b_big)
+        step = self.last_step + 1 if step is None else int(step)
+        gap = max(step - self.last_step, 1)
         if math.isfinite(g2) and math.isfinite(trace):
-            b = self.beta
-            self.g2 = b * self.g2 + (1 - b) * g2
-            self.trace = b * self.trace + (1 - b) * trace
-            self.weight = b * self.weight + (1 - b)
+            keep = self.beta**gap
+            self.g2 = keep * self.g2 + (1 - keep) * g2
+            self.trace = keep * self.trace + (1 - keep) * trace
+            self.weight = keep * self.weight + (1 - keep)
+            self.last_step = max(step, self.last_step)
         else:
-            g2 = trace = math.nan
+            g2 = trace = small_sq = big_sq = math.nan
         return {
             "b_simple": self.b_simple,
             "g2": self.g2 / self.weight if self.weight else math.nan,
             "trace_sigma": self.trace / self.weight if self.weight else math.nan,
+            "window_steps": ema_window(self.weight, self.beta),
+            "gap": gap,
             "b_simple_step": trace / g2 if g2 > 0 else math.nan,
             "g2_step": g2,
             "trace_sigma_step": trace,
+            "small_sq_step": small_sq,
+            "big_sq_step": big_sq,
             "b_small": b_small,
             "b_big": b_big,
         }
@@ -370,12 +397,12 @@ def noise_scale_hook(every: int = 1, beta: float = 0.95):
 
     @analyzer(every=every, name="noise_scale")
     def noise_scale(ctx):
-        """Gradient noise scale B_simple (McCandlish et al. 2018), EMA-smoothed."""
+        """Gradient noise scale B_simple (McCandlish et al. 2018), averaged over steps."""
         if len(ctx.rank_grads) < 2:
             return None
         if ctx.batch_size is None:
             raise ValueError("noise_scale needs ctx.batch_size (examples per rank per step)")
-        return state.update(ctx.rank_grads, ctx.grads, ctx.batch_size)
+        return state.update(ctx.rank_grads, ctx.grads, ctx.batch_size, ctx.step)
 
     return noise_scale
 

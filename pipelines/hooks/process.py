@@ -80,6 +80,7 @@ import argparse
 import collections
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -200,6 +201,7 @@ class _Ledger:
             ("steps_analyzed", "dropped", "stale", "rejected", "skipped", "restarts"), 0
         )
         self.last_step = 0  # newest step analyzed or dropped: older samples are stale
+        self.first_step = None  # the first step this process got a sample of
         # per rank (str), in samples: what became of each sample received from it
         self.per_rank = collections.defaultdict(lambda: dict.fromkeys(SAMPLE_FATES, 0))
         self.flushed = set()  # ranks whose outbox flushed ("flush"): they are done
@@ -238,9 +240,8 @@ class _Ledger:
                 self.per_hook[hook.name].timeouts = hung.get(hook.name, 0)
                 if hung.get(hook.name, 0) >= MAX_HANGS:
                     self.disable(hook.name, f"hung {hung[hook.name]} times in this run")
-        self.sinks = Sinks(
-            [HooksLog(self.run_dir / "hooks.jsonl"), EventWriter(self.run_dir / "tb")]
-        )
+        self.tb = EventWriter(self.run_dir / "tb")
+        self.sinks = Sinks([HooksLog(self.run_dir / "hooks.jsonl"), self.tb])
 
     def disable(self, name: str, why: str):
         """Call hook `name` no more in this process (logged once)."""
@@ -267,8 +268,29 @@ class _Ledger:
             _log.warning("[HookAnalyzer] %s: restarting the analyzer process", self.exit_reason)
             self.exit_scope.cancel()
 
-    def write(self, records: list):
+    def write(self, records: list, step: int, names: list):
+        """The records of an analysed step to the sinks, and to TensorBoard the
+        fraction analysed so far of each hook in `names` (the hooks due at `step`)."""
         self.sinks.write(records)
+        try:
+            for name in names:
+                self.tb.add_scalar(f"{name}/fraction_analysed", self.fraction(name, step), step)
+            self.tb.flush()
+        except Exception as exc:  # as for any sink: count it, go on
+            self.sinks.errors += 1
+            _log.error("[HookAnalyzer] sink EventWriter failed: %s", _one_line(exc))
+
+    def steps_due(self, name: str, upto: int) -> int:
+        """How many steps hook `name` asked for, from this process's first sample to
+        `upto` (a restarted process counts from its own start, as its counters do)."""
+        every = self.hooks[name][1].every
+        start = (self.first_step or 1) - 1
+        return max(upto // every - start // every, 0)
+
+    def fraction(self, name: str, upto: int) -> float:
+        """The fraction of hook `name`'s due steps up to `upto` it was run on."""
+        due = self.steps_due(name, upto)
+        return self.per_hook[name].calls / due if due else math.nan
 
     def fate(self, samples, fate: str):
         """Count `fate` for each of `samples` (HookSamples), per rank; a final fate
@@ -292,7 +314,14 @@ class _Ledger:
             "timeouts": sum(h.timeouts for h in hooks),
             "sink_errors": self.sinks.errors if self.sinks else 0,
             "ranks": {rank: dict(c) for rank, c in sorted(self.per_rank.items())},
-            "hooks": {name: c.as_dict() for name, c in self.per_hook.items()},
+            "hooks": {
+                name: {
+                    **c.as_dict(),
+                    "steps_due": self.steps_due(name, self.last_step),
+                    "fraction_analysed": _json_float(self.fraction(name, self.last_step)),
+                }
+                for name, c in self.per_hook.items()
+            },
             "disabled": dict(self.disabled),
             "hangs": dict(self.hangs),
             "pid": os.getpid(),
@@ -309,6 +338,10 @@ def _read_quarantine(run_dir: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, int)}
+
+
+def _json_float(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 6)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -497,6 +530,8 @@ class HookAnalyzer(actors.Actor):
 
     def _take(self, s: HookSample):
         ledger = self.ledger
+        if ledger.first_step is None:
+            ledger.first_step = s.step
         if s.step <= ledger.last_step:
             ledger.counts["stale"] += 1
             ledger.fate([s], "stale")
@@ -591,8 +626,7 @@ class HookAnalyzer(actors.Actor):
             for name in due:
                 nursery.start_soon(run, name)
         ordered = [records[n] for n in due if records.get(n) is not None]
-        if ordered:
-            await trio.to_thread.run_sync(ledger.write, ordered)
+        await trio.to_thread.run_sync(ledger.write, ordered, step, due)
         ledger.counts["steps_analyzed"] += 1
         return "analyzed"
 

@@ -12,7 +12,8 @@ needs S = S_min (1 + B_simple / B) steps and E = E_min (1 + B / B_simple) exampl
 
 Method. Each rank's own gradient is a batch-B_small estimate and the reduced one a
 batch-B_big estimate (B_big = ranks × B_small); the unbiased estimators of |G|² and
-tr(Σ) from those two (the paper's Appendix A) are EMA-smoothed, then divided — exactly
+tr(Σ) from those two (the paper's Appendix A) are averaged over training steps (an EMA
+that decays per step, also across steps not sampled), then divided — exactly
 the built-in `noise_scale` analyzer, reused here through `NoiseScale`. Needs >= 2 ranks.
 B_simple typically grows as the loss falls: read the trend, not one step.
 
@@ -41,7 +42,7 @@ _noise = NoiseScale(beta=BETA)
 def critical_batch(ctx):
     if len(ctx.rank_grads) < 2 or ctx.batch_size is None:
         return None  # one rank gives only one batch size: no estimate
-    estimate = _noise.update(ctx.rank_grads, ctx.grads, ctx.batch_size)
+    estimate = _noise.update(ctx.rank_grads, ctx.grads, ctx.batch_size, ctx.step)
     b_simple, batch = estimate["b_simple"], ctx.global_batch_size
     if not b_simple > 0:
         return {"b_simple": math.nan, "global_batch": batch}

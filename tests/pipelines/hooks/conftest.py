@@ -36,3 +36,23 @@ def make_step(step=0, ranks=4, batch_size=8, seed=0, loss=1.0, lr=1e-3, scale=1.
 @pytest.fixture
 def step_ctx():
     return make_step
+
+
+def _every_step_average(samples, beta):
+    """(g2, trace_sigma, window) at the last sample: the plain per-step EMA, bias-corrected,
+    of the series in which each (step, g2, trace) sample holds for the steps since the
+    previous one -- what a sample after a gap must fold in as."""
+    value = dict.fromkeys(("g2", "trace", "weight"), 0.0)
+    last = 0
+    for step, g2, trace in samples:
+        for _ in range(step - last):
+            for key, x in (("g2", g2), ("trace", trace), ("weight", 1.0)):
+                value[key] = beta * value[key] + (1 - beta) * x
+        last = step
+    w = value["weight"]
+    return value["g2"] / w, value["trace"] / w, w / (1 - beta)
+
+
+@pytest.fixture
+def every_step_average():
+    return _every_step_average

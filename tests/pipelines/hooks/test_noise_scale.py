@@ -72,18 +72,40 @@ def test_the_noise_scale_hook_recovers_b_simple_from_flat_buffers_within_ten_per
 def test_a_non_finite_step_is_reported_as_nan_and_leaves_the_averages_alone():
     noise = NoiseScale(beta=0.9)
     good = {r: {"w": np.array([1.0 + r, 2.0])} for r in range(2)}
-    first = noise.update(good, {"w": np.array([1.5, 2.0])}, b_small=2)
+    first = noise.update(good, {"w": np.array([1.5, 2.0])}, b_small=2, step=1)
     bad = {r: {"w": np.array([np.nan, 2.0])} for r in range(2)}
-    second = noise.update(bad, {"w": np.array([np.nan, 2.0])}, b_small=2)
+    second = noise.update(bad, {"w": np.array([np.nan, 2.0])}, b_small=2, step=2)
     assert math.isnan(second["g2_step"]) and math.isnan(second["b_simple_step"])
-    for key in ("b_simple", "g2", "trace_sigma"):  # (b_simple alone, a ratio, hid decay)
-        assert second[key] == first[key], key
-    # and the next good step continues as if the bad one had never come
+    for key in ("b_simple", "g2", "trace_sigma", "window_steps"):  # (b_simple alone, a
+        assert second[key] == first[key], key  # ratio, hid a decayed weight)
+    # and the next good step continues as if the bad one had never been sampled
     clean = NoiseScale(beta=0.9)
-    clean.update(good, {"w": np.array([1.5, 2.0])}, b_small=2)
+    clean.update(good, {"w": np.array([1.5, 2.0])}, b_small=2, step=1)
     later = {r: {"w": np.array([0.5 + r, 1.0])} for r in range(2)}
-    want = clean.update(later, {"w": np.array([1.0, 1.0])}, b_small=2)
-    assert noise.update(later, {"w": np.array([1.0, 1.0])}, b_small=2) == want
+    want = clean.update(later, {"w": np.array([1.0, 1.0])}, b_small=2, step=3)
+    assert noise.update(later, {"w": np.array([1.0, 1.0])}, b_small=2, step=3) == want
+
+
+def test_a_sample_after_a_gap_decays_the_averages_as_the_steps_in_between_would(
+    every_step_average,
+):
+    rng, g, var = problem(3)
+    noise = NoiseScale(beta=0.9)
+    seen = []
+    for step in (3, 4, 9, 10, 30, 31, 45):  # an analyzer that skips steps
+        ranks = draw_ranks(rng, g, var, steps=1)[0]
+        out = noise.update(dict(enumerate({"w": r} for r in ranks)), {"w": ranks.mean(0)},
+                           b_small=B_SMALL, step=step)  # fmt: skip
+        seen.append((step, out["g2_step"], out["trace_sigma_step"]))
+        g2, trace, window = every_step_average(seen, 0.9)
+        assert out["gap"] == step - (seen[-2][0] if len(seen) > 1 else 0)
+        assert out["g2"] == pytest.approx(g2, rel=1e-12)
+        assert out["trace_sigma"] == pytest.approx(trace, rel=1e-12)
+        assert out["window_steps"] == pytest.approx(window, rel=1e-12)
+        assert out["window_steps"] == pytest.approx((1 - 0.9**step) / (1 - 0.9), rel=1e-12)
+        small = np.mean([(r**2).sum() for r in ranks])
+        assert out["small_sq_step"] == pytest.approx(small, rel=1e-12)
+        assert out["big_sq_step"] == pytest.approx((ranks.mean(0) ** 2).sum(), rel=1e-12)
 
 
 def test_the_noise_scale_needs_the_per_rank_batch_size():

@@ -276,6 +276,38 @@ async def test_a_flood_of_steps_is_dropped_and_counted_not_queued(tmp_path, scri
     assert (s3["dropped"], s3["steps_analyzed"]) == (s2["dropped"], s2["steps_analyzed"])
 
 
+async def test_a_slow_analyzer_skips_steps_and_the_averages_still_span_what_beta_says(
+    tmp_path, script, every_step_average
+):
+    """noise_scale beside a hook that holds the analyzer for 2 s: most steps are
+    dropped, and each average must still be the per-step EMA (beta 0.95) of what the
+    raw estimates in hooks.jsonl say, over a window of (1 - 0.95**step) / 0.05 steps --
+    not one that advanced once per analysed step."""
+    async with analyzer(tmp_path, [f"{script}:slow", "builtin:noise_scale"]):
+        for step in range(1, 31):
+            await send_step(step)
+        s = await wait_stats(lambda s: s["steps_analyzed"] + s["dropped"] == 30)
+    noise = [r for r in records(tmp_path) if r["hook"] == "noise_scale"]
+    steps = [r["step"] for r in noise]
+    assert s["dropped"] > 0 and len(steps) == s["steps_analyzed"] and steps[-1] == 30
+    assert max(b - a for a, b in zip([0, *steps], steps, strict=False)) > 1  # it skipped
+    assert s["hooks"]["noise_scale"]["fraction_analysed"] == pytest.approx(
+        len(steps) / 30, abs=1e-6
+    )
+    # TensorBoard: the running fraction, one point per analysed step
+    tb = b"".join(p.read_bytes() for p in (tmp_path / "tb").iterdir())
+    assert tb.count(b"noise_scale/fraction_analysed") == len(steps)
+    seen = []
+    for r in noise:
+        m = r["metrics"]
+        seen.append((r["step"], m["g2_step"], m["trace_sigma_step"]))
+        g2, trace, window = every_step_average(seen, 0.95)
+        assert m["gap"] == r["step"] - (seen[-2][0] if len(seen) > 1 else 0)
+        assert (m["g2"], m["trace_sigma"]) == (pytest.approx(g2), pytest.approx(trace))
+        assert m["window_steps"] == pytest.approx(window)
+        assert m["window_steps"] == pytest.approx((1 - 0.95 ** r["step"]) / 0.05)
+
+
 async def test_the_outbox_never_blocks_and_counts_while_the_analyzer_is_down(tmp_path):
     async with analyzer(tmp_path, ["builtin:grad_norm"]) as nursery:
         outboxes = [HookOutbox(["builtin:grad_norm"], capacity=2) for _ in range(WORLD)]
