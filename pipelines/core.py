@@ -201,6 +201,9 @@ class RunIdentity:
     resume_config: dict  # config.resume_fields
     config_hash: str
     resume_hash: str
+    # (name, offset, shape, trainable) in layout order: the manifests' layout table
+    # (store.checkpoint.layout_table); not compared on resume (shapes are)
+    layout: tuple = ()
 
     @classmethod
     def of(cls, cfg: Config, model, train) -> RunIdentity:
@@ -222,6 +225,7 @@ class RunIdentity:
             resume_config=resume_fields(cfg),
             config_hash=config_hash(cfg),
             resume_hash=resume_hash(cfg),
+            layout=tuple((s.name, s.offset, tuple(s.shape), s.trainable) for s in model.layout),
         )
 
     @property
@@ -489,17 +493,20 @@ def checkpoint_manifest(
     early_state: dict,
     metrics: dict,
     data_epochs: list | None = None,
+    bounds: list | None = None,
 ) -> dict:
     """The manifest of the checkpoint of `step` (store.checkpoint adds format and shards).
 
     `data_epochs`: a followed directory's epoch records (data.read_epochs), which the
-    data position then carries for a resume to replay."""
+    data position then carries for a resume to replay. `bounds`: the shards' [lo, hi)
+    by rank, for the layout table (store.checkpoint.layout_table)."""
     if data_epochs is None:
         epoch, pos = position(step, identity.train_samples, cfg.train.batch_size)
         followed = {}
     else:
         epoch, pos = locate_in(data_epochs, step, cfg.train.batch_size)
         followed = {"epoch_files": data_epochs}
+    layout = {"layout": ckpt_mod.layout_table(identity.layout, bounds)} if bounds else {}
     return {
         **identity.manifest_fields(),
         "step": step,
@@ -516,6 +523,7 @@ def checkpoint_manifest(
         "counters": counters,
         "early_stopping": early_state,
         "metrics": metrics,
+        **layout,
     }
 
 
@@ -555,7 +563,7 @@ def export_weights(run_dir: Path, cfg: Config, model, step: int, sha: str) -> No
     (safetensors.torch.load_file -> module.load_state_dict)."""
     ckpt_mod.export_weights(
         Path(run_dir) / "weights.safetensors",
-        model.state_dict(),
+        model,
         {"pipeline": cfg.name, "step": str(step), "params_sha256": sha},
     )
 

@@ -232,6 +232,7 @@ class _LocalRun:
             early_state=self.early.state(),
             metrics=dict(self.last_eval, train_loss=self.last_loss),
             data_epochs=core.followed_epochs(self.cfg, self.rundir.path),
+            bounds=[(rank.lo, rank.hi)],
         )
         ckpt_mod.save_checkpoint(
             self.ckpt_root, self.step, shards, self.model.params.size, manifest

@@ -428,6 +428,7 @@ class Manifests:
             early_state=stops.early.state(),
             metrics=metrics,
             data_epochs=core.followed_epochs(self.cfg, steps.rundir.path),
+            bounds=[(i.lo, i.hi) for i in sorted(infos, key=lambda i: i.rank)],
         )
         ckpt = ckpt_mod.checkpoint_dir(self.root, s)
         try:

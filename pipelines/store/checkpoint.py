@@ -6,8 +6,9 @@ Design note. A checkpoint is a directory `<root>/step-<8 digits>/` holding
                                           "params" and the optimizer state ("exp_avg",
                                           "exp_avg_sq", "momentum_buffer", ...)
     manifest.json                         step, world, mode, config hashes, data position,
-                                          counters, metrics, and per shard: file, rank,
-                                          lo, hi, bytes, sha256
+                                          counters, metrics, per shard: file, rank, lo,
+                                          hi, bytes, sha256; and "layout", the layout
+                                          table (`layout_table`)
 
 Durability protocol (what makes a crash at any instant harmless):
 1. each rank writes its shard to `<name>.tmp-<pid>`, fsyncs it, renames it into place and
@@ -23,6 +24,26 @@ splits a vector: `load_full` concatenates them into full-length vectors, and any
 
 The weights also export as one safetensors file named like the PyTorch module
 (`export_weights`), so `model.load_state_dict(safetensors.torch.load_file(path))` works.
+
+The layout table is the public description of the flat vector, so that a tool outside
+zerotrain can read a checkpoint with nothing but JSON and a safetensors reader. Every
+vector of a shard file ("params", "exp_avg", ...) is the slice [lo, hi) of a flat
+float32 vector of length n, and parameters lie in it one after the other in model
+order, each flattened in C order::
+
+    "layout": {"n": 1234, "dtype": "float32", "order": "C",
+               "params": [{"name": "layers.0.weight", "shape": [16, 4],
+                           "offset": 0, "length": 64}, ...],
+               "shards": [{"rank": 0, "lo": 0, "hi": 617,
+                           "pieces": [{"name": "layers.0.weight", "start": 0,
+                                       "stop": 64, "at": 0}, ...]}, ...],
+               "frozen": [{"name": ..., "shape": [...]}]}
+
+params[name] = flat[offset : offset + length].reshape(shape); a shard's piece says that
+elements [start, stop) of that flattened parameter sit at [at, at + stop - start) of
+the shard's own tensors. Frozen parameters (a LoRA base) are not in the vector: they
+are rebuilt from the run's seed. weights.safetensors carries the same table, with one
+shard [0, n), as JSON in its metadata under "layout".
 """
 
 from __future__ import annotations
@@ -50,6 +71,7 @@ __all__ = [
     "export_weights",
     "inspect_checkpoint",
     "latest_valid",
+    "layout_table",
     "list_checkpoints",
     "load_full",
     "read_safetensors_file",
@@ -138,6 +160,39 @@ def _sha256_file(path: Path) -> str:
 # ---------------------------------------------------------------------------------------
 # Writing a checkpoint
 # ---------------------------------------------------------------------------------------
+
+
+def layout_table(model, bounds) -> dict:
+    """The layout table of `model`'s flat parameter vector cut into shards `bounds`.
+
+    model   a Model, or its `layout`: ParamSlot-like entries (name, offset, shape, and
+            trainable, taken as True when missing) in model order.
+    bounds  [(lo, hi), ...] of ranks 0, 1, ... (shard_bounds of the run's world), or
+            [(0, n)] for a whole vector.
+    """
+    entries = getattr(model, "layout", model)
+    params, frozen = [], []
+    for e in entries:
+        name, offset, shape = e[0], int(e[1]), [int(d) for d in e[2]]
+        if not (e[3] if len(e) > 3 else True):
+            frozen.append({"name": name, "shape": shape})
+            continue
+        length = int(np.prod(shape, dtype=np.int64))
+        params.append({"name": name, "shape": shape, "offset": offset, "length": length})
+    n = sum(p["length"] for p in params)
+    shards = []
+    for rank, (lo, hi) in enumerate(bounds):
+        pieces = []
+        for p in params:
+            start, stop = max(lo, p["offset"]), min(hi, p["offset"] + p["length"])
+            if start < stop:
+                pieces.append(
+                    {"name": p["name"], "start": start - p["offset"],
+                     "stop": stop - p["offset"], "at": start - lo}
+                )  # fmt: skip
+        shards.append({"rank": rank, "lo": int(lo), "hi": int(hi), "pieces": pieces})
+    return {"n": n, "dtype": "float32", "order": "C", "params": params, "shards": shards,
+            "frozen": frozen}  # fmt: skip
 
 
 def checkpoint_dir(root, step: int) -> Path:
@@ -338,12 +393,17 @@ def apply_retention(
 # ---------------------------------------------------------------------------------------
 
 
-def export_weights(
-    path, state_dict: dict[str, np.ndarray], metadata: dict[str, str] | None = None
-) -> tuple[int, str]:
-    """Write full weights by PyTorch name (`model.state_dict()`, trainable and frozen).
+def export_weights(path, model, metadata: dict[str, str] | None = None) -> tuple[int, str]:
+    """Write full weights by PyTorch name (`model.state_dict()`, trainable and frozen),
+    with the layout table (one shard [0, n)) as JSON in the metadata under "layout".
+    `model` may also be a plain state dict (then without a layout table).
 
     Loads with safetensors.torch.load_file into the equivalent torch module."""
+    state_dict = model.state_dict() if hasattr(model, "state_dict") else model
+    metadata = dict(metadata or {})
+    if hasattr(model, "layout"):
+        n = int(model.params.size)
+        metadata["layout"] = json.dumps(layout_table(model, [(0, n)]), separators=(",", ":"))
     return write_safetensors(
         path, {k: np.asarray(v, dtype=np.float32) for k, v in state_dict.items()}, metadata
     )
