@@ -694,7 +694,9 @@ async def flush_writes() -> None:
 
 
 async def sample_decision(step: int, agreed: bool) -> SampleDecision:
-    reply = await actors.call("HookSampler", SampleQuery(step, agreed))
+    # no timeout: a step due for an exact hook waits for the analyzer's answer (bounded
+    # by the outbox's reply_timeout)
+    reply = await actors.call("HookSampler", SampleQuery(step, agreed), timeout=None)
     return _expect(reply, SampleDecision, "sample_decision")
 
 

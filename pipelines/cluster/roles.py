@@ -515,7 +515,7 @@ class HookSampler(_Role):
     async def handle_call(self, request, from_):
         match request:
             case SampleQuery(step=step, agreed=agreed):
-                return self._decide(step, agreed)
+                return await self._decide(step, agreed)
             case HookStats():
                 return self.outbox.stats() if self.outbox is not None else {}
             case HookFlush(seconds=seconds):  # the run's end: wait (bounded) for the analyzer
@@ -524,15 +524,19 @@ class HookSampler(_Role):
                 return None
         return self.reject(request)
 
-    def _decide(self, step: int, agreed: bool) -> SampleDecision:
+    async def _decide(self, step: int, agreed: bool) -> SampleDecision:
         """A due step is sampled only if every rank had credit at the step before (the
         analyzer keeps up): the same decision on every rank (hooks.link's doc). The
-        run's last step always is: the run's end waits for the analyzer anyway."""
+        run's last step always is: the run's end waits for the analyzer anyway. A step
+        due for an exact hook always is, once the analyzer has answered every sample
+        this rank sent (they were cast to this mailbox before this call)."""
         outbox = self.outbox
         if outbox is None:
             return SampleDecision(False, False)
         sampled = outbox.due(step)
-        if sampled and not agreed and step != self.state.cfg.train.steps:
+        if outbox.exact(step):
+            await outbox.wait_for_credit()
+        elif sampled and not agreed and step != self.state.cfg.train.steps:
             outbox.decline(step)
             sampled = False
         return SampleDecision(sampled, outbox.has_credit() and not sampled)

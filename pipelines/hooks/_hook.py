@@ -31,6 +31,9 @@ class Hook:
     name       unique within a run: the key of its records in hooks.jsonl and the prefix of
                its TensorBoard tags.
     every      sampling period in steps, >= 1.
+    exact      an analyzer that must see every one of its due steps: the ranks wait for
+               the analyzer before such a step instead of skipping it (training pays
+               in time). False: the analyzer takes the due steps it has time for.
     timeout_s  per-call budget for an analyzer (None: the runner's default). Transforms
                have no timeout: they are part of the step's arithmetic.
     source     where it was loaded from, for error messages ("" when made in code).
@@ -42,6 +45,7 @@ class Hook:
     every: int = 1
     timeout_s: float | None = None
     source: str = ""
+    exact: bool = False
 
     def __post_init__(self):
         if not callable(self.fn):
@@ -60,6 +64,12 @@ class Hook:
             raise HookError(
                 f"hook {self.name!r}: timeout_s must be a number > 0 or None, "
                 f"got {self.timeout_s!r}"
+            )
+        if not isinstance(self.exact, bool):
+            raise HookError(f"hook {self.name!r}: exact must be True or False, got {self.exact!r}")
+        if self.kind == TRANSFORM and self.exact:
+            raise HookError(
+                f"hook {self.name!r}: transforms run at every step already and take no exact"
             )
         if self.kind == TRANSFORM and self.timeout_s is not None:
             raise HookError(
@@ -82,7 +92,7 @@ class Hook:
         return self.fn
 
 
-def _decorator(kind, fn, every, name, timeout_s):
+def _decorator(kind, fn, every, name, timeout_s, exact=False):
     def make(f):
         return Hook(
             fn=f,
@@ -90,13 +100,21 @@ def _decorator(kind, fn, every, name, timeout_s):
             name=name or getattr(f, "__name__", ""),
             every=every,
             timeout_s=timeout_s,
+            exact=exact,
         )
 
     # Both `@analyzer` and `@analyzer(every=10)` work.
     return make(fn) if fn is not None else make
 
 
-def analyzer(fn=None, *, every: int = 1, name: str | None = None, timeout_s: float | None = None):
+def analyzer(
+    fn=None,
+    *,
+    every: int = 1,
+    name: str | None = None,
+    timeout_s: float | None = None,
+    exact: bool = False,
+):
     """Declare a read-only analyzer hook: `fn(ctx) -> dict of metrics | None`.
 
     It runs in the analyzer process, never in a rank: the step does not wait for it, and
@@ -108,9 +126,13 @@ def analyzer(fn=None, *, every: int = 1, name: str | None = None, timeout_s: flo
         def head_norm(ctx):
             return {"norm": float(np.linalg.norm(ctx.grads["head.weight"]))}
 
+    By default it sees the due steps the analyzer has time for (summary.json reports
+    the fraction); with `exact=True` it sees every one of them, and training waits for
+    it when it is slower than the steps -- for a study that needs every sample.
+
     Do not use an analyzer to change training: write a `transform`.
     """
-    return _decorator(ANALYZER, fn, every, name, timeout_s)
+    return _decorator(ANALYZER, fn, every, name, timeout_s, exact)
 
 
 def transform(fn=None, *, every: int = 1, name: str | None = None):

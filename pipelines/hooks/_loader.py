@@ -16,8 +16,8 @@ A string is a file when it ends in ".py" (before an optional ":NAME") or has a p
 separator in it. Relative paths are taken from `base_dir` (the config file's folder,
 the current directory by default).
 
-The dict form adds overrides: {"hook": SPEC, "every": 10, "name": "renamed",
-"timeout_s": 2.0, "kind": "analyzer", "options": {...}}. `kind` turns a plain,
+The dict form adds overrides: {"hook": SPEC, "every": 10, "exact": true, "name":
+"renamed", "timeout_s": 2.0, "kind": "analyzer", "options": {...}}. `kind` turns a plain,
 undecorated function into a hook; `options` are keyword arguments of a built-in
 factory (e.g. {"vanishing": 1e-9} for grad_health).
 
@@ -43,7 +43,7 @@ ENTRY_POINT_GROUP = "zerotrain.hooks"
 BUILTIN = "builtin"
 
 _FILE_SPEC = re.compile(r"^(?P<path>.+?\.py)(?::(?P<name>[^:/\\]+))?$")
-_KEYS = ("hook", "every", "name", "timeout_s", "kind", "options")
+_KEYS = ("hook", "every", "exact", "name", "timeout_s", "kind", "options")
 _ACCEPTED = (
     "'PATH.py', 'PATH.py:NAME', 'builtin[:NAME]', 'ENTRY_POINT[:NAME]', or a dict "
     f"with 'hook' and optionally {', '.join(repr(k) for k in _KEYS[1:])}"
@@ -59,6 +59,7 @@ class HookSpec:
     target: str  # the path, "builtin", or the entry point name
     select: str | None = None  # the NAME after ':'
     every: int | None = None
+    exact: bool | None = None
     name: str | None = None
     timeout_s: float | None = None
     kind: str | None = None
@@ -133,7 +134,9 @@ def load_spec(spec: HookSpec) -> list[Hook]:
             "select one with PATH:NAME"
         )
     changes = {
-        k: getattr(spec, k) for k in ("every", "name", "timeout_s") if getattr(spec, k) is not None
+        k: getattr(spec, k)
+        for k in ("every", "exact", "name", "timeout_s")
+        if getattr(spec, k) is not None
     }
     return [hook.replace(source=spec.source, **changes) for hook in found]
 

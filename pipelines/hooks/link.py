@@ -25,6 +25,15 @@ from every rank or absent, and which steps get sampled never touches the trainin
 arithmetic. A due step without agreement is `decline`d: counted as offered and
 dropped, nothing copied.
 
+## Exact hooks: waiting instead of declining
+
+A step due for an analyzer declared `exact=True` is never declined: before computing
+it, each rank waits (`wait_for_credit`) until the analyzer has answered every sample it
+sent, then samples it. Every rank decides so from the step number alone, so all sample
+it; and since no rank sends a sample before the last one is answered, the analyzer
+holds one step at a time and never has to drop one. Training pays for it in time
+whenever the analyzer is slower than the steps.
+
 ## When the analyzer cannot take a sample (the rank's side of the failure policy)
 
 A rank never waits for the analyzer and never sees its errors (the policy as a whole is
@@ -143,6 +152,7 @@ class HookOutbox:
         if texts:
             loaded += load_hooks(texts)
         self.periods = sorted({h.every for h in loaded if h.kind == ANALYZER})
+        self.exact_periods = sorted({h.every for h in loaded if h.kind == ANALYZER and h.exact})
         self.target = target
         self.node = target.rsplit("@", 1)[1]
         self.capacity = capacity
@@ -155,11 +165,28 @@ class HookOutbox:
         # receiver, so neither its buffer nor the forwarder shows that sample until the
         # forwarder has run (test_a_sample_handed_to_the_waiting_forwarder_...).
         self._unsettled = 0
+        self._settled = None  # an Event for `wait_for_credit`, set when _unsettled is 0
         self.flushed = None  # what `flush` learned: {"lost", "unconfirmed"} or None
 
     def due(self, step: int) -> bool:
         """True when some analyzer samples `step` (1-based): worth building a sample."""
         return any(step % every == 0 for every in self.periods)
+
+    def exact(self, step: int) -> bool:
+        """True when an exact analyzer samples `step`: wait for credit, never decline."""
+        return any(step % every == 0 for every in self.exact_periods)
+
+    async def wait_for_credit(self) -> None:
+        """Return once `has_credit()`: every sample sent has its answer (or gave up:
+        the forwarder's call is bounded by `reply_timeout`, a down analyzer fails it)."""
+        while self._unsettled:
+            self._settled = trio.Event()
+            await self._settled.wait()
+
+    def _settle_one(self) -> None:
+        self._unsettled -= 1
+        if not self._unsettled and self._settled is not None:
+            self._settled.set()
 
     def has_credit(self) -> bool:
         """True when the analyzer has answered every sample this outbox sent it and
@@ -193,7 +220,7 @@ class HookOutbox:
             try:
                 await self._forward(sample)
             finally:
-                self._unsettled -= 1
+                self._settle_one()
 
     async def _forward(self, sample: HookSample) -> None:
         node = _current_node()
@@ -228,7 +255,7 @@ class HookOutbox:
                 sample = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            self._unsettled -= 1
+            self._settle_one()
             self._fail(sample, f"still queued {timeout:g} s after the run's end")
         sent = self._counts["sent"]
         self.flushed = {"lost": 0, "unconfirmed": sent}

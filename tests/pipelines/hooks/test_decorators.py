@@ -48,3 +48,16 @@ def test_a_name_with_a_slash_is_refused_since_names_prefix_metric_tags():
 def test_a_hook_is_due_every_k_steps_from_step_zero(every):
     hook = analyzer(every=every)(lambda ctx: None)
     assert [s for s in range(25) if hook.due(s)] == list(range(0, 25, every))
+
+
+def test_an_exact_analyzer_is_declared_in_code_or_in_a_spec_and_checked(raises_one_line):
+    from pipelines.hooks import load_hooks
+
+    assert analyzer(every=5, exact=True)(lambda ctx: None).exact
+    assert not analyzer(lambda ctx: None).exact
+    (hook,) = load_hooks([{"hook": "builtin:noise_scale", "every": 4, "exact": True}])
+    assert (hook.every, hook.exact) == (4, True)
+    with raises_one_line(HookError, match="exact must be True or False, got 'yes'"):
+        analyzer(exact="yes")(lambda ctx: None)
+    with raises_one_line(HookError, match="transforms run at every step already"):
+        transform(lambda ctx: None).replace(exact=True)

@@ -154,6 +154,31 @@ def test_a_slow_analyzer_gets_fewer_samples_instead_of_dropping_copies(tmp_path,
     assert steps[-1] == STEPS and len(steps) == analyzer["steps_analyzed"]
 
 
+def test_an_exact_hook_sees_every_due_step_and_training_waits_for_it(tmp_path, baseline):
+    """The same slow hook with exact=True, beside noise_scale (every 3 steps, exact):
+    every due step reaches hooks.jsonl, no rank declines one and the analyzer drops
+    none -- the ranks waited -- and the numbers are still those without hooks."""
+    script = tmp_path / "slow_hook.py"
+    script.write_text(SLOW_HOOK)
+    specs = (f'hooks.specs=[{{hook = "{script}:slow", exact = true}}, '
+             '{hook = "builtin:noise_scale", every = 3, exact = true}]')  # fmt: skip
+    run = train(tmp_path, "--set", specs)
+    summary, hooks = run["summary"], by_hook(run["records"])
+    assert summary["params_sha256"] == baseline["params_sha256"]
+    check_conservation(summary, 2)
+    analyzer = summary["hooks"]["analyzer"]
+    assert analyzer["dropped"] == analyzer["stale"] == analyzer["skipped"] == 0, analyzer
+    for out in summary["hooks"]["ranks"]:
+        assert out["offered"] == out["sent"] == STEPS and out["dropped"] == 0, out
+    assert [r["step"] for r in hooks["slow"]] == list(range(1, STEPS + 1))
+    noise = [r["metrics"] for r in hooks["noise_scale"]]
+    assert [r["step"] for r in hooks["noise_scale"]] == list(range(3, STEPS + 1, 3))
+    assert [m["gap"] for m in noise] == [3] * (STEPS // 3)
+    for name, every in (("slow", 1), ("noise_scale", 3)):
+        counts = analyzer["hooks"][name]
+        assert counts["steps_due"] == STEPS // every and counts["fraction_analysed"] == 1.0
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> dict:
     return train(tmp_path_factory.mktemp("baseline"))["summary"]
