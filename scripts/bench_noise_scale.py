@@ -1,0 +1,324 @@
+"""The noise_scale hook against brute force: is the B_simple it reports the true one?
+
+For each pipeline (mlp_regressor, char_lm) this trains with the built-in noise_scale
+analyzer at every=1, exact=True (so it sees every step), a checkpoint after every step,
+then recomputes the noise scale of every step by brute force and compares the two,
+smoothed the same way, at a series of checkpoints:
+
+- the hook: each step's unbiased |G|^2 and tr(Sigma) from the ranks' gradients at two
+  batch sizes (McCandlish et al. 2018, Appendix A), averaged over training steps with
+  decay beta (pipelines.hooks.builtins.NoiseScale); b_simple = the ratio of the averages.
+- brute force: the parameters the step's gradient was taken at (checkpoint t-1, read
+  with its manifest's layout table only: scripts/checkpoint_params.py; the initial
+  model for step 1), loaded into the PyTorch twin of the model; PyTorch per-example
+  gradients (torch.func.vmap(grad)) over a fixed set of training examples (all of them
+  for mlp_regressor; --lm-examples windows of char_lm's corpus) give the mean gradient
+  G and the per-example covariance's trace tr(Sigma) (unbiased: sample covariance, and
+  |G|^2 = |mean|^2 - tr(Sigma) / M). Those exact per-step values go through the same
+  average (same beta, same steps), and their ratio is the brute-force B_simple.
+
+Prints a table per pipeline (step, hook, brute force, relative difference, and the raw
+per-step values) and one final JSON line. Acceptance (issue 22): within 10 % at every
+checkpoint. Needs torch (the `bench` extra).
+
+    python scripts/bench_noise_scale.py                      # both pipelines
+    python scripts/bench_noise_scale.py --pipelines mlp_regressor --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # checkpoint_params, the outside reader
+
+import checkpoint_params  # noqa: E402
+
+# per pipeline: ranks, steps, report every, training examples for the brute force (0: all)
+DEFAULTS = {
+    "mlp_regressor": {"ranks": 4, "steps": 600, "report": 50, "examples": 0},
+    "char_lm": {"ranks": 2, "steps": 100, "report": 25, "examples": 256},
+}
+
+
+# ---- training --------------------------------------------------------------------------
+
+
+def hook_name(beta: float) -> str:
+    return f"noise_scale_{beta:g}".replace(".", "_")
+
+
+def train(pipeline: str, steps: int, ranks: int, betas: list, run_dir: Path) -> None:
+    """`zerotrain run` with one noise_scale hook per beta, every=1 exact=True, and a
+    checkpoint after every step."""
+    hooks = ", ".join(
+        f'{{hook = "builtin:noise_scale", name = "{hook_name(b)}", exact = true, '
+        f"options = {{beta = {b}}}}}"
+        for b in betas
+    )
+    sets = [
+        f"hooks.specs=[{hooks}]",
+        "checkpoint.every=1",
+        f"checkpoint.keep_last={steps + 1}",
+        "eval.every=0",
+    ]
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", pipeline, "--ranks", str(ranks)]
+    cmd += ["--mode", "zero2", "--steps", str(steps), "--run-dir", str(run_dir)]
+    for s in sets:
+        cmd += ["--set", s]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"training {pipeline} failed:\n{done.stderr[-3000:]}")
+
+
+def hook_records(run_dir: Path, name: str) -> dict[int, dict]:
+    """step -> the metrics of hook `name`, from hooks.jsonl."""
+    out = {}
+    for line in (run_dir / "hooks.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["hook"] == name and "metrics" in r:
+            out[r["step"]] = r["metrics"]
+    return out
+
+
+# ---- brute force -----------------------------------------------------------------------
+
+
+def twin_and_loss(pipeline: str, cfg, meta):
+    """The PyTorch twin of the pipeline's model, its per-example loss(out, y) -> (B,)
+    (the model's loss is their mean), and the function that sums per-example gradients."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipelines.model import torch_twin
+
+    opts = dict(cfg.model.options)
+    if pipeline == "mlp_regressor":
+        sizes = [int(meta["n_features"]), *opts["hidden"], 1]
+        module = torch_twin.TorchMLP(sizes, getattr(F, opts.get("activation", "relu")))
+
+        def mse(out, y):
+            return ((out - y) ** 2).mean(dim=1)
+
+        return module, mse, _sums_mlp
+
+    # vmap has no batching rule for the fused attention kernel: the same math, unfused
+    def attention(q, k, v, is_causal=False):
+        t = q.shape[-2]
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+    torch_twin.F.scaled_dot_product_attention = attention
+    module = torch_twin.TorchCharTransformer(vocab=int(meta["vocab_size"]), **opts)
+
+    def cross_entropy(out, y):
+        flat = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
+        return flat.reshape(y.shape).mean(dim=1)
+
+    return module, cross_entropy, _sums_vmap
+
+
+def _sums_vmap(module, loss, params, x, y, chunk):
+    """(sum of per-example gradients by name, sum of their squared norms), from
+    materialised per-example gradients: torch.func.vmap(grad(one example's loss))."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    def one(p, xi, yi):
+        return loss(functional_call(module, p, (xi[None],)), yi[None])[0]
+
+    per_example = vmap(grad(one), in_dims=(None, 0, 0))
+    total = {k: torch.zeros(v.numel(), dtype=torch.float64) for k, v in params.items()}
+    sq_sum = 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), chunk):
+            g = per_example(params, x[i : i + chunk], y[i : i + chunk])
+            for k, v in g.items():
+                flat = v.reshape(v.shape[0], -1).double()
+                total[k] += flat.sum(0)
+                sq_sum += float((flat**2).sum())
+    return total, sq_sum
+
+
+def _sums_mlp(module, loss, params, x, y, chunk):
+    """The same sums for an MLP without materialising per-example gradients: example
+    i's gradient of Linear(W, b) is (delta_i a_i^T, delta_i) for the layer's input a_i and
+    output gradient delta_i, so its squared norm is |delta_i|^2 (|a_i|^2 + 1) (Goodfellow
+    2015, "Efficient per-example gradient computations"). Exact; checked against
+    `_sums_vmap` on the first step."""
+    import torch
+    from torch.func import functional_call
+
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    inputs, sq = {}, [0.0]
+
+    def keep_input(layer, args, out):
+        inputs[layer] = args[0].detach().double()
+        out.register_hook(lambda g, layer=layer: _add(layer, g))
+
+    def _add(layer, g):
+        a, d = inputs[layer], g.detach().double()
+        sq[0] += float(((d**2).sum(1) * ((a**2).sum(1) + 1.0)).sum())
+
+    handles = [m.register_forward_hook(keep_input) for m in linears]
+    total = {k: torch.zeros(v.numel(), dtype=torch.float64) for k, v in params.items()}
+    try:
+        for i in range(0, len(x), chunk):
+            p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+            xi, yi = x[i : i + chunk], y[i : i + chunk]
+            out = functional_call(module, p, (xi,))
+            # the sum of per-example losses: each example's output gradient is its own
+            loss(out, yi).sum().backward()
+            for k, v in p.items():
+                total[k] += v.grad.reshape(-1).double()
+    finally:
+        for h in handles:
+            h.remove()
+    return total, sq[0]
+
+
+def exact_values(sums, module, loss, state: dict, x, y, chunk: int) -> tuple[float, float]:
+    """(|G|^2, tr Sigma) over the M examples (x, y) at parameters `state` (unbiased: the
+    sample covariance's trace, and |G|^2 = |mean|^2 - tr Sigma / M)."""
+    import torch
+
+    params = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    total, sq_sum = sums(module, loss, params, x, y, chunk)
+    m = len(x)
+    mean_sq = sum(float((t / m) @ (t / m)) for t in total.values())
+    trace = (sq_sum / m - mean_sq) * m / (m - 1)
+    return mean_sq - trace / m, trace
+
+
+def brute_force(pipeline: str, run_dir: Path, steps: int, examples: int, chunk: int) -> dict:
+    """step -> (|G|^2, tr Sigma) of the gradient at the parameters step `step` began with."""
+    import torch
+
+    from pipelines.config import from_resolved
+    from pipelines.core import build_model_for
+    from pipelines.data import load_dataset
+
+    resolved = json.loads((run_dir / "config.json").read_text())
+    cfg = from_resolved(resolved["config"])
+    train = load_dataset(cfg.data, "train")
+    module, loss, sums = twin_and_loss(pipeline, cfg, train.meta)
+    rng = np.random.default_rng(12345)
+    idx = np.arange(len(train)) if not examples else rng.choice(len(train), examples, False)
+    batch = train.take(np.sort(idx))
+    x, y = torch.from_numpy(batch["x"]), torch.from_numpy(batch["y"])
+    ckpts = run_dir / "checkpoints"
+    out = {}
+    for step in range(1, steps + 1):
+        if step == 1:
+            state = build_model_for(cfg, train.meta).state_dict()
+            if sums is not _sums_vmap:  # the closed form against materialised gradients
+                check = [exact_values(f, module, loss, state, x[:64], y[:64], 64)
+                         for f in (sums, _sums_vmap)]  # fmt: skip
+                if not np.allclose(check[0], check[1], rtol=1e-6):
+                    raise SystemExit(f"per-example sums disagree: {check}")
+        else:
+            state = checkpoint_params.read_params(ckpts / f"step-{step - 1:08d}")
+        out[step] = exact_values(sums, module, loss, state, x, y, chunk)
+    return out
+
+
+# ---- comparing -------------------------------------------------------------------------
+
+
+def smoothed(series: dict[int, tuple[float, float]], beta: float) -> dict[int, float]:
+    """step -> b_simple of the per-step (|G|^2, tr Sigma) averaged as the hook does."""
+    g2 = trace = weight = 0.0
+    last, out = 0, {}
+    for step in sorted(series):
+        keep = beta ** (step - last)
+        a, b = series[step]
+        g2, trace = keep * g2 + (1 - keep) * a, keep * trace + (1 - keep) * b
+        weight = keep * weight + (1 - keep)
+        last = step
+        out[step] = trace / g2 if g2 > 0 else math.nan
+    return out
+
+
+def compare(pipeline, hook: dict, exact: dict, beta: float, report: int) -> dict:
+    """Hook vs brute force every `report` steps. The acceptance counts the checkpoints
+    from one full window (1 / (1 - beta) steps) on; before that the average spans only
+    the steps so far, and those rows are printed as warm-up."""
+    brute = smoothed(exact, beta)
+    window = 1 / (1 - beta)
+    rows = []
+    print(f"\n{pipeline}: B_simple averaged over training steps, beta {beta} "
+          f"(window {window:.0f} steps)")  # fmt: skip
+    print(f"{'step':>6} {'hook':>10} {'brute':>10} {'rel.diff':>9} {'window':>7} "
+          f"{'hook b_step':>12} {'brute b_step':>13}")  # fmt: skip
+    for step in sorted(exact):
+        if step % report:
+            continue
+        h = {k: math.nan if v is None else v for k, v in hook[step].items()}
+        raw = exact[step][1] / exact[step][0] if exact[step][0] > 0 else math.nan
+        rel = (h["b_simple"] - brute[step]) / brute[step]
+        rows.append(
+            {"step": step, "hook": h["b_simple"], "brute_force": brute[step], "rel_diff": rel,
+             "window_steps": h["window_steps"], "hook_b_simple_step": h["b_simple_step"],
+             "brute_b_simple_step": raw, "warm_up": step < window}
+        )  # fmt: skip
+        print(f"{step:6d} {h['b_simple']:10.2f} {brute[step]:10.2f} {rel:+9.1%} "
+              f"{h['window_steps']:7.1f} {h['b_simple_step']:12.2f} {raw:13.2f}"
+              f"{'  (warm-up)' if step < window else ''}")  # fmt: skip
+    counted = [abs(r["rel_diff"]) for r in rows if not r["warm_up"]]
+    worst = max(counted) if counted else math.nan
+    print(f"worst relative difference after the warm-up: {worst:.1%} (acceptance: 10 %)")
+    return {"beta": beta, "checkpoints": rows, "max_abs_rel_diff": worst,
+            "within_10pct": worst <= 0.10}  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipelines", nargs="+", default=list(DEFAULTS), choices=list(DEFAULTS))
+    parser.add_argument("--steps", type=int, help="override each pipeline's step count")
+    parser.add_argument("--ranks", type=int, help="override each pipeline's rank count")
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.95, 0.99, 0.995])
+    parser.add_argument("--lm-examples", type=int, default=DEFAULTS["char_lm"]["examples"])
+    parser.add_argument("--chunk", type=int, default=64, help="examples per vmap call")
+    parser.add_argument("--keep", help="keep the run directories under this folder")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    results = {}
+    root = Path(args.keep or tempfile.mkdtemp(prefix="bench-noise-"))
+    for pipeline in args.pipelines:
+        d = DEFAULTS[pipeline]
+        steps, ranks = args.steps or d["steps"], args.ranks or d["ranks"]
+        examples = args.lm_examples if pipeline == "char_lm" else d["examples"]
+        run_dir = root / pipeline
+        t0 = time.perf_counter()
+        train(pipeline, steps, ranks, args.betas, run_dir)
+        t1 = time.perf_counter()
+        exact = brute_force(pipeline, run_dir, steps, examples, args.chunk)
+        (run_dir / "brute_force.json").write_text(json.dumps(exact))
+        t2 = time.perf_counter()
+        by_beta = {
+            str(b): compare(pipeline, hook_records(run_dir, hook_name(b)), exact, b, d["report"])
+            for b in args.betas
+        }
+        results[pipeline] = {
+            "steps": steps, "ranks": ranks, "brute_force_examples": examples or "all",
+            "train_s": round(t1 - t0, 1), "brute_force_s": round(t2 - t1, 1), "by_beta": by_beta,
+        }  # fmt: skip
+    ok = {str(b): all(r["by_beta"][str(b)]["within_10pct"] for r in results.values())
+          for b in args.betas}  # fmt: skip
+    print(json.dumps({"bench": "noise_scale", "within_10pct": ok, "pipelines": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
