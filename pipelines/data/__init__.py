@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ._digits import make_triplets, render_digits
-from ._files import DataError, file_identity, resolve_paths
+from ._files import DataError, file_identity, materialise, resolve_paths
 from ._follow import EPOCHS_DIR, EpochLog, load_followed, locate_in, read_epochs
 from ._sampling import batch_indices, position, steps_per_epoch
 from ._table import (
@@ -157,28 +157,6 @@ class Dataset:
         return f"<Dataset {self.name}/{self.split}: {len(self)} samples>"
 
 
-class TokenWindows(Dataset):
-    """Every window of seq_len + 1 characters of a token stream is a sample."""
-
-    def __init__(self, split: str, tokens: np.ndarray, seq_len: int):
-        super().__init__(
-            "corpus", split, {"tokens": tokens}, {"vocab_size": len(VOCAB), "seq_len": seq_len}
-        )
-        self.seq_len = seq_len
-        self._offsets = np.arange(seq_len + 1)
-
-    def __len__(self) -> int:
-        return len(self.arrays["tokens"]) - self.seq_len
-
-    def eval_indices(self) -> np.ndarray:
-        """Non-overlapping windows: every character is scored once."""
-        return np.arange(0, len(self), self.seq_len)
-
-    def take(self, idx):
-        win = self.arrays["tokens"][np.asarray(idx)[:, None] + self._offsets]
-        return {"x": np.ascontiguousarray(win[:, :-1]), "y": np.ascontiguousarray(win[:, 1:])}
-
-
 class Triplets(Dataset):
     """Rows of (anchor, positive, negative) indices into a table of images."""
 
@@ -248,7 +226,13 @@ def _build_arrays(name: str, seed: int, split: str, opts: dict) -> tuple[dict, d
 
 def _wrap(name, split, arrays, meta) -> Dataset:
     if name == "corpus":
-        return TokenWindows(split, arrays["tokens"], meta["seq_len"])
+        return TextWindows(
+            split,
+            arrays["tokens"],
+            meta["seq_len"],
+            {"vocab_size": len(VOCAB), "seq_len": meta["seq_len"]},
+            name="corpus",
+        )
     if name == "digit_triplets":
         return Triplets(name, split, arrays, meta)
     return Dataset(name, split, arrays, meta)
@@ -257,22 +241,6 @@ def _wrap(name, split, arrays, meta) -> Dataset:
 def _cache_key(name, seed, opts) -> str:
     blob = json.dumps({"name": name, "seed": seed, "opts": opts, "v": 1}, sort_keys=True)
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
-
-
-def _materialise(root: Path, arrays: dict, meta: dict) -> None:
-    """Write arrays as .npy + meta.json under `root` atomically (temp dir + rename), so
-    concurrent rank processes building the same cache never see half a file."""
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for key, arr in arrays.items():
-        np.save(tmp / f"{key}.npy", arr)
-    (tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process won the race: its copy is identical
-        for p in tmp.iterdir():
-            p.unlink()
-        tmp.rmdir()
 
 
 def with_default_cache(data_cfg):
@@ -309,7 +277,7 @@ def load_dataset(data_cfg, split: str = "train", *, epochs: EpochLog | None = No
     root = Path(data_cfg.cache_dir) / _cache_key(name, seed, opts) / split
     if not (root / "meta.json").exists():
         root.parent.mkdir(parents=True, exist_ok=True)
-        _materialise(root, *_build_arrays(name, seed, split, opts))
+        materialise(root, *_build_arrays(name, seed, split, opts))
     meta = json.loads((root / "meta.json").read_text())
     arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(root.glob("*.npy"))}
     return _wrap(name, split, arrays, meta)

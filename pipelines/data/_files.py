@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "file_identity", "map_bytes", "prepared", "resolve_paths"]
+__all__ = ["DataError", "file_identity", "map_bytes", "materialise", "prepared", "resolve_paths"]
 
 # A change in how files are prepared must change every cache key.
 _PREPARE_VERSION = 1
@@ -110,19 +110,24 @@ def prepared(name: str, options: dict, paths: list[Path], cache_dir: str, build)
     )
     root = Path(cache_dir) / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
     if not (root / "meta.json").exists():
-        arrays, meta = build()
         root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for key, arr in arrays.items():
-            np.save(tmp / f"{key}.npy", arr)
-        (tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process won the race: its copy is identical
-            for p in tmp.iterdir():
-                p.unlink()
-            tmp.rmdir()
+        materialise(root, *build())
     meta = json.loads((root / "meta.json").read_text())
     arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(root.glob("*.npy"))}
     return arrays, meta
+
+
+def materialise(root: Path, arrays: dict, meta: dict) -> None:
+    """Write arrays as .npy + meta.json under `root` atomically (temp dir + rename), so
+    concurrent rank processes building the same cache never see half a file."""
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for key, arr in arrays.items():
+        np.save(tmp / f"{key}.npy", arr)
+    (tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process won the race: its copy is identical
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()

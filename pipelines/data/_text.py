@@ -27,10 +27,11 @@ _PIECE = 1 << 22  # bytes decoded at a time
 
 
 class TextWindows:
-    """Every window of seq_len + 1 tokens of a token stream is a sample."""
+    """Every window of seq_len + 1 tokens of a token stream is a sample (the text
+    sources and the built-in corpus alike)."""
 
-    def __init__(self, split: str, tokens: np.ndarray, seq_len: int, meta: dict):
-        self.name, self.split, self.meta = "text", split, meta
+    def __init__(self, split: str, tokens: np.ndarray, seq_len: int, meta: dict, name="text"):
+        self.name, self.split, self.meta = name, split, meta
         self.arrays = {"tokens": tokens}
         self.seq_len = seq_len
         self._offsets = np.arange(seq_len + 1)
@@ -47,7 +48,7 @@ class TextWindows:
         return {"x": np.ascontiguousarray(win[:, :-1]), "y": np.ascontiguousarray(win[:, 1:])}
 
     def __repr__(self) -> str:
-        return f"<Dataset text/{self.split}: {len(self)} samples>"
+        return f"<Dataset {self.name}/{self.split}: {len(self)} samples>"
 
 
 def _pieces(path: Path):
