@@ -169,6 +169,17 @@ class ModelConfig:
         _check_choice("model.name", self.name, MODEL_NAMES)
 
 
+# How a labelled table is read: shared by data.name = "table" and "triplets".
+_TABLE_READING: dict = {
+    "path": (str, ""),
+    "eval_path": (str, ""),
+    "eval_fraction": (float, 0.2),
+    "split": (str, "tail"),
+    "features": (list[str], []),
+    "target": (str, ""),
+    "standardize": (bool, False),
+}
+
 # Per-dataset options: name -> {key: (type, default)}; checked like the fixed sections.
 DATASET_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
     "corpus": {"seq_len": (int, 64), "eval_fraction": (float, 0.05)},
@@ -185,30 +196,10 @@ DATASET_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
     # last column, or array "y"); task: "" = the model's (classification for
     # mlp_classifier, regression for mlp_regressor); eval from eval_path, else the
     # eval_fraction tail (split = "tail") or a data.seed-drawn share (split = "random").
-    "table": {
-        "path": (str, ""),
-        "eval_path": (str, ""),
-        "eval_fraction": (float, 0.2),
-        "split": (str, "tail"),
-        "features": (list[str], []),
-        "target": (str, ""),
-        "task": (str, ""),
-        "standardize": (bool, False),
-        "follow": (bool, False),
-    },
+    "table": {**_TABLE_READING, "task": (str, ""), "follow": (bool, False)},
     # a labelled table read as "table" reads it for classification; n_train / n_eval
     # triplets drawn from the train / eval rows with data.seed (pipelines.data._triplets).
-    "triplets": {
-        "path": (str, ""),
-        "eval_path": (str, ""),
-        "eval_fraction": (float, 0.2),
-        "split": (str, "tail"),
-        "features": (list[str], []),
-        "target": (str, ""),
-        "standardize": (bool, False),
-        "n_train": (int, 20000),
-        "n_eval": (int, 2000),
-    },
+    "triplets": {**_TABLE_READING, "n_train": (int, 20000), "n_eval": (int, 2000)},
     # path: a file, a directory or a glob of UTF-8 text; tokenizer: bytes (256 ids) or
     # chars (the training files' characters); eval from eval_path, else the tail.
     # follow (table and text): path is a directory read anew at each epoch boundary, each
