@@ -103,18 +103,42 @@ def test_npy_is_memory_mapped_and_its_target_is_a_column(tmp_path):
 
 def test_npy_rows_are_read_from_the_file_by_batch_in_any_column_order(tmp_path):
     arr = np.arange(5 * 40, dtype=np.float64).reshape(40, 5)
-    arr[:, 4] = np.arange(40) % 2
+    arr[:, 4] = np.arange(40) % 7 == 0  # 1 at rows 0, 7, ..., 35: eval row 35 is local 5
     np.save(tmp_path / "d.npy", arr)
     opts = {"features": ["3", "0"], "target": "4", "eval_fraction": 0.25}
     ds = load_dataset(table(tmp_path / "d.npy", cache_dir=str(tmp_path / "c"), **opts), "eval")
-    b = ds.take(np.array([2, 0, 2]))  # eval rows 30..39, a row twice
-    np.testing.assert_array_equal(b["x"], [[163, 160], [153, 150], [163, 160]])
-    np.testing.assert_array_equal(b["y"], [0, 0, 0])
+    b = ds.take(np.array([2, 5, 2]))  # eval rows 30..39, a row twice
+    np.testing.assert_array_equal(b["x"], [[163, 160], [178, 175], [163, 160]])
+    np.testing.assert_array_equal(b["y"], [0, 1, 0])  # each file row's own target
     # the rows come from the file as it is now (read per batch, never held)
     live = np.load(tmp_path / "d.npy", mmap_mode="r+")
     live[32, 3] = -1.0
     live.flush()
     assert ds.take(np.array([2]))["x"].tolist() == [[-1.0, 160.0]]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["<f8", ">f4", ">i4", "fortran", "version 2.0"],
+)
+def test_npy_rows_read_the_same_values_in_every_byte_order_layout_and_header(tmp_path, layout):
+    # big-endian files are read by pread and converted by value; Fortran order is
+    # read through the map; a version 2.0 header (4-byte length) moves the data offset
+    arr = np.arange(4 * 24).reshape(24, 4) * 3 - 50
+    arr[:, 3] = np.arange(24) % 3
+    path = tmp_path / "d.npy"
+    if layout == "fortran":
+        np.save(path, np.asfortranarray(arr.astype("<f4")))
+    elif layout == "version 2.0":
+        with open(path, "wb") as f:
+            np.lib.format.write_array(f, arr.astype("<f4"), version=(2, 0))
+    else:
+        np.save(path, arr.astype(layout))
+    opts = {"features": ["2", "0"], "target": "3", "eval_fraction": 0.25}
+    ds = load_dataset(table(path, cache_dir=str(tmp_path / "c"), **opts), "train")
+    b = ds.take(np.array([7, 1, 17]))
+    np.testing.assert_array_equal(b["x"], arr[[7, 1, 17]][:, [2, 0]])
+    np.testing.assert_array_equal(b["y"], [1, 1, 2])
 
 
 @pytest.mark.parametrize("fmt", ["npz", "safetensors"])
