@@ -285,19 +285,16 @@ def _torchrun_claims(env: Mapping[str, str]) -> list[_Claim]:
         if env.get(var):
             claims.append(_Claim("master_port", _port(env[var], var), f"{var}={env[var]}"))
     torchrun_worker = any(v in env for v in ("LOCAL_RANK", "GROUP_RANK", "TORCHELASTIC_RUN_ID"))
-    rank_vars = ["NODE_RANK", "GROUP_RANK", "PET_NODE_RANK", "JOB_COMPLETION_INDEX"]
+    rank_vars = ["NODE_RANK", "GROUP_RANK", "PET_NODE_RANK"]
+    # In a JobSet of several jobs (JOB_INDEX > 0) the completion index counts pods within
+    # one job: it is no node rank then, and another source must give one (_jobset_check)
+    if not _jobset_job(env):
+        rank_vars.append("JOB_COMPLETION_INDEX")
     if not torchrun_worker:
         rank_vars.append("RANK")  # PyTorchJob: the pod's index, which is the node rank
     for var in rank_vars:
         if env.get(var):
             claims.append(_Claim("node_rank", _int(env[var], var), f"{var}={env[var]}"))
-    if env.get("JOB_COMPLETION_INDEX") and env.get("JOB_INDEX", "0").strip() != "0":
-        if not any(env.get(v) for v in rank_vars if v != "JOB_COMPLETION_INDEX"):
-            raise IdentityError(
-                f"JOB_COMPLETION_INDEX={env['JOB_COMPLETION_INDEX']} counts pods within "
-                f"JobSet job JOB_INDEX={env['JOB_INDEX']}, not across the JobSet: set "
-                "NODE_RANK (or ZEROTRAIN_NODE_RANK) for a JobSet of several jobs"
-            )
     for var in ("NNODES", "PET_NNODES", "GROUP_WORLD_SIZE"):
         if env.get(var):
             text = env[var].strip()
@@ -321,6 +318,20 @@ def _torchrun_claims(env: Mapping[str, str]) -> list[_Claim]:
         name = env["JOBSET_NAME"].strip()
         claims.append(_Claim("run_id", name, f"JOBSET_NAME={name}"))
     return claims
+
+
+def _jobset_job(env: Mapping[str, str]) -> bool:
+    """A pod of a JobSet job other than the first: its JOB_COMPLETION_INDEX is no node rank."""
+    return bool(env.get("JOB_COMPLETION_INDEX")) and env.get("JOB_INDEX", "0").strip() != "0"
+
+
+def _jobset_check(env: Mapping[str, str], chosen: Mapping[str, object]) -> None:
+    if _jobset_job(env) and "node_rank" not in chosen:
+        raise IdentityError(
+            f"JOB_COMPLETION_INDEX={env['JOB_COMPLETION_INDEX']} counts pods within "
+            f"JobSet job JOB_INDEX={env['JOB_INDEX']}, not across the JobSet: set "
+            "NODE_RANK (or ZEROTRAIN_NODE_RANK) for a JobSet of several jobs"
+        )
 
 
 # The step's host list first: a step may run on part of its job's allocation.
@@ -421,6 +432,7 @@ def resolve_identity(
                 sources[claim.name] += f" (agrees: {claim.source})"
             else:
                 sources[claim.name] += f" (over {claim.source})"
+    _jobset_check(environ, chosen)
     values = {name: claim.value for name, (_, claim) in chosen.items()}
     if ("nnodes" in values) != ("node_rank" in values) and values.get("nnodes", 1) > 1:
         raise IdentityError(

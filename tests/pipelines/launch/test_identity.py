@@ -181,6 +181,38 @@ def test_a_higher_source_chooses_the_master_and_names_what_it_overrode():
     assert resolve({"run_id": "mine"}, SRUN).run_id == "mine"
 
 
+def test_each_choice_comes_from_the_first_source_flags_zerotrain_torchrun_slurm():
+    """Every source gives a master, a run id and (but torchrun) an address; dropping the
+    first source each time hands each value to the next one, and the launcher with it."""
+    flags = {"master": "f:1", "run_id": "f-id", "advertise_addr": "f-adv", "node_rank": "1"}
+    zt = {"ZEROTRAIN_MASTER": "z:2", "ZEROTRAIN_RUN_ID": "z-id", "ZEROTRAIN_NODE_RANK": "1",
+          "ZEROTRAIN_ADVERTISE_ADDR": "z-adv"}  # fmt: skip
+    torch = {"MASTER_ADDR": "t", "MASTER_PORT": "3", "NODE_RANK": "1",
+             "TORCHELASTIC_RUN_ID": "t-id", "JOBSET_NAME": "js"}  # fmt: skip
+    chain = [
+        (flags, {**zt, **torch, **SRUN}, ("f", 1, "f-id", "f-adv", "flags")),
+        ({}, {**zt, **torch, **SRUN}, ("z", 2, "z-id", "z-adv", "zerotrain-env")),
+        ({}, {**torch, **SRUN}, ("t", 3, "t-id", "gpu08", "torchrun")),
+        ({}, {**torch, "TORCHELASTIC_RUN_ID": "none", **SRUN}, ("t", 3, "js", "gpu08", "torchrun")),
+        ({}, SRUN, ("gpu07", 24711, "4711", "gpu08", "slurm")),
+    ]
+    for given, env, want in chain:
+        ident = resolve(given, env)
+        got = (ident.master_addr, ident.master_port, ident.run_id, ident.advertise_addr)
+        assert (*got, ident.launcher) == want, (given, env)
+
+
+def test_a_jobset_job_past_the_first_takes_its_node_rank_from_another_source():
+    """JOB_COMPLETION_INDEX=0 of JOB_INDEX=1 is pod 0 of the second job, not node 0: the
+    node rank the refusal asks for (NODE_RANK, ZEROTRAIN_NODE_RANK, --node-rank) is used."""
+    env = {"JOB_COMPLETION_INDEX": "0", "JOB_INDEX": "1", "NNODES": "4", "JOBSET_NAME": "js",
+           "MASTER_ADDR": "m", "MASTER_PORT": "1"}  # fmt: skip
+    assert resolve(env={**env, "NODE_RANK": "2"}).node_rank == 2
+    assert resolve(env={**env, "ZEROTRAIN_NODE_RANK": "2"}).node_rank == 2
+    assert resolve({"node_rank": "3"}, env).node_rank == 3
+    assert resolve(env={**env, "JOB_INDEX": "0"}).node_rank == 0  # the first job: the index
+
+
 def test_node_rank_and_count_given_twice_alike_are_accepted_and_both_named():
     ident = resolve({"node_rank": "1", "nodes": "2"}, {**SRUN, "NODE_RANK": "1"})
     assert ident.launcher == "flags"
