@@ -42,6 +42,12 @@ def test_init_writes_a_keypair_per_node_owner_only_whatever_the_umask(tmp_path, 
     assert load_keys(tmp_path / "keys") == keys
 
 
+def test_init_into_an_existing_empty_directory_makes_it_owner_only(tmp_path, permissive_umask):
+    (tmp_path / "keys").mkdir(mode=0o755)
+    init_keys(tmp_path / "keys", 1)
+    assert mode(tmp_path / "keys") == 0o700
+
+
 def test_init_never_writes_over_existing_keys(tmp_path, raises_one_line):
     first = init_keys(tmp_path / "keys", 2)
     with raises_one_line(KeysError, match="not empty; keys are never overwritten"):
