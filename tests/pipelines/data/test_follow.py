@@ -239,13 +239,15 @@ def _gated_run(root, kill):
     """16 steps where part-002.csv arrives during epoch 1, the same way in every run:
     both ranks wait at step 6 (chaos wait; epoch 1 is steps 4-7) until the test has seen
     epoch 1 recorded, added the file and opened the gate, so the file is new in epoch 2
-    whatever the timing; `kill` adds a SIGKILL of rank 1 at step 10 (in epoch 2, after
-    the addition). Each run has its own copy of the directory (identical content)."""
+    whatever the timing; `kill` adds SIGKILLs of rank 1 at step 7 (in epoch 1, after the
+    addition: the restarted rank must replay epoch 1's two files while the directory
+    holds three) and at step 10 (in epoch 2). Each run has its own copy of the directory
+    (identical content)."""
     d, ev = _folder(root)
     gate, run_dir = root / "gate", root / "run"
     chaos = f"wait:rank=0,step=6,until={gate};wait:rank=1,step=6,until={gate}"
     if kill:
-        chaos += ";kill:rank=1,step=10"
+        chaos += ";kill:rank=1,step=7;kill:rank=1,step=10"
     proc = _start(
         root, d, ev, run_dir, "simulate", "mlp_classifier", "--steps", "16", "--chaos", chaos
     )
@@ -279,20 +281,24 @@ def test_a_rank_killed_after_an_addition_ends_bit_identical_to_an_undisturbed_ru
     quiet, quiet_epochs, _ = undisturbed
     killed, killed_epochs, position = _gated_run(tmp_path, kill=True)
     assert quiet_epochs == killed_epochs == EXPECTED
-    assert killed["restarts"] >= 1
+    assert killed["restarts"] >= 2
     assert killed["params_sha256"] == quiet["params_sha256"]
     # the manifest's data position carries the recorded sets for a resume to replay
     assert (position["epoch"], position["step_in_epoch"]) == (3, 2)
     assert [len(e["files"]) for e in position["epoch_files"]] == [2, 2, 3, 3]
 
 
-def test_a_resume_replays_the_recorded_epochs_and_takes_new_files_after_them(tmp_path, undisturbed):
-    """8 steps (epochs 0 and 1 on two files), then part-002.csv, then --resume to 16: the
-    resumed run keeps epochs 0 and 1 as recorded (the directory now holds three files)
-    and ends where the undisturbed run did."""
+@pytest.mark.parametrize("stop", [8, 6], ids=["at epoch 2's start", "within epoch 1"])
+def test_a_resume_replays_the_recorded_epochs_and_takes_new_files_after_them(
+    tmp_path, undisturbed, stop
+):
+    """`stop` steps (epoch 0 and all or half of epoch 1 on two files), then part-002.csv,
+    then --resume to 16: the resumed run keeps epochs 0 and 1 as recorded (the directory
+    now holds three files; from step 6 the rest of epoch 1 is replayed) and ends where
+    the undisturbed run did."""
     d, ev = _folder(tmp_path)
     first = tmp_path / "first"
-    _finish(_start(tmp_path, d, ev, first, "run", "mlp_classifier", "--steps", "8"), first)
+    _finish(_start(tmp_path, d, ev, first, "run", "mlp_classifier", "--steps", str(stop)), first)
     write_rows(d / "part-002.csv", 64, 3)
     again = tmp_path / "again"
     proc = _start(
