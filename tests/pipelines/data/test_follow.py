@@ -78,6 +78,26 @@ def test_a_file_added_during_an_epoch_is_used_from_the_next_one(folder, tmp_path
     )
 
 
+def test_later_epochs_are_standardised_with_epoch_0s_statistics(folder, tmp_path):
+    d, ev = folder
+    cfg = followed(d, ev)
+    cfg = DataConfig(name="table", options={**cfg.options, "standardize": True})
+    train = load_dataset(cfg, "train", epochs=EpochLog(tmp_path / "run" / EPOCHS_DIR))
+
+    def raw(path):
+        return np.loadtxt(path, delimiter=",", skiprows=1)[:, :4]
+
+    first = np.concatenate([raw(d / "part-000.csv"), raw(d / "part-001.csv")])
+    mean, std = first.mean(0), first.std(0)
+    shifted = raw(d / "part-001.csv") * 3 + 10  # far from epoch 0's statistics
+    lines = [HEADER] + [",".join(f"{v:.4f}" for v in r) + ",1" for r in shifted]
+    (d / "part-002.csv").write_text("\n".join(lines) + "\n")
+    _, _, part = locate(train, 4, 32)  # epoch 1: three files
+    got = part.take(np.arange(128, 192))["x"]
+    want = (raw(d / "part-002.csv") - mean) / std
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_another_process_replays_the_recorded_sets_not_the_directory(folder, tmp_path):
     d, ev = folder
     log_dir = tmp_path / "run" / EPOCHS_DIR
