@@ -98,6 +98,21 @@ def test_later_epochs_are_standardised_with_epoch_0s_statistics(folder, tmp_path
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_later_file_with_its_columns_in_another_order_is_read_by_name(folder, tmp_path):
+    d, ev = folder
+    train = load_dataset(followed(d, ev), "train", epochs=EpochLog(tmp_path / "e"))
+    src = np.loadtxt(d / "part-001.csv", delimiter=",", skiprows=1)
+    order = [1, 0, 3, 2, 4]  # b,a,d,c,label
+    lines = ["b,a,d,c,label"] + [
+        ",".join(f"{r[i]:.4f}" for i in order[:4]) + f",{int(r[4])}" for r in src
+    ]
+    (d / "part-002.csv").write_text("\n".join(lines) + "\n")
+    _, _, part = locate(train, 4, 32)
+    b = part.take(np.arange(128, 192))
+    np.testing.assert_allclose(b["x"], src[:, :4], rtol=1e-6)  # a, b, c, d as in epoch 0
+    np.testing.assert_array_equal(b["y"], src[:, 4])
+
+
 def test_another_process_replays_the_recorded_sets_not_the_directory(folder, tmp_path):
     d, ev = folder
     log_dir = tmp_path / "run" / EPOCHS_DIR
