@@ -12,7 +12,9 @@ this order; `zerotrain env` prints the result with the variable each value came 
 3. torchrun / Kubeflow PyTorchJob / Kubernetes Indexed Job and JobSet variables:
    `MASTER_ADDR` and `MASTER_PORT` (or torchrun's `PET_MASTER_ADDR`, `PET_MASTER_PORT`);
    the node rank from `NODE_RANK`, `GROUP_RANK` (torchrun's worker variable),
-   `PET_NODE_RANK`, `JOB_COMPLETION_INDEX` (Indexed Job, JobSet) or `RANK` -- which
+   `PET_NODE_RANK`, `JOB_COMPLETION_INDEX` (Indexed Job, and a JobSet's first job only:
+   with `JOB_INDEX` > 0 it counts pods within one job, so another source must
+   give the node rank) or `RANK` -- which
    PyTorchJob sets to the pod's index, so it is read as a node rank only outside a
    torchrun worker (no `LOCAL_RANK`, `GROUP_RANK` or `TORCHELASTIC_RUN_ID`: there it is
    a process rank); the node count from `NNODES`, `PET_NNODES` (a fixed `N` or `N:N`:
