@@ -106,6 +106,7 @@ from ._transport import (
     get_context,
     ipc_directory,
     ipc_endpoint,
+    new_ipc_directory,
     open_socket,
     wait_released,
 )
@@ -188,6 +189,7 @@ __all__ = [
     "get_context",
     "ipc_directory",
     "ipc_endpoint",
+    "new_ipc_directory",
     "open_socket",
     "shard_bounds",
     "wait_released",

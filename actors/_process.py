@@ -41,15 +41,19 @@ The child side
 parent and heart-beats it from the trio loop (a blocked or stopped loop is detected).
 Actors registered in the child are served to remote callers by that node. The block
 is cancelled -- and the process can exit 0 -- on SIGTERM, or when the parent has been
-silent for the heartbeat timeout (an orphan does not linger).
+silent for the heartbeat timeout (an orphan does not linger). A parent that dies takes
+its children with it at once: the child arms PR_SET_PDEATHSIG (SIGKILL) when it opens
+its node, so a child of a kill -9'd parent writes nothing more.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -74,15 +78,65 @@ ENV = {
     "endpoint": "ZEROTRAIN_ENDPOINT",  # where the child binds ("": in the directory)
     "heartbeat": "ZEROTRAIN_HEARTBEAT",  # "<interval>,<timeout>" in seconds
     "rank": "ZEROTRAIN_RANK",  # "" if none
+    "parent_pid": "ZEROTRAIN_PARENT_PID",  # the process that started the child
 }
 """Environment variables a supervised process child is started with."""
+
+
+class _Spawned:
+    """A child process started from the thread that runs the trio loop.
+
+    The child arms PR_SET_PDEATHSIG (:func:`die_with_parent`), and Linux sends that
+    signal when the *thread* that forked the child exits, not the process.
+    ``trio.lowlevel.open_process`` forks in a worker thread of trio's cache, which exits
+    after 10 s idle and would take every child with it; the trio thread lives as long as
+    the supervisor that owns the children, so the fork happens there (``Popen`` uses
+    vfork/posix_spawn: it blocks the loop for about a millisecond). Exit is awaited on a
+    pidfd, as trio does.
+    """
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str], cwd: str | None) -> None:
+        self._popen = subprocess.Popen(argv, env=env, cwd=cwd)
+        self._pidfd: int | None = os.pidfd_open(self._popen.pid)
+        self._waiting = False
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    async def wait(self) -> int:
+        # one waiter at a time on the pidfd (trio refuses two); a second one polls
+        while self._popen.poll() is None:
+            if self._waiting or self._pidfd is None:
+                await trio.sleep(0.01)
+                continue
+            self._waiting = True
+            try:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            finally:
+                self._waiting = False
+        if self._pidfd is not None and not self._waiting:
+            os.close(self._pidfd)
+            self._pidfd = None
+        return self._popen.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self._popen.poll() is None:  # never signal a reaped (perhaps reused) pid
+            self._popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 @dataclasses.dataclass
 class _ProcessHandle:
     """What the supervisor holds for a running process child."""
 
-    process: trio.Process
+    process: _Spawned
     node: str
 
     @property
@@ -126,7 +180,7 @@ class ProcessChild:
         env = {**os.environ, **self.env, **self._child_env(parent)}
         known = parent.peer_info(self.node)
         previous = known.generation if known else None
-        process = await trio.lowlevel.open_process(self.argv, env=env, cwd=self.cwd)
+        process = _Spawned(self.argv, env, self.cwd)
         handle = _ProcessHandle(process, self.node)
         what = f"{self.node} (pid {process.pid})"
         try:
@@ -172,6 +226,7 @@ class ProcessChild:
             ENV["heartbeat"]: f"{parent.heartbeat_interval!r},{parent.heartbeat_timeout!r}",
             ENV["rank"]: "" if self.rank is None else str(self.rank),
             ENV["endpoint"]: self.endpoint or "",
+            ENV["parent_pid"]: str(os.getpid()),
         }
 
 
@@ -259,6 +314,7 @@ async def child_node(*, handle_sigterm: bool = True, **node_options: Any) -> Asy
             f"child_node() runs in a process started by actors.process_spec ({ENV['node']} "
             "is not set); a stand-alone process opens its node with actors.open_node()"
         )
+    _die_with_parent()
     parent = env[ENV["parent"]]
     interval, timeout = (float(x) for x in env[ENV["heartbeat"]].split(","))
     options = {
@@ -278,6 +334,29 @@ async def child_node(*, handle_sigterm: bool = True, **node_options: Any) -> Asy
                 nursery.start_soon(_exit_on_sigterm, node, nursery.cancel_scope)
             yield node
             nursery.cancel_scope.cancel()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the process that started it dies.
+
+    A process started by :func:`process_spec` calls this first thing (``child_node``
+    does): then no child outlives its parent, however the parent died (kill -9
+    included), and a child of a dead parent writes nothing more. If the parent died
+    before the signal was armed, this process exits at once (status 1). Outside such a
+    process (no ``ZEROTRAIN_PARENT_PID``) it does nothing.
+    """
+    expected = os.environ.get(ENV["parent_pid"])
+    if not expected:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != int(expected):  # the parent died before the signal was armed
+        os._exit(1)
 
 
 async def _exit_when_parent_is_gone(node: Node, parent: str, scope: trio.CancelScope) -> None:

@@ -81,6 +81,7 @@ __all__ = [
     "get_context",
     "ipc_directory",
     "ipc_endpoint",
+    "new_ipc_directory",
     "open_socket",
     "wait_released",
 ]
@@ -171,14 +172,75 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path minus the NUL
 def ipc_directory() -> str:
     """A private (0700) directory for this process's ipc:// sockets, removed at exit.
 
-    To give several processes a shared ipc namespace, create it in the parent
-    and pass the path to the children's :func:`ipc_endpoint` calls.
+    To give several processes a shared ipc namespace, create one with
+    :func:`new_ipc_directory` in the parent and pass the path to the children's
+    :func:`ipc_endpoint` calls.
     """
     global _ipc_dir
     if _ipc_dir is None or not os.path.isdir(_ipc_dir):
-        _ipc_dir = tempfile.mkdtemp(prefix="zt-")  # mkdtemp creates it 0700
+        _ipc_dir = new_ipc_directory()
         atexit.register(shutil.rmtree, _ipc_dir, ignore_errors=True)
     return _ipc_dir
+
+
+_IPC_PREFIX = "zt-"
+_IPC_OWNER = ".owner"  # "<pid> <start time in clock ticks>" of the creating process
+
+
+def new_ipc_directory() -> str:
+    """A fresh private (0700) ``zt-*`` directory under the temp dir, owned by this process.
+
+    The caller removes it when done (``shutil.rmtree``). A process killed before it could
+    do so leaves its directory behind: each call first removes the directories whose
+    owner is dead (:func:`_sweep_ipc_directories`), and never hands out an existing one.
+    """
+    _sweep_ipc_directories()
+    path = tempfile.mkdtemp(prefix=_IPC_PREFIX)  # mkdtemp creates it 0700, with a new name
+    with open(os.path.join(path, _IPC_OWNER), "w") as f:
+        f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
+    return path
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot), or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: count after the last ')'
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def _sweep_ipc_directories(root: str | None = None) -> list[str]:
+    """Remove the ``zt-*`` directories under ``root`` (the temp dir) whose owner process
+    is dead -- the pid gone, or reused by a process started at another time. A
+    directory without a readable owner record (being created, or not ours) is left
+    alone. Returns the removed paths."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for name in names:
+        if not name.startswith(_IPC_PREFIX):
+            continue
+        path = os.path.join(root, name)
+        try:
+            if os.lstat(path).st_uid != uid:
+                continue
+            with open(os.path.join(path, _IPC_OWNER)) as f:
+                pid_text, started = f.read().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if str(_start_time(pid)) == started:
+            continue  # the owner is alive
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def ipc_endpoint(name: str, directory: str | None = None) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -66,19 +65,20 @@ def run_cluster(
     progress = core.progress_for(cfg, out)
     specs = list(cfg.hooks.specs) + list(hooks)
     analyzers = any(h.kind == "analyzer" for h in inputs.hooks)
-    # ipc paths must be short (AF_UNIX): a private directory under /tmp
-    ipc_dir = tempfile.mkdtemp(prefix="zt-")
-    plan_path = _write_plan(cfg, rundir, specs, analyzers, ipc_dir, inputs.data_cfg.cache_dir)
-    coord = Coordinator(
-        cfg,
-        rundir,
-        progress,
-        resume=inputs.resume.root if inputs.resume else None,
-        events=expand(chaos or [], cfg.cluster.ranks, cfg.train.steps),
-        identity=identity,
-    )
-    del inputs  # the top process keeps no model or data while the ranks train
+    # ipc paths must be short (AF_UNIX): a private directory under /tmp, removed below
+    # (a killed run's is removed by the next run: actors.new_ipc_directory)
+    ipc_dir = actors.new_ipc_directory()
     try:
+        plan_path = _write_plan(cfg, rundir, specs, analyzers, ipc_dir, inputs.data_cfg.cache_dir)
+        coord = Coordinator(
+            cfg,
+            rundir,
+            progress,
+            resume=inputs.resume.root if inputs.resume else None,
+            events=expand(chaos or [], cfg.cluster.ranks, cfg.train.steps),
+            identity=identity,
+        )
+        del inputs  # the top process keeps no model or data while the ranks train
         trio.run(_serve, cfg, coord, plan_path, ipc_dir, specs if analyzers else None, rundir)
     finally:
         rundir.close()

@@ -152,3 +152,51 @@ def test_child_node_outside_a_supervised_process_says_what_to_use():
         os.environ.pop(actors.ENV[name], None)
     with pytest.raises(RuntimeError, match="open_node"):
         trio.run(main)
+
+
+async def test_a_process_child_outlives_the_idle_threads_of_its_parent():
+    """The child's parent-death signal is tied to the thread that forked it: a child
+    forked in one of trio's cached worker threads would be SIGKILLed when that thread
+    retires after 10 s idle. It is forked in the trio thread, which outlives it."""
+    async with supervised(worker_spec("w1")):
+        before = await child("ranks", "w1")
+        await trio.sleep(12)  # past trio's worker-thread idle timeout (10 s)
+        after = await child("ranks", "w1")
+        assert (after.pid, after.restarts) == (before.pid, 0)
+        assert await actors.call("Echo@w1", ("echo", 4)) == 4
+
+
+def test_a_child_dies_with_its_parent_however_the_parent_dies():
+    """kill -9 of the parent: the child, armed with PR_SET_PDEATHSIG, goes at once (not
+    after its heartbeat timeout, here 60 s)."""
+    script = f"""
+import os, sys, trio, actors
+sys.path.insert(0, {os.path.dirname(WORKER)!r})
+async def main():
+    async with actors.open_node("test", heartbeat_interval=0.1, heartbeat_timeout=60):
+        spec = actors.process_spec("w1", [sys.executable, {WORKER!r}], wait_for=["Echo"])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actors.Supervisor([spec], name="ranks").run)
+            info, = await actors.which_children("ranks")
+            print(info.pid, flush=True)
+            await trio.sleep_forever()
+trio.run(main)
+"""
+    import subprocess
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())
+        assert alive(pid)
+        parent.kill()
+        parent.wait(LIMIT)
+        deadline = time.monotonic() + 0.5
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(f"/proc/{pid}/stat") if alive(pid) else open(os.devnull) as f:
+            state = f.read().rpartition(")")[2].split()[:1]
+        assert state in ([], ["Z"]), f"the child {pid} outlived its parent ({state})"
+    finally:
+        parent.kill()
+        parent.wait()

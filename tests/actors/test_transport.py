@@ -410,3 +410,37 @@ def test_wrapping_and_describing_a_socket_raises_no_deprecation_warning():
         warnings.simplefilter("error", DeprecationWarning)
         with open_socket("ROUTER", bind="tcp://127.0.0.1:*") as router:
             assert repr(router) == "<TrioSocket ROUTER open>"
+
+
+def test_a_new_ipc_directory_is_fresh_and_sweeps_those_of_dead_owners(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from actors import _transport, new_ipc_directory
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    me = f"{os.getpid()} {_transport._start_time(os.getpid())}\n"
+    stale = {"zt-dead": f"{dead_pid} 12345\n", "zt-reused": f"{os.getpid()} 1\n"}
+    kept = {"zt-alive": me, "zt-unowned": None, "other": f"{dead_pid} 1\n"}
+    for name, owner in {**stale, **kept}.items():
+        (tmp_path / name).mkdir()
+        if owner is not None:
+            (tmp_path / name / ".owner").write_text(owner)
+    path = new_ipc_directory()
+    try:
+        assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path) not in stale
+        assert (tmp_path / os.path.basename(path) / ".owner").read_text() == me
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == {*kept, os.path.basename(path)}
+    finally:
+        shutil.rmtree(path)

@@ -1,0 +1,140 @@
+"""A run's processes and files live and die with the run: the real CLI in its own session,
+killed or stopped from outside, and what is left of it checked by process group, by a
+/proc scan and on disk. Every wait is bounded; nothing asserts on speed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .cluster_util import SMALL
+
+REPO = Path(__file__).resolve().parents[3]
+DEADLINE = 120  # seconds for a run to reach a step under load
+MARK = "ZEROTRAIN_TEST_RUN"  # an environment mark every process of a test's run inherits
+LONG = [*SMALL, "--ranks", "2", "--steps", "100000", "--set", "checkpoint.every=20"]
+
+
+def start(run_dir: Path, *args: str, command: str = "run") -> tuple[subprocess.Popen, str]:
+    """The real CLI as its own session (setsid, as a job runner starts it)."""
+    mark = uuid.uuid4().hex
+    env = dict(os.environ, **{MARK: mark})
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    argv = [sys.executable, "-m", "pipelines.cli", command, "mlp_classifier", *args]
+    proc = subprocess.Popen(
+        [*argv, "--run-dir", str(run_dir)],
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, mark
+
+
+def _stat(pid: str) -> tuple[int, str] | None:
+    """(process group, state) of a pid, or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[2]), fields[0].decode()
+
+
+def living(pgid: int, mark: str) -> list[str]:
+    """Processes of the run not yet dead (zombies count as dead): in its process group,
+    or carrying its environment mark anywhere on the machine (a /proc scan)."""
+    found = []
+    needle = f"{MARK}={mark}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        st = _stat(pid)
+        if st is None or st[1] == "Z":
+            continue
+        if st[0] == pgid:
+            found.append(pid)
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(pid)
+    return found
+
+
+def children_env(pgid: int, key: str) -> set[str]:
+    """The values of `key` in the environments of the group's processes."""
+    values = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        st = _stat(pid)
+        if st is None or st[0] != pgid:
+            continue
+        try:
+            for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                if item.startswith(key.encode() + b"="):
+                    values.add(item.split(b"=", 1)[1].decode())
+        except OSError:
+            pass
+    return values
+
+
+def wait_for_steps(proc: subprocess.Popen, run_dir: Path, steps: int) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if metrics.exists() and metrics.read_text().count("\n") >= steps:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the run did not reach step {steps} in {DEADLINE}s")
+
+
+def tree(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the run dir with its size and mtime."""
+    return {
+        str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in run_dir.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_no_process_of_a_run_outlives_a_kill_9_of_its_top_process(tmp_path):
+    run_dir = tmp_path / "run"
+    proc, mark = start(run_dir, *LONG, "--hook", str(REPO / "scripts/hooks/dead_layer.py"))
+    try:
+        wait_for_steps(proc, run_dir, 30)
+        pgid = os.getpgid(proc.pid)
+        assert len(living(pgid, mark)) >= 4  # the top process, two ranks, the analyzer
+        (ipc_dir,) = children_env(pgid, "ZEROTRAIN_IPC_DIR")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        time.sleep(0.5)
+        assert living(pgid, mark) == []
+        # and nothing more is written into the run dir by anyone
+        before = tree(run_dir)
+        time.sleep(3.0)  # past the ranks' heartbeat timeout (2 s)
+        assert tree(run_dir) == before
+        # the killed run's ipc directory is left behind, and removed by the next run's
+        # (any zerotrain process on the machine may be that next one)
+        import actors
+
+        fresh = actors.new_ipc_directory()
+        try:
+            assert not os.path.exists(ipc_dir) and fresh != ipc_dir
+        finally:
+            import shutil
+
+            shutil.rmtree(fresh)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
