@@ -95,8 +95,10 @@ class _Spawned:
     pidfd, as trio does.
     """
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str], cwd: str | None) -> None:
-        self._popen = subprocess.Popen(argv, env=env, cwd=cwd)
+    def __init__(
+        self, argv: Sequence[str], env: dict[str, str], cwd: str | None, pass_fds: Sequence[int]
+    ) -> None:
+        self._popen = subprocess.Popen(argv, env=env, cwd=cwd, pass_fds=tuple(pass_fds))
         self._pidfd: int | None = os.pidfd_open(self._popen.pid)
         self._waiting = False
 
@@ -163,8 +165,10 @@ class ProcessChild:
         start_timeout: float = 30.0,
         rank: int | None = None,
         endpoint: str | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.node = check_name(node, "node name")
+        self.pass_fds = tuple(pass_fds)
         self.endpoint = endpoint
         if not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError(f"argv must be a non-empty list of strings, got {argv!r}")
@@ -180,7 +184,7 @@ class ProcessChild:
         env = {**os.environ, **self.env, **self._child_env(parent)}
         known = parent.peer_info(self.node)
         previous = known.generation if known else None
-        process = _Spawned(self.argv, env, self.cwd)
+        process = _Spawned(self.argv, env, self.cwd, self.pass_fds)
         handle = _ProcessHandle(process, self.node)
         what = f"{self.node} (pid {process.pid})"
         try:
@@ -243,6 +247,7 @@ def process_spec(
     start_timeout: float = 30.0,
     rank: int | None = None,
     endpoint: str | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> ChildSpec:
     """A child spec running ``argv`` as an OS process whose node is named ``node``.
 
@@ -250,6 +255,7 @@ def process_spec(
     started (so the next child, or a caller, can rely on them). ``shutdown``: seconds
     between SIGTERM and SIGKILL. ``endpoint``: where the child's node binds (e.g.
     ``"tcp://127.0.0.1:*"``); default: ``<name>`` in the parent's ipc directory.
+    ``pass_fds``: file descriptors the child inherits (same numbers; all others close).
     Liveness uses the parent node's heartbeat settings.
     """
     child = ProcessChild(
@@ -261,6 +267,7 @@ def process_spec(
         start_timeout=start_timeout,
         rank=rank,
         endpoint=endpoint,
+        pass_fds=pass_fds,
     )
     return ChildSpec(
         id=node if id is None else id, start=child.run, restart=restart, shutdown=shutdown

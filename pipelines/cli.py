@@ -200,7 +200,7 @@ def _resume_dir(args, cfg) -> Path | None:
 def _cmd_run(args, out) -> int:
     from .core import RunRefused, TrainingFailed, load_hooks
     from .local import run_local
-    from .store.rundir import default_run_dir
+    from .store.rundir import RunDirRefused, default_run_dir
 
     cfg = _resolve(args)
     try:
@@ -235,7 +235,7 @@ def _cmd_run(args, out) -> int:
             run_cluster(cfg, run_dir, resume=resume, hooks=args.hooks, chaos=chaos, out=out)
         else:
             run_local(cfg, run_dir, resume=resume, hooks=args.hooks, out=out)
-    except RunRefused as err:
+    except (RunRefused, RunDirRefused) as err:
         print(f"zerotrain {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingFailed as err:

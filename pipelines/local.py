@@ -121,7 +121,7 @@ def run_local(
         raise TrainingFailed(f"run_local runs one rank, the config asks for {cfg.cluster.ranks}")
     t_start = time.perf_counter()
     inputs = prepare_run(cfg, resume=resume, hooks=hooks)
-    rundir = RunDir(run_dir)
+    rundir = RunDir(run_dir, resume=resume, checkpoint_dir=cfg.checkpoint.dir)
     rundir.write_config(cfg, inputs.identity.config_hash, inputs.identity.resume_hash)
     rundir.write_data(data_record(inputs.train))
     record_epochs(inputs.train, rundir.path)

@@ -18,6 +18,7 @@ import math
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import trio
@@ -29,10 +30,10 @@ from ..config import Config
 from ..core import RunIdentity, TrainingFailed, prepare_run
 from ..data import data_record, record_epochs
 from ..store import checkpoint as ckpt_mod
-from ..store.rundir import Progress, RunDir, write_json_atomic
+from ..store.rundir import LOCK_FD_ENV, Progress, RunDir, write_json_atomic
 from .chaos import expand
 from .coordinator import Coordinator
-from .rank import PLAN_ENV
+from .rank import PLAN_ENV, RUN_ID_ENV
 
 __all__ = ["run_cluster"]
 
@@ -58,7 +59,7 @@ def run_cluster(
     t_start = time.perf_counter()
     inputs = prepare_run(cfg, resume=resume, hooks=hooks)
     identity = inputs.identity
-    rundir = RunDir(run_dir)
+    rundir = RunDir(run_dir, resume=resume, checkpoint_dir=cfg.checkpoint.dir)
     rundir.write_config(cfg, identity.config_hash, identity.resume_hash)
     rundir.write_data(data_record(inputs.train))
     record_epochs(inputs.train, rundir.path)
@@ -69,7 +70,10 @@ def run_cluster(
     # (a killed run's is removed by the next run: actors.new_ipc_directory)
     ipc_dir = actors.new_ipc_directory()
     try:
-        plan_path = _write_plan(cfg, rundir, specs, analyzers, ipc_dir, inputs.data_cfg.cache_dir)
+        run_id = uuid.uuid4().hex  # a rank reads only its own run's plan
+        plan_path = _write_plan(
+            cfg, rundir, specs, analyzers, ipc_dir, inputs.data_cfg.cache_dir, run_id
+        )
         coord = Coordinator(
             cfg,
             rundir,
@@ -79,7 +83,15 @@ def run_cluster(
             identity=identity,
         )
         del inputs  # the top process keeps no model or data while the ranks train
-        trio.run(_serve, cfg, coord, plan_path, ipc_dir, specs if analyzers else None, rundir)
+        trio.run(
+            _serve,
+            cfg,
+            coord,
+            (plan_path, run_id),
+            ipc_dir,
+            specs if analyzers else None,
+            rundir,
+        )
     finally:
         rundir.close()
         shutil.rmtree(ipc_dir, ignore_errors=True)
@@ -93,14 +105,18 @@ def run_cluster(
     return _summarize(cfg, coord, identity, rundir, progress, time.perf_counter() - t_start)
 
 
-def _write_plan(cfg, rundir: RunDir, specs, analyzers: bool, ipc_dir: str, cache) -> Path:
-    """plan.json: what every rank process reads to start (the run's config, endpoints)."""
+def _write_plan(
+    cfg, rundir: RunDir, specs, analyzers: bool, ipc_dir: str, cache, run_id: str
+) -> Path:
+    """plan.json: what every rank process reads to start (the run's id, config,
+    endpoints); a rank started by another run refuses it."""
     world = cfg.cluster.ranks
     if cfg.cluster.transport == "ipc":
         endpoints = [f"ipc://{ipc_dir}/ring-{r}" for r in range(world)]
     else:
         endpoints = [f"tcp://127.0.0.1:{port}" for port in _free_ports(world)]
     plan = {
+        "run_id": run_id,
         "config": cfg.to_dict(),
         "run_dir": str(rundir.path.resolve()),
         "hooks": specs,
@@ -160,7 +176,8 @@ def _summarize(
 _T0 = time.time()
 
 
-async def _serve(cfg, coord: Coordinator, plan_path: Path, ipc_dir: str, analyzer_specs, rundir):
+async def _serve(cfg, coord: Coordinator, plan, ipc_dir: str, analyzer_specs, rundir):
+    plan_path, plan_id = plan
     hb = cfg.cluster.heartbeat_timeout
     coord.analyzer_stats = None
     async with actors.open_node(
@@ -168,7 +185,11 @@ async def _serve(cfg, coord: Coordinator, plan_path: Path, ipc_dir: str, analyze
     ):
         async with trio.open_nursery() as nursery:
             await nursery.start(_coordinate, coord)
-            env = {PLAN_ENV: str(plan_path)}
+            env = {
+                PLAN_ENV: str(plan_path),
+                RUN_ID_ENV: plan_id,
+                LOCK_FD_ENV: str(rundir.lock_fd),  # the ranks share the run dir's lock
+            }
             specs = [
                 actors.process_spec(
                     f"rank{r}",
@@ -178,6 +199,7 @@ async def _serve(cfg, coord: Coordinator, plan_path: Path, ipc_dir: str, analyze
                     restart="transient",
                     shutdown=3.0,
                     start_timeout=60.0,
+                    pass_fds=(rundir.lock_fd,),
                 )
                 for r in range(cfg.cluster.ranks)
             ]

@@ -43,7 +43,7 @@ from ..core import build_model_for, evaluate_run, export_weights, step_seed
 from ..data import EPOCHS_DIR, EpochLog, load_dataset
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
-from ..store.rundir import params_sha256
+from ..store.rundir import LOCK_FD_ENV, RunDirRefused, check_run_lock, params_sha256
 from . import messages as msg
 from .chaos import RankChaos
 from .messages import COORDINATOR, Failed, Plan, ProtocolActor, Regroup, RegroupCalled, RestoreState
@@ -59,9 +59,10 @@ from .roles import (
     reduce_gradients,
 )
 
-__all__ = ["PLAN_ENV", "main"]
+__all__ = ["PLAN_ENV", "RUN_ID_ENV", "main"]
 
 PLAN_ENV = "ZEROTRAIN_PLAN"
+RUN_ID_ENV = "ZEROTRAIN_RUN_ID"  # the run that started this rank (its plan's run_id)
 log = logging.getLogger("zerotrain.rank")
 
 
@@ -397,6 +398,24 @@ def pin_to_cpu(rank: int, world: int) -> int | None:
     return cpu
 
 
+def _check_ownership(plan: dict) -> None:
+    """The plan is this run's and the run dir is this run's: exit 2 in one line if not
+    (a plan rewritten by another run, or a rank not started by the run's owner)."""
+    mine = os.environ.get(RUN_ID_ENV, "")
+    if plan.get("run_id") != mine:
+        print(
+            f"zerotrain rank: {os.environ[PLAN_ENV]} is the plan of run "
+            f"{plan.get('run_id')!r}, not of this rank's run {mine!r}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    try:
+        check_run_lock(plan["run_dir"], int(os.environ.get(LOCK_FD_ENV, "-1")))
+    except (RunDirRefused, ValueError) as err:
+        print(f"zerotrain rank: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     logging.basicConfig(
         level=logging.WARNING,
@@ -407,6 +426,7 @@ def main() -> None:
     except (KeyError, OSError, ValueError) as err:
         print(f"zerotrain rank: cannot read the plan (${PLAN_ENV}): {err}", file=sys.stderr)
         sys.exit(2)
+    _check_ownership(plan)
     cluster = plan["config"]["cluster"]
     if cluster.get("pin_ranks", True):
         pin_to_cpu(int(os.environ[actors.ENV["rank"]]), int(cluster["ranks"]))

@@ -14,6 +14,12 @@
                         config_hash, stopped_early, status
       weights.safetensors  the final weights by PyTorch parameter name
       hooks.jsonl       hook outputs, when hooks are loaded
+      .lock             the owner's advisory lock (flock) and pid
+
+A run dir has one owner: :class:`RunDir` takes an exclusive flock on ``.lock`` for the
+whole run (the cluster passes the locked descriptor to its rank and analyzer processes,
+which check they hold it), so a second run on the same dir is refused with the owner's
+pid. A dir that already holds checkpoints is taken only by a run that resumes from it.
 
 Every file a reader may open while the run goes on is appended line by line (jsonl) or
 replaced atomically (json), so a reader never sees half a record.
@@ -21,6 +27,8 @@ replaced atomically (json), so a reader never sees half a record.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -31,7 +39,23 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Progress", "RunDir", "default_run_dir", "params_sha256"]
+__all__ = [
+    "LOCK_FD_ENV",
+    "Progress",
+    "RunDir",
+    "RunDirRefused",
+    "check_run_lock",
+    "default_run_dir",
+    "params_sha256",
+]
+
+LOCK_NAME = ".lock"
+LOCK_FD_ENV = "ZEROTRAIN_RUN_LOCK_FD"  # the inherited descriptor of the owner's lock
+
+
+class RunDirRefused(Exception):
+    """The run dir cannot be this run's: another run holds it, or it holds checkpoints
+    this run does not resume from (a usage error, exit 2)."""
 
 
 def default_run_dir(pipeline: str, root: str | Path = "runs") -> Path:
@@ -72,12 +96,90 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _lock(path: Path):
+    """The run dir's lock file, exclusively flocked by this process; RunDirRefused
+    naming the holder's pid when another process holds it."""
+    lock = open(path / LOCK_NAME, "a+")  # closing the file (or exiting) releases the lock
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            lock.close()
+            raise
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise RunDirRefused(
+            f"{path} is in use by another run (pid {holder}); wait for it to end or choose "
+            "another --run-dir"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def check_run_lock(run_dir: str | Path, fd: int) -> None:
+    """Check that descriptor `fd` (inherited from the process that started this one) is
+    the locked ``.lock`` of `run_dir`: RunDirRefused if not. A process that holds it
+    shares its owner's lock, so the dir stays owned while any process of the run lives."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        mine, theirs = os.fstat(fd), os.stat(path)
+        same = (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+        if same:
+            # the lock of the same open file: granted at once to a holder, refused otherwise
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        same = False
+    if not same:
+        raise RunDirRefused(f"this process does not hold the lock of {run_dir} ({path})")
+
+
 class RunDir:
-    def __init__(self, path: str | Path):
+    """The run's directory, owned (locked) from construction to :meth:`close`.
+
+    `resume`: the checkpoint root or run dir the run resumes from; a dir that holds
+    checkpoints (under `checkpoint_dir`) is refused unless the run resumes from it.
+    Raises RunDirRefused.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        resume: str | Path | None = None,
+        checkpoint_dir: str = "checkpoints",
+    ):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.path)
+        try:
+            self._refuse_foreign_checkpoints(resume, checkpoint_dir)
+        except BaseException:
+            self._lock.close()
+            raise
         self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
         self._hooks = None
+
+    def _refuse_foreign_checkpoints(self, resume, checkpoint_dir: str) -> None:
+        root = self.path / checkpoint_dir
+        if not any(root.glob("step-*")):
+            return
+        if resume is not None:
+            target = Path(resume).resolve()
+            if target in (self.path.resolve(), root.resolve()):
+                return
+        raise RunDirRefused(
+            f"{self.path} already holds checkpoints ({root}); continue that run with "
+            f"--resume {self.path}, or choose a new --run-dir"
+        )
+
+    @property
+    def lock_fd(self) -> int:
+        """The locked descriptor, for processes that share the ownership (pass_fds)."""
+        return self._lock.fileno()
 
     def checkpoints(self, sub: str = "checkpoints") -> Path:
         return self.path / sub
@@ -106,6 +208,7 @@ class RunDir:
         self._metrics.close()
         if self._hooks is not None:
             self._hooks.close()
+        self._lock.close()
 
 
 class Progress:

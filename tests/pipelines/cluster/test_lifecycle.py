@@ -138,3 +138,79 @@ def test_no_process_of_a_run_outlives_a_kill_9_of_its_top_process(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_second_run_on_a_run_dir_in_use_is_refused_naming_the_owner(tmp_path):
+    run_dir = tmp_path / "run"
+    first, _ = start(run_dir, *LONG)
+    try:
+        wait_for_steps(first, run_dir, 10)
+        second, _ = start(run_dir, *SMALL, "--ranks", "2", "--seed", "1")
+        _, err = second.communicate(timeout=DEADLINE)
+        assert second.returncode == 2, err
+        assert err.splitlines() == [
+            f"zerotrain run: {run_dir} is in use by another run (pid {first.pid}); wait for "
+            "it to end or choose another --run-dir"
+        ]
+        assert first.poll() is None  # the owner goes on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+@pytest.mark.parametrize("ranks", ["1", "2"])
+def test_a_run_dir_holding_checkpoints_is_refused_without_resume(tmp_path, ranks):
+    run_dir = tmp_path / "run"
+    proc, _ = start(run_dir, *SMALL, "--ranks", ranks)
+    assert proc.wait(DEADLINE) == 0, proc.communicate()[1][-3000:]
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    again, _ = start(run_dir, *SMALL, "--ranks", ranks, "--seed", "1")
+    _, err = again.communicate(timeout=DEADLINE)
+    assert again.returncode == 2, err
+    assert err.splitlines() == [
+        f"zerotrain run: {run_dir} already holds checkpoints ({run_dir}/checkpoints); "
+        f"continue that run with --resume {run_dir}, or choose a new --run-dir"
+    ]
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_rank_refuses_the_plan_of_another_run_and_a_run_dir_it_does_not_hold(tmp_path):
+    import json
+
+    from pipelines.store.rundir import RunDir
+
+    run_dir = RunDir(tmp_path / "run")
+    try:
+        plan = tmp_path / "run" / "plan.json"
+        plan.write_text(json.dumps({"run_id": "a" * 32, "run_dir": str(run_dir.path)}))
+        base = dict(os.environ, ZEROTRAIN_PLAN=str(plan))
+
+        def rank(**env):
+            argv = [sys.executable, "-m", "pipelines.cluster.rank"]
+            fds = (int(env["ZEROTRAIN_RUN_LOCK_FD"]),) if "ZEROTRAIN_RUN_LOCK_FD" in env else ()
+            return subprocess.run(
+                argv, env={**base, **env}, cwd=REPO, capture_output=True, text=True,
+                timeout=DEADLINE, pass_fds=fds,
+            )  # fmt: skip
+
+        other = rank(ZEROTRAIN_RUN_ID="b" * 32, ZEROTRAIN_RUN_LOCK_FD=str(run_dir.lock_fd))
+        assert other.returncode == 2
+        assert other.stderr.splitlines() == [
+            f"zerotrain rank: {plan} is the plan of run {'a' * 32!r}, not of this rank's run "
+            f"{'b' * 32!r}"
+        ]
+        refused = [
+            f"zerotrain rank: this process does not hold the lock of {run_dir.path} "
+            f"({run_dir.path}/.lock)"
+        ]
+        unlocked = rank(ZEROTRAIN_RUN_ID="a" * 32)
+        assert (unlocked.returncode, unlocked.stderr.splitlines()) == (2, refused)
+        # the lock file itself, opened anew, is not the owner's lock
+        fd = os.open(run_dir.path / ".lock", os.O_RDONLY)
+        try:
+            opened = rank(ZEROTRAIN_RUN_ID="a" * 32, ZEROTRAIN_RUN_LOCK_FD=str(fd))
+        finally:
+            os.close(fd)
+        assert (opened.returncode, opened.stderr.splitlines()) == (2, refused)
+    finally:
+        run_dir.close()
