@@ -96,9 +96,16 @@ class _Spawned:
     """
 
     def __init__(
-        self, argv: Sequence[str], env: dict[str, str], cwd: str | None, pass_fds: Sequence[int]
+        self,
+        argv: Sequence[str],
+        env: dict[str, str],
+        cwd: str | None,
+        pass_fds: Sequence[int],
+        output: int | None,
     ) -> None:
-        self._popen = subprocess.Popen(argv, env=env, cwd=cwd, pass_fds=tuple(pass_fds))
+        self._popen = subprocess.Popen(
+            argv, env=env, cwd=cwd, pass_fds=tuple(pass_fds), stdout=output, stderr=output
+        )
         self._pidfd: int | None = os.pidfd_open(self._popen.pid)
         self._waiting = False
 
@@ -166,9 +173,11 @@ class ProcessChild:
         rank: int | None = None,
         endpoint: str | None = None,
         pass_fds: Sequence[int] = (),
+        output: int | None = None,
     ) -> None:
         self.node = check_name(node, "node name")
         self.pass_fds = tuple(pass_fds)
+        self.output = output
         self.endpoint = endpoint
         if not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError(f"argv must be a non-empty list of strings, got {argv!r}")
@@ -184,7 +193,7 @@ class ProcessChild:
         env = {**os.environ, **self.env, **self._child_env(parent)}
         known = parent.peer_info(self.node)
         previous = known.generation if known else None
-        process = _Spawned(self.argv, env, self.cwd, self.pass_fds)
+        process = _Spawned(self.argv, env, self.cwd, self.pass_fds, self.output)
         handle = _ProcessHandle(process, self.node)
         what = f"{self.node} (pid {process.pid})"
         try:
@@ -248,6 +257,7 @@ def process_spec(
     rank: int | None = None,
     endpoint: str | None = None,
     pass_fds: Sequence[int] = (),
+    output: int | None = None,
 ) -> ChildSpec:
     """A child spec running ``argv`` as an OS process whose node is named ``node``.
 
@@ -256,6 +266,8 @@ def process_spec(
     between SIGTERM and SIGKILL. ``endpoint``: where the child's node binds (e.g.
     ``"tcp://127.0.0.1:*"``); default: ``<name>`` in the parent's ipc directory.
     ``pass_fds``: file descriptors the child inherits (same numbers; all others close).
+    ``output``: a file descriptor for the child's stdout and stderr (default: the
+    parent's).
     Liveness uses the parent node's heartbeat settings.
     """
     child = ProcessChild(
@@ -268,6 +280,7 @@ def process_spec(
         rank=rank,
         endpoint=endpoint,
         pass_fds=pass_fds,
+        output=output,
     )
     return ChildSpec(
         id=node if id is None else id, start=child.run, restart=restart, shutdown=shutdown

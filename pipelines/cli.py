@@ -200,7 +200,7 @@ def _resume_dir(args, cfg) -> Path | None:
 def _cmd_run(args, out) -> int:
     from .core import RunRefused, TrainingFailed, load_hooks
     from .local import run_local
-    from .store.rundir import RunDirRefused, default_run_dir
+    from .store.rundir import RunDirRefused, default_run_dir, last_good_checkpoint
 
     cfg = _resolve(args)
     try:
@@ -245,15 +245,46 @@ def _cmd_run(args, out) -> int:
         print("zerotrain run: interrupted", file=sys.stderr)
         return EXIT_FAILED
     except Exception as err:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        why = _world_error(err, run_dir)
+        if why is not None:  # a full, read-only or forbidden disk: the cause, in one line
+            last = last_good_checkpoint(run_dir / cfg.checkpoint.dir)
+            print(
+                f"zerotrain run: training failed: {why}; last good checkpoint: {last}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         print(
             f"zerotrain run: training failed: {type(err).__name__}: {err} "
-            f"(traceback in {run_dir / 'error.txt'})",
+            f"({_save_traceback(run_dir)})",
             file=sys.stderr,
         )
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _world_error(err: BaseException, run_dir: Path) -> str | None:
+    """disk_error of `err` or of the first OSError inside it (trio raises groups)."""
+    from .store.rundir import disk_error
+
+    if isinstance(err, BaseExceptionGroup):
+        for inner in err.exceptions:
+            why = _world_error(inner, run_dir)
+            if why is not None:
+                return why
+        return None
+    return disk_error(err, run_dir)
+
+
+def _save_traceback(run_dir: Path) -> str:
+    """Write the current exception's traceback to error.txt in the run dir; say where
+    it went. Never raises: the run dir may be what failed."""
+    text = traceback.format_exc()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(text)
+    except OSError as err:
+        return f"traceback not saved: {run_dir / 'error.txt'}: {os.strerror(err.errno or 0)}"
+    return f"traceback in {run_dir / 'error.txt'}"
 
 
 def _cmd_pipelines(args, out) -> int:

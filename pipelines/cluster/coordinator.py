@@ -35,12 +35,13 @@ from .. import core
 from ..config import Config
 from ..core import RunIdentity
 from ..store import checkpoint as ckpt_mod
-from ..store.rundir import Progress, RunDir
+from ..store.rundir import Progress, RunDir, disk_error, last_good_checkpoint
 from . import messages as msg
 from .messages import (
     EXIT,
     REGROUP,
     ChaosFired,
+    DiskError,
     EvalReported,
     Held,
     Join,
@@ -131,6 +132,11 @@ class Coordinator(ProtocolActor):
         self.finishing: dict[int, tuple] = {}  # rank -> (its From, its final info)
         self.resumed_step = 0
         self.analyzer_stats = None
+        self.rundir = rundir
+        self.at_step = 0  # the newest step of the training generation (replays included)
+        # unplanned crashes: (step, reason) -> the generation they ended; and their count
+        self.crashes: dict[tuple[int, str], int] = {}
+        self.unplanned = 0
         self.steps = StepLog(rundir, progress)
         self.stops = EarlyStop(cfg, progress)
         self.fault_log = FaultLog(events)
@@ -218,6 +224,7 @@ class Coordinator(ProtocolActor):
         elif step:
             self.resumed_step = step
             self.progress.message(f"resumed at step {step} from {path or source}")
+        self.at_step = step
         self.manifests.clear()  # writes of the last generation that did not complete
         joins, self.joins = self.joins, {}
         for join in joins.values():
@@ -252,6 +259,15 @@ class Coordinator(ProtocolActor):
     # -- casts -------------------------------------------------------------------------
 
     async def handle_cast(self, message):
+        try:
+            self._cast(message)
+        except OSError as err:  # writing metrics, hooks or a manifest
+            why = disk_error(err, self.rundir.path)
+            if why is None:
+                raise
+            self._fail_world(why)
+
+    def _cast(self, message) -> None:
         match message:
             case StepLogged(record=record):
                 self._log_step(record)
@@ -261,10 +277,14 @@ class Coordinator(ProtocolActor):
             case ShardWritten(rank=rank, generation=generation) if rank < self.world:
                 if generation == self.generation:  # else from before a regroup: rewritten
                     self.manifests.shard_written(message, self.steps, self.stops)
+            case DiskError(rank=rank, why=why) if rank < self.world:
+                self._fail_world(why)
             case _:
                 self.drop(message)
 
     def _log_step(self, record: dict) -> None:
+        if record["generation"] == self.generation:
+            self.at_step = record["step"]
         for line in self.fault_log.step_seen(record["generation"], time.time()):
             self.progress.message(line)
         failure = self.steps.log(record)
@@ -280,7 +300,9 @@ class Coordinator(ProtocolActor):
         if rank is None or self.outcome.done.is_set():
             return
         reason = actors.format_reason(message.reason)
-        self.fault_log.down(rank, reason, self.steps.last_step, self.generation)
+        fault = self.fault_log.down(rank, reason, self.steps.last_step, self.generation)
+        if fault.kind == "crash" and self._crashed_before(rank, reason):
+            return
         self.progress.message(f"rank {rank} is down ({reason}); the others regroup")
         self.joins.pop(rank, None)
         self.down.add(rank)
@@ -290,6 +312,36 @@ class Coordinator(ProtocolActor):
         if self.state is Recovery.TRAINING:
             self.state = Recovery.REGROUPING
         await self._ask_regroup()
+
+    def _crashed_before(self, rank: int, reason: str) -> bool:
+        """Unplanned crashes are retried from the restore point, but not forever: the
+        same error at the same step twice (a restore replays into it again), or more
+        than cluster.max_total_restarts of them in the whole run, end the run. Chaos
+        faults are planned and not counted."""
+        key = (self.at_step, reason)
+        budget = self.cfg.cluster.max_total_restarts
+        self.unplanned += 1
+        if self.crashes.get(key, self.generation) < self.generation:
+            self.fail(
+                f"rank {rank} failed again at step {self.at_step} with the same error after "
+                f"a restore ({reason}); last good checkpoint: "
+                f"{last_good_checkpoint(self.ckpt_root)}"
+            )
+            return True
+        self.crashes[key] = self.generation
+        if self.unplanned > budget:
+            self.fail(
+                f"{self.unplanned} rank crashes exceed cluster.max_total_restarts {budget} "
+                f"(last: rank {rank}, {reason}); last good checkpoint: "
+                f"{last_good_checkpoint(self.ckpt_root)}"
+            )
+            return True
+        return False
+
+    def _fail_world(self, why: str) -> None:
+        """An error of the world (a full, read-only or forbidden disk): the run ends now,
+        in one line naming the path, the error and the last good checkpoint."""
+        self.fail(f"{why}; last good checkpoint: {last_good_checkpoint(self.ckpt_root)}")
 
     # -- the end -----------------------------------------------------------------------
 
@@ -398,7 +450,9 @@ class EarlyStop:
 
 class Manifests:
     """A checkpoint's manifest, written once every rank's shard file of its step is
-    durable (then retention runs). A write failure is reported and training goes on."""
+    durable (then retention runs). A write failure is reported and training goes on,
+    unless the disk is full, read-only or forbidden (raised: the Coordinator ends the
+    run)."""
 
     def __init__(self, cfg: Config, root: Path, identity: RunIdentity):
         self.cfg = cfg
@@ -433,7 +487,9 @@ class Manifests:
         ckpt = ckpt_mod.checkpoint_dir(self.root, s)
         try:
             ckpt_mod.write_manifest(ckpt, manifest, infos)
-        except OSError as err:  # the disk, not the run: report it and train on
+        except OSError as err:
+            if disk_error(err) is not None:  # a full or read-only disk: the run ends
+                raise
             steps.progress.message(f"checkpoint {ckpt} not completed: {err}")
             return
         core.retain(self.cfg, self.root)
@@ -494,8 +550,9 @@ class FaultLog:
         self.faults.append(fault)
         return ev
 
-    def down(self, rank: int, reason: str, last_step: int, generation: int) -> None:
-        """Rank `rank` was seen down: a chaos event's fault is detected, or a crash."""
+    def down(self, rank: int, reason: str, last_step: int, generation: int) -> _Fault:
+        """Rank `rank` was seen down: a chaos event's fault is detected, or a crash (a
+        new fault, kind "crash"); the fault."""
         now = time.time()
         self.restarts += 1
         fault = next(
@@ -511,6 +568,7 @@ class FaultLog:
             self.faults.append(fault)
         fault.detected_s = now - fault.t
         fault.reason = reason if fault.reason != "chaos" else f"chaos: {reason}"
+        return fault
 
     def restored(self, step: int, source: str) -> None:
         """A generation formed at `step` from `source`: what earlier faults replay."""

@@ -15,7 +15,9 @@ metrics, manifests, the fault record.
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -177,6 +179,15 @@ _T0 = time.time()
 
 
 async def _serve(cfg, coord: Coordinator, plan, ipc_dir: str, analyzer_specs, rundir):
+    rank_log = _rank_log(rundir.path)  # open while ranks (re)start
+    try:
+        await _serve_ranks(cfg, coord, plan, ipc_dir, analyzer_specs, rundir, rank_log)
+    finally:
+        if rank_log >= 0:
+            os.close(rank_log)
+
+
+async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, rank_log):
     plan_path, plan_id = plan
     hb = cfg.cluster.heartbeat_timeout
     coord.analyzer_stats = None
@@ -200,6 +211,7 @@ async def _serve(cfg, coord: Coordinator, plan, ipc_dir: str, analyzer_specs, ru
                     shutdown=3.0,
                     start_timeout=60.0,
                     pass_fds=(rundir.lock_fd,),
+                    output=rank_log,
                 )
                 for r in range(cfg.cluster.ranks)
             ]
@@ -285,6 +297,17 @@ async def _side(supervisor: actors.Supervisor, task_status=trio.TASK_STATUS_IGNO
         print(f"zerotrain: the hook analyzer gave up: {err}", file=sys.stderr)
         if not started:
             task_status.started()
+
+
+def _rank_log(run_dir: Path) -> int:
+    """Where the rank processes' stdout and stderr go: <run dir>/ranks.log, so a crash's
+    traceback is kept without reaching the terminal (the coordinator reports the fault
+    there in a line); nowhere when the run dir cannot take it."""
+    try:
+        fd = os.open(run_dir / "ranks.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:
+        return subprocess.DEVNULL
+    return fd
 
 
 def _free_ports(n: int) -> list[int]:

@@ -11,6 +11,7 @@ StopQuery           Trainer -> Coordinator      call   bool (early stopping's de
 RankFinished        Trainer -> Coordinator      call   EXIT, or REGROUP: a rank failed
 ChaosFired          RankChaos -> Coordinator    call   True
 ShardWritten        Checkpointer -> Coordinator cast
+DiskError           Checkpointer, Trainer -> Co cast   (a full or read-only disk: fatal)
 RegroupCalled       Coordinator -> Trainer      cast
 BatchesWanted       Trainer -> DataLoader       call   the rank's micro-batches
 ApplyUpdate         Trainer -> Optimizer        call   (lr, StepResult) | Failed
@@ -73,6 +74,7 @@ __all__ = [
     "BadMessage",
     "BatchesWanted",
     "ChaosFired",
+    "DiskError",
     "EvalReported",
     "Failed",
     "FlushWrites",
@@ -103,6 +105,7 @@ __all__ = [
     "apply_update",
     "ask_regroup",
     "chaos_fired",
+    "disk_error",
     "eval_reported",
     "fetch_batches",
     "flush_hooks",
@@ -355,6 +358,21 @@ class ShardWritten:
         _check(self, generation=NAT)
         if set(self.info) != _SHARD_INFO:
             raise BadMessage(f"ShardWritten.info: expected the keys {sorted(_SHARD_INFO)}")
+
+
+@_wire
+class DiskError:
+    """Rank `rank` could not write step `step`'s files for a reason of the world:
+    `why` is store.rundir.disk_error's one line (path, meaning, errno name)."""
+
+    rank: int
+    step: int
+    why: str
+
+    def __post_init__(self):
+        _check(self, rank=NAT, step=NAT)
+        if not isinstance(self.why, str):
+            raise BadMessage(f"DiskError.why: expected a str, got {self.why!r:.40}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -637,6 +655,10 @@ async def chaos_fired(coordinator: str, event_id: int, pid: int, timeout: float)
 
 async def shard_written(rank: int, step: int, info: dict, counters: dict, generation: int) -> None:
     await actors.cast(COORDINATOR, ShardWritten(rank, step, info, counters, generation))
+
+
+async def disk_error(rank: int, step: int, why: str) -> None:
+    await actors.cast(COORDINATOR, DiskError(rank, step, why))
 
 
 async def ask_regroup(rank: int, generation: int) -> None:

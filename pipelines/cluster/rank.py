@@ -43,7 +43,13 @@ from ..core import build_model_for, evaluate_run, export_weights, step_seed
 from ..data import EPOCHS_DIR, EpochLog, load_dataset
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
-from ..store.rundir import LOCK_FD_ENV, RunDirRefused, check_run_lock, params_sha256
+from ..store.rundir import (
+    LOCK_FD_ENV,
+    RunDirRefused,
+    check_run_lock,
+    disk_error,
+    params_sha256,
+)
 from . import messages as msg
 from .chaos import RankChaos
 from .messages import COORDINATOR, Failed, Plan, ProtocolActor, Regroup, RegroupCalled, RestoreState
@@ -213,7 +219,13 @@ class Trainer(ProtocolActor):
             info["params_sha256"] = params_sha256(st.model)
             info["n_params"] = int(st.model.params.size)
             info["skipped_steps"] = st.step.opt.skipped
-            await trio.to_thread.run_sync(self._export, s, info["params_sha256"])
+            try:
+                await trio.to_thread.run_sync(self._export, s, info["params_sha256"])
+            except OSError as err:
+                why = disk_error(err, Path(st.ckpt_root).parent / "weights.safetensors")
+                if why is None:
+                    raise
+                await msg.disk_error(st.rank, s, why)
         await msg.rank_finished(st.rank, info)
 
     async def _step(self, s: int, generation: int) -> dict | None:

@@ -39,6 +39,7 @@ import actors
 from ..core import install_checkpoint, rank_batches, read_checkpoint
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
+from ..store.rundir import disk_error
 from . import messages as msg
 from .messages import (
     ApplyUpdate,
@@ -469,18 +470,22 @@ class Checkpointer(_Role):
     async def _write(self, snap: Snapshot) -> None:
         st = self.state
         rs = st.step
+        ckpt = ckpt_mod.checkpoint_dir(st.ckpt_root, snap.step)
         try:
-            info = await trio.to_thread.run_sync(
-                lambda: ckpt_mod.write_shard(
-                    ckpt_mod.checkpoint_dir(st.ckpt_root, snap.step),
-                    st.rank,
-                    st.world,
-                    rs.lo,
-                    rs.hi,
-                    snap.tensors,
-                    rs.n,
+            try:
+                info = await trio.to_thread.run_sync(
+                    lambda: ckpt_mod.write_shard(
+                        ckpt, st.rank, st.world, rs.lo, rs.hi, snap.tensors, rs.n
+                    )
                 )
-            )
+            except OSError as err:
+                # a full or read-only disk: a restart would meet it again, so the run
+                # ends (the coordinator says why, in one line); other errors crash
+                why = disk_error(err, ckpt)
+                if why is None:
+                    raise
+                await msg.disk_error(st.rank, snap.step, why)
+                return
             await st.chaos.after_shard_write(snap.step)
             await msg.shard_written(st.rank, snap.step, asdict(info), snap.counters, st.generation)
         finally:

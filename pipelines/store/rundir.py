@@ -46,11 +46,43 @@ __all__ = [
     "RunDirRefused",
     "check_run_lock",
     "default_run_dir",
+    "disk_error",
+    "last_good_checkpoint",
     "params_sha256",
 ]
 
 LOCK_NAME = ".lock"
 LOCK_FD_ENV = "ZEROTRAIN_RUN_LOCK_FD"  # the inherited descriptor of the owner's lock
+
+
+# errors of the world, not of the run: retrying from a checkpoint meets them again
+WORLD_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
+)
+
+
+def disk_error(err: BaseException, where: str | Path | None = None) -> str | None:
+    """``"<path>: <meaning> (<ERRNO>)"`` when `err` is an OSError of the world (a full,
+    read-only or forbidden disk: WORLD_ERRNOS), else None. `where` names the path when
+    the error does not (a failed write() carries no file name)."""
+    if not isinstance(err, OSError) or err.errno not in WORLD_ERRNOS:
+        return None
+    path = err.filename if err.filename is not None else where
+    name = errno.errorcode.get(err.errno, str(err.errno))
+    return f"{path if path is not None else 'the run dir'}: {os.strerror(err.errno)} ({name})"
+
+
+def last_good_checkpoint(root: str | Path) -> str:
+    """The newest valid checkpoint under `root` for a failure message: its path, 'none
+    written yet', or why it cannot be told (the error handler must not fail on the disk
+    that failed)."""
+    from .checkpoint import latest_valid
+
+    try:
+        found = latest_valid(root).path
+    except OSError as err:
+        return f"unknown ({os.strerror(err.errno) if err.errno else err})"
+    return str(found) if found is not None else "none written yet"
 
 
 class RunDirRefused(Exception):
