@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -71,10 +72,11 @@ def run_cluster(
     # ipc paths must be short (AF_UNIX): a private directory under /tmp, removed below
     # (a killed run's is removed by the next run: actors.new_ipc_directory)
     ipc_dir = actors.new_ipc_directory()
+    ports: list[socket.socket] = []
     try:
         run_id = uuid.uuid4().hex  # a rank reads only its own run's plan
         plan_path = _write_plan(
-            cfg, rundir, specs, analyzers, ipc_dir, inputs.data_cfg.cache_dir, run_id
+            cfg, rundir, specs, analyzers, ipc_dir, inputs.data_cfg.cache_dir, run_id, ports
         )
         coord = Coordinator(
             cfg,
@@ -97,6 +99,8 @@ def run_cluster(
     finally:
         rundir.close()
         shutil.rmtree(ipc_dir, ignore_errors=True)
+        for port in ports:
+            port.close()
     recovery = [f.record() for f in coord.faults]
     if chaos is not None or recovery:
         write_json_atomic(
@@ -108,15 +112,17 @@ def run_cluster(
 
 
 def _write_plan(
-    cfg, rundir: RunDir, specs, analyzers: bool, ipc_dir: str, cache, run_id: str
+    cfg, rundir: RunDir, specs, analyzers: bool, ipc_dir: str, cache, run_id: str, ports: list
 ) -> Path:
     """plan.json: what every rank process reads to start (the run's id, config,
-    endpoints); a rank started by another run refuses it."""
+    endpoints); a rank started by another run refuses it. tcp ring ports are reserved
+    into `ports`, for the caller to hold until the run ends."""
     world = cfg.cluster.ranks
     if cfg.cluster.transport == "ipc":
         endpoints = [f"ipc://{ipc_dir}/ring-{r}" for r in range(world)]
     else:
-        endpoints = [f"tcp://127.0.0.1:{port}" for port in _free_ports(world)]
+        ports += _reserve_ports(world)
+        endpoints = [f"tcp://127.0.0.1:{p.getsockname()[1]}" for p in ports]
     plan = {
         "run_id": run_id,
         "config": cfg.to_dict(),
@@ -310,14 +316,23 @@ def _rank_log(run_dir: Path) -> int:
     return fd
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
+def _reserve_ports(n: int) -> list[socket.socket]:
+    """n loopback tcp ports held for the run's rings: each socket is bound to a port the
+    kernel picked (bind to port 0) with SO_REUSEADDR and never listens. A rank's ring
+    socket (libzmq sets SO_REUSEADDR on its listeners) binds and listens on the same
+    port -- again after a restart -- while a plain bind, and the kernel's own choice of
+    a port for another run, refuse a port that is held. So no other process can take a
+    ring port between this choice and the rank's bind (a port chosen and released
+    could be). Close them when the run ends."""
+    socks = []
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        for _ in range(n):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks

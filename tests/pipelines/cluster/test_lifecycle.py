@@ -214,3 +214,35 @@ def test_a_rank_refuses_the_plan_of_another_run_and_a_run_dir_it_does_not_hold(t
         assert (opened.returncode, opened.stderr.splitlines()) == (2, refused)
     finally:
         run_dir.close()
+
+
+def test_tcp_ring_ports_are_held_from_their_choice_to_the_ranks_bind(tmp_path):
+    """A port chosen for a rank's ring is not free for anyone else in between (a port
+    picked and released was: another run, or this squatter, could bind it first)."""
+    import errno
+    import json
+    import socket
+
+    run_dir = tmp_path / "run"
+    proc, _ = start(run_dir, *SMALL, "--ranks", "2", "--set", 'cluster.transport="tcp"')
+    try:
+        plan = run_dir / "plan.json"
+        deadline = time.monotonic() + DEADLINE
+        while not plan.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        ports = [int(e.rsplit(":", 1)[1]) for e in json.loads(plan.read_text())["endpoints"]]
+        for port in ports:
+            squatter = socket.socket()
+            try:
+                with pytest.raises(OSError) as refused:
+                    squatter.bind(("127.0.0.1", port))
+                assert refused.value.errno == errno.EADDRINUSE
+            finally:
+                squatter.close()
+        _, err = proc.communicate(timeout=DEADLINE)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
