@@ -102,10 +102,20 @@ class _Spawned:
         cwd: str | None,
         pass_fds: Sequence[int],
         output: int | None,
+        block_signals: Sequence[int] = (),
     ) -> None:
-        self._popen = subprocess.Popen(
-            argv, env=env, cwd=cwd, pass_fds=tuple(pass_fds), stdout=output, stderr=output
-        )
+        # a blocked signal mask is inherited through fork and exec: blocked here for the
+        # fork, the signals stay pending in the child until it unblocks them (once it
+        # handles them) -- none kills it while it starts, none is lost
+        if block_signals:
+            before = signal.pthread_sigmask(signal.SIG_BLOCK, block_signals)
+        try:
+            self._popen = subprocess.Popen(
+                argv, env=env, cwd=cwd, pass_fds=tuple(pass_fds), stdout=output, stderr=output
+            )
+        finally:
+            if block_signals:
+                signal.pthread_sigmask(signal.SIG_SETMASK, before)
         self._pidfd: int | None = os.pidfd_open(self._popen.pid)
         self._waiting = False
 
@@ -174,10 +184,12 @@ class ProcessChild:
         endpoint: str | None = None,
         pass_fds: Sequence[int] = (),
         output: int | None = None,
+        block_signals: Sequence[int] = (),
     ) -> None:
         self.node = check_name(node, "node name")
         self.pass_fds = tuple(pass_fds)
         self.output = output
+        self.block_signals = tuple(block_signals)
         self.endpoint = endpoint
         if not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError(f"argv must be a non-empty list of strings, got {argv!r}")
@@ -193,7 +205,7 @@ class ProcessChild:
         env = {**os.environ, **self.env, **self._child_env(parent)}
         known = parent.peer_info(self.node)
         previous = known.generation if known else None
-        process = _Spawned(self.argv, env, self.cwd, self.pass_fds, self.output)
+        process = _Spawned(self.argv, env, self.cwd, self.pass_fds, self.output, self.block_signals)
         handle = _ProcessHandle(process, self.node)
         what = f"{self.node} (pid {process.pid})"
         try:
@@ -258,6 +270,7 @@ def process_spec(
     endpoint: str | None = None,
     pass_fds: Sequence[int] = (),
     output: int | None = None,
+    block_signals: Sequence[int] = (),
 ) -> ChildSpec:
     """A child spec running ``argv`` as an OS process whose node is named ``node``.
 
@@ -267,7 +280,8 @@ def process_spec(
     ``"tcp://127.0.0.1:*"``); default: ``<name>`` in the parent's ipc directory.
     ``pass_fds``: file descriptors the child inherits (same numbers; all others close).
     ``output``: a file descriptor for the child's stdout and stderr (default: the
-    parent's).
+    parent's). ``block_signals``: signals the child starts with blocked (pending, not
+    lost) -- it unblocks them once it handles them (``signal.pthread_sigmask``).
     Liveness uses the parent node's heartbeat settings.
     """
     child = ProcessChild(
@@ -281,6 +295,7 @@ def process_spec(
         endpoint=endpoint,
         pass_fds=pass_fds,
         output=output,
+        block_signals=block_signals,
     )
     return ChildSpec(
         id=node if id is None else id, start=child.run, restart=restart, shutdown=shutdown

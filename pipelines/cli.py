@@ -19,7 +19,9 @@ is read as TOML (`--set optimizer.betas=[0.9,0.95]`), a bare word as a string.
 Exit codes: 0 success; 2 usage or config error, or a run that cannot start as asked (a
 --resume naming nothing resumable or a checkpoint of another run, a batch larger than the
 data: one line on stderr, no traceback, no run dir created); 3 training failed (one line
-on stderr; the traceback of an unexpected error goes to error.txt in the run dir).
+on stderr; the traceback of an unexpected error goes to error.txt in the run dir); 4
+stopped by a signal (SIGINT, SIGTERM, SIGUSR1, SIGUSR2), resumable: one line naming the
+step's checkpoint and the --resume that continues it.
 `ckpt verify` exits 0 when the newest usable checkpoint it names exists, 1 when nothing
 under DIR can be resumed from.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -36,7 +39,7 @@ from pathlib import Path
 from .daemon import DAEMON_COMMANDS, register_daemon_commands, run_daemon_command
 from .launch import LAUNCH_COMMANDS, register_launch_commands, run_launch_command
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 2, 3, 4
 
 
 class _UsageError(Exception):
@@ -198,7 +201,7 @@ def _resume_dir(args, cfg) -> Path | None:
 
 
 def _cmd_run(args, out) -> int:
-    from .core import RunRefused, TrainingFailed, load_hooks
+    from .core import RunRefused, RunStopped, TrainingFailed, load_hooks
     from .local import run_local
     from .store.rundir import RunDirRefused, default_run_dir, last_good_checkpoint
 
@@ -241,25 +244,61 @@ def _cmd_run(args, out) -> int:
     except TrainingFailed as err:
         print(f"zerotrain run: training failed: {err}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("zerotrain run: interrupted", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as err:
-        why = _world_error(err, run_dir)
-        if why is not None:  # a full, read-only or forbidden disk: the cause, in one line
+    except RunStopped as err:
+        print(f"zerotrain run: {err}", file=sys.stderr)
+        return EXIT_STOPPED
+    except (KeyboardInterrupt, BaseExceptionGroup) as err:
+        stopped = _leaf(err, RunStopped)
+        if stopped is not None:
+            print(f"zerotrain run: {stopped}", file=sys.stderr)
+            return EXIT_STOPPED
+        if _leaf(err, KeyboardInterrupt) is not None:  # a signal outside the steps
+            why = f"{_INTERRUPTED[-1]} to the zerotrain process"
             last = last_good_checkpoint(run_dir / cfg.checkpoint.dir)
-            print(
-                f"zerotrain run: training failed: {why}; last good checkpoint: {last}",
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
-        print(
-            f"zerotrain run: training failed: {type(err).__name__}: {err} "
-            f"({_save_traceback(run_dir)})",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+            if last == "none written yet":
+                line = f"stopped before the first step ({why}); nothing to resume: start it again"
+            else:
+                line = (
+                    f"stopped outside the training steps ({why}); last good checkpoint: "
+                    f"{last}; continue with --resume {run_dir}"
+                )
+            print(f"zerotrain run: {line}", file=sys.stderr)
+            return EXIT_STOPPED
+        if not isinstance(err, Exception):
+            raise
+        return _failed(err, run_dir, cfg)
+    except Exception as err:
+        return _failed(err, run_dir, cfg)
     return EXIT_OK
+
+
+def _failed(err: Exception, run_dir: Path, cfg) -> int:
+    """An unexpected error's one line (and its traceback in error.txt); exit 3."""
+    from .store.rundir import last_good_checkpoint
+
+    why = _world_error(err, run_dir)
+    if why is not None:  # a full, read-only or forbidden disk: the cause, in one line
+        last = last_good_checkpoint(run_dir / cfg.checkpoint.dir)
+        print(f"zerotrain run: training failed: {why}; last good checkpoint: {last}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    print(
+        f"zerotrain run: training failed: {type(err).__name__}: {err} ({_save_traceback(run_dir)})",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
+
+
+def _leaf(err: BaseException, kind: type) -> BaseException | None:
+    """`err` if it is a `kind`, else the first `kind` inside it (trio raises groups)."""
+    if isinstance(err, kind):
+        return err
+    if isinstance(err, BaseExceptionGroup):
+        for inner in err.exceptions:
+            found = _leaf(inner, kind)
+            if found is not None:
+                return found
+    return None
 
 
 def _world_error(err: BaseException, run_dir: Path) -> str | None:
@@ -375,6 +414,32 @@ def _cmd_report(args, out) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # outside trio (starting, loading data, writing the summary) a stop signal
+    # interrupts like Ctrl-C (exit 4); inside it the runners take it as a planned stop
+    stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # SIGINT does it already
+    previous = {signum: signal.signal(signum, _interrupt) for signum in stops}
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the run started, or a command other than run
+        print(f"zerotrain: stopped by {_INTERRUPTED[-1]} before the run started",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_STOPPED
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# the signal that raised KeyboardInterrupt: SIGINT unless _interrupt says otherwise (SIGINT
+# keeps Python's own handler, which trio protects its core from)
+_INTERRUPTED = ["SIGINT"]
+
+
+def _interrupt(signum, frame):
+    _INTERRUPTED.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt
+
+
+def _main(argv: list[str]) -> int:
     try:
         args = _parser().parse_args(argv)
     except _UsageError as err:

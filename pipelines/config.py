@@ -352,6 +352,9 @@ class ClusterConfig:
     # the whole run's budget of unplanned rank crashes (chaos faults do not count); the
     # same error at the same step twice ends the run at once
     max_total_restarts: int = 100
+    # a planned stop (SIGINT, SIGTERM, SIGUSR1, SIGUSR2) ends with a checkpoint within
+    # this many seconds, or at once without one (under the common 30 s kill delay)
+    grace_seconds: float = 25.0
     # a rank silent this long (a hung or stopped process) is killed and restarted
     heartbeat_timeout: float = 2.0
     # a collective making no progress this long fails (a peer's death is seen sooner)
@@ -373,6 +376,7 @@ class ClusterConfig:
         _check_range("cluster.max_restarts", self.max_restarts, lo=0)
         _check_range("cluster.max_seconds", self.max_seconds, lo=0.0, lo_open=True)
         _check_range("cluster.max_total_restarts", self.max_total_restarts, lo=0)
+        _check_range("cluster.grace_seconds", self.grace_seconds, lo=0.0, lo_open=True)
         _check_range("cluster.heartbeat_timeout", self.heartbeat_timeout, lo=0.2)
         _check_range("cluster.collective_timeout", self.collective_timeout, lo=0.5)
         _check_range("cluster.bucket_mb", self.bucket_mb, lo=0.0, hi=1024.0)

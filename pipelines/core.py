@@ -22,6 +22,7 @@ as asked; raised before the run dir exists) and TrainingFailed (exit 3).
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,8 @@ __all__ = [
     "RunIdentity",
     "RunInputs",
     "RunRefused",
+    "RunStopped",
+    "STOP_SIGNALS",
     "SkipLimit",
     "TrainingFailed",
     "build_model_for",
@@ -82,6 +85,16 @@ MAX_CONSECUTIVE_SKIPS = 20
 
 class TrainingFailed(RuntimeError):
     """The run could not complete (exit code 3); the message says why in one line."""
+
+
+class RunStopped(Exception):
+    """A signal stopped the run (exit code 4, "stopped, resumable"); the message says,
+    in one line, at which step and checkpoint, and how to continue."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+"""The signals that ask a run for a planned stop (a terminal's Ctrl-C, systemd, Slurm,
+Kubernetes): the run ends after a step with a checkpoint; a second one stops at once."""
 
 
 class RunRefused(ValueError):

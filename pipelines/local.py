@@ -13,6 +13,7 @@ weight export, the summary's keys -- lives in pipelines.core; this module is the
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -22,11 +23,19 @@ from cykernels import gemm
 
 from . import core
 from .config import Config
-from .core import ResumePoint, RunInputs, TrainingFailed, prepare_run, rank_batches, step_seed
+from .core import (
+    ResumePoint,
+    RunInputs,
+    RunStopped,
+    TrainingFailed,
+    prepare_run,
+    rank_batches,
+    step_seed,
+)
 from .data import data_record, record_epochs
 from .step import LocalCollective, RankStep
 from .store import checkpoint as ckpt_mod
-from .store.rundir import RunDir, params_sha256
+from .store.rundir import RunDir, last_good_checkpoint, params_sha256, stop_line
 
 __all__ = ["run_local"]
 
@@ -125,11 +134,15 @@ def run_local(
     rundir.write_config(cfg, inputs.identity.config_hash, inputs.identity.resume_hash)
     rundir.write_data(data_record(inputs.train))
     record_epochs(inputs.train, rundir.path)
+    if inputs.resume is not None:  # steps after the checkpoint are trained again
+        rundir.forget_steps_after(int(inputs.resume.manifest["step"]))
     run = _LocalRun(cfg, inputs, rundir, out)
     try:
         if inputs.resume is not None:
             run.resume(inputs.resume)
         trio.run(run.train)
+        if run.stop_signal is not None and run.step < cfg.train.steps:
+            raise RunStopped(run.stop())
         run.finish()
     finally:
         run.hooks.close()
@@ -153,6 +166,7 @@ class _LocalRun:
         self.last_loss = math.nan
         self.last_eval: dict = {}
         self.stopped_early = False
+        self.stop_signal: str | None = None  # the signal that asked for a planned stop
 
     def resume(self, point: ResumePoint) -> None:
         """Install the checkpoint prepare_run found and checked."""
@@ -169,8 +183,49 @@ class _LocalRun:
         )
 
     async def train(self) -> None:
+        """The steps; a signal (core.STOP_SIGNALS) ends them after the step under way,
+        a second one -- or cluster.grace_seconds without that end -- at once."""
+        with trio.open_signal_receiver(*core.STOP_SIGNALS) as signals:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_signals, signals)
+                    await self._steps()
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:  # one task's error, raised as the step's
+                if len(group.exceptions) != 1:
+                    raise
+                raise group.exceptions[0] from None
+
+    async def _watch_signals(self, signals) -> None:
+        async for signum in signals:
+            self.stop_signal = signal.Signals(signum).name
+            self.progress.message(
+                f"{self.stop_signal}: stopping after this step, with a checkpoint "
+                "(a second signal stops at once)"
+            )
+            break
+        why = "no checkpointed stop within cluster.grace_seconds"
+        with trio.move_on_after(self.cfg.cluster.grace_seconds):
+            async for signum in signals:
+                why = f"a second {signal.Signals(signum).name}"
+                break
+        raise RunStopped(
+            f"stopped at once ({why}); last good checkpoint: "
+            f"{last_good_checkpoint(self.ckpt_root)}; continue with --resume {self.rundir.path}"
+        )
+
+    def stop(self) -> str:
+        """A planned stop's end: the checkpoint of the last step (unless it is on disk
+        already); the one line that says so."""
+        if self.step and not core.checkpoint_due(self.cfg, self.step):
+            self.checkpoint()
+        why = f"{self.stop_signal} to the zerotrain process"
+        return stop_line(self.step, why, self.ckpt_root, self.rundir)
+
+    async def _steps(self) -> None:
         cfg = self.cfg
-        while self.step < cfg.train.steps:
+        while self.step < cfg.train.steps and self.stop_signal is None:
+            await trio.lowlevel.checkpoint()  # a step may not yield: let a signal in
             s = self.step
             t0 = time.perf_counter()
             batches = rank_batches(self.train_set, cfg, s, 0, 1)

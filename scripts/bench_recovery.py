@@ -49,7 +49,16 @@ with its own seed (two kills per run). A run passes when its params_sha256 equal
 fault-free run of the same config and every injected fault is in recovery.json as
 recovered. Their recovery_s figures are summarised as well.
 
+Part 3 -- planned stops (issue 17): S runs of zerotrain (default 10; char_lm, 4 ranks, the
+part 2 config, --steps 100000) each get one signal at a random moment 0-3 s after their
+first step -- SIGTERM to the zerotrain process, SIGINT to its process group (a terminal's
+Ctrl-C) or SIGUSR1 to one rank, chosen at random (seeded) -- and the figure is the signal
+(our clock, just before os.kill) -> the process's exit. A stop counts when the exit code is
+4 and the checkpoint its last line names verifies. (torchrun's answer to SIGTERM is to
+pass it on and SIGKILL the workers 30 s later, with nothing saved.)
+
 Targets (issue 5): recovery under 1 s; 20 of 20 chaos runs with identical params_sha256.
+Issue 17: a stop -> checkpointed exit under 2 s (median and max).
 (Issue 5 measured torchrun at about 3.2-3.5 s, and 2-3 of 5 restarts recovering at all.)
 
 The machine's 2 cores are shared, so every time moves; nothing is estimated: a figure
@@ -88,6 +97,8 @@ PHASES = ("start", "compute", "reduce", "gather", "checkpoint")
 RUN_TIMEOUT_S = 180.0  # a zerotrain run taking longer is a hang
 POLL_S = 0.005
 TARGET_RECOVERY_S = 1.0
+TARGET_STOP_S = 2.0
+STOP_WAYS = ("SIGTERM to the zerotrain process", "SIGINT to its process group", "SIGUSR1 to a rank")
 
 
 class BenchError(RuntimeError):
@@ -165,6 +176,75 @@ def zt_kill_once(work: Path, i: int, rank: int, ref_sha: str) -> dict:
         "identical": r["summary"].get("params_sha256") == ref_sha,
         "cmd": r["cmd"],
     }
+
+
+def zt_stop_once(work: Path, i: int, rng) -> dict:
+    """One run stopped by a signal at a random moment; the signal -> exit time."""
+    from pipelines.store import checkpoint as ckpt_mod
+
+    run_dir = work / f"p3-zt-{i}"
+    cmd = [*zerotrain_cmd(), "run", "char_lm", "--ranks", str(RANKS), "--steps", "100000"]
+    cmd += ["--run-dir", str(run_dir)]
+    for key, value in PART2_SETS.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    log = run_dir.with_suffix(".log")
+    where = f"(log {log}; command: {shell_line(cmd)})"
+    delay, way = rng.uniform(0.0, 3.0), STOP_WAYS[rng.randrange(len(STOP_WAYS))]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            metrics = run_dir / "metrics.jsonl"
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while not (metrics.exists() and metrics.stat().st_size):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"zerotrain trained no step: {last_line(log)} {where}")
+                time.sleep(POLL_S)
+            time.sleep(delay)
+            target, sig = proc.pid, signal.SIGTERM
+            if way.startswith("SIGINT"):
+                target, sig = -proc.pid, signal.SIGINT
+            elif way.startswith("SIGUSR1"):
+                target, sig = _rank_pids(proc.pid)[rng.randrange(RANKS)], signal.SIGUSR1
+            t0 = time.perf_counter()
+            os.kill(target, sig)
+            rc = proc.wait(timeout=RUN_TIMEOUT_S)
+            stop_s = time.perf_counter() - t0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # our own child's session
+                proc.wait()
+    line = last_line(log)
+    named = line.split("; checkpoint ")[1].split(";")[0] if "; checkpoint " in line else None
+    try:
+        verified = named is not None and bool(ckpt_mod.verify_checkpoint(Path(named)))
+    except ckpt_mod.CheckpointError:
+        verified = False
+    return {
+        "way": way,
+        "delay_s": round(delay, 3),
+        "stop_s": stop_s,
+        "exit": rc,
+        "checkpointed": rc == 4 and verified,
+        "line": line,
+        "cmd": shell_line(cmd),
+    }
+
+
+def _rank_pids(pgid: int) -> list[int]:
+    """The rank processes of the run whose process group is `pgid`, by rank order of pid."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(pid)) != pgid:
+                continue
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"pipelines.cluster.rank" in cmdline:
+            pids.append(int(pid))
+    return sorted(pids)
 
 
 # ---- torchrun ----------------------------------------------------------------------------
@@ -385,12 +465,17 @@ def main(argv=None) -> int:
         default=30.0,
         help="seconds after the kill for torchrun's first step (default 30)",
     )
+    p.add_argument("--stops", type=int, help="signalled runs in part 3 (default 10)")
+    p.add_argument("--stop-only", action="store_true", help="part 3 only")
     p.add_argument("--no-torch", action="store_true", help="skip torchrun")
     p.add_argument("--keep", action="store_true", help="keep the run dirs and logs")
     args = p.parse_args(argv)  # fmt: skip
     reps = args.reps or (2 if args.quick else 5)
     torch_runs = args.torch_runs if args.torch_runs is not None else (1 if args.quick else 4)
     m = args.chaos_runs if args.chaos_runs is not None else (4 if args.quick else 20)
+    stops = args.stops if args.stops is not None else (3 if args.quick else 10)
+    if args.stop_only:
+        reps, m, args.no_torch = 0, 0, True
     if args.chaos_steps < 25:
         p.error("--chaos-steps must be at least 25 (kills go up to step 22)")
 
@@ -416,7 +501,7 @@ def main(argv=None) -> int:
           f"{torch_runs} torchrun kills ({STEPS} steps, kill after step {KILL_STEP}); "
           f"part 2: {m} chaos runs of --steps {args.chaos_steps}", flush=True)  # fmt: skip
     try:
-        result = run_all(args, work, cfg, reps, torch_runs, m, torch_why)
+        result = run_all(args, work, cfg, reps, torch_runs, m, torch_why, stops)
     except BenchError as err:
         print(f"bench_recovery: error: {err}", file=sys.stderr)
         print(f"bench_recovery: run dirs and logs kept in {work}", file=sys.stderr)
@@ -431,12 +516,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_all(args, work: Path, cfg, reps: int, torch_runs: int, m: int, torch_why) -> dict:
+def run_all(
+    args, work: Path, cfg, reps: int, torch_runs: int, m: int, torch_why, stops: int
+) -> dict:
     say = lambda text: print(f"  [{time.strftime('%H:%M:%S')}] {text}", flush=True)  # noqa: E731
 
     # part 1
-    ref1 = zt_run(work / "p1-ref", STEPS, PART1_SETS, None)["summary"]["params_sha256"]
-    say(f"part 1 fault-free reference: params_sha256 {ref1[:16]}")
+    ref1 = None
+    if reps or torch_runs:
+        ref1 = zt_run(work / "p1-ref", STEPS, PART1_SETS, None)["summary"]["params_sha256"]
+        say(f"part 1 fault-free reference: params_sha256 {ref1[:16]}")
     wargs = torch_worker_args(cfg) if torch_runs else []
     zt, tr = [], []
     for i in range(max(reps, torch_runs)):
@@ -462,9 +551,10 @@ def run_all(args, work: Path, cfg, reps: int, torch_runs: int, m: int, torch_why
 
     # part 2
     steps2 = args.chaos_steps
-    ref2 = zt_run(work / "p2-ref", steps2, PART2_SETS, None)["summary"]["params_sha256"]
-    say(f"part 2 fault-free reference (--steps {steps2}): params_sha256 {ref2[:16]}")
     chaos = []
+    if m:
+        ref2 = zt_run(work / "p2-ref", steps2, PART2_SETS, None)["summary"]["params_sha256"]
+        say(f"part 2 fault-free reference (--steps {steps2}): params_sha256 {ref2[:16]}")
     for i, (spec, kills) in enumerate(chaos_specs(m, steps2)):
         r = chaos_once(work, i, spec, kills, steps2, ref2)
         chaos.append(r)
@@ -472,6 +562,19 @@ def run_all(args, work: Path, cfg, reps: int, torch_runs: int, m: int, torch_why
         say(f"chaos {i + 1}/{m} {spec}: {'identical' if r['identical'] else 'DIFFERENT'}"
             f"{'' if r['ok'] else ' -- FAIL: ' + r['why']}; recovery [{recs}] s, replayed "
             f"{r['replayed']} from {r['restored_from']}")  # fmt: skip
+
+    # part 3
+    import random
+
+    rng = random.Random(17)  # the moments and ways of the signals, the same every time
+    stopped = []
+    for i in range(stops):
+        r = zt_stop_once(work, i, rng)
+        stopped.append(r)
+        how = "checkpointed" if r["checkpointed"] else f"NOT checkpointed: {r['line']}"
+        say(f"stop {i + 1}/{stops} {r['way']} {r['delay_s']:.2f} s after step 1: exit "
+            f"{r['exit']} in {r['stop_s']:.3f} s, {how}")  # fmt: skip
+    stop_stats = stats(r["stop_s"] for r in stopped if r["checkpointed"])
 
     zt_stats = stats(r["recovery_s"] for r in zt)
     by_variant = {}
@@ -542,7 +645,21 @@ def run_all(args, work: Path, cfg, reps: int, torch_runs: int, m: int, torch_why
             ],  # fmt: skip
             "specs": [r["spec"] for r in chaos],
         },
+        "part3": {
+            "runs": len(stopped),
+            "checkpointed": sum(r["checkpointed"] for r in stopped),
+            "stop_s": stop_stats,
+            "stops": [
+                {k: r[k] for k in ("way", "delay_s", "stop_s", "exit", "checkpointed")}
+                for r in stopped
+            ],
+            "cmd_example": stopped[0]["cmd"] if stopped else None,
+        },
         "targets": {
+            "stop_under_s": TARGET_STOP_S,
+            "stop_met": bool(stop_stats)
+            and stop_stats["max"] < TARGET_STOP_S
+            and all(r["checkpointed"] for r in stopped),
             "recovery_under_s": TARGET_RECOVERY_S,
             "recovery_met": bool(zt_stats and zt_stats["median"] < TARGET_RECOVERY_S),
             "chaos_identical_of": [sum(r["identical"] for r in chaos), len(chaos)],
@@ -600,12 +717,19 @@ def report(res: dict) -> None:
     for f in p2["failures"]:
         print(f"  FAILED {f['spec']}: {f['why']}\n    reproduce: {f['cmd']}")
     print()
+    p3 = res["part3"]
+    print(f"Part 3: {p3['runs']} planned stops (char_lm, {res['ranks']} ranks; a signal at a "
+          "random moment -> checkpointed exit, exit code 4)")  # fmt: skip
+    print(f"  signal -> exit: {fmt_s(p3['stop_s'])}; checkpointed {p3['checkpointed']} of "
+          f"{p3['runs']}")  # fmt: skip
+    print()
     zmed = (p1["zerotrain_recovery_s"] or {}).get("median")
     print(f"Targets: recovery < {tg['recovery_under_s']:g} s: "
           f"{'met' if tg['recovery_met'] else 'NOT met'} "
           f"({'n/a' if zmed is None else f'{zmed:.3f} s'}); 20 of 20 identical: "
           f"{'met' if tg['chaos_met'] else 'NOT met'} "
-          f"({tg['chaos_identical_of'][0]} of {tg['chaos_identical_of'][1]})")  # fmt: skip
+          f"({tg['chaos_identical_of'][0]} of {tg['chaos_identical_of'][1]}); stop < "
+          f"{tg['stop_under_s']:g} s: {'met' if tg['stop_met'] else 'NOT met'}")  # fmt: skip
     print(f"Total time {res['total_s']:.0f} s")
 
 

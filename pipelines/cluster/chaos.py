@@ -5,7 +5,8 @@ SPEC is `;`-separated events `KIND:key=value,...`:
     kill:rank=R,step=S[,at=P]        SIGKILL rank R when it reaches step S; P is where in
                                      the step: start (default), compute, reduce, gather,
                                      checkpoint (after its shard file of step S is written)
-    term:rank=R,step=S[,at=P]        SIGTERM
+    term:rank=R,step=S[,at=P]        SIGTERM: a planned stop of the whole run (exit 4,
+                                     resumable), as when scancel signals one task
     stall:rank=R,step=S,seconds=T    SIGSTOP, then SIGCONT after T seconds
     hang:rank=R,step=S               rank R's step never ends, its heartbeats go on (a
                                      stuck computation: the process looks alive)

@@ -10,6 +10,19 @@ answers every join with a Plan: the new generation and that step (see
 pipelines.cluster.rank). A rank that does not rejoin within the collective timeout is
 killed, and so replaced.
 
+Planned stops. A signal to the zerotrain process or to any rank (StopRequest) asks for a
+stop: all ranks must end after the same step, write its checkpoint and exit. The ranks
+run in lock-step (each step's collectives need every rank), so: the Coordinator casts
+StopPrepare to every Trainer; each answers StopStep with the steps it has completed and
+from then on starts at most one more before the decision. Lock-step keeps every answer
+within one of the others, so with S = max + 1 every rank can reach S and none has
+passed it: StopAt(S) goes to all, and each rank ends after step S through the run's
+normal end (a checkpoint of S, verified by its manifest). When no generation trains
+(ranks starting, or a recovery under way) the stop waits for the next one, whose Plan
+says stop_at its restore step. A second signal to the same process, or
+cluster.grace_seconds without an end, stops at once: every rank is SIGKILLed, and the
+last good checkpoint is what remains.
+
 What must also outlive any rank is kept by helpers with one job each, fed by the
 Coordinator's messages: `StepLog` (metrics.jsonl, progress, the consecutive-skip limit),
 `EarlyStop` (the decisions every rank asks for), `Manifests` (a checkpoint's manifest
@@ -35,7 +48,7 @@ from .. import core
 from ..config import Config
 from ..core import RunIdentity
 from ..store import checkpoint as ckpt_mod
-from ..store.rundir import Progress, RunDir, disk_error, last_good_checkpoint
+from ..store.rundir import Progress, RunDir, disk_error, last_good_checkpoint, stop_line
 from . import messages as msg
 from .messages import (
     EXIT,
@@ -51,6 +64,8 @@ from .messages import (
     ShardWritten,
     StepLogged,
     StopQuery,
+    StopRequest,
+    StopStep,
 )
 
 __all__ = ["Coordinator", "EarlyStop", "FaultLog", "Manifests", "Recovery", "StepLog"]
@@ -99,6 +114,7 @@ class _Outcome:
     done: trio.Event = field(default_factory=trio.Event)
     failure: str | None = None
     finished: dict = field(default_factory=dict)  # rank -> its final info
+    stopped: str | None = None  # a planned stop's one line (a signal ended the run)
 
 
 class Coordinator(ProtocolActor):
@@ -137,6 +153,11 @@ class Coordinator(ProtocolActor):
         # unplanned crashes: (step, reason) -> the generation they ended; and their count
         self.crashes: dict[tuple[int, str], int] = {}
         self.unplanned = 0
+        # planned stops (see the module doc)
+        self.stop_reason: str | None = None  # the first signal, once one came
+        self.stop_signals: dict[str, int] = {}  # source -> signals it received
+        self.stop_steps: dict[int, int] = {}  # rank -> steps completed, this generation
+        self.stop_at: int | None = None
         self.steps = StepLog(rundir, progress)
         self.stops = EarlyStop(cfg, progress)
         self.fault_log = FaultLog(events)
@@ -159,6 +180,8 @@ class Coordinator(ProtocolActor):
                 return self._chaos_fired(event_id, pid)
             case StopQuery(step=s):
                 return self.stops.query(s, from_)
+            case StopRequest(source=source, signal=signame):
+                return self._request_stop(source, signame)
             case RankFinished(rank=rank, info=info) if rank < self.world:
                 self.finishing[rank] = (from_, info)
                 if len(self.finishing) == self.world:
@@ -215,7 +238,18 @@ class Coordinator(ProtocolActor):
         if self.state is not Recovery.DONE:
             self.state = Recovery.TRAINING
         self.fault_log.restored(step, source)
-        plan = Plan(gen, step, source, str(path) if path else None, self.fault_log.pending())
+        self.stop_steps.clear()
+        self.stop_at = None
+        if self.stop_reason is not None:  # asked while no generation trained: stop now
+            self.stop_at = step
+        plan = Plan(
+            gen,
+            step,
+            source,
+            str(path) if path else None,
+            self.fault_log.pending(),
+            self.stop_at,
+        )
         if gen > 1:
             self.progress.message(
                 f"generation {gen}: all {self.world} ranks joined; resuming at step {step} "
@@ -279,6 +313,8 @@ class Coordinator(ProtocolActor):
                     self.manifests.shard_written(message, self.steps, self.stops)
             case DiskError(rank=rank, why=why) if rank < self.world:
                 self._fail_world(why)
+            case StopStep(rank=rank, done=done, generation=generation) if rank < self.world:
+                self._stop_step(rank, done, generation)
             case _:
                 self.drop(message)
 
@@ -306,6 +342,8 @@ class Coordinator(ProtocolActor):
         self.progress.message(f"rank {rank} is down ({reason}); the others regroup")
         self.joins.pop(rank, None)
         self.down.add(rank)
+        self.stop_steps.clear()  # a stop under way is decided in the next generation
+        self.stop_at = None
         for waiter, _ in list(self.finishing.values()):
             waiter.reply(REGROUP)
         self.finishing.clear()
@@ -350,6 +388,69 @@ class Coordinator(ProtocolActor):
             self.outcome.finished[info["rank"]] = info
             waiter.reply(EXIT)
         self.finishing.clear()
+        step = self.outcome.finished[0]["step"]
+        if self.stop_reason is not None and step < self.cfg.train.steps:
+            self.outcome.stopped = stop_line(step, self.stop_reason, self.ckpt_root, self.rundir)
+        self.state = Recovery.DONE
+        self.outcome.done.set()
+
+    # -- planned stops (see the module doc) --------------------------------------------
+
+    def _request_stop(self, source: str, signame: str) -> str:
+        """A signal reached `source`: "stopping", or "exit" when the run is over (the
+        asking process leaves at once)."""
+        if self.outcome.done.is_set():
+            return "exit"
+        count = self.stop_signals[source] = self.stop_signals.get(source, 0) + 1
+        if count > 1:  # the same process signalled again: no more waiting
+            self._stop_now(f"a second {signame} to {source}")
+            return "exit"
+        if self.stop_reason is not None:
+            return "stopping"  # one Ctrl-C reaches every process of the terminal's group
+        self.stop_reason = f"{signame} to {source}"
+        self.progress.message(
+            f"{signame}: stopping after the next step every rank can reach, with a "
+            "checkpoint (a second signal stops at once)"
+        )
+        self.nursery.start_soon(self._enforce_grace)
+        if self.state is Recovery.TRAINING:
+            for r in range(self.world):
+                self.nursery.start_soon(self._cast_trainer, msg.stop_prepare, r, self.generation)
+        return "stopping"
+
+    def _stop_step(self, rank: int, done: int, generation: int) -> None:
+        if generation != self.generation or self.stop_at is not None:
+            return
+        self.stop_steps[rank] = done
+        if len(self.stop_steps) < self.world:
+            return
+        self.stop_at = min(max(self.stop_steps.values()) + 1, self.cfg.train.steps)
+        for r in range(self.world):
+            self.nursery.start_soon(self._cast_trainer, msg.stop_at, r, self.stop_at, generation)
+
+    async def _cast_trainer(self, send, rank: int, *args) -> None:
+        with trio.move_on_after(1.0):  # a dead rank: the next generation carries the stop
+            await send(rank, *args)
+
+    async def _enforce_grace(self) -> None:
+        grace = self.cfg.cluster.grace_seconds
+        await trio.sleep(grace)
+        if not self.outcome.done.is_set():
+            self._stop_now(f"no checkpointed stop within cluster.grace_seconds {grace:g}")
+
+    def _stop_now(self, why: str) -> None:
+        """Stop without a checkpoint of this step: every rank is SIGKILLed now (a shard
+        write in flight leaves no manifest, so the last good checkpoint stays the last
+        good one)."""
+        for pid in self.pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.outcome.stopped = (
+            f"stopped at once ({why}); last good checkpoint: "
+            f"{last_good_checkpoint(self.ckpt_root)}; continue with --resume {self.rundir.path}"
+        )
         self.state = Recovery.DONE
         self.outcome.done.set()
 

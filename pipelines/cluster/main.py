@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,10 +31,11 @@ import actors
 
 from .. import core
 from ..config import Config
-from ..core import RunIdentity, TrainingFailed, prepare_run
+from ..core import RunIdentity, RunStopped, TrainingFailed, prepare_run
 from ..data import data_record, record_epochs
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import LOCK_FD_ENV, Progress, RunDir, write_json_atomic
+from . import messages as msg
 from .chaos import expand
 from .coordinator import Coordinator
 from .rank import PLAN_ENV, RUN_ID_ENV
@@ -66,6 +68,8 @@ def run_cluster(
     rundir.write_config(cfg, identity.config_hash, identity.resume_hash)
     rundir.write_data(data_record(inputs.train))
     record_epochs(inputs.train, rundir.path)
+    if inputs.resume is not None:  # steps after the checkpoint are trained again
+        rundir.forget_steps_after(int(inputs.resume.manifest["step"]))
     progress = core.progress_for(cfg, out)
     specs = list(cfg.hooks.specs) + list(hooks)
     analyzers = any(h.kind == "analyzer" for h in inputs.hooks)
@@ -108,6 +112,8 @@ def run_cluster(
         )
     if coord.outcome.failure is not None:
         raise TrainingFailed(coord.outcome.failure)
+    if coord.outcome.stopped is not None:
+        raise RunStopped(coord.outcome.stopped)
     return _summarize(cfg, coord, identity, rundir, progress, time.perf_counter() - t_start)
 
 
@@ -187,10 +193,26 @@ _T0 = time.time()
 async def _serve(cfg, coord: Coordinator, plan, ipc_dir: str, analyzer_specs, rundir):
     rank_log = _rank_log(rundir.path)  # open while ranks (re)start
     try:
-        await _serve_ranks(cfg, coord, plan, ipc_dir, analyzer_specs, rundir, rank_log)
+        # a signal to this process asks for a planned stop (the coordinator's doc)
+        with trio.open_signal_receiver(*core.STOP_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_forward_stop_signals, signals)
+                await _serve_ranks(cfg, coord, plan, ipc_dir, analyzer_specs, rundir, rank_log)
+                nursery.cancel_scope.cancel()
     finally:
         if rank_log >= 0:
             os.close(rank_log)
+
+
+async def _forward_stop_signals(signals) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        while True:  # the Coordinator may not be registered yet (the first moments)
+            try:
+                await msg.stop_requested("Coordinator", "the zerotrain process", name, 5.0)
+                break
+            except actors.ActorError:
+                await trio.sleep(0.05)
 
 
 async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, rank_log):
@@ -218,6 +240,8 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
                     start_timeout=60.0,
                     pass_fds=(rundir.lock_fd,),
                     output=rank_log,
+                    # pending until the rank forwards them as stop requests
+                    block_signals=core.STOP_SIGNALS,
                 )
                 for r in range(cfg.cluster.ranks)
             ]
@@ -245,7 +269,7 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
                 await nursery.start(_side, side)
             nursery.start_soon(_ranks, ranks, coord)
             await coord.outcome.done.wait()
-            if analyzer_specs and coord.outcome.failure is None:
+            if analyzer_specs and coord.outcome.failure is None and not coord.outcome.stopped:
                 with trio.move_on_after(cfg.hooks.timeout_s + 5):
                     while True:  # it may be restarting (a hook hung): ask again
                         try:

@@ -12,6 +12,10 @@ RankFinished        Trainer -> Coordinator      call   EXIT, or REGROUP: a rank 
 ChaosFired          RankChaos -> Coordinator    call   True
 ShardWritten        Checkpointer -> Coordinator cast
 DiskError           Checkpointer, Trainer -> Co cast   (a full or read-only disk: fatal)
+StopRequest         a signalled process -> Co.  call   "stopping", or "exit": leave now
+StopStep            Trainer -> Coordinator      cast   (its completed steps, for a stop)
+StopPrepare         Coordinator -> Trainer      cast
+StopAt              Coordinator -> Trainer      cast
 RegroupCalled       Coordinator -> Trainer      cast
 BatchesWanted       Trainer -> DataLoader       call   the rank's micro-batches
 ApplyUpdate         Trainer -> Optimizer        call   (lr, StepResult) | Failed
@@ -100,6 +104,10 @@ __all__ = [
     "ShardWritten",
     "Snapshot",
     "StepLogged",
+    "StopAt",
+    "StopPrepare",
+    "StopRequest",
+    "StopStep",
     "StopQuery",
     "TakeSnapshot",
     "apply_update",
@@ -121,6 +129,10 @@ __all__ = [
     "sample_decision",
     "send_replica",
     "send_sample",
+    "stop_at",
+    "stop_prepare",
+    "stop_requested",
+    "stop_step",
     "shard_snapshot",
     "shard_written",
     "should_stop",
@@ -236,16 +248,22 @@ class Held:
 class Plan:
     """The Coordinator's answer to Join: train generation `generation` from the state
     after `step` steps, taken from `source` ("init", "memory" or "disk" at `path`);
-    `chaos` is the events not fired yet."""
+    `chaos` is the events not fired yet; `stop_at` the step to stop after, when a
+    planned stop is under way."""
 
     generation: int
     step: int
     source: str
     path: str | None
     chaos: list
+    stop_at: int | None = None  # a planned stop asked before this generation formed
 
     def __post_init__(self):
         _check(self, generation=POSITIVE, step=NAT)
+        if self.stop_at is not None and not NAT[0](self.stop_at):
+            raise BadMessage(
+                f"Plan.stop_at: expected None or an int >= 0, got {self.stop_at!r:.40}"
+            )
         if self.source not in SOURCES:
             raise BadMessage(f"Plan.source: expected one of {SOURCES}, got {self.source!r:.40}")
         if self.path is not None and not isinstance(self.path, str):
@@ -375,9 +393,57 @@ class DiskError:
             raise BadMessage(f"DiskError.why: expected a str, got {self.why!r:.40}")
 
 
+@_wire
+class StopRequest:
+    """A stop signal (`signal`, e.g. "SIGTERM") reached `source` (e.g. "rank 1")."""
+
+    source: str
+    signal: str
+
+    def __post_init__(self):
+        for name in ("source", "signal"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and 0 < len(value) <= 64):
+                raise BadMessage(f"StopRequest.{name}: expected a short str, got {value!r:.40}")
+
+
+@_wire
+class StopStep:
+    """Rank `rank` of `generation` has completed `done` steps, and starts at most one
+    more before it hears the stop step (the Coordinator's module doc)."""
+
+    rank: int
+    done: int
+    generation: int
+
+    def __post_init__(self):
+        _check(self, rank=NAT, done=NAT, generation=POSITIVE)
+
+
 # ---------------------------------------------------------------------------------------
 # To the Trainer
 # ---------------------------------------------------------------------------------------
+
+
+@_wire
+class StopPrepare:
+    """A planned stop: answer StopStep, then wait for StopAt before a second step."""
+
+    generation: int
+
+    def __post_init__(self):
+        _check(self, generation=POSITIVE)
+
+
+@_wire
+class StopAt:
+    """End the run after step `step` (agreed by all ranks of `generation`)."""
+
+    step: int
+    generation: int
+
+    def __post_init__(self):
+        _check(self, step=NAT, generation=POSITIVE)
 
 
 @_wire
@@ -659,6 +725,24 @@ async def shard_written(rank: int, step: int, info: dict, counters: dict, genera
 
 async def disk_error(rank: int, step: int, why: str) -> None:
     await actors.cast(COORDINATOR, DiskError(rank, step, why))
+
+
+async def stop_requested(coordinator: str, source: str, signame: str, timeout: float) -> str:
+    """Ask for a planned stop; "stopping", or "exit" when the asker should leave now."""
+    reply = await actors.call(coordinator, StopRequest(source, signame), timeout)
+    return _expect(reply, str, "stop_requested")
+
+
+async def stop_step(rank: int, done: int, generation: int) -> None:
+    await actors.cast(COORDINATOR, StopStep(rank, done, generation))
+
+
+async def stop_prepare(rank: int, generation: int) -> None:
+    await actors.cast(f"Trainer@rank{rank}", StopPrepare(generation))
+
+
+async def stop_at(rank: int, step: int, generation: int) -> None:
+    await actors.cast(f"Trainer@rank{rank}", StopAt(step, generation))
 
 
 async def ask_regroup(rank: int, generation: int) -> None:

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ import actors
 from cykernels import gemm
 
 from ..config import from_resolved
-from ..core import build_model_for, evaluate_run, export_weights, step_seed
+from ..core import STOP_SIGNALS, build_model_for, evaluate_run, export_weights, step_seed
 from ..data import EPOCHS_DIR, EpochLog, load_dataset
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
@@ -52,7 +53,17 @@ from ..store.rundir import (
 )
 from . import messages as msg
 from .chaos import RankChaos
-from .messages import COORDINATOR, Failed, Plan, ProtocolActor, Regroup, RegroupCalled, RestoreState
+from .messages import (
+    COORDINATOR,
+    Failed,
+    Plan,
+    ProtocolActor,
+    Regroup,
+    RegroupCalled,
+    RestoreState,
+    StopAt,
+    StopPrepare,
+)
 from .roles import (
     BackwardGate,
     Checkpointer,
@@ -108,23 +119,43 @@ class Trainer(ProtocolActor):
         self.exit_ok = False
         self.final_eval: dict | None = None
         self.hooks_agreed = True
+        self._stop_plan(None)
 
     async def init(self) -> None:
         self.state.chaos.nursery = self.nursery
         self.nursery.start_soon(self._drive)
 
     async def handle_cast(self, message):
+        st = self.state
         match message:
             case RegroupCalled(generation=generation):
-                self.state.abort_collectives(generation)
+                st.abort_collectives(generation)
+            case StopPrepare(generation=generation) if generation == st.generation:
+                # from now on start step done + 1 at most before the decision (the
+                # Coordinator's module doc says why every rank can then stop at one step)
+                self.stop_limit = self.done + 1
+                await msg.stop_step(st.rank, self.done, generation)
+            case StopAt(step=step, generation=generation) if generation == st.generation:
+                self.stop_at = step
+                self.stop_decided.set()
+            case StopPrepare() | StopAt():
+                pass  # of a generation that is over
             case _:
                 self.drop(message)
+
+    def _stop_plan(self, stop_at: int | None) -> None:
+        """A generation's planned-stop state: the agreed last step, if any yet."""
+        self.stop_at = stop_at
+        self.stop_limit: int | None = None
+        self.stop_decided = trio.Event()
+        self.done = 0  # steps completed in this generation's state
 
     async def _drive(self) -> None:
         st = self.state
         while True:
             plan = await msg.join(st.rank, os.getpid(), await msg.held_snapshots())
             try:
+                self._stop_plan(plan.stop_at)
                 await self._restore(plan)
                 if await self._train(plan):
                     break
@@ -169,7 +200,17 @@ class Trainer(ProtocolActor):
         total = cfg.train.steps
         s = plan.step
         self.hooks_agreed = True  # every rank starts here with the same value
+        stopped = False
         while s < total:
+            self.done = s
+            if self.stop_at is not None and s >= self.stop_at:
+                stopped = True  # a planned stop (a signal): end here, checkpointed
+                break
+            if self.stop_limit is not None and s >= self.stop_limit and self.stop_at is None:
+                await st.wait_unless_regroup(self.stop_decided)
+                if not self.stop_decided.is_set():
+                    raise Regroup("a rank failed while the ranks agreed on a stop step")
+                continue
             record = await self._step(s, plan.generation)
             s += 1
             ckpt_every = cfg.checkpoint.every
@@ -191,14 +232,20 @@ class Trainer(ProtocolActor):
                 await msg.step_logged(record)
             if stop:
                 break
-        await self._finish(s)
+        await self._finish(s, plan, stopped)
         return True
 
-    async def _finish(self, s: int) -> None:
+    async def _finish(self, s: int, plan: Plan, stopped: bool) -> None:
         """The end: final checkpoint and evaluation, then wait for everyone (Regroup if
-        a rank fails first)."""
+        a rank fails first). A stop's step may be on disk already: written in the loop
+        (a checkpoint step), restored from this run's checkpoint, or step 0 (nothing to
+        keep); a stop spends no time on an evaluation or the final weights."""
         st = self.state
-        await msg.take_snapshot(s, True)
+        every = st.cfg.checkpoint.every
+        restored = plan.source == "disk" and Path(plan.path).parent == Path(st.ckpt_root)
+        on_disk = s == 0 or bool(every and s % every == 0) or (s == plan.step and restored)
+        if not (stopped and on_disk):
+            await msg.take_snapshot(s, True)
         await msg.flush_writes()
         info = {"rank": st.rank, "step": s, "memory": st.step.memory(), "cpus": _cpus()}
         info["blas"] = gemm.library()
@@ -215,12 +262,16 @@ class Trainer(ProtocolActor):
         await msg.flush_hooks(st.cfg.hooks.timeout_s + 5.0)
         info["hooks"] = await msg.hook_stats()
         if st.rank == 0:
-            info["eval"] = self.final_eval or await trio.to_thread.run_sync(self._eval_metrics)
+            if stopped:
+                info["eval"] = self.final_eval or {}
+            else:
+                info["eval"] = self.final_eval or await trio.to_thread.run_sync(self._eval_metrics)
             info["params_sha256"] = params_sha256(st.model)
             info["n_params"] = int(st.model.params.size)
             info["skipped_steps"] = st.step.opt.skipped
             try:
-                await trio.to_thread.run_sync(self._export, s, info["params_sha256"])
+                if not stopped:  # the final weights are a finished run's
+                    await trio.to_thread.run_sync(self._export, s, info["params_sha256"])
             except OSError as err:
                 why = disk_error(err, Path(st.ckpt_root).parent / "weights.safetensors")
                 if why is None:
@@ -313,58 +364,87 @@ def _check(result):
     return result
 
 
-async def _main(plan: dict) -> int:
-    async with actors.child_node():
-        rank = int(os.environ[actors.ENV["rank"]])
-        built = await trio.to_thread.run_sync(_build, plan, rank)
-        cfg, world, model = built["cfg"], built["world"], built["model"]
-        ring = actors.Ring(
-            rank,
-            world,
-            plan["endpoints"],
-            timeout=cfg.cluster.collective_timeout,
-        )
-        try:
-            specs = list(plan.get("hooks", []))
-            transforms = _transforms(cfg, model, rank, world, specs)
-            state = RankState(
-                cfg=cfg,
-                rank=rank,
-                world=world,
-                dataset=built["dataset"],
-                evalset=built["evalset"],
-                model=model,
-                step=RankStep(model, cfg, ring, transforms=transforms),
-                ring=ring,
-                ckpt_root=Path(plan["run_dir"]) / cfg.checkpoint.dir,
-                chaos=RankChaos(rank, COORDINATOR),
-                initial_params=model.params.copy(),
-            )
-            outbox = None
-            if plan.get("analyzers"):
-                from ..hooks.link import HookOutbox
+async def _forward_stop_signals(rank: int, scope: trio.CancelScope) -> None:
+    """A signal to this rank asks the Coordinator for a planned stop (its module doc);
+    the rank leaves at once when the run is over or the Coordinator is gone -- as when
+    the cluster stops its children (SIGTERM) on its way out."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        # blocked since the fork (the cluster's block_signals): any that came while the
+        # rank started is delivered now, to this receiver
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            try:
+                answer = await msg.stop_requested(COORDINATOR, f"rank {rank}", name, 2.0)
+            except (actors.ActorError, msg.BadMessage, trio.TooSlowError, TimeoutError):
+                answer = "exit"
+            if answer == "exit":
+                scope.cancel()
+                return
 
-                outbox = HookOutbox(specs, layout=model.layout)
-            finished = trio.Event()
-            trainer = Trainer(state, finished)
-            roles = [
-                DataLoader.child_spec(state, name="DataLoader"),
-                Optimizer.child_spec(state, name="Optimizer"),
-                Checkpointer.child_spec(state, name="Checkpointer"),
-                HookSampler.child_spec(state, outbox, name="HookSampler"),
-                actors.ChildSpec(id="Trainer", start=_runner(trainer, "Trainer")),
-            ]
-            supervisor = actors.Supervisor(
-                roles, strategy="one_for_all", max_restarts=0, name="RoleSupervisor"
-            )
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_run_supervisor, supervisor, nursery.cancel_scope)
-                await finished.wait()
-                nursery.cancel_scope.cancel()
-            return 0 if trainer.exit_ok else 1
-        finally:
-            ring.close()
-    return 1
+
+async def _main(plan: dict) -> int:
+    async with actors.child_node(handle_sigterm=False):
+        rank = int(os.environ[actors.ENV["rank"]])
+        node_scope = trio.CancelScope()
+        with node_scope:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(_forward_stop_signals, rank, node_scope)
+                code = await _train_rank(plan, rank)
+                outer.cancel_scope.cancel()
+            return code
+    return 0  # told to leave (the run is over, or the cluster stops its children)
+
+
+async def _train_rank(plan: dict, rank: int) -> int:
+    built = await trio.to_thread.run_sync(_build, plan, rank)
+    cfg, world, model = built["cfg"], built["world"], built["model"]
+    ring = actors.Ring(
+        rank,
+        world,
+        plan["endpoints"],
+        timeout=cfg.cluster.collective_timeout,
+    )
+    try:
+        specs = list(plan.get("hooks", []))
+        transforms = _transforms(cfg, model, rank, world, specs)
+        state = RankState(
+            cfg=cfg,
+            rank=rank,
+            world=world,
+            dataset=built["dataset"],
+            evalset=built["evalset"],
+            model=model,
+            step=RankStep(model, cfg, ring, transforms=transforms),
+            ring=ring,
+            ckpt_root=Path(plan["run_dir"]) / cfg.checkpoint.dir,
+            chaos=RankChaos(rank, COORDINATOR),
+            initial_params=model.params.copy(),
+        )
+        outbox = None
+        if plan.get("analyzers"):
+            from ..hooks.link import HookOutbox
+
+            outbox = HookOutbox(specs, layout=model.layout)
+        finished = trio.Event()
+        trainer = Trainer(state, finished)
+        roles = [
+            DataLoader.child_spec(state, name="DataLoader"),
+            Optimizer.child_spec(state, name="Optimizer"),
+            Checkpointer.child_spec(state, name="Checkpointer"),
+            HookSampler.child_spec(state, outbox, name="HookSampler"),
+            actors.ChildSpec(id="Trainer", start=_runner(trainer, "Trainer")),
+        ]
+        supervisor = actors.Supervisor(
+            roles, strategy="one_for_all", max_restarts=0, name="RoleSupervisor"
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_supervisor, supervisor, nursery.cancel_scope)
+            await finished.wait()
+            nursery.cancel_scope.cancel()
+        return 0 if trainer.exit_ok else 1
+    finally:
+        ring.close()
 
 
 def _runner(actor: actors.Actor, name: str):

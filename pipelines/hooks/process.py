@@ -82,6 +82,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -761,6 +762,10 @@ def main(argv=None) -> int:
         format="%(name)s %(message)s",
         stream=sys.stderr,
     )
+    # a terminal's Ctrl-C (and Slurm's or the user's stop signals) reach every process
+    # of the run: the cluster decides how the run stops and ends this one (SIGTERM)
+    for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
     return trio.run(_serve, args)
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "default_run_dir",
     "disk_error",
     "last_good_checkpoint",
+    "stop_line",
     "params_sha256",
 ]
 
@@ -83,6 +84,18 @@ def last_good_checkpoint(root: str | Path) -> str:
     except OSError as err:
         return f"unknown ({os.strerror(err.errno) if err.errno else err})"
     return str(found) if found is not None else "none written yet"
+
+
+def stop_line(step: int, reason: str, ckpt_root: str | Path, rundir: RunDir) -> str:
+    """A planned stop's one line: the step, why, its checkpoint, how to continue."""
+    from .checkpoint import checkpoint_dir
+
+    if step == 0:
+        return f"stopped before the first step ({reason}); nothing to resume: start it again"
+    return (
+        f"stopped at step {step} ({reason}); checkpoint {checkpoint_dir(ckpt_root, step)}; "
+        f"continue with --resume {rundir.path}"
+    )
 
 
 class RunDirRefused(Exception):
@@ -224,6 +237,21 @@ class RunDir:
 
     def write_data(self, record: dict) -> None:
         write_json_atomic(self.path / "data.json", record)
+
+    def forget_steps_after(self, step: int) -> None:
+        """Drop the metrics of steps after `step` (a run resumed from its checkpoint
+        trains them again: metrics.jsonl holds each step once). Replaced atomically."""
+        path = self.path / "metrics.jsonl"
+        self._metrics.close()
+        kept = [
+            line
+            for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self._metrics = open(path, "a", buffering=1)
 
     def log_step(self, record: dict) -> None:
         self._metrics.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
