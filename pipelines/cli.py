@@ -128,6 +128,10 @@ def _parser() -> _Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     run = sub.add_parser("run", help="train a pipeline")
     _add_run_options(run)
+    from .launch import add_identity_options
+
+    add_identity_options(run)
+    run.add_argument("--keys", metavar="DIR", help="the cluster's CURVE keys (multi-node)")
     sim = sub.add_parser("simulate", help="train with injected faults (chaos simulation)")
     _add_run_options(sim)
     sim.add_argument(
@@ -200,6 +204,10 @@ def _resume_dir(args, cfg) -> Path | None:
     return runs[-1]
 
 
+def _note(args, line: str) -> None:
+    print(f"zerotrain {args.command}: {line}", file=sys.stderr)
+
+
 def _cmd_run(args, out) -> int:
     from .core import RunRefused, RunStopped, TrainingFailed, load_hooks
     from .local import run_local
@@ -226,16 +234,28 @@ def _cmd_run(args, out) -> int:
         from .cluster.chaos import parse_chaos
 
         chaos = parse_chaos(args.chaos, cfg.cluster.ranks)
+    from .cluster.nodes import layout_from_args
+
+    try:  # one host, or this node of several (pipelines.cluster.nodes)
+        layout = layout_from_args(args, cfg, os.environ, lambda line: _note(args, line))
+    except RunRefused as err:
+        raise _UsageError(f"zerotrain {args.command}: {err}") from None
+    if layout is not None and not args.run_dir:
+        from .cluster.nodes import default_run_dir as node_run_dir
+
+        args.run_dir = str(node_run_dir(cfg.name, layout))
     run_dir = (
         Path(args.run_dir)
         if args.run_dir
         else (resume if resume and (resume / "config.json").exists() else default_run_dir(cfg.name))
     )
     try:
-        if cfg.cluster.ranks > 1 or chaos is not None or analyzers:
+        if cfg.cluster.ranks > 1 or chaos is not None or analyzers or layout is not None:
             from .cluster import run_cluster
 
-            run_cluster(cfg, run_dir, resume=resume, hooks=args.hooks, chaos=chaos, out=out)
+            run_cluster(
+                cfg, run_dir, resume=resume, hooks=args.hooks, chaos=chaos, out=out, layout=layout
+            )
         else:
             run_local(cfg, run_dir, resume=resume, hooks=args.hooks, out=out)
     except (RunRefused, RunDirRefused) as err:

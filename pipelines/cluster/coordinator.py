@@ -142,6 +142,9 @@ class Coordinator(ProtocolActor):
         self.generation = 0  # the generation training (or last trained)
         self.joins: dict[int, _Join] = {}
         self.pids: dict[int, int] = {}
+        # the ranks this process started (another node's pids are not ours to signal)
+        self.local_ranks: range = range(self.world)
+        self.ports: list = []  # tcp ports held for the run (multi-node: nodes.local_table)
         self.down: set[int] = set()  # ranks seen down and not joined since
         self.deadlines: set[int] = set()  # generations whose regroup is being enforced
         self.monitors: dict = {}  # MonitorRef -> rank
@@ -225,6 +228,8 @@ class Coordinator(ProtocolActor):
             return
         for r in range(self.world):
             if r not in self.joins and r not in self.down and r in self.pids:
+                if r not in self.local_ranks:
+                    continue  # its own node's watch: the heartbeat timeout
                 self.progress.message(f"rank {r} did not rejoin in time: killing it")
                 try:
                     os.kill(self.pids[r], signal.SIGKILL)
@@ -442,7 +447,7 @@ class Coordinator(ProtocolActor):
         """Stop without a checkpoint of this step: every rank is SIGKILLed now (a shard
         write in flight leaves no manifest, so the last good checkpoint stays the last
         good one)."""
-        for pid in self.pids.values():
+        for pid in (p for r, p in self.pids.items() if r in self.local_ranks):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

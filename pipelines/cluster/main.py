@@ -36,8 +36,10 @@ from ..data import data_record, record_epochs
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import LOCK_FD_ENV, Progress, RunDir, write_json_atomic
 from . import messages as msg
+from . import nodes
 from .chaos import expand
 from .coordinator import Coordinator
+from .nodes import NodeLayout
 from .rank import PLAN_ENV, RUN_ID_ENV
 
 __all__ = ["run_cluster"]
@@ -56,11 +58,16 @@ def run_cluster(
     hooks: list[str] = (),
     chaos=None,
     out=None,
+    layout: NodeLayout | None = None,
 ) -> dict:
     """Train `cfg` on cfg.cluster.ranks rank processes; return the summary (also
-    written). `chaos`: parsed ChaosEvents (simulate) or None. Raises RunRefused (exit
-    2) before the run dir is created when the run cannot start as asked, TrainingFailed
-    (exit 3) when it cannot go on."""
+    written). `chaos`: parsed ChaosEvents (simulate) or None. `layout`: this node's
+    place in a multi-node run (pipelines.cluster.nodes), None on one host; node K > 0
+    returns None (node 0 writes the summary). Raises RunRefused (exit 2) before the run
+    dir is created when the run cannot start as asked, TrainingFailed (exit 3) when it
+    cannot go on."""
+    if layout is not None:
+        run_dir = nodes.plan_env_dir(Path(run_dir), layout.node_rank)
     t_start = time.perf_counter()
     inputs = prepare_run(cfg, resume=resume, hooks=hooks)
     identity = inputs.identity
@@ -90,6 +97,11 @@ def run_cluster(
             events=expand(chaos or [], cfg.cluster.ranks, cfg.train.steps),
             identity=identity,
         )
+        coord.ports = ports  # the multi-node tables' ports join the rings' (closed below)
+        if layout is not None:  # node-major ranks; node K's shards go to node 0's root
+            coord.local_ranks = layout.ranks
+            nodes.share_checkpoint_root(plan_path, layout, cfg)
+        config_hash = identity.config_hash
         del inputs  # the top process keeps no model or data while the ranks train
         trio.run(
             _serve,
@@ -99,6 +111,7 @@ def run_cluster(
             ipc_dir,
             specs if analyzers else None,
             rundir,
+            (layout, config_hash),
         )
     finally:
         rundir.close()
@@ -114,6 +127,9 @@ def run_cluster(
         raise TrainingFailed(coord.outcome.failure)
     if coord.outcome.stopped is not None:
         raise RunStopped(coord.outcome.stopped)
+    if layout is not None and layout.node_rank > 0:
+        progress.message(f"done: {nodes.agent_label(layout)}; summary on node 0")
+        return None
     return _summarize(cfg, coord, identity, rundir, progress, time.perf_counter() - t_start)
 
 
@@ -190,68 +206,95 @@ def _summarize(
 _T0 = time.time()
 
 
-async def _serve(cfg, coord: Coordinator, plan, ipc_dir: str, analyzer_specs, rundir):
+async def _serve(cfg, coord: Coordinator, plan, ipc_dir: str, analyzer_specs, rundir, multi):
     rank_log = _rank_log(rundir.path)  # open while ranks (re)start
     try:
         # a signal to this process asks for a planned stop (the coordinator's doc)
         with trio.open_signal_receiver(*core.STOP_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_forward_stop_signals, signals)
-                await _serve_ranks(cfg, coord, plan, ipc_dir, analyzer_specs, rundir, rank_log)
+                layout = multi[0]
+                to = "Coordinator" if layout is None else "Coordinator@cluster"
+                nursery.start_soon(_forward_stop_signals, signals, to)
+                if layout is not None and layout.node_rank > 0:
+                    await _serve_node(cfg, coord, plan, ipc_dir, rundir, rank_log, multi)
+                else:
+                    await _serve_ranks(
+                        cfg, coord, plan, ipc_dir, analyzer_specs, rundir, rank_log, multi
+                    )
                 nursery.cancel_scope.cancel()
     finally:
         if rank_log >= 0:
             os.close(rank_log)
 
 
-async def _forward_stop_signals(signals) -> None:
+async def _forward_stop_signals(signals, coordinator: str) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         while True:  # the Coordinator may not be registered yet (the first moments)
             try:
-                await msg.stop_requested("Coordinator", "the zerotrain process", name, 5.0)
+                await msg.stop_requested(coordinator, "the zerotrain process", name, 5.0)
                 break
             except actors.ActorError:
                 await trio.sleep(0.05)
 
 
-async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, rank_log):
+def _rank_supervisor(cfg, plan, rundir, rank_log, ranks, endpoints=None) -> actors.Supervisor:
+    """one_for_one over this node's rank processes (all ranks on one host). `endpoints`:
+    {rank: where its node binds} in a multi-node run (default: the ipc directory)."""
     plan_path, plan_id = plan
+    env = {
+        PLAN_ENV: str(plan_path),
+        RUN_ID_ENV: plan_id,
+        LOCK_FD_ENV: str(rundir.lock_fd),  # the ranks share the run dir's lock
+    }
+    specs = [
+        actors.process_spec(
+            f"rank{r}",
+            [sys.executable, "-m", "pipelines.cluster.rank"],
+            env=env,
+            rank=r,
+            restart="transient",
+            shutdown=3.0,
+            start_timeout=60.0,
+            pass_fds=(rundir.lock_fd,),
+            output=rank_log,
+            # pending until the rank forwards them as stop requests
+            block_signals=core.STOP_SIGNALS,
+            endpoint=None if endpoints is None else endpoints[r],
+        )
+        for r in ranks
+    ]
+    return actors.Supervisor(
+        specs,
+        strategy="one_for_one",
+        max_restarts=cfg.cluster.max_restarts,
+        max_seconds=cfg.cluster.max_seconds,
+        name="RankSupervisor",
+    )
+
+
+async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, rank_log, multi):
+    layout, config_hash = multi
     hb = cfg.cluster.heartbeat_timeout
     coord.analyzer_stats = None
     async with actors.open_node(
-        "cluster", directory=ipc_dir, heartbeat_interval=min(0.2, hb / 5), heartbeat_timeout=hb
-    ):
+        "cluster",
+        directory=ipc_dir,
+        endpoint=None if layout is None else layout.master_endpoint,
+        heartbeat_interval=min(0.2, hb / 5),
+        heartbeat_timeout=hb,
+    ) as node:
         async with trio.open_nursery() as nursery:
             await nursery.start(_coordinate, coord)
-            env = {
-                PLAN_ENV: str(plan_path),
-                RUN_ID_ENV: plan_id,
-                LOCK_FD_ENV: str(rundir.lock_fd),  # the ranks share the run dir's lock
-            }
-            specs = [
-                actors.process_spec(
-                    f"rank{r}",
-                    [sys.executable, "-m", "pipelines.cluster.rank"],
-                    env=env,
-                    rank=r,
-                    restart="transient",
-                    shutdown=3.0,
-                    start_timeout=60.0,
-                    pass_fds=(rundir.lock_fd,),
-                    output=rank_log,
-                    # pending until the rank forwards them as stop requests
-                    block_signals=core.STOP_SIGNALS,
-                )
-                for r in range(cfg.cluster.ranks)
-            ]
-            ranks = actors.Supervisor(
-                specs,
-                strategy="one_for_one",
-                max_restarts=cfg.cluster.max_restarts,
-                max_seconds=cfg.cluster.max_seconds,
-                name="RankSupervisor",
-            )
+            endpoints = None
+            if layout is not None:  # every node's hello first: then the plan is whole
+                endpoints = await nodes.gather_nodes(
+                    nursery, node, layout, config_hash, plan[0], coord
+                )  # (ports held in coord.ports until the run ends)
+                if endpoints is None:
+                    nursery.cancel_scope.cancel()
+                    return
+            ranks = _rank_supervisor(cfg, plan, rundir, rank_log, coord.local_ranks, endpoints)
             if analyzer_specs:
                 from ..hooks.process import analyzer_spec
 
@@ -269,6 +312,8 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
                 await nursery.start(_side, side)
             nursery.start_soon(_ranks, ranks, coord)
             await coord.outcome.done.wait()
+            if layout is not None:
+                await nodes.announce_end(layout, coord.outcome)
             if analyzer_specs and coord.outcome.failure is None and not coord.outcome.stopped:
                 with trio.move_on_after(cfg.hooks.timeout_s + 5):
                     while True:  # it may be restarting (a hook hung): ask again
@@ -281,6 +326,27 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
                             coord.analyzer_stats = {"error": str(err)}
                             await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
+
+
+async def _serve_node(cfg, coord, plan, ipc_dir: str, rundir, rank_log, multi):
+    """Node K > 0: say hello to node 0, then supervise this node's ranks until they end
+    (the Coordinator told them the run is over), give up (reported to node 0), or node 0
+    is lost. The outcome goes into `coord.outcome` (this node runs no Coordinator)."""
+    layout, config_hash = multi
+    hb = cfg.cluster.heartbeat_timeout
+    async with actors.open_node(
+        nodes.node_name(layout.node_rank),
+        directory=ipc_dir,
+        endpoint=nodes.endpoint_of(layout.advertise_ip, "*"),
+        peers={"cluster": layout.master_endpoint},
+        heartbeat_interval=min(0.2, hb / 5),
+        heartbeat_timeout=hb,
+    ) as node:
+        table = nodes.local_table(layout, node.endpoint, coord.ports)
+        tables = await nodes.rendezvous(layout, config_hash, table, nodes.HELLO_TIMEOUT)
+        endpoints = nodes.write_plan_table(plan[0], layout, tables)
+        ranks = _rank_supervisor(cfg, plan, rundir, rank_log, layout.ranks, endpoints)
+        await nodes.supervise_node(ranks, layout, coord)
 
 
 async def _coordinate(coord: Coordinator, task_status=trio.TASK_STATUS_IGNORED) -> None:

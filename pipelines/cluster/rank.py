@@ -383,8 +383,26 @@ async def _forward_stop_signals(rank: int, scope: trio.CancelScope) -> None:
                 return
 
 
+def _checkpoint_root(plan: dict, cfg) -> Path:
+    """Where this rank's shards go: node K of a multi-node run writes into node 0's
+    root (its plan says), every other rank into its run dir's."""
+    if plan.get("checkpoint_root"):
+        return Path(plan["checkpoint_root"])
+    return Path(plan["run_dir"]) / cfg.checkpoint.dir
+
+
+def _node_options(plan: dict) -> dict:
+    """A multi-node plan names every node a rank may reach (its parent's entry is the
+    parent's own); on one host they are found in the ipc directory."""
+    peers = plan.get("peers")
+    if not peers:
+        return {}
+    parent = os.environ[actors.ENV["parent"]]
+    return {"peers": {**peers, parent: os.environ[actors.ENV["parent_endpoint"]]}}
+
+
 async def _main(plan: dict) -> int:
-    async with actors.child_node(handle_sigterm=False):
+    async with actors.child_node(handle_sigterm=False, **_node_options(plan)):
         rank = int(os.environ[actors.ENV["rank"]])
         node_scope = trio.CancelScope()
         with node_scope:
@@ -417,7 +435,7 @@ async def _train_rank(plan: dict, rank: int) -> int:
             model=model,
             step=RankStep(model, cfg, ring, transforms=transforms),
             ring=ring,
-            ckpt_root=Path(plan["run_dir"]) / cfg.checkpoint.dir,
+            ckpt_root=_checkpoint_root(plan, cfg),
             chaos=RankChaos(rank, COORDINATOR),
             initial_params=model.params.copy(),
         )

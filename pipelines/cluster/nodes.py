@@ -1,0 +1,493 @@
+"""Node agents: one `zerotrain run` process per host, the run's ranks spread over them.
+
+    node 0  "cluster"   binds the master address (tcp://MASTER:PORT); runs the
+                        Coordinator, the Rendezvous and its own ranks' supervisor
+    node K  "nodeK"     binds tcp://ADVERTISE:* ; supervises ranks K*R .. K*R+R-1
+
+An agent resolves its identity (pipelines.launch.resolve_identity: flags, ZEROTRAIN_*,
+torchrun-style variables, Slurm), reserves a node port and a ring port on its advertise
+address for each of its ranks, and tells node 0's Rendezvous in one call
+(`NodeHello`). Once all N nodes have said hello, the Rendezvous answers every one with
+the whole table -- each node's and each rank's endpoint -- and only then does any agent
+start its ranks: a rank's plan names every peer it may talk to (the Coordinator, its
+ring neighbours, the Checkpointer that holds its replica), so nothing is resolved by
+guesswork across hosts. Ranks are node-major (global rank = K*R + local rank), so N
+nodes x R ranks form the same ring as N*R ranks on one host and give the same bits.
+
+A hello from another run (run id), another config (config hash) or a world that does
+not add up is refused in one line; the agent saying it exits 2. An agent K whose ranks
+exhaust their restart budget reports it to node 0 (the run fails there, exit 3); an
+agent K that loses node 0 for longer than the heartbeat timeout stops its ranks and
+exits 3 naming the master.
+
+Files. Given one --run-dir (a shared filesystem, or one machine), node 0 owns DIR and
+node K owns DIR/node-K (its own lock, config, data record, ranks.log); every rank writes
+its checkpoint shards into DIR's checkpoint root, where node 0 writes the manifests,
+the metrics, summary.json and the final weights. Without a shared filesystem a node's
+shards stay on its host: recovery from memory works, recovery from disk does not.
+
+Transport. Between hosts only tcp://. CURVE on these sockets is not wired yet: an
+agent refuses a non-loopback address without keys, and says in one line that a
+loopback-only run goes without (a test mode).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+import actors
+
+from ..core import RunRefused
+from ..launch import NodeIdentity
+from ..store.rundir import write_json_atomic
+
+__all__ = [
+    "HELLO_TIMEOUT",
+    "NodeLayout",
+    "Rendezvous",
+    "NodeAgent",
+    "agent_label",
+    "announce_end",
+    "check_plaintext",
+    "default_run_dir",
+    "endpoint_of",
+    "gather_nodes",
+    "layout_for",
+    "layout_from_args",
+    "local_table",
+    "node_name",
+    "plan_env_dir",
+    "rendezvous",
+    "reserve_ports",
+    "share_checkpoint_root",
+    "supervise_node",
+    "write_plan_table",
+]
+
+RENDEZVOUS = "Rendezvous@cluster"
+HELLO_TIMEOUT = 120.0  # seconds for every node to say hello (Slurm starts them together)
+_HELLO_RETRY = 0.5  # seconds between hellos while node 0 is not up yet
+
+
+def node_name(k: int) -> str:
+    """The actors node name of agent k: node 0 is "cluster" (the Coordinator's home)."""
+    return "cluster" if k == 0 else f"node{k}"
+
+
+def _ip(host: str, what: str) -> str:
+    """A host name or address as an IPv4/IPv6 address to bind or connect to."""
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except OSError as err:
+        raise RunRefused(f"{what} {host!r} does not resolve: {err}") from None
+
+
+def _is_loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_loopback
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """This agent's place in the run, with its addresses resolved.
+
+    identity        the resolved NodeIdentity (nnodes > 1)
+    master_ip/port  where node 0 binds and every agent connects
+    advertise_ip    where this node's agent and ranks bind (node 0: the master's address)
+    ranks           the global ranks this node runs
+    run_id          what every hello must carry (the identity's, else the master address)
+    """
+
+    identity: NodeIdentity
+    master_ip: str
+    master_port: int
+    advertise_ip: str
+    ranks: range
+    run_id: str
+
+    @property
+    def node_rank(self) -> int:
+        return self.identity.node_rank
+
+    @property
+    def nnodes(self) -> int:
+        return self.identity.nnodes
+
+    @property
+    def master_endpoint(self) -> str:
+        return endpoint_of(self.master_ip, self.master_port)
+
+
+def endpoint_of(ip: str, port: int | str) -> str:
+    return f"tcp://[{ip}]:{port}" if ":" in ip else f"tcp://{ip}:{port}"
+
+
+def layout_for(identity: NodeIdentity) -> NodeLayout:
+    """The layout of a multi-node identity (RunRefused, one line, for an address that
+    does not resolve)."""
+    master_ip = _ip(identity.master_addr, "the master address")
+    if identity.node_rank == 0:
+        advertise = master_ip  # node 0 is where the master listens
+    elif identity.advertise_addr is not None:
+        advertise = _ip(identity.advertise_addr, "the advertise address")
+    else:
+        advertise = _ip(socket.gethostname(), "this host's name (give --advertise-addr)")
+    first = identity.first_rank
+    ranks = range(first, first + identity.ranks_per_node)
+    run_id = identity.run_id or f"{identity.master_addr}:{identity.master_port}"
+    return NodeLayout(identity, master_ip, identity.master_port, advertise, ranks, run_id)
+
+
+def layout_from_args(args, cfg, environ, warn) -> NodeLayout | None:
+    """`zerotrain run`'s identity (flags from `args`, then `environ`): None for a
+    one-host run, else this node's layout after the plaintext check. RunRefused (one
+    line, exit 2) for a launch that cannot be, or what a multi-node run does not take
+    yet (chaos, analyzer hooks, --resume)."""
+    from ..launch import IDENTITY_FLAGS, IdentityError, resolve_identity
+
+    flags = {key: getattr(args, key, None) for key in IDENTITY_FLAGS}
+    source = "--ranks" if getattr(args, "ranks", None) else "cluster.ranks"
+    try:
+        identity = resolve_identity(
+            flags, environ, cluster_ranks=cfg.cluster.ranks, cluster_ranks_source=source
+        )
+    except IdentityError as err:
+        raise RunRefused(str(err)) from None
+    if identity.nnodes == 1:
+        return None
+    unsupported = {
+        "--chaos": getattr(args, "chaos", None),
+        "--resume": args.resume,
+        "hooks": cfg.hooks.specs or args.hooks,
+    }
+    for what, given in unsupported.items():
+        if given:
+            raise RunRefused(f"{what}: not supported on {identity.nnodes} nodes yet (one host)")
+    layout = layout_for(identity)
+    check_plaintext(layout, getattr(args, "keys", None), warn)
+    return layout
+
+
+def default_run_dir(pipeline: str, layout: NodeLayout) -> Path:
+    """runs/<pipeline>-<run id>: the same on every node of a run (a shared filesystem
+    then holds one run dir)."""
+    return Path("runs") / f"{pipeline}-{layout.run_id.replace(':', '-')}"
+
+
+def check_plaintext(layout: NodeLayout, keys: str | None, warn) -> None:
+    """Plain tcp:// between nodes only on loopback addresses, saying so (`warn`, one
+    line); any other address is refused (RunRefused: exit 2) until CURVE is wired in."""
+    if keys:
+        raise RunRefused(
+            "--keys: CURVE on the node transport is not wired in yet; run on loopback "
+            "addresses without keys (a test mode)"
+        )
+    outside = [ip for ip in (layout.master_ip, layout.advertise_ip) if not _is_loopback(ip)]
+    if outside:
+        raise RunRefused(
+            f"node {layout.node_rank}: {outside[0]} is not a loopback address and the run "
+            "has no keys: plaintext tcp between hosts is refused (multi-node runs without "
+            "keys are accepted on loopback addresses only, e.g. 127.0.0.2)"
+        )
+    warn(
+        f"node {layout.node_rank}: plaintext tcp on loopback without keys "
+        f"(master {layout.master_endpoint}, this node {layout.advertise_ip}): a test mode"
+    )
+
+
+def reserve_ports(ip: str, n: int) -> list[socket.socket]:
+    """n tcp ports on `ip` held for the run (main._reserve_ports' rule: bound with
+    SO_REUSEADDR, never listening, so only the rank's own bind takes them)."""
+    socks = []
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        for _ in range(n):
+            sock = socket.socket(family)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((ip, 0))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def local_table(layout: NodeLayout, agent_endpoint: str, ports: list) -> dict:
+    """This node's part of the table: its agent's endpoint and, per rank, a node endpoint
+    and a ring endpoint on ports reserved into `ports` (held by the caller)."""
+    held = reserve_ports(layout.advertise_ip, 2 * len(layout.ranks))
+    ports += held
+    rank_nodes, rings = {}, {}
+    for i, r in enumerate(layout.ranks):
+        rank_nodes[str(r)] = endpoint_of(layout.advertise_ip, held[2 * i].getsockname()[1])
+        rings[str(r)] = endpoint_of(layout.advertise_ip, held[2 * i + 1].getsockname()[1])
+    return {"agent": agent_endpoint, "ranks": rank_nodes, "rings": rings}
+
+
+def _hello(layout: NodeLayout, config_hash: str, table: dict) -> dict:
+    return {
+        "run_id": layout.run_id,
+        "node_rank": layout.node_rank,
+        "nnodes": layout.nnodes,
+        "ranks": [layout.ranks.start, layout.ranks.stop],
+        "config_hash": config_hash,
+        "table": table,
+    }
+
+
+def write_plan_table(plan_path: Path, layout: NodeLayout, tables: dict[str, dict]) -> dict:
+    """Put the whole run's endpoints into this node's plan.json: the ring endpoints in
+    rank order and every node's endpoint by name. Returns {rank: node endpoint} of
+    this node's ranks."""
+    plan = json.loads(Path(plan_path).read_text())
+    rings, peers = {}, {}
+    for k, part in tables.items():
+        peers[node_name(int(k))] = part["agent"]
+        for r, endpoint in part["ranks"].items():
+            peers[f"rank{r}"] = endpoint
+        rings.update({int(r): endpoint for r, endpoint in part["rings"].items()})
+    plan["endpoints"] = [rings[r] for r in range(len(rings))]
+    plan["peers"] = peers
+    write_json_atomic(Path(plan_path), plan)
+    mine = tables[str(layout.node_rank)]["ranks"]
+    return {int(r): endpoint for r, endpoint in mine.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Node 0: the Rendezvous
+# ---------------------------------------------------------------------------------------
+
+
+class Rendezvous(actors.Actor):
+    """Node 0's record of the run's nodes: collects each node's hello, answers them all
+    with the whole table once every node has come, and takes a node's report that it
+    gave up (the run fails with it).
+
+    A hello that does not fit (another run id, another config, a node rank or rank
+    range that is not this node's place) is answered {"refused": one line}; a second
+    hello from a node rank replaces the first (a restarted agent). `fail(reason)` is
+    the Coordinator's."""
+
+    def __init__(self, layout: NodeLayout, config_hash: str, own: dict, fail) -> None:
+        self.layout = layout
+        self.config_hash = config_hash
+        self.tables: dict[str, dict] = {"0": own}
+        self.waiting: dict[int, actors.From] = {}
+        self.complete = trio.Event()
+        self.fail = fail
+
+    async def handle_call(self, request, from_):
+        if isinstance(request, dict) and request.get("failed") is not None:
+            self.fail(f"node {request.get('node_rank')}: {request['failed']}")
+            return "ok"
+        why = self._misfit(request)
+        if why is not None:
+            self.log.warning("refused a node's hello: %s", why)
+            return {"refused": why}
+        k = request["node_rank"]
+        self.tables[str(k)] = request["table"]
+        if self.complete.is_set():
+            return {"tables": self.tables}
+        self.waiting[k] = from_
+        if len(self.tables) == self.layout.nnodes:
+            self.complete.set()
+            for waiter in self.waiting.values():
+                waiter.reply({"tables": self.tables})
+            self.waiting.clear()
+        return actors.NOREPLY
+
+    def _misfit(self, hello) -> str | None:
+        lay = self.layout
+        if not isinstance(hello, dict) or not isinstance(hello.get("table"), dict):
+            return f"expected a node hello (a dict with a table), got {type(hello).__name__}"
+        if hello.get("run_id") != lay.run_id:
+            return f"run id {hello.get('run_id')!r} is not this run's {lay.run_id!r}"
+        if hello.get("nnodes") != lay.nnodes:
+            return f"a world of {hello.get('nnodes')} nodes, this run has {lay.nnodes}"
+        k = hello.get("node_rank")
+        if type(k) is not int or not 1 <= k < lay.nnodes:
+            return f"node rank {k!r}: expected 1..{lay.nnodes - 1} (node 0 is the master)"
+        per = len(lay.ranks)
+        if hello.get("ranks") != [k * per, (k + 1) * per]:
+            expected = [k * per, (k + 1) * per]
+            return f"node {k} claims ranks {hello.get('ranks')}, expected {expected}"
+        if hello.get("config_hash") != self.config_hash:
+            return f"node {k} runs another config (config_hash {hello.get('config_hash')!r:.20})"
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# Node K: saying hello
+# ---------------------------------------------------------------------------------------
+
+
+async def rendezvous(layout: NodeLayout, config_hash: str, table: dict, timeout: float) -> dict:
+    """Node K's hello to node 0; the whole table, or RunRefused (node 0 said no, or was
+    not reached within `timeout`)."""
+    hello = _hello(layout, config_hash, table)
+    with trio.move_on_after(timeout):
+        while True:  # (a hello sent twice is harmless: the later one replaces it)
+            try:
+                reply = await actors.call(RENDEZVOUS, hello, timeout=None if _up() else 2.0)
+            except actors.ActorError:
+                await trio.sleep(_HELLO_RETRY)  # node 0 is not up (yet)
+                continue
+            if "refused" in reply:
+                raise RunRefused(f"node 0 refused node {layout.node_rank}: {reply['refused']}")
+            return reply["tables"]
+    raise RunRefused(
+        f"node {layout.node_rank}: no answer from node 0 at {layout.master_endpoint} "
+        f"within {timeout:g}s (is node 0 started, and the master address right?)"
+    )
+
+
+def _up() -> bool:
+    """Node 0 is heard from: the hello may wait for the other nodes as long as it takes."""
+    info = actors.current_node().peer_info("cluster")
+    return bool(info and info.alive)
+
+
+async def report_failure(layout: NodeLayout, reason: str) -> None:
+    """Tell node 0 that this node gave up (best effort)."""
+    with trio.move_on_after(5.0):
+        try:
+            await actors.call(
+                RENDEZVOUS, {"failed": reason, "node_rank": layout.node_rank}, timeout=5.0
+            )
+        except actors.ActorError:
+            pass
+
+
+def share_checkpoint_root(plan_path: Path, layout: NodeLayout, cfg) -> None:
+    """Node K's ranks write their shards where node 0's ranks do: DIR's checkpoint root
+    (node K's own dir is DIR/node-K)."""
+    if layout.node_rank == 0:
+        return
+    plan = json.loads(Path(plan_path).read_text())
+    plan["checkpoint_root"] = str(Path(plan["run_dir"]).parent / cfg.checkpoint.dir)
+    write_json_atomic(Path(plan_path), plan)
+
+
+async def gather_nodes(nursery, node, layout: NodeLayout, config_hash: str, plan_path, coord):
+    """Node 0: run the Rendezvous until every node has said hello, then write the whole
+    table into the plan; {rank: node endpoint} of node 0's ranks, or None when the run
+    ended first (a stop, a node's failure, or HELLO_TIMEOUT without every node: the run
+    fails naming the missing nodes). The reserved ports are held by `coord.ports`."""
+    table = local_table(layout, node.endpoint, coord.ports)
+    rdv = Rendezvous(layout, config_hash, table, coord.fail)
+    await actors.spawn(nursery, rdv, name="Rendezvous")
+    with trio.move_on_after(HELLO_TIMEOUT):
+        async with trio.open_nursery() as waiting:
+
+            async def until(event) -> None:
+                await event.wait()
+                waiting.cancel_scope.cancel()
+
+            waiting.start_soon(until, rdv.complete)
+            waiting.start_soon(until, coord.outcome.done)
+    if not rdv.complete.is_set():
+        missing = sorted(set(range(layout.nnodes)) - {int(k) for k in rdv.tables})
+        coord.fail(
+            f"node(s) {', '.join(map(str, missing))} did not say hello to node 0 at "
+            f"{layout.master_endpoint} within {HELLO_TIMEOUT:g}s"
+        )
+    if coord.outcome.done.is_set():
+        return None
+    return write_plan_table(plan_path, layout, rdv.tables)
+
+
+class NodeAgent(actors.Actor):
+    """Node K's ear for node 0's word that the run is over: {"over": "finished" |
+    "failed" | "stopped", "reason": str}. It sets this node's outcome (`coord.outcome`)
+    as node 0's, so every agent exits with node 0's code; the agent then stops its ranks
+    as node 0 stops its own."""
+
+    def __init__(self, outcome) -> None:
+        self.outcome = outcome
+
+    async def handle_call(self, request, from_):
+        kind = request.get("over") if isinstance(request, dict) else None
+        reason = request.get("reason") if isinstance(request, dict) else None
+        if kind not in ("finished", "failed", "stopped") or not isinstance(reason, str):
+            return {"refused": "expected {'over': finished|failed|stopped, 'reason': str}"}
+        if not self.outcome.done.is_set():
+            if kind == "failed":
+                self.outcome.failure = f"node 0: {reason}"
+            elif kind == "stopped":
+                self.outcome.stopped = reason
+            self.outcome.done.set()
+        return "ok"
+
+
+async def announce_end(layout: NodeLayout, outcome) -> None:
+    """Node 0, the run over: tell every other agent how it ended (each within 5 s; an
+    agent not reached finds out when node 0 falls silent)."""
+    if outcome.failure is not None:
+        word = {"over": "failed", "reason": outcome.failure}
+    elif outcome.stopped is not None:
+        word = {"over": "stopped", "reason": outcome.stopped}
+    else:
+        word = {"over": "finished", "reason": ""}
+
+    async def tell(k: int) -> None:
+        try:
+            await actors.call(f"NodeAgent@{node_name(k)}", word, timeout=5.0)
+        except actors.ActorError:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for k in range(1, layout.nnodes):
+            nursery.start_soon(tell, k)
+
+
+async def supervise_node(ranks: actors.Supervisor, layout: NodeLayout, coord) -> None:
+    """Node K > 0: run its rank supervisor until node 0 says the run is over (then stop
+    the ranks, as node 0 stops its own). Restarts exhausted: the failure goes to node 0
+    too. Node 0 silent for the heartbeat timeout and no word from it: fail."""
+    node = actors.current_node()
+    async with trio.open_nursery() as nursery:
+        await actors.spawn(nursery, NodeAgent(coord.outcome), name="NodeAgent")
+
+        async def run_ranks() -> None:
+            try:
+                reason = await ranks.run()
+            except (actors.RestartIntensityExceeded, actors.StartChildError) as err:
+                reason = f"node {layout.node_rank} gave up: {str(err).splitlines()[0]}"
+                coord.fail(reason)
+                await report_failure(layout, reason)
+            else:  # every rank left normally: node 0's word is on its way
+                with trio.move_on_after(2 * node.heartbeat_timeout):
+                    await coord.outcome.done.wait()
+                coord.fail(f"node {layout.node_rank}: its ranks ended ({reason}) unasked")
+            nursery.cancel_scope.cancel()
+
+        async def watch_master() -> None:
+            await node.wait_peer("cluster", alive=False)
+            coord.fail(
+                f"node 0 at {layout.master_endpoint} lost: silent for "
+                f"{node.heartbeat_timeout:g}s (node {layout.node_rank} stops its ranks)"
+            )
+
+        async def until_over() -> None:
+            await coord.outcome.done.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(run_ranks)
+        nursery.start_soon(watch_master)
+        nursery.start_soon(until_over)
+
+
+def plan_env_dir(run_dir: Path, node_rank: int) -> Path:
+    """Where node K keeps its own files within the run dir given to every node."""
+    return run_dir if node_rank == 0 else run_dir / f"node-{node_rank}"
+
+
+def agent_label(layout: NodeLayout) -> str:
+    first, last = layout.ranks.start, layout.ranks.stop - 1
+    return f"node {layout.node_rank} of {layout.nnodes} (ranks {first}..{last})"
