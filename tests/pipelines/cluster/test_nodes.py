@@ -1,0 +1,147 @@
+"""Node agents (pipelines.cluster.nodes): two `zerotrain run` processes as the agents of
+two hosts, 127.0.0.2 and 127.0.0.3 (each binds and advertises its own address), give
+the params_sha256 of the same ranks on one host -- launched by flags and by
+torchrun-style variables; plaintext tcp is said in one line on loopback and refused
+elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.pipelines.cli_util import BLAS_THREAD_VARS, REPO, zerotrain
+
+pytestmark = pytest.mark.slow
+
+RUN = ("run", "char_lm", "--ranks", "4", "--mode", "zero2", "--steps", "20", "--seed", "11")
+LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "NNODES", "RANK", "GROUP_RANK")
+
+
+def _port(host: str = "127.0.0.2") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _env(extra: dict) -> dict:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in BLAS_THREAD_VARS
+        and k not in LAUNCH_VARS
+        and not k.startswith(("ZEROTRAIN_", "SLURM", "PET_", "TORCHELASTIC_"))
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return {**env, **extra}
+
+
+def _agent(args, env: dict, cwd: Path, name: str) -> subprocess.Popen:
+    out = open(cwd / f"{name}.err", "w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        env=_env(env),
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=out,
+        start_new_session=True,  # a failed test kills each agent's whole group
+    )
+
+
+def _finish(agents: dict, cwd: Path, timeout: float = 300) -> dict:
+    """Wait for every agent; {name: (exit code, stderr)}; kill what is left on failure."""
+    results = {}
+    try:
+        deadline = time.monotonic() + timeout
+        for name, proc in agents.items():
+            code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+            results[name] = (code, (cwd / f"{name}.err").read_text())
+    finally:
+        for proc in agents.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return results
+
+
+def _sha(run_dir: Path) -> str:
+    return json.loads((run_dir / "summary.json").read_text())["params_sha256"]
+
+
+@pytest.fixture(scope="module")
+def one_host_sha(tmp_path_factory) -> str:
+    """The bits of the same run on one host: --ranks 4."""
+    run_dir = tmp_path_factory.mktemp("one_host") / "run"
+    done = zerotrain(*RUN, "--run-dir", str(run_dir), timeout=300)
+    assert done.returncode == 0, done.stderr
+    return _sha(run_dir)
+
+
+def test_two_agents_by_flags_give_the_bits_of_one_host(tmp_path, one_host_sha):
+    master = f"127.0.0.2:{_port()}"
+    run_dir = tmp_path / "run"
+    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
+    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
+    agents = {
+        "node1": _agent(node1, {}, tmp_path, "node1"),
+        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
+    }
+    results = _finish(agents, tmp_path)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    assert _sha(run_dir) == one_host_sha
+    # each agent said, in one line, that it runs plaintext tcp on loopback
+    for k, addr in ((0, "127.0.0.2"), (1, "127.0.0.3")):
+        said = [ln for ln in results[f"node{k}"][1].splitlines() if "without keys" in ln]
+        assert said == [
+            f"zerotrain run: node {k}: plaintext tcp on loopback without keys (master "
+            f"tcp://{master}, this node {addr}): a test mode"
+        ]
+    # node 1's ranks lived on 127.0.0.3, and wrote their shards into node 0's root
+    plan1 = json.loads((run_dir / "node-1" / "plan.json").read_text())
+    assert plan1["endpoints"][2].startswith("tcp://127.0.0.3:")
+    assert plan1["peers"]["rank1"].startswith("tcp://127.0.0.2:")
+    final = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    assert len(list(final.glob("shard-*.safetensors"))) == 4
+    assert (final / "manifest.json").exists()
+    assert not (run_dir / "node-1" / "checkpoints").exists()
+    assert not (run_dir / "node-1" / "summary.json").exists()
+
+
+def test_two_agents_by_torchrun_variables_give_the_bits_of_one_host(tmp_path, one_host_sha):
+    port = _port()
+    run_dir = tmp_path / "run"
+    common = [*RUN, "--run-dir", str(run_dir)]
+    world = {"MASTER_ADDR": "127.0.0.2", "MASTER_PORT": str(port), "NNODES": "2"}
+    agents = {
+        "node1": _agent(
+            common,
+            {**world, "NODE_RANK": "1", "ZEROTRAIN_ADVERTISE_ADDR": "127.0.0.3"},
+            tmp_path,
+            "node1",
+        ),
+        "node0": _agent(common, {**world, "NODE_RANK": "0"}, tmp_path, "node0"),
+    }
+    results = _finish(agents, tmp_path)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    assert _sha(run_dir) == one_host_sha
+
+
+def test_a_non_loopback_address_without_keys_is_refused_in_one_line(tmp_path):
+    args = [*RUN, "--nodes", "2", "--node-rank", "1", "--master", f"127.0.0.2:{_port()}"]
+    done = zerotrain(*args, "--advertise-addr", "192.0.2.7", "--run-dir", str(tmp_path / "r"))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "zerotrain run: node 1: 192.0.2.7 is not a loopback address and the run has no "
+        "keys: plaintext tcp between hosts is refused (multi-node runs without keys are "
+        "accepted on loopback addresses only, e.g. 127.0.0.2)"
+    ]
+    assert not (tmp_path / "r").exists()
