@@ -3,6 +3,7 @@
 with one master and one run id; other launches are refused or are no launch at all."""
 
 import json
+import subprocess
 
 import pytest
 
@@ -53,3 +54,33 @@ def test_a_step_on_the_second_node_of_an_allocation_is_its_own_master(slurm_clus
     assert done.returncode == 0, done.stderr
     (ident,) = json_lines(done.stdout)
     assert (ident["nnodes"], ident["node_rank"], ident["master_addr"]) == (1, 0, "zn2")
+
+
+def test_srun_of_two_node_agents_gives_the_bits_of_one_host(slurm_cluster, tmp_path):
+    """The acceptance run: `srun -N2 --ntasks-per-node=1 zerotrain run char_lm --ranks 4
+    --mode zero2 --steps 40` -- two agents on zn1 (127.0.0.2) and zn2 (127.0.0.3), the
+    run dir runs/char_lm-<job id> shared through the cwd -- ends with the params_sha256
+    of the same run on one host."""
+    run = ["run", "char_lm", "--ranks", "4", "--mode", "zero2", "--steps", "40"]
+    done = subprocess.run(
+        ["srun", "-N2", "--ntasks-per-node=1", *slurm_cluster.zerotrain(), *run],
+        env=slurm_cluster.env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").glob("char_lm-*")
+    assert (run_dir / "node-1" / "config.json").exists()
+    one_host = subprocess.run(
+        [*slurm_cluster.zerotrain(), *run, "--run-dir", str(tmp_path / "one")],
+        env=slurm_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one_host.returncode == 0, one_host.stderr[-3000:]
+    sha = [json.loads((d / "summary.json").read_text())["params_sha256"]
+           for d in (run_dir, tmp_path / "one")]  # fmt: skip
+    assert sha[0] == sha[1]
