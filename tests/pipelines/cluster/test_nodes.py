@@ -145,3 +145,51 @@ def test_a_non_loopback_address_without_keys_is_refused_in_one_line(tmp_path):
         "accepted on loopback addresses only, e.g. 127.0.0.2)"
     ]
     assert not (tmp_path / "r").exists()
+
+
+def _rank_pids(agent_pid: int) -> list[int]:
+    """The rank processes an agent started (its children running pipelines.cluster.rank)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent_pid and b"pipelines.cluster.rank" in cmdline:
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
+
+
+def _steps_logged(run_dir: Path) -> int:
+    try:
+        return len((run_dir / "metrics.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def test_a_rank_of_node_1_killed_recovers_to_the_bits_of_one_host(tmp_path, one_host_sha):
+    master = f"127.0.0.2:{_port()}"
+    run_dir = tmp_path / "run"
+    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
+    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
+    agents = {
+        "node1": _agent(node1, {}, tmp_path, "node1"),
+        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
+    }
+    try:
+        deadline = time.monotonic() + 240
+        while _steps_logged(run_dir) < 5:
+            assert time.monotonic() < deadline, "no 5 steps within 240 s"
+            assert all(p.poll() is None for p in agents.values()), "an agent ended early"
+            time.sleep(0.1)
+        victims = _rank_pids(agents["node1"].pid)
+        assert len(victims) == 2
+        os.kill(victims[0], signal.SIGKILL)
+    finally:
+        results = _finish(agents, tmp_path)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] >= 1
+    assert summary["params_sha256"] == one_host_sha
