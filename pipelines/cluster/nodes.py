@@ -284,7 +284,7 @@ class Rendezvous(actors.Actor):
 
     async def handle_call(self, request, from_):
         if isinstance(request, dict) and request.get("failed") is not None:
-            self.fail(f"node {request.get('node_rank')}: {request['failed']}")
+            self.fail(str(request["failed"]))  # (it names the node)
             return "ok"
         why = self._misfit(request)
         if why is not None:
