@@ -36,6 +36,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from .cliargs import flag_overrides, int_at_least
 from .daemon import DAEMON_COMMANDS, register_daemon_commands, run_daemon_command
 from .launch import LAUNCH_COMMANDS, register_launch_commands, run_launch_command
 
@@ -53,24 +54,7 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+_positive_int, _nonneg_int = int_at_least(1), int_at_least(0)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -173,19 +157,7 @@ def _resolve(args):
     """The Config from CONFIG + --set + the flag shorthands (flags win)."""
     from .config import load_config
 
-    overrides = list(args.overrides)
-    for flag, key in (
-        ("ranks", "cluster.ranks"),
-        ("mode", "cluster.mode"),
-        ("steps", "train.steps"),
-        ("seed", "train.seed"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    if args.model is not None:
-        overrides.append(f"model.name={json.dumps('file:' + args.model)}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, flag_overrides(args, args.model))
 
 
 def _resume_dir(args, cfg) -> Path | None:
@@ -209,9 +181,43 @@ def _note(args, line: str) -> None:
 
 
 def _cmd_run(args, out) -> int:
-    from .core import RunRefused, RunStopped, TrainingFailed, load_hooks
+    from .core import RunRefused, RunStopped, TrainingFailed
     from .local import run_local
-    from .store.rundir import RunDirRefused, default_run_dir, last_good_checkpoint
+    from .store.rundir import RunDirRefused
+
+    cfg, resume, chaos, layout, analyzers = _plan_run(args)
+    run_dir = _run_dir(args, cfg, resume, layout)
+    try:
+        if cfg.cluster.ranks > 1 or chaos is not None or analyzers or layout is not None:
+            from .cluster import run_cluster
+
+            run_cluster(
+                cfg, run_dir, resume=resume, hooks=args.hooks, chaos=chaos, out=out, layout=layout
+            )
+        else:
+            run_local(cfg, run_dir, resume=resume, hooks=args.hooks, out=out)
+    except (RunRefused, RunDirRefused, TrainingFailed, RunStopped) as err:
+        return _refused_failed_or_stopped(args, err)
+    except (KeyboardInterrupt, BaseExceptionGroup) as err:
+        stopped = _leaf(err, RunStopped)
+        if stopped is not None:
+            return _refused_failed_or_stopped(args, stopped)
+        if _leaf(err, KeyboardInterrupt) is not None:  # a signal outside the steps
+            return _interrupted(run_dir, cfg)
+        if not isinstance(err, Exception):
+            raise
+        return _failed(err, run_dir, cfg)
+    except Exception as err:
+        return _failed(err, run_dir, cfg)
+    return EXIT_OK
+
+
+def _plan_run(args):
+    """What `run`/`simulate` checks before any rank starts (each a usage error, exit 2):
+    (cfg, resume dir, parsed chaos, this node's layout, whether analyzers run)."""
+    from .core import RunRefused, load_hooks
+    from .data import DataError
+    from .use import check_data
 
     cfg = _resolve(args)
     try:
@@ -222,9 +228,6 @@ def _cmd_run(args, out) -> int:
     # way even for one rank (the in-process runner would run them between steps)
     analyzers = any(h.kind == "analyzer" for h in hooks) or bool(cfg.hooks.specs)
     resume = _resume_dir(args, cfg)
-    from .data import DataError
-    from .use import check_data
-
     try:  # before any rank starts: bad data is a usage error (exit 2)
         check_data(cfg, resume=resume, allow_change=args.allow_data_change)
     except DataError as err:
@@ -240,56 +243,56 @@ def _cmd_run(args, out) -> int:
         layout = layout_from_args(args, cfg, os.environ, lambda line: _note(args, line))
     except RunRefused as err:
         raise _UsageError(f"zerotrain {args.command}: {err}") from None
+    return cfg, resume, chaos, layout, analyzers
+
+
+def _run_dir(args, cfg, resume: Path | None, layout) -> Path:
+    """--run-dir; else a multi-node run's own default; else the resumed run's dir when
+    it holds a config.json; else runs/<pipeline>-<time>."""
+    from .store.rundir import default_run_dir
+
     if layout is not None and not args.run_dir:
         from .cluster.nodes import default_run_dir as node_run_dir
 
         args.run_dir = str(node_run_dir(cfg.name, layout))
-    run_dir = (
-        Path(args.run_dir)
-        if args.run_dir
-        else (resume if resume and (resume / "config.json").exists() else default_run_dir(cfg.name))
-    )
-    try:
-        if cfg.cluster.ranks > 1 or chaos is not None or analyzers or layout is not None:
-            from .cluster import run_cluster
+    if args.run_dir:
+        return Path(args.run_dir)
+    if resume and (resume / "config.json").exists():
+        return resume
+    return default_run_dir(cfg.name)
 
-            run_cluster(
-                cfg, run_dir, resume=resume, hooks=args.hooks, chaos=chaos, out=out, layout=layout
-            )
-        else:
-            run_local(cfg, run_dir, resume=resume, hooks=args.hooks, out=out)
-    except (RunRefused, RunDirRefused) as err:
-        print(f"zerotrain {args.command}: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except TrainingFailed as err:
-        print(f"zerotrain run: training failed: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    except RunStopped as err:
-        print(f"zerotrain run: {err}", file=sys.stderr)
-        return EXIT_STOPPED
-    except (KeyboardInterrupt, BaseExceptionGroup) as err:
-        stopped = _leaf(err, RunStopped)
-        if stopped is not None:
-            print(f"zerotrain run: {stopped}", file=sys.stderr)
-            return EXIT_STOPPED
-        if _leaf(err, KeyboardInterrupt) is not None:  # a signal outside the steps
-            why = f"{_INTERRUPTED[-1]} to the zerotrain process"
-            last = last_good_checkpoint(run_dir / cfg.checkpoint.dir)
-            if last == "none written yet":
-                line = f"stopped before the first step ({why}); nothing to resume: start it again"
-            else:
-                line = (
-                    f"stopped outside the training steps ({why}); last good checkpoint: "
-                    f"{last}; continue with --resume {run_dir}"
-                )
-            print(f"zerotrain run: {line}", file=sys.stderr)
-            return EXIT_STOPPED
-        if not isinstance(err, Exception):
-            raise
-        return _failed(err, run_dir, cfg)
-    except Exception as err:
-        return _failed(err, run_dir, cfg)
-    return EXIT_OK
+
+def _refused_failed_or_stopped(args, err: Exception) -> int:
+    """The one line and exit code of a run that could not start as asked (2), failed
+    (3) or was stopped by a signal (4)."""
+    from .core import RunStopped, TrainingFailed
+
+    if isinstance(err, TrainingFailed):
+        line, code = f"zerotrain run: training failed: {err}", EXIT_FAILED
+    elif isinstance(err, RunStopped):
+        line, code = f"zerotrain run: {err}", EXIT_STOPPED
+    else:  # RunRefused, RunDirRefused
+        line, code = f"zerotrain {args.command}: {err}", EXIT_USAGE
+    print(line, file=sys.stderr)
+    return code
+
+
+def _interrupted(run_dir: Path, cfg) -> int:
+    """A signal that came outside the training steps (before the first or after the
+    last): what to do next, in one line; exit 4."""
+    from .store.rundir import last_good_checkpoint
+
+    why = f"{_INTERRUPTED[-1]} to the zerotrain process"
+    last = last_good_checkpoint(run_dir / cfg.checkpoint.dir)
+    if last == "none written yet":
+        line = f"stopped before the first step ({why}); nothing to resume: start it again"
+    else:
+        line = (
+            f"stopped outside the training steps ({why}); last good checkpoint: "
+            f"{last}; continue with --resume {run_dir}"
+        )
+    print(f"zerotrain run: {line}", file=sys.stderr)
+    return EXIT_STOPPED
 
 
 def _failed(err: Exception, run_dir: Path, cfg) -> int:
@@ -311,27 +314,26 @@ def _failed(err: Exception, run_dir: Path, cfg) -> int:
 
 def _leaf(err: BaseException, kind: type) -> BaseException | None:
     """`err` if it is a `kind`, else the first `kind` inside it (trio raises groups)."""
-    if isinstance(err, kind):
-        return err
-    if isinstance(err, BaseExceptionGroup):
-        for inner in err.exceptions:
-            found = _leaf(inner, kind)
-            if found is not None:
-                return found
-    return None
+    return _first(err, lambda leaf: leaf if isinstance(leaf, kind) else None)
 
 
 def _world_error(err: BaseException, run_dir: Path) -> str | None:
     """disk_error of `err` or of the first OSError inside it (trio raises groups)."""
     from .store.rundir import disk_error
 
-    if isinstance(err, BaseExceptionGroup):
-        for inner in err.exceptions:
-            why = _world_error(inner, run_dir)
-            if why is not None:
-                return why
-        return None
-    return disk_error(err, run_dir)
+    return _first(err, lambda leaf: disk_error(leaf, run_dir))
+
+
+def _first(err: BaseException, pick):
+    """pick(e) for the first exception e, in order, of `err`'s leaves (`err` itself when
+    it is not an exception group) for which it is not None; else None."""
+    if not isinstance(err, BaseExceptionGroup):
+        return pick(err)
+    for inner in err.exceptions:
+        found = _first(inner, pick)
+        if found is not None:
+            return found
+    return None
 
 
 def _save_traceback(run_dir: Path) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cliargs import int_at_least
 from .config import FILE_DATASETS, Config, from_resolved
 from .data import DataError, file_identity
 
@@ -489,14 +490,7 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise _arg_error(f"expected an integer >= 0, got {text!r}")
-    return value
+_nonneg_int = int_at_least(0)
 
 
 def _arg_error(msg):

@@ -8,7 +8,6 @@ Each verb finds the daemon through --state-dir, $ZEROTRAIN_STATE_DIR or the defa
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
@@ -105,23 +104,15 @@ def submit_request(args) -> protocol.Submit:
     (config and overrides, hooks, data files, a file model) and build the request: the
     pipeline file's text, not its path, so later edits of the file do not change the
     queued job."""
+    from ..cliargs import flag_overrides
     from ..config import CONFIG_DIR, ConfigError, load_config
     from ..core import load_hooks
 
-    overrides = list(args.overrides)
-    for flag, key in (
-        ("ranks", "cluster.ranks"),
-        ("mode", "cluster.mode"),
-        ("steps", "train.steps"),
-        ("seed", "train.seed"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    if args.model is not None:  # absolute: the job runs in this directory, but be exact
-        path, sep, name = args.model.partition(":")
+    model = args.model
+    if model is not None:  # absolute: the job runs in this directory, but be exact
+        path, sep, name = model.partition(":")
         model = os.path.abspath(path) + sep + name
-        overrides.append(f"model.name={json.dumps('file:' + model)}")
+    overrides = flag_overrides(args, model)
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 
+from ..cliargs import int_at_least
 from .identity import IDENTITY_FLAGS, IdentityError, NodeIdentity, resolve_identity
 from .keys import KeysError, init_keys
 
@@ -36,14 +37,7 @@ LAUNCH_COMMANDS = ("env", "keys")
 _EXIT_OK, _EXIT_USAGE = 0, 2
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+_count = int_at_least(1)
 
 
 def add_identity_options(parser: argparse.ArgumentParser) -> None:
