@@ -118,6 +118,16 @@ def run_cluster(
         shutil.rmtree(ipc_dir, ignore_errors=True)
         for port in ports:
             port.close()
+    _record_outcome(coord, rundir, chaos)
+    if layout is not None and layout.node_rank > 0:
+        progress.message(f"done: {nodes.agent_label(layout)}; summary on node 0")
+        return None
+    return _summarize(cfg, coord, identity, rundir, progress, time.perf_counter() - t_start)
+
+
+def _record_outcome(coord: Coordinator, rundir: RunDir, chaos) -> None:
+    """Write recovery.json (under chaos, or when a rank was restarted); raise
+    TrainingFailed or RunStopped when the run did not end by finishing its steps."""
     recovery = [f.record() for f in coord.faults]
     if chaos is not None or recovery:
         write_json_atomic(
@@ -127,10 +137,6 @@ def run_cluster(
         raise TrainingFailed(coord.outcome.failure)
     if coord.outcome.stopped is not None:
         raise RunStopped(coord.outcome.stopped)
-    if layout is not None and layout.node_rank > 0:
-        progress.message(f"done: {nodes.agent_label(layout)}; summary on node 0")
-        return None
-    return _summarize(cfg, coord, identity, rundir, progress, time.perf_counter() - t_start)
 
 
 def _write_plan(
