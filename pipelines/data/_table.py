@@ -453,10 +453,7 @@ def class_ids(path: Path, raw, target: str, classes: list) -> np.ndarray:
                 num = _number(v)
                 key = int(num) if num is not None and math.isfinite(num) else v
             if key not in lookup:
-                raise DataError(
-                    f"{path} line {line}, column {target!r}: label {v!r} is not one of the "
-                    f"{len(classes)} training classes"
-                )
+                raise _not_a_class(f"{path} line {line}, column {target!r}", repr(v), classes)
             out[i] = lookup[key]
         return out
     values = np.asarray(raw)
@@ -470,20 +467,19 @@ def class_ids(path: Path, raw, target: str, classes: list) -> np.ndarray:
         bad = cls[ids] != values
         if bad.any():
             r = int(np.argmax(bad))
-            raise DataError(
-                f"{path} row {r}, target {target!r}: label {values[r]} is not one of the "
-                f"{len(classes)} training classes"
-            )
+            raise _not_a_class(f"{path} row {r}, target {target!r}", values[r], classes)
         return ids.astype(np.int64)
     out = np.empty(len(keys), np.int64)
     for i, k in enumerate(keys):
         if k not in lookup:
-            raise DataError(
-                f"{path} row {i}, target {target!r}: label {k!r} is not one of the "
-                f"{len(classes)} training classes"
-            )
+            raise _not_a_class(f"{path} row {i}, target {target!r}", repr(k), classes)
         out[i] = lookup[k]
     return out
+
+
+def _not_a_class(where: str, label, classes: list) -> DataError:
+    """The error of a label (as it is to be shown) that is not among `classes`."""
+    return DataError(f"{where}: label {label} is not one of the {len(classes)} training classes")
 
 
 def regression_target(path: Path, raw, target: str) -> np.ndarray:

@@ -283,12 +283,9 @@ def main_report(argv=None) -> int:
     try:
         for path in render_report(args.run_dir, args.out):
             print(path)
-    except MissingDependency as exc:
+    except (MissingDependency, ReportError) as exc:
         print(f"zerotrain report: {exc}", file=sys.stderr)
-        return EXIT_NO_MATPLOTLIB
-    except ReportError as exc:
-        print(f"zerotrain report: {exc}", file=sys.stderr)
-        return EXIT_BAD_RUN_DIR
+        return EXIT_NO_MATPLOTLIB if isinstance(exc, MissingDependency) else EXIT_BAD_RUN_DIR
     return 0
 
 
