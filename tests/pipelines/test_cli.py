@@ -305,3 +305,19 @@ def test_report_renders_a_run_dir_or_says_in_one_line_why_not(tmp_path, capsys):
     else:
         assert proc.returncode == 0
         assert proc.stdout.split() == [str(tmp_path / "png" / "loss_lr.png")]
+
+
+def test_a_stop_or_a_disk_error_deep_in_trio_groups_is_found_first_leaf_first(tmp_path):
+    import errno
+
+    from pipelines.cli import _leaf, _world_error
+    from pipelines.core import RunStopped
+
+    first, second = RunStopped("first"), RunStopped("second")
+    inner = ExceptionGroup("inner", [ValueError("x"), first])
+    group = BaseExceptionGroup("outer", [KeyError("k"), inner, second])
+    assert _leaf(group, RunStopped) is first and _leaf(group, OSError) is None
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "f"))
+    nested = ExceptionGroup("g", [ValueError("x"), ExceptionGroup("h", [full])])
+    why = _world_error(nested, tmp_path)
+    assert why is not None and "ENOSPC" in why, why

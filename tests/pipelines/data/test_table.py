@@ -1,8 +1,6 @@
 """data.name = "table": the user's CSV/TSV, .npy, .npz and .safetensors files."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import pytest
 from pipelines.config import DataConfig, load_config
 from pipelines.core import build_model_for
 from pipelines.data import DataError, load_dataset
+from tests.pipelines.cli_util import table_data, zerotrain
 
 
 def table(path, cache_dir="", **opts):
@@ -274,16 +273,26 @@ def test_bad_tables_are_one_line_naming_the_file(tmp_path, case, raises_one_line
 def test_zerotrain_run_on_bad_data_exits_2_before_any_rank_starts(tmp_path):
     path = _csv(tmp_path, "a,b,y\n1,2,0\n3,x,1\n4,5,0\n")
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "run", "mlp_classifier", "--ranks", "2"]
-        + ["--set", "data.name=table", "--set", f"data.path={json.dumps(str(path))}"]
-        + ["--set", f"data.cache_dir={json.dumps(str(tmp_path / 'c'))}"]
-        + ["--run-dir", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    data = table_data(path, tmp_path / "c")
+    proc = zerotrain("run", "mlp_classifier", "--ranks", "2", *data, "--run-dir", str(run_dir))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "d.csv line 3, column 'b': 'x' is not a number" in lines[0]
     assert not run_dir.exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    ("train_y", "eval_y", "shown"),
+    [([0, 1], [1, 5], "5"), (["cat", "dog"], ["dog", "yak"], "'yak'")],
+)
+def test_eval_array_labels_outside_the_training_classes_name_the_row(
+    tmp_path, train_y, eval_y, shown, raises_one_line
+):
+    x = np.zeros((8, 2), np.float32)
+    np.savez(tmp_path / "train.npz", x=x, y=np.array(train_y * 4))
+    np.savez(tmp_path / "ev.npz", x=x[:2], y=np.array(eval_y))
+    ev = str(tmp_path / "ev.npz")
+    cfg = table(tmp_path / "train.npz", features="x", target="y", eval_path=ev)
+    match = rf"ev.npz row 1, target 'y': label {shown} is not one of the 2 training classes$"
+    with raises_one_line(DataError, match=match):
+        load_dataset(cfg, "eval")
