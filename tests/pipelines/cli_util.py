@@ -1,4 +1,6 @@
-"""The one way the pipeline tests run the real command line: `zerotrain(*args)`.
+"""How the pipeline tests run the real command line: `zerotrain(*args)` in a fresh
+interpreter, `cli(capsys, *args)` in the test's own process (pipelines.cli.main), and
+`one_line(err)`, the check that an error is the one line the project's rule asks for.
 
 A helper module, not a fixture, because module-scoped fixtures and plain helpers
 (tests/pipelines/cluster/cluster_util.py) call it too; import it as
@@ -7,6 +9,7 @@ A helper module, not a fixture, because module-scoped fixtures and plain helpers
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,3 +37,30 @@ def zerotrain(*args: str, cwd=None, timeout: float = 180) -> subprocess.Complete
         env=env,
         cwd=cwd,
     )
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """pipelines.cli.main(ARGS) in this process: (exit code, stdout, stderr)."""
+    from pipelines.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    """The only line of `err` (fails the test when there are more or none)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def table_data(path: Path, cache_dir: Path) -> list[str]:
+    """The --set options that train on the table file `path` (data.name=table), its
+    parsed cache in `cache_dir`."""
+    sets = (
+        "data.name=table",
+        f"data.path={json.dumps(str(path))}",
+        f"data.cache_dir={json.dumps(str(cache_dir))}",
+    )
+    return [word for key_value in sets for word in ("--set", key_value)]

@@ -10,20 +10,9 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.use import load_run, predict
+from tests.pipelines.cli_util import cli, one_line
 
 SOURCE = inspect.getsourcefile(textwrap)  # a text file nobody on the project wrote
-
-
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module", params=["bytes", "chars"])

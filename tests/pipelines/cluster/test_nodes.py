@@ -84,15 +84,21 @@ def one_host_sha(tmp_path_factory) -> str:
     return _sha(run_dir)
 
 
-def test_two_agents_by_flags_give_the_bits_of_one_host(tmp_path, one_host_sha):
+def _two_agents_by_flags(run_dir: Path, tmp_path: Path) -> tuple[str, dict]:
+    """Node 1 (advertising 127.0.0.3), then node 0 (the master, at 127.0.0.2), started
+    by flags for one run of RUN in `run_dir`: (master HOST:PORT, the agents)."""
     master = f"127.0.0.2:{_port()}"
-    run_dir = tmp_path / "run"
     common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
     node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
-    agents = {
+    return master, {
         "node1": _agent(node1, {}, tmp_path, "node1"),
         "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
     }
+
+
+def test_two_agents_by_flags_give_the_bits_of_one_host(tmp_path, one_host_sha):
+    run_dir = tmp_path / "run"
+    master, agents = _two_agents_by_flags(run_dir, tmp_path)
     results = _finish(agents, tmp_path)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
@@ -169,14 +175,8 @@ def _steps_logged(run_dir: Path) -> int:
 
 
 def test_a_rank_of_node_1_killed_recovers_to_the_bits_of_one_host(tmp_path, one_host_sha):
-    master = f"127.0.0.2:{_port()}"
     run_dir = tmp_path / "run"
-    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
-    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
-    agents = {
-        "node1": _agent(node1, {}, tmp_path, "node1"),
-        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
-    }
+    _, agents = _two_agents_by_flags(run_dir, tmp_path)
     try:
         deadline = time.monotonic() + 240
         while _steps_logged(run_dir) < 5:

@@ -44,20 +44,27 @@ def state(generation=0):
     return RankState(rank=0, world=2, ring=ring, **fields)
 
 
+async def waiting(nursery, st, event) -> trio.Event:
+    """Start st.wait_unless_regroup(event) in `nursery`; once it blocks, check that it
+    still waits and return the Event it sets when the wait ends."""
+    done = trio.Event()
+
+    async def wait():
+        await st.wait_unless_regroup(event)
+        done.set()
+
+    nursery.start_soon(wait)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not done.is_set()  # waiting for the event (or a regroup)
+    return done
+
+
 async def test_a_regroup_ends_a_wait_for_something_a_dead_neighbour_will_never_send():
     # e.g. the ack of a snapshot replica: the right neighbour died before sending it
     st, never = state(), trio.Event()
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            done = trio.Event()
-
-            async def wait():
-                await st.wait_unless_regroup(never)
-                done.set()
-
-            nursery.start_soon(wait)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not done.is_set()
+            done = await waiting(nursery, st, never)
             st.abort_collectives(1)
         assert done.is_set() and not never.is_set()
         await st.wait_unless_regroup(trio.Event())  # already called for: no wait at all
@@ -67,15 +74,7 @@ async def test_without_a_regroup_the_wait_is_for_the_event():
     st, acked = state(), trio.Event()
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            done = trio.Event()
-
-            async def wait():
-                await st.wait_unless_regroup(acked)
-                done.set()
-
-            nursery.start_soon(wait)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not done.is_set()  # waiting for the event
+            done = await waiting(nursery, st, acked)
             acked.set()
         assert done.is_set() and st.min_generation == 0
 

@@ -118,38 +118,38 @@ def explode(ctx):
 """
 
 
-def test_the_same_error_at_the_same_step_after_a_restore_ends_the_run(tmp_path):
+def fail_at_step_12(tmp_path, *options) -> tuple[Path, list[str]]:
+    """A 2-rank run whose transform hook raises the same error at step 12 every time:
+    its run dir and output lines (it must have failed, exit 3)."""
     hook = tmp_path / "explode.py"
     hook.write_text(TRANSFORM)
     run_dir = tmp_path / "run"
-    # without the rule a generous restart intensity retried it without end
-    proc, _ = start(run_dir, *SMALL, "--ranks", "2", "--set", "cluster.max_restarts=1000",
-                    "--hook", str(hook))  # fmt: skip
+    proc, _ = start(run_dir, *SMALL, "--ranks", "2", *options, "--hook", str(hook))
     lines = finish(proc)
     assert proc.returncode == 3, lines
+    return run_dir, lines
+
+
+def assert_failed_at_step_12(lines: list[str], run_dir: Path, why: str) -> None:
+    """The last line is the run's failure: `why` (a regex) then the hook's error, and a
+    checkpoint of step 5 or 10 (step 10's may still be in writing when step 12 fails)."""
     pattern = (
-        rf"{re.escape(FAILED)}rank [01] failed again at step 11 with the same error after a "
-        r"restore \(.*the same failure at step 12, every time.*\); last good checkpoint: "
-        # the checkpoint of step 10 may still be in writing when step 12 fails
-        rf"{re.escape(str(run_dir))}/checkpoints/step-000000(05|10)"
+        rf"{re.escape(FAILED)}{why}.*the same failure at step 12, every time.*\); last good "
+        rf"checkpoint: {re.escape(str(run_dir))}/checkpoints/step-000000(05|10)"
     )
     assert re.fullmatch(pattern, lines[-1]), lines[-1]
+
+
+def test_the_same_error_at_the_same_step_after_a_restore_ends_the_run(tmp_path):
+    # without the rule a generous restart intensity retried it without end
+    run_dir, lines = fail_at_step_12(tmp_path, "--set", "cluster.max_restarts=1000")
+    why = r"rank [01] failed again at step 11 with the same error after a restore \("
+    assert_failed_at_step_12(lines, run_dir, why)
     # a restore or two (which rank fails first, and so with which error, is a race)
     assert sum("resuming at step" in line for line in lines) <= 2, lines
 
 
 def test_max_total_restarts_is_a_budget_for_the_whole_run(tmp_path):
-    hook = tmp_path / "explode.py"
-    hook.write_text(TRANSFORM)
-    run_dir = tmp_path / "run"
-    proc, _ = start(run_dir, *SMALL, "--ranks", "2", "--set", "cluster.max_total_restarts=0",
-                    "--hook", str(hook))  # fmt: skip
-    lines = finish(proc)
-    assert proc.returncode == 3, lines
-    pattern = (
-        rf"{re.escape(FAILED)}1 rank crashes exceed cluster.max_total_restarts 0 \(last: "
-        r"rank [01], .*the same failure at step 12, every time.*\); last good checkpoint: "
-        # the checkpoint of step 10 may still be in writing when step 12 fails
-        rf"{re.escape(str(run_dir))}/checkpoints/step-000000(05|10)"
-    )
-    assert re.fullmatch(pattern, lines[-1]), lines[-1]
+    run_dir, lines = fail_at_step_12(tmp_path, "--set", "cluster.max_total_restarts=0")
+    why = r"1 rank crashes exceed cluster.max_total_restarts 0 \(last: rank [01], "
+    assert_failed_at_step_12(lines, run_dir, why)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pipelines.cli_util import table_data, zerotrain
+
 pytest.importorskip("sklearn")
 
 SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
@@ -19,15 +21,8 @@ def test_mlp_classifier_on_the_exported_digits_csv_reaches_95_percent_held_out(t
     header = csv_path.read_text().splitlines()[0].split(",")
     assert len(header) == 65 and header[-1] == "label"
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "run", "mlp_classifier"]
-        + ["--set", "data.name=table", "--set", f"data.path={json.dumps(str(csv_path))}"]
-        + ["--set", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"]
-        + ["--run-dir", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    data = table_data(csv_path, tmp_path / "cache")
+    proc = zerotrain("run", "mlp_classifier", *data, "--run-dir", str(run_dir), timeout=600)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval"]["accuracy"] >= 0.95, summary["eval"]

@@ -5,22 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
+from tests.pipelines.cli_util import cli, one_line
 
 MODELS = Path(__file__).resolve().parents[3] / "scripts" / "models"
 SMALL = ["--set", "model.hidden=[32]", "--set", "data.n_train=800", "--set", "data.n_eval=100"]
-
-
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def losses(run_dir):
