@@ -430,6 +430,11 @@ class Coordinator(ProtocolActor):
         if len(self.stop_steps) < self.world:
             return
         self.stop_at = min(max(self.stop_steps.values()) + 1, self.cfg.train.steps)
+        done = ", ".join(str(self.stop_steps[r]) for r in range(self.world))
+        self.progress.message(
+            f"stopping after step {self.stop_at} (steps completed by ranks "
+            f"0..{self.world - 1}: {done})"
+        )
         for r in range(self.world):
             self.nursery.start_soon(self._cast_trainer, msg.stop_at, r, self.stop_at, generation)
 

@@ -117,12 +117,22 @@ STOPPED = re.compile(
 )
 
 
-def check_stopped_and_resume(run: Run, ranks: str, reference, signame: str) -> int:
+AGREED = re.compile(
+    r"stopping after step (\d+) \(steps completed by ranks 0\.\.\d+: (\d+(?:, \d+)*)\)"
+)
+
+
+def check_stopped_and_resume(
+    run: Run, ranks: str, reference, signame: str, agreed: bool = False
+) -> int:
     """The stopped run's one line, its checkpoint, and a resume to the reference bits;
-    the step it stopped at."""
+    the step it stopped at. `agreed`: the ranks were training when the signal came, so
+    the coordinator decided the stop step from the steps they had completed."""
     from pipelines.store import checkpoint as ckpt_mod
 
     lines = run.finish()
+    decisions = [found for line in lines if (found := AGREED.search(line))]
+    assert len(decisions) == (1 if agreed else len(decisions)) <= 1, lines[-20:]
     assert run.proc.returncode == 4, lines[-20:]
     time.sleep(0.5)
     assert living(-1, run.mark) == []  # nothing of the run lives on
@@ -139,6 +149,12 @@ def check_stopped_and_resume(run: Run, ranks: str, reference, signame: str) -> i
         assert found, lines[-5:]
         step = int(found[1])
         assert found[2] == signame and 0 < step < STEPS[ranks]
+        for decision in decisions:
+            # the one step every rank can reach and none has passed: one after the most
+            # completed (lock-step keeps the ranks within one), and the ranks end there
+            done = [int(c) for c in decision[2].split(", ")]
+            assert len(done) == int(ranks) and max(done) - min(done) <= 1, decision[0]
+            assert int(decision[1]) == max(done) + 1 == step, (decision[0], lines[-1])
         ckpt = Path(found[4])
         assert ckpt == ckpt_mod.checkpoint_dir(run_dir / "checkpoints", step)
         assert ckpt_mod.latest_valid(run_dir / "checkpoints").path == ckpt  # verified
@@ -174,7 +190,7 @@ def test_a_signal_mid_run_stops_at_an_agreed_step_and_resume_gives_the_same_bits
         os.killpg(run.proc.pid, sig)
     else:
         os.kill(run.rank_pids()[-1], sig)
-    check_stopped_and_resume(run, ranks, reference, signame)
+    check_stopped_and_resume(run, ranks, reference, signame, agreed=ranks != "1")
 
 
 @pytest.mark.parametrize("ranks", ["1", "2"])
