@@ -207,7 +207,7 @@ class _LocalRun:
         why = "no checkpointed stop within cluster.grace_seconds"
         with trio.move_on_after(self.cfg.cluster.grace_seconds):
             async for signum in signals:
-                why = f"a second {signal.Signals(signum).name}"
+                why = f"a second {signal.Signals(signum).name} to the zerotrain process"
                 break
         raise RunStopped(
             f"stopped at once ({why}); last good checkpoint: "
