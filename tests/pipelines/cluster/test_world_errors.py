@@ -153,3 +153,37 @@ def test_max_total_restarts_is_a_budget_for_the_whole_run(tmp_path):
     run_dir, lines = fail_at_step_12(tmp_path, "--set", "cluster.max_total_restarts=0")
     why = r"1 rank crashes exceed cluster.max_total_restarts 0 \(last: rank [01], "
     assert_failed_at_step_12(lines, run_dir, why)
+
+
+ONCE = """
+from pathlib import Path
+
+from pipelines.hooks import transform
+
+@transform
+def flaky(ctx):
+    # rank 1 fails once at step 12 and once at step 14, each time with another error
+    if ctx.rank == 1 and ctx.step in (12, 14):
+        seen = Path({marks!r}) / f"failed-at-{{ctx.step}}"
+        if not seen.exists():
+            seen.touch()
+            raise RuntimeError(f"a passing failure at step {{ctx.step}}")
+"""
+
+
+def test_max_total_restarts_allows_that_many_restarts_and_ends_the_run_at_the_next(tmp_path):
+    hook = tmp_path / "flaky.py"
+    hook.write_text(ONCE.format(marks=str(tmp_path)))
+    run_dir = tmp_path / "run"
+    proc, _ = start(run_dir, *SMALL, "--ranks", "2", "--set", "cluster.max_total_restarts=1",
+                    "--hook", str(hook))  # fmt: skip
+    lines = finish(proc)
+    assert proc.returncode == 3, lines
+    # the first crash is the one restart allowed; the second, another error, ends the run
+    assert sum("rank 1 is down" in line for line in lines) == 1, lines
+    pattern = (
+        rf"{re.escape(FAILED)}2 rank crashes exceed cluster.max_total_restarts 1 \(last: "
+        r"rank 1, .*a passing failure at step 14.*\); last good checkpoint: "
+        rf"{re.escape(str(run_dir))}/checkpoints/step-000000(05|10)"
+    )
+    assert re.fullmatch(pattern, lines[-1]), lines[-1]
