@@ -199,9 +199,10 @@ def _cmd_run(args, out) -> int:
     except (RunRefused, RunDirRefused, TrainingFailed, RunStopped) as err:
         return _refused_failed_or_stopped(args, err)
     except (KeyboardInterrupt, BaseExceptionGroup) as err:
-        stopped = _leaf(err, RunStopped)
-        if stopped is not None:
-            return _refused_failed_or_stopped(args, stopped)
+        # e.g. node 0 refused this node: the refusal comes wrapped in trio's groups
+        ended = _leaf(err, (RunRefused, RunDirRefused, RunStopped))
+        if ended is not None:
+            return _refused_failed_or_stopped(args, ended)
         if _leaf(err, KeyboardInterrupt) is not None:  # a signal outside the steps
             return _interrupted(run_dir, cfg)
         if not isinstance(err, Exception):

@@ -193,3 +193,32 @@ def test_a_rank_of_node_1_killed_recovers_to_the_bits_of_one_host(tmp_path, one_
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"] >= 1
     assert summary["params_sha256"] == one_host_sha
+
+
+def test_a_node_with_another_config_is_refused_by_node_0_in_one_line(tmp_path):
+    """Node 0's Rendezvous takes only a hello of this run: node 1 started with another
+    seed is refused, in one line naming the difference, and starts no rank."""
+    master = f"127.0.0.2:{_port()}"
+    run_dir = tmp_path / "run"
+    common = ["--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
+    other = [*RUN[:-1], "12"]  # another --seed: another config_hash
+    agents = {
+        "node0": _agent([*RUN, *common, "--node-rank", "0"], {}, tmp_path, "node0"),
+        "node1": _agent([*other, *common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"],
+                        {}, tmp_path, "node1"),
+    }  # fmt: skip
+    try:
+        code = agents["node1"].wait(timeout=300)
+        err = (tmp_path / "node1.err").read_text().splitlines()
+        assert agents["node0"].poll() is None  # node 0 waits on for its node 1
+    finally:
+        for proc in agents.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert code == 2, err
+    assert len(err) == 2 and "plaintext tcp on loopback" in err[0], err  # its test-mode note
+    assert err[1].startswith(
+        "zerotrain run: node 0 refused node 1: node 1 runs another config (config_hash "
+    ), err
+    assert not (run_dir / "error.txt").exists()  # a refusal is no crash
