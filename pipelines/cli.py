@@ -313,7 +313,7 @@ def _failed(err: Exception, run_dir: Path, cfg) -> int:
     return EXIT_FAILED
 
 
-def _leaf(err: BaseException, kind: type) -> BaseException | None:
+def _leaf(err: BaseException, kind: type | tuple) -> BaseException | None:
     """`err` if it is a `kind`, else the first `kind` inside it (trio raises groups)."""
     return _first(err, lambda leaf: leaf if isinstance(leaf, kind) else None)
 
