@@ -59,7 +59,17 @@ survivor is in a collective; a neighbour lost while the survivor was between col
 fails its next collective of that generation at once (a replacement always comes with a
 newer generation, so that generation cannot complete). ``set_generation`` forgets
 earlier disconnects. A peer that stalls without disconnecting (SIGSTOP) fails the
-collective after HEARTBEAT_TIMEOUT, or when its replacement's first message arrives.
+collective of its left neighbour after HEARTBEAT_TIMEOUT (the outbox heart-beats; the
+inbox cannot, see ``__init__``) and, through its abort, of the ranks that abort reaches;
+its right neighbour fails at the timeout, or when the stalled rank is killed or its
+replacement's first message arrives.
+
+Admission: with a run token (``token``, by default the node's: ``actors._admission``)
+an inbox admits only its left neighbour's outbox, at the ZMTP handshake. A stranger's
+connection gets no pipe: it can neither receive the acks (a bound DEALER deals them
+among its peers) nor fill the inbox, and its end is told apart from the neighbour's
+(``MonitorFilter``), so it never fails a collective. Without a token anyone who can
+open the endpoint is a neighbour.
 
 Completion: a rank that has received everything sends a *done* ack to its left; a rank
 returns only when it has received everything and its right neighbour has acked all it
@@ -87,10 +97,15 @@ import numpy as np
 import trio
 import zmq
 
+from . import _admission, _registry
+from ._admission import HANDSHAKE_FAILED, MonitorFilter
 from ._frames import DTYPES
 from ._transport import TrioSocket, open_socket
 
 __all__ = ["CollectiveError", "Ring", "shard_bounds"]
+
+
+_NODE_TOKEN = object()  # Ring(token=...) default: the token of this process's node
 
 
 class CollectiveError(RuntimeError):
@@ -305,11 +320,17 @@ class Ring:
 
     ``timeout`` bounds how long a collective may go without progress (a chunk received
     or sent) before it raises CollectiveError; a dead neighbour is noticed sooner, from
-    the disconnect (immediate for a killed process, HEARTBEAT_TIMEOUT for a frozen one).
+    the disconnect (immediate for a killed process, HEARTBEAT_TIMEOUT for a frozen right
+    neighbour; see the module doc).
 
     ``lanes`` moves chunks through shared memory instead of ZeroMQ frames (see the
     module doc); the default, None, uses them when every endpoint is ``ipc://`` and the
     platform has memfd. All ranks must agree.
+
+    ``token`` (16-255 bytes) admits only the run's processes, each inbox only its left
+    neighbour (module doc, "Admission"); every rank must use the same. The default is
+    this process's node's token (``open_node(token=...)``, inherited by process
+    children), or none without a node; None admits anyone.
 
     Not for use from two tasks at once: one collective at a time, like NCCL's stream.
     """
@@ -325,6 +346,7 @@ class Ring:
         chunk_bytes: int = 4 << 20,
         lanes: bool | None = None,
         lane_slots: int = 8,
+        token: str | bytes | None | object = _NODE_TOKEN,
     ) -> None:
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"need world >= 1 and 0 <= rank < world, got {rank}, {world}")
@@ -364,12 +386,38 @@ class Ring:
         self._out_lane: _OutLane | None = None
         self._in_lane: _InLane | None = None
         self._monitors: list[tuple[str, TrioSocket]] = []
+        self._filters = {"left": MonitorFilter(), "right": MonitorFilter()}
+        self._domain: _admission.Domain | None = None
+        if token is _NODE_TOKEN:
+            try:
+                node = _registry.current_node(required=False)
+            except RuntimeError:  # outside trio.run: no node
+                node = None
+            token = None if node is None else node.token
+        token = _admission.check_token(token)
         if world == 1:
             return
         limit = max(chunk_bytes, _MAX_REASON, _HEADER.size)
+        admission, credentials = {}, {}
+        if token is not None:  # the inbox admits its left neighbour's outbox, nobody else
+            left_name = f"ring{(rank - 1) % world}"
+            self._domain, admission = _admission.admit("ring", token, left_name.__eq__)
+            credentials = _admission.present(f"ring{rank}", token)
         try:
+            # HEARTBEAT_IVL=0: the inbox is read only during collectives, so its pipe
+            # fills (RCVHWM) and libzmq stops reading the connection; a ZMTP heartbeat
+            # timeout or the peer's hang-up then makes the next read abort the process
+            # in libzmq 4.3.5 ("Assertion failed: !_io_error", stream_engine_base.cpp:310;
+            # test_hostile_peers: the abort on the old configuration, and none now).
+            # A stalled left neighbour is still noticed: by its own left's outbox, which
+            # heart-beats and aborts the collective around the ring, or by the timeout.
             self._inbox = open_socket(
-                "DEALER", bind=self.endpoints[rank], rcvhwm=16, maxmsgsize=limit
+                "DEALER",
+                bind=self.endpoints[rank],
+                rcvhwm=16,
+                maxmsgsize=limit,
+                heartbeat_ivl=0,
+                **admission,
             )
             # Sends are zero-copy references into arrays: a deep send queue costs nothing
             # and lets a whole segment be queued at once.
@@ -377,7 +425,12 @@ class Ring:
             # IMMEDIATE=0: with 1, libzmq drops a connecting socket's unread input when
             # the peer hangs up, and the right's last done ack is exactly such input.
             self._outbox = open_socket(
-                "DEALER", connect=right, immediate=0, sndhwm=1 << 16, maxmsgsize=limit
+                "DEALER",
+                connect=right,
+                immediate=0,
+                sndhwm=1 << 16,
+                maxmsgsize=limit,
+                **credentials,
             )
             if self.lanes:
                 self._out_lane = _OutLane(lane_slots, chunk_bytes)
@@ -385,7 +438,10 @@ class Ring:
                 # A fresh name per ring: id(self) is reused once a ring is collected,
                 # possibly before libzmq has released the old monitor's endpoint.
                 address = f"inproc://ring-monitor-{next(_monitor_ids)}-{name}"
-                sock.zmq.monitor(address, zmq.EVENT_DISCONNECTED)
+                # Failed handshakes too: a refused connection (a stranger's) also ends
+                # with EVENT_DISCONNECTED, which must not pass for the neighbour's
+                # (actors._admission.MonitorFilter).
+                sock.zmq.monitor(address, zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
                 # RCVHWM=0 makes the inproc event pipe unbounded (libzmq adds the two
                 # ends' HWMs, or uses none if either is 0). libzmq emits an event with a
                 # *blocking* send under the monitored socket's monitor lock: with a
@@ -415,8 +471,8 @@ class Ring:
         self._generation = generation
         self._seq = 0
         self._broken = None
-        for _, monitor in self._monitors:  # disconnects of the old generation's peers
-            _drain(monitor)
+        for name, monitor in self._monitors:  # disconnects of the old generation's peers
+            self._lost_since(name, monitor)
         self._lost.clear()
         if self.lanes and not self._closed:  # a fresh lane: the old one may be mid-use
             assert self._out_lane is not None
@@ -427,8 +483,17 @@ class Ring:
                 self._in_lane = None
 
     def stats(self) -> dict[str, int]:
-        """Counters: collectives, bytes_sent, bytes_received, stale_discarded, failures."""
-        return dict(self._stats, generation=self._generation, rank=self.rank)
+        """Counters: collectives, bytes_sent, bytes_received, stale_discarded, failures
+        (collectives that raised CollectiveError or were interrupted: each is a
+        regroup for the caller), refused (connections to the inbox that failed their
+        handshake: strangers, or peers without the run's token)."""
+        refused = sum(f.refused for f in self._filters.values())
+        return dict(self._stats, refused=refused, generation=self._generation, rank=self.rank)
+
+    def _lost_since(self, name: str, monitor: TrioSocket) -> bool:
+        """Read the monitor's queued events; whether the neighbour's link went down."""
+        keep = self._filters[name]
+        return any([keep.is_real_disconnect(frames) for frames in _drain(monitor)])
 
     async def all_reduce(self, array: np.ndarray, *, step: int) -> np.ndarray:
         """Sum ``array`` over all ranks, in place; returns ``array``."""
@@ -508,8 +573,8 @@ class Ring:
         # disable_monitor too (seen here as a hang at exit). Draining first also frees
         # the I/O thread should it be waiting on a full pipe (the pipe is unbounded,
         # see __init__; test: "closing many rings one after another never hangs").
-        for _, monitor in self._monitors:
-            _drain(monitor)
+        for name, monitor in self._monitors:
+            self._lost_since(name, monitor)
         for sock in (self._inbox, self._outbox):
             if sock is not None:
                 sock.zmq.disable_monitor()
@@ -521,6 +586,7 @@ class Ring:
         for lane in (self._out_lane, self._in_lane):
             if lane is not None:
                 lane.close()
+        _admission.forget(self._domain)
 
     def __enter__(self) -> Ring:
         return self
@@ -605,7 +671,7 @@ class Ring:
         # a rank killed then went unnoticed until the timeout (test_ring_rejoin, the
         # "mid-collective" case, now and then).
         for name, monitor in self._monitors:
-            if _drain(monitor):
+            if self._lost_since(name, monitor):
                 self._lost.add(name)
         lost = sorted(self._lost)
         try:
@@ -658,15 +724,14 @@ def _has_input(sock: TrioSocket | None) -> bool:
     return sock is not None and sock.has_input()
 
 
-def _drain(sock: TrioSocket) -> bool:
-    """Discard every queued message; return whether there was any."""
-    drained = False
+def _drain(sock: TrioSocket) -> list[list[bytes]]:
+    """Take every queued message off ``sock``."""
+    drained = []
     while True:
         try:
-            sock.zmq.recv_multipart(zmq.DONTWAIT)
+            drained.append(sock.zmq.recv_multipart(zmq.DONTWAIT))
         except zmq.ZMQError:  # zmq.Again: empty (or the context is going away)
             return drained
-        drained = True
 
 
 class _Run:
@@ -875,8 +940,10 @@ class _Run:
         # messages that arrived before it went away are still delivered (a rank that
         # finished and exited is not a failure), and once everything is sent the right
         # neighbour is no longer needed.
+        keep = self.ring._filters[name]
         try:
-            await monitor.recv_multipart()
+            while not keep.is_real_disconnect(await monitor.recv_multipart(copy=True)):
+                pass  # a stranger refused at the handshake: not the neighbour
         except trio.ClosedResourceError:
             self.fail(CollectiveError(f"{self._what()}: ring closed"))
             return

@@ -112,8 +112,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
+import zmq
 
-from . import _registry
+from . import _admission, _registry
 from ._actor import (
     ActorRef,
     Down,
@@ -149,10 +150,16 @@ _FORGET_AFTER = 30  # a peer down for this many heartbeat timeouts is forgotten
 _OUTBOX = 64  # messages queued per peer before senders wait (bounded, like mailboxes)
 _OVERFLOW_MAX = 1024  # messages waiting for one full mailbox before the reader waits too
 _OVERFLOW_MAX_BYTES = 256 << 20  # ... or tensor bytes (4 frames of MAXMSGSIZE)
+_MAX_PEERS = 64  # peers that contacted this node (module doc, "Untrusted input")
+_MAX_LATER = 16  # messages per peer waiting in helper tasks for room in its outbox
 
 
 class _Rejected(Exception):
     """A message that decoded but makes no sense; ``reason`` goes back to the sender."""
+
+
+class _Refused(Exception):
+    """A message this node will not even answer (module doc, "Untrusted input")."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +190,7 @@ class _Peer:
     inbox_of_outbox: trio.MemoryReceiveChannel = dataclasses.field(init=False)
     changed: trio.lowlevel.ParkingLot = dataclasses.field(default_factory=trio.lowlevel.ParkingLot)
     queued: int = 0  # messages in the outbox or being sent (see Node._send)
+    later: int = 0  # messages waiting in send_later tasks (see Node._send_soon)
 
     def __post_init__(self) -> None:
         self.outbox, self.inbox_of_outbox = trio.open_memory_channel(_OUTBOX)
@@ -285,8 +293,10 @@ class Node:
         heartbeat_timeout: float,
         send_timeout: float,
         max_inflight: int,
+        token: bytes | None = None,
     ) -> None:
         self.name = check_name(name, "node name")
+        self.token = token
         self.endpoint = endpoint
         self.directory = directory
         self.generation = int.from_bytes(os.urandom(7), "big")  # boot id
@@ -305,10 +315,22 @@ class Node:
         self._overflows: dict[ActorRef, _Overflow] = {}
         self._gates: dict[tuple[str, str], _Gate] = {}  # (peer, actor name) said busy
         self._stats = dict.fromkeys(
-            ("received", "sent", "rejected", "dropped", "stale", "overflowed", "held"), 0
+            (
+                "received",
+                "sent",
+                "rejected",
+                "dropped",
+                "stale",
+                "overflowed",
+                "held",
+                "refused",
+            ),
+            0,
         )
         self._nursery: trio.Nursery | None = None
         self._router: TrioSocket | None = None
+        self._refusals: TrioSocket | None = None  # the router's failed handshakes
+        self._domain: _admission.Domain | None = None
         self._label = f"[node {name}]"
 
     def __repr__(self) -> str:
@@ -321,7 +343,10 @@ class Node:
     def statistics(self) -> dict[str, int]:
         """Counters: messages received / sent / rejected / dropped / stale (for a
         previous incarnation), overflowed (waited for room in a full mailbox), held
-        (calls and casts this node held because their target said busy), and peers."""
+        (calls and casts this node held because their target said busy), refused
+        (connections that failed the handshake -- no token, or the wrong one -- and
+        messages whose header named another sender than their connection, or that came
+        from a new peer while the peer table was full), and peers."""
         return {**self._stats, "peers": len(self._peers)}
 
     def peer_info(self, name: str) -> PeerInfo | None:
@@ -501,10 +526,15 @@ class Node:
                 return None
         return None
 
-    def _peer(self, name: str, endpoint: str | None = None) -> _Peer:
+    def _peer(self, name: str, endpoint: str | None = None, *, inbound: bool = False) -> _Peer:
+        """The peer ``name``, made on first use. ``inbound``: for a peer that contacted
+        this node, which may make at most ``_MAX_PEERS`` entries (peers this process
+        chose to talk to are not bounded); _Refused past that."""
         peer = self._peers.get(name)
         if peer is None:
             check_name(name, "node name")
+            if inbound and len(self._peers) >= _MAX_PEERS and not self._make_room():
+                raise _Refused(f"peer table full ({_MAX_PEERS} peers)")
             peer = _Peer(name, endpoint or self._resolve(name), trio.current_time())
             self._peers[name] = peer
             self._connect(peer)
@@ -515,13 +545,28 @@ class Node:
             self._connect(peer)
         return peer
 
+    def _make_room(self) -> bool:
+        """Forget the peer silent longest among those not up (never heard from, or
+        down) and owed nothing; False if every peer is up or owed a reply."""
+        busy = {p.peer for p in self._pending.values()}
+        idle = [p for p in self._peers.values() if not p.alive and p.name not in busy]
+        if not idle:
+            return False
+        self._forget(min(idle, key=lambda p: p.last_seen))
+        return True
+
     def _connect(self, peer: _Peer) -> None:
         if peer.socket is not None:
             peer.socket.close(linger=0)
             peer.socket = None
         if peer.endpoint is not None:
+            credentials = {} if self.token is None else _admission.present(self.name, self.token)
             peer.socket = open_socket(
-                "DEALER", connect=peer.endpoint, routing_id=self.name.encode(), linger=0
+                "DEALER",
+                connect=peer.endpoint,
+                routing_id=self.name.encode(),
+                linger=0,
+                **credentials,
             )
 
     # Sending. Messages to a peer leave in the order they were queued -- a link or
@@ -588,22 +633,28 @@ class Node:
             log.debug("%s cannot send %s to %s: %s", self._label, kind, peer_name, exc)
             return
         except trio.WouldBlock:
-            if droppable or self._nursery is None:
+            # A peer that does not read must not make this node pile up tasks: at most
+            # _MAX_LATER of its messages wait in tasks, the rest are dropped.
+            if droppable or self._nursery is None or peer.later >= _MAX_LATER:
                 self._stats["dropped"] += 1
                 return
 
         async def send_later() -> None:
-            with trio.move_on_after(self.send_timeout):
-                peer.queued += 1  # first: the writer may take it before send returns
-                try:
-                    await peer.outbox.send(frames)
-                except BaseException:
-                    peer.queued -= 1
-                    raise
-                return
+            try:
+                with trio.move_on_after(self.send_timeout):
+                    peer.queued += 1  # first: the writer may take it before send returns
+                    try:
+                        await peer.outbox.send(frames)
+                    except BaseException:
+                        peer.queued -= 1
+                        raise
+                    return
+            finally:
+                peer.later -= 1
             self._stats["dropped"] += 1
             log.warning("%s dropped %s to %s: outbox full", self._label, kind, peer_name)
 
+        peer.later += 1
         self._nursery.start_soon(send_later)
 
     async def _run_peer(self, peer: _Peer) -> None:
@@ -744,7 +795,13 @@ class Node:
                 return
             self._stats["received"] += 1
             try:
+                if routing_id != msg.sender.encode():
+                    # The sender is the connection's: its routing id, which with a token
+                    # only a process of the run can hold (actors._admission).
+                    raise _Refused(f"header names sender {msg.sender!r:.40}")
                 await self._dispatch(msg)
+            except _Refused as exc:
+                self._refuse(routing_id, str(exc))
             except _Rejected as exc:
                 self._reject(msg.sender, str(exc), msg)
             except Exception:  # one bad message must never take the node down
@@ -756,6 +813,17 @@ class Node:
                 # that bookkeeping (a remote call's round trip is shorter this way).
                 self._woke_a_waiter = False
                 await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _count_refusals(self) -> None:
+        """Count connections refused at the handshake (no token, or a wrong one)."""
+        assert self._refusals is not None
+        while True:
+            try:
+                frames = await self._refusals.recv_multipart(copy=True)
+            except trio.ClosedResourceError:
+                return
+            if _admission.event_of(frames) & _admission.HANDSHAKE_FAILED:
+                self._refuse(None, "handshake failed (no token, or not the run's)")
 
     async def _dispatch(self, msg: Message) -> None:
         if msg.sender not in self._peers:  # (a known peer's name was checked already)
@@ -775,7 +843,7 @@ class Node:
         at = msg.body.get("at")
         if at is not None and type(at) is not int:
             raise _Rejected(f"at must be an int (the addressed generation), got {at!r:.40}")
-        peer = self._peer(msg.sender, endpoint)
+        peer = self._peer(msg.sender, endpoint, inbound=True)
         if not self._heard_from(peer, msg.generation):
             return
         if at is not None and at != self.generation and msg.type not in _TO_ANY_INCARNATION:
@@ -788,16 +856,34 @@ class Node:
             return
         await handler(self, peer, msg)
 
+    def _refuse(self, routing_id: bytes | None, reason: str) -> None:
+        """Drop a message from a connection that may not speak for its sender: no
+        answer, and no state kept for it -- only the count."""
+        self._stats["refused"] += 1
+        count = self._stats["refused"]
+        if count & (count - 1) == 0:  # 1, 2, 4, ...: a flood does not flood the log
+            log.warning("%s refused a message from connection %r: %s (%d refused so far)",
+                        self._label, routing_id, reason, count)  # fmt: skip
+
     def _reject(self, peer_name: str | None, reason: str, msg: Message | None) -> None:
         self._stats["rejected"] += 1
+        count = self._stats["rejected"]
         what = "a malformed message" if msg is None else f"{msg.type!r} (seq {msg.seq})"
-        log.warning("%s rejected %s from %s: %s", self._label, what, peer_name or "?", reason)
+        level = logging.WARNING if count & (count - 1) == 0 else logging.DEBUG
+        log.log(level, "%s rejected %s from %s: %s (%d rejected so far)",
+                self._label, what, peer_name or "?", reason, count)  # fmt: skip
         if peer_name is None or (peer_name not in self._peers and self._resolve(peer_name) is None):
             return
+        try:
+            self._peer(peer_name, inbound=True)
+        except _Refused:
+            return
+        # Answers are droppable: a sender that does not read them costs nothing more.
         if msg is not None and msg.type in _REQUESTS and msg.seq:
-            self._send_soon(peer_name, "reply", _error("bad_request", reason), seq=msg.seq)
+            body = _error("bad_request", reason)
+            self._send_soon(peer_name, "reply", body, seq=msg.seq, droppable=True)
         elif msg is None or msg.type not in ("error", "reply"):  # never answer an answer
-            self._send_soon(peer_name, "error", {"reason": reason})
+            self._send_soon(peer_name, "error", {"reason": reason}, droppable=True)
 
     # -- handlers: one per message type ------------------------------------------------
 
@@ -1134,6 +1220,18 @@ def _kind_name(kind: Any) -> str:
     return " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
 
 
+def _is_node_name(name: str) -> bool:
+    return check_name(name, "node name") == name
+
+
+def _drain_monitor(sock: TrioSocket) -> None:
+    while True:
+        try:
+            sock.zmq.recv_multipart(zmq.DONTWAIT)
+        except zmq.ZMQError:
+            return
+
+
 def _routing_name(routing_id: bytes | None) -> str | None:
     try:
         return check_name(routing_id.decode()) if routing_id else None
@@ -1213,6 +1311,7 @@ async def open_node(
     send_timeout: float = 5.0,
     max_inflight: int = 64,
     rank: int | None = None,
+    token: str | bytes | None = None,
 ) -> AsyncIterator[Node]:
     """Run this process's node for the duration of the block.
 
@@ -1224,8 +1323,12 @@ async def open_node(
     ``peers``: ``{node name: endpoint}`` for peers not in ``directory`` (tcp://...). A
     node also learns the endpoint of every node that contacts it.
     ``rank``: the default rank in actor log prefixes.
+    ``token``: the run's secret (16-255 bytes, e.g. ``secrets.token_hex(16)``): only
+    nodes holding it may connect, checked at the handshake (``actors._admission``);
+    process children inherit it. None: anyone who can reach the endpoint may.
 
-    Raises ValueError for a bad name and zmq.ZMQError if the endpoint cannot be bound.
+    Raises ValueError for a bad name or token and zmq.ZMQError if the endpoint cannot be
+    bound.
     """
     if _registry.current_node(required=False) is not None:
         raise RuntimeError("this process already runs a node (one node per process)")
@@ -1246,9 +1349,21 @@ async def open_node(
         heartbeat_timeout=heartbeat_timeout,
         send_timeout=send_timeout,
         max_inflight=max_inflight,
+        token=_admission.check_token(token),
     )
-    node._router = open_socket("ROUTER", bind=endpoint, router_handover=1, linger=0)
+    admission = {}
+    if node.token is not None:
+        node._domain, admission = _admission.admit("node", node.token, _is_node_name)
+    # HEARTBEAT_IVL=0: the reader pauses past the back-pressure bounds, so a peer's pipe
+    # can fill, and then a ZMTP heartbeat timeout or the peer's hang-up aborts the process
+    # in libzmq 4.3.5 (actors._collectives explains; liveness here is the node's own hb).
+    node._router = open_socket(
+        "ROUTER", bind=endpoint, router_handover=1, linger=0, heartbeat_ivl=0, **admission
+    )
     node.endpoint = node._router.last_endpoint  # "tcp://host:*" -> the port it got
+    address = f"inproc://node-monitor-{id(node)}"
+    node._router.zmq.monitor(address, _admission.HANDSHAKE_FAILED)
+    node._refusals = open_socket("PAIR", connect=address, linger=0, rcvhwm=0)  # see Ring
     previous_rank = _registry.default_rank()
     _registry.set_node(node)
     _registry.set_default_rank(rank if rank is not None else previous_rank)
@@ -1257,6 +1372,7 @@ async def open_node(
             node._nursery = nursery
             nursery.start_soon(node._reader)
             nursery.start_soon(node._watchdog)
+            nursery.start_soon(node._count_refusals)
             for peer in list(node._peers.values()):
                 nursery.start_soon(node._run_peer, peer)
             try:
@@ -1268,7 +1384,11 @@ async def open_node(
         for pending in node._pending.values():
             pending.fail(ActorExited(pending.target, "shutdown: node closed"))
         node._pending.clear()
+        _drain_monitor(node._refusals)  # first: see Ring.close
+        node._router.zmq.disable_monitor()
+        node._refusals.close()
         node._router.close(linger=0)
+        _admission.forget(node._domain)
         for peer in node._peers.values():
             if peer.socket is not None:
                 peer.socket.close(linger=0)

@@ -79,6 +79,7 @@ ENV = {
     "heartbeat": "ZEROTRAIN_HEARTBEAT",  # "<interval>,<timeout>" in seconds
     "rank": "ZEROTRAIN_RANK",  # "" if none
     "parent_pid": "ZEROTRAIN_PARENT_PID",  # the process that started the child
+    "token": "ZEROTRAIN_TOKEN",  # the parent node's token, hex ("" if none): actors._admission
 }
 """Environment variables a supervised process child is started with."""
 
@@ -252,6 +253,7 @@ class ProcessChild:
             ENV["rank"]: "" if self.rank is None else str(self.rank),
             ENV["endpoint"]: self.endpoint or "",
             ENV["parent_pid"]: str(os.getpid()),
+            ENV["token"]: (parent.token or b"").hex(),
         }
 
 
@@ -359,6 +361,7 @@ async def child_node(*, handle_sigterm: bool = True, **node_options: Any) -> Asy
         "heartbeat_interval": interval,
         "heartbeat_timeout": timeout,
         "rank": int(env[ENV["rank"]]) if env.get(ENV["rank"]) else None,
+        "token": bytes.fromhex(env.get(ENV["token"], "")) or None,
         **node_options,
     }
     async with open_node(env[ENV["node"]], **options) as node:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -289,6 +290,9 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
         endpoint=None if layout is None else layout.master_endpoint,
         heartbeat_interval=min(0.2, hb / 5),
         heartbeat_timeout=hb,
+        # One host: only this run's processes may connect. Several: the node agents of
+        # other hosts hold no token; their admission is the CURVE keys' (issue 20).
+        token=secrets.token_hex(16) if layout is None else None,
     ) as node:
         async with trio.open_nursery() as nursery:
             await nursery.start(_coordinate, coord)

@@ -1,0 +1,211 @@
+"""Hostile and broken peers (issue 21): admission, sender binding, resource bounds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import trio
+import zmq
+
+import actors
+from actors import _node
+from actors._collectives import Ring
+from actors._frames import Message
+from actors._transport import ipc_endpoint, open_socket
+
+WORKER = Path(__file__).with_name("hostile_worker.py")
+TOKEN = b"0123456789abcdef0123456789abcdef"
+LIMIT = 30
+
+
+def run_worker(mode: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, str(WORKER), mode, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+# ------------------------------------------------------------- case 1: no libzmq abort
+
+
+def test_the_old_ring_inbox_configuration_aborts_inside_libzmq(tmp_path):
+    # The trigger, kept reproducible: heartbeats on, a full pipe, the peer hangs up.
+    done = run_worker("raw-old", tmp_path)
+    assert done.returncode == -signal.SIGABRT, done.stdout + done.stderr
+    assert "!_io_error" in done.stderr
+
+
+def test_a_ring_inbox_whose_neighbour_fills_it_and_hangs_up_does_not_abort(tmp_path):
+    done = run_worker("ring", tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "survived" in done.stdout
+
+
+# ------------------------------------------------- case 2: ring inboxes admit one peer
+
+
+def token_rings(directory: Path, **options) -> list[Ring]:
+    endpoints = [ipc_endpoint(f"ring-{r}", str(directory)) for r in range(2)]
+    return [Ring(r, 2, endpoints, token=TOKEN, **options) for r in range(2)]
+
+
+async def all_reduce_everywhere(rings, step):
+    arrays = [np.full(50_000, r + 1, np.float32) for r in range(len(rings))]
+    async with trio.open_nursery() as nursery:
+        for ring, x in zip(rings, arrays, strict=True):
+            nursery.start_soon(lambda ring=ring, x=x: ring.all_reduce(x, step=step))
+    return arrays
+
+
+async def test_strangers_on_a_ring_inbox_steal_no_acks_and_force_no_regroup(tmp_path):
+    rings = token_rings(tmp_path, timeout=5.0, chunk_bytes=4096)
+    inbox = rings[0].endpoints[0]
+    ctx = zmq.Context.instance()
+    idle = []  # connected and silent: a bound DEALER would deal them acks
+    try:
+        with trio.fail_after(LIMIT):
+            for who in (None, b"ring1"):
+                sock = ctx.socket(zmq.DEALER)
+                sock.linger = 0
+                if who:
+                    sock.routing_id = who
+                    sock.plain_username, sock.plain_password = who, b"not the token" * 3
+                sock.connect(inbox)
+                idle.append(sock)
+            for step in range(1, 21):
+                # ...and one that connects, sends garbage and hangs up, every step
+                with ctx.socket(zmq.DEALER) as churn:
+                    churn.linger = 0
+                    churn.connect(inbox)
+                    churn.send_multipart([b"ZTAK" + bytes(40)])
+                arrays = await all_reduce_everywhere(rings, step)
+                assert all((x == 3).all() for x in arrays)
+            await trio.sleep(0.3)  # the last refusals reach the monitor
+            await all_reduce_everywhere(rings, 21)
+        stats = rings[0].stats()
+        assert stats["failures"] == 0 and stats["collectives"] == 21
+        assert stats["refused"] >= 20  # every churning connection, at least
+    finally:
+        for sock in idle:
+            sock.close()
+        for ring in rings:
+            ring.close()
+
+
+# ---------------------------------------------- case 3: the sender is the connection's
+
+
+def hb(sender: str, generation: int, endpoint: str) -> Message:
+    return Message("hb", sender, generation, 0, 0, {"endpoint": endpoint, "names": []})
+
+
+async def wait_for(predicate):
+    with trio.fail_after(LIMIT):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_a_header_naming_another_sender_than_its_connection_is_refused():
+    async with actors.open_node("test") as node:
+        where = ipc_endpoint("rank1", node.directory)
+        real = open_socket("DEALER", connect=node.endpoint, routing_id=b"rank1")
+        spoof = open_socket("DEALER", connect=node.endpoint, routing_id=b"mallory")
+        with real, spoof:
+            await real.send_message(hb("rank1", 111, where))
+            await wait_for(lambda: node.peer_info("rank1") is not None)
+            await spoof.send_message(hb("rank1", 222, where))  # "rank1 restarted"
+            await wait_for(lambda: node.statistics()["refused"] == 1)
+            await real.send_message(hb("rank1", 111, where))
+            await wait_for(lambda: node.statistics()["received"] == 3)
+        info = node.peer_info("rank1")
+        assert (info.alive, info.generation) == (True, 111)
+        assert node.peer_info("mallory") is None  # nothing kept for it, nothing answered
+
+
+async def test_without_the_token_no_connection_can_speak_for_a_peer():
+    with trio.fail_after(LIMIT):
+        await _without_the_token_no_connection_can_speak_for_a_peer()
+
+
+async def _without_the_token_no_connection_can_speak_for_a_peer():
+    async with actors.open_node("test", token=TOKEN) as node:
+        where = ipc_endpoint("rank1", node.directory)
+        creds = {"plain_username": b"rank1", "plain_password": TOKEN}
+        real = open_socket("DEALER", connect=node.endpoint, routing_id=b"rank1", **creds)
+        wrong = {"plain_username": b"rank1", "plain_password": b"x" * 32}
+        # Same routing id (the node's ROUTER hands a routing id over to its newest
+        # connection), no token or the wrong one: refused at the handshake.
+        spoofs = [  # (immediate=0: queue while the handshake is being refused)
+            open_socket(
+                "DEALER", connect=node.endpoint, routing_id=b"rank1", immediate=0, **options
+            )
+            for options in ({}, wrong)
+        ]
+        with real, spoofs[0], spoofs[1]:
+            await real.send_message(hb("rank1", 111, where))
+            await wait_for(lambda: node.peer_info("rank1") is not None)
+            for spoof in spoofs:
+                await spoof.send_message(hb("rank1", 222, where))
+                await spoof.send_multipart([b"garbage"])
+            await wait_for(lambda: node.statistics()["refused"] >= 2)
+            await trio.sleep(0.3)
+            await real.send_message(hb("rank1", 111, where))
+            await wait_for(lambda: node.statistics()["received"] >= 2)
+        info = node.peer_info("rank1")
+        assert (info.alive, info.generation) == (True, 111)
+        assert node.statistics()["received"] == 2  # the spoofers' four never arrived
+        assert node.statistics()["rejected"] == 0
+
+
+# --------------------------------------------------------------- case 5: bounded growth
+
+
+async def test_strangers_make_at_most_max_peers_entries_and_tasks():
+    async with actors.open_node("test") as node:
+        tasks_before = len(node._nursery.child_tasks)
+        socks = []
+        try:
+            for k in range(_node._MAX_PEERS + 40):
+                name = f"fz-{k}"
+                sock = open_socket("DEALER", connect=node.endpoint, routing_id=name.encode())
+                socks.append(sock)
+                await sock.send_multipart([msgpack.packb({"v": 1, "type": "call"})])
+            await wait_for(lambda: node.statistics()["rejected"] == len(socks))
+            assert node.statistics()["peers"] <= _node._MAX_PEERS
+            # a writer and a heart-beater per peer, nothing per message
+            assert len(node._nursery.child_tasks) <= tasks_before + _node._MAX_PEERS
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+async def test_a_peer_that_never_reads_its_answers_costs_bounded_tasks():
+    async with actors.open_node("test") as node:
+        # An inbox where answers can go, which is never read: they pile up at the node.
+        deaf = open_socket("ROUTER", bind=ipc_endpoint("deaf", node.directory), rcvhwm=1)
+        out = open_socket("DEALER", connect=node.endpoint, routing_id=b"deaf", sndhwm=100_000)
+        with deaf, out:
+            tasks_before = len(node._nursery.child_tasks)
+            for seq in range(1, 3001):
+                await out.send_message(Message("call", "deaf", 1, 0, seq, {"request": 1}))
+            await wait_for(lambda: node.statistics()["rejected"] == 3000)
+            assert len(node._nursery.child_tasks) <= tasks_before + 2 + _node._MAX_LATER
+            assert node.statistics()["dropped"] > 0
+
+
+@pytest.mark.parametrize("bad", ["short", 7])
+def test_a_token_of_the_wrong_shape_is_refused_in_one_line(bad):
+    with pytest.raises(ValueError, match="a run token is 16 to 255 bytes") as raised:
+        Ring(0, 1, ["ipc:///tmp/x"], token=bad)
+    assert "\n" not in str(raised.value)
