@@ -55,6 +55,7 @@ from ._actor import (
     stop,
     unlink,
 )
+from ._admission import Admission, admit_curve
 from ._collectives import CollectiveError, Ring, shard_bounds
 from ._errors import (
     ActorError,
@@ -160,6 +161,7 @@ __all__ = [
     "terminate_child",
     "which_children",
     # nodes, processes, wire data
+    "Admission",
     "ENV",
     "Node",
     "PeerInfo",
@@ -183,6 +185,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "PeerUnreachable",
     "Ring",
+    "admit_curve",
     "TrioSocket",
     "decode",
     "encode",

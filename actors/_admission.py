@@ -2,25 +2,31 @@
 
 Design note
 -----------
-A run shares one secret *token* (the cluster node makes it; process children inherit it
-through ``actors.ENV["token"]``). A socket that admits peers is a ZeroMQ PLAIN server
-with a ZAP domain of its own; a socket that connects presents a user name and the token
-as PLAIN credentials. libzmq asks this module's ZAP handler about every new connection,
-during the handshake, before anything the peer sends reaches the socket: a peer without
-the token never gets a pipe, so it can send nothing, receive nothing (a bound DEALER
-deals its messages among every *attached* peer) and make the socket buffer nothing.
-No answer goes back beyond ZMTP's own ERROR command. Each domain has its rule -- the
-node's inbox admits any node name, a ring inbox only its one left neighbour -- and counts
-whom it refused (``refused``).
+A socket that admits peers names a ZAP *domain*; libzmq asks this module's ZAP handler
+about every new connection to it, during the handshake, before anything the peer sends
+reaches the socket: a peer refused gets no pipe, so it can send nothing, receive nothing
+(a bound DEALER deals its messages among every *attached* peer) and make the socket
+buffer nothing. No answer goes back beyond ZMTP's own ERROR command. A domain admits by
+one of two rules, and counts whom it admitted and refused:
 
-Over ipc:// PLAIN sends the token in clear through a 0700 directory; over tcp:// the
-same handler would serve CURVE keys (not built: multi-node runs need it first).
+- PLAIN, a per-run *token* (:func:`admit`): the cluster node makes it; process children
+  inherit it through ``actors.ENV["token"]``. The admitting socket is a PLAIN server, a
+  connecting one presents a user name and the token (:func:`present`); the domain also
+  judges the user name -- the node's inbox admits any node name, a ring inbox only its
+  one left neighbour. Over ipc:// the token travels in clear through a 0700 directory.
+- CURVE, an allow-list of public keys (:func:`admit_curve`): for tcp://, where the keys
+  both authenticate and encrypt (``pipelines.launch.curve`` sets the sockets up). The
+  admitted peer's z85 public key becomes each of its messages' "User-Id".
 
-The handler is a thread with its own REP socket on ``inproc://zeromq.zap.01`` in the
-process's context: handshakes happen in libzmq's I/O thread whatever trio is doing, and
-a thread answers them even while the trio loop is busy. It is started by the first
-:func:`admit` (before the socket binds: libzmq lets every PLAIN client in while no
-handler is bound) and stopped at exit before the context is flushed.
+There is one handler per zmq Context -- libzmq routes every ZAP request of a context to
+the one socket bound at ``inproc://zeromq.zap.01``, so a second authenticator (pyzmq's
+ThreadAuthenticator) on the same context could not even bind. The handler is a thread
+with its own REP socket: handshakes happen in libzmq's I/O thread whatever trio is doing,
+and a thread answers them even while the trio loop is busy. It starts with the context's
+first domain, before the socket binds (libzmq lets every client in while no handler is
+bound). The handler of :func:`get_context`'s context runs until exit (rings come and go
+often); any other context's stops with its last domain, which must be before
+``ctx.term()``. At exit every handler stops before the context is flushed.
 
 Connections refused for a wrong mechanism (a peer with no credentials at all) never
 reach the handler; libzmq reports them as ``EVENT_HANDSHAKE_FAILED_*`` on a socket
@@ -37,16 +43,17 @@ import hmac
 import itertools
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import zmq
 
 from ._transport import get_context
 
-__all__ = ["Domain", "MonitorFilter", "admit", "check_token", "forget", "present"]
+__all__ = ["Admission", "admit_curve"]
 
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _MAX_TOKEN = 255  # PLAIN credentials are short strings
+_CURVE_KEY = 32  # bytes of a raw CURVE public key (40 in z85)
 
 HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -56,14 +63,42 @@ HANDSHAKE_FAILED = (
 
 
 @dataclasses.dataclass(eq=False)
-class Domain:
-    """One admitting socket's rule: ``token`` and which user names may connect."""
+class Admission:
+    """One ZAP domain's rule and counts: PLAIN with ``token`` and a user-name check
+    (``accepts``), or CURVE with an allow-list of raw public keys (``curve_keys``).
+
+    Made by :func:`admit_curve` (and the runtime's own sockets); :meth:`stop` when the
+    sockets that name it are closed."""
 
     name: bytes
-    token: bytes
-    accepts: Callable[[str], bool]
+    token: bytes | None = None
+    accepts: Callable[[str], bool] | None = None
+    curve_keys: frozenset[bytes] | None = None
     admitted: int = 0
     refused: int = 0
+    _handler: _Handler | None = dataclasses.field(default=None, repr=False)
+
+    def decide(self, mechanism: bytes, credentials: list[bytes]) -> bytes | None:
+        """The user id to admit a peer under, or None to refuse it (handler thread)."""
+        if self.curve_keys is not None:
+            if mechanism == b"CURVE" and len(credentials) == 1:
+                if credentials[0] in self.curve_keys:
+                    return zmq.utils.z85.encode(credentials[0])
+            return None
+        if mechanism != b"PLAIN" or len(credentials) != 2 or self.token is None:
+            return None
+        username, password = credentials
+        try:
+            accepted = self.accepts is not None and self.accepts(username.decode())
+        except (UnicodeDecodeError, ValueError):
+            accepted = False
+        if accepted and hmac.compare_digest(password, self.token):
+            return username
+        return None
+
+    def stop(self) -> None:
+        """Stop admitting through this domain (its sockets are closed, or about to be)."""
+        forget(self)
 
 
 def check_token(token: str | bytes | None) -> bytes | None:
@@ -78,25 +113,54 @@ def check_token(token: str | bytes | None) -> bytes | None:
     return raw
 
 
-_domains: dict[bytes, Domain] = {}
 _domain_ids = itertools.count()
 _lock = threading.Lock()
-_handler: _Handler | None = None
+_handlers: dict[int, _Handler] = {}  # id(context) -> its handler
 
 
-def admit(kind: str, token: bytes, accepts: Callable[[str], bool]) -> tuple[Domain, dict]:
-    """A domain admitting only peers that hold ``token`` and whose user name ``accepts``
-    approves, and the socket options (for ``open_socket``) of a socket that admits
-    through it. Starts the handler first. :func:`forget` the domain at close."""
-    _start_handler()
-    domain = Domain(f"zt-{kind}-{next(_domain_ids)}".encode(), token, accepts)
-    _domains[domain.name] = domain
+def admit(kind: str, token: bytes, accepts: Callable[[str], bool]) -> tuple[Admission, dict]:
+    """A PLAIN domain of :func:`get_context`'s context admitting only peers that hold
+    ``token`` and whose user name ``accepts`` approves, and the socket options (for
+    ``open_socket``) of a socket that admits through it. Starts the handler first.
+    :func:`forget` the domain at close."""
+    domain = Admission(f"zt-{kind}-{next(_domain_ids)}".encode(), token, accepts)
+    _register(get_context(), domain, keep=True)
     return domain, {"plain_server": 1, "zap_domain": domain.name}
 
 
-def forget(domain: Domain | None) -> None:
-    if domain is not None:
-        _domains.pop(domain.name, None)
+def admit_curve(context: zmq.Context, domain: str, public_keys: Iterable[bytes]) -> Admission:
+    """Admit to every CURVE server socket of ``context`` whose ZAP domain is ``domain``
+    exactly the peers holding one of ``public_keys`` (z85, 40 bytes each), each message
+    carrying its peer's z85 key as "User-Id". Call before binding such a socket;
+    ``stop()`` the result before ``context.term()``.
+
+    Raises ValueError for a malformed key or a domain ``context`` already admits through."""
+    keys = []
+    for key in public_keys:
+        try:
+            raw = zmq.utils.z85.decode(key)
+        except (ValueError, TypeError, KeyError, struct.error):
+            raw = b""
+        if len(raw) != _CURVE_KEY:
+            raise ValueError(f"a CURVE public key is 40 z85 characters, got {key!r:.60}")
+        keys.append(raw)
+    admission = Admission(domain.encode(), curve_keys=frozenset(keys))
+    _register(context, admission)
+    return admission
+
+
+def forget(domain: Admission | None) -> None:
+    """Stop admitting through ``domain``; a context's last domain stops its handler
+    (except :func:`get_context`'s, which runs until exit)."""
+    if domain is None or domain._handler is None:
+        return
+    handler, domain._handler = domain._handler, None
+    with _lock:
+        handler.domains.pop(domain.name, None)
+        if handler.domains or handler.keep:
+            return
+        _handlers.pop(id(handler.context), None)
+    handler.close()
 
 
 def present(username: str, token: bytes) -> dict:
@@ -104,37 +168,48 @@ def present(username: str, token: bytes) -> dict:
     return {"plain_username": username.encode(), "plain_password": token}
 
 
-def _decide(frames: list[bytes]) -> tuple[bytes, bytes]:
+def _register(context: zmq.Context, domain: Admission, keep: bool = False) -> None:
+    with _lock:
+        handler = _handlers.get(id(context))
+        if handler is None:
+            handler = _handlers[id(context)] = _Handler(context)
+            # Registered after the context's own exit flush, if any, so it runs first
+            # (atexit is LIFO): a handler's sockets are closed by its own thread.
+            atexit.register(handler.close)
+        handler.keep |= keep
+        if domain.name in handler.domains:
+            raise ValueError(f"ZAP domain {domain.name.decode()!r} is already admitting")
+        handler.domains[domain.name] = domain
+        domain._handler = handler
+
+
+def _decide(domains: dict[bytes, Admission], frames: list[bytes]) -> tuple[bytes, bytes]:
     """(status code, user id) for one ZAP request (RFC 27)."""
     if len(frames) < 6:
         return b"500", b""
-    domain = _domains.get(frames[2])
-    mechanism, credentials = frames[5], frames[6:]
+    domain = domains.get(frames[2])
     if domain is None:
         return b"400", b""
-    if mechanism != b"PLAIN" or len(credentials) != 2:
-        domain.refused += 1
-        return b"400", b""
-    username, password = credentials
-    try:
-        name = username.decode()
-        accepted = domain.accepts(name)
-    except (UnicodeDecodeError, ValueError):
-        accepted = False
-    if not (accepted and hmac.compare_digest(password, domain.token)):
+    user = domain.decide(frames[5], frames[6:])
+    if user is None:
         domain.refused += 1
         return b"400", b""
     domain.admitted += 1
-    return b"200", username
+    return b"200", user
 
 
 class _Handler:
-    def __init__(self) -> None:
-        context = get_context()
+    """The ZAP handler thread of one context and the domains it answers for."""
+
+    def __init__(self, context: zmq.Context) -> None:
+        self.context = context
+        self.domains: dict[bytes, Admission] = {}
+        self.keep = False  # run until exit, whatever domains come and go
+        self._closed = False
         self._stop_address = f"inproc://zt-zap-stop-{id(self)}"
         ready = threading.Event()
         self._thread = threading.Thread(
-            target=self._serve, args=(context, ready), daemon=True, name="zt-zap"
+            target=self._serve, args=(ready,), daemon=True, name="zt-zap"
         )
         self._thread.start()
         ready.wait()
@@ -142,9 +217,9 @@ class _Handler:
         self._stop.setsockopt(zmq.LINGER, 0)
         self._stop.connect(self._stop_address)
 
-    def _serve(self, context: zmq.Context, ready: threading.Event) -> None:
-        zap = context.socket(zmq.REP)
-        stop = context.socket(zmq.PAIR)
+    def _serve(self, ready: threading.Event) -> None:
+        zap = self.context.socket(zmq.REP)
+        stop = self.context.socket(zmq.PAIR)
         try:
             zap.setsockopt(zmq.LINGER, 0)
             stop.setsockopt(zmq.LINGER, 0)
@@ -158,7 +233,7 @@ class _Handler:
                 if stop in dict(poller.poll()):
                     return
                 frames = zap.recv_multipart()
-                status, user = _decide(frames)
+                status, user = _decide(self.domains, frames)
                 version = frames[0] if frames else b"1.0"
                 request_id = frames[1] if len(frames) > 1 else b""
                 zap.send_multipart([version, request_id, status, b"", user, b""])
@@ -170,30 +245,15 @@ class _Handler:
             stop.close()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._stop.send(b"stop")
         except zmq.ZMQError:
             pass
         self._thread.join(2.0)
         self._stop.close()
-
-
-def _start_handler() -> None:
-    global _handler
-    with _lock:
-        if _handler is None:
-            _handler = _Handler()
-            # Registered after get_context's flush, so it runs first (atexit is LIFO):
-            # the handler's sockets are closed by their own thread, never by the flush.
-            atexit.register(_stop_handler)
-
-
-def _stop_handler() -> None:
-    global _handler
-    with _lock:
-        if _handler is not None:
-            _handler.close()
-            _handler = None
 
 
 # ----------------------------------------------------------------------------------------

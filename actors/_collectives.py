@@ -387,7 +387,7 @@ class Ring:
         self._in_lane: _InLane | None = None
         self._monitors: list[tuple[str, TrioSocket]] = []
         self._filters = {"left": MonitorFilter(), "right": MonitorFilter()}
-        self._domain: _admission.Domain | None = None
+        self._domain: _admission.Admission | None = None
         if token is _NODE_TOKEN:
             try:
                 node = _registry.current_node(required=False)

@@ -330,7 +330,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._router: TrioSocket | None = None
         self._refusals: TrioSocket | None = None  # the router's failed handshakes
-        self._domain: _admission.Domain | None = None
+        self._domain: _admission.Admission | None = None
         self._label = f"[node {name}]"
 
     def __repr__(self) -> str:

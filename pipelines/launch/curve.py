@@ -5,7 +5,7 @@ A CURVE server with no ZAP handler accepts ANY client key (TRANSPORT.md, checked
 this kind of machine): every process that serves CURVE must first start the
 authenticator on the socket's Context:
 
-    auth = start_authenticator(ctx, keys)       # pyzmq's ThreadAuthenticator: allow-list
+    auth = start_authenticator(ctx, keys)       # the runtime's ZAP handler: allow-list
     try:
         server = ctx.socket(zmq.ROUTER)
         curve_server(server, keys, node=0)
@@ -23,15 +23,17 @@ authenticator on the socket's Context:
 What holds then (tests/pipelines/launch/test_curve.py, over real tcp sockets): a client
 with a node's key connects and each of its messages carries that key as the frame's
 "User-Id"; a client with any other key, and a plaintext client, never get a message
-through. The authenticator runs in a thread of its own, beside trio; it reads nothing
-but the frozen public keys. Nothing here imports actors: the node transport calls these
-on its sockets.
+through. The authenticator is the runtime's one ZAP handler per Context
+(``actors.admit_curve``; a second handler, such as pyzmq's ThreadAuthenticator, could not
+bind beside the one that admits the run's PLAIN token): a thread of its own, beside trio,
+reading nothing but the frozen public keys.
 """
 
 from __future__ import annotations
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
+
+from actors import Admission, admit_curve
 
 from .keys import ClusterKeys
 
@@ -41,25 +43,11 @@ __all__ = ["ZAP_DOMAIN", "curve_client", "curve_server", "peer_node", "start_aut
 ZAP_DOMAIN = "zerotrain"
 
 
-class _AllowList:
-    """ThreadAuthenticator's credentials provider: a client key is allowed iff it is one
-    of the cluster's public keys (called in the authenticator's thread)."""
-
-    def __init__(self, keys: ClusterKeys):
-        self._allowed = frozenset(keys.public)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return domain == ZAP_DOMAIN and key in self._allowed
-
-
-def start_authenticator(ctx: zmq.Context, keys: ClusterKeys) -> ThreadAuthenticator:
-    """Start pyzmq's ThreadAuthenticator on `ctx`, allowing exactly the cluster's public
-    keys for ZAP_DOMAIN. Start it before binding a CURVE server on `ctx`; stop it (its
-    `stop()`) before terminating `ctx`."""
-    auth = ThreadAuthenticator(ctx)
-    auth.start()
-    auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=_AllowList(keys))
-    return auth
+def start_authenticator(ctx: zmq.Context, keys: ClusterKeys) -> Admission:
+    """Admit to `ctx`'s CURVE servers of ZAP_DOMAIN exactly the cluster's public keys.
+    Start it before binding a CURVE server on `ctx`; `stop()` it before terminating
+    `ctx`."""
+    return admit_curve(ctx, ZAP_DOMAIN, keys.public)
 
 
 def curve_server(sock: zmq.Socket, keys: ClusterKeys, node: int) -> None:

@@ -8,9 +8,11 @@ mechanisms or keys do not match), and only then is the server checked to hold no
 """
 
 import pytest
+import trio
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+import actors
 from pipelines.launch import init_keys
 from pipelines.launch.curve import (
     curve_client,
@@ -129,3 +131,35 @@ def test_a_client_without_a_cluster_key_never_gets_a_message_through(
         stranger.close(0)
         if member is not None:
             member.close(0)
+
+
+async def test_the_runs_token_and_the_clusters_keys_are_admitted_by_one_handler(keys):
+    # One ZAP handler per context: the node's (PLAIN, the run's token) and the cluster's
+    # CURVE allow-list share get_context(); a second authenticator could not bind.
+    token = b"0123456789abcdef0123456789abcdef"
+    ctx = actors.get_context()
+    async with actors.open_node("test", token=token) as node:
+        auth = start_authenticator(ctx, keys)
+        sock = ctx.socket(zmq.PULL)
+        sock.linger = 0
+        curve_server(sock, keys, node=0)
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        where = actors.ipc_endpoint("rank1", node.directory)
+        creds = {"plain_username": b"rank1", "plain_password": token}
+        real = actors.open_socket("DEALER", connect=node.endpoint, routing_id=b"rank1", **creds)
+        member = push(
+            ctx, f"tcp://127.0.0.1:{port}", lambda s: curve_client(s, keys, 1, 0), b"node 1"
+        )
+        try:
+            hb = actors.Message("hb", "rank1", 7, 0, 0, {"endpoint": where, "names": []})
+            await real.send_message(hb)
+            with trio.fail_after(GUARD_MS / 1000):
+                while node.peer_info("rank1") is None or not sock.poll(0):
+                    await trio.sleep(0.01)
+            frame = sock.recv(copy=False)
+            assert (frame.bytes, peer_node(frame, keys)) == (b"node 1", 1)
+        finally:
+            member.close(0)
+            real.close()
+            sock.close(0)
+            auth.stop()
