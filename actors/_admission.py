@@ -265,29 +265,45 @@ _EVENT = struct.Struct("=HI")
 
 def event_of(frames: list) -> int:
     """The event number of one monitor message (0 if malformed)."""
+    return _event_and_value(frames)[0]
+
+
+def _event_and_value(frames: list) -> tuple[int, int]:
     raw = bytes(frames[0]) if frames else b""
-    return _EVENT.unpack(raw[: _EVENT.size])[0] if len(raw) >= _EVENT.size else 0
+    return _EVENT.unpack(raw[: _EVENT.size]) if len(raw) >= _EVENT.size else (0, 0)
 
 
 class MonitorFilter:
-    """Tells, event by event, which disconnects are a real peer's: a disconnect that
-    immediately follows a failed handshake ends a connection that was never admitted."""
+    """Tells, event by event, which disconnects are the one admitted peer's.
 
-    __slots__ = ("_after_failure", "refused")
+    Once a message from that peer has been read, ``peer_fd`` is the file descriptor it
+    came on (the frame's ZMQ_SRCFD), and only that descriptor's ``EVENT_DISCONNECTED``
+    (whose value is the descriptor) is the peer's: a stranger's connection -- refused at
+    the handshake, hung up in the middle of it, or raw garbage that is no ZMTP greeting
+    (libzmq then reports no handshake failure at all) -- has another descriptor while
+    the peer's is open. Before that (a new connection, nothing read yet), a disconnect
+    that immediately follows a failed handshake ends a connection never admitted; any
+    other counts as the peer's."""
+
+    __slots__ = ("_after_failure", "peer_fd", "refused")
 
     def __init__(self) -> None:
         self._after_failure = False
+        self.peer_fd: int | None = None  # set by the reader: the admitted peer's
         self.refused = 0  # connections that failed their handshake
 
     def is_real_disconnect(self, frames: list) -> bool:
-        event = event_of(frames)
+        event, value = _event_and_value(frames)
         if event & HANDSHAKE_FAILED:
             self._after_failure = True
             self.refused += 1
             return False
-        if event == zmq.EVENT_DISCONNECTED:
-            if self._after_failure:
-                self._after_failure = False
+        if event != zmq.EVENT_DISCONNECTED:
+            return False
+        after_failure, self._after_failure = self._after_failure, False
+        if self.peer_fd is not None:
+            if value != self.peer_fd:
                 return False
+            self.peer_fd = None  # its descriptor may be reused by the next connection
             return True
-        return False
+        return not after_failure

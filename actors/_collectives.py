@@ -986,6 +986,7 @@ class _Run:
         ]
         position = 0
         held = ring._held
+        left_filter, admitted = ring._filters["left"], ring._domain is not None
         while position < len(expected):
             from_held = bool(held)
             if from_held:
@@ -1002,6 +1003,8 @@ class _Run:
             header = _parse_header(frames)
             if not self._is_current(header, frames, from_held):
                 continue
+            if admitted and not from_held:  # only the left neighbour gets in: its link
+                left_filter.peer_fd = frames[0].get(zmq.SRCFD)
             hop, chunk, start, stop = expected[position]
             nbytes = (stop - start) * itemsize
             self._check(header, hop, chunk, frames[1], nbytes)

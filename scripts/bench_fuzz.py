@@ -14,10 +14,14 @@ Some connections are kept open and idle (an idle DEALER on a ring inbox used to 
 its acks), the rest dropped at once, and raw Unix-socket connections send garbage.
 
 The benchmark trains mlp_classifier on 2 ranks (zero2) twice, clean and fuzzed, and
-prints steps/s of each (from metrics.jsonl: the steps between the first and the last),
-their ratio (target >= 0.90), whether params_sha256 agree, restarts, and the counters
-the fuzzed run's processes report; then one JSON line. The attacker is paced (``--rate``
-messages per second): on two cores its own CPU is the run's too.
+prints for each steps/s (from metrics.jsonl: the steps between the first and the last)
+and the run's own CPU seconds per step (its processes' rusage), both ratios (target
+>= 0.90), whether params_sha256 agree, restarts, and summary.json's admission counters;
+then one JSON line. The attacker is paced (``--rate`` messages per second), and by
+default runs on another CPU than the run (both runs, clean and fuzzed, on the first CPU,
+the attacker on the last): on a shared CPU the attacker's own work takes the run's time,
+which is not what the run spends on hostile traffic. The CPU-per-step ratio is that
+spend whatever else runs on the machine.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import random
 import resource
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -46,15 +51,18 @@ _BIG = [bytes(1 << 20), bytes(5 << 20)]  # made once: the attacker's CPU is the 
 _ROLES = ["Trainer", "Checkpointer", "Optimizer", "Reducer", "DataLoader", "Coordinator"]
 
 
-def _endpoints(run_dir: Path, deadline: float) -> list[str]:
+def _endpoints(run_dir: Path, deadline: float) -> tuple[Path, list[str]]:
+    """The run's ipc directory and the socket files in it."""
     plan = run_dir / "plan.json"
     while time.monotonic() < deadline:
         try:
             ring = json.loads(plan.read_text())["endpoints"][0]
             directory = Path(ring[len("ipc://") :]).parent
-            names = sorted(os.listdir(directory))
+            names = sorted(
+                n for n in os.listdir(directory) if stat.S_ISSOCK(os.stat(directory / n).st_mode)
+            )
             if {"cluster", "rank0", "rank1", "ring-0", "ring-1"} <= set(names):
-                return [f"ipc://{directory}/{name}" for name in names]
+                return directory, [f"ipc://{directory}/{name}" for name in names]
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.05)
@@ -124,20 +132,27 @@ def _mutate(frames: list[bytes], rng: random.Random) -> list[bytes]:
     return frames
 
 
+def _run_over(run_dir: Path, directory: Path) -> bool:
+    """The run has ended: its summary is written, or its ipc directory is gone."""
+    return (run_dir / "summary.json").exists() or not directory.exists()
+
+
 def attack(run_dir: Path, seconds: float, seed: int, rate: float, until_exit: int | None = None):
-    """Fuzz the run writing ``run_dir`` for ``seconds`` (or until process ``until_exit``
-    exits); return what was done, per endpoint."""
+    """Fuzz the run writing ``run_dir`` until it ends (or process ``until_exit`` exits),
+    for at most ``seconds``; return what was done, per endpoint."""
     rng = random.Random(seed)
-    deadline = time.monotonic() + seconds
-    endpoints = _endpoints(run_dir, deadline)
+    started = time.monotonic()
+    deadline = started + seconds
+    directory, endpoints = _endpoints(run_dir, deadline)
     ctx = zmq.Context()
     held: list[zmq.Socket] = []
     counts = {e.rsplit("/", 1)[1]: 0 for e in endpoints}
-    stats = {"messages": 0, "connections": 0, "raw": 0, "held_open": 0}
+    stats = {"messages": 0, "connections": 0, "raw": 0, "held_open": 0, "stopped": "seconds"}
     wrong_token = os.urandom(16).hex().encode()
     try:
         while time.monotonic() < deadline:
-            if until_exit is not None and _exited(until_exit):
+            if (until_exit is not None and _exited(until_exit)) or _run_over(run_dir, directory):
+                stats["stopped"] = "run ended"
                 break
             endpoint = rng.choice(endpoints)
             name = endpoint.rsplit("/", 1)[1]
@@ -186,6 +201,7 @@ def attack(run_dir: Path, seconds: float, seed: int, rate: float, until_exit: in
         ctx.destroy(linger=0)
     used = resource.getrusage(resource.RUSAGE_SELF)
     stats["attacker_cpu_s"] = round(used.ru_utime + used.ru_stime, 2)
+    stats["seconds"] = round(time.monotonic() - started, 2)
     return {**stats, "per_endpoint": counts}
 
 
@@ -202,21 +218,38 @@ def _exited(pid: int) -> bool:
 # ----------------------------------------------------------------------------------------
 
 
-def _train(run_dir: Path, steps: int, seed: int, fuzz: dict | None) -> dict:
+def _children_cpu_s() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants
+    return used.ru_utime + used.ru_stime
+
+
+def _train(run_dir: Path, steps: int, seed: int, fuzz: dict | None, cpus) -> dict:
     cmd = [sys.executable, "-m", "pipelines.cli", "run", "mlp_classifier", "--ranks", "2",
            "--mode", "zero2", "--steps", str(steps), "--seed", str(seed),
            "--run-dir", str(run_dir)]  # fmt: skip
-    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus["run"]))
+    cpu_before = _children_cpu_s()
+    run = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=pin
+    )
     done = None
     if fuzz is not None:
+        if cpus is not None:  # the attacker's CPU is not the run's
+            os.sched_setaffinity(0, cpus["attacker"])
         done = attack(run_dir, fuzz["seconds"], fuzz["seed"], fuzz["rate"], until_exit=run.pid)
     _, err = run.communicate(timeout=600)
     if run.returncode != 0:
         raise SystemExit(f"run exited {run.returncode}: {err.strip().splitlines()[-3:]}")
+    run_cpu_s = _children_cpu_s() - cpu_before  # the cluster process and its ranks
     summary = json.loads((run_dir / "summary.json").read_text())
     times = [json.loads(line)["t"] for line in (run_dir / "metrics.jsonl").open()]
     rate = (len(times) - 1) / (times[-1] - times[0])
-    return {"summary": summary, "steps_per_s": rate, "attack": done}
+    return {
+        "summary": summary,
+        "steps_per_s": rate,
+        "cpu_s_per_step": run_cpu_s / summary["trained_steps"],
+        "attack": done,
+    }
 
 
 def main() -> None:
@@ -226,27 +259,50 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument("--rate", type=float, default=200.0, help="messages per second")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="share every CPU between the run and the attacker (default: on a machine of "
+        "2+ CPUs, the run (clean and fuzzed) on the first, the attacker on the last)",
+    )
     args = parser.parse_args()
     if args.attack is not None:
         print(json.dumps(attack(args.attack, args.seconds, args.seed, args.rate)), flush=True)
         return
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = None
+    if not args.no_pin and len(allowed) >= 2:
+        cpus = {"run": {allowed[0]}, "attacker": {allowed[-1]}}
     with tempfile.TemporaryDirectory(prefix="bench-fuzz-") as tmp:
-        clean = _train(Path(tmp) / "clean", args.steps, 11, None)
+        clean = _train(Path(tmp) / "clean", args.steps, 11, None, cpus)
         fuzz = {"seconds": args.seconds, "seed": args.seed, "rate": args.rate}
-        fuzzed = _train(Path(tmp) / "fuzzed", args.steps, 11, fuzz)
+        fuzzed = _train(Path(tmp) / "fuzzed", args.steps, 11, fuzz, cpus)
+    # steps/s: what the run achieved; CPU per step: what the run itself spent, whatever
+    # the attacker (or anything else on the machine) took from it
     ratio = fuzzed["steps_per_s"] / clean["steps_per_s"]
+    cpu_ratio = clean["cpu_s_per_step"] / fuzzed["cpu_s_per_step"]
     same = clean["summary"]["params_sha256"] == fuzzed["summary"]["params_sha256"]
-    print(f"clean   {clean['steps_per_s']:8.1f} steps/s")
-    print(f"fuzzed  {fuzzed['steps_per_s']:8.1f} steps/s   ratio {ratio:.3f} (target >= 0.90)")
+    where = "shared CPUs" if cpus is None else f"run on CPU {allowed[0]}, attacker on {allowed[-1]}"
+    print(f"{where}")
+    for name, r in (("clean", clean), ("fuzzed", fuzzed)):
+        ms = r["cpu_s_per_step"] * 1e3
+        print(f"{name:7} {r['steps_per_s']:8.1f} steps/s  {ms:7.2f} ms CPU/step")
+    print(f"ratio   steps/s {ratio:.3f}, CPU per step {cpu_ratio:.3f} (target >= 0.90)")
     print(f"attack  {fuzzed['attack']}")
     print(f"params_sha256 equal: {same}; restarts {fuzzed['summary']['restarts']}")
+    print(f"admission {fuzzed['summary'].get('admission')}")
     result = {
+        "pinned": cpus is not None,
         "clean_steps_per_s": clean["steps_per_s"],
         "fuzzed_steps_per_s": fuzzed["steps_per_s"],
         "ratio": ratio,
+        "clean_cpu_s_per_step": clean["cpu_s_per_step"],
+        "fuzzed_cpu_s_per_step": fuzzed["cpu_s_per_step"],
+        "cpu_ratio": cpu_ratio,
         "target": 0.90,
         "params_equal": same,
         "restarts": fuzzed["summary"]["restarts"],
+        "admission": fuzzed["summary"].get("admission"),
         "attack": fuzzed["attack"],
     }
     print(json.dumps(result))

@@ -43,6 +43,8 @@ from .coordinator import Coordinator
 from .nodes import NodeLayout
 from .rank import PLAN_ENV, RUN_ID_ENV
 
+TOKEN_FILE = "token"  # in the run's ipc directory: the run's admission token (actors)
+
 __all__ = ["run_cluster"]
 
 
@@ -200,6 +202,7 @@ def _summarize(
     summary["cpus_per_rank"] = [finished[r].get("cpus") for r in range(world)]
     if coord.analyzer_stats is not None:
         summary["hooks"]["analyzer"] = coord.analyzer_stats
+    summary["admission"] = _admission_summary(coord.node_stats, finished, world)
     rundir.write_summary(summary)
     progress.message(
         f"done: {steps} steps on {world} ranks ({cfg.cluster.mode}) in {wall:.1f}s, final loss "
@@ -207,6 +210,21 @@ def _summarize(
         f"-> {rundir.path}"
     )
     return summary
+
+
+def _admission_summary(cluster_stats: dict | None, finished: dict, world: int) -> dict:
+    """Whether something knocked: per node, connections and messages refused (no token,
+    a spoofed sender), rejected (malformed) and dropped (answers nobody read); per rank,
+    its ring inbox's refused connections and its regroups (collectives that failed)."""
+    keys = ("refused", "rejected", "dropped")
+    nodes = {"cluster": {k: (cluster_stats or {}).get(k, 0) for k in keys}}
+    for r in range(world):
+        nodes[f"rank{r}"] = {k: finished[r]["admission"]["node"][k] for k in keys}
+    return {
+        "nodes": nodes,
+        "ring_refused_per_rank": [finished[r]["admission"]["ring_refused"] for r in range(world)],
+        "regroups_per_rank": [finished[r]["admission"]["regroups"] for r in range(world)],
+    }
 
 
 # process start, for the cold-start figure (command to first step)
@@ -284,6 +302,13 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
     layout, config_hash = multi
     hb = cfg.cluster.heartbeat_timeout
     coord.analyzer_stats = None
+    coord.node_stats = None
+    # Only this run's processes may connect (actors._admission); the token also sits in
+    # the run's 0700 ipc directory, so a tool of the same user can join the run's nodes.
+    token = secrets.token_hex(16)  # (written, unused, in a multi-node run)
+    token_path = Path(ipc_dir) / TOKEN_FILE
+    token_path.touch(mode=0o600)
+    token_path.write_text(token)
     async with actors.open_node(
         "cluster",
         directory=ipc_dir,
@@ -292,7 +317,7 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
         heartbeat_timeout=hb,
         # One host: only this run's processes may connect. Several: the node agents of
         # other hosts hold no token; their admission is the CURVE keys' (issue 20).
-        token=secrets.token_hex(16) if layout is None else None,
+        token=token if layout is None else None,
     ) as node:
         async with trio.open_nursery() as nursery:
             await nursery.start(_coordinate, coord)
@@ -336,6 +361,7 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
                             coord.analyzer_stats = {"error": str(err)}
                             await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
+        coord.node_stats = node.statistics()
 
 
 async def _serve_node(cfg, coord, plan, ipc_dir: str, rundir, rank_log, multi):

@@ -256,6 +256,12 @@ class Trainer(ProtocolActor):
         timing["overlapped_buckets"] = st.overlapped_buckets / max(st.timed_steps, 1)
         info["timing"] = timing
         info["timed_steps"] = st.timed_steps
+        ring = st.ring.stats()
+        info["admission"] = {  # summary.json: whether something knocked (main.py)
+            "node": actors.current_node().statistics(),
+            "ring_refused": ring["refused"],
+            "regroups": ring["failures"],
+        }
         # the casts to the analyzer may still be on the way (queued here, unread there):
         # they would be lost with this process, and the analyzer's "stats" (asked by the
         # cluster, over another connection) could answer before they arrive

@@ -25,7 +25,7 @@ def test_thousands_of_hostile_messages_on_every_endpoint_change_nothing(tmp_path
     run = start(tmp_path / "fuzzed")
     attacker = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_fuzz.py"), "--attack",
-         str(tmp_path / "fuzzed"), "--seconds", "60", "--rate", "400"],
+         str(tmp_path / "fuzzed"), "--seconds", "100", "--rate", "800"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     _, err = run.communicate(timeout=300)
@@ -38,3 +38,11 @@ def test_thousands_of_hostile_messages_on_every_endpoint_change_nothing(tmp_path
     ]
     assert summaries[1]["restarts"] == 0
     assert summaries[1]["params_sha256"] == summaries[0]["params_sha256"]
+    assert done["stopped"] == "run ended"  # not the --seconds bound
+    # summary.json shows the knocking, and that it forced nothing; the clean run saw none
+    knocked, clean = (s["admission"] for s in reversed(summaries))
+    assert sum(n["refused"] for n in knocked["nodes"].values()) > 0, knocked
+    assert sum(knocked["ring_refused_per_rank"]) > 0, knocked
+    assert knocked["regroups_per_rank"] == [0, 0], knocked
+    assert all(c == 0 for n in clean["nodes"].values() for c in n.values()), clean
+    assert clean["ring_refused_per_rank"] == clean["regroups_per_rank"] == [0, 0], clean

@@ -15,6 +15,7 @@ import trio
 
 import actors
 from pipelines.cluster import messages as m
+from pipelines.cluster.main import TOKEN_FILE
 
 from .cluster_util import SMALL, run
 
@@ -216,7 +217,9 @@ async def test_malformed_messages_to_a_rank_are_rejected_or_dropped_and_the_run_
     try:
         ipc_dir = await wait_training(tmp_path / "run", proc)
         answers = {}
-        async with actors.open_node("intruder", directory=ipc_dir):
+        # the run's token: a node of the same user, not a stranger (test_hostile_run)
+        token = (Path(ipc_dir) / TOKEN_FILE).read_text()
+        async with actors.open_node("intruder", directory=ipc_dir, token=token):
             for rank in (0, 1):
                 for role in ROLES:
                     await actors.cast(f"{role}@rank{rank}", None)
