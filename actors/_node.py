@@ -151,7 +151,10 @@ _OUTBOX = 64  # messages queued per peer before senders wait (bounded, like mail
 _OVERFLOW_MAX = 1024  # messages waiting for one full mailbox before the reader waits too
 _OVERFLOW_MAX_BYTES = 256 << 20  # ... or tensor bytes (4 frames of MAXMSGSIZE)
 _MAX_PEERS = 64  # peers that contacted this node (module doc, "Untrusted input")
-_MAX_LATER = 16  # messages per peer waiting in helper tasks for room in its outbox
+# Messages per peer waiting in helper tasks for room in its outbox, each at most
+# send_timeout: a bound on what a peer that stops reading costs, far above what a slow
+# but live peer makes wait (a reply dropped here leaves its caller to time out).
+_MAX_LATER = 1024
 
 
 class _Rejected(Exception):
@@ -633,8 +636,9 @@ class Node:
             log.debug("%s cannot send %s to %s: %s", self._label, kind, peer_name, exc)
             return
         except trio.WouldBlock:
-            # A peer that does not read must not make this node pile up tasks: at most
-            # _MAX_LATER of its messages wait in tasks, the rest are dropped.
+            # A peer that does not read must not make this node pile up tasks: answers
+            # to what it got wrong are dropped at once, at most _MAX_LATER other messages
+            # wait in tasks, the rest are dropped.
             if droppable or self._nursery is None or peer.later >= _MAX_LATER:
                 self._stats["dropped"] += 1
                 return

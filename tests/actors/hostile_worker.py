@@ -31,6 +31,7 @@ def raw_old(directory: str) -> None:
     peer.connect(endpoint)
     for _ in range(200):
         peer.send(b"x" * 100)
+    inbox.poll(10_000)  # the connection is up and the pipe filling (not a timed bound)
     time.sleep(0.5)
     peer.close()
     time.sleep(0.5)

@@ -42,8 +42,13 @@ def run_worker(mode: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_old_ring_inbox_configuration_aborts_inside_libzmq(tmp_path):
-    # The trigger, kept reproducible: heartbeats on, a full pipe, the peer hangs up.
-    done = run_worker("raw-old", tmp_path)
+    # The trigger, kept reproducible: heartbeats on, a full pipe, the peer hangs up. It
+    # races with libzmq's I/O thread (under load the peer can hang up before the pipe
+    # is full), so it is tried up to three times: one abort shows the trigger.
+    for _ in range(3):
+        done = run_worker("raw-old", tmp_path)
+        if done.returncode != 0:
+            break
     assert done.returncode == -signal.SIGABRT, done.stdout + done.stderr
     assert "!_io_error" in done.stderr
 
@@ -236,7 +241,8 @@ async def test_a_peer_that_never_reads_its_answers_costs_bounded_tasks():
             for seq in range(1, 3001):
                 await out.send_message(Message("call", "deaf", 1, 0, seq, {"request": 1}))
             await wait_for(lambda: node.statistics()["rejected"] == 3000)
-            assert len(node._nursery.child_tasks) <= tasks_before + 2 + _node._MAX_LATER
+            # answers to rejected messages are dropped, never wait in tasks
+            assert len(node._nursery.child_tasks) <= tasks_before + 2
             assert node.statistics()["dropped"] > 0
 
 
