@@ -247,7 +247,7 @@ def _train(run_dir: Path, steps: int, seed: int, fuzz: dict | None, cpus) -> dic
     return {
         "summary": summary,
         "steps_per_s": rate,
-        "cpu_s_per_step": run_cpu_s / summary["trained_steps"],
+        "cpu_s_per_step": run_cpu_s / summary["steps"],
         "attack": done,
     }
 
