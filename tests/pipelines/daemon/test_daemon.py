@@ -11,28 +11,40 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.daemon import protocol
+from pipelines.daemon.client import call, wait_until_settled
+
 from .conftest import SMALL, marked_pids
 
 pytestmark = pytest.mark.slow
 
 SHORT = [*SMALL, "--steps", "30"]
 # long enough to pause or kill in the middle, with checkpoints to resume from
-LONG = [*SMALL, "--steps", "300", "--set", "checkpoint.every=20"]
+LONG = [*SMALL, "--steps", "2000", "--set", "checkpoint.every=50"]
+# never ends on its own: cancelled by its test
+ENDLESS = [*SMALL, "--steps", "1000000"]
 
 
-def test_a_submitted_job_ends_with_the_params_of_zerotrain_run(daemon_factory, reference_hash):
-    d = daemon_factory()
-    r = d.cli("submit", *SHORT)
+@pytest.fixture(scope="module")
+def short_job(shared_daemon):
+    """One SHORT job on the shared daemon, run to its end: (daemon, id, final status)."""
+    d = shared_daemon
+    r = d.cli("submit", *SHORT, "--name", "js")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().isdigit() and r.stdout == f"{int(r.stdout)}\n"  # the id, alone
-    job = d.wait_for(int(r.stdout), {"done"})
+    job = int(r.stdout)
+    return d, job, d.wait_for(job, {"done"})
+
+
+def test_a_submitted_job_ends_with_the_params_of_zerotrain_run(short_job, reference_hash):
+    d, _, job = short_job
     assert job["params_sha256"] == reference_hash(*SHORT)
     assert job["step"] == 30 and job["restarts"] == 0
     assert marked_pids(d.state_dir) == []  # nothing of the job is left
 
 
-def test_two_jobs_share_the_cpu_budget_one_after_the_other(daemon_factory, reference_hash):
-    d = daemon_factory("--cpus", "2")
+def test_two_jobs_share_the_cpu_budget_one_after_the_other(shared_daemon, reference_hash):
+    d = shared_daemon  # --cpus 2
     first = d.submit(*SHORT, "--name", "first")
     second = d.submit(*SHORT, "--name", "second")
     a = d.wait_for(first, {"done"})
@@ -42,9 +54,9 @@ def test_two_jobs_share_the_cpu_budget_one_after_the_other(daemon_factory, refer
     assert a["params_sha256"] == b["params_sha256"] == reference_hash(*SHORT)
 
 
-def test_a_higher_priority_job_starts_first(daemon_factory):
-    d = daemon_factory("--cpus", "2")
-    blocker = d.submit(*LONG, "--name", "blocker")
+def test_a_higher_priority_job_starts_first(shared_daemon):
+    d = shared_daemon  # --cpus 2
+    blocker = d.submit(*ENDLESS, "--name", "blocker")
     d.wait_for(blocker, {"running"})
     low = d.submit(*SHORT, "--name", "low")
     high = d.submit(*SHORT, "--name", "high", "--priority", "5")
@@ -54,16 +66,34 @@ def test_a_higher_priority_job_starts_first(daemon_factory):
     assert hi["ended"] <= lo["started"]
 
 
-def test_pause_stops_every_process_and_resume_ends_bit_identical(daemon_factory, reference_hash):
-    d = daemon_factory()
+def test_a_paused_job_holds_no_process_exports_its_checkpoint_and_resumes_bit_identical(
+    shared_daemon, reference_hash, tmp_path
+):
+    safetensors = pytest.importorskip("safetensors.numpy")
+    d = shared_daemon
     job = d.submit(*LONG)
     d.wait_for(job, {"running"}, step=30)
-    r = d.cli("pause", job, "--wait")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().endswith(": paused")
-    paused = d.status(job)
-    assert paused["state"] == "paused" and paused["step"] < 300
+    # what `zerotrain pause JOB --wait` does, from here: at ~3 ms a step the job must not
+    # end while a command line starts (its output is checked on an endless job below)
+    call(d.state_dir, protocol.Control("pause", str(job)))
+    paused = wait_until_settled(d.state_dir, str(job), timeout=120)
+    assert paused["state"] == "paused" and paused["step"] < 2000
     assert marked_pids(d.state_dir) == []  # paused = no process, no CPU
+
+    # export while paused: the newest checkpoint's weights, by PyTorch name
+    out = tmp_path / "p.safetensors"
+    r = d.cli("export", job, out)
+    assert r.returncode == 0, r.stderr
+    step = int(r.stdout.split("(step ")[1].rstrip(")\n"))
+    assert step % 50 == 0 and step >= 50
+    weights = safetensors.load_file(str(out))
+    from pipelines.store.checkpoint import latest_valid, load_full
+
+    _, full = load_full(latest_valid(f"{paused['run_dir']}/checkpoints").path)
+    exported = np.concatenate([w.ravel() for w in weights.values()])
+    # every parameter of the checkpoint: the same numbers, in some order
+    assert np.array_equal(np.sort(exported), np.sort(full["params"]))
+
     time.sleep(1.5)
     assert d.status(job)["state"] == "paused"  # the scheduler leaves it alone
     assert d.cli("resume", job).returncode == 0
@@ -111,14 +141,20 @@ def test_a_daemon_stopped_by_sigterm_resumes_its_jobs_when_it_next_serves(
     assert done["params_sha256"] == reference_hash(*LONG)
 
 
-def test_stop_then_resume_and_cancel(daemon_factory, reference_hash):
-    d = daemon_factory()
-    job = d.submit(*LONG)
+def test_pause_resume_stop_resume_and_cancel_from_the_command_line(shared_daemon):
+    d = shared_daemon
+    job = d.submit(*ENDLESS)
     d.wait_for(job, {"running"}, step=30)
+    r = d.cli("pause", job, "--wait")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith(": paused")
+    assert d.cli("resume", job).returncode == 0
+    d.wait_for(job, {"running"})
     assert d.cli("stop", job, "--wait").stdout.strip().endswith(": stopped")
     assert marked_pids(d.state_dir) == []
+    step = d.status(job)["step"]
     assert d.cli("resume", job).returncode == 0
-    d.wait_for(job, {"running"}, step=100)
+    d.wait_for(job, {"running"}, step=step + 30)
     r = d.cli("cancel", job, "--wait")
     assert r.stdout.strip().endswith(": cancelled"), r.stdout + r.stderr
     assert marked_pids(d.state_dir) == []
@@ -146,10 +182,8 @@ def test_stop_checkpoints_at_the_step_it_stops_at(daemon_factory):
     assert latest_valid(f"{s['run_dir']}/checkpoints").manifest["step"] == s["step"]
 
 
-def test_logs_and_export_of_a_finished_job(daemon_factory, tmp_path):
-    d = daemon_factory()
-    job = d.submit(*SHORT)
-    done = d.wait_for(job, {"done"})
+def test_logs_and_export_of_a_finished_job(short_job, tmp_path):
+    d, job, done = short_job
     logs = d.cli("logs", job)
     assert logs.returncode == 0
     assert "zerotrain: step 30/30" in logs.stdout and "done: 30 steps" in logs.stdout
@@ -159,45 +193,20 @@ def test_logs_and_export_of_a_finished_job(daemon_factory, tmp_path):
     r = d.cli("export", job, out)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"{out} (step 30)"
-    assert (
-        out.read_bytes()
-        == (tmp_path / "state" / "runs" / f"job-{job}" / "weights.safetensors").read_bytes()
-    )
-    assert done["run_dir"].endswith(f"job-{job}")
+    assert out.read_bytes() == (Path(done["run_dir"]) / "weights.safetensors").read_bytes()
+    assert done["run_dir"] == str(d.state_dir / "runs" / f"job-{job}")
 
 
-def test_export_of_a_paused_job_gives_its_checkpoint_weights(daemon_factory, tmp_path):
-    safetensors = pytest.importorskip("safetensors.numpy")
-    d = daemon_factory()
-    job = d.submit(*LONG)
-    d.wait_for(job, {"running"}, step=30)
-    d.cli("pause", job, "--wait")
-    out = tmp_path / "p.safetensors"
-    r = d.cli("export", job, out)
-    assert r.returncode == 0, r.stderr
-    step = int(r.stdout.split("(step ")[1].rstrip(")\n"))
-    assert step % 20 == 0 and step >= 20
-    weights = safetensors.load_file(str(out))
-    from pipelines.store.checkpoint import latest_valid, load_full
-
-    run_dir = d.status(job)["run_dir"]
-    _, full = load_full(latest_valid(f"{run_dir}/checkpoints").path)
-    exported = np.concatenate([w.ravel() for w in weights.values()])
-    # every parameter of the checkpoint, by PyTorch name: the same numbers, in some order
-    assert np.array_equal(np.sort(exported), np.sort(full["params"]))
-    d.cli("cancel", job)
-
-
-def test_status_and_jobs_as_json_for_scripts(daemon_factory):
-    d = daemon_factory()
-    job = d.submit(*SHORT, "--name", "js")
-    d.wait_for(job, {"done"})
+def test_status_and_jobs_as_json_for_scripts(short_job):
+    d, job, _ = short_job
     listed = json.loads(d.cli("jobs", "--json").stdout)
-    assert listed == []  # ended jobs only with --all
-    (entry,) = json.loads(d.cli("jobs", "--all", "--json").stdout)
+    assert [j for j in listed if j["state"] in ("done", "failed", "cancelled")] == []
+    assert job not in [j["id"] for j in listed]  # ended jobs only with --all
+    (entry,) = [j for j in json.loads(d.cli("jobs", "--all", "--json").stdout) if j["id"] == job]
     for key in ("id", "name", "state", "step", "run_dir", "restarts", "summary"):
         assert key in entry
     assert entry["name"] == "js" and entry["summary"]["params_sha256"] == entry["params_sha256"]
+    assert json.loads(d.cli("status", job, "--json").stdout) == d.status(job)
     table = d.cli("jobs", "--all").stdout.splitlines()
     assert table[0].split() == [
         "id",
@@ -209,4 +218,5 @@ def test_status_and_jobs_as_json_for_scripts(daemon_factory):
         "restarts",
         "run_dir",
     ]
-    assert table[1].split()[:3] == [str(job), "js", "done"]
+    (row,) = [line.split() for line in table[1:] if line.split()[0] == str(job)]
+    assert row[:3] == [str(job), "js", "done"]
