@@ -48,7 +48,14 @@ from .. import core
 from ..config import Config
 from ..core import RunIdentity
 from ..store import checkpoint as ckpt_mod
-from ..store.rundir import Progress, RunDir, disk_error, last_good_checkpoint, stop_line
+from ..store.rundir import (
+    Progress,
+    RunDir,
+    disk_error,
+    last_good_checkpoint,
+    stop_line,
+    write_json_atomic,
+)
 from . import messages as msg
 from .messages import (
     EXIT,
@@ -243,6 +250,8 @@ class Coordinator(ProtocolActor):
         if self.state is not Recovery.DONE:
             self.state = Recovery.TRAINING
         self.fault_log.restored(step, source)
+        if self.fault_log.faults:
+            self._write_live_faults()
         self.stop_steps.clear()
         self.stop_at = None
         if self.stop_reason is not None:  # asked while no generation trained: stop now
@@ -342,6 +351,7 @@ class Coordinator(ProtocolActor):
             return
         reason = actors.format_reason(message.reason)
         fault = self.fault_log.down(rank, reason, self.steps.last_step, self.generation)
+        self._write_live_faults()
         if fault.kind == "crash" and self._crashed_before(rank, reason):
             return
         self.progress.message(f"rank {rank} is down ({reason}); the others regroup")
@@ -385,6 +395,17 @@ class Coordinator(ProtocolActor):
         """An error of the world (a full, read-only or forbidden disk): the run ends now,
         in one line naming the path, the error and the last good checkpoint."""
         self.fail(f"{why}; last good checkpoint: {last_good_checkpoint(self.ckpt_root)}")
+
+    def _write_live_faults(self) -> None:
+        """live/faults.json: recovery.json's content so far, for the daemon's /metrics
+        while the run trains (recovery.json itself is written at the end)."""
+        live = self.steps.rundir.path / "live"
+        try:
+            live.mkdir(exist_ok=True)
+            faults = [f.record() for f in self.faults]
+            write_json_atomic(live / "faults.json", {"faults": faults, "restarts": self.restarts})
+        except OSError:
+            pass  # telemetry only: the run goes on without it
 
     # -- the end -----------------------------------------------------------------------
 

@@ -213,6 +213,7 @@ class Trainer(ProtocolActor):
                 continue
             record = await self._step(s, plan.generation)
             s += 1
+            self._live(s)
             ckpt_every = cfg.checkpoint.every
             to_disk = bool(ckpt_every and s % ckpt_every == 0 and s != total)
             if to_disk or s % cfg.cluster.snapshot_every == 0:
@@ -330,6 +331,36 @@ class Trainer(ProtocolActor):
             record["transforms"] = rs.transform_records
         return record
 
+    _live_at = 0.0  # monotonic time of the last live status write
+
+    def _live(self, s: int) -> None:
+        """live/rank-R.json in the run dir: this rank's pid, step, cumulative compute
+        seconds (work before the collective) and RSS, for the daemon's /metrics. Replaced
+        whole (rename), at most every LIVE_SECONDS: a reader sees an old file or a new
+        one, and a step pays a write only now and then. Nothing reads it back here."""
+        now = time.monotonic()
+        if now - self._live_at < LIVE_SECONDS:
+            return
+        self._live_at = now
+        st = self.state
+        live = Path(st.ckpt_root).parent / "live"
+        status = {
+            "rank": st.rank,
+            "pid": os.getpid(),
+            "step": s,
+            "compute_s": st.timing["compute_s"],
+            "timed_steps": st.timed_steps,
+            "rss_bytes": _rss_bytes(),
+            "t": time.time(),
+        }
+        try:
+            live.mkdir(exist_ok=True)
+            tmp = live / f".rank-{st.rank}.json.{os.getpid()}"
+            tmp.write_text(json.dumps(status))
+            os.replace(tmp, live / f"rank-{st.rank}.json")
+        except OSError:
+            pass  # telemetry only: a full disk must not end the step loop
+
     async def _gradients(self, s: int, batches, overlap: bool):
         """Compute this rank's gradients of step `s` and reduce them: (shard, sq_norm,
         loss). With `overlap` (and a mode that can), buckets are all-reduced as backward
@@ -362,6 +393,14 @@ class Trainer(ProtocolActor):
     def _export(self, s: int, sha: str) -> None:
         st = self.state
         export_weights(Path(st.ckpt_root).parent, st.cfg, st.model, s, sha)
+
+
+LIVE_SECONDS = 0.5
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _check(result):

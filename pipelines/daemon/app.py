@@ -254,6 +254,21 @@ class Daemon:
                 view["step_sum"] = p.step_sum
                 view["steps_seen"] = p.steps_seen
                 view["batch_size"] = job.config.get("train", {}).get("batch_size", 0)
+                tel = sup.telemetry
+                view["ranks_live"] = [
+                    {
+                        "rank": r,
+                        "pid": rec.get("pid"),
+                        "step": rec.get("step"),
+                        "compute_per_step": rec.get("compute_per_step"),
+                        "rss_bytes": rec.get("rss_bytes"),
+                        "t": rec.get("t"),
+                    }
+                    for r, rec in sorted(tel.ranks.items())
+                ]
+                view["restarts_by_reason"] = dict(tel.restarts)
+                view["checkpoint_s"] = tel.checkpoint_s
+                view["checkpoint_step"] = tel.checkpoint_step
             jobs.append(view)
         self.snapshot = {"jobs": jobs, "daemon": self.info()}  # one reference swap
 

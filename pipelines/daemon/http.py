@@ -6,13 +6,21 @@ change: the thread never touches the job table or a supervisor, so a slow scrape
 slow the daemon's loop, and the loop never waits for the thread.
 
 /metrics is produced by prometheus_client from that snapshot (a custom collector, so a
-job's series appear and disappear with the job). Served from what a job's metrics.jsonl
-says: zerotrain_step, zerotrain_loss, zerotrain_samples_total,
+job's series appear and disappear with the job), every series labelled by job. From the
+run's metrics.jsonl: zerotrain_step, zerotrain_loss, zerotrain_samples_total,
 zerotrain_step_seconds (histogram of the gaps between consecutive steps),
-zerotrain_last_step_timestamp_seconds, zerotrain_paused, zerotrain_restarts_total{reason}
-(reason="resume": the job's starts after its first), zerotrain_queue_depth,
-zerotrain_jobs{state}. Per-rank series (rank_up, compute seconds, RSS), checkpoint time and
-hook errors need telemetry from inside a run and are not served yet.
+zerotrain_last_step_timestamp_seconds. From its live/ files (pipelines.daemon.supervisor,
+running jobs only): zerotrain_rank_up{rank} (process alive and not stopped, read from
+/proc at scrape time), zerotrain_rank_compute_seconds{rank} (compute per step, recent:
+the work before the collective, so the slow rank stands out), zerotrain_rss_bytes{rank},
+zerotrain_restarts_total{reason} (reason="resume": the job's starts after its first; else
+the kind of fault after which the run replaced a rank: crash, kill, stall, hang),
+zerotrain_checkpoint_seconds (end of the newest checkpoint's step until its manifest was
+written). Also zerotrain_paused, zerotrain_queue_depth, zerotrain_jobs{state}. Hook
+errors need telemetry from the analyzer and are not served yet.
+
+/readyz is 503 while the daemon starts or stops, and while a rank of a running job is
+down, naming the job, the rank and why (its process gone, stopped or a zombie).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .statedir import DEFAULT_HTTP, DaemonUsageError
-from .supervisor import STEP_BUCKETS
+from .supervisor import STEP_BUCKETS, job_marker, rank_state
 
 __all__ = ["DEFAULT_HTTP", "parse_http", "start_http"]
 
@@ -81,12 +89,40 @@ class _Collector:
         hist = HistogramMetricFamily(
             "zerotrain_step_seconds", "Seconds between consecutive steps", labels=["job"]
         )
+        up = GaugeMetricFamily(
+            "zerotrain_rank_up", "1 while the rank's process runs", labels=["job", "rank"]
+        )
+        compute = GaugeMetricFamily(
+            "zerotrain_rank_compute_seconds",
+            "Seconds of compute per step before the collective (recent)",
+            labels=["job", "rank"],
+        )
+        rss = GaugeMetricFamily(
+            "zerotrain_rss_bytes", "Resident memory of the rank", labels=["job", "rank"]
+        )
+        ckpt = GaugeMetricFamily(
+            "zerotrain_checkpoint_seconds",
+            "End of the newest checkpoint's step until its manifest was written",
+            labels=["job"],
+        )
+        health = rank_health(self.daemon)
         by_state: dict[str, int] = {}
         for job in jobs:
             label = [str(job["id"])]
             by_state[job["state"]] = by_state.get(job["state"], 0) + 1
             paused.add_metric(label, 1.0 if job["state"] == "paused" else 0.0)
             restarts.add_metric([*label, "resume"], float(job.get("restarts") or 0))
+            for reason, n in sorted((job.get("restarts_by_reason") or {}).items()):
+                restarts.add_metric([*label, reason], float(n))
+            for r in job.get("ranks_live") or ():
+                rl = [*label, str(r["rank"])]
+                up.add_metric(rl, 1.0 if health.get((job["id"], r["rank"])) == "up" else 0.0)
+                if r.get("compute_per_step") is not None:
+                    compute.add_metric(rl, float(r["compute_per_step"]))
+                if r.get("rss_bytes") is not None:
+                    rss.add_metric(rl, float(r["rss_bytes"]))
+            if job.get("checkpoint_s") is not None:
+                ckpt.add_metric(label, float(job["checkpoint_s"]))
             if job.get("step"):
                 step.add_metric(label, float(job["step"]))
                 samples.add_metric(label, float(job["step"] * job.get("batch_size", 0)))
@@ -105,7 +141,23 @@ class _Collector:
         states = GaugeMetricFamily("zerotrain_jobs", "Jobs by state", labels=["state"])
         for state, n in sorted(by_state.items()):
             states.add_metric([state], float(n))
-        yield from (step, loss, samples, last, paused, restarts, hist, queue, states)
+        yield from (step, loss, samples, last, paused, restarts, hist, up, compute, rss, ckpt)
+        yield from (queue, states)
+
+
+def rank_health(daemon) -> dict[tuple[int, int], str]:
+    """(job, rank) -> 'up' or why down, for the running jobs' ranks, from /proc now."""
+    snap = daemon.snapshot
+    state_dir = snap.get("daemon", {}).get("state_dir")
+    out = {}
+    for job in snap.get("jobs", []):
+        if job.get("state") != "running" or state_dir is None:
+            continue
+        marker = job_marker(state_dir, job["id"])
+        for r in job.get("ranks_live") or ():
+            if isinstance(r.get("pid"), int):
+                out[(job["id"], r["rank"])] = rank_state(r["pid"], marker)
+    return out
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -145,8 +197,12 @@ def start_http(address: str, daemon) -> HttpServer:
             return _reply(start_response, "200 OK", "ok\n")
         if path == "/readyz":
             info = daemon.snapshot.get("daemon", {})
-            if daemon.ready:
+            down = [(j, r, why) for (j, r), why in rank_health(daemon).items() if why != "up"]
+            if daemon.ready and not down:
                 return _reply(start_response, "200 OK", "ready\n")
+            if daemon.ready:
+                what = "; ".join(f"job {j} rank {r} down ({why})" for j, r, why in down)
+                return _reply(start_response, "503 Service Unavailable", f"not ready: {what}\n")
             why = "stopping" if info.get("closing") else "starting"
             return _reply(start_response, "503 Service Unavailable", f"not ready: {why}\n")
         if path == "/api/status":

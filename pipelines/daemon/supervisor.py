@@ -24,7 +24,13 @@ exactly what `zerotrain run` gives: same config, seed and run dir => the same bi
   is left of a job after its top process is gone -- the daemon when a job ends, the next
   daemon for the jobs of one that was killed -- to kill it before the run dir is reused.
 * progress: the supervisor reads new lines of the run's metrics.jsonl (appended line by
-  line, pipelines.store.rundir) every :data:`POLL_SECONDS`.
+  line, pipelines.store.rundir) every :data:`POLL_SECONDS`, and what the run keeps in
+  ``live/`` for it: each rank's ``rank-R.json`` (pid, step, cumulative compute seconds,
+  RSS; replaced whole about twice a second) and ``faults.json`` (recovery.json so far),
+  plus the newest checkpoint's manifest time (:class:`Telemetry`). A rank is down when
+  its process is gone, stopped (SIGSTOP: state T) or a zombie: :func:`rank_state` looks
+  at /proc, so /readyz names a silent rank at once, before the run's own heartbeat
+  timeout has it killed and replaced.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ __all__ = [
     "POLL_SECONDS",
     "JobSupervisor",
     "Progress",
+    "Telemetry",
     "job_marker",
     "job_processes",
     "kill_processes",
@@ -121,6 +128,94 @@ async def kill_processes(marker: str, *, wait: float = 10.0) -> int:
     return killed
 
 
+def rank_state(pid: int, marker: str) -> str:
+    """'up', or why the rank process ``pid`` is down: 'gone', 'stopped', 'zombie'.
+    ``marker`` guards against a reused pid (the process must carry the job's marker)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+    except OSError:
+        return "gone"
+    if marker.encode() not in env.split(b"\0"):
+        return "gone"
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    if state in (b"T", b"t"):
+        return "stopped"
+    if state in (b"Z", b"X"):
+        return "zombie"
+    return "up"
+
+
+@dataclass
+class Telemetry:
+    """Per-rank and fault telemetry of the attempt, from the run dir's ``live/`` files
+    (only those written since this attempt started) and its checkpoints."""
+
+    ranks: dict = field(default_factory=dict)  # rank -> rank-R.json + compute_per_step
+    restarts: dict = field(default_factory=dict)  # fault kind -> restarts in the run
+    checkpoint_step: int | None = None
+    checkpoint_s: float | None = None  # end of that step -> its manifest written
+
+    def read(self, run_dir: Path, since: float, step_t: dict, ckpt_sub: str) -> None:
+        live = run_dir / "live"
+        try:
+            names = os.listdir(live)
+        except OSError:
+            names = []
+        for name in names:
+            if not (name.startswith("rank-") and name.endswith(".json")):
+                continue
+            rec = _read_json_since(live / name, since)
+            if rec is None or not isinstance(rec.get("rank"), int):
+                continue
+            old = self.ranks.get(rec["rank"])
+            if old and old.get("pid") == rec.get("pid") and rec["step"] > old["step"]:
+                steps = rec.get("timed_steps", 0) - old.get("timed_steps", 0)
+                if steps > 0:
+                    rec["compute_per_step"] = (rec["compute_s"] - old["compute_s"]) / steps
+                else:
+                    rec["compute_per_step"] = old.get("compute_per_step")
+            elif old and old.get("pid") == rec.get("pid"):
+                rec["compute_per_step"] = old.get("compute_per_step")
+            self.ranks[rec["rank"]] = rec
+        faults = _read_json_since(live / "faults.json", since)
+        if faults is not None:
+            self.restarts = {}
+            for f in faults.get("faults", []):
+                if f.get("detection_s") is not None:  # seen down: the rank was replaced
+                    self.restarts[f["kind"]] = self.restarts.get(f["kind"], 0) + 1
+        self._newest_checkpoint(run_dir / ckpt_sub, step_t)
+
+    def _newest_checkpoint(self, root: Path, step_t: dict) -> None:
+        try:
+            steps = sorted(n for n in os.listdir(root) if n.startswith("step-"))
+        except OSError:
+            return
+        for name in reversed(steps):
+            try:
+                step = int(name[5:])
+                mtime = os.stat(root / name / "manifest.json").st_mtime
+            except (ValueError, OSError):
+                continue  # not complete yet
+            if step != self.checkpoint_step and step in step_t:
+                self.checkpoint_step = step
+                self.checkpoint_s = max(0.0, mtime - step_t[step])
+            return
+
+
+def _read_json_since(path: Path, since: float):
+    try:
+        if os.stat(path).st_mtime < since:
+            return None  # an earlier attempt's
+        with open(path, "rb") as f:
+            rec = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 @dataclass
 class Progress:
     """What the run's metrics.jsonl said last: read by status, /metrics and the page."""
@@ -133,6 +228,7 @@ class Progress:
     step_hist: list = field(default_factory=lambda: [0] * (len(STEP_BUCKETS) + 1))
     step_sum: float = 0.0
     steps_seen: int = 0
+    step_t: dict = field(default_factory=dict)  # step -> wall time, the last 512 steps
 
     def add(self, record: dict) -> None:
         step, t = record.get("step"), record.get("t")
@@ -152,6 +248,10 @@ class Progress:
         loss = record.get("loss")
         self.loss = float(loss) if isinstance(loss, int | float) else self.loss
         self.last_t = float(t) if isinstance(t, int | float) else self.last_t
+        if isinstance(t, int | float):
+            self.step_t[step] = float(t)
+            if len(self.step_t) > 512:
+                del self.step_t[min(self.step_t)]
         sps = record.get("samples_per_s")
         self.samples_per_s = float(sps) if isinstance(sps, int | float) else self.samples_per_s
         if self.loss is not None:
@@ -175,6 +275,7 @@ class JobSupervisor:
         self.marker = job_marker(state_dir, job.id)
         self.process: subprocess.Popen | None = None
         self.progress = Progress()
+        self.telemetry = Telemetry()
         self.started_at = None
         self.stop_requested_at: float | None = None
         self._stop = trio.Event()
@@ -311,7 +412,21 @@ class JobSupervisor:
             if isinstance(record, dict):
                 self.progress.add(record)
 
+    def _read_telemetry(self) -> None:
+        sub = self.job.config.get("checkpoint", {}).get("dir", "checkpoints")
+        since = self.started_at or 0.0
+        self.telemetry.read(Path(self.job.run_dir), since, self.progress.step_t, sub)
+
+    def rank_health(self) -> dict[int, str]:
+        """rank -> 'up' or why it is down, for the ranks that reported this attempt."""
+        return {
+            r: rank_state(rec["pid"], self.marker)
+            for r, rec in sorted(self.telemetry.ranks.items())
+            if isinstance(rec.get("pid"), int)
+        }
+
     async def _watch_metrics(self) -> None:
         while True:
             self._read_metrics()
+            self._read_telemetry()
             await trio.sleep(POLL_SECONDS)

@@ -15,6 +15,10 @@
       weights.safetensors  the final weights by PyTorch parameter name
       hooks.jsonl       hook outputs, when hooks are loaded
       .lock             the owner's advisory lock (flock) and pid
+      live/             a cluster run's telemetry while it trains, for the daemon's
+                        /metrics (pipelines.daemon.supervisor): rank-R.json (pid, step,
+                        compute seconds, RSS; replaced about twice a second) and
+                        faults.json (recovery.json so far); left as the run last wrote it
 
 A run dir has one owner: :class:`RunDir` takes an exclusive flock on ``.lock`` for the
 whole run (the cluster passes the locked descriptor to its rank and analyzer processes,
