@@ -63,11 +63,10 @@ def test_bad_submits_queue_nothing(daemon_factory):
     )
     assert "nothing queued" in _one_line(d.cli("submit", *SMALL, "--hook", "/nonexistent.py"))
     line = _one_line(
-        d.cli("submit", *SMALL, "--set", "data.name=table", "--set", "data.path=/nonexistent.csv")
+        d.cli("submit", "mlp_classifier", "--set", "data.name=table", "--set", "data.path=/x.csv")
     )
     assert line == (
-        "zerotrain submit: data: data.path: no such file or directory '/nonexistent.csv'; "
-        "nothing queued"
+        "zerotrain submit: data: data.path: no such file or directory '/x.csv'; nothing queued"
     )
     line = _one_line(d.cli("submit", *SMALL, "--model", "/nonexistent.py:Net"))
     assert line.startswith("zerotrain submit: data: model file '/nonexistent.py'")
