@@ -85,7 +85,7 @@ def test_a_paused_job_holds_no_process_exports_its_checkpoint_and_resumes_bit_id
     r = d.cli("export", job, out)
     assert r.returncode == 0, r.stderr
     step = int(r.stdout.split("(step ")[1].rstrip(")\n"))
-    assert step % 50 == 0 and step >= 50
+    assert step == paused["step"]  # pause is a planned stop: checkpointed where it paused
     weights = safetensors.load_file(str(out))
     from pipelines.store.checkpoint import latest_valid, load_full
 
@@ -166,20 +166,24 @@ def test_pause_resume_stop_resume_and_cancel_from_the_command_line(shared_daemon
     )
 
 
-@pytest.mark.skip(
-    reason="needs issue 17's planned stop on main (SIGTERM -> agreed step, checkpoint, "
-    "exit 4): then a stopped job must hold a checkpoint at the step it stopped at"
-)
-def test_stop_checkpoints_at_the_step_it_stops_at(daemon_factory):
-    d = daemon_factory()
+def test_stop_checkpoints_at_the_step_it_stops_at_and_resume_ends_bit_identical(
+    shared_daemon, reference_hash
+):
+    d = shared_daemon
     job = d.submit(*LONG)
     d.wait_for(job, {"running"}, step=30)
-    d.cli("stop", job, "--wait")
-    s = d.status(job)
-    assert s["exit_code"] == 4
+    call(d.state_dir, protocol.Control("stop", str(job)))  # (fast: see the pause test)
+    s = wait_until_settled(d.state_dir, str(job), timeout=120)
+    assert s["state"] == "stopped" and s["exit_code"] == 4  # zerotrain run's planned stop
     from pipelines.store.checkpoint import latest_valid
 
+    # the agreed step, checkpointed: not the newest checkpoint.every step before it
     assert latest_valid(f"{s['run_dir']}/checkpoints").manifest["step"] == s["step"]
+    assert marked_pids(d.state_dir) == []
+    assert d.cli("resume", job).returncode == 0
+    done = d.wait_for(job, {"done"})
+    assert done["params_sha256"] == reference_hash(*LONG)
+    assert f"resumed at step {s['step']} from" in d.cli("logs", job).stdout
 
 
 def test_logs_and_export_of_a_finished_job(short_job, tmp_path):
