@@ -66,7 +66,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ranks", type=_positive_int, help="number of rank processes")
     p.add_argument("--mode", choices=("ddp", "zero1", "zero2"), help="data-parallel mode")
-    p.add_argument("--steps", type=_positive_int, help="optimizer steps")
+    p.add_argument("--steps", type=_nonneg_int, help="optimizer steps (0: until stopped)")
     p.add_argument("--seed", type=_nonneg_int, help="run seed")
     p.add_argument(
         "--model",

@@ -482,7 +482,10 @@ class EvalConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """batch_size is the global batch of one optimizer step (see the module doc);
-    clip_norm = 0 disables clipping; log_every = 0 picks about 20 progress lines."""
+    clip_norm = 0 disables clipping; log_every = 0 picks about 20 progress lines (every
+    100 steps for a continuous run). steps = 0 trains until stopped (a signal, the
+    daemon's stop): a continuous run, checkpointing every checkpoint.every steps and
+    exporting weights/latest.safetensors with each checkpoint."""
 
     _section: ClassVar[str] = "train"
     steps: int = 100
@@ -493,11 +496,15 @@ class TrainConfig:
     log_every: int = 0
 
     def __post_init__(self):
-        _check_range("train.steps", self.steps, lo=1)
+        _check_range("train.steps", self.steps, lo=0)
         _check_range("train.batch_size", self.batch_size, lo=1)
         _check_range("train.grad_accum", self.grad_accum, lo=1)
         _check_range("train.seed", self.seed, lo=0, hi=2**63 - 1)
         _check_range("train.clip_norm", self.clip_norm, lo=0.0)
+
+    def more(self, done: int) -> bool:
+        """Whether a step follows ``done`` steps: always for a continuous run (steps 0)."""
+        return self.steps == 0 or done < self.steps
         _check_range("train.log_every", self.log_every, lo=0)
 
 
@@ -749,6 +756,20 @@ def resolve(cfg: Config) -> Config:
             f"a multiple of cluster.ranks * train.grad_accum = {per} (it is the global "
             "batch, split evenly over ranks and micro-steps)",
             cfg.train.batch_size,
+        )
+    decays = cfg.schedule.name in ("warmup_cosine", "linear")
+    if cfg.train.steps == 0 and decays and not cfg.schedule.total_steps:
+        _fail(
+            "schedule.total_steps",
+            f"> 0 with train.steps = 0 (a continuous run) and schedule {cfg.schedule.name!r}: "
+            "the horizon of its decay (or schedule.name = constant or step)",
+            0,
+        )
+    if cfg.train.steps == 0 and not cfg.checkpoint.every:
+        _fail(
+            "checkpoint.every",
+            "> 0 with train.steps = 0 (a continuous run keeps its work only in checkpoints)",
+            0,
         )
     if cfg.schedule.total_steps and cfg.schedule.warmup_steps > cfg.schedule.total_steps:
         _fail(

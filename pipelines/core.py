@@ -460,7 +460,7 @@ def evaluate_run(cfg: Config, model, evalset) -> dict:
 def progress_for(cfg: Config, out) -> Progress:
     """The progress display: a plain line every train.log_every steps (default: 20 lines a
     run) or a bar on a terminal; `out` None is stderr."""
-    every_log = cfg.train.log_every or max(cfg.train.steps // 20, 1)
+    every_log = cfg.train.log_every or (max(cfg.train.steps // 20, 1) if cfg.train.steps else 100)
     return Progress(cfg.train.steps, every_log, out, prefix="zerotrain: ")
 
 
@@ -579,6 +579,17 @@ def export_weights(run_dir: Path, cfg: Config, model, step: int, sha: str) -> No
         model,
         {"pipeline": cfg.name, "step": str(step), "params_sha256": sha},
     )
+
+
+def export_latest(run_dir: Path, cfg: Config, model, step: int) -> Path:
+    """weights/latest.safetensors: a continuous run's weights at its newest checkpoint,
+    by PyTorch name, replaced whole (temp file + rename): a reader gets one step's."""
+    path = Path(run_dir) / "weights" / "latest.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".latest.safetensors.{os.getpid()}")
+    ckpt_mod.export_weights(tmp, model, {"pipeline": cfg.name, "step": str(step)})
+    os.replace(tmp, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def run_local(
         if inputs.resume is not None:
             run.resume(inputs.resume)
         trio.run(run.train)
-        if run.stop_signal is not None and run.step < cfg.train.steps:
+        if run.stop_signal is not None and cfg.train.more(run.step):
             raise RunStopped(run.stop())
         run.finish()
     finally:
@@ -224,7 +224,7 @@ class _LocalRun:
 
     async def _steps(self) -> None:
         cfg = self.cfg
-        while self.step < cfg.train.steps and self.stop_signal is None:
+        while cfg.train.more(self.step) and self.stop_signal is None:
             await trio.lowlevel.checkpoint()  # a step may not yield: let a signal in
             s = self.step
             t0 = time.perf_counter()
@@ -293,6 +293,8 @@ class _LocalRun:
             self.ckpt_root, self.step, shards, self.model.params.size, manifest
         )
         core.retain(self.cfg, self.ckpt_root)
+        if self.cfg.train.steps == 0:
+            core.export_latest(self.rundir.path, self.cfg, self.model, self.step)
 
     def finish(self) -> None:
         """The run's end: an evaluation if the last step had none, the final checkpoint."""

@@ -415,7 +415,7 @@ class Coordinator(ProtocolActor):
             waiter.reply(EXIT)
         self.finishing.clear()
         step = self.outcome.finished[0]["step"]
-        if self.stop_reason is not None and step < self.cfg.train.steps:
+        if self.stop_reason is not None and self.cfg.train.more(step):
             self.outcome.stopped = stop_line(step, self.stop_reason, self.ckpt_root, self.rundir)
         self.state = Recovery.DONE
         self.outcome.done.set()
@@ -450,7 +450,9 @@ class Coordinator(ProtocolActor):
         self.stop_steps[rank] = done
         if len(self.stop_steps) < self.world:
             return
-        self.stop_at = min(max(self.stop_steps.values()) + 1, self.cfg.train.steps)
+        self.stop_at = max(self.stop_steps.values()) + 1
+        if self.cfg.train.steps:
+            self.stop_at = min(self.stop_at, self.cfg.train.steps)
         done = ", ".join(str(self.stop_steps[r]) for r in range(self.world))
         self.progress.message(
             f"stopping after step {self.stop_at} (steps completed by ranks "

@@ -40,7 +40,14 @@ import actors
 from cykernels import gemm
 
 from ..config import from_resolved
-from ..core import STOP_SIGNALS, build_model_for, evaluate_run, export_weights, step_seed
+from ..core import (
+    STOP_SIGNALS,
+    build_model_for,
+    evaluate_run,
+    export_latest,
+    export_weights,
+    step_seed,
+)
 from ..data import EPOCHS_DIR, EpochLog, load_dataset
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
@@ -201,7 +208,7 @@ class Trainer(ProtocolActor):
         s = plan.step
         self.hooks_agreed = True  # every rank starts here with the same value
         stopped = False
-        while s < total:
+        while cfg.train.more(s):
             self.done = s
             if self.stop_at is not None and s >= self.stop_at:
                 stopped = True  # a planned stop (a signal): end here, checkpointed
@@ -218,6 +225,9 @@ class Trainer(ProtocolActor):
             to_disk = bool(ckpt_every and s % ckpt_every == 0 and s != total)
             if to_disk or s % cfg.cluster.snapshot_every == 0:
                 await msg.take_snapshot(s, to_disk)
+            if to_disk and total == 0 and st.rank == 0:  # rank 0 holds the full params
+                run_dir = Path(st.ckpt_root).parent
+                await trio.to_thread.run_sync(export_latest, run_dir, cfg, st.model, s)
             stop = False
             if (cfg.eval.every and s % cfg.eval.every == 0) or s == total:
                 metrics = (
@@ -247,6 +257,9 @@ class Trainer(ProtocolActor):
         on_disk = s == 0 or bool(every and s % every == 0) or (s == plan.step and restored)
         if not (stopped and on_disk):
             await msg.take_snapshot(s, True)
+            if st.cfg.train.steps == 0 and st.rank == 0:  # the stop's checkpoint: export
+                run_dir = Path(st.ckpt_root).parent
+                await trio.to_thread.run_sync(export_latest, run_dir, st.cfg, st.model, s)
         await msg.flush_writes()
         info = {"rank": st.rank, "step": s, "memory": st.step.memory(), "cpus": _cpus()}
         info["blas"] = gemm.library()

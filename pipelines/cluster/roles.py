@@ -206,7 +206,7 @@ class DataLoader(_Role):
         for stale in [k for k in self._ready if k != s + 1]:
             self._ready.pop(stale)
             self._ahead.pop(stale, None)
-        if s + 1 < self.state.cfg.train.steps and s + 1 not in self._ready:
+        if self.state.cfg.train.more(s + 1) and s + 1 not in self._ready:
             self.nursery.start_soon(self._prefetch, s + 1)
         return batches
 

@@ -78,7 +78,9 @@ def register_daemon_commands(sub) -> None:
     )
     submit.add_argument("--ranks", type=lambda t: _count(t, least=1), help="rank processes")
     submit.add_argument("--mode", choices=("ddp", "zero1", "zero2"), help="data-parallel mode")
-    submit.add_argument("--steps", type=lambda t: _count(t, least=1), help="optimizer steps")
+    submit.add_argument(
+        "--steps", type=lambda t: _count(t, least=0), help="optimizer steps (0: until stopped)"
+    )
     submit.add_argument("--seed", type=lambda t: _count(t, least=0), help="run seed")
     submit.add_argument(
         "--model", metavar="PATH.py:NAME", help="a model from a file (model.name = file:...)"

@@ -290,8 +290,9 @@ class Progress:
     def update(
         self, step: int, loss: float, lr: float, samples_per_s: float, extra: str = ""
     ) -> None:
+        of = f"/{self.total}" if self.total else ""  # 0: a continuous run
         text = (
-            f"{self.prefix}step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+            f"{self.prefix}step {step}{of} loss {loss:.4f} lr {lr:.2e} "
             f"{samples_per_s:,.0f} samples/s{extra}"
         )
         if self.tty:
@@ -300,7 +301,7 @@ class Progress:
                 return
             self._last_draw = now
             width = 24
-            done = int(width * step / self.total)
+            done = int(width * step / self.total) if self.total else 0
             bar = "#" * done + "-" * (width - done)
             self.out.write(f"\r[{bar}] {text}\x1b[K")
             if step == self.total:

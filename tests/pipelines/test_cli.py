@@ -109,7 +109,7 @@ def test_the_same_config_and_seed_give_the_same_params_sha256(tmp_path):
         (["--set", 'train.batch_size="big"'], "train.batch_size: expected an integer"),
         (["--set", "optimizer.lr=0"], "optimizer.lr: expected a number > 0.0"),
         (["--mode", "zero3"], "argument --mode: invalid choice: 'zero3'"),
-        (["--steps", "-1"], "argument --steps: expected a positive integer, got '-1'"),
+        (["--steps", "-1"], "argument --steps: expected an integer >= 0, got '-1'"),
         (["--hook", "/no/such/hook.py"], "hook '/no/such/hook.py': no such file"),
     ],
 )

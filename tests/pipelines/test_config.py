@@ -40,7 +40,9 @@ def test_no_config_means_the_default_char_lm_pipeline():
         ("train.bogus=1", "train.bogus", "unknown key"),
         ("optimizer.lrr=0.1", "optimizer.lrr", "did you mean 'lr'"),
         ('train.steps="ten"', "train.steps", 'expected an integer, got "ten"'),
-        ("train.steps=0", "train.steps", "got 0"),
+        ("train.steps=-1", "train.steps", "an integer >= 0, got -1"),
+        # 0 trains until stopped: a decaying schedule then needs its own horizon
+        ("train.steps=0", "schedule.total_steps", "> 0 with train.steps = 0"),
         ("train.steps=1.5", "train.steps", "expected an integer"),
         ("optimizer.lr=-1", "optimizer.lr", "expected a number > 0.0, got -1.0"),
         ("optimizer.betas=[0.9]", "optimizer.betas", "two numbers"),

@@ -224,3 +224,53 @@ def test_status_and_jobs_as_json_for_scripts(short_job):
     ]
     (row,) = [line.split() for line in table[1:] if line.split()[0] == str(job)]
     assert row[:3] == [str(job), "js", "done"]
+
+
+def test_a_continuous_job_trains_until_stopped_exporting_latest_weights_at_each_checkpoint(
+    shared_daemon, tmp_path
+):
+    safetensors = pytest.importorskip("safetensors.numpy")
+    from pipelines.store.checkpoint import checkpoint_dir, latest_valid, load_full
+
+    from .conftest import zerotrain
+
+    d = shared_daemon
+    horizon = ["--set", "schedule.total_steps=1000", "--set", "checkpoint.every=50"]
+    job = d.submit(*SMALL, "--steps", "0", *horizon)
+    run_dir = Path(d.wait_for(job, {"running"}, step=120)["run_dir"])
+    latest = run_dir / "weights" / "latest.safetensors"
+
+    def exported() -> tuple[int, np.ndarray]:
+        from safetensors import safe_open
+
+        with safe_open(str(latest), "np") as f:
+            step = int(f.metadata()["step"])
+        weights = safetensors.load_file(str(latest))
+        return step, np.sort(np.concatenate([w.ravel() for w in weights.values()]))
+
+    def params_at(step: int) -> np.ndarray:
+        return load_full(checkpoint_dir(run_dir / "checkpoints", step))[1]["params"]
+
+    step, weights = exported()  # a periodic checkpoint's: the same numbers, by name
+    assert step % 50 == 0 and step >= 50
+    assert np.array_equal(weights, np.sort(params_at(step)))
+    # stopped (a planned stop), twice, with a resume in between: never "done"
+    stops = []
+    for _ in range(2):
+        call(d.state_dir, protocol.Control("stop", str(job)))
+        s = wait_until_settled(d.state_dir, str(job), timeout=120)
+        assert s["state"] == "stopped" and s["exit_code"] == 4, s
+        assert latest_valid(run_dir / "checkpoints").manifest["step"] == s["step"]
+        step, weights = exported()  # the stop's checkpoint is exported too
+        assert step == s["step"] and np.array_equal(weights, np.sort(params_at(step)))
+        stops.append(s["step"])
+        if len(stops) == 1:
+            assert d.cli("resume", job).returncode == 0
+            d.wait_for(job, {"running"}, step=s["step"] + 60)
+    # the continuous job at its second stop = a run of that many steps, same horizon
+    ref = tmp_path / "ref"
+    r = zerotrain("run", *SMALL, "--steps", stops[1], *horizon, "--run-dir", ref, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = load_full(checkpoint_dir(ref / "checkpoints", stops[1]))[1]["params"]
+    assert np.array_equal(final, params_at(stops[1]))
+    assert d.cli("cancel", job).returncode == 0
