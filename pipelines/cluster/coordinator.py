@@ -244,7 +244,9 @@ class Coordinator(ProtocolActor):
                     pass
 
     def _form_generation(self) -> None:
-        source, step, path = self._restore_point({r: j.held for r, j in self.joins.items()})
+        source, step, path, manifest = self._restore_point(
+            {r: j.held for r, j in self.joins.items()}
+        )
         gen = self.generation + 1
         self.generation = gen
         if self.state is not Recovery.DONE:
@@ -271,6 +273,8 @@ class Coordinator(ProtocolActor):
             )
         elif step:
             self.resumed_step = step
+            if manifest is not None:  # a --resume: early stopping counts on from there
+                self.stops.early.load(manifest.get("early_stopping", {}))
             self.progress.message(f"resumed at step {step} from {path or source}")
         self.at_step = step
         self.manifests.clear()  # writes of the last generation that did not complete
@@ -278,12 +282,13 @@ class Coordinator(ProtocolActor):
         for join in joins.values():
             join.from_.reply(plan)
 
-    def _restore_point(self, held: dict[int, Held]) -> tuple[str, int, Path | None]:
+    def _restore_point(self, held: dict[int, Held]) -> tuple[str, int, Path | None, dict | None]:
+        """Where the next generation starts: (source, step, checkpoint path, its manifest)."""
         world = self.world
         steps = sorted({s for h in held.values() for s in h.own}, reverse=True)
         for s in steps:
             if all(s in held[r].own or s in held[(r + 1) % world].replica for r in range(world)):
-                return "memory", s, None
+                return "memory", s, None, None
         for root in (self.ckpt_root, self.resume):
             if root is None:
                 continue
@@ -291,8 +296,8 @@ class Coordinator(ProtocolActor):
             for bad, why in lv.skipped:
                 self.progress.message(f"skipping checkpoint {bad}: {why}")
             if lv.path is not None:
-                return "disk", int(lv.manifest["step"]), lv.path
-        return "init", 0, None
+                return "disk", int(lv.manifest["step"]), lv.path, lv.manifest
+        return "init", 0, None, None
 
     def _chaos_fired(self, event_id: int, pid: int) -> bool:
         ev = self.fault_log.fired(event_id, self.steps.last_step, self.generation)

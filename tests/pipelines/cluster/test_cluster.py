@@ -161,6 +161,25 @@ def test_early_stopping_stops_every_rank_at_the_same_step(tmp_path):
     assert summary["steps"] == 4  # evaluations at 2 (best) and 4 (no improvement)
 
 
+def test_a_resumed_run_stops_early_where_the_uninterrupted_run_does(tmp_path):
+    # patience 2: evaluations at 2 (best), 4 and 6 (no improvement) stop the run at 6.
+    # The first part ends at 4 with one evaluation without improvement behind it; a
+    # resume that forgot it would count afresh from 6 and stop at 10.
+    early = [
+        "--ranks", "2", "--set", "schedule.total_steps=40",
+        "--set", "eval.every=2", "--set", "eval.early_stopping.patience=2",
+        "--set", "eval.early_stopping.min_delta=10",
+    ]  # fmt: skip
+    whole = run(tmp_path / "whole", *early, "--steps", "40")
+    assert (whole["stopped_early"], whole["steps"]) == (True, 6)
+    part = tmp_path / "part"
+    run(part, *early, "--steps", "4")
+    resumed, log = run_logged(part, *early, "--steps", "40", "--resume", str(part))
+    assert "resumed at step 4 from" in log
+    assert (resumed["stopped_early"], resumed["steps"]) == (True, 6)
+    assert resumed["params_sha256"] == whole["params_sha256"]
+
+
 def test_bucketed_reduction_overlaps_backward_and_keeps_the_numbers(runs, tmp_path):
     """cluster.bucket_mb: buckets are all-reduced while backward runs; the result is
     the same bits run after run (with a rank killed mid-backward too) and within 1e-5

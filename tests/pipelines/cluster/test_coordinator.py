@@ -58,7 +58,7 @@ def test_the_newest_step_every_shard_of_which_survives_is_chosen(tmp_path):
     # replicas of steps 10 and 20, but only the others' own snapshots of 20 and 30
     survivors = held(own=[10, 20, 30], replica=[10, 20, 30])
     state = {0: survivors, 1: survivors, 2: held(), 3: held(own=[10, 20, 30], replica=[10, 20])}
-    assert c._restore_point(state) == ("memory", 20, None)
+    assert c._restore_point(state) == ("memory", 20, None, None)
 
 
 def test_two_neighbours_lost_falls_back_to_disk_then_to_the_seed(tmp_path):
@@ -69,11 +69,11 @@ def test_two_neighbours_lost_falls_back_to_disk_then_to_the_seed(tmp_path):
     survivors = held(own=[10, 20], replica=[10, 20])
     state = {0: survivors, 1: held(), 2: held(), 3: survivors}  # rank 1's replica died too
     fresh = coordinator(tmp_path / "fresh")
-    assert fresh._restore_point(state) == ("init", 0, None)  # no checkpoint on disk yet
+    assert fresh._restore_point(state) == ("init", 0, None, None)  # no checkpoint on disk yet
     c = coordinator(tmp_path / "run")
     tensors = {"params": np.zeros(10, np.float32)}
     save_checkpoint(c.ckpt_root, 10, [(0, 10, tensors)], 10, {"mode": "zero2"})
-    source, step, path = c._restore_point(state)
+    source, step, path, _ = c._restore_point(state)
     assert (source, step, path.name) == ("disk", 10, "step-00000010")
 
 
@@ -86,11 +86,11 @@ def test_a_fresh_start_takes_the_resume_checkpoint(tmp_path):
     tensors = {"params": np.arange(10, dtype=np.float32)}
     save_checkpoint(root, 7, [(0, 10, tensors)], 10, {"mode": "ddp"})
     c = coordinator(tmp_path / "run", world=2, resume=root)
-    source, step, path = c._restore_point({0: held(), 1: held()})
+    source, step, path, _ = c._restore_point({0: held(), 1: held()})
     assert (source, step, path.name) == ("disk", 7, "step-00000007")
     # once this run has checkpointed, its own newer checkpoint is taken, not the resume's
     save_checkpoint(c.ckpt_root, 9, [(0, 10, tensors)], 10, {"mode": "ddp"})
-    source, step, path = c._restore_point({0: held(), 1: held()})
+    source, step, path, _ = c._restore_point({0: held(), 1: held()})
     assert (source, step, path) == ("disk", 9, c.ckpt_root / "step-00000009")
 
 
