@@ -230,7 +230,7 @@ def test_a_continuous_job_trains_until_stopped_exporting_latest_weights_at_each_
     shared_daemon, tmp_path
 ):
     safetensors = pytest.importorskip("safetensors.numpy")
-    from pipelines.store.checkpoint import checkpoint_dir, latest_valid, load_full
+    from pipelines.store.checkpoint import CheckpointError, checkpoint_dir, latest_valid, load_full
 
     from .conftest import zerotrain
 
@@ -251,9 +251,20 @@ def test_a_continuous_job_trains_until_stopped_exporting_latest_weights_at_each_
     def params_at(step: int) -> np.ndarray:
         return load_full(checkpoint_dir(run_dir / "checkpoints", step))[1]["params"]
 
-    step, weights = exported()  # a periodic checkpoint's: the same numbers, by name
+    # a periodic checkpoint's: the same numbers, by name. Rank 0 exports at the step,
+    # before the coordinator writes that checkpoint's manifest (and retention may drop
+    # it a few steps later while the job runs on): read again until both are there.
+    deadline = time.monotonic() + 30
+    while True:
+        step, weights = exported()
+        try:
+            params = params_at(step)
+            break
+        except (CheckpointError, OSError):  # not complete yet, or just retired
+            assert time.monotonic() < deadline, f"no complete checkpoint of step {step}"
+            time.sleep(0.02)
     assert step % 50 == 0 and step >= 50
-    assert np.array_equal(weights, np.sort(params_at(step)))
+    assert np.array_equal(weights, np.sort(params))
     # stopped (a planned stop), twice, with a resume in between: never "done"
     stops = []
     for _ in range(2):
