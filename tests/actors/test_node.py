@@ -125,7 +125,7 @@ async def test_remote_calls_beyond_the_mailbox_capacity_are_all_answered():
             answers[i] = await actors.call("Echo@w1", ("echo", i), timeout=LIMIT)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(actors.call, "Echo@w1", ("sleep", 0.3))  # fills up behind
+            nursery.start_soon(actors.call, "Echo@w1", ("sleep", 1.0))  # fills up behind
             for i in range(3 * actors.Actor.mailbox_size):
                 nursery.start_soon(ask, i)
         # the mailbox did fill up: some calls went the overflow's way
