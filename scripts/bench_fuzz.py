@@ -137,9 +137,19 @@ def _run_over(run_dir: Path, directory: Path) -> bool:
     return (run_dir / "summary.json").exists() or not directory.exists()
 
 
-def attack(run_dir: Path, seconds: float, seed: int, rate: float, until_exit: int | None = None):
+def attack(
+    run_dir: Path,
+    seconds: float,
+    seed: int,
+    rate: float,
+    until_exit: int | None = None,
+    gate: tuple[Path, int, int] | None = None,
+):
     """Fuzz the run writing ``run_dir`` until it ends (or process ``until_exit`` exits),
-    for at most ``seconds``; return what was done, per endpoint."""
+    for at most ``seconds``; return what was done, per endpoint. ``gate`` = (PATH,
+    MESSAGES, CONNECTIONS): create PATH once that many messages were sent over that many
+    connections (a run held at a step by ``wait:...,until=PATH`` chaos then trains on,
+    so the attack's size does not depend on how fast the run is)."""
     rng = random.Random(seed)
     started = time.monotonic()
     deadline = started + seconds
@@ -148,12 +158,18 @@ def attack(run_dir: Path, seconds: float, seed: int, rate: float, until_exit: in
     held: list[zmq.Socket] = []
     counts = {e.rsplit("/", 1)[1]: 0 for e in endpoints}
     stats = {"messages": 0, "connections": 0, "raw": 0, "held_open": 0, "stopped": "seconds"}
+    stats["gate_opened"] = False
     wrong_token = os.urandom(16).hex().encode()
     try:
         while time.monotonic() < deadline:
             if (until_exit is not None and _exited(until_exit)) or _run_over(run_dir, directory):
                 stats["stopped"] = "run ended"
                 break
+            if gate is not None and not stats["gate_opened"]:
+                path, messages, connections = gate
+                if stats["messages"] >= messages and stats["connections"] >= connections:
+                    path.touch()
+                    stats["gate_opened"] = True
             endpoint = rng.choice(endpoints)
             name = endpoint.rsplit("/", 1)[1]
             if rng.random() < 0.1:  # a raw Unix-socket connection sending garbage
@@ -260,6 +276,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="messages per second")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument(
+        "--open-gate",
+        nargs=3,
+        metavar=("PATH", "MESSAGES", "CONNECTIONS"),
+        help="with --attack: create PATH once MESSAGES were sent over CONNECTIONS connections",
+    )
+    parser.add_argument(
         "--no-pin",
         action="store_true",
         help="share every CPU between the run and the attacker (default: on a machine of "
@@ -267,7 +289,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.attack is not None:
-        print(json.dumps(attack(args.attack, args.seconds, args.seed, args.rate)), flush=True)
+        gate = None
+        if args.open_gate is not None:
+            path, messages, connections = args.open_gate
+            gate = (Path(path), int(messages), int(connections))
+        done = attack(args.attack, args.seconds, args.seed, args.rate, gate=gate)
+        print(json.dumps(done), flush=True)
         return
     allowed = sorted(os.sched_getaffinity(0))
     cpus = None
