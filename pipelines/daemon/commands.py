@@ -7,13 +7,13 @@ stderr for anything a user can fix).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+from ..cliargs import int_at_least
 from .statedir import DEFAULT_HTTP, DaemonUsageError, default_state_dir
 
 __all__ = ["DAEMON_COMMANDS", "register_daemon_commands", "run_daemon_command"]
@@ -33,16 +33,6 @@ DAEMON_COMMANDS = (
 EXIT_OK, EXIT_USAGE = 0, 2
 
 
-def _count(text: str, *, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < least:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
-    return value
-
-
 def _state_dir_option(p) -> None:
     p.add_argument(
         "--state-dir",
@@ -56,7 +46,7 @@ def register_daemon_commands(sub) -> None:
     _state_dir_option(serve)
     serve.add_argument(
         "--cpus",
-        type=lambda t: _count(t, least=1),
+        type=int_at_least(1),
         help="CPU budget: a job needs one per rank (default: every CPU this process may use)",
     )
     serve.add_argument(
@@ -66,7 +56,7 @@ def register_daemon_commands(sub) -> None:
     )
     serve.add_argument(
         "--grace",
-        type=lambda t: _count(t, least=1),
+        type=int_at_least(1),
         default=25,
         help="seconds a stopping job gets before SIGKILL (default 25)",
     )
@@ -76,12 +66,10 @@ def register_daemon_commands(sub) -> None:
     submit.add_argument(
         "config", nargs="?", default=None, help="a .toml path or a built-in pipeline"
     )
-    submit.add_argument("--ranks", type=lambda t: _count(t, least=1), help="rank processes")
+    submit.add_argument("--ranks", type=int_at_least(1), help="rank processes")
     submit.add_argument("--mode", choices=("ddp", "zero1", "zero2"), help="data-parallel mode")
-    submit.add_argument(
-        "--steps", type=lambda t: _count(t, least=0), help="optimizer steps (0: until stopped)"
-    )
-    submit.add_argument("--seed", type=lambda t: _count(t, least=0), help="run seed")
+    submit.add_argument("--steps", type=int_at_least(0), help="optimizer steps (0: until stopped)")
+    submit.add_argument("--seed", type=int_at_least(0), help="run seed")
     submit.add_argument(
         "--model", metavar="PATH.py:NAME", help="a model from a file (model.name = file:...)"
     )

@@ -82,6 +82,20 @@ def job_marker(state_dir: Path, job_id: int | None) -> str:
     return base if job_id is None else f"{base}{job_id}"
 
 
+def _state_and_environment(pid: int) -> tuple[bytes | None, list[bytes]]:
+    """Process ``pid``'s state letter (b"R", b"S", b"T", b"Z", ...) and its environment
+    entries; (None, []) once it is gone or unreadable (another user's)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+    except OSError:
+        return None, []
+    end = stat.rfind(b")")  # the command name may itself hold ')'
+    return stat[end + 2 : end + 3], env.split(b"\0")
+
+
 def job_processes(marker: str) -> list[int]:
     """Pids of live processes whose environment holds ``marker`` (an exact entry, or a
     prefix ending in ':' for every job of a state dir). Other users' processes, and
@@ -93,16 +107,10 @@ def job_processes(marker: str) -> list[int]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                env = f.read()
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z":
-            continue  # a zombie: already dead, waiting for its parent
-        for item in env.split(b"\0"):
+        state, env = _state_and_environment(int(entry.name))
+        if state in (None, b"Z"):
+            continue  # gone, or a zombie: already dead, waiting for its parent
+        for item in env:
             if (item.startswith(want) and item[len(want) :].isdigit()) if prefix else item == want:
                 found.append(int(entry.name))
                 break
@@ -131,16 +139,9 @@ async def kill_processes(marker: str, *, wait: float = 10.0) -> int:
 def rank_state(pid: int, marker: str) -> str:
     """'up', or why the rank process ``pid`` is down: 'gone', 'stopped', 'zombie'.
     ``marker`` guards against a reused pid (the process must carry the job's marker)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read()
-    except OSError:
+    state, env = _state_and_environment(pid)
+    if state is None or marker.encode() not in env:
         return "gone"
-    if marker.encode() not in env.split(b"\0"):
-        return "gone"
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
     if state in (b"T", b"t"):
         return "stopped"
     if state in (b"Z", b"X"):

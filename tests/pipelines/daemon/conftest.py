@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,15 @@ def zerotrain(*args, env=None, timeout=120, cwd=None) -> subprocess.CompletedPro
         env=env,
         cwd=cwd,
     )
+
+
+def http_get(address: str, path: str) -> tuple[int, str]:
+    """GET http://ADDRESS/PATH: (status, body), error statuses included."""
+    try:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
 
 
 def marked_pids(state_dir: Path) -> list[int]:

@@ -6,36 +6,26 @@ import json
 import os
 import socket
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
-from .conftest import SMALL
+from .conftest import SMALL, http_get
 
 pytestmark = pytest.mark.slow
-
-
-def _get(address: str, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 def test_metrics_health_and_the_status_page(daemon_factory):
     d = daemon_factory("--http", "127.0.0.1:0")
     where = json.loads((d.state_dir / "http.json").read_text())
     address = f"{where['host']}:{where['port']}"
-    assert _get(address, "/healthz") == (200, "ok\n")
-    assert _get(address, "/readyz") == (200, "ready\n")
+    assert http_get(address, "/healthz") == (200, "ok\n")
+    assert http_get(address, "/readyz") == (200, "ready\n")
     job = d.submit(*SMALL, "--steps", "30")
     d.wait_for(job, {"done"})
     d.submit(*SMALL, "--steps", "30", "--ranks", "2", "--name", "waiting")
     d.cli("pause", "waiting")
     time.sleep(1.5)  # the snapshot the HTTP thread reads is published once a second
-    code, text = _get(address, "/metrics")
+    code, text = http_get(address, "/metrics")
     assert code == 200
     lines = set(text.splitlines())
     assert "zerotrain_queue_depth 0.0" in lines
@@ -43,11 +33,11 @@ def test_metrics_health_and_the_status_page(daemon_factory):
     assert 'zerotrain_paused{job="2"} 1.0' in lines
     assert f'zerotrain_step{{job="{job}"}} 30.0' in lines
     assert 'zerotrain_restarts_total{job="1",reason="resume"} 0.0' in lines
-    status = json.loads(_get(address, "/api/status")[1])
+    status = json.loads(http_get(address, "/api/status")[1])
     assert [j["state"] for j in status["jobs"]] == ["done", "paused"]
-    code, page = _get(address, "/")
+    code, page = http_get(address, "/")
     assert code == 200 and "<title>zerotrain</title>" in page and "/api/status" in page
-    assert _get(address, "/nope")[0] == 404
+    assert http_get(address, "/nope")[0] == 404
 
 
 def test_a_bad_http_address_is_one_line(tmp_path):

@@ -8,27 +8,17 @@ import os
 import re
 import signal
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .conftest import SMALL
+from .conftest import SMALL, http_get
 
 pytestmark = pytest.mark.slow
 
 HEARTBEAT_TIMEOUT = 2.0  # cluster.heartbeat_timeout's default, which the job runs with
 # runs until cancelled: the test decides when it has seen enough
 JOB = [*SMALL, "--steps", "1000000", "--set", "checkpoint.every=100"]
-
-
-def _get(address: str, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 def _series(text: str) -> dict[str, float]:
@@ -43,7 +33,7 @@ def _series(text: str) -> dict[str, float]:
 def _wait_metrics(address: str, want, timeout=60.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
-        got = _series(_get(address, "/metrics")[1])
+        got = _series(http_get(address, "/metrics")[1])
         if want(got):
             return got
         assert time.monotonic() < deadline, f"not seen in time: {sorted(got)}"
@@ -76,16 +66,16 @@ def test_ranks_restarts_and_checkpoints_on_metrics_and_a_stopped_rank_on_readyz(
     assert got[f"zerotrain_samples_total{{{j}}}"] == step * 64  # mlp_classifier's batch
     assert got[f"zerotrain_step_seconds_count{{{j}}}"] >= 40
     assert abs(got[f"zerotrain_last_step_timestamp_seconds{{{j}}}"] - time.time()) < 60
-    assert _get(address, "/readyz") == (200, "ready\n")
+    assert http_get(address, "/readyz") == (200, "ready\n")
 
     # rank 1 goes silent: /readyz names it within the heartbeat timeout + 1 s
     pid = json.loads((run_dir / "live" / "rank-1.json").read_text())["pid"]
     os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()
-    while _get(address, "/readyz")[0] == 200:
+    while http_get(address, "/readyz")[0] == 200:
         assert time.monotonic() - t0 < HEARTBEAT_TIMEOUT + 1.0, "/readyz still 200"
         time.sleep(0.05)
-    code, body = _get(address, "/readyz")
+    code, body = http_get(address, "/readyz")
     assert time.monotonic() - t0 < HEARTBEAT_TIMEOUT + 1.0
     # (the run kills it only once its heartbeats have been missed for the timeout)
     assert (code, body) == (503, f"not ready: job {job} rank 1 down (stopped)\n")
@@ -100,9 +90,9 @@ def test_ranks_restarts_and_checkpoints_on_metrics_and_a_stopped_rank_on_readyz(
     assert got[f'zerotrain_restarts_total{{{j},reason="resume"}}'] == 0.0
     new_pid = json.loads((run_dir / "live" / "rank-1.json").read_text())["pid"]
     assert new_pid != pid
-    assert _get(address, "/readyz") == (200, "ready\n")
+    assert http_get(address, "/readyz") == (200, "ready\n")
     assert re.search(r"rank 1 is down", d.cli("logs", job).stdout)
     assert d.cli("cancel", job, "--wait").returncode == 0
     # an ended job has no ranks to be down, nor per-rank series
-    assert _get(address, "/readyz") == (200, "ready\n")
+    assert http_get(address, "/readyz") == (200, "ready\n")
     got = _wait_metrics(address, lambda m: f'zerotrain_rank_up{{{j},rank="0"}}' not in m)
