@@ -269,6 +269,7 @@ class Daemon:
                 view["restarts_by_reason"] = dict(tel.restarts)
                 view["checkpoint_s"] = tel.checkpoint_s
                 view["checkpoint_step"] = tel.checkpoint_step
+                view["hook_errors"] = dict(sup.hooks.errors)
             jobs.append(view)
         self.snapshot = {"jobs": jobs, "daemon": self.info()}  # one reference swap
 

@@ -16,8 +16,9 @@ the work before the collective, so the slow rank stands out), zerotrain_rss_byte
 zerotrain_restarts_total{reason} (reason="resume": the job's starts after its first; else
 the kind of fault after which the run replaced a rank: crash, kill, stall, hang),
 zerotrain_checkpoint_seconds (end of the newest checkpoint's step until its manifest was
-written). Also zerotrain_paused, zerotrain_queue_depth, zerotrain_jobs{state}. Hook
-errors need telemetry from the analyzer and are not served yet.
+written), zerotrain_hook_errors_total{hook} (error records in the run's hooks.jsonl: the
+hook raised, returned no metrics or hung; 0 for a hook that only wrote metrics so far).
+Also zerotrain_paused, zerotrain_queue_depth, zerotrain_jobs{state}.
 
 /readyz is 503 while the daemon starts or stops, and while a rank of a running job is
 down, naming the job, the rank and why (its process gone, stopped or a zombie).
@@ -105,6 +106,11 @@ class _Collector:
             "End of the newest checkpoint's step until its manifest was written",
             labels=["job"],
         )
+        hook_errors = CounterMetricFamily(
+            "zerotrain_hook_errors",
+            "Error records of a hook in the run's hooks.jsonl (raised, bad metrics, hung)",
+            labels=["job", "hook"],
+        )
         health = rank_health(self.daemon)
         by_state: dict[str, int] = {}
         for job in jobs:
@@ -121,6 +127,8 @@ class _Collector:
                     compute.add_metric(rl, float(r["compute_per_step"]))
                 if r.get("rss_bytes") is not None:
                     rss.add_metric(rl, float(r["rss_bytes"]))
+            for hook, n in sorted((job.get("hook_errors") or {}).items()):
+                hook_errors.add_metric([*label, hook], float(n))
             if job.get("checkpoint_s") is not None:
                 ckpt.add_metric(label, float(job["checkpoint_s"]))
             if job.get("step"):
@@ -142,6 +150,7 @@ class _Collector:
         for state, n in sorted(by_state.items()):
             states.add_metric([state], float(n))
         yield from (step, loss, samples, last, paused, restarts, hist, up, compute, rss, ckpt)
+        yield hook_errors
         yield from (queue, states)
 
 

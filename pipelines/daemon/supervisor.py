@@ -31,6 +31,10 @@ exactly what `zerotrain run` gives: same config, seed and run dir => the same bi
   its process is gone, stopped (SIGSTOP: state T) or a zombie: :func:`rank_state` looks
   at /proc, so /readyz names a silent rank at once, before the run's own heartbeat
   timeout has it killed and replaced.
+* hook errors: the run's hooks.jsonl (appended by the analyzer process, across its
+  restarts and the job's attempts) is read the same way; every record with an "error"
+  (the hook raised, returned something that is not metrics, or hung: pipelines.hooks)
+  counts one for its hook (:class:`HookLedger`).
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ import trio
 __all__ = [
     "EXIT_STOPPED",
     "POLL_SECONDS",
+    "HookLedger",
     "JobSupervisor",
+    "JsonlTail",
     "Progress",
     "Telemetry",
     "job_marker",
@@ -217,6 +223,51 @@ def _read_json_since(path: Path, since: float):
     return rec if isinstance(rec, dict) else None
 
 
+class JsonlTail:
+    """The new complete lines of a file that is only ever appended to, one JSON object
+    each: :meth:`read` returns the objects added since the last call (a line still
+    being written waits for its newline; a line that is not an object is skipped)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.offset = 0
+        self.partial = b""
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(1 << 22)
+        except OSError:
+            return []
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        out = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+
+@dataclass
+class HookLedger:
+    """Errors per hook in the run's hooks.jsonl: every hook that wrote a record is
+    listed (0 until it fails), so a healthy hook's counter exists too."""
+
+    errors: dict = field(default_factory=dict)  # hook name -> error records
+
+    def add(self, record: dict) -> None:
+        hook = record.get("hook")
+        if not isinstance(hook, str) or not hook:
+            return
+        self.errors[hook] = self.errors.get(hook, 0) + (1 if "error" in record else 0)
+
+
 @dataclass
 class Progress:
     """What the run's metrics.jsonl said last: read by status, /metrics and the page."""
@@ -277,6 +328,9 @@ class JobSupervisor:
         self.process: subprocess.Popen | None = None
         self.progress = Progress()
         self.telemetry = Telemetry()
+        self.hooks = HookLedger()
+        self._metrics_tail = JsonlTail(Path(job.run_dir) / "metrics.jsonl")
+        self._hooks_tail = JsonlTail(Path(job.run_dir) / "hooks.jsonl")
         self.started_at = None
         self.stop_requested_at: float | None = None
         self._stop = trio.Event()
@@ -390,28 +444,11 @@ class JobSupervisor:
 
     # ---- progress ------------------------------------------------------------------
 
-    _offset = 0
-    _partial = b""
-
     def _read_metrics(self) -> None:
-        path = Path(self.job.run_dir) / "metrics.jsonl"
-        try:
-            with open(path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read(1 << 22)
-        except OSError:
-            return
-        self._offset += len(data)
-        data = self._partial + data
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                self.progress.add(record)
+        for record in self._metrics_tail.read():
+            self.progress.add(record)
+        for record in self._hooks_tail.read():
+            self.hooks.add(record)
 
     def _read_telemetry(self) -> None:
         sub = self.job.config.get("checkpoint", {}).get("dir", "checkpoints")

@@ -96,3 +96,45 @@ def test_ranks_restarts_and_checkpoints_on_metrics_and_a_stopped_rank_on_readyz(
     # an ended job has no ranks to be down, nor per-rank series
     assert http_get(address, "/readyz") == (200, "ready\n")
     got = _wait_metrics(address, lambda m: f'zerotrain_rank_up{{{j},rank="0"}}' not in m)
+
+
+HOOKS = """
+from pipelines.hooks import analyzer
+
+
+@analyzer(every=5, exact=True)
+def boom(ctx):
+    if ctx.step in (10, 20):
+        raise RuntimeError(f"planted failure at step {ctx.step}")
+    return {"ok": 1.0}
+
+
+@analyzer(every=5, exact=True)
+def fine(ctx):
+    return {"step": float(ctx.step)}
+"""
+
+
+def test_a_hook_that_raises_is_counted_on_metrics_per_hook(daemon_factory, tmp_path):
+    script = tmp_path / "boom_hooks.py"
+    script.write_text(HOOKS)
+    d = daemon_factory("--http", "127.0.0.1:0")
+    where = json.loads((d.state_dir / "http.json").read_text())
+    address = f"{where['host']}:{where['port']}"
+    job = d.submit(*JOB, "--hook", script)
+    run_dir = Path(d.wait_for(job, {"running"}, step=1)["run_dir"])
+    j = f'job="{job}"'
+    # (prometheus_client prints the labels in name order)
+    boom = f'zerotrain_hook_errors_total{{hook="boom",{j}}}'
+    fine = f'zerotrain_hook_errors_total{{hook="fine",{j}}}'
+    got = _wait_metrics(
+        address, lambda m: m.get(boom) == 2.0 and m.get(f"zerotrain_step{{{j}}}", 0) >= 40
+    )
+    assert got[fine] == 0.0  # it wrote metrics only: listed, no error
+    records = [json.loads(line) for line in (run_dir / "hooks.jsonl").read_text().splitlines()]
+    errors = [(r["hook"], r["step"]) for r in records if "error" in r]
+    assert errors == [("boom", 10), ("boom", 20)]
+    assert {r["hook"] for r in records if "metrics" in r} == {"boom", "fine"}
+    assert d.cli("cancel", job, "--wait").returncode == 0
+    # an ended job's series go with it
+    _wait_metrics(address, lambda m: boom not in m)
