@@ -131,6 +131,7 @@ class Trainer(ProtocolActor):
     async def init(self) -> None:
         self.state.chaos.nursery = self.nursery
         self.nursery.start_soon(self._drive)
+        self.nursery.start_soon(self._live_writer)
 
     async def handle_cast(self, message):
         st = self.state
@@ -160,6 +161,7 @@ class Trainer(ProtocolActor):
     async def _drive(self) -> None:
         st = self.state
         while True:
+            st.enter("join")
             plan = await msg.join(st.rank, os.getpid(), await msg.held_snapshots())
             try:
                 self._stop_plan(plan.stop_at)
@@ -208,19 +210,22 @@ class Trainer(ProtocolActor):
         s = plan.step
         self.hooks_agreed = True  # every rank starts here with the same value
         stopped = False
+        st.enter("step", s)
         while cfg.train.more(s):
             self.done = s
             if self.stop_at is not None and s >= self.stop_at:
                 stopped = True  # a planned stop (a signal): end here, checkpointed
                 break
             if self.stop_limit is not None and s >= self.stop_limit and self.stop_at is None:
+                st.enter("stop")
                 await st.wait_unless_regroup(self.stop_decided)
+                st.enter("step")
                 if not self.stop_decided.is_set():
                     raise Regroup("a rank failed while the ranks agreed on a stop step")
                 continue
             record = await self._step(s, plan.generation)
             s += 1
-            self._live(s)
+            st.enter("step", s)
             ckpt_every = cfg.checkpoint.every
             to_disk = bool(ckpt_every and s % ckpt_every == 0 and s != total)
             if to_disk or s % cfg.cluster.snapshot_every == 0:
@@ -230,9 +235,11 @@ class Trainer(ProtocolActor):
                 await trio.to_thread.run_sync(export_latest, run_dir, cfg, st.model, s)
             stop = False
             if (cfg.eval.every and s % cfg.eval.every == 0) or s == total:
-                metrics = (
-                    await trio.to_thread.run_sync(self._eval_metrics) if st.rank == 0 else None
-                )
+                metrics = None
+                if st.rank == 0:
+                    st.enter("eval")
+                    metrics = await trio.to_thread.run_sync(self._eval_metrics)
+                    st.enter("step")
                 if record is not None:
                     record["eval"] = metrics
                     self.final_eval = metrics
@@ -252,6 +259,7 @@ class Trainer(ProtocolActor):
         (a checkpoint step), restored from this run's checkpoint, or step 0 (nothing to
         keep); a stop spends no time on an evaluation or the final weights."""
         st = self.state
+        st.enter("finish")
         every = st.cfg.checkpoint.every
         restored = plan.source == "disk" and Path(plan.path).parent == Path(st.ckpt_root)
         on_disk = s == 0 or bool(every and s % every == 0) or (s == plan.step and restored)
@@ -344,35 +352,36 @@ class Trainer(ProtocolActor):
             record["transforms"] = rs.transform_records
         return record
 
-    _live_at = 0.0  # monotonic time of the last live status write
-
-    def _live(self, s: int) -> None:
-        """live/rank-R.json in the run dir: this rank's pid, step, cumulative compute
-        seconds (work before the collective) and RSS, for the daemon's /metrics. Replaced
-        whole (rename), at most every LIVE_SECONDS: a reader sees an old file or a new
-        one, and a step pays a write only now and then. Nothing reads it back here."""
-        now = time.monotonic()
-        if now - self._live_at < LIVE_SECONDS:
-            return
-        self._live_at = now
+    async def _live_writer(self) -> None:
+        """live/rank-R.json in the run dir, replaced whole (rename) every LIVE_SECONDS,
+        for the daemon's /metrics and /readyz: this rank's pid, steps completed, what it
+        is doing and since when (RankState.phase), cumulative compute seconds (work
+        before the collective) and RSS; `t` is when it was written. Written by a task
+        of its own, so a rank whose step hangs while its event loop runs still reports
+        (the same phase since the same time), and one whose loop stops does not (an
+        old `t`). A reader sees an old file or a new one. Nothing reads it back here."""
         st = self.state
         live = Path(st.ckpt_root).parent / "live"
-        status = {
-            "rank": st.rank,
-            "pid": os.getpid(),
-            "step": s,
-            "compute_s": st.timing["compute_s"],
-            "timed_steps": st.timed_steps,
-            "rss_bytes": _rss_bytes(),
-            "t": time.time(),
-        }
-        try:
-            live.mkdir(exist_ok=True)
-            tmp = live / f".rank-{st.rank}.json.{os.getpid()}"
-            tmp.write_text(json.dumps(status))
-            os.replace(tmp, live / f"rank-{st.rank}.json")
-        except OSError:
-            pass  # telemetry only: a full disk must not end the step loop
+        tmp = live / f".rank-{st.rank}.json.{os.getpid()}"
+        while True:
+            status = {
+                "rank": st.rank,
+                "pid": os.getpid(),
+                "step": st.done_steps,
+                "phase": st.phase,
+                "since": st.phase_since,
+                "compute_s": st.timing["compute_s"],
+                "timed_steps": st.timed_steps,
+                "rss_bytes": _rss_bytes(),
+                "t": time.time(),
+            }
+            try:
+                live.mkdir(exist_ok=True)
+                tmp.write_text(json.dumps(status))
+                os.replace(tmp, live / f"rank-{st.rank}.json")
+            except OSError:
+                pass  # telemetry only: a full disk must not end the rank
+            await trio.sleep(LIVE_SECONDS)
 
     async def _gradients(self, s: int, batches, overlap: bool):
         """Compute this rank's gradients of step `s` and reduce them: (shard, sq_norm,

@@ -100,6 +100,14 @@ class RankState:
     timing: dict = field(default_factory=lambda: dict.fromkeys(_TIMERS, 0.0))
     timed_steps: int = 0
     overlapped_buckets: int = 0  # bucket reductions started before backward ended
+    # what the rank is doing, for live/rank-R.json (the daemon's silent-rank check):
+    # "join" (joining or restoring), "step" (a step's own work: data, hooks, compute),
+    # "collective" (its gradients computed, in the step's collectives with the other
+    # ranks), "eval", "stop" (waiting for the agreed stop step), "finish"; since when
+    # (wall time), and the steps completed
+    phase: str = "join"
+    phase_since: float = field(default_factory=time.time)
+    done_steps: int = 0
     _lock: trio.Lock = field(default_factory=trio.Lock)
     _scope: trio.CancelScope | None = None
     _regroup: trio.Event = field(default_factory=trio.Event)  # set by the next regroup
@@ -119,6 +127,12 @@ class RankState:
                     self._scope = None
             if scope.cancelled_caught:
                 raise Regroup(f"{what}: aborted for generation {self.min_generation}")
+
+    def enter(self, phase: str, done: int | None = None) -> None:
+        """Record that this rank now does `phase` (and has completed `done` steps)."""
+        self.phase, self.phase_since = phase, time.time()
+        if done is not None:
+            self.done_steps = done
 
     def abort_collectives(self, generation: int) -> None:
         self.min_generation = max(self.min_generation, generation)
@@ -232,6 +246,7 @@ async def compute_gradients(st: RankState, s: int, batches, seed: int, gate):
     slow = st.chaos.straggler_factor
     if slow > 1:  # chaos: a straggler computes `factor` times slower
         await trio.sleep(dt * (slow - 1))
+    st.enter("collective")  # from here on the step needs the other ranks
     return grads, loss_sum
 
 

@@ -270,6 +270,9 @@ class Daemon:
                 view["checkpoint_s"] = tel.checkpoint_s
                 view["checkpoint_step"] = tel.checkpoint_step
                 view["hook_errors"] = dict(sup.hooks.errors)
+                view["attempt_started"] = sup.started_at
+                cluster = job.config.get("cluster", {})
+                view["heartbeat_timeout"] = cluster.get("heartbeat_timeout", 2.0)
             jobs.append(view)
         self.snapshot = {"jobs": jobs, "daemon": self.info()}  # one reference swap
 

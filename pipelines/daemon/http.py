@@ -21,7 +21,13 @@ hook raised, returned no metrics or hung; 0 for a hook that only wrote metrics s
 Also zerotrain_paused, zerotrain_queue_depth, zerotrain_jobs{state}.
 
 /readyz is 503 while the daemon starts or stops, and while a rank of a running job is
-down, naming the job, the rank and why (its process gone, stopped or a zombie).
+down, naming the job, the rank and why: its process gone, stopped or a zombie (from
+/proc), or silent -- another rank has waited in the step's collectives for longer than
+the run's heartbeat timeout while this one made no progress on the step or wrote no
+telemetry (pipelines.daemon.supervisor.silent_ranks). Both are read at request time
+(/proc and the ranks' live/ files, replaced every 0.5 s), not from the snapshot, so a
+rank that goes silent is named within the heartbeat timeout + about 0.5 s.
+zerotrain_rank_up is the same judgement: 0 while /readyz names the rank.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import ipaddress
 import json
 import logging
 import threading
+import time
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -38,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .statedir import DEFAULT_HTTP, DaemonUsageError
-from .supervisor import STEP_BUCKETS, job_marker, rank_state
+from .supervisor import STEP_BUCKETS, job_marker, rank_state, read_live_ranks, silent_ranks
 
 __all__ = ["DEFAULT_HTTP", "parse_http", "start_http"]
 
@@ -155,17 +163,25 @@ class _Collector:
 
 
 def rank_health(daemon) -> dict[tuple[int, int], str]:
-    """(job, rank) -> 'up' or why down, for the running jobs' ranks, from /proc now."""
+    """(job, rank) -> 'up' or why down, for the running jobs' ranks, read now: the
+    process from /proc (gone, stopped, zombie), else whether it is silent (the ranks'
+    live/ files, pipelines.daemon.supervisor.silent_ranks)."""
     snap = daemon.snapshot
     state_dir = snap.get("daemon", {}).get("state_dir")
+    now = time.time()
     out = {}
     for job in snap.get("jobs", []):
         if job.get("state") != "running" or state_dir is None:
             continue
         marker = job_marker(state_dir, job["id"])
-        for r in job.get("ranks_live") or ():
-            if isinstance(r.get("pid"), int):
-                out[(job["id"], r["rank"])] = rank_state(r["pid"], marker)
+        records = {r["rank"]: r for r in job.get("ranks_live") or ()}
+        if job.get("attempt_started") is not None:
+            records.update(read_live_ranks(Path(job["run_dir"]), job["attempt_started"]))
+        silent = silent_ranks(records, float(job.get("heartbeat_timeout") or 2.0), now)
+        for r, rec in sorted(records.items()):
+            if isinstance(rec.get("pid"), int):
+                state = rank_state(rec["pid"], marker)
+                out[(job["id"], r)] = silent.get(r, "up") if state == "up" else state
     return out
 
 

@@ -29,8 +29,13 @@ exactly what `zerotrain run` gives: same config, seed and run dir => the same bi
   RSS; replaced whole about twice a second) and ``faults.json`` (recovery.json so far),
   plus the newest checkpoint's manifest time (:class:`Telemetry`). A rank is down when
   its process is gone, stopped (SIGSTOP: state T) or a zombie: :func:`rank_state` looks
-  at /proc, so /readyz names a silent rank at once, before the run's own heartbeat
-  timeout has it killed and replaced.
+  at /proc, so /readyz names a stopped rank at once, before the run's own heartbeat
+  timeout has it killed and replaced. A rank is also down when it is *silent*
+  (:func:`silent_ranks`): another rank waits in the step's collectives for it and it
+  has either made no progress on that step, or written no telemetry, for the run's
+  heartbeat timeout -- a hung computation whose process still heartbeats (the run
+  notices that only after cluster.collective_timeout), or a rank whose event loop
+  stopped.
 * hook errors: the run's hooks.jsonl (appended by the analyzer process, across its
   restarts and the job's attempts) is read the same way; every record with an "error"
   (the hook raised, returned something that is not metrics, or hung: pipelines.hooks)
@@ -62,12 +67,15 @@ __all__ = [
     "job_marker",
     "job_processes",
     "kill_processes",
+    "read_live_ranks",
+    "silent_ranks",
 ]
 
 log = logging.getLogger("zerotrain.daemon")
 
 EXIT_STOPPED = 4  # `zerotrain run`: stopped by a planned stop, resumable (issue 17)
 POLL_SECONDS = 0.5
+LIVE_SECONDS = 0.5  # how often a rank replaces live/rank-R.json (pipelines.cluster.rank)
 MARKER_VAR = "ZEROTRAIN_DAEMON_JOB"
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -155,6 +163,53 @@ def rank_state(pid: int, marker: str) -> str:
     return "up"
 
 
+def read_live_ranks(run_dir: Path, since: float) -> dict[int, dict]:
+    """rank -> its live/rank-R.json (only those written since ``since``: this attempt's)."""
+    live = Path(run_dir) / "live"
+    try:
+        names = os.listdir(live)
+    except OSError:
+        return {}
+    out = {}
+    for name in names:
+        if name.startswith("rank-") and name.endswith(".json"):
+            rec = _read_json_since(live / name, since)
+            if rec is not None and isinstance(rec.get("rank"), int):
+                out[rec["rank"]] = rec
+    return out
+
+
+def silent_ranks(records: dict[int, dict], timeout: float, now: float) -> dict[int, str]:
+    """rank -> why it is silent, from the ranks' live records (pipelines.cluster.rank).
+
+    A rank R is silent when another rank Q waits for it -- Q's phase is "collective"
+    (its gradients computed, in the step's collectives) at a step R has not completed
+    (Q's completed steps >= R's) -- and R either has written no record for ``timeout``
+    (the run's heartbeat timeout) + LIVE_SECONDS, a record's normal age being up to one
+    write interval (its event loop is not running: stopped, or blocked), or has been in
+    the phase "step" (the step's own work: data, hooks, compute) for ``timeout``
+    without completing it (a hung computation). A rank evaluating, joining or waiting
+    for a stop decision is busy, not silent; so is every rank when none waits."""
+    out = {}
+    for r, rec in records.items():
+        done = rec.get("step", 0)
+        waiting = [
+            q
+            for q, other in sorted(records.items())
+            if q != r and other.get("phase") == "collective" and other.get("step", 0) >= done
+        ]
+        if not waiting:
+            continue
+        quiet = now - float(rec.get("t", now))
+        stuck = now - float(rec.get("since", now)) if rec.get("phase") == "step" else 0.0
+        who = f"rank {waiting[0]} waits" if len(waiting) == 1 else f"ranks {waiting} wait"
+        if quiet > timeout + LIVE_SECONDS:  # a running rank writes every LIVE_SECONDS
+            out[r] = f"silent: no telemetry for {quiet:.1f}s, {who}"
+        elif stuck > timeout:
+            out[r] = f"silent: step {done + 1} not done in {stuck:.1f}s, {who}"
+    return out
+
+
 @dataclass
 class Telemetry:
     """Per-rank and fault telemetry of the attempt, from the run dir's ``live/`` files
@@ -167,16 +222,7 @@ class Telemetry:
 
     def read(self, run_dir: Path, since: float, step_t: dict, ckpt_sub: str) -> None:
         live = run_dir / "live"
-        try:
-            names = os.listdir(live)
-        except OSError:
-            names = []
-        for name in names:
-            if not (name.startswith("rank-") and name.endswith(".json")):
-                continue
-            rec = _read_json_since(live / name, since)
-            if rec is None or not isinstance(rec.get("rank"), int):
-                continue
+        for rec in read_live_ranks(run_dir, since).values():
             old = self.ranks.get(rec["rank"])
             if old and old.get("pid") == rec.get("pid") and rec["step"] > old["step"]:
                 steps = rec.get("timed_steps", 0) - old.get("timed_steps", 0)
@@ -454,14 +500,6 @@ class JobSupervisor:
         sub = self.job.config.get("checkpoint", {}).get("dir", "checkpoints")
         since = self.started_at or 0.0
         self.telemetry.read(Path(self.job.run_dir), since, self.progress.step_t, sub)
-
-    def rank_health(self) -> dict[int, str]:
-        """rank -> 'up' or why it is down, for the ranks that reported this attempt."""
-        return {
-            r: rank_state(rec["pid"], self.marker)
-            for r, rec in sorted(self.telemetry.ranks.items())
-            if isinstance(rec.get("pid"), int)
-        }
 
     async def _watch_metrics(self) -> None:
         while True:

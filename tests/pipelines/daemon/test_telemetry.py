@@ -138,3 +138,76 @@ def test_a_hook_that_raises_is_counted_on_metrics_per_hook(daemon_factory, tmp_p
     assert d.cli("cancel", job, "--wait").returncode == 0
     # an ended job's series go with it
     _wait_metrics(address, lambda m: boom not in m)
+
+
+STUCK = """
+import time
+from pathlib import Path
+
+from pipelines.hooks import transform
+
+
+@transform(every=1)
+def stuck(ctx):
+    # rank 1's step 60 hangs in its computation (a worker thread) until the gate opens:
+    # its event loop runs on, so its heartbeats do too
+    if ctx.rank == 1 and ctx.step == 60:
+        Path({hung!r}).write_text(repr(time.time()))
+        while not Path({gate!r}).exists():
+            time.sleep(0.02)
+"""
+
+
+def test_a_rank_hung_in_its_step_while_it_heartbeats_is_named_on_readyz(daemon_factory, tmp_path):
+    hung, gate = tmp_path / "hung", tmp_path / "gate"
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK.format(hung=str(hung), gate=str(gate)))
+    d = daemon_factory("--http", "127.0.0.1:0")
+    where = json.loads((d.state_dir / "http.json").read_text())
+    address = f"{where['host']}:{where['port']}"
+    job = d.submit(*JOB, "--hook", script)
+    run_dir = Path(d.wait_for(job, {"running"}, step=20)["run_dir"])
+    assert http_get(address, "/readyz") == (200, "ready\n")
+    deadline = time.monotonic() + 60
+    while not hung.exists() or not hung.read_text():
+        assert time.monotonic() < deadline, "the hook never hung"
+        time.sleep(0.02)
+    t0 = float(hung.read_text())  # wall time the hang began
+    while True:
+        asked = time.time()
+        code, body = http_get(address, "/readyz")
+        if code == 503:
+            break
+        assert time.time() - t0 < HEARTBEAT_TIMEOUT + 1.0, "/readyz still 200"
+        time.sleep(0.05)
+    assert time.time() - t0 < HEARTBEAT_TIMEOUT + 1.0
+    # silent only once rank 0 has waited for the heartbeat timeout (the margin: the
+    # step's data and compute before the hook ran)
+    assert asked - t0 > HEARTBEAT_TIMEOUT - 0.5, f"named after {asked - t0:.2f}s"
+    assert re.fullmatch(
+        rf"not ready: job {job} rank 1 down \(silent: step 60 not done in \d+\.\ds, "
+        r"rank 0 waits\)\n",
+        body,
+    ), body
+    # what the ranks wrote: rank 0 waits in the collectives of step 60, rank 1 is still
+    # in step 60's own work and, its event loop running, keeps writing that
+    live = {r: json.loads((run_dir / "live" / f"rank-{r}.json").read_text()) for r in (0, 1)}
+    assert (live[0]["phase"], live[0]["step"]) == ("collective", 59)
+    assert (live[1]["phase"], live[1]["step"]) == ("step", 59)
+    assert live[1]["since"] <= t0 < live[1]["t"] - 1.0
+    j = f'job="{job}"'
+    got = _series(http_get(address, "/metrics")[1])
+    assert got[f'zerotrain_rank_up{{{j},rank="1"}}'] == 0.0
+    assert got[f'zerotrain_rank_up{{{j},rank="0"}}'] == 1.0
+    # the computation ends: the step completes, the rank is up again, nothing restarted
+    gate.touch()
+    got = _wait_metrics(
+        address,
+        lambda m: (
+            m.get(f"zerotrain_step{{{j}}}", 0) >= 80
+            and m.get(f'zerotrain_rank_up{{{j},rank="1"}}') == 1.0
+        ),
+    )
+    assert http_get(address, "/readyz") == (200, "ready\n")
+    assert f'zerotrain_restarts_total{{{j},reason="crash"}}' not in got
+    assert d.cli("cancel", job, "--wait").returncode == 0
