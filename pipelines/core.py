@@ -63,6 +63,7 @@ __all__ = [
     "eval_due",
     "eval_text",
     "evaluate_run",
+    "export_checkpoint_latest",
     "export_weights",
     "find_resume",
     "followed_epochs",
@@ -588,6 +589,37 @@ def export_latest(run_dir: Path, cfg: Config, model, step: int) -> Path:
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(f".latest.safetensors.{os.getpid()}")
     ckpt_mod.export_weights(tmp, model, {"pipeline": cfg.name, "step": str(step)})
+    os.replace(tmp, path)
+    return path
+
+
+class _CheckpointWeights:
+    """A model's weights with the trainable ones taken from a full params vector (a
+    checkpoint's): what ckpt_mod.export_weights reads of a model."""
+
+    def __init__(self, model, params: np.ndarray):
+        self.layout, self.params = model.layout, params
+        self._frozen = model.frozen
+
+    def state_dict(self) -> dict:
+        out = {}
+        for name, offset, shape, trainable in self.layout:
+            size = int(np.prod(shape, dtype=np.int64))
+            buf = self.params if trainable else self._frozen
+            out[name] = buf[offset : offset + size].reshape(shape)
+        return out
+
+
+def export_checkpoint_latest(run_dir: Path, cfg: Config, model, ckpt: Path) -> Path:
+    """weights/latest.safetensors from the complete checkpoint `ckpt` of a continuous
+    run: its params, by PyTorch name (frozen parameters, which no checkpoint holds and
+    training never changes, from `model`), replaced whole (temp file + rename)."""
+    manifest, full = read_checkpoint(ckpt, int(model.params.size))
+    path = Path(run_dir) / "weights" / "latest.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".latest.safetensors.{os.getpid()}")
+    weights = _CheckpointWeights(model, full["params"])
+    ckpt_mod.export_weights(tmp, weights, {"pipeline": cfg.name, "step": str(manifest["step"])})
     os.replace(tmp, path)
     return path
 

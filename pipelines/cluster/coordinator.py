@@ -26,7 +26,8 @@ last good checkpoint is what remains.
 What must also outlive any rank is kept by helpers with one job each, fed by the
 Coordinator's messages: `StepLog` (metrics.jsonl, progress, the consecutive-skip limit),
 `EarlyStop` (the decisions every rank asks for), `Manifests` (a checkpoint's manifest
-once every rank's shard file of its step is durable) and `FaultLog` (recovery.json).
+once every rank's shard file of its step is durable; a continuous run's rank 0 is then
+told, CheckpointWritten, and exports that checkpoint) and `FaultLog` (recovery.json).
 """
 
 from __future__ import annotations
@@ -329,7 +330,14 @@ class Coordinator(ProtocolActor):
                 self.stops.evaluated(s, metrics)
             case ShardWritten(rank=rank, generation=generation) if rank < self.world:
                 if generation == self.generation:  # else from before a regroup: rewritten
-                    self.manifests.shard_written(message, self.steps, self.stops)
+                    written = self.manifests.shard_written(message, self.steps, self.stops)
+                    if written is not None and self.cfg.train.steps == 0:
+                        # a continuous run's rank 0 exports a checkpoint once it is
+                        # complete, never before: weights/latest.safetensors is always
+                        # the params of a checkpoint that has its manifest
+                        self.nursery.start_soon(
+                            self._cast_trainer, msg.checkpoint_written, 0, message.step, written
+                        )
             case DiskError(rank=rank, why=why) if rank < self.world:
                 self._fail_world(why)
             case StopStep(rank=rank, done=done, generation=generation) if rank < self.world:
@@ -603,12 +611,14 @@ class Manifests:
     def clear(self) -> None:
         self.shards.clear()
 
-    def shard_written(self, m: ShardWritten, steps: StepLog, stops: EarlyStop) -> None:
+    def shard_written(self, m: ShardWritten, steps: StepLog, stops: EarlyStop) -> bool | None:
+        """None while shards of the step are missing; then whether its manifest was
+        written (False: reported, the run goes on)."""
         s = m.step
         got = self.shards.setdefault(s, {})
         got[m.rank] = (m.info, m.counters)
         if len(got) < self.world:
-            return
+            return None
         del self.shards[s]
         infos = [ckpt_mod.ShardInfo(**i) for i, _ in got.values()]
         metrics = dict(steps.eval_at(s), train_loss=steps.losses.get(s, math.nan))
@@ -630,8 +640,9 @@ class Manifests:
             if disk_error(err) is not None:  # a full or read-only disk: the run ends
                 raise
             steps.progress.message(f"checkpoint {ckpt} not completed: {err}")
-            return
+            return False
         core.retain(self.cfg, self.root)
+        return True
 
 
 @dataclass

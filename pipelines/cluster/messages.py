@@ -17,6 +17,7 @@ StopStep            Trainer -> Coordinator      cast   (its completed steps, for
 StopPrepare         Coordinator -> Trainer      cast
 StopAt              Coordinator -> Trainer      cast
 RegroupCalled       Coordinator -> Trainer      cast
+CheckpointWritten   Coordinator -> Trainer@0    cast   (a continuous run: export it)
 BatchesWanted       Trainer -> DataLoader       call   the rank's micro-batches
 ApplyUpdate         Trainer -> Optimizer        call   (lr, StepResult) | Failed
 RestoreState        Trainer -> Optimizer        call   None | Failed
@@ -78,6 +79,7 @@ __all__ = [
     "BadMessage",
     "BatchesWanted",
     "ChaosFired",
+    "CheckpointWritten",
     "DiskError",
     "EvalReported",
     "Failed",
@@ -113,6 +115,7 @@ __all__ = [
     "apply_update",
     "ask_regroup",
     "chaos_fired",
+    "checkpoint_written",
     "disk_error",
     "eval_reported",
     "fetch_batches",
@@ -456,6 +459,19 @@ class RegroupCalled:
         _check(self, generation=POSITIVE)
 
 
+@_wire
+class CheckpointWritten:
+    """The checkpoint of `step` is complete (its manifest `written`), or will never be
+    (not `written`: the manifest could not be written). Sent to rank 0 of a continuous
+    run, which then exports it as weights/latest.safetensors."""
+
+    step: int
+    written: bool
+
+    def __post_init__(self):
+        _check(self, step=NAT, written=(lambda v: isinstance(v, bool), "a bool"))
+
+
 # ---------------------------------------------------------------------------------------
 # To the role actors of a rank
 # ---------------------------------------------------------------------------------------
@@ -743,6 +759,10 @@ async def stop_prepare(rank: int, generation: int) -> None:
 
 async def stop_at(rank: int, step: int, generation: int) -> None:
     await actors.cast(f"Trainer@rank{rank}", StopAt(step, generation))
+
+
+async def checkpoint_written(rank: int, step: int, written: bool) -> None:
+    await actors.cast(f"Trainer@rank{rank}", CheckpointWritten(step, written))
 
 
 async def ask_regroup(rank: int, generation: int) -> None:

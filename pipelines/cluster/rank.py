@@ -44,7 +44,7 @@ from ..core import (
     STOP_SIGNALS,
     build_model_for,
     evaluate_run,
-    export_latest,
+    export_checkpoint_latest,
     export_weights,
     step_seed,
 )
@@ -62,6 +62,7 @@ from . import messages as msg
 from .chaos import RankChaos
 from .messages import (
     COORDINATOR,
+    CheckpointWritten,
     Failed,
     Plan,
     ProtocolActor,
@@ -127,11 +128,23 @@ class Trainer(ProtocolActor):
         self.final_eval: dict | None = None
         self.hooks_agreed = True
         self._stop_plan(None)
+        # a continuous run's rank 0 exports each checkpoint once the Coordinator says it
+        # is complete (CheckpointWritten): the steps it wrote and has not heard of, the
+        # newest complete one, the newest exported
+        self.unconfirmed: set[int] = set()
+        self.export_wanted = 0
+        self.exported = 0
+        self.export_changed = trio.Event()
 
     async def init(self) -> None:
         self.state.chaos.nursery = self.nursery
         self.nursery.start_soon(self._drive)
         self.nursery.start_soon(self._live_writer)
+        if self._exports():
+            self.nursery.start_soon(self._exporter)
+
+    def _exports(self) -> bool:
+        return self.state.rank == 0 and self.state.cfg.train.steps == 0
 
     async def handle_cast(self, message):
         st = self.state
@@ -148,8 +161,48 @@ class Trainer(ProtocolActor):
                 self.stop_decided.set()
             case StopPrepare() | StopAt():
                 pass  # of a generation that is over
+            case CheckpointWritten(step=step, written=written) if self._exports():
+                self.unconfirmed.discard(step)
+                if written and step > self.export_wanted:
+                    self.export_wanted = step
+                self._export_changed()
             case _:
                 self.drop(message)
+
+    def _export_changed(self) -> None:
+        self.export_changed.set()
+        self.export_changed = trio.Event()
+
+    async def _exporter(self) -> None:
+        """Export the newest complete checkpoint (CheckpointWritten) as
+        weights/latest.safetensors, from its files: latest.safetensors is always a
+        checkpoint that has its manifest. One export at a time, newest first; one that
+        retention removed meanwhile is skipped (a newer one is complete)."""
+        st = self.state
+        run_dir = Path(st.ckpt_root).parent
+        while True:
+            while self.exported >= self.export_wanted:
+                await self.export_changed.wait()
+            s = self.export_wanted
+            ckpt = ckpt_mod.checkpoint_dir(st.ckpt_root, s)
+            export = export_checkpoint_latest
+            try:
+                await trio.to_thread.run_sync(export, run_dir, st.cfg, st.model, ckpt)
+            except (OSError, ckpt_mod.CheckpointError) as err:
+                if self.export_wanted == s:  # not a retired one: say so, train on
+                    log.warning("rank 0: weights/latest.safetensors of step %d: %s", s, err)
+            self.exported = s
+            self._export_changed()
+
+    async def _confirmed_and_exported(self, s: int) -> None:
+        """Wait until the checkpoint of step `s` this rank wrote is complete and exported
+        (or known never to complete); Regroup if a rank fails first."""
+        st = self.state
+        while s in self.unconfirmed or self.exported < self.export_wanted:
+            changed = self.export_changed
+            await st.wait_unless_regroup(changed)
+            if not changed.is_set():
+                raise Regroup("a rank failed while the stop's checkpoint was completed")
 
     def _stop_plan(self, stop_at: int | None) -> None:
         """A generation's planned-stop state: the agreed last step, if any yet."""
@@ -200,6 +253,9 @@ class Trainer(ProtocolActor):
         if to_disk:  # only when that checkpoint never completed
             done = ckpt_mod.checkpoint_dir(st.ckpt_root, s) / ckpt_mod.MANIFEST
             to_disk = not done.exists()
+        self.unconfirmed.clear()  # a generation that is over completes none of them
+        if to_disk and self._exports():
+            self.unconfirmed.add(s)
         await msg.take_snapshot(s, to_disk)
 
     async def _train(self, plan: Plan) -> bool:
@@ -228,11 +284,10 @@ class Trainer(ProtocolActor):
             st.enter("step", s)
             ckpt_every = cfg.checkpoint.every
             to_disk = bool(ckpt_every and s % ckpt_every == 0 and s != total)
+            if to_disk and self._exports():  # exported once complete (_exporter)
+                self.unconfirmed.add(s)
             if to_disk or s % cfg.cluster.snapshot_every == 0:
                 await msg.take_snapshot(s, to_disk)
-            if to_disk and total == 0 and st.rank == 0:  # rank 0 holds the full params
-                run_dir = Path(st.ckpt_root).parent
-                await trio.to_thread.run_sync(export_latest, run_dir, cfg, st.model, s)
             stop = False
             if (cfg.eval.every and s % cfg.eval.every == 0) or s == total:
                 metrics = None
@@ -264,11 +319,12 @@ class Trainer(ProtocolActor):
         restored = plan.source == "disk" and Path(plan.path).parent == Path(st.ckpt_root)
         on_disk = s == 0 or bool(every and s % every == 0) or (s == plan.step and restored)
         if not (stopped and on_disk):
+            if self._exports():
+                self.unconfirmed.add(s)
             await msg.take_snapshot(s, True)
-            if st.cfg.train.steps == 0 and st.rank == 0:  # the stop's checkpoint: export
-                run_dir = Path(st.ckpt_root).parent
-                await trio.to_thread.run_sync(export_latest, run_dir, st.cfg, st.model, s)
         await msg.flush_writes()
+        if self._exports():  # the stop's checkpoint, exported before the run ends
+            await self._confirmed_and_exported(s)
         info = {"rank": st.rank, "step": s, "memory": st.step.memory(), "cpus": _cpus()}
         info["blas"] = gemm.library()
         timing = {k: v / max(st.timed_steps, 1) for k, v in st.timing.items()}

@@ -230,41 +230,55 @@ def test_a_continuous_job_trains_until_stopped_exporting_latest_weights_at_each_
     shared_daemon, tmp_path
 ):
     safetensors = pytest.importorskip("safetensors.numpy")
-    from pipelines.store.checkpoint import CheckpointError, checkpoint_dir, latest_valid, load_full
+    from pipelines.store.checkpoint import checkpoint_dir, latest_valid, load_full
 
     from .conftest import zerotrain
 
     d = shared_daemon
     horizon = ["--set", "schedule.total_steps=1000", "--set", "checkpoint.every=50"]
-    job = d.submit(*SMALL, "--steps", "0", *horizon)
-    run_dir = Path(d.wait_for(job, {"running"}, step=120)["run_dir"])
+    # every checkpoint kept: an export is compared with its checkpoint whenever it is seen
+    job = d.submit(*SMALL, "--steps", "0", *horizon, "--set", "checkpoint.keep_last=1000")
+    run_dir = Path(d.wait_for(job, {"running"}, step=1)["run_dir"])
     latest = run_dir / "weights" / "latest.safetensors"
+    # one checkpoint a few ahead never completes: its manifest cannot be written (a
+    # directory holds the name), so the run reports it and trains on
+    step_now = json.loads((run_dir / "live" / "rank-0.json").read_text())["step"]
+    blocked = 50 * (step_now // 50 + 3)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    (checkpoint_dir(run_dir / "checkpoints", blocked)).mkdir()  # no rank got there yet
+    (checkpoint_dir(run_dir / "checkpoints", blocked) / "manifest.json").mkdir()
 
-    def exported() -> tuple[int, np.ndarray]:
-        from safetensors import safe_open
-
-        with safe_open(str(latest), "np") as f:
-            step = int(f.metadata()["step"])
-        weights = safetensors.load_file(str(latest))
+    def exported() -> tuple[int, np.ndarray] | None:
+        """(step, sorted weights) of latest.safetensors, read from one open (it is
+        replaced whole while we read)."""
+        try:
+            data = latest.read_bytes()
+        except FileNotFoundError:
+            return None
+        size = int.from_bytes(data[:8], "little")
+        step = int(json.loads(data[8 : 8 + size])["__metadata__"]["step"])
+        weights = safetensors.load(data)
         return step, np.sort(np.concatenate([w.ravel() for w in weights.values()]))
 
     def params_at(step: int) -> np.ndarray:
         return load_full(checkpoint_dir(run_dir / "checkpoints", step))[1]["params"]
 
-    # a periodic checkpoint's: the same numbers, by name. Rank 0 exports at the step,
-    # before the coordinator writes that checkpoint's manifest (and retention may drop
-    # it a few steps later while the job runs on): read again until both are there.
-    deadline = time.monotonic() + 30
-    while True:
-        step, weights = exported()
-        try:
-            params = params_at(step)
-            break
-        except (CheckpointError, OSError):  # not complete yet, or just retired
-            assert time.monotonic() < deadline, f"no complete checkpoint of step {step}"
-            time.sleep(0.02)
-    assert step % 50 == 0 and step >= 50
-    assert np.array_equal(weights, np.sort(params))
+    # each export, the moment it is seen, is a complete checkpoint's params, by name:
+    # rank 0 exports only once the Coordinator has written that checkpoint's manifest,
+    # so the incomplete one is never exported
+    seen: set[int] = set()
+    deadline = time.monotonic() + 120
+    while not any(s > blocked for s in seen):
+        assert time.monotonic() < deadline, f"exports seen: {sorted(seen)}"
+        got = exported()
+        if got is not None and got[0] not in seen:
+            step, weights = got
+            assert step != blocked, f"step {blocked} exported without its manifest"
+            assert np.array_equal(weights, np.sort(params_at(step))), step
+            seen.add(step)
+        time.sleep(0.01)
+    assert all(s % 50 == 0 for s in seen) and min(seen) < blocked, sorted(seen)
+    assert "not completed" in d.cli("logs", job).stdout
     # stopped (a planned stop), twice, with a resume in between: never "done"
     stops = []
     for _ in range(2):
