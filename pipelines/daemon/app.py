@@ -250,6 +250,7 @@ class Daemon:
             if sup is not None:
                 p = sup.progress
                 view["losses"] = list(p.losses)
+                view["evals"] = list(p.evals)
                 view["step_hist"] = list(p.step_hist)
                 view["step_sum"] = p.step_sum
                 view["steps_seen"] = p.steps_seen
@@ -263,6 +264,9 @@ class Daemon:
                         "compute_per_step": rec.get("compute_per_step"),
                         "rss_bytes": rec.get("rss_bytes"),
                         "t": rec.get("t"),
+                        "phase": rec.get("phase"),
+                        "since": rec.get("since"),
+                        **tel.rank_faults.get(r, {"restarts": {}}),
                     }
                     for r, rec in sorted(tel.ranks.items())
                 ]

@@ -20,6 +20,12 @@ written), zerotrain_hook_errors_total{hook} (error records in the run's hooks.js
 hook raised, returned no metrics or hung; 0 for a hook that only wrote metrics so far).
 Also zerotrain_paused, zerotrain_queue_depth, zerotrain_jobs{state}.
 
+/ is the status page: its script fetches /api/status (the snapshot, with each running
+job's rank health read at request time) every 2 s and draws the job table and, per
+running job, its loss curve, one curve per evaluation metric (metrics.jsonl's "eval")
+and a table of its ranks: up or why down, pid, step, what it is doing, restarts by fault
+kind and the last fault's reason (live/faults.json).
+
 /readyz is 503 while the daemon starts or stops, and while a rank of a running job is
 down, naming the job, the rank and why: its process gone, stopped or a zombie (from
 /proc), or silent -- another rank has waited in the step's collectives for longer than
@@ -231,7 +237,14 @@ def start_http(address: str, daemon) -> HttpServer:
             why = "stopping" if info.get("closing") else "starting"
             return _reply(start_response, "503 Service Unavailable", f"not ready: {why}\n")
         if path == "/api/status":
-            body = json.dumps(daemon.snapshot, default=str)
+            snap, health = daemon.snapshot, rank_health(daemon)
+            jobs = [
+                dict(j, rank_health={str(r): why for (i, r), why in health.items() if i == j["id"]})
+                if j.get("ranks_live") is not None
+                else j
+                for j in snap.get("jobs", [])
+            ]
+            body = json.dumps({**snap, "jobs": jobs}, default=str)
             return _reply(start_response, "200 OK", body, "application/json")
         if path == "/":
             return _reply(start_response, "200 OK", _PAGE, "text/html; charset=utf-8")
@@ -257,31 +270,63 @@ table { border-collapse: collapse; } td, th { padding: .3em .8em; text-align: le
 th { border-bottom: 2px solid #888; } tr:nth-child(even) { background: #f3f3f3; }
 .running { color: #06c; } .done { color: #080; } .failed { color: #c00; }
 .paused, .stopped, .stopping { color: #a60; } .cancelled { color: #777; }
+.up { color: #080; } .down { color: #c00; font-weight: bold; }
+section.job { margin: 1.5em 0; } section.job h2 { font-size: 1.1em; margin: .3em 0; }
 svg { background: #fafafa; border: 1px solid #ddd; margin: .5em 1em .5em 0; }
-#who { color: #666; }
+svg text { font-size: 11px; } #who { color: #666; }
 </style></head>
 <body><h1>zerotrain</h1><p id="who">connecting...</p>
 <table id="jobs"><thead><tr><th>id</th><th>name</th><th>pipeline</th><th>state</th>
 <th>step</th><th>loss</th><th>ranks</th><th>restarts</th><th>params_sha256</th></tr></thead>
 <tbody></tbody></table><div id="curves"></div>
 <script>
+// Built from /api/status every 2 s: the job table, then for each running job its loss
+// curve, one curve per evaluation metric and its ranks' health and restarts.
 const ESC = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"};
 function esc(s) { return String(s ?? "").replace(/[&<>"]/g, c => ESC[c]); }
-function curve(job) {
-  const pts = job.losses || []; if (pts.length < 2) return "";
+function plot(job, what, cls, pts, color) {
+  if (pts.length < 2) return "";
   const W = 360, H = 140, xs = pts.map(p => p[0]), ys = pts.map(p => p[1]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
   const line = pts.map(p => ((p[0]-x0)/((x1-x0)||1)*(W-20)+10).toFixed(1) + "," +
                             (H-10-(p[1]-y0)/((y1-y0)||1)*(H-30)).toFixed(1)).join(" ");
-  return `<svg width="${W}" height="${H}"><text x="10" y="14">job ${job.id} loss ` +
-         `${y1.toPrecision(3)} .. ${y0.toPrecision(3)}</text>` +
-         `<polyline fill="none" stroke="#06c" stroke-width="1.5" points="${line}"/></svg>`;
+  return `<svg class="curve ${cls}" data-what="${esc(what)}" width="${W}" height="${H}">` +
+         `<text x="10" y="14">job ${job.id} ${esc(what)} ${y1.toPrecision(3)} .. ` +
+         `${y0.toPrecision(3)}, steps ${x0} .. ${x1}</text>` +
+         `<polyline fill="none" stroke="${color}" stroke-width="1.5" points="${line}"/></svg>`;
 }
+function curves(job) {
+  const evals = job.evals || [], names = [];
+  for (const [, m] of evals) for (const k in m) if (!names.includes(k)) names.push(k);
+  return plot(job, "loss", "loss", job.losses || [], "#06c") + names.map(k =>
+    plot(job, "eval " + k, "eval", evals.filter(e => k in e[1]).map(e => [e[0], e[1][k]]),
+         "#a40")).join("");
+}
+function ranks(job) {
+  const health = job.rank_health || {};
+  const rows = (job.ranks_live || []).map(r => {
+    const h = health[r.rank] ?? "unknown", up = h === "up";
+    const kinds = Object.entries(r.restarts || {});
+    const total = kinds.reduce((a, [, n]) => a + n, 0);
+    return `<tr data-rank="${r.rank}"><td>${r.rank}</td>` +
+      `<td class="health ${up ? "up" : "down"}">${up ? "up" : "down: " + esc(h)}</td>` +
+      `<td>${r.pid ?? ""}</td><td>${r.step ?? ""}</td><td>${esc(r.phase)}</td>` +
+      `<td class="restarts">${total}</td>` +
+      `<td class="kinds">${esc(kinds.map(([k, n]) => `${n} ${k}`).join(", "))}</td>` +
+      `<td class="reason">${esc(r.reason)}</td></tr>`;
+  }).join("");
+  return `<table class="ranks"><thead><tr><th>rank</th><th>health</th><th>pid</th>` +
+    `<th>step</th><th>doing</th><th>restarts</th><th>by kind</th><th>last fault</th>` +
+    `</tr></thead><tbody>${rows}</tbody></table>`;
+}
+let refreshes = 0;
 async function refresh() {
   try {
     const snap = await (await fetch("/api/status")).json(), d = snap.daemon;
-    document.getElementById("who").textContent =
-      `daemon pid ${d.pid} - ${d.state_dir} - ${d.cpus_in_use} of ${d.cpus} cpus in use`;
+    const who = document.getElementById("who");
+    who.textContent = `daemon pid ${d.pid} - ${d.state_dir} - ${d.cpus_in_use} of ` +
+      `${d.cpus} cpus in use - updated ${new Date().toLocaleTimeString()}`;
+    who.dataset.refreshes = ++refreshes;
     document.querySelector("#jobs tbody").innerHTML = snap.jobs.slice().reverse().map(j =>
       `<tr><td>${j.id}</td><td>${esc(j.name)}</td><td>${esc(j.pipeline)}</td>` +
       `<td class="${esc(j.state)}">${esc(j.state)}</td><td>${j.step}</td>` +
@@ -289,7 +334,11 @@ async function refresh() {
       `<td>${j.restarts}</td>` +
       `<td><code>${esc((j.params_sha256 || "").slice(0, 16))}</code></td></tr>`
     ).join("");
-    document.getElementById("curves").innerHTML = snap.jobs.map(curve).join("");
+    document.getElementById("curves").innerHTML = snap.jobs
+      .filter(j => j.ranks_live !== undefined)
+      .map(j => `<section class="job" id="job-${j.id}"><h2>job ${j.id} ` +
+                `${esc(j.name)}: ${esc(j.state)}</h2>${curves(j)}${ranks(j)}</section>`)
+      .join("");
   } catch (e) { document.getElementById("who").textContent = "daemon unreachable"; }
 }
 refresh(); setInterval(refresh, 2000);

@@ -217,6 +217,8 @@ class Telemetry:
 
     ranks: dict = field(default_factory=dict)  # rank -> rank-R.json + compute_per_step
     restarts: dict = field(default_factory=dict)  # fault kind -> restarts in the run
+    # rank -> {"restarts": {fault kind: n}, "reason": the newest fault's reason}
+    rank_faults: dict = field(default_factory=dict)
     checkpoint_step: int | None = None
     checkpoint_s: float | None = None  # end of that step -> its manifest written
 
@@ -235,10 +237,14 @@ class Telemetry:
             self.ranks[rec["rank"]] = rec
         faults = _read_json_since(live / "faults.json", since)
         if faults is not None:
-            self.restarts = {}
+            self.restarts, self.rank_faults = {}, {}
             for f in faults.get("faults", []):
                 if f.get("detection_s") is not None:  # seen down: the rank was replaced
                     self.restarts[f["kind"]] = self.restarts.get(f["kind"], 0) + 1
+                    if isinstance(f.get("rank"), int):
+                        mine = self.rank_faults.setdefault(f["rank"], {"restarts": {}})
+                        mine["restarts"][f["kind"]] = mine["restarts"].get(f["kind"], 0) + 1
+                        mine["reason"] = str(f.get("reason") or f["kind"])
         self._newest_checkpoint(run_dir / ckpt_sub, step_t)
 
     def _newest_checkpoint(self, root: Path, step_t: dict) -> None:
@@ -323,6 +329,7 @@ class Progress:
     last_t: float | None = None
     samples_per_s: float | None = None
     losses: list = field(default_factory=list)  # (step, loss), thinned to <= 400 points
+    evals: list = field(default_factory=list)  # (step, {metric: value}), <= 200 points
     step_hist: list = field(default_factory=lambda: [0] * (len(STEP_BUCKETS) + 1))
     step_sum: float = 0.0
     steps_seen: int = 0
@@ -356,6 +363,13 @@ class Progress:
             self.losses.append((step, self.loss))
             if len(self.losses) > 400:
                 self.losses = self.losses[::2]
+        evaluated = record.get("eval")
+        if isinstance(evaluated, dict):
+            numbers = {k: float(v) for k, v in evaluated.items() if isinstance(v, int | float)}
+            if numbers:
+                self.evals.append((step, numbers))
+                if len(self.evals) > 200:
+                    self.evals = self.evals[::2]
 
 
 class JobSupervisor:
