@@ -161,7 +161,9 @@ class Trainer(ProtocolActor):
                 self.stop_decided.set()
             case StopPrepare() | StopAt():
                 pass  # of a generation that is over
-            case CheckpointWritten(step=step, written=written) if self._exports():
+            case CheckpointWritten(step=step, written=written) if (
+                self._exports() and step <= self.state.done_steps
+            ):  # (a step this rank has not reached cannot be complete)
                 self.unconfirmed.discard(step)
                 if written and step > self.export_wanted:
                     self.export_wanted = step

@@ -25,17 +25,17 @@ exactly what `zerotrain run` gives: same config, seed and run dir => the same bi
   daemon for the jobs of one that was killed -- to kill it before the run dir is reused.
 * progress: the supervisor reads new lines of the run's metrics.jsonl (appended line by
   line, pipelines.store.rundir) every :data:`POLL_SECONDS`, and what the run keeps in
-  ``live/`` for it: each rank's ``rank-R.json`` (pid, step, cumulative compute seconds,
-  RSS; replaced whole about twice a second) and ``faults.json`` (recovery.json so far),
-  plus the newest checkpoint's manifest time (:class:`Telemetry`). A rank is down when
-  its process is gone, stopped (SIGSTOP: state T) or a zombie: :func:`rank_state` looks
-  at /proc, so /readyz names a stopped rank at once, before the run's own heartbeat
-  timeout has it killed and replaced. A rank is also down when it is *silent*
-  (:func:`silent_ranks`): another rank waits in the step's collectives for it and it
-  has either made no progress on that step, or written no telemetry, for the run's
-  heartbeat timeout -- a hung computation whose process still heartbeats (the run
-  notices that only after cluster.collective_timeout), or a rank whose event loop
-  stopped.
+  ``live/`` for it: each rank's ``rank-R.json`` (pid, steps completed, what it is doing
+  and since when, cumulative compute seconds, RSS; replaced whole twice a second) and
+  ``faults.json`` (recovery.json so far), plus the newest checkpoint's manifest time
+  (:class:`Telemetry`). A rank is down when its process is gone, stopped (SIGSTOP: state
+  T) or a zombie: :func:`rank_state` looks at /proc, so /readyz names a stopped rank at
+  once, before the run's own heartbeat timeout has it killed and replaced. A rank is
+  also down when it is *silent* (:func:`silent_ranks`): another rank waits in the step's
+  collectives for it and it has either made no progress on that step, or written no
+  telemetry, for the run's heartbeat timeout -- a hung computation whose process still
+  heartbeats (the run notices that only after cluster.collective_timeout), or a rank
+  whose event loop stopped.
 * hook errors: the run's hooks.jsonl (appended by the analyzer process, across its
   restarts and the job's attempts) is read the same way; every record with an "error"
   (the hook raised, returned something that is not metrics, or hung: pipelines.hooks)
