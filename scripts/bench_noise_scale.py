@@ -44,12 +44,15 @@ sys.path.insert(0, str(HERE))  # checkpoint_params, the outside reader
 
 import checkpoint_params  # noqa: E402
 
-# per pipeline: ranks, steps, report every, training examples for the brute force (0:
-# all) and examples per call of the per-example gradient computation
+# per pipeline: ranks, global batch, steps, report every, training examples for the
+# brute force (0: all; else a fresh draw per step) and examples per call of the
+# per-example gradient computation
 DEFAULTS = {
-    "mlp_regressor": {"ranks": 4, "steps": 600, "report": 50, "examples": 0, "chunk": 2000},
-    "char_lm": {"ranks": 2, "steps": 200, "report": 25, "examples": 256, "chunk": 64},
-}
+    "mlp_regressor": {"ranks": 4, "batch": 2048, "steps": 600, "report": 50, "examples": 0,
+                      "chunk": 2000},
+    "char_lm": {"ranks": 4, "batch": 128, "steps": 200, "report": 25, "examples": 256,
+                "chunk": 64},
+}  # fmt: skip
 
 
 # ---- training --------------------------------------------------------------------------
@@ -59,9 +62,9 @@ def hook_name(beta: float) -> str:
     return f"noise_scale_{beta:g}".replace(".", "_")
 
 
-def train(pipeline: str, steps: int, ranks: int, betas: list, run_dir: Path) -> None:
-    """`zerotrain run` with one noise_scale hook per beta, every=1 exact=True, and a
-    checkpoint after every step."""
+def train(pipeline: str, steps: int, ranks: int, batch: int, betas: list, run_dir: Path) -> None:
+    """`zerotrain run` with one noise_scale hook per beta, every=1 exact=True, global
+    batch `batch`, and a checkpoint after every step."""
     hooks = ", ".join(
         f'{{hook = "builtin:noise_scale", name = "{hook_name(b)}", exact = true, '
         f"options = {{beta = {b}}}}}"
@@ -72,6 +75,7 @@ def train(pipeline: str, steps: int, ranks: int, betas: list, run_dir: Path) -> 
         "checkpoint.every=1",
         f"checkpoint.keep_last={steps + 1}",
         "eval.every=0",
+        f"train.batch_size={batch}",
     ]
     cmd = [sys.executable, "-m", "pipelines.cli", "run", pipeline, "--ranks", str(ranks)]
     cmd += ["--mode", "zero2", "--steps", str(steps), "--run-dir", str(run_dir)]
@@ -202,36 +206,103 @@ def exact_values(sums, module, loss, state: dict, x, y, chunk: int) -> tuple[flo
     return mean_sq - trace / m, trace
 
 
-def brute_force(pipeline: str, run_dir: Path, steps: int, examples: int, chunk: int) -> dict:
-    """step -> (|G|^2, tr Sigma) of the gradient at the parameters step `step` began with."""
-    import torch
-
+def _setup(pipeline: str, run_dir: Path):
+    """(cfg, training set, twin module, per-example loss, sums function) of a run."""
     from pipelines.config import from_resolved
-    from pipelines.core import build_model_for
     from pipelines.data import load_dataset
 
     resolved = json.loads((run_dir / "config.json").read_text())
     cfg = from_resolved(resolved["config"])
     train = load_dataset(cfg.data, "train")
-    module, loss, sums = twin_and_loss(pipeline, cfg, train.meta)
-    rng = np.random.default_rng(12345)
-    idx = np.arange(len(train)) if not examples else rng.choice(len(train), examples, False)
-    batch = train.take(np.sort(idx))
-    x, y = torch.from_numpy(batch["x"]), torch.from_numpy(batch["y"])
-    ckpts = run_dir / "checkpoints"
+    return (cfg, train, *twin_and_loss(pipeline, cfg, train.meta))
+
+
+def params_before(cfg, train, run_dir: Path, step: int) -> dict:
+    """name -> the parameters step `step` (1-based) took its gradient at: checkpoint
+    step - 1, read with its manifest's layout table only (the initial model for step 1)."""
+    if step == 1:
+        from pipelines.core import build_model_for
+
+        return build_model_for(cfg, train.meta).state_dict()
+    return checkpoint_params.read_params(run_dir / "checkpoints" / f"step-{step - 1:08d}")
+
+
+def brute_force(pipeline: str, run_dir: Path, steps: int, examples: int, chunk: int) -> dict:
+    """step -> (|G|^2, tr Sigma) of the gradient at the parameters step `step` began with,
+    over every training example (examples=0) or over `examples` drawn afresh for each step
+    (seeded by the step), so that the sampling errors of successive steps are independent
+    and average out in the smoothed series as the hook's do -- one fixed draw would carry
+    the same error into every step."""
+    import torch
+
+    cfg, train, module, loss, sums = _setup(pipeline, run_dir)
+    if not examples:
+        every = train.take(np.arange(len(train)))
+        x, y = torch.from_numpy(every["x"]), torch.from_numpy(every["y"])
     out = {}
     for step in range(1, steps + 1):
-        if step == 1:
-            state = build_model_for(cfg, train.meta).state_dict()
-            if sums is not _sums_vmap:  # the closed form against materialised gradients
-                check = [exact_values(f, module, loss, state, x[:64], y[:64], 64)
-                         for f in (sums, _sums_vmap)]  # fmt: skip
-                if not np.allclose(check[0], check[1], rtol=1e-6):
-                    raise SystemExit(f"per-example sums disagree: {check}")
-        else:
-            state = checkpoint_params.read_params(ckpts / f"step-{step - 1:08d}")
+        state = params_before(cfg, train, run_dir, step)
+        if examples:
+            rng = np.random.default_rng([12345, step])
+            drawn = train.take(np.sort(rng.choice(len(train), examples, replace=False)))
+            x, y = torch.from_numpy(drawn["x"]), torch.from_numpy(drawn["y"])
+        if step == 1 and sums is not _sums_vmap:  # the closed form against vmap
+            check = [exact_values(f, module, loss, state, x[:64], y[:64], 64)
+                     for f in (sums, _sums_vmap)]  # fmt: skip
+            if not np.allclose(check[0], check[1], rtol=1e-6):
+                raise SystemExit(f"per-example sums disagree: {check}")
         out[step] = exact_values(sums, module, loss, state, x, y, chunk)
     return out
+
+
+def batch_norms(pipeline: str, run_dir: Path, step: int) -> tuple[float, float]:
+    """(|G_small|^2 averaged over ranks, |G_big|^2) of step `step` recomputed outside
+    zerotrain: the PyTorch twin at `params_before`, on each rank's batch of that step
+    (pipelines.core.rank_batches), the gradient of the batch's mean loss. The hook's
+    small_sq_step / big_sq_step must be these numbers: same step, same parameters, same
+    examples, same loss scaling."""
+    import torch
+    from torch.func import functional_call
+
+    from pipelines.core import rank_batches
+
+    cfg, train, module, loss, _ = _setup(pipeline, run_dir)
+    state = params_before(cfg, train, run_dir, step)
+    ranks = cfg.cluster.ranks
+    grads = []
+    for rank in range(ranks):
+        micro = rank_batches(train, cfg, step - 1, rank, ranks)
+        total = None
+        for batch in micro:
+            p = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in state.items()}
+            out = functional_call(module, p, (torch.from_numpy(batch["x"]),))
+            loss(out, torch.from_numpy(batch["y"])).mean().backward()
+            flat = torch.cat([p[k].grad.reshape(-1).double() for k in state])
+            total = flat if total is None else total + flat
+        grads.append(total / len(micro))
+    small = sum(float(g @ g) for g in grads) / ranks
+    big = sum(grads) / ranks
+    return small, float(big @ big)
+
+
+def check_same_batch(pipeline: str, run_dir: Path, hook: dict, steps: int) -> dict:
+    """The hook's raw squared norms of a few steps against `batch_norms`; exits if they
+    differ by more than float32 rounding (rtol 1e-4), since then the two sides would not
+    be measuring the same gradients and comparing their averages would mean nothing."""
+    worst = 0.0
+    for step in sorted({1, 2, steps // 2, steps}):
+        small, big = batch_norms(pipeline, run_dir, step)
+        got = (hook[step]["small_sq_step"], hook[step]["big_sq_step"])
+        rel = max(abs(g - w) / w for g, w in zip(got, (small, big), strict=True))
+        if rel > 1e-4:
+            raise SystemExit(
+                f"{pipeline} step {step}: the hook's (|G_small|^2, |G_big|^2) = {got}, the "
+                f"twin's on the same batches = {(small, big)}: not the same gradients"
+            )
+        worst = max(worst, rel)
+    print(f"{pipeline}: the hook's squared norms = the twin's on the same batches "
+          f"(steps 1, 2, {steps // 2}, {steps}; worst rel. {worst:.1e})")  # fmt: skip
+    return {"max_rel_diff": worst}
 
 
 # ---- comparing -------------------------------------------------------------------------
@@ -298,6 +369,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pipelines", nargs="+", default=list(DEFAULTS), choices=list(DEFAULTS))
     parser.add_argument("--steps", type=int, help="override each pipeline's step count")
     parser.add_argument("--ranks", type=int, help="override each pipeline's rank count")
+    parser.add_argument("--batch", type=int, help="override each pipeline's global batch")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.95, 0.99, 0.995])
     parser.add_argument("--lm-examples", type=int, default=DEFAULTS["char_lm"]["examples"])
     parser.add_argument("--keep", help="keep the run directories under this folder")
@@ -311,12 +383,16 @@ def main(argv=None) -> int:
     for pipeline in args.pipelines:
         d = DEFAULTS[pipeline]
         steps, ranks = args.steps or d["steps"], args.ranks or d["ranks"]
+        batch = args.batch or d["batch"]
         examples = args.lm_examples if pipeline == "char_lm" else d["examples"]
         run_dir = root / pipeline
         t0 = time.perf_counter()
         if not args.reuse:
-            train(pipeline, steps, ranks, args.betas, run_dir)
+            train(pipeline, steps, ranks, batch, args.betas, run_dir)
         t1 = time.perf_counter()
+        same_batch = check_same_batch(
+            pipeline, run_dir, hook_records(run_dir, hook_name(args.betas[0])), steps
+        )
         if not args.reuse:
             exact = brute_force(pipeline, run_dir, steps, examples, d["chunk"])
             (run_dir / "brute_force.json").write_text(json.dumps(exact))
@@ -328,7 +404,8 @@ def main(argv=None) -> int:
             for b in args.betas
         }
         results[pipeline] = {
-            "steps": steps, "ranks": ranks, "brute_force_examples": examples or "all",
+            "steps": steps, "ranks": ranks, "global_batch": batch,
+            "brute_force_examples": examples or "all", "same_batch_check": same_batch,
             "train_s": round(t1 - t0, 1), "brute_force_s": round(t2 - t1, 1), "by_beta": by_beta,
         }  # fmt: skip
     ok = {str(b): all(r["by_beta"][str(b)]["within_10pct"] for r in results.values())

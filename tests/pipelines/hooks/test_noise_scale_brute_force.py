@@ -1,0 +1,84 @@
+"""scripts/bench_noise_scale.py checks the noise_scale hook against brute force; these
+tests check that the two sides of that comparison are the same thing.
+
+- The same average: fed the same per-step (|G|², tr Σ), the benchmark's `smoothed` and
+  the hook's NoiseScale give the same B_simple at every step, gaps included.
+- The same gradients: the squared norms a real two-rank run's hook records for a step
+  are those of the gradients the PyTorch twin computes on that step's rank batches at
+  the parameters of the checkpoint before it (the benchmark's `batch_norms`).
+"""
+
+import json
+import math
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.hooks.builtins import NoiseScale
+from tests.pipelines.cli_util import zerotrain
+
+BENCH = Path(__file__).resolve().parents[3] / "scripts" / "bench_noise_scale.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> dict:
+    """The benchmark script's functions (it is a script, not a module of a package)."""
+    return runpy.run_path(str(BENCH))
+
+
+def two_ranks_with(g2: float, trace: float) -> dict:
+    """Rank gradients a + d and a - d (a ⟂ d, one example per rank) whose estimates are
+    exactly (g2, trace): |G_big|² = |a|², |G_small|² = |a|² + |d|², so
+    |G|² = |a|² - |d|² and tr Σ = 2 |d|²."""
+    d2 = trace / 2
+    a = np.array([math.sqrt(g2 + d2), 0.0])
+    d = np.array([0.0, math.sqrt(d2)])
+    return {0: {"w": a + d}, 1: {"w": a - d}}
+
+
+def test_the_benchmark_averages_exact_values_as_the_hook_averages_its_estimates(bench):
+    rng = np.random.default_rng(5)
+    steps = [1, 2, 3, 5, 6, 10, 11, 12, 30, 31]  # consecutive runs and gaps
+    # |G|² swinging over two decades between steps, as it does under Adam
+    series = {s: (float(10 ** rng.uniform(-2, 0)), float(rng.uniform(5, 50))) for s in steps}
+    for beta in (0.9, 0.99):
+        noise = NoiseScale(beta)
+        want = bench["smoothed"](series, beta)
+        for step in steps:
+            ranks = two_ranks_with(*series[step])
+            grads = {"w": (ranks[0]["w"] + ranks[1]["w"]) / 2}
+            out = noise.update(ranks, grads, b_small=1, step=step)
+            assert (out["g2_step"], out["trace_sigma_step"]) == pytest.approx(series[step])
+            assert out["b_simple"] == pytest.approx(want[step], rel=1e-12), (beta, step)
+
+
+STEPS, RANKS, BATCH = 4, 2, 64
+
+
+def test_the_hooks_squared_norms_are_the_gradients_of_the_steps_batches(tmp_path, bench):
+    pytest.importorskip("torch")
+    run_dir = tmp_path / "run"
+    proc = zerotrain(
+        "run", "mlp_regressor", "--ranks", str(RANKS), "--mode", "zero2",
+        "--steps", str(STEPS), "--run-dir", str(run_dir),
+        "--set", "data.n_train=512", "--set", "model.hidden=[32,32]",
+        "--set", f"train.batch_size={BATCH}", "--set", "eval.every=0",
+        "--set", "checkpoint.every=1", "--set", f"checkpoint.keep_last={STEPS}",
+        "--set", 'hooks.specs=[{hook = "builtin:noise_scale", exact = true}]',
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {
+        r["step"]: r["metrics"]
+        for r in map(json.loads, (run_dir / "hooks.jsonl").read_text().splitlines())
+        if r["hook"] == "noise_scale"
+    }
+    assert sorted(records) == list(range(1, STEPS + 1))
+    for step, m in records.items():
+        assert (m["b_small"], m["b_big"]) == (BATCH // RANKS, BATCH)
+        small, big = bench["batch_norms"]("mlp_regressor", run_dir, step)
+        # float32 gradients of 32 examples, summed in different orders: 1e-5 is ~100
+        # float32 roundings; a wrong step, batch or scale is off by far more
+        assert m["small_sq_step"] == pytest.approx(small, rel=1e-5), step
+        assert m["big_sq_step"] == pytest.approx(big, rel=1e-5), step
