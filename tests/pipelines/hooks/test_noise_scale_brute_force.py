@@ -2,7 +2,9 @@
 tests check that the two sides of that comparison are the same thing.
 
 - The same average: fed the same per-step (|G|², tr Σ), the benchmark's `smoothed` and
-  the hook's NoiseScale give the same B_simple at every step, gaps included.
+  the hook's NoiseScale give the same B_simple at every step, gaps included; a hook
+  that missed steps is compared over its own steps, and one whose averages restarted
+  is refused.
 - The same gradients: the squared norms a real two-rank run's hook records for a step
   are those of the gradients the PyTorch twin computes on that step's rank batches at
   the parameters of the checkpoint before it (the benchmark's `batch_norms`).
@@ -44,14 +46,45 @@ def test_the_benchmark_averages_exact_values_as_the_hook_averages_its_estimates(
     # |G|² swinging over two decades between steps, as it does under Adam
     series = {s: (float(10 ** rng.uniform(-2, 0)), float(rng.uniform(5, 50))) for s in steps}
     for beta in (0.9, 0.99):
-        noise = NoiseScale(beta)
         want = bench["smoothed"](series, beta)
-        for step in steps:
-            ranks = two_ranks_with(*series[step])
-            grads = {"w": (ranks[0]["w"] + ranks[1]["w"]) / 2}
-            out = noise.update(ranks, grads, b_small=1, step=step)
+        for step, out in hook_run(series, steps, beta).items():
             assert (out["g2_step"], out["trace_sigma_step"]) == pytest.approx(series[step])
             assert out["b_simple"] == pytest.approx(want[step], rel=1e-12), (beta, step)
+
+
+def hook_run(series: dict, steps, beta: float) -> dict:
+    """step -> the metrics NoiseScale reports when it sees exactly `series` at `steps`."""
+    noise = NoiseScale(beta)
+    out = {}
+    for step in steps:
+        ranks = two_ranks_with(*series[step])
+        grads = {"w": (ranks[0]["w"] + ranks[1]["w"]) / 2}
+        out[step] = noise.update(ranks, grads, b_small=1, step=step)
+    return out
+
+
+def test_a_hook_that_missed_steps_is_compared_with_the_brute_force_over_its_own_steps(bench):
+    rng = np.random.default_rng(6)
+    series = {s: (float(10 ** rng.uniform(-2, 0)), float(rng.uniform(5, 50))) for s in range(1, 61)}
+    seen = [s for s in series if s % 10 == 0 or s % 3 == 1]  # every checkpoint, and gaps
+    result = bench["compare"]("synthetic", hook_run(series, seen, 0.9), series, 0.9, 10)
+    assert result["steps_seen"] == len(seen)
+    assert [r["step"] for r in result["checkpoints"]] == list(range(10, 61, 10))
+    for row in result["checkpoints"]:  # exact per-step values: nothing left to differ
+        assert abs(row["rel_diff"]) < 1e-12 and row["noise_sd"] < 1e-12, row
+
+
+def test_a_hook_series_whose_averages_restarted_is_refused(bench, tmp_path):
+    lines = [
+        {"step": 1, "hook": "noise_scale_0_9", "metrics": {"window_steps": 1.0}},
+        {"step": 2, "hook": "noise_scale_0_9", "metrics": {"window_steps": 1.9}},
+        {"step": 3, "hook": "noise_scale_0_9", "metrics": {"window_steps": 1.0}},  # afresh
+    ]
+    (tmp_path / "hooks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(SystemExit, match="restarted its averages at step 3"):
+        bench["hook_records"](tmp_path, "noise_scale_0_9")
+    (tmp_path / "hooks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:2]))
+    assert sorted(bench["hook_records"](tmp_path, "noise_scale_0_9")) == [1, 2]
 
 
 STEPS, RANKS, BATCH = 4, 2, 64
