@@ -12,7 +12,7 @@ smoothed the same way, at a series of checkpoints:
   with its manifest's layout table only: scripts/checkpoint_params.py; the initial
   model for step 1), loaded into the PyTorch twin of the model; PyTorch per-example
   gradients over the training examples (all 20,000 for mlp_regressor; for char_lm a
-  fresh draw of windows each step, tr(Sigma) from the per-example gradients of 128 of
+  fresh draw of 512 windows each step, tr(Sigma) from the per-example gradients of 64 of
   them and the mean gradient from all) give tr(Sigma) (the per-example covariance's
   trace, unbiased) and |G|^2 = |mean|^2 - tr(Sigma) / M (unbiased). Those per-step
   values go through the same average (same beta, the same steps), and their ratio is
@@ -59,8 +59,8 @@ import checkpoint_params  # noqa: E402
 DEFAULTS = {
     "mlp_regressor": {"ranks": 4, "batch": 2048, "steps": 600, "report": 50, "examples": 0,
                       "chunk": 2000},
-    "char_lm": {"ranks": 4, "batch": 256, "steps": 200, "report": 25, "examples": 1024,
-                "per_example": 128, "chunk": 64},
+    "char_lm": {"ranks": 4, "batch": 256, "steps": 200, "report": 25, "examples": 512,
+                "per_example": 64, "chunk": 64},
 }  # fmt: skip
 
 
@@ -101,22 +101,24 @@ def train(pipeline: str, steps: int, ranks: int, batch: int, betas: list, run_di
 def hook_records(run_dir: Path, name: str) -> dict[int, dict]:
     """step -> the metrics of hook `name`, from hooks.jsonl: one uninterrupted series.
 
-    Exits if a step appears twice or `window_steps` ever shrinks: the hook's averages
-    were started afresh (a restarted analyzer), so no one brute-force average matches
-    them. Steps the hook did not see are allowed; `compare` averages the brute force
-    over the hook's steps only, so both sides still average the same steps."""
-    out, window = {}, 0.0
+    Exits if a step appears twice or a record's `gap` is not the distance to the
+    previous record: the hook's averages were started afresh (a restarted analyzer
+    forgets them, and its first sample then stands for every step since step 0 --
+    window_steps cannot show that), so no one brute-force average matches them. Steps
+    the hook did not see are allowed; `compare` averages the brute force over the
+    hook's steps only, so both sides still average the same steps."""
+    out, last = {}, 0
     for line in (run_dir / "hooks.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r["hook"] != name or "metrics" not in r:
             continue
         step, m = r["step"], r["metrics"]
-        if step in out or m["window_steps"] < window:
+        if step in out or m["gap"] != step - last:
             raise SystemExit(
-                f"{run_dir}: hook {name} restarted its averages at step {step} (window_steps "
-                f"{m['window_steps']:.2f} after {window:.2f}): rerun on a less loaded machine"
+                f"{run_dir}: hook {name} restarted its averages at step {step} (gap "
+                f"{m['gap']} after step {last}): rerun on a less loaded machine"
             )
-        out[step], window = m, m["window_steps"]
+        out[step], last = m, step
     return out
 
 
@@ -376,7 +378,7 @@ def _residuals(hook: dict, exact: dict) -> dict[int, tuple[float, float]]:
     """step -> (hook - brute force) of the per-step (|G|^2, tr Sigma) estimates."""
     out = {}
     for step, (g2, trace) in exact.items():
-        h = hook[step]
+        h = hook.get(step, {"g2_step": None})
         if h["g2_step"] is not None and h["trace_sigma_step"] is not None:
             out[step] = (h["g2_step"] - g2, h["trace_sigma_step"] - trace)
     return out

@@ -75,16 +75,15 @@ def test_a_hook_that_missed_steps_is_compared_with_the_brute_force_over_its_own_
 
 
 def test_a_hook_series_whose_averages_restarted_is_refused(bench, tmp_path):
-    lines = [
-        {"step": 1, "hook": "noise_scale_0_9", "metrics": {"window_steps": 1.0}},
-        {"step": 2, "hook": "noise_scale_0_9", "metrics": {"window_steps": 1.9}},
-        {"step": 3, "hook": "noise_scale_0_9", "metrics": {"window_steps": 1.0}},  # afresh
-    ]
+    series = {s: (1.0, 10.0) for s in range(1, 6)}
+    run = hook_run(series, [1, 2, 4], 0.9)  # steps 1, 2, 4: a gap is fine
+    run[5] = hook_run(series, [5], 0.9)[5]  # a fresh NoiseScale: gap 5 after step 4
+    lines = [{"step": s, "hook": "noise_scale_0_9", "metrics": m} for s, m in run.items()]
     (tmp_path / "hooks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    with pytest.raises(SystemExit, match="restarted its averages at step 3"):
+    with pytest.raises(SystemExit, match="restarted its averages at step 5"):
         bench["hook_records"](tmp_path, "noise_scale_0_9")
-    (tmp_path / "hooks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:2]))
-    assert sorted(bench["hook_records"](tmp_path, "noise_scale_0_9")) == [1, 2]
+    (tmp_path / "hooks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:3]))
+    assert sorted(bench["hook_records"](tmp_path, "noise_scale_0_9")) == [1, 2, 4]
 
 
 STEPS, RANKS, BATCH = 4, 2, 64
