@@ -58,6 +58,7 @@ from ..store.rundir import (
     write_json_atomic,
 )
 from . import messages as msg
+from . import nodes
 from .messages import (
     EXIT,
     REGROUP,
@@ -236,13 +237,18 @@ class Coordinator(ProtocolActor):
             return
         for r in range(self.world):
             if r not in self.joins and r not in self.down and r in self.pids:
-                if r not in self.local_ranks:
-                    continue  # its own node's watch: the heartbeat timeout
                 self.progress.message(f"rank {r} did not rejoin in time: killing it")
-                try:
-                    os.kill(self.pids[r], signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                if r in self.local_ranks:
+                    try:
+                        os.kill(self.pids[r], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                else:  # another host's process: its node agent kills it
+                    self.nursery.start_soon(nodes.kill_rank, self.node_of(r), r, self.pids[r])
+
+    def node_of(self, rank: int) -> int:
+        """The node whose agent runs `rank` (ranks are node-major: R per node)."""
+        return rank // len(self.local_ranks)
 
     def _form_generation(self) -> None:
         source, step, path, manifest = self._restore_point(
@@ -368,7 +374,13 @@ class Coordinator(ProtocolActor):
         if fault.kind == "crash" and self._crashed_before(rank, reason):
             return
         self.progress.message(f"rank {rank} is down ({reason}); the others regroup")
-        self.joins.pop(rank, None)
+        pending = self.joins.pop(rank, None)
+        if pending is not None:
+            # A monitor also fires noconnection when its ack comes late (a loaded host,
+            # a slow link) while the rank lives and waits in its join: answered, it
+            # joins again and is watched anew; a rank really gone never reads this
+            # (test_a_late_monitor_ack_while_a_rank_of_node_1_waits_to_join_does_not_hang).
+            pending.from_.reply(REGROUP)
         self.down.add(rank)
         self.stop_steps.clear()  # a stop under way is decided in the next generation
         self.stop_at = None

@@ -4,7 +4,8 @@ role actors, as a record, with one client function per message.
 =================== =========================== ====== ==================================
 record              sender -> receiver          kind   reply
 =================== =========================== ====== ==================================
-Join                Trainer -> Coordinator      call   Plan (once all ranks joined)
+Join                Trainer -> Coordinator      call   Plan (once all ranks joined), or
+                                                       REGROUP: seen down meanwhile, join again
 StepLogged          Trainer -> Coordinator      cast
 EvalReported        Trainer -> Coordinator      cast
 StopQuery           Trainer -> Coordinator      call   bool (early stopping's decision)
@@ -704,9 +705,13 @@ def _reply(reply):
 
 
 async def join(rank: int, pid: int, held: Held) -> Plan:
-    """Join the next generation; returns once every rank has joined."""
-    plan = await actors.call(COORDINATOR, Join(rank, pid, held), timeout=None)
-    return _expect(plan, Plan, "join")
+    """Join the next generation; returns once every rank has joined. The Coordinator
+    answers REGROUP when it saw this rank down while its join waited (a monitor's late
+    ack): the rank joins again."""
+    while True:
+        plan = await actors.call(COORDINATOR, Join(rank, pid, held), timeout=None)
+        if plan != REGROUP:
+            return _expect(plan, Plan, "join")
 
 
 async def step_logged(record: dict) -> None:

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,7 @@ __all__ = [
     "default_run_dir",
     "endpoint_of",
     "gather_nodes",
+    "kill_rank",
     "layout_for",
     "layout_from_args",
     "local_table",
@@ -403,15 +406,23 @@ async def gather_nodes(nursery, node, layout: NodeLayout, config_hash: str, plan
 
 
 class NodeAgent(actors.Actor):
-    """Node K's ear for node 0's word that the run is over: {"over": "finished" |
-    "failed" | "stopped", "reason": str}. It sets this node's outcome (`coord.outcome`)
-    as node 0's, so every agent exits with node 0's code; the agent then stops its ranks
-    as node 0 stops its own."""
+    """Node K's ear for node 0's word.
 
-    def __init__(self, outcome) -> None:
+    {"over": "finished" | "failed" | "stopped", "reason": str}: the run is over. It sets
+    this node's outcome (`coord.outcome`) as node 0's, so every agent exits with node
+    0's code; the agent then stops its ranks as node 0 stops its own.
+    {"kill": rank, "pid": pid}: the Coordinator's regroup deadline passed and that rank
+    of this node has not rejoined (alive, heartbeats going): SIGKILL it, so its
+    supervisor replaces it. Only a child process of this agent is signalled. Answers
+    "killed" or "gone"."""
+
+    def __init__(self, outcome, ranks: range) -> None:
         self.outcome = outcome
+        self.ranks = ranks
 
     async def handle_call(self, request, from_):
+        if isinstance(request, dict) and "kill" in request:
+            return _kill_child_rank(request, self.ranks)
         kind = request.get("over") if isinstance(request, dict) else None
         reason = request.get("reason") if isinstance(request, dict) else None
         if kind not in ("finished", "failed", "stopped") or not isinstance(reason, str):
@@ -423,6 +434,34 @@ class NodeAgent(actors.Actor):
                 self.outcome.stopped = reason
             self.outcome.done.set()
         return "ok"
+
+
+def _kill_child_rank(request: dict, ranks: range) -> str | dict:
+    rank, pid = request.get("kill"), request.get("pid")
+    if type(rank) is not int or rank not in ranks or type(pid) is not int or pid <= 0:
+        return {"refused": f"expected {{'kill': a rank in {ranks.start}..{ranks.stop - 1}, "
+                           f"'pid': its pid}}, got {request!r:.80}"}  # fmt: skip
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return "gone"
+    if parent != os.getpid():
+        return "gone"  # not (any longer) a rank this agent started
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return "gone"
+    return "killed"
+
+
+async def kill_rank(k: int, rank: int, pid: int) -> None:
+    """Ask node k's agent to kill its rank `rank` (process `pid`); best effort: an agent
+    not reached is being lost itself, which its own watch handles."""
+    try:
+        await actors.call(f"NodeAgent@{node_name(k)}", {"kill": rank, "pid": pid}, timeout=5.0)
+    except actors.ActorError:
+        pass
 
 
 async def announce_end(layout: NodeLayout, outcome) -> None:
@@ -452,7 +491,7 @@ async def supervise_node(ranks: actors.Supervisor, layout: NodeLayout, coord) ->
     too. Node 0 silent for the heartbeat timeout and no word from it: fail."""
     node = actors.current_node()
     async with trio.open_nursery() as nursery:
-        await actors.spawn(nursery, NodeAgent(coord.outcome), name="NodeAgent")
+        await actors.spawn(nursery, NodeAgent(coord.outcome, layout.ranks), name="NodeAgent")
 
         async def run_ranks() -> None:
             try:

@@ -174,15 +174,19 @@ def _steps_logged(run_dir: Path) -> int:
         return 0
 
 
+def _wait_for_steps(run_dir: Path, agents: dict, n: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while _steps_logged(run_dir) < n:
+        assert time.monotonic() < deadline, f"no {n} steps within {timeout:g} s"
+        assert all(p.poll() is None for p in agents.values()), "an agent ended early"
+        time.sleep(0.1)
+
+
 def test_a_rank_of_node_1_killed_recovers_to_the_bits_of_one_host(tmp_path, one_host_sha):
     run_dir = tmp_path / "run"
     _, agents = _two_agents_by_flags(run_dir, tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while _steps_logged(run_dir) < 5:
-            assert time.monotonic() < deadline, "no 5 steps within 240 s"
-            assert all(p.poll() is None for p in agents.values()), "an agent ended early"
-            time.sleep(0.1)
+        _wait_for_steps(run_dir, agents, 5)
         victims = _rank_pids(agents["node1"].pid)
         assert len(victims) == 2
         os.kill(victims[0], signal.SIGKILL)
@@ -193,6 +197,68 @@ def test_a_rank_of_node_1_killed_recovers_to_the_bits_of_one_host(tmp_path, one_
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"] >= 1
     assert summary["params_sha256"] == one_host_sha
+
+
+LATE = Path(__file__).parent / "late_ack"  # its sitecustomize plants the delays
+
+
+def test_a_late_monitor_ack_while_a_rank_of_node_1_waits_to_join_does_not_hang(
+    tmp_path, one_host_sha
+):
+    """Rank 2 (node 1) acknowledges the Coordinator's monitor of its Trainer 5 s late,
+    past the heartbeat timeout (2 s), as on a loaded host, while it waits in its first
+    join (rank 3 joins 8 s late): the monitor fires noconnection on a live rank. The
+    Coordinator answers that join (rank 2 joins again, watched anew) instead of dropping
+    it, so generation 1 forms and the run ends with the bits of one host."""
+    run_dir = tmp_path / "run"
+    master = f"127.0.0.2:{_port()}"
+    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
+    late = {
+        "ZEROTRAIN_TEST_LATE_WATCHING": "rank2:5.0",
+        "ZEROTRAIN_TEST_LATE_JOIN": "rank3:8.0",
+        "PYTHONPATH": os.pathsep.join([str(LATE), str(REPO)]),
+    }
+    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
+    agents = {
+        "node1": _agent(node1, late, tmp_path, "node1"),
+        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
+    }
+    results = _finish(agents, tmp_path, timeout=240)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    lines = results["node0"][1].splitlines()
+    down = lines.index("zerotrain: rank 2 is down (noconnection); the others regroup")
+    assert not any(" step " in line for line in lines[:down])  # before generation 1
+    assert _sha(run_dir) == one_host_sha
+
+
+def test_a_live_rank_of_node_1_that_does_not_rejoin_is_killed_by_its_agent(tmp_path, one_host_sha):
+    """Rank 2 (node 1) is killed; rank 3 (node 1, alive, heartbeats going) sends the
+    join that follows 600 s late. Past cluster.collective_timeout node 0's Coordinator
+    asks node 1's agent to kill it (node 0 cannot signal another host's process): it is
+    replaced, and the run ends with the bits of one host."""
+    run_dir = tmp_path / "run"
+    master = f"127.0.0.2:{_port()}"
+    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
+    common += ["--set", "cluster.collective_timeout=10"]
+    late = {
+        "ZEROTRAIN_TEST_LATE_JOIN": "rank3:600:2",
+        "PYTHONPATH": os.pathsep.join([str(LATE), str(REPO)]),
+    }
+    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
+    agents = {
+        "node1": _agent(node1, late, tmp_path, "node1"),
+        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
+    }
+    try:
+        _wait_for_steps(run_dir, agents, 5)
+        os.kill(_rank_pids(agents["node1"].pid)[0], signal.SIGKILL)  # rank 2
+    finally:
+        results = _finish(agents, tmp_path, timeout=240)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    assert "zerotrain: rank 3 did not rejoin in time: killing it" in results["node0"][1]
+    assert _sha(run_dir) == one_host_sha
 
 
 def test_a_node_with_another_config_is_refused_by_node_0_in_one_line(tmp_path):
