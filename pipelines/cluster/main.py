@@ -239,7 +239,7 @@ async def _serve(cfg, coord: Coordinator, plan, ipc_dir: str, analyzer_specs, ru
             async with trio.open_nursery() as nursery:
                 layout = multi[0]
                 to = "Coordinator" if layout is None else "Coordinator@cluster"
-                nursery.start_soon(_forward_stop_signals, signals, to)
+                nursery.start_soon(_forward_stop_signals, signals, to, _signal_source(layout))
                 if layout is not None and layout.node_rank > 0:
                     await _serve_node(cfg, coord, plan, ipc_dir, rundir, rank_log, multi)
                 else:
@@ -252,12 +252,22 @@ async def _serve(cfg, coord: Coordinator, plan, ipc_dir: str, analyzer_specs, ru
             os.close(rank_log)
 
 
-async def _forward_stop_signals(signals, coordinator: str) -> None:
+def _signal_source(layout: NodeLayout | None) -> str:
+    """Who a signal to this process reached, as the stop's line says. Each node agent
+    is its own source: `scancel --signal=USR1` signals every node's agent at once, one
+    signal each, which is one stop request -- a second signal to the *same* process
+    is what stops at once (the Coordinator counts them by source)."""
+    if layout is None:
+        return "the zerotrain process"
+    return f"the agent of node {layout.node_rank}"
+
+
+async def _forward_stop_signals(signals, coordinator: str, source: str) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         while True:  # the Coordinator may not be registered yet (the first moments)
             try:
-                await msg.stop_requested(coordinator, "the zerotrain process", name, 5.0)
+                await msg.stop_requested(coordinator, source, name, 5.0)
                 break
             except actors.ActorError:
                 await trio.sleep(0.05)

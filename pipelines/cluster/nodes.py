@@ -150,7 +150,7 @@ def layout_from_args(args, cfg, environ, warn) -> NodeLayout | None:
     """`zerotrain run`'s identity (flags from `args`, then `environ`): None for a
     one-host run, else this node's layout after the plaintext check. RunRefused (one
     line, exit 2) for a launch that cannot be, or what a multi-node run does not take
-    yet (chaos, analyzer hooks, --resume)."""
+    yet (chaos, analyzer hooks)."""
     from ..launch import IDENTITY_FLAGS, IdentityError, resolve_identity
 
     flags = {key: getattr(args, key, None) for key in IDENTITY_FLAGS}
@@ -165,7 +165,6 @@ def layout_from_args(args, cfg, environ, warn) -> NodeLayout | None:
         return None
     unsupported = {
         "--chaos": getattr(args, "chaos", None),
-        "--resume": args.resume,
         "hooks": cfg.hooks.specs or args.hooks,
     }
     for what, given in unsupported.items():

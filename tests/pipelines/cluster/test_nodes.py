@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -76,12 +77,30 @@ def _sha(run_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def one_host_sha(tmp_path_factory) -> str:
-    """The bits of the same run on one host: --ranks 4."""
-    run_dir = tmp_path_factory.mktemp("one_host") / "run"
-    done = zerotrain(*RUN, "--run-dir", str(run_dir), timeout=300)
-    assert done.returncode == 0, done.stderr
-    return _sha(run_dir)
+def one_host_sha_of(tmp_path_factory):
+    """The bits of the same run on one host (--ranks 4), by number of steps."""
+    shas = {}
+
+    def get(steps: int) -> str:
+        if steps not in shas:
+            run_dir = tmp_path_factory.mktemp("one_host") / "run"
+            done = zerotrain(*_steps(steps), "--run-dir", str(run_dir), timeout=300)
+            assert done.returncode == 0, done.stderr
+            shas[steps] = _sha(run_dir)
+        return shas[steps]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def one_host_sha(one_host_sha_of) -> str:
+    return one_host_sha_of(20)
+
+
+def _steps(steps: int) -> tuple:
+    """RUN with another number of steps."""
+    i = RUN.index("--steps")
+    return (*RUN[: i + 1], str(steps), *RUN[i + 2 :])
 
 
 def _two_agents_by_flags(run_dir: Path, tmp_path: Path) -> tuple[str, dict]:
@@ -259,6 +278,58 @@ def test_a_live_rank_of_node_1_that_does_not_rejoin_is_killed_by_its_agent(tmp_p
     assert results["node1"][0] == 0, results["node1"][1]
     assert "zerotrain: rank 3 did not rejoin in time: killing it" in results["node0"][1]
     assert _sha(run_dir) == one_host_sha
+
+
+STOPPED = re.compile(
+    r"zerotrain run: stopped at step (\d+) \(SIGUSR1 to the agent of node [01]\); "
+    r"checkpoint (\S+); continue with --resume (\S+)"
+)
+
+
+def test_usr1_to_every_agent_stops_all_nodes_at_one_step_and_resume_gives_the_bits_of_one_host(
+    tmp_path, one_host_sha_of
+):
+    """SIGUSR1 to both agents, as `scancel --signal=USR1` sends it to every task: one
+    planned stop (not a "second signal"), every node exits 4 at the step the ranks
+    agreed on, with its checkpoint; both nodes started again with --resume end with the
+    bits of 40 steps on one host."""
+    run_dir = tmp_path / "run"
+    master = f"127.0.0.2:{_port()}"
+    common = [*_steps(40), "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
+    node0 = [*common, "--node-rank", "0"]
+    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
+    agents = {
+        "node1": _agent(node1, {}, tmp_path, "node1"),
+        "node0": _agent(node0, {}, tmp_path, "node0"),
+    }
+    try:
+        _wait_for_steps(run_dir, agents, 5)
+        for name in ("node1", "node0"):
+            os.kill(agents[name].pid, signal.SIGUSR1)
+    finally:
+        results = _finish(agents, tmp_path)
+    assert results["node0"][0] == 4, results["node0"][1]
+    assert results["node1"][0] == 4, results["node1"][1]
+    stopped = STOPPED.fullmatch(results["node0"][1].splitlines()[-1])
+    assert stopped, results["node0"][1]
+    step = int(stopped[1])
+    assert 5 <= step < 40
+    assert Path(stopped[2]) == run_dir / "checkpoints" / f"step-{step:08d}"
+    assert (Path(stopped[2]) / "manifest.json").exists()
+    assert len(list(Path(stopped[2]).glob("shard-*.safetensors"))) == 4
+    assert stopped[3] == str(run_dir)
+    # node 1 ends with node 0's line (the run's), as its own
+    assert results["node1"][1].splitlines()[-1].endswith(stopped[0].split(": ", 1)[1])
+
+    agents = {
+        "node1": _agent([*node1, "--resume", str(run_dir)], {}, tmp_path, "node1"),
+        "node0": _agent([*node0, "--resume", str(run_dir)], {}, tmp_path, "node0"),
+    }
+    results = _finish(agents, tmp_path)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    assert f"resumed at step {step}" in results["node0"][1]
+    assert _sha(run_dir) == one_host_sha_of(40)
 
 
 def test_a_node_with_another_config_is_refused_by_node_0_in_one_line(tmp_path):
