@@ -359,6 +359,9 @@ class ClusterConfig:
     heartbeat_timeout: float = 2.0
     # a collective making no progress this long fails (a peer's death is seen sooner)
     collective_timeout: float = 30.0
+    # several nodes: ranks of another node down (its agent lost) and not back this long
+    # (the node restarted with the same node rank) end the run, exit 3
+    rejoin_timeout: float = 120.0
     # ddp / zero1: all-reduce the gradient in buckets of about this many MiB, starting
     # on each while backward still runs (0: one reduction after backward). The bucket
     # boundaries change the summation order, so they are part of what fixes the bits.
@@ -379,6 +382,7 @@ class ClusterConfig:
         _check_range("cluster.grace_seconds", self.grace_seconds, lo=0.0, lo_open=True)
         _check_range("cluster.heartbeat_timeout", self.heartbeat_timeout, lo=0.2)
         _check_range("cluster.collective_timeout", self.collective_timeout, lo=0.5)
+        _check_range("cluster.rejoin_timeout", self.rejoin_timeout, lo=0.5)
         _check_range("cluster.bucket_mb", self.bucket_mb, lo=0.0, hi=1024.0)
         if self.bucket_mb and self.mode == "zero2":
             _fail(

@@ -5,10 +5,14 @@ trains, which ranks are down, who waits at the end (`Recovery` is its state mach
 monitors every rank's Trainer; a Down (a killed, crashed or hung-and-killed rank) asks
 the survivors to regroup. When all N ranks have joined it picks the newest step whose
 state still exists -- each shard in its owner's snapshot or, for a replaced rank, in its
-right neighbour's replica; else the newest valid checkpoint on disk; else the seed -- and
-answers every join with a Plan: the new generation and that step (see
+replica holder's copy (msg.replica_holder: the right neighbour on one host, the same
+local rank of the next node on several); else the newest valid checkpoint on disk; else
+the seed -- and answers every join with a Plan: the new generation and that step (see
 pipelines.cluster.rank). A rank that does not rejoin within the collective timeout is
-killed, and so replaced.
+killed, and so replaced (another node's by its node agent). On several nodes, another
+node's rank seen down starts that node's rejoin deadline: a whole node lost is waited
+for (its ranks come back when the node is started again) until cluster.rejoin_timeout,
+then the run fails naming the node.
 
 Planned stops. A signal to the zerotrain process or to any rank (StopRequest) asks for a
 stop: all ranks must end after the same step, write its checkpoint and exit. The ranks
@@ -154,6 +158,11 @@ class Coordinator(ProtocolActor):
         # the ranks this process started (another node's pids are not ours to signal)
         self.local_ranks: range = range(self.world)
         self.ports: list = []  # tcp ports held for the run (multi-node: nodes.local_table)
+        self.replica_stride = 1  # msg.replica_holder's: R ranks per node on several nodes
+        # nodes whose ranks are down and not back, each with its outage's number (the
+        # run fails past cluster.rejoin_timeout: _enforce_rejoin)
+        self.lost_nodes: dict[int, int] = {}
+        self.outages = 0
         self.down: set[int] = set()  # ranks seen down and not joined since
         self.deadlines: set[int] = set()  # generations whose regroup is being enforced
         self.monitors: dict = {}  # MonitorRef -> rank
@@ -210,6 +219,9 @@ class Coordinator(ProtocolActor):
             self.monitors[actors.monitor(f"Trainer@rank{rank}")] = rank
         self.joins[rank] = _Join(from_, pid, held)
         self.down.discard(rank)
+        k = self.node_of(rank)
+        if k in self.lost_nodes and not any(r in self.down for r in self.ranks_of(k)):
+            del self.lost_nodes[k]  # all its ranks are back
         if self.state is Recovery.TRAINING:  # a rank left a running generation: regroup
             self.state = Recovery.REGROUPING
         await self._ask_regroup()
@@ -249,6 +261,26 @@ class Coordinator(ProtocolActor):
     def node_of(self, rank: int) -> int:
         """The node whose agent runs `rank` (ranks are node-major: R per node)."""
         return rank // len(self.local_ranks)
+
+    def ranks_of(self, k: int) -> range:
+        per = len(self.local_ranks)
+        return range(k * per, (k + 1) * per)
+
+    async def _enforce_rejoin(self, k: int, outage: int) -> None:
+        """Node k's ranks went down (its agent lost, say): the other nodes keep their
+        state in memory and wait for them -- node k started again with its node rank --
+        until cluster.rejoin_timeout; then the run fails (exit 3) in one line naming
+        the node and the last good checkpoint."""
+        timeout = self.cfg.cluster.rejoin_timeout
+        await trio.sleep(timeout)
+        if self.lost_nodes.get(k) != outage or self.outcome.done.is_set():
+            return
+        ranks = self.ranks_of(k)
+        missing = ", ".join(str(r) for r in ranks if r in self.down)
+        self.fail(
+            f"node {k} lost: rank(s) {missing} not back within cluster.rejoin_timeout "
+            f"{timeout:g}s; last good checkpoint: {last_good_checkpoint(self.ckpt_root)}"
+        )
 
     def _form_generation(self) -> None:
         source, step, path, manifest = self._restore_point(
@@ -293,8 +325,9 @@ class Coordinator(ProtocolActor):
         """Where the next generation starts: (source, step, checkpoint path, its manifest)."""
         world = self.world
         steps = sorted({s for h in held.values() for s in h.own}, reverse=True)
+        holder = [msg.replica_holder(r, world, self.replica_stride) for r in range(world)]
         for s in steps:
-            if all(s in held[r].own or s in held[(r + 1) % world].replica for r in range(world)):
+            if all(s in held[r].own or s in held[holder[r]].replica for r in range(world)):
                 return "memory", s, None, None
         for root in (self.ckpt_root, self.resume):
             if root is None:
@@ -374,6 +407,12 @@ class Coordinator(ProtocolActor):
         if fault.kind == "crash" and self._crashed_before(rank, reason):
             return
         self.progress.message(f"rank {rank} is down ({reason}); the others regroup")
+        k = self.node_of(rank)
+        if k != self.node_of(self.local_ranks.start) and k not in self.lost_nodes:
+            # another node's rank: its agent restarts it, unless the node is lost
+            self.outages += 1
+            self.lost_nodes[k] = self.outages
+            self.nursery.start_soon(self._enforce_rejoin, k, self.outages)
         pending = self.joins.pop(rank, None)
         if pending is not None:
             # A monitor also fires noconnection when its ack comes late (a loaded host,

@@ -103,6 +103,7 @@ def run_cluster(
         coord.ports = ports  # the multi-node tables' ports join the rings' (closed below)
         if layout is not None:  # node-major ranks; node K's shards go to node 0's root
             coord.local_ranks = layout.ranks
+            coord.replica_stride = len(layout.ranks)  # replicas on the next node
             nodes.share_checkpoint_root(plan_path, layout, cfg)
         config_hash = identity.config_hash
         del inputs  # the top process keeps no model or data while the ranks train
@@ -390,6 +391,7 @@ async def _serve_node(cfg, coord, plan, ipc_dir: str, rundir, rank_log, multi):
     ) as node:
         table = nodes.local_table(layout, node.endpoint, coord.ports)
         tables = await nodes.rendezvous(layout, config_hash, table, nodes.HELLO_TIMEOUT)
+        nodes.adopt_table(layout, table, tables, coord.ports)  # a lost node back
         endpoints = nodes.write_plan_table(plan[0], layout, tables)
         ranks = _rank_supervisor(cfg, plan, rundir, rank_log, layout.ranks, endpoints)
         await nodes.supervise_node(ranks, layout, coord)

@@ -128,7 +128,9 @@ __all__ = [
     "own_snapshot",
     "rank_finished",
     "replica_ack",
+    "replica_holder",
     "replica_of",
+    "replica_owner",
     "restore_state",
     "sample_decision",
     "send_replica",
@@ -704,6 +706,19 @@ def _reply(reply):
 # ---------------------------------------------------------------------------------------
 
 
+def replica_holder(rank: int, world: int, stride: int = 1) -> int:
+    """The rank whose Checkpointer holds `rank`'s replica: `stride` ranks to the right
+    -- the right neighbour on one host (stride 1); with R ranks per node, stride R, the
+    same local rank of the next node, so a whole node lost leaves every replica of its
+    ranks on another node."""
+    return (rank + stride) % world
+
+
+def replica_owner(holder: int, world: int, stride: int = 1) -> int:
+    """The rank whose replica `holder` keeps (replica_holder's inverse)."""
+    return (holder - stride) % world
+
+
 async def join(rank: int, pid: int, held: Held) -> Plan:
     """Join the next generation; returns once every rank has joined. The Coordinator
     answers REGROUP when it saw this rank down while its join waited (a monitor's late
@@ -807,7 +822,7 @@ async def own_snapshot(step: int) -> Snapshot | None:
 
 
 async def replica_of(holder: int, rank: int, step: int, timeout: float) -> Snapshot | None:
-    """Rank `rank`'s snapshot of `step` as rank `holder` (its right neighbour) holds it."""
+    """Rank `rank`'s snapshot of `step` as rank `holder` (its replica_holder) holds it."""
     reply = await actors.call(f"Checkpointer@rank{holder}", ReplicaWanted(rank, step), timeout)
     return _reply(reply)
 

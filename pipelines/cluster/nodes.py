@@ -20,6 +20,17 @@ exhaust their restart budget reports it to node 0 (the run fails there, exit 3);
 agent K that loses node 0 for longer than the heartbeat timeout stops its ranks and
 exits 3 naming the master.
 
+A lost node K (agent and ranks killed) is waited for: node 0's Coordinator sees its
+ranks down and the other ranks keep their state in memory, each rank's replica on the
+next node (messages.replica_holder), for cluster.rejoin_timeout. Node K started again
+says hello again; the Rendezvous answers with the table of the first start, and the
+agent takes back those rank endpoints (`adopt_table`), so every other rank's plan
+still names them. Past the timeout the run fails (exit 3) naming node K.
+
+Signals. Each agent forwards a stop signal to the Coordinator as its own source ("the
+agent of node K"), so one signal to every agent (scancel) is one planned stop, and a
+second signal to one agent stops at once, as on one host.
+
 Files. Given one --run-dir (a shared filesystem, or one machine), node 0 owns DIR and
 node K owns DIR/node-K (its own lock, config, data record, ranks.log); every rank writes
 its checkpoint shards into DIR's checkpoint root, where node 0 writes the manifests,
@@ -54,6 +65,7 @@ __all__ = [
     "NodeLayout",
     "Rendezvous",
     "NodeAgent",
+    "adopt_table",
     "agent_label",
     "announce_end",
     "check_plaintext",
@@ -232,6 +244,37 @@ def local_table(layout: NodeLayout, agent_endpoint: str, ports: list) -> dict:
     return {"agent": agent_endpoint, "ranks": rank_nodes, "rings": rings}
 
 
+def _port_of(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+def adopt_table(layout: NodeLayout, mine: dict, tables: dict, ports: list) -> None:
+    """Node K started again in a running run (the Rendezvous answered with the table
+    of its first start): its ranks must bind the endpoints every other rank's plan
+    names, so the fresh ports held in `ports` are released and those taken back
+    (RunRefused, one line, if one is in use: an earlier agent of this node alive)."""
+    first = tables[str(layout.node_rank)]
+    if (first["ranks"], first["rings"]) == (mine["ranks"], mine["rings"]):
+        return
+    for sock in ports:
+        sock.close()
+    ports.clear()
+    family = socket.AF_INET6 if ":" in layout.advertise_ip else socket.AF_INET
+    for what in ("ranks", "rings"):
+        for r, endpoint in first[what].items():
+            sock = socket.socket(family)
+            ports.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((layout.advertise_ip, _port_of(endpoint)))
+            except OSError as err:
+                raise RunRefused(
+                    f"node {layout.node_rank}: rank {r}'s endpoint {endpoint} from the run's "
+                    f"first start is taken ({err.strerror}): is an earlier agent of node "
+                    f"{layout.node_rank} still running?"
+                ) from None
+
+
 def _hello(layout: NodeLayout, config_hash: str, table: dict) -> dict:
     return {
         "run_id": layout.run_id,
@@ -256,6 +299,7 @@ def write_plan_table(plan_path: Path, layout: NodeLayout, tables: dict[str, dict
         rings.update({int(r): endpoint for r, endpoint in part["rings"].items()})
     plan["endpoints"] = [rings[r] for r in range(len(rings))]
     plan["peers"] = peers
+    plan["replica_stride"] = len(layout.ranks)  # messages.replica_holder: the next node
     write_json_atomic(Path(plan_path), plan)
     mine = tables[str(layout.node_rank)]["ranks"]
     return {int(r): endpoint for r, endpoint in mine.items()}
@@ -273,8 +317,9 @@ class Rendezvous(actors.Actor):
 
     A hello that does not fit (another run id, another config, a node rank or rank
     range that is not this node's place) is answered {"refused": one line}; a second
-    hello from a node rank replaces the first (a restarted agent). `fail(reason)` is
-    the Coordinator's."""
+    hello from a node rank replaces the first (a restarted agent) until the run has
+    started; after that it is a lost node back, and its ranks keep their endpoints
+    (`adopt_table`). `fail(reason)` is the Coordinator's."""
 
     def __init__(self, layout: NodeLayout, config_hash: str, own: dict, fail) -> None:
         self.layout = layout
@@ -293,9 +338,13 @@ class Rendezvous(actors.Actor):
             self.log.warning("refused a node's hello: %s", why)
             return {"refused": why}
         k = request["node_rank"]
-        self.tables[str(k)] = request["table"]
         if self.complete.is_set():
+            # node k started again (its agent was lost): its ranks come back at the
+            # endpoints every other rank's plan names; only its agent's is new
+            self.tables[str(k)] = {**self.tables[str(k)], "agent": request["table"]["agent"]}
+            self.log.warning("node %d is back: its ranks rejoin at their endpoints", k)
             return {"tables": self.tables}
+        self.tables[str(k)] = request["table"]
         self.waiting[k] = from_
         if len(self.tables) == self.layout.nnodes:
             self.complete.set()

@@ -11,7 +11,8 @@ The Trainer's life is a loop of *join, restore, train*:
 1. join: call the Coordinator with the snapshots this rank holds; the reply (once every
    rank has joined) names the generation, the step to start from and where its state
    comes from: "init" (the seed), "memory" (its own snapshot, or -- a fresh process --
-   its right neighbour's replica of it), or "disk" (a checkpoint).
+   its right neighbour's replica of it -- on several nodes, the replica_holder's on the
+   next node), or "disk" (a checkpoint).
 2. restore: the Optimizer installs that state and all-gathers the full parameters.
 3. train: steps until the end; every `snapshot_every` steps a snapshot is taken and
    replicated to the right neighbour, every `checkpoint.every` steps also written to
@@ -240,7 +241,7 @@ class Trainer(ProtocolActor):
         if plan.source == "memory":
             snapshot = await msg.own_snapshot(s)
             if snapshot is None:
-                right = (st.rank + 1) % st.world
+                right = msg.replica_holder(st.rank, st.world, st.replica_stride)
                 try:
                     snapshot = await msg.replica_of(right, st.rank, s, 10.0)
                 except actors.ActorError as err:
@@ -563,6 +564,7 @@ async def _train_rank(plan: dict, rank: int) -> int:
             ckpt_root=_checkpoint_root(plan, cfg),
             chaos=RankChaos(rank, COORDINATOR),
             initial_params=model.params.copy(),
+            replica_stride=int(plan.get("replica_stride", 1)),
         )
         outbox = None
         if plan.get("analyzers"):

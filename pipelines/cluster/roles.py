@@ -95,6 +95,7 @@ class RankState:
     ckpt_root: object
     chaos: object
     initial_params: np.ndarray
+    replica_stride: int = 1  # ranks from a rank to its replica's holder (msg.replica_holder)
     min_generation: int = 0  # the coordinator asked for at least this generation
     generation: int = 0  # the generation this rank trains in
     timing: dict = field(default_factory=lambda: dict.fromkeys(_TIMERS, 0.0))
@@ -399,7 +400,8 @@ class Optimizer(_Role):
 
 
 class Checkpointer(_Role):
-    """Snapshots of this rank's shard (in memory), the left neighbour's replica, and
+    """Snapshots of this rank's shard (in memory), the left neighbour's replica (on
+    several nodes: the rank whose msg.replica_holder this one is, on another node), and
     shard files on disk written in a worker thread while training goes on.
 
     TakeSnapshot(s, to_disk): take a copy of the shard from the Optimizer; send it to
@@ -441,7 +443,7 @@ class Checkpointer(_Role):
 
     async def handle_cast(self, message):
         st = self.state
-        left = (st.rank - 1) % st.world
+        left = msg.replica_owner(st.rank, st.world, st.replica_stride)
         match message:
             case Snapshot(rank=rank, step=s) if rank == left:
                 self.replicas[s] = message
@@ -471,7 +473,7 @@ class Checkpointer(_Role):
         # The reply waits for the ack off the mailbox, which keeps taking replicas.
         acked = self._acks[s] = trio.Event()
         with trio.move_on_after(1.0):  # a dead neighbour: the cast is dropped
-            await msg.send_replica((st.rank + 1) % st.world, snap)
+            await msg.send_replica(msg.replica_holder(st.rank, st.world, st.replica_stride), snap)
 
         async def reply_when_acked() -> None:
             with trio.move_on_after(REPLICA_ACK_WAIT_S):  # or a regroup: it died

@@ -332,6 +332,93 @@ def test_usr1_to_every_agent_stops_all_nodes_at_one_step_and_resume_gives_the_bi
     assert _sha(run_dir) == one_host_sha_of(40)
 
 
+def _wait_for_line(path: Path, text: str, agents: dict, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"no {text!r} in {path.name} within {timeout:g} s"
+        assert all(p.poll() is None for p in agents.values()), "an agent ended early"
+        time.sleep(0.1)
+
+
+def _lose_node_1(run_dir: Path, tmp_path: Path, steps: int, extra=()) -> tuple[list, dict]:
+    """Two agents train `steps` steps; once 8 are logged node 1's agent and ranks are
+    SIGKILLed (its process group), and node 0 has seen its ranks down: (node 1's
+    arguments, the agents left)."""
+    master = f"127.0.0.2:{_port()}"
+    common = [*_steps(steps), *extra, "--nodes", "2", "--master", master]
+    common += ["--run-dir", str(run_dir)]
+    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
+    agents = {
+        "node1": _agent(node1, {}, tmp_path, "node1"),
+        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
+    }
+    try:
+        _wait_for_steps(run_dir, agents, 8)
+        lost = agents.pop("node1")
+        os.killpg(lost.pid, signal.SIGKILL)
+        lost.wait()
+        _wait_for_line(tmp_path / "node0.err", "rank 2 is down", agents)
+    except BaseException:
+        _finish(agents, tmp_path)
+        raise
+    return node1, agents
+
+
+def test_node_1_lost_and_started_again_restores_from_replicas_on_node_0_to_the_bits_of_one_host(
+    tmp_path, one_host_sha_of
+):
+    """Node 1's agent and ranks SIGKILLed: node 0 keeps its ranks and their state in
+    memory and waits; node 1 started again with the same node rank binds the same rank
+    endpoints, its ranks restore from the replicas node 0's ranks hold (replicas live
+    on the next node), and the run ends with the bits of one host."""
+    run_dir = tmp_path / "run"
+    node1, agents = _lose_node_1(run_dir, tmp_path, 40)
+    agents["node1"] = _agent(node1, {}, tmp_path, "node1-again")
+    results = _finish(agents, tmp_path)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert (tmp_path / "node1-again.err").exists()
+    assert results["node1"][0] == 0, results["node1"][1]
+    resumed = [ln for ln in results["node0"][1].splitlines() if "resuming at step" in ln]
+    assert resumed and resumed[-1].endswith("from memory"), results["node0"][1]
+    assert _sha(run_dir) == one_host_sha_of(40)
+
+
+def test_node_1_lost_with_a_rank_of_node_0_restores_from_the_last_checkpoint_exactly(
+    tmp_path, one_host_sha_of
+):
+    """Node 1 lost and rank 0 (node 0) killed too: rank 2's replica was rank 0's, so no
+    step survives in memory; the run goes on from the last checkpoint once node 1 is
+    back, and still ends with the bits of one host."""
+    run_dir = tmp_path / "run"
+    every = ["--set", "checkpoint.every=5"]
+    node1, agents = _lose_node_1(run_dir, tmp_path, 40, every)
+    try:
+        os.kill(_rank_pids(agents["node0"].pid)[0], signal.SIGKILL)  # rank 0
+        agents["node1"] = _agent(node1, {}, tmp_path, "node1-again")
+    finally:
+        results = _finish(agents, tmp_path)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    resumed = [ln for ln in results["node0"][1].splitlines() if "resuming at step" in ln]
+    assert resumed and resumed[-1].endswith("from disk"), results["node0"][1]
+    assert _sha(run_dir) == one_host_sha_of(40)
+
+
+def test_node_1_not_back_within_the_rejoin_timeout_fails_in_one_line_naming_it(tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ["--set", "cluster.rejoin_timeout=5", "--set", "checkpoint.every=5"]
+    _, agents = _lose_node_1(run_dir, tmp_path, 40, extra)
+    results = _finish(agents, tmp_path)
+    code, err = results["node0"]
+    assert code == 3, err
+    last = err.splitlines()[-1]
+    assert re.fullmatch(
+        r"zerotrain run: training failed: node 1 lost: rank\(s\) 2, 3 not back within "
+        r"cluster.rejoin_timeout 5s; last good checkpoint: \S+/checkpoints/step-\d{8}",
+        last,
+    ), err
+
+
 def test_a_node_with_another_config_is_refused_by_node_0_in_one_line(tmp_path):
     """Node 0's Rendezvous takes only a hello of this run: node 1 started with another
     seed is refused, in one line naming the difference, and starts no rank."""
