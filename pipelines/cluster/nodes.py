@@ -252,10 +252,18 @@ def adopt_table(layout: NodeLayout, mine: dict, tables: dict, ports: list) -> No
     """Node K started again in a running run (the Rendezvous answered with the table
     of its first start): its ranks must bind the endpoints every other rank's plan
     names, so the fresh ports held in `ports` are released and those taken back
-    (RunRefused, one line, if one is in use: an earlier agent of this node alive)."""
+    (RunRefused, one line, if one is in use -- an earlier agent of this node alive -- or
+    if this node now has another address)."""
     first = tables[str(layout.node_rank)]
     if (first["ranks"], first["rings"]) == (mine["ranks"], mine["rings"]):
         return
+    here = endpoint_of(layout.advertise_ip, 0).rsplit(":", 1)[0]
+    before = next(iter(first["ranks"].values())).rsplit(":", 1)[0]
+    if before != here:
+        raise RunRefused(
+            f"node {layout.node_rank} is back at {here}, its ranks were at {before}: a lost "
+            "node rejoins at the address it had (--advertise-addr)"
+        )
     for sock in ports:
         sock.close()
     ports.clear()

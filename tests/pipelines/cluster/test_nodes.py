@@ -341,9 +341,9 @@ def _wait_for_line(path: Path, text: str, agents: dict, timeout: float = 120) ->
 
 
 def _lose_node_1(run_dir: Path, tmp_path: Path, steps: int, extra=()) -> tuple[list, dict]:
-    """Two agents train `steps` steps; once 8 are logged node 1's agent and ranks are
-    SIGKILLed (its process group), and node 0 has seen its ranks down: (node 1's
-    arguments, the agents left)."""
+    """Two agents train `steps` steps; once 12 are logged (past the snapshot of step 10:
+    cluster.snapshot_every) node 1's agent and ranks are SIGKILLed (its process group),
+    and node 0 has seen its ranks down: (node 1's arguments, the agents left)."""
     master = f"127.0.0.2:{_port()}"
     common = [*_steps(steps), *extra, "--nodes", "2", "--master", master]
     common += ["--run-dir", str(run_dir)]
@@ -353,7 +353,7 @@ def _lose_node_1(run_dir: Path, tmp_path: Path, steps: int, extra=()) -> tuple[l
         "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
     }
     try:
-        _wait_for_steps(run_dir, agents, 8)
+        _wait_for_steps(run_dir, agents, 12)
         lost = agents.pop("node1")
         os.killpg(lost.pid, signal.SIGKILL)
         lost.wait()
@@ -378,8 +378,9 @@ def test_node_1_lost_and_started_again_restores_from_replicas_on_node_0_to_the_b
     assert results["node0"][0] == 0, results["node0"][1]
     assert (tmp_path / "node1-again.err").exists()
     assert results["node1"][0] == 0, results["node1"][1]
-    resumed = [ln for ln in results["node0"][1].splitlines() if "resuming at step" in ln]
-    assert resumed and resumed[-1].endswith("from memory"), results["node0"][1]
+    resumed = re.findall(r"resuming at step (\d+) from (\w+)", results["node0"][1])
+    assert resumed and {how for _, how in resumed} == {"memory"}, results["node0"][1]
+    assert int(resumed[0][0]) >= 10  # the snapshot of step 10, replicated to node 0
     assert _sha(run_dir) == one_host_sha_of(40)
 
 
@@ -399,8 +400,8 @@ def test_node_1_lost_with_a_rank_of_node_0_restores_from_the_last_checkpoint_exa
         results = _finish(agents, tmp_path)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
-    resumed = [ln for ln in results["node0"][1].splitlines() if "resuming at step" in ln]
-    assert resumed and resumed[-1].endswith("from disk"), results["node0"][1]
+    resumed = re.findall(r"resuming at step (\d+) from (\w+)", results["node0"][1])
+    assert any(how == "disk" and int(step) >= 10 for step, how in resumed), results["node0"][1]
     assert _sha(run_dir) == one_host_sha_of(40)
 
 
@@ -446,3 +447,63 @@ def test_a_node_with_another_config_is_refused_by_node_0_in_one_line(tmp_path):
         "zerotrain run: node 0 refused node 1: node 1 runs another config (config_hash "
     ), err
     assert not (run_dir / "error.txt").exists()  # a refusal is no crash
+
+
+def _node_1_at(ip: str):
+    from pipelines.cluster import nodes
+    from pipelines.launch import NodeIdentity
+
+    identity = NodeIdentity(
+        nnodes=2, node_rank=1, master_addr="127.0.0.2", master_port=29500,
+        ranks_per_node=2, advertise_addr=ip, run_id="r", launcher="flags",
+    )  # fmt: skip
+    return nodes.NodeLayout(identity, "127.0.0.2", 29500, ip, range(2, 4), "r")
+
+
+def test_a_lost_node_back_takes_its_ranks_ports_again_or_says_why_not_in_one_line():
+    """nodes.adopt_table: node 1 started again gets the table of its first start; its
+    fresh ports are released and the first start's taken back -- refused in one line
+    when a port is held by a live listener (an earlier agent) or the address moved."""
+    from pipelines.cluster import nodes
+    from pipelines.core import RunRefused
+
+    first = {"ranks": {}, "rings": {}}
+    with socket.socket() as a, socket.socket() as b:
+        for sock, what, r in ((a, "ranks", "2"), (b, "rings", "2")):
+            sock.bind(("127.0.0.3", 0))
+            first[what][r] = nodes.endpoint_of("127.0.0.3", sock.getsockname()[1])
+    tables = {"1": {**first, "agent": "tcp://127.0.0.3:1"}}
+    layout = _node_1_at("127.0.0.3")
+    ports: list = []
+    fresh = nodes.local_table(layout, "tcp://127.0.0.3:2", ports)
+    try:
+        nodes.adopt_table(layout, fresh, tables, ports)
+        assert sorted(p.getsockname()[1] for p in ports) == sorted(
+            int(e.rsplit(":", 1)[1]) for e in (first["ranks"]["2"], first["rings"]["2"])
+        )
+    finally:
+        for p in ports:
+            p.close()
+    with socket.socket() as live:  # an earlier agent's rank still listens there
+        live.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        live.bind(("127.0.0.3", int(first["ranks"]["2"].rsplit(":", 1)[1])))
+        live.listen()
+        ports = []
+        fresh = nodes.local_table(layout, "tcp://127.0.0.3:2", ports)
+        with pytest.raises(RunRefused, match=r"^node 1: rank 2's endpoint tcp://127\.0\.0\.3:\d+ "
+                           r"from the run's first start is taken \(Address already in use\): "
+                           r"is an earlier agent of node 1 still running\?$"):  # fmt: skip
+            nodes.adopt_table(layout, fresh, tables, ports)
+        for p in ports:
+            p.close()
+    moved = _node_1_at("127.0.0.4")
+    ports = []
+    fresh = nodes.local_table(moved, "tcp://127.0.0.4:2", ports)
+    with pytest.raises(RunRefused) as refused:
+        nodes.adopt_table(moved, fresh, tables, ports)
+    for p in ports:
+        p.close()
+    assert str(refused.value) == (
+        "node 1 is back at tcp://127.0.0.4, its ranks were at tcp://127.0.0.3: a lost node "
+        "rejoins at the address it had (--advertise-addr)"
+    )
