@@ -237,26 +237,40 @@ class Coordinator(ProtocolActor):
             self.deadlines.add(forming)
             self.nursery.start_soon(self._enforce_regroup, forming)
         for r in range(self.world):
-            if r not in self.joins and r not in self.down:
+            if r in self.joins:
+                continue
+            if r not in self.down:
                 with trio.move_on_after(1.0):
                     await msg.ask_regroup(r, forming)
+            elif r not in self.local_ranks:
+                # seen down over tcp -- gone with its node, or alive behind a late ack or a
+                # slow link: told too (in the background), so a live one rejoins now
+                self.nursery.start_soon(self._cast_trainer, msg.ask_regroup, r, forming)
 
     async def _enforce_regroup(self, forming: int) -> None:
         """A rank that does not rejoin within the collective timeout (stuck in compute,
-        say, with its heartbeats still going) is killed, and so replaced."""
+        say, with its heartbeats still going) is killed, and so replaced. Another node's
+        rank is killed by its node agent, also when it was seen down (over tcp that may
+        be a late ack or a slow link while it lives; a gone one is "gone" there)."""
         await trio.sleep(self.cfg.cluster.collective_timeout)
         if self.generation >= forming or self.outcome.done.is_set():
             return
         for r in range(self.world):
-            if r not in self.joins and r not in self.down and r in self.pids:
+            if r in self.joins or r not in self.pids:
+                continue
+            if r not in self.local_ranks:
+                self.nursery.start_soon(self._kill_remote, r, self.pids[r])
+            elif r not in self.down:
                 self.progress.message(f"rank {r} did not rejoin in time: killing it")
-                if r in self.local_ranks:
-                    try:
-                        os.kill(self.pids[r], signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                else:  # another host's process: its node agent kills it
-                    self.nursery.start_soon(nodes.kill_rank, self.node_of(r), r, self.pids[r])
+                try:
+                    os.kill(self.pids[r], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    async def _kill_remote(self, rank: int, pid: int) -> None:
+        k = self.node_of(rank)
+        if await nodes.kill_rank(k, rank, pid) == "killed":
+            self.progress.message(f"rank {rank} did not rejoin in time: node {k}'s agent killed it")
 
     def node_of(self, rank: int) -> int:
         """The node whose agent runs `rank` (ranks are node-major: R per node)."""

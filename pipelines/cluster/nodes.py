@@ -511,13 +511,16 @@ def _kill_child_rank(request: dict, ranks: range) -> str | dict:
     return "killed"
 
 
-async def kill_rank(k: int, rank: int, pid: int) -> None:
-    """Ask node k's agent to kill its rank `rank` (process `pid`); best effort: an agent
-    not reached is being lost itself, which its own watch handles."""
+async def kill_rank(k: int, rank: int, pid: int) -> str | None:
+    """Ask node k's agent to kill its rank `rank` (process `pid`): "killed", "gone", or
+    None when the agent was not reached (a lost node: the rejoin deadline's case)."""
     try:
-        await actors.call(f"NodeAgent@{node_name(k)}", {"kill": rank, "pid": pid}, timeout=5.0)
+        answer = await actors.call(
+            f"NodeAgent@{node_name(k)}", {"kill": rank, "pid": pid}, timeout=5.0
+        )
     except actors.ActorError:
-        pass
+        return None
+    return answer if answer in ("killed", "gone") else None
 
 
 async def announce_end(layout: NodeLayout, outcome) -> None:

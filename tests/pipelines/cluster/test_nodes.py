@@ -251,6 +251,35 @@ def test_a_late_monitor_ack_while_a_rank_of_node_1_waits_to_join_does_not_hang(
     assert _sha(run_dir) == one_host_sha
 
 
+def test_a_late_monitor_ack_while_a_rank_of_node_1_trains_makes_it_regroup_not_stall(
+    tmp_path, one_host_sha
+):
+    """Rank 2 (node 1) joins last (8 s late), so generation 1 trains at once, and
+    acknowledges the monitor of its Trainer 5 s late: the Coordinator sees a live rank
+    down while it trains. The others regroup, and so does rank 2, told as well -- not
+    left in its collective for cluster.collective_timeout (600 s here: past the rejoin
+    deadline, which would end the run) -- and the run ends with the bits of one host."""
+    run_dir = tmp_path / "run"
+    master = f"127.0.0.2:{_port()}"
+    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
+    common += ["--set", "cluster.collective_timeout=600"]
+    late = {
+        "ZEROTRAIN_TEST_LATE_WATCHING": "rank2:5.0",
+        "ZEROTRAIN_TEST_LATE_JOIN": "rank2:8.0",
+        "PYTHONPATH": os.pathsep.join([str(LATE), str(REPO)]),
+    }
+    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
+    agents = {
+        "node1": _agent(node1, late, tmp_path, "node1"),
+        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
+    }
+    results = _finish(agents, tmp_path, timeout=240)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    assert "zerotrain: rank 2 is down (noconnection); the others regroup" in results["node0"][1]
+    assert _sha(run_dir) == one_host_sha
+
+
 def test_a_live_rank_of_node_1_that_does_not_rejoin_is_killed_by_its_agent(tmp_path, one_host_sha):
     """Rank 2 (node 1) is killed; rank 3 (node 1, alive, heartbeats going) sends the
     join that follows 600 s late. Past cluster.collective_timeout node 0's Coordinator
@@ -276,7 +305,7 @@ def test_a_live_rank_of_node_1_that_does_not_rejoin_is_killed_by_its_agent(tmp_p
         results = _finish(agents, tmp_path, timeout=240)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
-    assert "zerotrain: rank 3 did not rejoin in time: killing it" in results["node0"][1]
+    assert "rank 3 did not rejoin in time: node 1's agent killed it" in results["node0"][1]
     assert _sha(run_dir) == one_host_sha
 
 
