@@ -3,7 +3,10 @@
 with one master and one run id; other launches are refused or are no launch at all."""
 
 import json
+import os
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -80,6 +83,60 @@ def test_srun_of_two_node_agents_gives_the_bits_of_one_host(slurm_cluster, tmp_p
         text=True,
         timeout=600,
     )
+    assert one_host.returncode == 0, one_host.stderr[-3000:]
+    sha = [json.loads((d / "summary.json").read_text())["params_sha256"]
+           for d in (run_dir, tmp_path / "one")]  # fmt: skip
+    assert sha[0] == sha[1]
+
+
+def test_scancel_usr1_stops_both_nodes_at_one_step_and_a_resumed_srun_gives_the_bits_of_one_host(
+    slurm_cluster, tmp_path
+):
+    """`scancel --signal=USR1` during `srun -N2 ... zerotrain run`: Slurm signals every
+    task (both agents, and their ranks), one planned stop; srun ends with exit 4, the
+    checkpoint of the agreed step is complete; a second srun of the same command with
+    --resume (a requeue) ends with the params_sha256 of the run on one host."""
+    run_dir = tmp_path / "run"
+    run = ["run", "char_lm", "--ranks", "4", "--mode", "zero2", "--steps", "40"]
+    srun = ["srun", "-N2", "--ntasks-per-node=1", *slurm_cluster.zerotrain(), *run]
+    srun += ["--run-dir", str(run_dir)]
+    first = subprocess.Popen(
+        srun, env=slurm_cluster.env, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        metrics = run_dir / "metrics.jsonl"
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < 5:
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no 5 steps within 300 s"
+            time.sleep(0.1)
+        jobs = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.split()
+        assert len(jobs) == 1, jobs
+        cancel = slurm_cluster.run("scancel", "--signal=USR1", jobs[0])
+        assert cancel.returncode == 0, cancel.stderr
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 4, err[-3000:]
+    stopped = [ln for ln in err.splitlines() if "zerotrain run: stopped at step" in ln]
+    assert len(stopped) == 2, err[-3000:]  # one line from each node's agent
+    step = int(stopped[0].split("stopped at step ")[1].split()[0])
+    assert 5 <= step < 40
+    assert (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists()
+
+    again = subprocess.run(
+        [*srun, "--resume", str(run_dir)], env=slurm_cluster.env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed at step {step}" in again.stderr
+    one_host = subprocess.run(
+        [*slurm_cluster.zerotrain(), *run, "--run-dir", str(tmp_path / "one")],
+        env=slurm_cluster.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert one_host.returncode == 0, one_host.stderr[-3000:]
     sha = [json.loads((d / "summary.json").read_text())["params_sha256"]
            for d in (run_dir, tmp_path / "one")]  # fmt: skip
