@@ -448,18 +448,22 @@ class Coordinator(ProtocolActor):
         """Unplanned crashes are retried from the restore point, but not forever: the
         same error at the same step twice (a restore replays into it again), or more
         than cluster.max_total_restarts of them in the whole run, end the run. Chaos
-        faults are planned and not counted."""
+        faults are planned and not counted. Another node's rank lost over tcp
+        ("noconnection": a late ack, a slow link, a lost node) is no error of the step:
+        it counts against the budget only."""
         key = (self.at_step, reason)
         budget = self.cfg.cluster.max_total_restarts
         self.unplanned += 1
-        if self.crashes.get(key, self.generation) < self.generation:
+        remote_link = reason == "noconnection" and rank not in self.local_ranks
+        if not remote_link and self.crashes.get(key, self.generation) < self.generation:
             self.fail(
                 f"rank {rank} failed again at step {self.at_step} with the same error after "
                 f"a restore ({reason}); last good checkpoint: "
                 f"{last_good_checkpoint(self.ckpt_root)}"
             )
             return True
-        self.crashes[key] = self.generation
+        if not remote_link:
+            self.crashes[key] = self.generation
         if self.unplanned > budget:
             self.fail(
                 f"{self.unplanned} rank crashes exceed cluster.max_total_restarts {budget} "
