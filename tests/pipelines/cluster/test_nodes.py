@@ -409,7 +409,9 @@ def test_node_1_lost_and_started_again_restores_from_replicas_on_node_0_to_the_b
     assert results["node1"][0] == 0, results["node1"][1]
     resumed = re.findall(r"resuming at step (\d+) from (\w+)", results["node0"][1])
     assert resumed and {how for _, how in resumed} == {"memory"}, results["node0"][1]
-    assert int(resumed[0][0]) >= 10  # the snapshot of step 10, replicated to node 0
+    # node 1's ranks from node 0's replicas of their snapshot of step 10 (an earlier
+    # regroup, a rank seen down under load, may have resumed from step 0)
+    assert any(int(step) >= 10 for step, _ in resumed), results["node0"][1]
     assert _sha(run_dir) == one_host_sha_of(40)
 
 
