@@ -12,7 +12,8 @@ A tour (each module's doc has the details and the failure rules):
 * ``process_spec`` / ``child_node`` (``_process``): OS processes as supervised children,
   and the API a child process calls.
 * ``open_socket`` / ``Message`` / ``Ring`` (``_transport``, ``_frames``, ``_collectives``):
-  the ZeroMQ-on-trio layer underneath, and ring collectives for tensors.
+  the ZeroMQ-on-trio layer underneath, and ring collectives for tensors (``_bf16``:
+  ``bf16_round`` / ``bf16_widen``, the bfloat16 wire a float32 sum may travel on).
 
 A rank process::
 
@@ -56,6 +57,7 @@ from ._actor import (
     unlink,
 )
 from ._admission import Admission, admit_curve
+from ._bf16 import bf16_round, bf16_widen
 from ._collectives import CollectiveError, Ring, shard_bounds
 from ._errors import (
     ActorError,
@@ -186,6 +188,8 @@ __all__ = [
     "PeerUnreachable",
     "Ring",
     "admit_curve",
+    "bf16_round",
+    "bf16_widen",
     "TrioSocket",
     "decode",
     "encode",

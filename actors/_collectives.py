@@ -38,6 +38,16 @@ copy the finished segment to everyone. So results are bitwise identical on every
 run after run, on either wire, and ``all_reduce`` gives the same bits as
 ``reduce_scatter`` followed by ``all_gather`` (so ddp and ZeRO-2 agree).
 
+The bf16 wire: ``all_reduce`` and ``reduce_scatter`` of a float32 array with
+``wire="bf16"`` send every chunk as bfloat16 (``actors._bf16``: round to nearest even,
+integer arithmetic) and add what arrives into the float32 array, in float32. A partial
+sum is rounded each time it leaves a rank; the rank that completes a segment rounds it
+too, in place, before passing it on, so the owner and every rank it is gathered to hold
+the same bits (and ``all_reduce`` still equals ``reduce_scatter`` then ``all_gather``).
+Half the bytes on either wire, the order of operations as fixed as above: the same bits
+run after run whatever the timing (``actors._bf16_ref.ring_sum_bf16`` is the reference).
+A ring of one rank sends nothing and rounds nothing.
+
 Failure: every message carries (generation, step, seq); ``seq`` counts collectives since
 the last :meth:`Ring.set_generation`. Older messages are discarded, a newer one means
 the left neighbour moved on (it is kept for later, and this collective fails). A
@@ -99,6 +109,7 @@ import zmq
 
 from . import _admission, _registry
 from ._admission import HANDSHAKE_FAILED, MonitorFilter
+from ._bf16 import bf16_add, bf16_round, bf16_widen
 from ._frames import DTYPES
 from ._transport import TrioSocket, open_socket
 
@@ -146,6 +157,9 @@ _DATA, _ABORT, _LANE = 1, 2, 3
 _OPS = {"all_reduce": 1, "reduce_scatter": 2, "all_gather": 3, "broadcast": 4, "barrier": 5}
 _OP_NAMES = {code: name for name, code in _OPS.items()}
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES.values())}
+_BF16_CODE = 255  # the header's dtype of a chunk on the bf16 wire (not a DTYPES code)
+_WIRES = (None, "bf16")
+_U16 = np.dtype("<u2")
 _SUM_DTYPES = {np.dtype(t) for t in ("<f4", "<f8", "<i4", "<i8")}
 _MAX_REASON = 1024
 _ABORT_WAIT = 1.0  # seconds an abort may wait for the right link
@@ -495,19 +509,27 @@ class Ring:
         keep = self._filters[name]
         return any([keep.is_real_disconnect(frames) for frames in _drain(monitor)])
 
-    async def all_reduce(self, array: np.ndarray, *, step: int) -> np.ndarray:
-        """Sum ``array`` over all ranks, in place; returns ``array``."""
-        flat = self._flat(array, "all_reduce", sum_op=True)
-        await self._run_all_reduce_as("all_reduce", flat, step)
+    async def all_reduce(
+        self, array: np.ndarray, *, step: int, wire: str | None = None
+    ) -> np.ndarray:
+        """Sum ``array`` over all ranks, in place; returns ``array``.
+
+        ``wire="bf16"`` (float32 arrays) sends bfloat16 and adds in float32 (module
+        doc, "The bf16 wire"); None sends the array's own dtype. All ranks must agree.
+        """
+        flat = self._flat(array, "all_reduce", sum_op=True, wire=wire)
+        await self._run_all_reduce_as("all_reduce", flat, step, wire)
         return array
 
-    async def reduce_scatter(self, array: np.ndarray, *, step: int) -> np.ndarray:
+    async def reduce_scatter(
+        self, array: np.ndarray, *, step: int, wire: str | None = None
+    ) -> np.ndarray:
         """Sum over all ranks into this rank's shard; returns that shard (a view).
 
         The shard is ``array.reshape(-1)[start:stop]`` with ``shard_bounds``; the rest of
-        ``array`` is left holding partial sums.
+        ``array`` is left holding partial sums. ``wire`` as for :meth:`all_reduce`.
         """
-        flat = self._flat(array, "reduce_scatter", sum_op=True)
+        flat = self._flat(array, "reduce_scatter", sum_op=True, wire=wire)
         n, r, world = flat.size, self.rank, self.world
         hops = [
             _Hop(
@@ -519,7 +541,7 @@ class Ring:
             for k in range(world - 1)
         ]
         initial = [shard_bounds(n, world, (r - 1) % world)]
-        await self._run("reduce_scatter", flat, step, initial, hops)
+        await self._run("reduce_scatter", flat, step, initial, hops, wire)
         start, stop = shard_bounds(n, world, r)
         return flat[start:stop]
 
@@ -596,7 +618,9 @@ class Ring:
 
     # -- the engine ----------------------------------------------------------------------
 
-    async def _run_all_reduce_as(self, op: str, flat: np.ndarray, step: int) -> None:
+    async def _run_all_reduce_as(
+        self, op: str, flat: np.ndarray, step: int, wire: str | None = None
+    ) -> None:
         n, r, world = flat.size, self.rank, self.world
 
         def forward(k: int) -> int:
@@ -613,11 +637,19 @@ class Ring:
             )
             for k in range(2 * world - 2)
         ]
-        await self._run(op, flat, step, [shard_bounds(n, world, (r - 1) % world)], hops)
+        await self._run(op, flat, step, [shard_bounds(n, world, (r - 1) % world)], hops, wire)
 
-    def _flat(self, array: np.ndarray, op: str, *, sum_op: bool) -> np.ndarray:
+    def _flat(
+        self, array: np.ndarray, op: str, *, sum_op: bool, wire: str | None = None
+    ) -> np.ndarray:
         if not isinstance(array, np.ndarray):
             raise TypeError(f"{op} needs a numpy array, got {type(array).__name__}")
+        if wire not in _WIRES:
+            raise ValueError(
+                f"{op} wire: expected None (the array's dtype) or 'bf16', got {wire!r}"
+            )
+        if wire == "bf16" and array.dtype != np.float32:
+            raise TypeError(f"{op} wire='bf16' takes a float32 array, got {array.dtype}")
         accepted = _SUM_DTYPES if sum_op else _DTYPE_CODES
         if array.dtype not in accepted:
             names = sorted(str(d) for d in accepted)
@@ -647,6 +679,7 @@ class Ring:
         step: int,
         initial: list[tuple[int, int]],
         hops: list[_Hop],
+        wire: str | None = None,
     ) -> None:
         if self._closed:
             raise trio.ClosedResourceError("ring was closed")
@@ -663,7 +696,7 @@ class Ring:
             return
         seq = self._seq
         self._seq += 1
-        run = _Run(self, op, flat, step, seq)
+        run = _Run(self, op, flat, step, seq, wire)
         # A neighbour that went away earlier in this generation (between collectives,
         # or at the very end of the last one, after its link watcher saw the event but
         # before the grace period ran out): its process is gone, and a replacement joins
@@ -742,7 +775,9 @@ class _Run:
     ExceptionGroup).
     """
 
-    def __init__(self, ring: Ring, op: str, flat: np.ndarray, step: int, seq: int) -> None:
+    def __init__(
+        self, ring: Ring, op: str, flat: np.ndarray, step: int, seq: int, wire: str | None
+    ) -> None:
         self.ring = ring
         self.op = op
         self.flat = flat
@@ -753,8 +788,13 @@ class _Run:
         self.abort_reason = ""
         self.scope: trio.CancelScope | None = None
         self.op_code = _OPS[op]
-        self.dtype_code = _DTYPE_CODES[flat.dtype]
-        self.per = ring._chunk_length(flat.size, flat.itemsize)
+        # bf16: chunks travel as bfloat16 bits; the hop that completes this rank's own
+        # segment (the last adding hop, world - 2) rounds it in place.
+        self.bf16 = wire == "bf16"
+        self.dtype_code = _BF16_CODE if self.bf16 else _DTYPE_CODES[flat.dtype]
+        self.wire_itemsize = 2 if self.bf16 else flat.itemsize
+        self.last_add = ring.world - 2
+        self.per = ring._chunk_length(flat.size, self.wire_itemsize)
         self.left = (ring.rank - 1) % ring.world
         self.left_down = False
         self.ack_scope: trio.CancelScope | None = None  # an ack send to the left, if any
@@ -837,6 +877,8 @@ class _Run:
         try:
             async for hop, chunk, payload in items:
                 header = self.header(_DATA, hop, chunk)
+                if self.bf16 and isinstance(payload, np.ndarray) and payload.dtype != _U16:
+                    payload = bf16_round(payload)  # a float32 view of the array
                 await outbox.send_multipart([header, payload], copy=False)
                 self.sent += 1
                 self.ring._stats["bytes_sent"] += memoryview(payload).nbytes
@@ -861,10 +903,14 @@ class _Run:
                 while not lane.free:
                     self._take_ack(await self._next_ack())
                 slot = lane.free.popleft()
-                np.copyto(lane.slots[slot][: view.nbytes].view(view.dtype), view)
+                nbytes = view.size * self.wire_itemsize
+                if self.bf16 and view.dtype != _U16:
+                    bf16_round(view, out=lane.slots[slot][:nbytes].view(_U16))
+                else:
+                    np.copyto(lane.slots[slot][:nbytes].view(view.dtype), view)
                 await outbox.send_multipart([self.header(_LANE, hop, chunk), lane.ref(slot)])
                 self.sent += 1
-                ring._stats["bytes_sent"] += view.nbytes
+                ring._stats["bytes_sent"] += nbytes
                 self.progress()
             await self._await_done()
         except trio.ClosedResourceError:
@@ -978,7 +1024,7 @@ class _Run:
         inbox = ring._inbox
         assert inbox is not None
         flat = self.flat
-        itemsize = flat.itemsize
+        itemsize = self.wire_itemsize
         expected = [
             (hop, c, start, stop)
             for hop in hops
@@ -1016,18 +1062,38 @@ class _Run:
                 await self._apply_from_lane(hop, chunk, frames[1], target, send_tx)
                 continue
             frame = frames[1]
-            received = np.frombuffer(frame.buffer, flat.dtype)
+            received = np.frombuffer(frame.buffer, _U16 if self.bf16 else flat.dtype)
             if hop.action == _ADD:
-                np.add(target, received, out=target)
+                payload = self._add(hop, target, received)
             elif hop.forward == _FROM_FRAME:  # pass it on first: the copy overlaps
                 send_tx.send_nowait((hop.hop + 1, chunk, frame))
-                np.copyto(target, received)
+                self._copy(target, received)
                 continue
             else:
-                np.copyto(target, received)
+                self._copy(target, received)
+                payload = target
             if hop.forward == _FROM_ARRAY:
-                send_tx.send_nowait((hop.hop + 1, chunk, target))
+                send_tx.send_nowait((hop.hop + 1, chunk, payload))
         return bool(expected)
+
+    def _add(self, hop: _Hop, target: np.ndarray, received: np.ndarray) -> np.ndarray:
+        """target += received; what to pass on: target, or on the bf16 wire once the
+        segment is complete, its rounded bits (target then holds their value)."""
+        if not self.bf16:
+            np.add(target, received, out=target)
+            return target
+        bf16_add(target, received)
+        if hop.hop != self.last_add:
+            return target  # a partial sum: rounded as it is sent
+        bits = bf16_round(target)
+        bf16_widen(bits, out=target)
+        return bits
+
+    def _copy(self, target: np.ndarray, received: np.ndarray) -> None:
+        if self.bf16:
+            bf16_widen(received, out=target)
+        else:
+            np.copyto(target, received)
 
     async def _apply_from_lane(self, hop: _Hop, chunk: int, frame, target, send_tx) -> None:
         ring = self.ring
@@ -1038,17 +1104,19 @@ class _Run:
                 lane.close()
                 ring._in_lane = None
             ring._in_lane = lane = _InLane(token, pid, fd)
-        if not 0 <= slot < len(lane.slots) or target.nbytes > lane.slots[slot].size:
+        nbytes = target.size * self.wire_itemsize
+        if not 0 <= slot < len(lane.slots) or nbytes > lane.slots[slot].size:
             raise CollectiveError(f"{self._what()}: notice names slot {slot} of {len(lane.slots)}")
-        received = lane.slots[slot][: target.nbytes].view(target.dtype)
+        received = lane.slots[slot][:nbytes].view(_U16 if self.bf16 else target.dtype)
+        payload = target
         if hop.action == _ADD:
-            np.add(target, received, out=target)
+            payload = self._add(hop, target, received)
         else:
-            np.copyto(target, received)
+            self._copy(target, received)
         del received
         await self._send_ack(_CREDIT, token, slot)
         if hop.forward:  # from the array: the slot is already back with its writer
-            send_tx.send_nowait((hop.hop + 1, chunk, target))
+            send_tx.send_nowait((hop.hop + 1, chunk, payload))
 
     def _is_current(self, header: _Header, frames: list, from_held: bool) -> bool:
         """Discard stale messages, stash early ones, raise on an abort; else True.

@@ -126,6 +126,7 @@ OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 SCHEDULE_NAMES = ("constant", "warmup_cosine", "step", "linear")
 MODES = ("ddp", "zero1", "zero2")
 TRANSPORTS = ("ipc", "tcp")
+WIRE_DTYPES = ("fp32", "bf16")
 METRIC_NAMES = (
     "loss",
     "accuracy",
@@ -370,11 +371,16 @@ class ClusterConfig:
     # may use) when the run has exactly one rank per such CPU: no migrations, warm
     # caches (+15% samples/s on the MLP at N = 2 here). Never changes the numbers.
     pin_ranks: bool = True
+    # how gradients travel between ranks: "fp32", or "bf16" (rounded to nearest even,
+    # half the bytes; sums still add in float32; deterministic, but other numbers than
+    # fp32's: README "Slow links")
+    wire_dtype: str = "fp32"
 
     def __post_init__(self):
         _check_range("cluster.ranks", self.ranks, lo=1, hi=256)
         _check_choice("cluster.mode", self.mode, MODES)
         _check_choice("cluster.transport", self.transport, TRANSPORTS)
+        _check_choice("cluster.wire_dtype", self.wire_dtype, WIRE_DTYPES)
         _check_range("cluster.snapshot_every", self.snapshot_every, lo=1)
         _check_range("cluster.max_restarts", self.max_restarts, lo=0)
         _check_range("cluster.max_seconds", self.max_seconds, lo=0.0, lo_open=True)

@@ -13,11 +13,15 @@ flat, C-contiguous, and every rank calls the same operations in the same order w
 same `step`::
 
     rank, world
-    await all_reduce(x, step=s)              x[:] = the sum over ranks, in place
-    await reduce_scatter(x, step=s) -> view  this rank's shard of the sum (shard_bounds);
-                                             the rest of x is left with partial sums
+    await all_reduce(x, step=s, wire=w)      x[:] = the sum over ranks, in place
+    await reduce_scatter(x, step=s, wire=w)  this rank's shard of the sum (shard_bounds);
+                                   -> view   the rest of x is left with partial sums
     await all_gather(x, step=s)              on entry x[lo:hi] holds this rank's shard;
                                              on return every shard is filled in
+
+`wire` is None (the array's dtype travels) or "bf16" (float32 sums travel as bfloat16
+and add in float32: actors' module doc, "The bf16 wire"); the gradient's reduction
+passes `cluster.wire_dtype` ("fp32" -> None), everything else the default.
 
 Shard r of a length-n vector is `shard_bounds(n, world, r)` everywhere (actors'
 definition). Sums follow the ring's fixed order — segment s is
@@ -52,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from actors import shard_bounds
+from actors import bf16_round, bf16_widen, shard_bounds
 
 from .optim import ShardOptimizer, StepResult, gradutil, lr_at
 
@@ -76,10 +80,12 @@ class LocalCollective:
 
     rank, world = 0, 1
 
-    async def all_reduce(self, x: np.ndarray, *, step: int) -> np.ndarray:
+    async def all_reduce(self, x: np.ndarray, *, step: int, wire: str | None = None) -> np.ndarray:
         return x
 
-    async def reduce_scatter(self, x: np.ndarray, *, step: int) -> np.ndarray:
+    async def reduce_scatter(
+        self, x: np.ndarray, *, step: int, wire: str | None = None
+    ) -> np.ndarray:
         return x
 
     async def all_gather(self, x: np.ndarray, *, step: int) -> np.ndarray:
@@ -115,16 +121,21 @@ class InProcessGroup:
             del self._pending[seq]
         return values
 
-    def ring_sum(self, values: list[np.ndarray]) -> np.ndarray:
-        """The sum the Ring computes: segment s folded from rank s+1 around to rank s."""
+    def ring_sum(self, values: list[np.ndarray], wire: str | None = None) -> np.ndarray:
+        """The sum the Ring computes: segment s folded from rank s+1 around to rank s;
+        on the bf16 wire each partial sum, and the finished one, rounded to bfloat16
+        (nothing crosses a wire in a world of one)."""
         world = self.world
+        bf16 = wire == "bf16" and world > 1
         total = np.empty_like(values[0])
         for seg in range(world):
             lo, hi = shard_bounds(total.size, world, seg)
             acc = values[(seg + 1) % world][lo:hi].copy()
             for j in range(2, world + 1):
+                if bf16:
+                    acc = bf16_widen(bf16_round(acc))
                 acc += values[(seg + j) % world][lo:hi]
-            total[lo:hi] = acc
+            total[lo:hi] = bf16_widen(bf16_round(acc)) if bf16 else acc
         return total
 
 
@@ -133,18 +144,19 @@ class _Member:
         self.group, self.rank, self.world = group, rank, group.world
         self._seq = 0
 
-    async def _swap(self, op: str, step: int, x: np.ndarray):
+    async def _swap(self, op: str, step: int, x: np.ndarray, wire: str | None = None):
         self._seq += 1
-        key = (op, step, x.size, x.dtype.str)
+        key = (op, step, x.size, x.dtype.str, wire)
         return await self.group._exchange(self._seq, self.rank, key, x.copy())
 
-    async def all_reduce(self, x, *, step):
-        x[:] = self.group.ring_sum(await self._swap("all_reduce", step, x))
+    async def all_reduce(self, x, *, step, wire=None):
+        x[:] = self.group.ring_sum(await self._swap("all_reduce", step, x, wire), wire)
         return x
 
-    async def reduce_scatter(self, x, *, step):
+    async def reduce_scatter(self, x, *, step, wire=None):
         lo, hi = shard_bounds(x.size, self.world, self.rank)
-        x[lo:hi] = self.group.ring_sum(await self._swap("reduce_scatter", step, x))[lo:hi]
+        summed = self.group.ring_sum(await self._swap("reduce_scatter", step, x, wire), wire)
+        x[lo:hi] = summed[lo:hi]
         return x[lo:hi]
 
     async def all_gather(self, x, *, step):
@@ -208,6 +220,8 @@ class RankStep:
         self.hook_credit = False
         self.hooks_agreed = False
         self.mode = cfg.cluster.mode
+        # how the gradient travels between ranks (the only reduction that may be rounded)
+        self.wire = None if cfg.cluster.wire_dtype == "fp32" else cfg.cluster.wire_dtype
         self.rank, self.world = coll.rank, coll.world
         n = model.params.size
         self.n = n
@@ -292,7 +306,7 @@ class RankStep:
     async def reduce_bucket(self, grads: np.ndarray, index: int, step: int) -> None:
         """All-reduce bucket `index` of `grads` in place (ddp, zero1 with buckets)."""
         lo, hi = self.buckets[index]
-        await self.coll.all_reduce(grads[lo:hi], step=step)
+        await self.coll.all_reduce(grads[lo:hi], step=step, wire=self.wire)
 
     async def reduce(self, grads: np.ndarray, loss_sum: float, step: int, buckets_done: int = 0):
         """Reduce `grads` per the mode; return (this rank's averaged shard, sq-norm, loss).
@@ -304,13 +318,13 @@ class RankStep:
         """
         denom = self.world * self.accum
         if self.mode == "zero2":
-            shard = await self.coll.reduce_scatter(grads, step=step)
+            shard = await self.coll.reduce_scatter(grads, step=step, wire=self.wire)
         else:
             if self.buckets:
                 for index in range(buckets_done, len(self.buckets)):
                     await self.reduce_bucket(grads, index, step)
             else:
-                await self.coll.all_reduce(grads, step=step)
+                await self.coll.all_reduce(grads, step=step, wire=self.wire)
             shard = grads if self.mode == "ddp" else grads[self.lo : self.hi]
         if denom != 1:
             gradutil.scale(shard, 1.0 / denom)

@@ -48,6 +48,7 @@ def test_no_config_means_the_default_char_lm_pipeline():
         ("optimizer.betas=[0.9]", "optimizer.betas", "two numbers"),
         ("optimizer.betas=[0.9, 1.0]", "optimizer.betas[1]", "< 1.0"),
         ("cluster.mode=zero3", "cluster.mode", 'one of ddp, zero1, zero2, got "zero3"'),
+        ("cluster.wire_dtype=fp16", "cluster.wire_dtype", 'one of fp32, bf16, got "fp16"'),
         ("cluster.ranks=0", "cluster.ranks", ">= 1"),
         ("train.grad_accum=5", "train.batch_size", "a multiple of"),
         ('eval.metrics=["r2"]', "eval.metrics[0]", "a metric of model"),
