@@ -88,7 +88,7 @@ def _sha(run_dir: Path) -> str:
     return json.loads((run_dir / "summary.json").read_text())["params_sha256"]
 
 
-@pytest.mark.parametrize("wire", ["fp32"])
+@pytest.mark.parametrize("wire", ["fp32", "bf16"])
 def test_two_agents_in_two_namespaces_give_the_bits_of_one_host(tmp_path, netns_pair, wire):
     """Node 0 in namespace a, node 1 in namespace b, started by flags, their ranks' ring
     crossing the capped veth link over tcp (frames) while one host's ring runs on
