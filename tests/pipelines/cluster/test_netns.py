@@ -94,10 +94,6 @@ def test_two_agents_in_two_namespaces_give_the_bits_of_one_host(tmp_path, netns_
     crossing the capped veth link over tcp (frames) while one host's ring runs on
     shared-memory lanes: the same bits, with the fp32 wire and with the bf16 one."""
     wire_set = ("--set", f"cluster.wire_dtype={wire}") if wire != "fp32" else ()
-    one_host = tmp_path / "one_host"
-    done = zerotrain(*RUN, *wire_set, "--run-dir", str(one_host), timeout=400)
-    assert done.returncode == 0, done.stderr
-
     keys = tmp_path / "keys"
     made = zerotrain("keys", "init", str(keys), "--nodes", "2")
     assert made.returncode == 0, made.stderr
@@ -117,6 +113,9 @@ def test_two_agents_in_two_namespaces_give_the_bits_of_one_host(tmp_path, netns_
         pytest.skip(f"CURVE is not on the node transport yet: {results['node0'][1].strip()}")
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
+    one_host = tmp_path / "one_host"
+    done = zerotrain(*RUN, *wire_set, "--run-dir", str(one_host), timeout=400)
+    assert done.returncode == 0, done.stderr
     assert _sha(run_dir) == _sha(one_host)
     # node 1's ranks lived on host b's address and talked to node 0's across the link
     plan1 = json.loads((run_dir / "node-1" / "plan.json").read_text())
