@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import trio
 
-from actors import Ring, bf16_round, bf16_widen, shard_bounds
+from actors import CollectiveError, Ring, bf16_round, bf16_widen, shard_bounds
 from actors._bf16_ref import bf16_round as ref_round
 from actors._bf16_ref import ring_sum_bf16
 from actors._transport import ipc_endpoint
@@ -172,6 +172,31 @@ async def test_a_wire_the_ring_does_not_have_is_refused_in_one_line():
     finally:
         for g in rings:
             g.close()
+
+
+async def test_ranks_that_disagree_on_the_wire_all_raise_naming_the_mismatch(wire):
+    """A rank on the bf16 wire and ranks on the fp32 one: every rank fails (the header's
+    dtype says which wire a chunk is on), none hangs or adds bf16 bits as floats."""
+    rings = open_rings(3, lanes=wire == "lanes")
+    outcomes = [None] * 3
+
+    async def one(ring):
+        x = np.ones(5000, np.float32)
+        try:
+            await ring.all_reduce(x, step=1, wire="bf16" if ring.rank == 0 else None)
+        except CollectiveError as exc:
+            outcomes[ring.rank] = exc
+
+    try:
+        with trio.fail_after(HANG_GUARD):
+            async with trio.open_nursery() as nursery:
+                for ring in rings:
+                    nursery.start_soon(one, ring)
+    finally:
+        for g in rings:
+            g.close()
+    assert all(isinstance(o, CollectiveError) for o in outcomes), outcomes
+    assert any("all ranks must call the same collectives" in str(o) for o in outcomes)
 
 
 # ----------------------------------------------------------------------------------------
