@@ -23,9 +23,15 @@ gloo take turns for `--rounds` rounds, so load drifts hit them alike. Array size
 the rate (SIZES_AT), so every measurement moves a similar number of seconds of traffic.
 The machine has 2 cores shared with other work: compare the ratios of one run.
 
-Not measured: the time from a node's loss to the next step once it is back (issue 20's
-acceptance asks for it); node-loss recovery is not in this tree yet. Prints a table,
-then one JSON line.
+Node loss (skipped with --no-node-loss): two node agents train char_lm (4 ranks, zero2,
+40 steps, the link uncapped); once 12 steps are logged node 1's agent and ranks are
+SIGKILLed (its process group), and as soon as node 0 reports its ranks down node 1 is
+started again with the same arguments. Reported: seconds from the kill to node 0
+seeing it, from node 1's restart to the next step logged (its interpreter's start-up
+included), from the kill to that step, both agents' exit codes and the run's
+params_sha256. The agents run in the two namespaces when the node transport takes
+`--keys` (CURVE), else on 127.0.0.2 / 127.0.0.3 (plaintext tcp is refused between
+other addresses); `where` says which. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -175,6 +183,116 @@ WORKERS = {"ring": worker_ring, "raw": worker_raw, "gloo": worker_gloo}
 
 
 # ----------------------------------------------------------------------------------------
+# A node lost and started again
+# ----------------------------------------------------------------------------------------
+
+LOSS_RUN = ["run", "char_lm", "--ranks", "4", "--mode", "zero2", "--steps", "40", "--seed", "11"]
+
+
+def _lines(path: Path) -> int:
+    try:
+        return len(path.read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def _wait(what: str, ready, agents: dict, timeout: float = 300) -> float:
+    """Poll `ready()` every 20 ms; the time it became true (SystemExit on a timeout or
+    an agent that ended)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"node loss: no {what} within {timeout:g} s")
+        ended = [name for name, p in agents.items() if p.poll() is not None]
+        if ended:
+            raise SystemExit(f"node loss: {', '.join(ended)} ended before {what}")
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def node_loss(pair, work: Path) -> dict:
+    """Kill node 1 past step 12, start it again once node 0 has seen it go: timings.
+    In the namespaces with keys when the node transport takes them, else on loopback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZEROTRAIN_", "SLURM"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    keys = work / "keys"
+    init = [*CLI, "keys", "init", str(keys), "--nodes", "2"]
+    subprocess.run(init, env=env, check=True, stdout=subprocess.DEVNULL)
+    netns = _lose_node_1(pair, work, env, ["--keys", str(keys)])
+    return netns if netns is not None else _lose_node_1(None, work, env, [])
+
+
+CLI = [sys.executable, "-m", "pipelines.cli"]
+
+
+def _lose_node_1(pair, work: Path, env: dict, extra: list[str]) -> dict | None:
+    """One node-loss run, its agents in `pair`'s namespaces (None: on 127.0.0.2 and
+    127.0.0.3); None when node 0 refuses the keys (no CURVE on the node transport)."""
+    where = "netns" if pair is not None else "loopback"
+    run_dir, metrics = work / f"run-{where}", work / f"run-{where}" / "metrics.jsonl"
+    addrs = (pair.addr(0), pair.addr(1)) if pair is not None else ("127.0.0.2", "127.0.0.3")
+    common = [*LOSS_RUN, *extra, "--nodes", "2", "--master", f"{addrs[0]}:29640"]
+    common += ["--run-dir", str(run_dir)]
+    node1 = [*common, "--node-rank", "1", "--advertise-addr", addrs[1]]
+    node0_err = work / f"{where}-node0.err"
+
+    def start(host: int, args: list[str], name: str) -> subprocess.Popen:
+        argv = [*CLI, *args] if pair is None else pair.argv(host, [*CLI, *args])
+        err = open(work / f"{name}.err", "w")
+        return subprocess.Popen(
+            argv, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+
+    agents = {
+        "node1": start(1, node1, f"{where}-node1"),
+        "node0": start(0, [*common, "--node-rank", "0"], f"{where}-node0"),
+    }
+    try:
+        if pair is not None and _refuses_keys(agents, node0_err, metrics):
+            agents["node0"].wait()
+            return None
+        _wait("12 steps", lambda: _lines(metrics) >= 12, agents)
+        lost = agents.pop("node1")
+        killed = time.monotonic()
+        os.killpg(lost.pid, signal.SIGKILL)
+        lost.wait()
+        seen = _wait(
+            "node 0 seeing node 1 down", lambda: "rank 2 is down" in node0_err.read_text(), agents
+        )
+        logged = _lines(metrics)
+        back = time.monotonic()
+        agents["node1"] = start(1, node1, f"{where}-node1-again")
+        stepped = _wait("a step after node 1 is back", lambda: _lines(metrics) > logged, agents)
+        codes = {name: p.wait(timeout=600) for name, p in agents.items()}
+    finally:
+        for p in agents.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    summary = run_dir / "summary.json"
+    return {
+        "where": where,
+        "kill_to_seen_s": seen - killed,
+        "back_to_next_step_s": stepped - back,
+        "kill_to_next_step_s": stepped - killed,
+        "exit_codes": codes,
+        "params_sha256": json.loads(summary.read_text())["params_sha256"]
+        if summary.exists()
+        else None,
+    }
+
+
+def _refuses_keys(agents: dict, node0_err: Path, metrics: Path) -> bool:
+    """Whether node 0 refused --keys (it says so in one line and exits), judged once it
+    has either exited or logged a step."""
+    while agents["node0"].poll() is None and _lines(metrics) == 0:
+        if "not wired in yet" in node0_err.read_text():
+            return True
+        time.sleep(0.2)
+    return "not wired in yet" in node0_err.read_text()
+
+
+# ----------------------------------------------------------------------------------------
 # The driver
 # ----------------------------------------------------------------------------------------
 
@@ -232,6 +350,7 @@ def main() -> None:
     parser.add_argument("--rates", nargs="+", default=list(RATES), help="tc tbf rates")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per round (3)")
     parser.add_argument("--rounds", type=int, default=None, help="turns of every kind (2)")
+    parser.add_argument("--no-node-loss", action="store_true", help="skip the node-loss run")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--addrs", nargs=2, help=argparse.SUPPRESS)
@@ -293,6 +412,17 @@ def main() -> None:
                 print(f"gloo skipped: {gloo['skipped']}")
                 per_rate["gloo"] = gloo
             figures["rates"][rate] = per_rate
+        if not args.no_node_loss:
+            pair.set_rate(None)
+            with tempfile.TemporaryDirectory() as work:
+                loss = node_loss(pair, Path(work))
+            figures["node_loss"] = loss
+            print(
+                f"node loss ({loss['where']}): seen {loss['kill_to_seen_s']:.2f} s after the "
+                f"kill; next step {loss['back_to_next_step_s']:.2f} s after node 1 is back "
+                f"({loss['kill_to_next_step_s']:.2f} s after the kill); exit codes "
+                f"{loss['exit_codes']}"
+            )
     left = [ns for ns in pair.names if ns in netns_rig.namespaces()]
     ratios = [
         row["ring_over_raw"]
@@ -303,7 +433,6 @@ def main() -> None:
     figures["min_ring_over_raw"] = min(ratios)
     figures["target_ring_over_raw"] = TARGET
     figures["meets_target"] = min(ratios) >= TARGET
-    figures["node_loss_to_next_step"] = "not measured: node-loss recovery is not in this tree"
     figures["loadavg"] = {"before": load_before, "after": os.getloadavg()}
     figures["namespaces_left"] = left
     print(
