@@ -114,3 +114,21 @@ def test_the_hooks_squared_norms_are_the_gradients_of_the_steps_batches(tmp_path
         # float32 roundings; a wrong step, batch or scale is off by far more
         assert m["small_sq_step"] == pytest.approx(small, rel=1e-5), step
         assert m["big_sq_step"] == pytest.approx(big, rel=1e-5), step
+
+
+def test_the_noise_column_is_the_spread_one_wrong_step_implies(bench):
+    """One per-step estimate off by e (tr Σ of step 8, after a missed step 7) in an
+    otherwise exact, constant series (|G|² = 1, tr Σ = 10): at step 10 the averages'
+    relative error is that step's weight c = (1 - β²) β² times e / T, T = 10 (1 - β¹⁰)
+    the brute force's average of tr Σ (the weights add up to 1 - β¹⁰, gaps included),
+    and the noise column says the same."""
+    beta, e = 0.9, 5.0
+    exact = {s: (1.0, 10.0) for s in range(1, 11)}
+    seen = [s for s in exact if s != 7]
+    wrong = {**exact, 8: (1.0, 10.0 + e)}
+    (row,) = bench["compare"]("synthetic", hook_run(wrong, seen, beta), exact, beta, 10)[
+        "checkpoints"
+    ]
+    want = (1 - beta**2) * beta**2 * e / (10.0 * (1 - beta**10))
+    assert row["rel_diff"] == pytest.approx(want, rel=1e-9)
+    assert row["noise_sd"] == pytest.approx(want, rel=1e-9)
