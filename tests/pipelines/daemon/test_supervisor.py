@@ -53,3 +53,15 @@ def test_a_jsonl_tail_returns_each_complete_object_once(tmp_path):
         f.write(', "error": "x"}\n')
     assert tail.read() == [{"step": 2, "error": "x"}]
     assert tail.read() == []
+
+
+def test_a_rank_that_writes_nothing_is_silent_whatever_its_phase_and_names_every_waiter():
+    # its last record says it evaluates, but nothing came for 2.6 s: its loop stopped
+    records = {0: rank(0, "eval", 60, 9, 2.6), 1: rank(1, "collective", 60, 9)}
+    assert silent_ranks(records, HB, NOW) == {0: "silent: no telemetry for 2.6s, rank 1 waits"}
+    # two ranks wait for the one still in its step
+    records = {0: rank(0, "collective", 59, 3), 1: rank(1, "step", 59, 2.5),
+               2: rank(2, "collective", 59, 3)}  # fmt: skip
+    assert silent_ranks(records, HB, NOW) == {
+        1: "silent: step 60 not done in 2.5s, ranks [0, 2] wait"
+    }
