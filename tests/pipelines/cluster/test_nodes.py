@@ -45,8 +45,9 @@ def _env(extra: dict) -> dict:
 
 
 def _agent(args, env: dict, cwd: Path, name: str) -> subprocess.Popen:
+    """An agent whose stderr goes to CWD/NAME.err (kept as its `err_path`)."""
     out = open(cwd / f"{name}.err", "w")
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", *args],
         env=_env(env),
         cwd=cwd,
@@ -54,16 +55,19 @@ def _agent(args, env: dict, cwd: Path, name: str) -> subprocess.Popen:
         stderr=out,
         start_new_session=True,  # a failed test kills each agent's whole group
     )
+    proc.err_path = cwd / f"{name}.err"
+    return proc
 
 
-def _finish(agents: dict, cwd: Path, timeout: float = 300) -> dict:
-    """Wait for every agent; {name: (exit code, stderr)}; kill what is left on failure."""
+def _finish(agents: dict, timeout: float = 300) -> dict:
+    """Wait for every agent; {name: (exit code, its own stderr)}; kill what is left on
+    failure."""
     results = {}
     try:
         deadline = time.monotonic() + timeout
         for name, proc in agents.items():
             code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
-            results[name] = (code, (cwd / f"{name}.err").read_text())
+            results[name] = (code, proc.err_path.read_text())
     finally:
         for proc in agents.values():
             if proc.poll() is None:
@@ -118,7 +122,7 @@ def _two_agents_by_flags(run_dir: Path, tmp_path: Path) -> tuple[str, dict]:
 def test_two_agents_by_flags_give_the_bits_of_one_host(tmp_path, one_host_sha):
     run_dir = tmp_path / "run"
     master, agents = _two_agents_by_flags(run_dir, tmp_path)
-    results = _finish(agents, tmp_path)
+    results = _finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     assert _sha(run_dir) == one_host_sha
@@ -154,7 +158,7 @@ def test_two_agents_by_torchrun_variables_give_the_bits_of_one_host(tmp_path, on
         ),
         "node0": _agent(common, {**world, "NODE_RANK": "0"}, tmp_path, "node0"),
     }
-    results = _finish(agents, tmp_path)
+    results = _finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     assert _sha(run_dir) == one_host_sha
@@ -210,7 +214,7 @@ def test_a_rank_of_node_1_killed_recovers_to_the_bits_of_one_host(tmp_path, one_
         assert len(victims) == 2
         os.kill(victims[0], signal.SIGKILL)
     finally:
-        results = _finish(agents, tmp_path)
+        results = _finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -242,7 +246,7 @@ def test_a_late_monitor_ack_while_a_rank_of_node_1_waits_to_join_does_not_hang(
         "node1": _agent(node1, late, tmp_path, "node1"),
         "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
     }
-    results = _finish(agents, tmp_path, timeout=240)
+    results = _finish(agents, timeout=240)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     lines = results["node0"][1].splitlines()
@@ -273,7 +277,7 @@ def test_a_late_monitor_ack_while_a_rank_of_node_1_trains_makes_it_regroup_not_s
         "node1": _agent(node1, late, tmp_path, "node1"),
         "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
     }
-    results = _finish(agents, tmp_path, timeout=240)
+    results = _finish(agents, timeout=240)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     assert "zerotrain: rank 2 is down (noconnection); the others regroup" in results["node0"][1]
@@ -302,7 +306,7 @@ def test_a_live_rank_of_node_1_that_does_not_rejoin_is_killed_by_its_agent(tmp_p
         _wait_for_steps(run_dir, agents, 5)
         os.kill(_rank_pids(agents["node1"].pid)[0], signal.SIGKILL)  # rank 2
     finally:
-        results = _finish(agents, tmp_path, timeout=240)
+        results = _finish(agents, timeout=240)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     assert "rank 3 did not rejoin in time: node 1's agent killed it" in results["node0"][1]
@@ -336,7 +340,7 @@ def test_usr1_to_every_agent_stops_all_nodes_at_one_step_and_resume_gives_the_bi
         for name in ("node1", "node0"):
             os.kill(agents[name].pid, signal.SIGUSR1)
     finally:
-        results = _finish(agents, tmp_path)
+        results = _finish(agents)
     assert results["node0"][0] == 4, results["node0"][1]
     assert results["node1"][0] == 4, results["node1"][1]
     stopped = STOPPED.fullmatch(results["node0"][1].splitlines()[-1])
@@ -354,7 +358,7 @@ def test_usr1_to_every_agent_stops_all_nodes_at_one_step_and_resume_gives_the_bi
         "node1": _agent([*node1, "--resume", str(run_dir)], {}, tmp_path, "node1"),
         "node0": _agent([*node0, "--resume", str(run_dir)], {}, tmp_path, "node0"),
     }
-    results = _finish(agents, tmp_path)
+    results = _finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     assert f"resumed at step {step}" in results["node0"][1]
@@ -388,7 +392,7 @@ def _lose_node_1(run_dir: Path, tmp_path: Path, steps: int, extra=()) -> tuple[l
         lost.wait()
         _wait_for_line(tmp_path / "node0.err", "rank 2 is down", agents)
     except BaseException:
-        _finish(agents, tmp_path)
+        _finish(agents)
         raise
     return node1, agents
 
@@ -403,10 +407,13 @@ def test_node_1_lost_and_started_again_restores_from_replicas_on_node_0_to_the_b
     run_dir = tmp_path / "run"
     node1, agents = _lose_node_1(run_dir, tmp_path, 40)
     agents["node1"] = _agent(node1, {}, tmp_path, "node1-again")
-    results = _finish(agents, tmp_path)
+    results = _finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
-    assert (tmp_path / "node1-again.err").exists()
+    assert "node 1 is back: its ranks rejoin at their endpoints" in results["node0"][1]
+    # the agent started again ended with the run (its own stderr, not the lost one's)
     assert results["node1"][0] == 0, results["node1"][1]
+    last = results["node1"][1].splitlines()[-1]
+    assert last == "zerotrain: done: node 1 of 2 (ranks 2..3); summary on node 0", last
     resumed = re.findall(r"resuming at step (\d+) from (\w+)", results["node0"][1])
     assert resumed and {how for _, how in resumed} == {"memory"}, results["node0"][1]
     # node 1's ranks from node 0's replicas of their snapshot of step 10 (an earlier
@@ -428,7 +435,7 @@ def test_node_1_lost_with_a_rank_of_node_0_restores_from_the_last_checkpoint_exa
         os.kill(_rank_pids(agents["node0"].pid)[0], signal.SIGKILL)  # rank 0
         agents["node1"] = _agent(node1, {}, tmp_path, "node1-again")
     finally:
-        results = _finish(agents, tmp_path)
+        results = _finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     resumed = re.findall(r"resuming at step (\d+) from (\w+)", results["node0"][1])
@@ -440,7 +447,7 @@ def test_node_1_not_back_within_the_rejoin_timeout_fails_in_one_line_naming_it(t
     run_dir = tmp_path / "run"
     extra = ["--set", "cluster.rejoin_timeout=5", "--set", "checkpoint.every=5"]
     _, agents = _lose_node_1(run_dir, tmp_path, 40, extra)
-    results = _finish(agents, tmp_path)
+    results = _finish(agents)
     code, err = results["node0"]
     assert code == 3, err
     last = err.splitlines()[-1]
