@@ -123,7 +123,9 @@ def test_scancel_usr1_stops_both_nodes_at_one_step_and_a_resumed_srun_gives_the_
     assert first.returncode == 4, err[-3000:]
     stopped = [ln for ln in err.splitlines() if "zerotrain run: stopped at step" in ln]
     assert len(stopped) == 2, err[-3000:]  # one line from each node's agent
-    step = int(stopped[0].split("stopped at step ")[1].split()[0])
+    steps = {int(ln.split("stopped at step ")[1].split()[0]) for ln in stopped}
+    assert len(steps) == 1, stopped  # one step agreed by both nodes
+    (step,) = steps
     assert 5 <= step < 40
     assert (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists()
 
