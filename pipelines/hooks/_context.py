@@ -93,6 +93,12 @@ class HookContext:
     world_size  number of ranks.
     rank        the rank running a transform; None in an analyzer.
     rng         a transform's numpy Generator (see `transform_rng`); None in an analyzer.
+    series_start  the step this analyzer's series of samples counts from: 0 when it runs
+                since the run's start; after the hook, its analyzer process or the run
+                restarted (state kept in the hook is gone), the hook's due step before
+                the first step of the new series, so that the first sample counts for
+                one sampling period, as at the run's start (hooks.jsonl marks the
+                series' records with "restarted_at").
     """
 
     step: int
@@ -107,6 +113,7 @@ class HookContext:
     world_size: int = 1
     rank: int | None = None
     rng: np.random.Generator | None = None
+    series_start: int = 0
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once, here

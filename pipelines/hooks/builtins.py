@@ -263,6 +263,12 @@ class NoiseScale:
     one in ten, the average spans what beta says. Successive calls without `step` are
     consecutive steps. A step with non-finite gradients is reported as nan and is a
     missing sample: it leaves the averages and the step count alone.
+
+    `start` (HookContext.series_start) is the step the series counts from: a fresh
+    NoiseScale that is handed a later start (its hook restarted: the averages of the
+    steps before are gone) begins there, so its first sample counts for the steps since
+    `start` only and `window_steps` counts from there, instead of that one sample
+    standing for every step since step 0 with a full window.
     """
 
     def __init__(self, beta: float = 0.95):
@@ -272,8 +278,11 @@ class NoiseScale:
         self.g2 = self.trace = self.weight = 0.0
         self.last_step = 0  # the step of the last sample folded in; 0: none yet
 
-    def update(self, rank_grads, grads, b_small: int, step: int | None = None) -> dict:
-        """Fold in the sample of `step`; the metrics of the `noise_scale` hook."""
+    def update(
+        self, rank_grads, grads, b_small: int, step: int | None = None, start: int = 0
+    ) -> dict:
+        """Fold in the sample of `step`, the series counting from step `start`; the
+        metrics of the `noise_scale` hook."""
         if len(rank_grads) < 2:
             raise ValueError(
                 f"the noise scale needs the gradients of >= 2 ranks, got {len(rank_grads)}"
@@ -283,6 +292,7 @@ class NoiseScale:
         small_sq /= len(rank_grads)
         big_sq = sum(_sumsq(g) for g in grads.values())
         g2, trace = noise_scale_estimates(small_sq, big_sq, b_small, b_big)
+        self.last_step = max(self.last_step, int(start))
         step = self.last_step + 1 if step is None else int(step)
         gap = max(step - self.last_step, 1)
         if math.isfinite(g2) and math.isfinite(trace):
@@ -402,7 +412,9 @@ def noise_scale_hook(every: int = 1, beta: float = 0.95):
             return None
         if ctx.batch_size is None:
             raise ValueError("noise_scale needs ctx.batch_size (examples per rank per step)")
-        return state.update(ctx.rank_grads, ctx.grads, ctx.batch_size, ctx.step)
+        return state.update(
+            ctx.rank_grads, ctx.grads, ctx.batch_size, ctx.step, start=ctx.series_start
+        )
 
     return noise_scale
 

@@ -34,6 +34,16 @@ it; and since no rank sends a sample before the last one is answered, the analyz
 holds one step at a time and never has to drop one. Training pays for it in time
 whenever the analyzer is slower than the steps.
 
+The wait covers the analyzer's restart too. A silent analyzer (starved of the CPU, or
+a hook holding the GIL) is declared down after the run's heartbeat timeout, and its
+supervisor kills and restarts it; a sample of an exact step whose call then fails
+(the analyzer went down before answering, or answered "lost": its HookAnalyzer
+restarted) is not given up: the forwarder waits for the analyzer to be up again and
+sends the same sample to it, so the ranks wait at that step. Only an analyzer down for
+`exact_wait` seconds in a row (its supervisor gave up) makes the step a gap: counted
+`failed`, with a one-line warning; later exact samples then fail at once until the
+analyzer is seen up again, so a run without analyzer is not slowed step after step.
+
 ## When the analyzer cannot take a sample (the rank's side of the failure policy)
 
 A rank never waits for the analyzer and never sees its errors (the policy as a whole is
@@ -78,6 +88,13 @@ __all__ = ["DEFAULT_TARGET", "HookOutbox", "HookSample"]
 DEFAULT_TARGET = "HookAnalyzer@analyzer"
 
 _log = logging.getLogger("zerotrain.hooks.link")
+
+# what became of a rank's samples in the analyzer (summary.json hooks.analyzer.ranks),
+# besides "received" and "pending" (held at the time of "stats"): every received sample
+# ends in one of these, and a sample's call is answered with it. Any other answer
+# ("lost": the HookAnalyzer holding it restarted) means it never got a fate.
+SAMPLE_FATES = ("received", "analyzed", "dropped", "stale", "rejected", "skipped")
+FINAL_FATES = frozenset(SAMPLE_FATES[1:])
 
 
 @actors.record(name="zerotrain.HookSample")
@@ -130,6 +147,9 @@ class HookOutbox:
     target    the HookAnalyzer actor, "name@node".
     capacity  samples queued at most; an offer beyond that is dropped.
     layout    the model's layout, stamped into samples offered without one.
+    reply_timeout  how long one call waits for the analyzer's answer.
+    exact_wait     how long a sample of an exact step waits for a down analyzer to be
+              up again before the step is given up (see "Exact hooks").
     """
 
     def __init__(
@@ -140,6 +160,7 @@ class HookOutbox:
         capacity: int = 1,
         layout=None,
         reply_timeout: float = 30.0,
+        exact_wait: float = 60.0,
     ):
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"HookOutbox capacity must be an int >= 1, got {capacity!r}")
@@ -157,6 +178,8 @@ class HookOutbox:
         self.node = target.rsplit("@", 1)[1]
         self.capacity = capacity
         self.reply_timeout = reply_timeout
+        self.exact_wait = exact_wait
+        self._gone = False  # an exact sample waited exact_wait in vain: do not wait again
         self.layout = wire_layout(layout) if layout is not None else []
         self._send, self._receive = trio.open_memory_channel(capacity)
         self._counts = {"offered": 0, "sent": 0, "dropped": 0, "failed": 0}
@@ -223,6 +246,9 @@ class HookOutbox:
                 self._settle_one()
 
     async def _forward(self, sample: HookSample) -> None:
+        if self.exact(sample.step):
+            await self._forward_exact(sample)
+            return
         node = _current_node()
         info = node.peer_info(self.node) if node is not None else None
         if node is None or (info is not None and info.alive is False):
@@ -237,6 +263,50 @@ class HookOutbox:
         except Exception as exc:  # the analyzer's trouble must never reach the rank
             self._fail(sample, f"{type(exc).__name__}: {exc}")
             return
+        self._counts["sent"] += 1
+
+    async def _forward_exact(self, sample: HookSample) -> None:
+        """Send `sample` until an analyzer answers it with its fate, waiting for a down
+        analyzer to be up again: at most `exact_wait` s from the first failure (see
+        "Exact hooks")."""
+        name = self.target.rsplit("@", 1)[0]
+        give_up_at = None  # set by the first failed attempt
+        while True:
+            node = _current_node()
+            if node is None:
+                self._fail(sample, "no node")
+                return
+            info = node.peer_info(self.node)
+            if info is not None and (info.alive is False or name not in info.names):
+                if self._gone:  # waited in vain before, and it is still down
+                    self._fail(sample, f"node {self.node} is down")
+                    return
+                give_up_at = give_up_at or trio.current_time() + self.exact_wait
+                with trio.move_on_at(give_up_at):
+                    await node.wait_peer(self.node, names=(name,))
+                if trio.current_time() >= give_up_at:
+                    self._gone = True
+                    why = f"down for {self.exact_wait:g} s: exact step {sample.step} not analysed"
+                    self._fail(sample, why)
+                    return
+            self._gone = False
+            try:
+                fate = await actors.call(self.target, sample, timeout=self.reply_timeout)
+            except actors.CallTimeout:
+                break  # it went out; the analyzer is alive but slow: go on
+            except (actors.ActorExited, actors.NoSuchActor) as exc:
+                fate = f"{type(exc).__name__}: {exc}"  # down before answering: again
+            except Exception as exc:  # the analyzer's trouble must never reach the rank
+                self._fail(sample, f"{type(exc).__name__}: {exc}")
+                return
+            if fate not in FINAL_FATES:  # "lost": its HookAnalyzer restarted; or down
+                give_up_at = give_up_at or trio.current_time() + self.exact_wait
+                if trio.current_time() >= give_up_at:
+                    self._fail(sample, f"exact step {sample.step} not analysed: {fate}")
+                    return
+                await trio.sleep(0.05)
+                continue
+            break
         self._counts["sent"] += 1
 
     async def flush(self, rank: int, timeout: float) -> dict:

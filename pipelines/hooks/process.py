@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -92,7 +93,7 @@ import trio
 import actors
 
 from ._runner import HookState, HookStats, Sinks
-from .link import HookSample
+from .link import FINAL_FATES, SAMPLE_FATES, HookSample
 
 __all__ = [
     "EXIT_HUNG",
@@ -116,10 +117,6 @@ MAX_HANGS = 2  # a hook that hung this many times in a run is not loaded again
 SETTLE_QUIET_S = 0.25  # "stats" waits for this long without a new sample ...
 SETTLE_MAX_S = 10.0  # ... and for the step in analysis, at most timeout_s + 1 or this
 EXIT_HUNG = 75  # a hook hung: exit so that a fresh process reclaims its thread
-# what became of a rank's samples (summary.json hooks.analyzer.ranks), besides "received"
-# and "pending" (held at the time of "stats"): every received sample ends in one of these
-SAMPLE_FATES = ("received", "analyzed", "dropped", "stale", "rejected", "skipped")
-FINAL_FATES = frozenset(SAMPLE_FATES[1:])
 QUARANTINE = "hooks_quarantine.json"
 
 _log = logging.getLogger("zerotrain.hooks.analyzer")
@@ -210,6 +207,11 @@ class _Ledger:
         self.exit_reason = None
         self.exit_scope = None
         self.hangs = {}  # name -> hangs in this run (all processes), from the quarantine
+        # hooks.jsonl already holds records when this process starts: an earlier analyzer
+        # process of the run (or of the run it resumes) wrote them, and the state its
+        # hooks kept is gone -- every hook's series restarts here (HookWorker)
+        self.series_restart = False
+        self.restarted_at = {}  # name -> the first step of its restarted series
         self.stats_waiting = 0  # "stats" calls settling: an exit waits for their reply
         # id(sample) -> the rank's call waiting for that sample's final fate: the reply
         # is the rank's credit to offer another sample (link.HookOutbox)
@@ -241,6 +243,10 @@ class _Ledger:
                 self.per_hook[hook.name].timeouts = hung.get(hook.name, 0)
                 if hung.get(hook.name, 0) >= MAX_HANGS:
                     self.disable(hook.name, f"hung {hung[hook.name]} times in this run")
+        try:
+            self.series_restart = (self.run_dir / "hooks.jsonl").stat().st_size > 0
+        except OSError:
+            self.series_restart = False
         self.tb = EventWriter(self.run_dir / "tb")
         self.sinks = Sinks([HooksLog(self.run_dir / "hooks.jsonl"), self.tb])
 
@@ -320,6 +326,7 @@ class _Ledger:
                     **c.as_dict(),
                     "steps_due": self.steps_due(name, self.last_step),
                     "fraction_analysed": _json_float(self.fraction(name, self.last_step)),
+                    "restarted_at": self.restarted_at.get(name),
                 }
                 for name, c in self.per_hook.items()
             },
@@ -364,6 +371,13 @@ class HookWorker(actors.Actor):
     policy in the `pipelines.hooks` doc). Its counters (`ledger.per_hook`) outlive it.
 
     handle_call(("run", ctx)) -> a hooks.jsonl record, or None (nothing to say).
+
+    A restarted series: a worker started after an earlier one of its hook (in this
+    process, or in an earlier analyzer process: `_Ledger.series_restart`) runs a hook
+    whose state is fresh. Its series begins at the first step it is called on, S: the
+    hook sees `ctx.series_start` = S - every (its first sample counts for one sampling
+    period, as at the run's start) and each record it writes carries "restarted_at": S,
+    as does summary.json's hooks.analyzer.hooks.<name>.restarted_at.
     """
 
     mailbox_size = 4
@@ -382,6 +396,8 @@ class HookWorker(actors.Actor):
                 hook = next(h for h in fresh if h.name == self.name)
             except Exception as exc:
                 self.ledger.disable(self.name, f"reload failed: {_one_line(exc)}")
+        self.restarted = self.name in self.ledger.started or self.ledger.series_restart
+        self.restarted_at = None  # the first step of this worker's series, if restarted
         self.ledger.started.add(self.name)
         self.hook = hook
         self.runner = AnalyzerRunner(
@@ -398,9 +414,16 @@ class HookWorker(actors.Actor):
         raise ValueError(f"HookWorker takes ('run', ctx), got {request!r:.80}")
 
     async def _run(self, ctx):
+        if self.restarted:
+            if self.restarted_at is None:
+                self.restarted_at = self.ledger.restarted_at[self.name] = ctx.step
+            start = max(self.restarted_at - self.hook.every, 0)
+            ctx = dataclasses.replace(ctx, series_start=start)
         record = await trio.to_thread.run_sync(
             self.runner.run_hook, self.hook, ctx, abandon_on_cancel=True
         )
+        if record is not None and self.restarted_at is not None:
+            record["restarted_at"] = self.restarted_at
         if self.runner.needs_restart:
             self.ledger.hung(self.name)
             self.ledger.disable(self.name, "hung: waiting for the process restart")

@@ -179,6 +179,85 @@ def test_an_exact_hook_sees_every_due_step_and_training_waits_for_it(tmp_path, b
         assert counts["steps_due"] == STEPS // every and counts["fraction_analysed"] == 1.0
 
 
+# Once per run (a marker file: the restarted analyzer re-runs the step), at step AT.
+ONCE = """
+import ctypes, os, signal
+from pathlib import Path
+from pipelines.hooks import analyzer
+
+MARK = Path({mark!r})
+
+@analyzer
+def once(ctx):
+    if ctx.step == {at} and not MARK.exists():
+        MARK.touch()
+        {action}
+    return {{"step": ctx.step}}
+"""
+KILL = "os.kill(os.getpid(), signal.SIGKILL)"
+# a PyDLL call keeps the GIL: the analyzer's trio loop, its heartbeats included, stops
+# for 6 s (a hook in C, or a starved process); time.sleep would release the GIL
+SILENCE = "ctypes.PyDLL(None).usleep(6_000_000)"
+
+
+def once_hook(tmp_path: Path, at: int, action: str) -> Path:
+    script = tmp_path / "once.py"
+    script.write_text(ONCE.format(mark=str(tmp_path / "done"), at=at, action=action))
+    return script
+
+
+def test_a_restarted_analyzer_starts_its_averages_afresh_and_says_so(
+    tmp_path, baseline, every_step_average
+):
+    """The analyzer process is SIGKILLed in step 6 (exact noise_scale, every step): its
+    supervisor restarts it, the ranks send step 6 again, and the fresh noise_scale's
+    averages start there -- window_steps 1 at step 6, the every-step average of its own
+    samples since -- instead of its first sample standing for all steps since step 0;
+    every record of the new series, and summary.json, say restarted_at 6."""
+    script = once_hook(tmp_path, 6, KILL)
+    specs = (f'hooks.specs=[{{hook = "{script}:once", exact = true}}, '
+             '{hook = "builtin:noise_scale", exact = true}]')  # fmt: skip
+    run = train(tmp_path, "--set", specs)
+    summary, hooks = run["summary"], by_hook(run["records"])
+    assert summary["params_sha256"] == baseline["params_sha256"]
+    assert (tmp_path / "done").exists()  # it was killed
+    noise = hooks["noise_scale"]
+    assert [r["step"] for r in noise] == list(range(1, STEPS + 1))
+    assert [r.get("restarted_at") for r in noise] == [None] * 5 + [6] * (STEPS - 5)
+    assert summary["hooks"]["analyzer"]["hooks"]["noise_scale"]["restarted_at"] == 6
+    metrics = [r["metrics"] for r in noise]
+    assert [m["gap"] for m in metrics] == [1] * STEPS
+    assert metrics[5]["window_steps"] == pytest.approx(1.0)
+    # the new series' every-step average of its own samples, counted from step 5
+    fresh = [(step - 5, m["g2_step"], m["trace_sigma_step"]) for step, m in enumerate(metrics, 1)]
+    g2, trace, window = every_step_average(fresh[5:], 0.95)
+    last = metrics[-1]
+    assert last["window_steps"] == pytest.approx(window)
+    assert last["g2"] == pytest.approx(g2) and last["trace_sigma"] == pytest.approx(trace)
+
+
+def test_an_exact_hook_waits_for_a_silent_analyzer_and_its_restart(tmp_path, baseline):
+    """A hook holds the GIL for 6 s in step 5: the analyzer falls silent, the ranks
+    declare it down after the heartbeat timeout (2 s) and its supervisor kills and
+    restarts it. The exact hooks still record every due step (the ranks waited for the
+    new analyzer and sent step 5 again), no rank gave a sample up, and the numbers are
+    those without hooks."""
+    script = once_hook(tmp_path, 5, SILENCE)
+    specs = (f'hooks.specs=[{{hook = "{script}:once", exact = true}}, '
+             '{hook = "builtin:noise_scale", every = 3, exact = true}]')  # fmt: skip
+    run = train(tmp_path, "--set", specs)
+    summary, hooks = run["summary"], by_hook(run["records"])
+    assert summary["params_sha256"] == baseline["params_sha256"]
+    analyzer = summary["hooks"]["analyzer"]
+    assert analyzer["hooks"]["once"]["restarted_at"] == 5  # it was restarted
+    assert [r["step"] for r in hooks["once"]] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in hooks["noise_scale"]] == list(range(3, STEPS + 1, 3))
+    for out in summary["hooks"]["ranks"]:
+        assert out["offered"] == out["sent"] == STEPS and out["failed"] == 0, out
+    for name in ("once", "noise_scale"):
+        assert analyzer["hooks"][name]["fraction_analysed"] == 1.0
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> dict:
     return train(tmp_path_factory.mktemp("baseline"))["summary"]
