@@ -86,7 +86,7 @@ def train(pipeline: str, steps: int, ranks: int, batch: int, betas: list, run_di
         "eval.every=0",
         f"train.batch_size={batch}",
         # a loaded machine must not make a rank or the analyzer look dead: a restarted
-        # analyzer starts its averages afresh and misses steps (see `hook_series`)
+        # analyzer starts its averages afresh (see `hook_records`)
         "cluster.heartbeat_timeout=30",
     ]
     cmd = [sys.executable, "-m", "pipelines.cli", "run", pipeline, "--ranks", str(ranks)]
@@ -101,10 +101,9 @@ def train(pipeline: str, steps: int, ranks: int, batch: int, betas: list, run_di
 def hook_records(run_dir: Path, name: str) -> dict[int, dict]:
     """step -> the metrics of hook `name`, from hooks.jsonl: one uninterrupted series.
 
-    Exits if a step appears twice or a record's `gap` is not the distance to the
-    previous record: the hook's averages were started afresh (a restarted analyzer
-    forgets them, and its first sample then stands for every step since step 0 --
-    window_steps cannot show that), so no one brute-force average matches them. Steps
+    Exits if a step appears twice, a record says "restarted_at" or its `gap` is not
+    the distance to the previous record: the hook's averages were started afresh (a
+    restarted analyzer forgets them), so no one brute-force average matches them. Steps
     the hook did not see are allowed; `compare` averages the brute force over the
     hook's steps only, so both sides still average the same steps."""
     out, last = {}, 0
@@ -113,7 +112,7 @@ def hook_records(run_dir: Path, name: str) -> dict[int, dict]:
         if r["hook"] != name or "metrics" not in r:
             continue
         step, m = r["step"], r["metrics"]
-        if step in out or m["gap"] != step - last:
+        if step in out or m["gap"] != step - last or "restarted_at" in r:
             raise SystemExit(
                 f"{run_dir}: hook {name} restarted its averages at step {step} (gap "
                 f"{m['gap']} after step {last}): rerun on a less loaded machine"

@@ -47,11 +47,20 @@ The runner (`AnalyzerRunner`) records; the analyzer process's supervisors decide
   `zerotrain` process ("AnalyzerSupervisor", 10 restarts in 10 s, apart from the ranks')
   restarts it; if that gives up, the run goes on without analyzers. hooks.jsonl is
   appended to (lines are flushed per step); in-process counters start again from zero
-  (hangs excepted).
+  (hangs excepted). A process that falls silent for the run's heartbeat timeout (a hook
+  holding the GIL, a starved process) is killed and restarted the same way.
+- **A hook restarts** (its worker, or the analyzer process): whatever state it kept is
+  gone, so its series starts afresh at the first step S it is then called on:
+  `ctx.series_start` is S - every (noise_scale's averages count from there), and each
+  of its records says "restarted_at": S (summary.json: hooks.analyzer.hooks.<name>.
+  restarted_at). A step whose records were written just before a kill may appear twice,
+  the second time with restarted_at.
 - **The analyzer is slow, down or gone**: nothing reaches a rank. A rank offers a
   sample only when the analyzer has answered its previous one, and otherwise declines
   the step, counted (`pipelines.hooks.link`); what the analyzer could not keep up with
-  is dropped and counted there (`pipelines.hooks.process`).
+  is dropped and counted there (`pipelines.hooks.process`). A step due for an exact
+  hook is the exception: the ranks wait for the analyzer, through its restart, and
+  send the step again (`pipelines.hooks.link`, "Exact hooks").
 
 This module is the public face of the private modules beside it; every public name is
 exported here exactly once (tests/pipelines/hooks/test_api.py).

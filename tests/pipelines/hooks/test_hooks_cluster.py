@@ -248,10 +248,10 @@ def test_an_exact_hook_waits_for_a_silent_analyzer_and_its_restart(tmp_path, bas
     run = train(tmp_path, "--set", specs)
     summary, hooks = run["summary"], by_hook(run["records"])
     assert summary["params_sha256"] == baseline["params_sha256"]
-    analyzer = summary["hooks"]["analyzer"]
-    assert analyzer["hooks"]["once"]["restarted_at"] == 5  # it was restarted
     assert [r["step"] for r in hooks["once"]] == list(range(1, STEPS + 1))
     assert [r["step"] for r in hooks["noise_scale"]] == list(range(3, STEPS + 1, 3))
+    analyzer = summary["hooks"]["analyzer"]
+    assert analyzer["hooks"]["once"]["restarted_at"] == 5  # it was restarted
     for out in summary["hooks"]["ranks"]:
         assert out["offered"] == out["sent"] == STEPS and out["failed"] == 0, out
     for name in ("once", "noise_scale"):

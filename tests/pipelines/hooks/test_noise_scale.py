@@ -114,3 +114,22 @@ def test_the_noise_scale_needs_the_per_rank_batch_size():
     )
     with pytest.raises(ValueError, match="needs ctx.batch_size"):
         noise_scale_hook()(ctx)
+
+
+def test_a_restarted_series_counts_from_its_start_not_from_step_zero(every_step_average):
+    """A fresh NoiseScale told that its series starts at step 40 (its hook restarted)
+    gives its first sample, at 41, the weight of one step (window_steps 1), and then
+    the every-step average of its own samples counted from 40."""
+    rng, g, var = problem(4)
+    noise = NoiseScale(beta=0.9)
+    seen = []
+    for step in (41, 42, 45):
+        ranks = draw_ranks(rng, g, var, steps=1)[0]
+        out = noise.update(dict(enumerate({"w": r} for r in ranks)), {"w": ranks.mean(0)},
+                           b_small=B_SMALL, step=step, start=40)  # fmt: skip
+        seen.append((step - 40, out["g2_step"], out["trace_sigma_step"]))
+        g2, trace, window = every_step_average(seen, 0.9)
+        assert out["g2"] == pytest.approx(g2, rel=1e-12)
+        assert out["trace_sigma"] == pytest.approx(trace, rel=1e-12)
+        assert out["window_steps"] == pytest.approx(window, rel=1e-12)
+    assert [s for s, _, _ in seen] == [1, 2, 5] and window < 5

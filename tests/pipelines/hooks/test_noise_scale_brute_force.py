@@ -84,6 +84,11 @@ def test_a_hook_series_whose_averages_restarted_is_refused(bench, tmp_path):
         bench["hook_records"](tmp_path, "noise_scale_0_9")
     (tmp_path / "hooks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:3]))
     assert sorted(bench["hook_records"](tmp_path, "noise_scale_0_9")) == [1, 2, 4]
+    # a restarted analyzer's series says so, even where its gap looks continuous
+    lines[2]["restarted_at"] = 4  # step 4, gap 2 after step 2
+    (tmp_path / "hooks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:3]))
+    with pytest.raises(SystemExit, match="restarted its averages at step 4"):
+        bench["hook_records"](tmp_path, "noise_scale_0_9")
 
 
 STEPS, RANKS, BATCH = 4, 2, 64
