@@ -39,10 +39,11 @@ a hook holding the GIL) is declared down after the run's heartbeat timeout, and 
 supervisor kills and restarts it; a sample of an exact step whose call then fails
 (the analyzer went down before answering, or answered "lost": its HookAnalyzer
 restarted) is not given up: the forwarder waits for the analyzer to be up again and
-sends the same sample to it, so the ranks wait at that step. Only an analyzer down for
-`exact_wait` seconds in a row (its supervisor gave up) makes the step a gap: counted
-`failed`, with a one-line warning; later exact samples then fail at once until the
-analyzer is seen up again, so a run without analyzer is not slowed step after step.
+sends the same sample to it, so the ranks wait at that step. Only a sample still
+unanswered `exact_wait` seconds after its first failed attempt (the analyzer's
+supervisor gave up) makes the step a gap: counted `failed`, with a one-line warning;
+later exact samples then fail at once until the analyzer is seen up again, so a run
+whose analyzer is gone is not slowed step after step.
 
 ## When the analyzer cannot take a sample (the rank's side of the failure policy)
 
