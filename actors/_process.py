@@ -27,13 +27,14 @@ parent declares it lost, SIGKILLs it and restarts it the same way.
 The parent side
 ---------------
 :func:`process_spec` builds a child spec. Starting it spawns a fresh interpreter from
-``argv`` (never a fork: a forked zmq context is unusable) with the environment below;
-the child counts as started when its node's first heartbeat reaches the parent's node,
-carrying every name in ``wait_for``. It then crashes -- for its supervisor to handle --
-when the process exits with a non-zero status or a signal (:class:`ProcessExit`), or
-when its heartbeats stop for ``heartbeat_timeout`` (it is SIGKILLed first). Exit status
-0 is a normal exit. Stopping it sends SIGTERM, waits the spec's ``shutdown`` seconds,
-then SIGKILLs it. The parent needs a node (:func:`open_node`).
+``argv`` (never a fork of the running parent: a forked zmq context is unusable; a
+``spawner`` may hand the start to a process forked before any context existed) with the
+environment below; the child counts as started when its node's first heartbeat reaches
+the parent's node, carrying every name in ``wait_for``. It then crashes -- for its
+supervisor to handle -- when the process exits with a non-zero status or a signal
+(:class:`ProcessExit`), or when its heartbeats stop for ``heartbeat_timeout`` (it is
+SIGKILLed first). Exit status 0 is a normal exit. Stopping it sends SIGTERM, waits the
+spec's ``shutdown`` seconds, then SIGKILLs it. The parent needs a node (:func:`open_node`).
 
 The child side
 --------------
@@ -84,6 +85,15 @@ ENV = {
 """Environment variables a supervised process child is started with."""
 
 
+Spawner = Callable[..., Any]
+"""``spawner(argv, env, cwd, pass_fds, output, block_signals)``: start the child some
+other way than a fresh ``Popen(argv)`` -- e.g. hand the job to a process forked earlier
+that has already imported what ``argv`` would import -- and return a handle with
+``pid``, ``returncode``, ``poll()`` and ``send_signal(sig)`` (as ``subprocess.Popen``
+has) for a direct child of this process; or None to start ``argv`` the usual way. It
+is called on the trio thread and must not block."""
+
+
 class _Spawned:
     """A child process started from the thread that runs the trio loop.
 
@@ -104,7 +114,16 @@ class _Spawned:
         pass_fds: Sequence[int],
         output: int | None,
         block_signals: Sequence[int] = (),
+        spawner: Spawner | None = None,
     ) -> None:
+        started = None
+        if spawner is not None:
+            started = spawner(argv, env, cwd, tuple(pass_fds), output, tuple(block_signals))
+        if started is not None:
+            self._popen = started
+            self._pidfd: int | None = os.pidfd_open(started.pid)
+            self._waiting = False
+            return
         # a blocked signal mask is inherited through fork and exec: blocked here for the
         # fork, the signals stay pending in the child until it unblocks them (once it
         # handles them) -- none kills it while it starts, none is lost
@@ -186,8 +205,10 @@ class ProcessChild:
         pass_fds: Sequence[int] = (),
         output: int | None = None,
         block_signals: Sequence[int] = (),
+        spawner: Spawner | None = None,
     ) -> None:
         self.node = check_name(node, "node name")
+        self.spawner = spawner
         self.pass_fds = tuple(pass_fds)
         self.output = output
         self.block_signals = tuple(block_signals)
@@ -206,7 +227,15 @@ class ProcessChild:
         env = {**os.environ, **self.env, **self._child_env(parent)}
         known = parent.peer_info(self.node)
         previous = known.generation if known else None
-        process = _Spawned(self.argv, env, self.cwd, self.pass_fds, self.output, self.block_signals)
+        process = _Spawned(
+            self.argv,
+            env,
+            self.cwd,
+            self.pass_fds,
+            self.output,
+            self.block_signals,
+            self.spawner,
+        )
         handle = _ProcessHandle(process, self.node)
         what = f"{self.node} (pid {process.pid})"
         try:
@@ -273,6 +302,7 @@ def process_spec(
     pass_fds: Sequence[int] = (),
     output: int | None = None,
     block_signals: Sequence[int] = (),
+    spawner: Spawner | None = None,
 ) -> ChildSpec:
     """A child spec running ``argv`` as an OS process whose node is named ``node``.
 
@@ -284,7 +314,8 @@ def process_spec(
     ``output``: a file descriptor for the child's stdout and stderr (default: the
     parent's). ``block_signals``: signals the child starts with blocked (pending, not
     lost) -- it unblocks them once it handles them (``signal.pthread_sigmask``).
-    Liveness uses the parent node's heartbeat settings.
+    ``spawner``: tried first at every start (see :data:`Spawner`); None from it, or no
+    spawner, starts ``argv`` with ``Popen``. Liveness uses the parent node's heartbeat settings.
     """
     child = ProcessChild(
         node,
@@ -298,6 +329,7 @@ def process_spec(
         pass_fds=pass_fds,
         output=output,
         block_signals=block_signals,
+        spawner=spawner,
     )
     return ChildSpec(
         id=node if id is None else id, start=child.run, restart=restart, shutdown=shutdown

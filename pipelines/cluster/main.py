@@ -37,7 +37,7 @@ from ..data import data_record, record_epochs
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import LOCK_FD_ENV, Progress, RunDir, write_json_atomic
 from . import messages as msg
-from . import nodes
+from . import nodes, prefork
 from .chaos import expand
 from .coordinator import Coordinator
 from .nodes import NodeLayout
@@ -297,6 +297,7 @@ def _rank_supervisor(cfg, plan, rundir, rank_log, ranks, endpoints=None) -> acto
             # pending until the rank forwards them as stop requests
             block_signals=core.STOP_SIGNALS,
             endpoint=None if endpoints is None else endpoints[r],
+            spawner=prefork.spawn_rank,  # a warm runner's forked ranks (else exec)
         )
         for r in ranks
     ]

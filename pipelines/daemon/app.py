@@ -39,7 +39,8 @@ from .control import serve_control
 from .jobs import FINAL, Job, JobState, JobTable
 from .scheduler import to_start
 from .statedir import DaemonUsageError, StateDir
-from .supervisor import EXIT_STOPPED, JobSupervisor, job_marker, kill_processes
+from .supervisor import _LAUNCHER, EXIT_STOPPED, JobSupervisor, job_marker, kill_processes
+from .warm import WarmPool
 
 __all__ = ["Daemon"]
 
@@ -65,6 +66,13 @@ class Daemon:
         self._wake = trio.Event()
         self.started_at = time.time()
         self.control_stats = None
+        # a job runner started before its job (pipelines.daemon.warm); ranks up to the budget
+        self.warm = WarmPool(
+            self.state.path,
+            templates=min(cpus, 16),
+            launcher=_LAUNCHER,
+            log_path=self.state.path / "warm.log",
+        )
 
     # ---- life ----------------------------------------------------------------------
 
@@ -97,6 +105,7 @@ class Daemon:
                         log.info("[daemon] http on http://%s/", self.http_bound)
                     nursery.start_soon(self._scheduler)
                     nursery.start_soon(self._publisher)
+                    nursery.start_soon(self.warm.run, lambda: not self.running and not self.closing)
                     nursery.start_soon(notify.watchdog)
                     self.ready = True
                     self._publish()
@@ -138,6 +147,7 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.closing = True
+        self.warm.close()
         for job_id, sup in list(self.running.items()):
             job = self.table.get(job_id)
             if job.state == JobState.RUNNING:
@@ -188,6 +198,7 @@ class Daemon:
             job_dir / "job.log",
             self.grace,
             on_start=lambda pid: self.table.update(job.id, pid=pid),
+            warm=self.warm,
         )
         self.running[job.id] = sup
         nursery.start_soon(self._run_job, sup)
@@ -303,6 +314,7 @@ class Daemon:
             "started": self.started_at,
             "jobs": states,
             "control": dict(vars(self.control_stats)) if self.control_stats else {},
+            "warm": self.warm.stats(),
         }
 
     # ---- requests ------------------------------------------------------------------

@@ -64,11 +64,13 @@ __all__ = [
     "JsonlTail",
     "Progress",
     "Telemetry",
+    "alias_marker",
     "job_marker",
     "job_processes",
     "kill_processes",
     "read_live_ranks",
     "silent_ranks",
+    "warm_marker",
 ]
 
 log = logging.getLogger("zerotrain.daemon")
@@ -96,6 +98,30 @@ def job_marker(state_dir: Path, job_id: int | None) -> str:
     return base if job_id is None else f"{base}{job_id}"
 
 
+def warm_marker(state_dir: Path, n: int) -> str:
+    """The marker of the daemon's n-th warm job runner (pipelines.daemon.warm)."""
+    return f"{job_marker(state_dir, None)}warm-{n}"
+
+
+# job marker -> the marker of the warm runner running that job. A runner's processes
+# show the runner's marker in /proc (their environment block is fixed at exec), so a
+# job's processes are those holding either; set while the job's supervisor runs.
+_aliases: dict[str, str] = {}
+
+
+def alias_marker(marker: str, runner: str | None) -> None:
+    """Count processes holding ``runner``'s marker as ``marker``'s (None: stop)."""
+    if runner is None:
+        _aliases.pop(marker, None)
+    else:
+        _aliases[marker] = runner
+
+
+def _is_job_suffix(rest: bytes) -> bool:
+    """What follows a state dir's marker prefix: a job id, or warm-N (a warm runner)."""
+    return rest.isdigit() or (rest.startswith(b"warm-") and rest[5:].isdigit())
+
+
 def _state_and_environment(pid: int) -> tuple[bytes | None, list[bytes]]:
     """Process ``pid``'s state letter (b"R", b"S", b"T", b"Z", ...) and its environment
     entries; (None, []) once it is gone or unreadable (another user's)."""
@@ -116,6 +142,7 @@ def job_processes(marker: str) -> list[int]:
     processes that end while we look, are skipped."""
     want = marker.encode()
     prefix = want.endswith(b":")
+    alias = _aliases.get(marker, "").encode() or None
     found = []
     me = os.getpid()
     for entry in os.scandir("/proc"):
@@ -125,7 +152,11 @@ def job_processes(marker: str) -> list[int]:
         if state in (None, b"Z"):
             continue  # gone, or a zombie: already dead, waiting for its parent
         for item in env:
-            if (item.startswith(want) and item[len(want) :].isdigit()) if prefix else item == want:
+            if (
+                (item.startswith(want) and _is_job_suffix(item[len(want) :]))
+                if prefix
+                else (item == want or item == alias)
+            ):
                 found.append(int(entry.name))
                 break
     return found
@@ -152,9 +183,13 @@ async def kill_processes(marker: str, *, wait: float = 10.0) -> int:
 
 def rank_state(pid: int, marker: str) -> str:
     """'up', or why the rank process ``pid`` is down: 'gone', 'stopped', 'zombie'.
-    ``marker`` guards against a reused pid (the process must carry the job's marker)."""
+    ``marker`` guards against a reused pid (the process must carry the job's marker, or
+    that of the warm runner running the job)."""
     state, env = _state_and_environment(pid)
-    if state is None or marker.encode() not in env:
+    alias = _aliases.get(marker)
+    if state is None or not (
+        marker.encode() in env or (alias is not None and alias.encode() in env)
+    ):
         return "gone"
     if state in (b"T", b"t"):
         return "stopped"
@@ -376,9 +411,18 @@ class JobSupervisor:
     """Runs one attempt of one job: start, watch, stop on request, clean up."""
 
     def __init__(
-        self, job, state_dir: Path, config_path: Path, log_path: Path, grace: float, on_start
+        self,
+        job,
+        state_dir: Path,
+        config_path: Path,
+        log_path: Path,
+        grace: float,
+        on_start,
+        warm=None,
     ):
         self.job = job
+        self.warm = warm  # a WarmPool (pipelines.daemon.warm) to take a ready runner from
+        self.started_warm = False
         self.on_start = on_start  # called with the top process's pid once it is started
         self.state_dir = Path(state_dir)
         self.config_path = config_path
@@ -395,18 +439,16 @@ class JobSupervisor:
         self.stop_requested_at: float | None = None
         self._stop = trio.Event()
 
-    def argv(self, resume: bool) -> list[str]:
-        run = [
-            "-m",
-            "pipelines.cli",
-            "run",
-            str(self.config_path),
-            *self.job.argv,
-            "--run-dir",
-            self.job.run_dir,
-        ]
+    def run_args(self, resume: bool) -> list[str]:
+        """The job's `zerotrain run` arguments."""
+        run = ["run", str(self.config_path), *self.job.argv, "--run-dir", self.job.run_dir]
         if resume:
             run += ["--resume", self.job.run_dir]
+        return run
+
+    def argv(self, resume: bool) -> list[str]:
+        """The job's command line when it starts cold."""
+        run = ["-m", "pipelines.cli", *self.run_args(resume)]
         return [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *run]
 
     def request_stop(self) -> None:
@@ -418,25 +460,34 @@ class JobSupervisor:
     async def run(self) -> int:
         """Start the job (``on_start(pid)``) and return its exit code once every process
         of the job is gone (negative: killed by that signal)."""
+        from .warm import hand_over, job_environment
+
         resume = await trio.to_thread.run_sync(self._prepare_run_dir)
-        env = {**os.environ, self.marker.split("=", 1)[0]: self.marker.split("=", 1)[1]}
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        env = {**job_environment(), MARKER_VAR: self.marker.split("=", 1)[1]}
+        runner = await self.warm.take() if self.warm is not None else None
         with open(self.log_path, "ab") as out:
             how = " (resume)" if resume else ""
+            how += ", warm runner" if runner else ""
             when = time.strftime("%Y-%m-%d %H:%M:%S")
             attempt = self.job.attempts
             line = f"--- zerotrain serve: job {self.job.id} attempt {attempt}{how} at {when}\n"
             out.write(line.encode())
             out.flush()
-            self.process = subprocess.Popen(
-                self.argv(resume),
-                cwd=self.job.cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            if runner is None:
+                self.process = subprocess.Popen(
+                    self.argv(resume),
+                    cwd=self.job.cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        if runner is not None:
+            self.process, runner_marker = runner
+            self.started_warm = True
+            alias_marker(self.marker, runner_marker)
+            hand_over(self.process, self.run_args(resume), self.job.cwd, env, self.log_path)
         self.started_at = time.time()
         self.on_start(self.process.pid)
         try:
@@ -456,6 +507,7 @@ class JobSupervisor:
                     while job_processes(self.marker):
                         await trio.sleep(0.1)
                 await kill_processes(self.marker)
+                alias_marker(self.marker, None)
         return self.process.returncode
 
     async def _wait(self) -> int:

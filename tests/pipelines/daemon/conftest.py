@@ -61,8 +61,12 @@ def http_get(address: str, path: str) -> tuple[int, str]:
 
 
 def marked_pids(state_dir: Path) -> list[int]:
-    """Live processes of any job of this state dir (their environment marker)."""
+    """Live processes of any job of this state dir (their environment marker). The
+    daemon's waiting warm runner (pipelines.daemon.warm: marker warm-N) is no job's:
+    while a daemon answers, its waiting runner and any it starts later are left out; a
+    runner that took a job counts as that job's."""
     want = f"{MARKER_VAR}={Path(state_dir).resolve()}:".encode()
+    spare = _spare_runners(state_dir)
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -74,9 +78,30 @@ def marked_pids(state_dir: Path) -> list[int]:
             continue
         if stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z":
             continue
-        if any(item.startswith(want) for item in env.split(b"\0")):
+        items = [item[len(want) :] for item in env.split(b"\0") if item.startswith(want)]
+        if items and not spare(items[0]):
             pids.append(int(entry))
     return pids
+
+
+def _spare_runners(state_dir: Path):
+    """A test of a marker's suffix: a warm runner no job has taken (see marked_pids)."""
+    from pipelines.daemon import protocol
+    from pipelines.daemon.client import call
+    from pipelines.daemon.statedir import DaemonUsageError
+
+    try:
+        warm = call(state_dir, protocol.DaemonInfo(), timeout=5)["warm"]
+    except DaemonUsageError:
+        return lambda suffix: False
+
+    def spare(suffix: bytes) -> bool:
+        if not suffix.startswith(b"warm-"):
+            return False
+        n = int(suffix[5:])
+        return n > warm["started"] or n == warm["idle"]
+
+    return spare
 
 
 class DaemonProcess:

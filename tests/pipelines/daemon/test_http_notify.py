@@ -22,8 +22,10 @@ def test_metrics_health_and_the_status_page(daemon_factory):
     assert http_get(address, "/readyz") == (200, "ready\n")
     job = d.submit(*SMALL, "--steps", "30")
     d.wait_for(job, {"done"})
-    d.submit(*SMALL, "--steps", "30", "--ranks", "2", "--name", "waiting")
-    d.cli("pause", "waiting")
+    # long enough that the pause finds it running whatever the start takes (a warm runner
+    # starts it at once): then paused once its processes are gone
+    d.submit(*SMALL, "--steps", "100000", "--ranks", "2", "--name", "waiting")
+    assert d.cli("pause", "waiting", "--wait").stdout.strip().endswith(": paused")
     time.sleep(1.5)  # the snapshot the HTTP thread reads is published once a second
     code, text = http_get(address, "/metrics")
     assert code == 200
