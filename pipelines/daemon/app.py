@@ -249,7 +249,8 @@ class Daemon:
         sup = self.running.get(job.id)
         if sup is not None:
             p = sup.progress
-            out.update(step=p.step, loss=p.loss, last_step_t=p.last_t, pid=sup.job.pid)
+            pid = sup.process.pid if sup.process is not None else None
+            out.update(step=p.step, loss=p.loss, last_step_t=p.last_t, pid=pid)
             out["samples_per_s"] = p.samples_per_s
         return out
 

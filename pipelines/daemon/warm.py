@@ -28,8 +28,11 @@ one only while the daemon runs no job: warming costs about half a CPU-second, wh
 otherwise come out of a training job's CPUs. A job that finds the runner still warming
 waits for it (it is ready sooner than a cold start would be); a job that finds none
 starts cold (`zerotrain run` exec'd). A runner that dies while it waits (killed, out of
-memory) is noticed within :data:`POLL_SECONDS` and replaced; its output until it takes a
-job goes to ``DIR/warm.log``.
+memory) is noticed within :data:`POLL_SECONDS` and replaced; after :data:`MAX_FAILURES`
+runners in a row that die before they are ready the pool gives up (jobs start cold) and
+says so once. A runner's output until it takes a job goes to ``DIR/warm.log``. A runner
+that cannot fork rank templates (a thread is running: e.g. BLAS threads the environment
+asked for) runs its job with exec'd ranks.
 
 Its processes carry the *runner's* marker in ``/proc/PID/environ`` (the kernel keeps the
 environment block a process was exec'd with): ``ZEROTRAIN_DAEMON_JOB=DIR:warm-N``. The
@@ -54,6 +57,7 @@ log = logging.getLogger("zerotrain.daemon")
 
 POLL_SECONDS = 0.1
 WARMING_WAIT = 10.0
+MAX_FAILURES = 3  # runners in a row that die before they are ready: stop warming
 READY = b"ready\n"
 
 # what a `zerotrain run` and its ranks import; a job imports anything else as it would cold
@@ -94,6 +98,7 @@ class WarmPool:
         self.started = 0  # runners started (the marker's N)
         self.replaced = 0  # runners that died while waiting, replaced
         self.taken = 0  # jobs that started warm
+        self.failures = 0  # runners in a row that died before they were ready
         self._proc: subprocess.Popen | None = None
         self._marker = ""
         self._ready = False
@@ -109,6 +114,7 @@ class WarmPool:
             "started": self.started,
             "replaced": self.replaced,
             "taken": self.taken,
+            "disabled": self.failures >= MAX_FAILURES,
         }
 
     async def run(self, idle) -> None:
@@ -117,7 +123,7 @@ class WarmPool:
 
         try:
             while not self._closed:
-                if self._proc is None and idle():
+                if self._proc is None and idle() and self.failures < MAX_FAILURES:
                     self._start()
                 elif self._proc is not None:
                     self._check()
@@ -193,13 +199,24 @@ class WarmPool:
             except (BlockingIOError, ValueError):
                 pass
             self._ready = self._said.endswith(READY)
+        if self._ready:
+            self.failures = 0
         if proc.poll() is not None:
-            log.warning(
-                "[daemon] the warm job runner (pid %d) ended (%s) while waiting: replaced",
-                proc.pid,
-                proc.returncode,
-            )
             self.replaced += 1
+            self.failures += 0 if self._ready else 1
+            if self.failures >= MAX_FAILURES:
+                log.warning(
+                    "[daemon] %d warm job runners in a row ended before they were ready "
+                    "(their output: %s); jobs start cold from now on",
+                    self.failures,
+                    self.log_path,
+                )
+            else:
+                log.warning(
+                    "[daemon] the warm job runner (pid %d) ended (exit %s) while waiting: replaced",
+                    proc.pid,
+                    proc.returncode,
+                )
             _kill_group(proc)
             self._proc, self._ready = None, False
 
@@ -249,7 +266,10 @@ def runner_main(templates: int) -> int:
     cli._limit_blas_threads()  # before numpy: as `zerotrain run` does
     for name in _PRELOAD:
         importlib.import_module(name)
-    prefork.prefork(templates)
+    try:
+        prefork.prefork(templates)
+    except RuntimeError as err:  # e.g. BLAS threads the user asked for: ranks exec'd
+        print(f"zerotrain warm runner: no rank templates: {err}", file=sys.stderr)
     os.write(1, READY)
     line = sys.stdin.buffer.readline()
     if not line:
