@@ -34,86 +34,95 @@ Everything public is re-exported here exactly once from a private ``actors._x`` 
 (``tests/actors/test_public_api.py`` checks it). This package knows nothing of training.
 """
 
-from ._actor import (
-    NOREPLY,
-    Actor,
-    ActorRef,
-    ActorStats,
-    Down,
-    Exit,
-    From,
-    MonitorRef,
-    Stop,
-    call,
-    cast,
-    current_actor,
-    demonitor,
-    link,
-    monitor,
-    send,
-    spawn,
-    statistics,
-    stop,
-    unlink,
-)
-from ._admission import Admission, admit_curve
-from ._bf16 import bf16_round, bf16_widen
-from ._collectives import CollectiveError, Ring, shard_bounds
-from ._errors import (
-    ActorError,
-    ActorExited,
-    CallTimeout,
-    ChildSpecError,
-    LinkedExit,
-    NameTaken,
-    NoNode,
-    NoSuchActor,
-    ProcessExit,
-    RemoteError,
-    RestartIntensityExceeded,
-    StartChildError,
-    format_reason,
-    is_normal_exit,
-)
-from ._frames import (
-    DEFAULT_LIMITS,
-    DTYPES,
-    MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
-    FrameError,
-    Limits,
-    Message,
-    decode,
-    encode,
-)
-from ._mailbox import Mailbox, MailboxClosed, MailboxFull, MailboxStats
-from ._node import Node, PeerInfo, open_node
-from ._process import ENV, ProcessChild, child_node, process_spec
-from ._registry import Address, current_node, registered, wait_registered, whereis
-from ._spec import ChildSpec, ChildType, Restart, child_spec
-from ._supervisor import (
-    ABANDON_AFTER,
-    ChildInfo,
-    ChildState,
-    Strategy,
-    Supervisor,
-    count_children,
-    restart_child,
-    terminate_child,
-    which_children,
-)
-from ._transport import (
-    DEFAULT_SOCKET_OPTIONS,
-    PeerUnreachable,
-    TrioSocket,
-    get_context,
-    ipc_directory,
-    ipc_endpoint,
-    new_ipc_directory,
-    open_socket,
-    wait_released,
-)
-from ._wire import WireError, from_wire, record, to_wire
+import importlib
+
+# private module -> the public names it defines. `import actors` imports none of them:
+# each loads on first use (``__getattr__`` below), so a process that needs only the
+# frame codec -- `zerotrain status` -- does not pay for trio, zmq and the runtime.
+_HOMES = {
+    "_actor": (
+        "NOREPLY",
+        "Actor",
+        "ActorRef",
+        "ActorStats",
+        "Down",
+        "Exit",
+        "From",
+        "MonitorRef",
+        "Stop",
+        "call",
+        "cast",
+        "current_actor",
+        "demonitor",
+        "link",
+        "monitor",
+        "send",
+        "spawn",
+        "statistics",
+        "stop",
+        "unlink",
+    ),
+    "_admission": ("Admission", "admit_curve"),
+    "_bf16": ("bf16_round", "bf16_widen"),
+    "_collectives": ("CollectiveError", "Ring", "shard_bounds"),
+    "_errors": (
+        "ActorError",
+        "ActorExited",
+        "CallTimeout",
+        "ChildSpecError",
+        "LinkedExit",
+        "NameTaken",
+        "NoNode",
+        "NoSuchActor",
+        "ProcessExit",
+        "RemoteError",
+        "RestartIntensityExceeded",
+        "StartChildError",
+        "format_reason",
+        "is_normal_exit",
+    ),
+    "_frames": (
+        "DEFAULT_LIMITS",
+        "DTYPES",
+        "MAX_FRAME_BYTES",
+        "PROTOCOL_VERSION",
+        "FrameError",
+        "Limits",
+        "Message",
+        "decode",
+        "encode",
+    ),
+    "_mailbox": ("Mailbox", "MailboxClosed", "MailboxFull", "MailboxStats"),
+    "_node": ("Node", "PeerInfo", "open_node"),
+    "_process": ("ENV", "ProcessChild", "child_node", "process_spec"),
+    "_registry": ("Address", "current_node", "registered", "wait_registered", "whereis"),
+    "_spec": ("ChildSpec", "ChildType", "Restart", "child_spec"),
+    "_supervisor": (
+        "ABANDON_AFTER",
+        "ChildInfo",
+        "ChildState",
+        "Strategy",
+        "Supervisor",
+        "count_children",
+        "restart_child",
+        "terminate_child",
+        "which_children",
+    ),
+    "_transport": (
+        "DEFAULT_SOCKET_OPTIONS",
+        "PeerUnreachable",
+        "TrioSocket",
+        "get_context",
+        "ipc_directory",
+        "ipc_endpoint",
+        "new_ipc_directory",
+        "open_socket",
+        "wait_released",
+    ),
+    "_wire": ("WireError", "from_wire", "record", "to_wire"),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+
 
 __all__ = [
     # actors and messages
@@ -216,3 +225,16 @@ __all__ = [
     "format_reason",
     "is_normal_exit",
 ]
+
+
+def __getattr__(name: str):
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'actors' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"actors.{module}"), name)
+    globals()[name] = value  # later lookups are plain module attributes
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -38,7 +38,6 @@ from pathlib import Path
 
 from .cliargs import flag_overrides, int_at_least
 from .daemon import DAEMON_COMMANDS, register_daemon_commands, run_daemon_command
-from .launch import LAUNCH_COMMANDS, register_launch_commands, run_launch_command
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 2, 3, 4
 
@@ -143,7 +142,19 @@ def _parser() -> _Parser:
     from .use import add_commands
 
     add_commands(sub)
+    from .launch import register_launch_commands
+
     register_launch_commands(sub)
+    register_daemon_commands(sub)
+    return parser
+
+
+def _daemon_parser() -> _Parser:
+    """The parser of `serve` and the client verbs alone. `zerotrain status` is a remote
+    call that should cost little more than the interpreter's start: the full parser
+    imports numpy and the training modules for the other commands' options."""
+    parser = _Parser(prog="zerotrain", description="Data-parallel training, OTP-style.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     register_daemon_commands(sub)
     return parser
 
@@ -463,14 +474,18 @@ def _interrupt(signum, frame):
 
 
 def _main(argv: list[str]) -> int:
+    daemon = bool(argv) and argv[0] in DAEMON_COMMANDS
     try:
-        args = _parser().parse_args(argv)
+        args = (_daemon_parser() if daemon else _parser()).parse_args(argv)
     except _UsageError as err:
         print(str(err), file=sys.stderr)
         return EXIT_USAGE
     _limit_blas_threads()
+    if daemon:  # (imports only what the verb needs: see _daemon_parser)
+        return run_daemon_command(args)
     from .config import ConfigError
     from .data import DataError
+    from .launch import LAUNCH_COMMANDS, run_launch_command
     from .use import COMMANDS, UsageError
 
     try:
@@ -484,8 +499,6 @@ def _main(argv: list[str]) -> int:
             raise _UsageError("zerotrain ckpt: expected inspect DIR or verify DIR")
         if args.command in LAUNCH_COMMANDS:
             return run_launch_command(args, sys.stdout)
-        if args.command in DAEMON_COMMANDS:
-            return run_daemon_command(args)
         if args.command in ("run", "simulate"):
             _check_blas_choice()
         handler = {

@@ -11,6 +11,7 @@ simulate` do. The modules, top to bottom:
     roles        the rank's role actors (DataLoader, Optimizer, Checkpointer,
                  HookSampler) and the gradient functions the Trainer runs
     messages     the protocol: one record and one client function per message
+    prefork      ranks forked ahead by a warm process (the daemon's job runner)
     chaos        faults injected on purpose: the --chaos grammar and its runtime
 
 Recovery, hop by hop: rank 1 of 4 is SIGKILLed during step 14 (snapshots every 4 steps)

@@ -6,6 +6,7 @@ A tour, one job per module:
 * ``jobs``       the job table (SQLite, WAL) and the job state machine
 * ``scheduler``  which queued jobs start within the CPU budget (priority, then order)
 * ``supervisor`` one job = one `zerotrain run` process group; stop, parent death, cleanup
+* ``warm``       a `zerotrain run` process started before its job: imports done, ranks forked
 * ``protocol``   the control endpoint's records and framing (actors' frame codec)
 * ``control``    the endpoint: a Unix socket, peer uid checked, hostile input bounded
 * ``app``        the daemon itself: recovery on start, requests, shutdown

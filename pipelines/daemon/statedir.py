@@ -7,6 +7,7 @@ Layout (the directory is 0700: the control socket inside is reachable by its own
     DIR/jobs.sqlite3   the job table (pipelines.daemon.jobs), WAL mode
     DIR/control.sock   the control endpoint (pipelines.daemon.control)
     DIR/http.json      the address the HTTP server listens on, while it does
+    DIR/warm.log       what the warm job runners (pipelines.daemon.warm) print before a job
     DIR/jobs/N/        job N's files: its config copy and its output log (job.log)
     DIR/runs/job-N/    job N's run dir, unless its submit named one
 

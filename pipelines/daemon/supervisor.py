@@ -6,7 +6,9 @@ crashes, hangs or is killed touches no other job and not the daemon, and a job g
 exactly what `zerotrain run` gives: same config, seed and run dir => the same bits.
 
 * start: ``zerotrain run CONFIG ARGS --run-dir RUN`` (a fresh start), or with
-  ``--resume RUN`` once the run dir holds a valid checkpoint from an earlier attempt.
+  ``--resume RUN`` once the run dir holds a valid checkpoint from an earlier attempt --
+  handed to the daemon's warm job runner when one is ready (``pipelines.daemon.warm``:
+  the same `zerotrain run`, started before the job with its imports done), else exec'd.
   A fresh start in a run dir left by an earlier attempt without a valid checkpoint moves
   that dir aside (``RUN.attempt-N``): a run starts in an empty dir or resumes, nothing in
   between.

@@ -266,6 +266,10 @@ def runner_main(templates: int) -> int:
     cli._limit_blas_threads()  # before numpy: as `zerotrain run` does
     for name in _PRELOAD:
         importlib.import_module(name)
+    import actors
+
+    for name in actors.__all__:  # `import actors` alone loads none of its modules
+        getattr(actors, name)
     try:
         prefork.prefork(templates)
     except RuntimeError as err:  # e.g. BLAS threads the user asked for: ranks exec'd
