@@ -16,7 +16,12 @@ temp dir, --cpus 4 so two 2-rank jobs run side by side).
              starts once the daemon's runner is ready (it warms while the daemon is
              idle, and would otherwise take CPU from the cold run), and waits for the
              job's end polling the daemon four times a second (a client polling at 50 Hz
-             took CPU from the job's ranks).
+             took CPU from the job's ranks). The cold run gets a session of its own, as
+             the daemon gives each job: with Linux's autogroup scheduling a session is
+             one scheduling group, and on a machine shared with other sessions a plain
+             `zerotrain run` measured 0.67-0.83x of itself in a new session against in
+             the caller's (load average 22-27, 2 cores) -- that is placement, not the
+             daemon's cost.
   scrape     the same job's samples/s while a thread GETs /metrics at 10 Hz, over
              without (alternating pairs).
   status     the control call JobStatus (all jobs) while two jobs train, and the
@@ -170,6 +175,7 @@ def _run_cold(root: Path, steps: int) -> tuple[float, dict]:
         ],
         check=True,
         capture_output=True,
+        start_new_session=True,  # as the daemon starts a job: see "overhead" above
     )
     first = json.loads((run_dir / "metrics.jsonl").read_text().split("\n", 1)[0])["t"]
     return first - t0, json.loads((run_dir / "summary.json").read_text())
