@@ -30,8 +30,9 @@ What holds for a template rank, as for an exec'd one:
 What differs, and who handles it: ``/proc/PID/environ`` shows the environment the
 forking process was *started* with, not the one handed over (the kernel keeps the
 block fixed at exec), so the daemon finds a template rank by its warm runner's marker
-(``pipelines.daemon.supervisor``). A rank restarted after a crash is exec'd as usual
-(:func:`spawn_rank` hands out each template once); so is every rank of a plain
+(``pipelines.daemon.supervisor``). Each template is handed out once, to a first start
+or to a restart after a crash alike (a template is as fresh a process as an exec'd
+one); once they are used up, ranks are exec'd as usual -- as is every rank of a plain
 `zerotrain run`, which never calls :func:`prefork`.
 """
 

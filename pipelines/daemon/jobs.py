@@ -136,7 +136,14 @@ class Job:
 
 class JobTable:
     """The jobs table of one state dir. Opening it checks that the file is a database we
-    can read; a file that is not is reported (DaemonUsageError) and left as it is."""
+    can read; a file that is not is reported (DaemonUsageError) and left as it is.
+
+    Reads come from a cache of parsed rows: the daemon is the table's only writer, and
+    every write through :meth:`add` and :meth:`update` drops the row it changed, so a
+    row's JSON columns are parsed once per change, not on every status request and
+    every second's publishing (parsing all rows cost 0.06 ms a job each time). The
+    :class:`Job` objects returned are shared: read them, never change them.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -149,6 +156,7 @@ class JobTable:
             missing = set(_COLUMNS) - {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
             if missing:
                 raise sqlite3.DatabaseError(f"table jobs lacks columns {sorted(missing)}")
+            self._cache: dict[int, Job] = {}
         except sqlite3.Error as err:
             raise DaemonUsageError(
                 f"zerotrain serve: cannot read the job database {self.path}: {err} "
@@ -161,15 +169,19 @@ class JobTable:
     # ---- reads ---------------------------------------------------------------------
 
     def get(self, job_id: int) -> Job | None:
-        row = self.db.execute(
-            f"SELECT {','.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)
-        ).fetchone()
-        return Job._from_row(row) if row else None
+        job = self._cache.get(job_id)
+        if job is None:
+            row = self.db.execute(
+                f"SELECT {','.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            job = self._cache[job_id] = Job._from_row(row)
+        return job
 
     def all(self, states=None) -> list[Job]:
-        rows = self.db.execute(f"SELECT {','.join(_COLUMNS)} FROM jobs ORDER BY id").fetchall()
-        jobs = [Job._from_row(r) for r in rows]
-        return [j for j in jobs if states is None or j.state in states]
+        jobs = [self.get(job_id) for job_id in self.ids()]
+        return [j for j in jobs if j is not None and (states is None or j.state in states)]
 
     def ids(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM jobs ORDER BY id")]
@@ -214,6 +226,7 @@ class JobTable:
             if not name:
                 self.db.execute("UPDATE jobs SET name = ? WHERE id = ?", (f"job-{job_id}", job_id))
             self.db.execute("UPDATE jobs SET run_dir = ? WHERE id = ?", (run_dir, job_id))
+        self._cache.pop(job_id, None)
         return self.get(job_id)
 
     def update(self, job_id: int, **fields) -> None:
@@ -230,5 +243,6 @@ class JobTable:
                 value = value.value
             values.append(value)
         sets = ", ".join(f"{k} = ?" for k in fields)
+        self._cache.pop(job_id, None)  # also when the write fails: read it anew
         with self.db:
             self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*values, job_id))

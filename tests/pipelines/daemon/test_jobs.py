@@ -61,3 +61,15 @@ def test_unknown_columns_are_not_written(tmp_path):
     job = _add(table)
     with pytest.raises(KeyError):
         table.update(job.id, **{"state = 'done', step": 1})
+
+
+def test_reads_show_every_update_though_rows_are_parsed_once(tmp_path):
+    table = JobTable(tmp_path / "jobs.sqlite3")
+    first, second = _add(table), _add(table)
+    assert table.get(first.id) is table.get(first.id)  # parsed once, then shared
+    table.update(first.id, state=JobState.DONE, summary={"params_sha256": "y"}, step=3)
+    done = table.get(first.id)
+    assert (done.state, done.step, done.summary) == (JobState.DONE, 3, {"params_sha256": "y"})
+    assert [j.state for j in table.all()] == [JobState.DONE, JobState.QUEUED]
+    assert [j.id for j in table.all({JobState.QUEUED})] == [second.id]
+    assert table.get(99) is None
