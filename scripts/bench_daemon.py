@@ -205,6 +205,9 @@ def main() -> None:
             c, summary = _run_cold(root, 300)
             cold.append(c)
             ratio.append(done["summary"]["samples_per_s"] / summary["samples_per_s"])
+        out["start_runs_s"] = start
+        out["cold_runs_s"] = cold
+        out["samples_ratio_runs"] = ratio
         out["start_s"] = statistics.median(start)
         out["cold_run_start_s"] = statistics.median(cold)
         out["daemon_samples_ratio"] = statistics.median(ratio)
@@ -308,7 +311,11 @@ def main() -> None:
     print(f"load average {out['load_before']:.2f} before, {out['load_after']:.2f} after")
     out["start_over_cold"] = out["start_s"] / out["cold_run_start_s"]
     out["status_cli_over_python_pass"] = out["status_cli_p99_ms"] / out["python_pass_p99_ms"]
-    print(json.dumps({k: round(v, 4) for k, v in out.items()}))
+    print(json.dumps({k: _rounded(v) for k, v in out.items()}))
+
+
+def _rounded(value):
+    return [round(v, 4) for v in value] if isinstance(value, list) else round(value, 4)
 
 
 if __name__ == "__main__":
