@@ -100,6 +100,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="a gradient-hook script (repeatable)",
     )
     p.add_argument(
+        "--overrides",
+        dest="overrides_file",
+        metavar="FILE",
+        help="live overrides to apply at their steps: a RUN/overrides.jsonl that "
+        "`zerotrain set` recorded (one JSON object a line: step, key, value)",
+    )
+    p.add_argument(
         "--allow-data-change",
         action="store_true",
         help="with --resume: continue although data files changed since the run",
@@ -197,13 +204,27 @@ def _cmd_run(args, out) -> int:
     from .store.rundir import RunDirRefused
 
     cfg, resume, chaos, layout, analyzers = _plan_run(args)
+    overrides = _overrides(args, cfg, resume)
     run_dir = _run_dir(args, cfg, resume, layout)
     try:
-        if cfg.cluster.ranks > 1 or chaos is not None or analyzers or layout is not None:
+        if (
+            cfg.cluster.ranks > 1
+            or chaos is not None
+            or analyzers
+            or layout is not None
+            or overrides is not None  # the cluster's ranks apply them (one rank too)
+        ):
             from .cluster import run_cluster
 
             run_cluster(
-                cfg, run_dir, resume=resume, hooks=args.hooks, chaos=chaos, out=out, layout=layout
+                cfg,
+                run_dir,
+                resume=resume,
+                hooks=args.hooks,
+                chaos=chaos,
+                out=out,
+                layout=layout,
+                overrides=overrides,
             )
         else:
             run_local(cfg, run_dir, resume=resume, hooks=args.hooks, out=out)
@@ -222,6 +243,29 @@ def _cmd_run(args, out) -> int:
     except Exception as err:
         return _failed(err, run_dir, cfg)
     return EXIT_OK
+
+
+def _overrides(args, cfg, resume) -> list[dict] | None:
+    """--overrides FILE's records, checked against the config (a usage error, exit 2)."""
+    if getattr(args, "overrides_file", None) is None:
+        return None
+    from .config import ConfigError, check_overrides
+    from .store.overrides import OverridesError, read_overrides
+
+    where = f"--overrides {args.overrides_file}"
+    if resume is not None:
+        raise _UsageError(
+            f"zerotrain {args.command}: {where} starts a run; a --resume replays the "
+            "overrides its run recorded (RUN/overrides.jsonl)"
+        )
+    if not Path(args.overrides_file).is_file():
+        raise _UsageError(f"zerotrain {args.command}: {where}: no such file")
+    try:
+        records = read_overrides(args.overrides_file)
+        check_overrides(cfg, records, where)
+    except (OverridesError, ConfigError) as err:
+        raise _UsageError(f"zerotrain {args.command}: {err}") from None
+    return records
 
 
 def _plan_run(args):

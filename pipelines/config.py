@@ -55,7 +55,11 @@ __all__ = [
     "CONFIG_DIR",
     "Config",
     "ConfigError",
+    "LIVE_KEYS",
+    "LiveConfig",
     "builtin_pipelines",
+    "check_live_override",
+    "check_overrides",
     "config_hash",
     "load_config",
     "loss_spec",
@@ -963,3 +967,93 @@ def resume_fields(cfg: Config) -> dict:
 def resume_hash(cfg: Config) -> str:
     """sha256 of resume_fields(cfg)."""
     return hashlib.sha256(_canonical(resume_fields(cfg))).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Live overrides (`zerotrain set JOB KEY=VALUE`)
+# ---------------------------------------------------------------------------------------
+# The keys a running job may change. Each is a scalar the steps read afresh (the LR
+# function, the clipping threshold, when to evaluate, checkpoint, prune and end); none
+# changes a shape, the data order, the optimizer state's meaning or the world, so a run
+# replays bit-identically from any snapshot or checkpoint once it replays the overrides.
+LIVE_KEYS = (
+    "optimizer.lr",
+    "schedule.name",
+    "schedule.warmup_steps",
+    "schedule.total_steps",
+    "schedule.min_lr_ratio",
+    "schedule.step_size",
+    "schedule.gamma",
+    "train.clip_norm",
+    "train.steps",
+    "eval.every",
+    "checkpoint.every",
+    "checkpoint.keep_last",
+)
+
+
+def check_live_override(cfg: Config, key: str, text: str):
+    """The value of `key` = `text` (a TOML value) if `key` may change live and `cfg` with
+    it is valid; ConfigError (one line) naming the key and what is accepted otherwise."""
+    if key not in LIVE_KEYS:
+        raise ConfigError(
+            f"{key}: cannot be changed while a job runs; the keys that can: {', '.join(LIVE_KEYS)}"
+        )
+    _, value = parse_override(f"{key}={text}")
+    _with_overrides(cfg, [{"step": 0, "key": key, "value": value}])
+    return value
+
+
+def check_overrides(cfg: Config, overrides: list[dict], where: str) -> None:
+    """ConfigError (one line, naming `where` and the record) unless every record names a
+    live key and the config stays valid with the records up to each one applied."""
+    applied = []
+    for i, o in enumerate(overrides, 1):
+        if o["key"] not in LIVE_KEYS:
+            raise ConfigError(
+                f"{where} record {i}: {o['key']} cannot be changed while a job runs; the keys "
+                f"that can: {', '.join(LIVE_KEYS)}"
+            )
+        applied.append(o)
+        try:
+            _with_overrides(cfg, sorted(applied, key=lambda o: o["step"]))
+        except ConfigError as err:
+            raise ConfigError(f"{where} record {i}: {err}") from None
+
+
+def _with_overrides(cfg: Config, overrides: list[dict]) -> Config:
+    d = cfg.to_dict()
+    for o in overrides:
+        section, name = o["key"].split(".")
+        d[section][name] = o["value"]
+    return from_resolved(d)
+
+
+class LiveConfig:
+    """A run's config as the live overrides leave it after each step.
+
+    `overrides` are records ``{"step": N, "key": K, "value": V}`` in the order they were
+    decided (RUN/overrides.jsonl). :meth:`at` ``(s)`` is the config of everything a rank
+    decides with ``s`` steps completed -- whether step s + 1 is trained, its LR and
+    clipping, the evaluation and checkpoint after it: the base config with every
+    override of step <= s applied, by step, then in decision order. Configs are cached
+    by how many overrides apply."""
+
+    def __init__(self, base: Config, overrides: list[dict] = ()):
+        self.base = base
+        self.overrides: list[dict] = []
+        self._sorted: list[dict] = []
+        self._cache: dict[int, Config] = {}
+        self.set(list(overrides))
+
+    def set(self, overrides: list[dict]) -> None:
+        if overrides != self.overrides:
+            self.overrides = list(overrides)
+            self._sorted = sorted(self.overrides, key=lambda o: o["step"])  # stable
+            self._cache = {}
+
+    def at(self, step: int) -> Config:
+        n = sum(1 for o in self._sorted if o["step"] <= step)
+        if n not in self._cache:
+            self._cache[n] = _with_overrides(self.base, self._sorted[:n]) if n else self.base
+        return self._cache[n]

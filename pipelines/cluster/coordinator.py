@@ -27,6 +27,23 @@ says stop_at its restore step. A second signal to the same process, or
 cluster.grace_seconds without an end, stops at once: every rank is SIGKILLed, and the
 last good checkpoint is what remains.
 
+Rounds. A stop is one kind of *round*: StopPrepare, StopStep from every rank, a step S
+every rank can reach and none has passed. Live control uses the same round without
+ending the run (its requests come from a control tool holding the run's token,
+pipelines.cluster.live): `CheckpointNow` makes the ranks write a full checkpoint after S
+and go on, answered once its manifest is written and the checkpoint verifies (requests
+made before that are answered by the same checkpoint); `SetOverride` records a live
+override from S on (or a later `at_step`), appended durably to RUN/overrides.jsonl before
+any rank hears of it; `HookChange` attaches analyzers (their records in hooks.jsonl from
+the step after S; the analyzer process is started for a run that had none) or detaches
+one, recorded in RUN/hooks_live.jsonl, and the analyzer process has re-read that file
+before any rank samples by it. A transform is refused: it edits the gradients, so the
+job's bits would no longer be its config's. The decision goes to every Trainer as
+Boundary(S, checkpoint, overrides, hooks); every Plan carries the overrides, the live
+analyzers and the agreed checkpoints not yet written, so a rank restored from a replica
+or a checkpoint replays them. A request while no
+generation trains waits for the next one; rounds follow one another, never overlap.
+
 What must also outlive any rank is kept by helpers with one job each, fed by the
 Coordinator's messages: `StepLog` (metrics.jsonl, progress, the consecutive-skip limit),
 `EarlyStop` (the decisions every rank asks for), `Manifests` (a checkpoint's manifest
@@ -50,9 +67,17 @@ import trio
 import actors
 
 from .. import core
-from ..config import Config
+from ..config import Config, ConfigError, LiveConfig, check_live_override
 from ..core import RunIdentity
 from ..store import checkpoint as ckpt_mod
+from ..store.overrides import (
+    HOOKS_FILE,
+    OVERRIDES_FILE,
+    append_override,
+    hook_windows,
+    read_live_hooks,
+    read_overrides,
+)
 from ..store.rundir import (
     Progress,
     RunDir,
@@ -67,13 +92,17 @@ from .messages import (
     EXIT,
     REGROUP,
     ChaosFired,
+    CheckpointNow,
     DiskError,
     EvalReported,
     Held,
+    HookChange,
     Join,
     Plan,
     ProtocolActor,
     RankFinished,
+    RunStatus,
+    SetOverride,
     ShardWritten,
     StepLogged,
     StopQuery,
@@ -179,6 +208,18 @@ class Coordinator(ProtocolActor):
         self.stop_signals: dict[str, int] = {}  # source -> signals it received
         self.stop_steps: dict[int, int] = {}  # rank -> steps completed, this generation
         self.stop_at: int | None = None
+        self.round_open = False  # a round's StopPrepare went out, its step is not decided
+        # live control (see the module doc): requests waiting for a round, and agreed
+        # checkpoints waiting for their manifest (step -> callers)
+        self.live = LiveConfig(cfg, read_overrides(rundir.path / OVERRIDES_FILE))
+        self.want_checkpoint: list[actors.From] = []
+        self.want_set: list[tuple[actors.From, SetOverride, object]] = []
+        self.checkpoint_waiters: dict[int, list[actors.From]] = {}
+        self.live_hooks = read_live_hooks(rundir.path)  # RUN/hooks_live.jsonl's records
+        self.want_hooks: list[tuple[actors.From, list[dict]]] = []  # records, step unset
+        self.own_hooks: set[str] = set()  # the analyzers the run started with (main)
+        # starts the analyzer process if the run has none (main): True if it did
+        self.start_analyzer = None
         self.steps = StepLog(rundir, progress)
         self.stops = EarlyStop(cfg, progress)
         self.fault_log = FaultLog(events)
@@ -208,6 +249,14 @@ class Coordinator(ProtocolActor):
                 if len(self.finishing) == self.world:
                     self._finish()
                 return actors.NOREPLY
+            case RunStatus():
+                return self._status()
+            case CheckpointNow():
+                return self._want_checkpoint(from_)
+            case SetOverride():
+                return self._want_set(request, from_)
+            case HookChange():
+                return self._want_hook(request, from_)
         return self.reject(request)
 
     async def _join(self, rank: int, pid: int, held: Held, from_):
@@ -308,9 +357,12 @@ class Coordinator(ProtocolActor):
         if self.fault_log.faults:
             self._write_live_faults()
         self.stop_steps.clear()
+        self.round_open = False
         self.stop_at = None
         if self.stop_reason is not None:  # asked while no generation trained: stop now
             self.stop_at = step
+        for s in [s for s in self.checkpoint_waiters if s < step]:  # restored past it
+            self.checkpoint_waiters.setdefault(step, []).extend(self.checkpoint_waiters.pop(s))
         plan = Plan(
             gen,
             step,
@@ -318,6 +370,9 @@ class Coordinator(ProtocolActor):
             str(path) if path else None,
             self.fault_log.pending(),
             self.stop_at,
+            list(self.live.overrides),
+            sorted(self.checkpoint_waiters),
+            list(self.live_hooks),
         )
         if gen > 1:
             self.progress.message(
@@ -334,6 +389,8 @@ class Coordinator(ProtocolActor):
         joins, self.joins = self.joins, {}
         for join in joins.values():
             join.from_.reply(plan)
+        if self.want_checkpoint or self.want_set or self.want_hooks:  # asked while none trained
+            self._open_round()
 
     def _restore_point(self, held: dict[int, Held]) -> tuple[str, int, Path | None, dict | None]:
         """Where the next generation starts: (source, step, checkpoint path, its manifest)."""
@@ -383,7 +440,9 @@ class Coordinator(ProtocolActor):
                 self.stops.evaluated(s, metrics)
             case ShardWritten(rank=rank, generation=generation) if rank < self.world:
                 if generation == self.generation:  # else from before a regroup: rewritten
-                    written = self.manifests.shard_written(message, self.steps, self.stops)
+                    written = self.manifests.shard_written(
+                        message, self.steps, self.stops, self.live.at(message.step)
+                    )
                     if written is not None and self.cfg.train.steps == 0:
                         # a continuous run's rank 0 exports a checkpoint once it is
                         # complete, never before: weights/latest.safetensors is always
@@ -391,6 +450,10 @@ class Coordinator(ProtocolActor):
                         self.nursery.start_soon(
                             self._cast_trainer, msg.checkpoint_written, 0, message.step, written
                         )
+                    if written is not None and message.step in self.checkpoint_waiters:
+                        waiters = self.checkpoint_waiters.pop(message.step)
+                        ckpt = ckpt_mod.checkpoint_dir(self.ckpt_root, message.step)
+                        self.nursery.start_soon(_answer_checkpoint, ckpt, waiters)
             case DiskError(rank=rank, why=why) if rank < self.world:
                 self._fail_world(why)
             case StopStep(rank=rank, done=done, generation=generation) if rank < self.world:
@@ -435,7 +498,8 @@ class Coordinator(ProtocolActor):
             # (test_a_late_monitor_ack_while_a_rank_of_node_1_waits_to_join_does_not_hang).
             pending.from_.reply(REGROUP)
         self.down.add(rank)
-        self.stop_steps.clear()  # a stop under way is decided in the next generation
+        self.stop_steps.clear()  # a round under way is decided in the next generation
+        self.round_open = False
         self.stop_at = None
         for waiter, _ in list(self.finishing.values()):
             waiter.reply(REGROUP)
@@ -497,9 +561,10 @@ class Coordinator(ProtocolActor):
             waiter.reply(EXIT)
         self.finishing.clear()
         step = self.outcome.finished[0]["step"]
-        if self.stop_reason is not None and self.cfg.train.more(step):
+        if self.stop_reason is not None and self.live.at(step).train.more(step):
             self.outcome.stopped = stop_line(step, self.stop_reason, self.ckpt_root, self.rundir)
         self.state = Recovery.DONE
+        self._end_live()
         self.outcome.done.set()
 
     # -- planned stops (see the module doc) --------------------------------------------
@@ -521,25 +586,41 @@ class Coordinator(ProtocolActor):
             "checkpoint (a second signal stops at once)"
         )
         self.nursery.start_soon(self._enforce_grace)
-        if self.state is Recovery.TRAINING:
-            for r in range(self.world):
-                self.nursery.start_soon(self._cast_trainer, msg.stop_prepare, r, self.generation)
+        self._open_round()
         return "stopping"
 
+    def _open_round(self) -> None:
+        """Ask every rank for its completed steps (StopPrepare), unless a round is open
+        already (its decision covers what was asked since), a stop is decided, or no
+        generation trains (the next one opens it)."""
+        if self.state is not Recovery.TRAINING or self.round_open or self.stop_at is not None:
+            return
+        self.round_open = True
+        self.stop_steps.clear()
+        for r in range(self.world):
+            self.nursery.start_soon(self._cast_trainer, msg.stop_prepare, r, self.generation)
+
     def _stop_step(self, rank: int, done: int, generation: int) -> None:
-        if generation != self.generation or self.stop_at is not None:
+        if generation != self.generation or not self.round_open:
             return
         self.stop_steps[rank] = done
         if len(self.stop_steps) < self.world:
             return
-        self.stop_at = max(self.stop_steps.values()) + 1
-        if self.cfg.train.steps:
-            self.stop_at = min(self.stop_at, self.cfg.train.steps)
+        self.round_open = False
+        agreed = max(self.stop_steps.values()) + 1
+        if self.stop_reason is None:
+            self._decide_live(agreed, generation)
+            return
+        self.stop_at = agreed
+        total = self.live.at(agreed - 1).train.steps
+        if total:
+            self.stop_at = min(self.stop_at, total)
         done = ", ".join(str(self.stop_steps[r]) for r in range(self.world))
         self.progress.message(
             f"stopping after step {self.stop_at} (steps completed by ranks "
             f"0..{self.world - 1}: {done})"
         )
+        self._refuse_live("the run is stopping (its stop writes a checkpoint)")
         for r in range(self.world):
             self.nursery.start_soon(self._cast_trainer, msg.stop_at, r, self.stop_at, generation)
 
@@ -567,12 +648,225 @@ class Coordinator(ProtocolActor):
             f"{last_good_checkpoint(self.ckpt_root)}; continue with --resume {self.rundir.path}"
         )
         self.state = Recovery.DONE
+        self._end_live()
         self.outcome.done.set()
+
+    # -- live control (see the module doc) ---------------------------------------------
+
+    def _status(self) -> dict:
+        return {
+            "step": self.at_step,
+            "generation": self.generation,
+            "state": self.state.value,
+            "stopping": self.stop_reason is not None,
+            "overrides": list(self.live.overrides),
+        }
+
+    def _refusal(self) -> str | None:
+        if self.outcome.done.is_set():
+            return "the run is over"
+        if self.stop_reason is not None:
+            return "the run is stopping (its stop writes a checkpoint)"
+        return None
+
+    def _want_checkpoint(self, from_: actors.From):
+        why = self._refusal()
+        if why is not None:
+            return {"error": why}
+        if self.checkpoint_waiters:  # agreed, not written yet: that one answers too
+            self.checkpoint_waiters[max(self.checkpoint_waiters)].append(from_)
+        else:
+            self.want_checkpoint.append(from_)
+            self._open_round()
+        return actors.NOREPLY
+
+    def _want_set(self, request: SetOverride, from_: actors.From):
+        why = self._refusal()
+        if why is not None:
+            return {"error": why}
+        try:
+            value = check_live_override(self.live.at(self.at_step), request.key, request.value)
+        except ConfigError as err:
+            return {"error": str(err)}
+        if request.at_step is not None and request.at_step <= self.at_step:
+            return {
+                "error": f"--at-step {request.at_step} is past: the run has completed "
+                f"{self.at_step} steps"
+            }
+        self.want_set.append((from_, request, value))
+        self._open_round()
+        return actors.NOREPLY
+
+    def _active_hooks(self) -> set[str]:
+        """The analyzers that sample now: the run's own and those attached live, less
+        those detached."""
+        windows = hook_windows(self.live_hooks)
+        names = self.own_hooks | set(windows)
+        return {n for n in names if windows.get(n, (0, math.inf))[1] == math.inf}
+
+    def _hook_conflict(self, records: list[dict]) -> str | None:
+        active = self._active_hooks()
+        for rec in records:
+            if rec["action"] == "attach" and rec["name"] in active:
+                return f"a hook named {rec['name']!r} is attached already"
+            if rec["action"] == "detach" and rec["name"] not in active:
+                listing = ", ".join(sorted(active)) or "none"
+                return f"no hook named {rec['name']!r} is attached (attached: {listing})"
+        return None
+
+    def _want_hook(self, request: HookChange, from_: actors.From):
+        why = self._refusal()
+        if why is None and self.start_analyzer is None:
+            why = "hooks cannot be attached to a run on several nodes"
+        if why is not None:
+            return {"error": why}
+        if request.action == "detach":
+            records = [
+                {"action": "detach", "spec": "", "name": request.target, "every": 1,
+                 "exact": False}
+            ]  # fmt: skip
+        else:
+            records = _attach_records(request.target)
+            if isinstance(records, str):
+                return {"error": records}
+        why = self._hook_conflict(records)
+        if why is not None:
+            return {"error": why}
+        self.want_hooks.append((from_, records))
+        self._open_round()
+        return actors.NOREPLY
+
+    def _end_live(self) -> None:
+        """The run is over: whoever still waits hears so (written checkpoints answered
+        already; the final one is the run's own)."""
+        self._refuse_live("the run ended before the request was carried out")
+        for waiters in self.checkpoint_waiters.values():
+            for waiter in waiters:
+                waiter.reply({"error": "the run ended before the checkpoint was written"})
+        self.checkpoint_waiters.clear()
+
+    def _refuse_live(self, why: str) -> None:
+        for waiter in self.want_checkpoint:
+            waiter.reply({"error": why})
+        for waiter, _, _ in self.want_set:
+            waiter.reply({"error": why})
+        for waiter, _ in self.want_hooks:
+            waiter.reply({"error": why})
+        self.want_checkpoint, self.want_set, self.want_hooks = [], [], []
+
+    def _decide_live(self, agreed: int, generation: int) -> None:
+        """A round without a stop agreed on `agreed`: record the overrides that fit (the
+        others are answered why not), fix the checkpoint's step, tell every rank."""
+        for waiter, request, value in self.want_set:
+            at = request.at_step or agreed
+            total = self.live.at(at - 1).train.steps
+            if at < agreed:
+                why = (
+                    f"--at-step {at} is too near: every rank can still honour step "
+                    f"{agreed} at the earliest"
+                )
+            elif total and at > total:
+                why = f"the run ends after step {total}, before step {at}"
+            else:
+                why = None
+            if why is not None:
+                waiter.reply({"error": why})
+                continue
+            record = {"step": at, "key": request.key, "value": value}
+            try:
+                append_override(self.rundir.path, record)
+            except OSError as err:
+                waiter.reply({"error": f"cannot record the override: {err}"})
+                continue
+            self.live.set([*self.live.overrides, record])
+            self.progress.message(f"set {request.key} = {value!r} from step {at}")
+            waiter.reply({**record, "file": str(self.rundir.path / OVERRIDES_FILE)})
+        self.want_set = []
+        checkpoint = False
+        if self.want_checkpoint:
+            total = self.live.at(agreed - 1).train.steps
+            if total and agreed > total:
+                for waiter in self.want_checkpoint:
+                    waiter.reply({"error": f"the run ends after step {total} (its final one)"})
+                self.want_checkpoint = []
+            else:
+                checkpoint = True
+                self.checkpoint_waiters.setdefault(agreed, []).extend(self.want_checkpoint)
+                self.want_checkpoint = []
+                self.progress.message(f"checkpoint asked for: after step {agreed}")
+        hooks_changed = self._decide_hooks(agreed)
+        self.round_open = True  # until every rank is told: no round may start before
+        self.nursery.start_soon(self._boundary, agreed, generation, checkpoint, hooks_changed)
+
+    def _decide_hooks(self, agreed: int) -> bool:
+        """Record the hook changes asked for at step `agreed`; whether any was."""
+        changed = False
+        for waiter, records in self.want_hooks:
+            why = self._hook_conflict(records)
+            if why is not None:
+                waiter.reply({"error": why})
+                continue
+            try:
+                for record in records:
+                    append_override(self.rundir.path, {**record, "step": agreed}, HOOKS_FILE)
+            except OSError as err:
+                waiter.reply({"error": f"cannot record the hook change: {err}"})
+                continue
+            self.live_hooks += [{**record, "step": agreed} for record in records]
+            changed = True
+            names = [r["name"] for r in records]
+            action = records[0]["action"]
+            self.progress.message(f"hook {action} {', '.join(names)} after step {agreed}")
+            waiter.reply(
+                {
+                    "step": agreed,
+                    "action": action,
+                    "names": names,
+                    "file": str(self.rundir.path / "hooks.jsonl"),
+                }
+            )
+        self.want_hooks = []
+        return changed
+
+    async def _boundary(self, agreed: int, generation: int, checkpoint: bool, hooks: bool):
+        """Tell every rank the round's decision -- once the analyzer process knows of
+        the hooks changed in it (started for a run that had none), so that it runs an
+        attached hook from its first step (bounded by hooks.timeout_s: past that, the
+        ranks go on and the analyzer catches up)."""
+        if hooks:
+            with trio.move_on_after(self.cfg.hooks.timeout_s + 5):
+                if not await self.start_analyzer():
+                    try:
+                        await actors.call(
+                            "HookAnalyzer@analyzer", "hooks_changed", self.cfg.hooks.timeout_s
+                        )
+                    except actors.ActorError as err:  # restarting: it reads the file then
+                        self.progress.message(f"the analyzer did not take the hooks: {err}")
+        overrides, live_hooks = list(self.live.overrides), list(self.live_hooks)
+        async with trio.open_nursery() as casts:
+            for r in range(self.world):
+                casts.start_soon(
+                    self._cast_trainer,
+                    msg.boundary,
+                    r,
+                    agreed,
+                    generation,
+                    checkpoint,
+                    overrides,
+                    live_hooks,
+                )
+        # every rank has the decision ahead of a next round's StopPrepare
+        if generation == self.generation and self.state is Recovery.TRAINING:
+            self.round_open = False
+            wanted = self.want_checkpoint or self.want_set or self.want_hooks
+            if self.stop_reason is not None or wanted:  # asked while this one was told
+                self._open_round()
 
     def fail(self, reason: str) -> None:
         if not self.outcome.done.is_set():
             self.outcome.failure = reason
             self.state = Recovery.DONE
+            self._end_live()
             self.outcome.done.set()
 
 
@@ -680,9 +974,12 @@ class Manifests:
     def clear(self) -> None:
         self.shards.clear()
 
-    def shard_written(self, m: ShardWritten, steps: StepLog, stops: EarlyStop) -> bool | None:
+    def shard_written(
+        self, m: ShardWritten, steps: StepLog, stops: EarlyStop, live: Config
+    ) -> bool | None:
         """None while shards of the step are missing; then whether its manifest was
-        written (False: reported, the run goes on)."""
+        written (False: reported, the run goes on). `live`: the config at that step (its
+        live checkpoint.keep_last)."""
         s = m.step
         got = self.shards.setdefault(s, {})
         got[m.rank] = (m.info, m.counters)
@@ -710,7 +1007,7 @@ class Manifests:
                 raise
             steps.progress.message(f"checkpoint {ckpt} not completed: {err}")
             return False
-        core.retain(self.cfg, self.root)
+        core.retain(live, self.root)
         return True
 
 
@@ -829,6 +1126,44 @@ def _append_lines(path: Path, records: list[dict]) -> None:
         os.write(fd, data.encode())
     finally:
         os.close(fd)
+
+
+def _attach_records(spec: str) -> list[dict] | str:
+    """The hooks_live records (step unset) of attaching `spec`'s analyzers, or why not."""
+    from ..hooks import ANALYZER, HookError, load_hooks
+
+    try:
+        hooks = load_hooks([spec])
+    except HookError as err:
+        return str(err)
+    except Exception as err:  # the script's own import error
+        return f"hook {spec!r} does not load: {type(err).__name__}: {err}"
+    transforms = [h.name for h in hooks if h.kind != ANALYZER]
+    if transforms:
+        return (
+            f"{', '.join(transforms)}: a transform cannot be attached live -- it edits the "
+            "gradients, so the job would no longer train as its config says and its "
+            "params_sha256 would differ; give it at submit (--hook)"
+        )
+    if not hooks:
+        return f"hook {spec!r} holds no analyzer"
+    return [
+        {"action": "attach", "spec": spec, "name": h.name, "every": h.every, "exact": h.exact}
+        for h in hooks
+    ]
+
+
+async def _answer_checkpoint(ckpt: Path, waiters: list) -> None:
+    """Answer the callers of an agreed checkpoint once it verifies (every shard's size
+    and SHA-256, the shards tiling the vector)."""
+    with trio.CancelScope(shield=True):  # the run may be ending: answer all the same
+        try:
+            manifest = await trio.to_thread.run_sync(ckpt_mod.verify_checkpoint, ckpt)
+            answer = {"step": int(manifest["step"]), "manifest": str(ckpt / ckpt_mod.MANIFEST)}
+        except ckpt_mod.CheckpointError as err:
+            answer = {"error": f"checkpoint {ckpt} does not verify: {err}"}
+        for waiter in waiters:
+            waiter.reply(answer)
 
 
 async def _resume_later(pid: int, seconds: float) -> None:

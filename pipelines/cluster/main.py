@@ -35,6 +35,7 @@ from ..config import Config
 from ..core import RunIdentity, RunStopped, TrainingFailed, prepare_run
 from ..data import data_record, record_epochs
 from ..store import checkpoint as ckpt_mod
+from ..store.overrides import OVERRIDES_FILE, append_override, hook_windows, read_overrides
 from ..store.rundir import LOCK_FD_ENV, Progress, RunDir, write_json_atomic
 from . import messages as msg
 from . import nodes, prefork
@@ -62,9 +63,12 @@ def run_cluster(
     chaos=None,
     out=None,
     layout: NodeLayout | None = None,
+    overrides: list[dict] | None = None,
 ) -> dict:
     """Train `cfg` on cfg.cluster.ranks rank processes; return the summary (also
-    written). `chaos`: parsed ChaosEvents (simulate) or None. `layout`: this node's
+    written). `chaos`: parsed ChaosEvents (simulate) or None. `overrides`: live
+    overrides to apply at their steps (checked; `zerotrain run --overrides FILE`); a
+    resumed run replays its own (RUN/overrides.jsonl). `layout`: this node's
     place in a multi-node run (pipelines.cluster.nodes), None on one host; node K > 0
     returns None (node 0 writes the summary). Raises RunRefused (exit 2) before the run
     dir is created when the run cannot start as asked, TrainingFailed (exit 3) when it
@@ -80,6 +84,7 @@ def run_cluster(
     record_epochs(inputs.train, rundir.path)
     if inputs.resume is not None:  # steps after the checkpoint are trained again
         rundir.forget_steps_after(int(inputs.resume.manifest["step"]))
+    _record_overrides(rundir.path, overrides, inputs.resume)
     progress = core.progress_for(cfg, out)
     specs = list(cfg.hooks.specs) + list(hooks)
     analyzers = any(h.kind == "analyzer" for h in inputs.hooks)
@@ -101,6 +106,7 @@ def run_cluster(
             identity=identity,
         )
         coord.ports = ports  # the multi-node tables' ports join the rings' (closed below)
+        coord.own_hooks = {h.name for h in inputs.hooks if h.kind == "analyzer"}
         if layout is not None:  # node-major ranks; node K's shards go to node 0's root
             coord.local_ranks = layout.ranks
             coord.replica_stride = len(layout.ranks)  # replicas on the next node
@@ -143,6 +149,18 @@ def _record_outcome(coord: Coordinator, rundir: RunDir, chaos) -> None:
         raise RunStopped(coord.outcome.stopped)
 
 
+def _record_overrides(run_dir: Path, overrides, resume) -> None:
+    """RUN/overrides.jsonl, which the Coordinator reads: `overrides` for a fresh run; a
+    resumed run's own when it resumes into another dir (into its own: kept as it is)."""
+    if overrides is None and resume is not None:
+        source = Path(resume.root).parent / OVERRIDES_FILE
+        if source.resolve() != (run_dir / OVERRIDES_FILE).resolve():
+            overrides = read_overrides(source)
+    if overrides:
+        for record in overrides:
+            append_override(run_dir, record)
+
+
 def _write_plan(
     cfg, rundir: RunDir, specs, analyzers: bool, ipc_dir: str, cache, run_id: str, ports: list
 ) -> Path:
@@ -159,6 +177,7 @@ def _write_plan(
         "run_id": run_id,
         "config": cfg.to_dict(),
         "run_dir": str(rundir.path.resolve()),
+        "ipc_dir": ipc_dir,  # the cluster node and its token (pipelines.cluster.live)
         "hooks": specs,
         "analyzers": analyzers,
         "endpoints": endpoints,
@@ -342,26 +361,34 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
                     nursery.cancel_scope.cancel()
                     return
             ranks = _rank_supervisor(cfg, plan, rundir, rank_log, coord.local_ranks, endpoints)
-            if analyzer_specs:
+            analyzer = []  # its supervisor, once started
+
+            async def start_analyzer() -> bool:
+                """Start the analyzer process unless it runs; True if started."""
+                if analyzer:
+                    return False
                 from ..hooks.process import analyzer_spec
 
+                specs = analyzer_specs or []
+                spec = analyzer_spec(rundir.path, specs, cfg.cluster.ranks, cfg.hooks.timeout_s)
                 side = actors.Supervisor(
-                    [
-                        analyzer_spec(
-                            rundir.path, analyzer_specs, cfg.cluster.ranks, cfg.hooks.timeout_s
-                        )
-                    ],
-                    name="AnalyzerSupervisor",
-                    max_restarts=10,
-                    max_seconds=10.0,
+                    [spec], name="AnalyzerSupervisor", max_restarts=10, max_seconds=10.0
                 )
-                # up before the ranks, so the first samples have a receiver
+                analyzer.append(side)
                 await nursery.start(_side, side)
+                return True
+
+            attached = any(u == math.inf for _, u in hook_windows(coord.live_hooks).values())
+            if analyzer_specs or attached:  # (attached live: a resume, or a recovery)
+                # up before the ranks, so the first samples have a receiver
+                await start_analyzer()
+            if layout is None:  # analyzers attached live (`zerotrain hook attach`)
+                coord.start_analyzer = start_analyzer
             nursery.start_soon(_ranks, ranks, coord)
             await coord.outcome.done.wait()
             if layout is not None:
                 await nodes.announce_end(layout, coord.outcome)
-            if analyzer_specs and coord.outcome.failure is None and not coord.outcome.stopped:
+            if analyzer and coord.outcome.failure is None and not coord.outcome.stopped:
                 with trio.move_on_after(cfg.hooks.timeout_s + 5):
                     while True:  # it may be restarting (a hook hung): ask again
                         try:

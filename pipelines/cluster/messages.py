@@ -17,6 +17,11 @@ StopRequest         a signalled process -> Co.  call   "stopping", or "exit": le
 StopStep            Trainer -> Coordinator      cast   (its completed steps, for a stop)
 StopPrepare         Coordinator -> Trainer      cast
 StopAt              Coordinator -> Trainer      cast
+Boundary            Coordinator -> Trainer      cast   (a round without a stop: go on)
+RunStatus           a control tool -> Co.       call   dict (step, generation, state ...)
+CheckpointNow       a control tool -> Co.       call   dict: step, manifest | error
+SetOverride         a control tool -> Co.       call   dict: step, key, value | error
+HookChange          a control tool -> Co.       call   dict: step, names | error
 RegroupCalled       Coordinator -> Trainer      cast
 CheckpointWritten   Coordinator -> Trainer@0    cast   (a continuous run: export it)
 BatchesWanted       Trainer -> DataLoader       call   the rank's micro-batches
@@ -53,6 +58,9 @@ What holds:
   :class:`Rejected` and drops a cast it does not know, counting it in its
   ``statistics().dropped`` -- never an exception, which would crash the actor and with
   it the rank (or, for the Coordinator, the run).
+* A control tool (the daemon, or any process of the run's user holding the run's
+  token, ``pipelines.cluster.live``) reaches the Coordinator like a rank does; its
+  requests answer a dict, ``{"error": one line}`` when refused.
 * A role's work that fails for a reason outside this rank (a dead peer mid-collective)
   is answered with :class:`Failed`; the Trainer turns it into :class:`Regroup`.
 
@@ -70,6 +78,7 @@ import numpy as np
 import actors
 
 from ..store.checkpoint import ShardInfo
+from ..store.overrides import is_live_hook
 
 __all__ = [
     "COORDINATOR",
@@ -79,6 +88,8 @@ __all__ = [
     "ApplyUpdate",
     "BadMessage",
     "BatchesWanted",
+    "Boundary",
+    "CheckpointNow",
     "ChaosFired",
     "CheckpointWritten",
     "DiskError",
@@ -87,6 +98,7 @@ __all__ = [
     "FlushWrites",
     "Held",
     "HeldQuery",
+    "HookChange",
     "HookFlush",
     "HookStats",
     "Join",
@@ -100,9 +112,11 @@ __all__ = [
     "ReplicaAck",
     "ReplicaWanted",
     "RestoreState",
+    "RunStatus",
     "SampleDecision",
     "SampleQuery",
     "SampleView",
+    "SetOverride",
     "ShardQuery",
     "ShardWritten",
     "Snapshot",
@@ -115,7 +129,9 @@ __all__ = [
     "TakeSnapshot",
     "apply_update",
     "ask_regroup",
+    "boundary",
     "chaos_fired",
+    "checkpoint_now",
     "checkpoint_written",
     "disk_error",
     "eval_reported",
@@ -123,6 +139,7 @@ __all__ = [
     "flush_hooks",
     "flush_writes",
     "held_snapshots",
+    "hook_change",
     "hook_stats",
     "join",
     "own_snapshot",
@@ -132,9 +149,11 @@ __all__ = [
     "replica_of",
     "replica_owner",
     "restore_state",
+    "run_status",
     "sample_decision",
     "send_replica",
     "send_sample",
+    "set_override",
     "stop_at",
     "stop_prepare",
     "stop_requested",
@@ -186,6 +205,27 @@ BOOL = (lambda v: isinstance(v, bool | np.bool_), "a bool")
 STR_DICT = (_is_str_dict, "a dict with str keys")
 OPT_STR_DICT = (lambda v: v is None or _is_str_dict(v), "None or a dict with str keys")
 STEPS = (lambda v: isinstance(v, list) and all(NAT[0](s) for s in v), "a list of ints >= 0")
+SHORT_STR = (lambda v: isinstance(v, str) and 0 < len(v) <= 256, "a str of 1-256 characters")
+
+
+def _is_override(o) -> bool:
+    return (
+        isinstance(o, dict)
+        and set(o) == {"step", "key", "value"}
+        and NAT[0](o["step"])
+        and isinstance(o["key"], str)
+        and isinstance(o["value"], int | float | str | bool)
+    )
+
+
+OVERRIDES = (
+    lambda v: isinstance(v, list) and all(_is_override(o) for o in v),
+    "a list of {step, key, value} dicts",
+)
+LIVE_HOOKS = (
+    lambda v: isinstance(v, list) and all(is_live_hook(h) for h in v),
+    "a list of RUN/hooks_live.jsonl records",
+)
 VECTOR = (
     lambda v: isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype == np.float32,
     "a 1-D float32 array",
@@ -255,7 +295,10 @@ class Plan:
     """The Coordinator's answer to Join: train generation `generation` from the state
     after `step` steps, taken from `source` ("init", "memory" or "disk" at `path`);
     `chaos` is the events not fired yet; `stop_at` the step to stop after, when a
-    planned stop is under way."""
+    planned stop is under way; `overrides` the run's live overrides (each rank replays
+    them: pipelines.config.LiveConfig); `checkpoints` the steps of agreed checkpoints
+    (`zerotrain checkpoint`) whose manifest is not written yet; `hooks` the analyzers
+    attached and detached live (which steps to sample: pipelines.store.overrides)."""
 
     generation: int
     step: int
@@ -263,9 +306,13 @@ class Plan:
     path: str | None
     chaos: list
     stop_at: int | None = None  # a planned stop asked before this generation formed
+    overrides: list = dataclasses.field(default_factory=list)
+    checkpoints: list = dataclasses.field(default_factory=list)
+    hooks: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
-        _check(self, generation=POSITIVE, step=NAT)
+        _check(self, generation=POSITIVE, step=NAT, overrides=OVERRIDES, checkpoints=STEPS)
+        _check(self, hooks=LIVE_HOOKS)
         if self.stop_at is not None and not NAT[0](self.stop_at):
             raise BadMessage(
                 f"Plan.stop_at: expected None or an int >= 0, got {self.stop_at!r:.40}"
@@ -426,6 +473,53 @@ class StopStep:
         _check(self, rank=NAT, done=NAT, generation=POSITIVE)
 
 
+# From a control tool (pipelines.cluster.live): a running job's live control
+@_wire
+class RunStatus:
+    """Where the run stands: step, generation, state, overrides."""
+
+
+@_wire
+class CheckpointNow:
+    """A full checkpoint at a step every rank agrees on, training going on; answered
+    with that step and its manifest once the checkpoint verifies. Requests that overlap
+    (one comes before the other's checkpoint is written) are answered by one."""
+
+
+@_wire
+class SetOverride:
+    """Set live key `key` to `value` (a TOML value's text) from step `at_step` on (None:
+    the next step every rank can still honour)."""
+
+    key: str
+    value: str
+    at_step: int | None = None
+
+    def __post_init__(self):
+        _check(self, key=SHORT_STR, value=SHORT_STR)
+        if self.at_step is not None and not POSITIVE[0](self.at_step):
+            raise BadMessage(
+                f"SetOverride.at_step: expected None or an int >= 1, got {self.at_step!r:.40}"
+            )
+
+
+@_wire
+class HookChange:
+    """Attach analyzers (`action` "attach", `target` a hook spec: "PATH.py[:NAME]",
+    "builtin[:NAME]") or detach one (`action` "detach", `target` its name), at a step
+    every rank agrees on."""
+
+    action: str
+    target: str
+
+    def __post_init__(self):
+        _check(self, target=SHORT_STR)
+        if self.action not in ("attach", "detach"):
+            raise BadMessage(
+                f"HookChange.action: expected 'attach' or 'detach', got {self.action!r:.40}"
+            )
+
+
 # ---------------------------------------------------------------------------------------
 # To the Trainer
 # ---------------------------------------------------------------------------------------
@@ -450,6 +544,24 @@ class StopAt:
 
     def __post_init__(self):
         _check(self, step=NAT, generation=POSITIVE)
+
+
+@_wire
+class Boundary:
+    """The step a round without a stop agreed on (the Coordinator's module doc): write a
+    checkpoint after step `step` when `checkpoint`; `overrides` and `hooks` are the
+    run's live overrides and live analyzers now (replacing what the rank had); then go
+    on."""
+
+    step: int
+    generation: int
+    checkpoint: bool
+    overrides: list
+    hooks: list
+
+    def __post_init__(self):
+        _check(self, step=NAT, generation=POSITIVE, checkpoint=BOOL, overrides=OVERRIDES)
+        _check(self, hooks=LIVE_HOOKS)
 
 
 @_wire
@@ -783,6 +895,33 @@ async def stop_at(rank: int, step: int, generation: int) -> None:
 
 async def checkpoint_written(rank: int, step: int, written: bool) -> None:
     await actors.cast(f"Trainer@rank{rank}", CheckpointWritten(step, written))
+
+
+async def boundary(
+    rank: int, step: int, generation: int, checkpoint: bool, overrides: list, hooks: list
+) -> None:
+    message = Boundary(step, generation, checkpoint, overrides, hooks)
+    await actors.cast(f"Trainer@rank{rank}", message)
+
+
+async def hook_change(coordinator: str, action: str, target: str, timeout: float) -> dict:
+    reply = await actors.call(coordinator, HookChange(action, target), timeout)
+    return _expect(reply, dict, "hook_change")
+
+
+async def run_status(coordinator: str, timeout: float) -> dict:
+    return _expect(await actors.call(coordinator, RunStatus(), timeout), dict, "run_status")
+
+
+async def checkpoint_now(coordinator: str, timeout: float) -> dict:
+    return _expect(await actors.call(coordinator, CheckpointNow(), timeout), dict, "checkpoint")
+
+
+async def set_override(
+    coordinator: str, key: str, value: str, at_step: int | None, timeout: float
+) -> dict:
+    reply = await actors.call(coordinator, SetOverride(key, value, at_step), timeout)
+    return _expect(reply, dict, "set_override")
 
 
 async def ask_regroup(rank: int, generation: int) -> None:

@@ -40,7 +40,7 @@ import trio
 import actors
 from cykernels import gemm
 
-from ..config import from_resolved
+from ..config import LiveConfig, from_resolved
 from ..core import (
     STOP_SIGNALS,
     build_model_for,
@@ -63,6 +63,7 @@ from . import messages as msg
 from .chaos import RankChaos
 from .messages import (
     COORDINATOR,
+    Boundary,
     CheckpointWritten,
     Failed,
     Plan,
@@ -128,6 +129,7 @@ class Trainer(ProtocolActor):
         self.exit_ok = False
         self.final_eval: dict | None = None
         self.hooks_agreed = True
+        self.live = LiveConfig(state.cfg)  # the base config and the run's live overrides
         self._stop_plan(None)
         # a continuous run's rank 0 exports each checkpoint once the Coordinator says it
         # is complete (CheckpointWritten): the steps it wrote and has not heard of, the
@@ -145,7 +147,8 @@ class Trainer(ProtocolActor):
             self.nursery.start_soon(self._exporter)
 
     def _exports(self) -> bool:
-        return self.state.rank == 0 and self.state.cfg.train.steps == 0
+        # a run started continuous (a live train.steps may end it) exports as one
+        return self.state.rank == 0 and self.live.base.train.steps == 0
 
     async def handle_cast(self, message):
         st = self.state
@@ -153,14 +156,22 @@ class Trainer(ProtocolActor):
             case RegroupCalled(generation=generation):
                 st.abort_collectives(generation)
             case StopPrepare(generation=generation) if generation == st.generation:
-                # from now on start step done + 1 at most before the decision (the
-                # Coordinator's module doc says why every rank can then stop at one step)
-                self.stop_limit = self.done + 1
-                await msg.stop_step(st.rank, self.done, generation)
+                await self._prepare(generation)
+            case StopPrepare(generation=generation) if generation > st.generation:
+                # the round of a generation whose Plan this rank has not acted on yet
+                # (the Coordinator opens it as it answers the joins): answered once this
+                # rank has restored that generation's state
+                self.early_prepare = generation
             case StopAt(step=step, generation=generation) if generation == st.generation:
                 self.stop_at = step
-                self.stop_decided.set()
-            case StopPrepare() | StopAt():
+                self._release()
+            case Boundary(step=step, generation=generation) if generation == st.generation:
+                if message.checkpoint:
+                    self.checkpoints.add(step)
+                self.live.set(message.overrides)
+                st.live_hooks = message.hooks
+                self._release()
+            case StopPrepare() | StopAt() | Boundary():
                 pass  # of a generation that is over
             case CheckpointWritten(step=step, written=written) if (
                 self._exports() and step <= self.state.done_steps
@@ -207,12 +218,44 @@ class Trainer(ProtocolActor):
             if not changed.is_set():
                 raise Regroup("a rank failed while the stop's checkpoint was completed")
 
-    def _stop_plan(self, stop_at: int | None) -> None:
-        """A generation's planned-stop state: the agreed last step, if any yet."""
+    def _stop_plan(self, stop_at: int | None, checkpoints=()) -> None:
+        """A generation's round state: the agreed last step, if any yet; the agreed
+        checkpoints (`zerotrain checkpoint`) not written yet."""
         self.stop_at = stop_at
-        self.stop_limit: int | None = None
-        self.stop_decided = trio.Event()
+        self.hold: int | None = None  # a round is open: start no step from here on
+        self.released = trio.Event()  # the round's decision came
+        self.checkpoints: set[int] = set(checkpoints)
+        self.live_written: set[int] = set()  # agreed checkpoints written in this one
         self.done = 0  # steps completed in this generation's state
+
+    async def _prepare(self, generation: int) -> None:
+        """A round: from now on start step done + 1 at most before the decision (the
+        Coordinator's module doc says why every rank can then act at one step)."""
+        self.hold = self.done + 1
+        self.released = trio.Event()
+        await msg.stop_step(self.state.rank, self.done, generation)
+
+    early_prepare = 0  # a round's generation, asked for before this rank was in it
+
+    def _periodic(self, s: int) -> bool:
+        """Whether the step that ended at `s` wrote a periodic checkpoint of it (the
+        final one is the run's end's)."""
+        cfg = self.live.at(max(s - 1, 0))
+        every = cfg.checkpoint.every
+        return bool(every and s % every == 0) and s != cfg.train.steps
+
+    def _release(self) -> None:
+        self.hold = None
+        self.released.set()
+
+    def _config_at(self, s: int):
+        """The config of what this rank decides with `s` steps completed (live
+        overrides applied); the step's own code reads it from the rank state."""
+        cfg = self.live.at(s)
+        if cfg is not self.state.cfg:
+            self.state.cfg = cfg
+            self.state.step.cfg = cfg
+        return cfg
 
     async def _drive(self) -> None:
         st = self.state
@@ -220,8 +263,13 @@ class Trainer(ProtocolActor):
             st.enter("join")
             plan = await msg.join(st.rank, os.getpid(), await msg.held_snapshots())
             try:
-                self._stop_plan(plan.stop_at)
+                self._stop_plan(plan.stop_at, plan.checkpoints)
+                self.done = plan.step  # what a round asked for from here on is told
+                self.live.set(plan.overrides)
+                st.live_hooks = plan.hooks
                 await self._restore(plan)
+                if self.early_prepare == plan.generation:
+                    await self._prepare(plan.generation)
                 if await self._train(plan):
                     break
             except Regroup as why:
@@ -251,8 +299,10 @@ class Trainer(ProtocolActor):
         await msg.restore_state(RestoreState(plan.source, s, plan.path, snapshot))
         # the restored state is a snapshot too (a later failure can come back to it); on a
         # checkpoint step the shard file is written again (its first write may be torn)
-        every = st.cfg.checkpoint.every
-        to_disk = bool(every and s and s % every == 0 and s != st.cfg.train.steps)
+        cfg = self._config_at(max(s - 1, 0))  # what the step that ended at s decided
+        every = cfg.checkpoint.every
+        due = bool(every and s and s % every == 0) or s in self.checkpoints
+        to_disk = due and s != cfg.train.steps
         if to_disk:  # only when that checkpoint never completed
             done = ckpt_mod.checkpoint_dir(st.ckpt_root, s) / ckpt_mod.MANIFEST
             to_disk = not done.exists()
@@ -260,33 +310,45 @@ class Trainer(ProtocolActor):
         if to_disk and self._exports():
             self.unconfirmed.add(s)
         await msg.take_snapshot(s, to_disk)
+        self.checkpoints.discard(s)
 
     async def _train(self, plan: Plan) -> bool:
         """Steps from plan.step; True when the run is complete."""
         st = self.state
-        cfg = st.cfg
-        total = cfg.train.steps
         s = plan.step
         self.hooks_agreed = True  # every rank starts here with the same value
         stopped = False
         st.enter("step", s)
-        while cfg.train.more(s):
+        while True:
             self.done = s
+            if self.hold is not None and s >= self.hold:
+                # a round is open: its decision may change what this step does
+                released = self.released
+                st.enter("stop")
+                await st.wait_unless_regroup(released)
+                st.enter("step")
+                if not released.is_set():
+                    raise Regroup("a rank failed while the ranks agreed on a step")
+                continue
+            cfg = self._config_at(s)
+            total = cfg.train.steps
+            if not cfg.train.more(s):
+                break
             if self.stop_at is not None and s >= self.stop_at:
                 stopped = True  # a planned stop (a signal): end here, checkpointed
                 break
-            if self.stop_limit is not None and s >= self.stop_limit and self.stop_at is None:
-                st.enter("stop")
-                await st.wait_unless_regroup(self.stop_decided)
-                st.enter("step")
-                if not self.stop_decided.is_set():
-                    raise Regroup("a rank failed while the ranks agreed on a stop step")
-                continue
+            if s in self.checkpoints:  # agreed in a round: written here, where every
+                # rank has heard the decision (right after step s it may not have yet)
+                self.checkpoints.discard(s)
+                if not self._periodic(s):
+                    if self._exports():  # exported once complete (_exporter)
+                        self.unconfirmed.add(s)
+                    await msg.take_snapshot(s, True)
+                self.live_written.add(s)
             record = await self._step(s, plan.generation)
             s += 1
             st.enter("step", s)
-            ckpt_every = cfg.checkpoint.every
-            to_disk = bool(ckpt_every and s % ckpt_every == 0 and s != total)
+            to_disk = self._periodic(s)
             if to_disk and self._exports():  # exported once complete (_exporter)
                 self.unconfirmed.add(s)
             if to_disk or s % cfg.cluster.snapshot_every == 0:
@@ -318,9 +380,10 @@ class Trainer(ProtocolActor):
         keep); a stop spends no time on an evaluation or the final weights."""
         st = self.state
         st.enter("finish")
-        every = st.cfg.checkpoint.every
+        every = self.live.at(max(s - 1, 0)).checkpoint.every  # what the last step decided
         restored = plan.source == "disk" and Path(plan.path).parent == Path(st.ckpt_root)
-        on_disk = s == 0 or bool(every and s % every == 0) or (s == plan.step and restored)
+        written = bool(every and s % every == 0) or s in self.live_written
+        on_disk = s == 0 or written or (s == plan.step and restored)
         if not (stopped and on_disk):
             if self._exports():
                 self.unconfirmed.add(s)

@@ -104,11 +104,15 @@ class RankState:
     # what the rank is doing, for live/rank-R.json (the daemon's silent-rank check):
     # "join" (joining or restoring), "step" (a step's own work: data, hooks, compute),
     # "collective" (its gradients computed, in the step's collectives with the other
-    # ranks), "eval", "stop" (waiting for the agreed stop step), "finish"; since when
+    # ranks), "eval", "stop" (waiting for a round's decision: a stop, a checkpoint, a
+    # live override or hook), "finish"; since when
     # (wall time), and the steps completed
     phase: str = "join"
     phase_since: float = field(default_factory=time.time)
     done_steps: int = 0
+    # the analyzers attached and detached live (RUN/hooks_live.jsonl's records), as the
+    # Trainer last heard them from the Coordinator; the HookSampler samples by them
+    live_hooks: list = field(default_factory=list)
     _lock: trio.Lock = field(default_factory=trio.Lock)
     _scope: trio.CancelScope | None = None
     _regroup: trio.Event = field(default_factory=trio.Event)  # set by the next regroup
@@ -552,7 +556,7 @@ class HookSampler(_Role):
         run's last step always is: the run's end waits for the analyzer anyway. A step
         due for an exact hook always is, once the analyzer has answered every sample
         this rank sent (they were cast to this mailbox before this call)."""
-        outbox = self.outbox
+        outbox = self._outbox()
         if outbox is None:
             return SampleDecision(False, False)
         sampled = outbox.due(step)
@@ -562,6 +566,19 @@ class HookSampler(_Role):
             outbox.decline(step)
             sampled = False
         return SampleDecision(sampled, outbox.has_credit() and not sampled)
+
+    def _outbox(self):
+        """The outbox, with the live analyzers of the rank state applied; made at the
+        first step an analyzer is attached live to a run that started without any."""
+        live = self.state.live_hooks
+        if self.outbox is None and live:
+            from ..hooks.link import HookOutbox
+
+            self.outbox = HookOutbox([], layout=self.state.model.layout)
+            self.nursery.start_soon(self.outbox.run)
+        if self.outbox is not None:
+            self.outbox.set_live(live)
+        return self.outbox
 
     async def handle_cast(self, message):
         match message:

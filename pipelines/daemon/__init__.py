@@ -9,7 +9,8 @@ A tour, one job per module:
 * ``warm``       a `zerotrain run` process started before its job: imports done, ranks forked
 * ``protocol``   the control endpoint's records and framing (actors' frame codec)
 * ``control``    the endpoint: a Unix socket, peer uid checked, hostile input bounded
-* ``app``        the daemon itself: recovery on start, requests, shutdown
+* ``app``        the daemon itself: recovery on start, requests, shutdown; a running
+                 job's live control (checkpoint, set) through pipelines.cluster.live
 * ``http``       /metrics (prometheus_client), /healthz, /readyz, the status page
 * ``notify``     systemd Type=notify: READY=1, WATCHDOG=1, STOPPING=1
 * ``client``     the verbs' side of a request; ``commands`` wires them into `zerotrain`

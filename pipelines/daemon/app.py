@@ -49,6 +49,8 @@ log = logging.getLogger("zerotrain.daemon")
 _PIPELINE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _VERBS = ("pause", "resume", "stop", "cancel")
 _LOG_CHUNK = 1 << 18
+LIVE_START_SECONDS = 60.0  # a job just started: until its run has written its plan
+LIVE_CALL_SECONDS = 150.0  # a round, a step and a checkpoint's write and verification
 
 
 class Daemon:
@@ -337,6 +339,8 @@ class Daemon:
             return self._read_log(request)
         if isinstance(request, protocol.DaemonInfo):
             return self.info()
+        if isinstance(request, protocol.Checkpoint | protocol.SetKey | protocol.HookRequest):
+            return await self._live(request)
         raise protocol.ControlError(f"no handler for {type(request).__name__}")
 
     def _find(self, ref: str, verb: str) -> Job:
@@ -450,6 +454,68 @@ class Daemon:
         self._publish()
         return self.job_view(self.table.get(job.id))
 
+    async def _live(self, req) -> dict:
+        """Live control of a running job: a remote call to its run's Coordinator
+        (pipelines.cluster.live) from a worker thread, so the daemon goes on serving."""
+        from ..cluster import messages as msg
+        from ..cluster.live import LiveError, call_run
+        from ..config import ConfigError, check_live_override, from_resolved
+
+        verb = {
+            protocol.Checkpoint: "checkpoint",
+            protocol.SetKey: "set",
+            protocol.HookRequest: f"hook {getattr(req, 'action', '')}",
+        }[type(req)]
+        job = self._find(req.job, verb)
+        sup = self.running.get(job.id)
+        if job.state != JobState.RUNNING or sup is None:
+            raise DaemonUsageError(
+                f"zerotrain {verb}: job {job.id} ({job.name}) is {job.state}; {verb} accepts "
+                "a running job"
+            )
+        in_process = job.ranks == 1 and "--hook" not in job.argv
+        if in_process and not job.config.get("hooks", {}).get("specs"):
+            raise DaemonUsageError(  # `zerotrain run --ranks 1` trains in one process
+                f"zerotrain {verb}: job {job.id} ({job.name}) trains in one process (--ranks "
+                "1), which has no control channel; live control needs --ranks 2 or more"
+            )
+        if verb == "set":
+            try:  # the run checks again against its config of the moment
+                check_live_override(from_resolved(job.config), req.key, req.value)
+            except ConfigError as err:
+                raise DaemonUsageError(f"zerotrain set: {err}; nothing changed") from None
+            record = msg.SetOverride(req.key, req.value, req.at_step)
+        elif isinstance(req, protocol.HookRequest):
+            record = _hook_change(req)
+        else:
+            record = msg.CheckpointNow()
+        run_dir = Path(job.run_dir)
+        deadline = time.monotonic() + LIVE_START_SECONDS
+        while True:  # the attempt may not have written its plan yet
+            try:
+                if os.stat(run_dir / "plan.json").st_mtime >= (sup.started_at or 0):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.running.get(job.id) is not sup:
+                raise DaemonUsageError(
+                    f"zerotrain {verb}: job {job.id} ({job.name}) has not started its "
+                    f"ranks within {LIVE_START_SECONDS:g}s; nothing changed"
+                )
+            await trio.sleep(0.1)
+        try:
+            reply = await trio.to_thread.run_sync(
+                lambda: call_run(run_dir, record, timeout=LIVE_CALL_SECONDS)
+            )
+        except LiveError as err:
+            raise DaemonUsageError(f"zerotrain {verb}: job {job.id} ({job.name}): {err}") from None
+        if "error" in reply:
+            raise DaemonUsageError(
+                f"zerotrain {verb}: job {job.id} ({job.name}): {reply['error']}; nothing changed"
+            )
+        log.info("[job %d] %s: %s", job.id, verb, reply)
+        return {"id": job.id, "name": job.name, **reply}
+
     def _read_log(self, req: protocol.ReadLog) -> dict:
         job = self._find(req.job, "logs")
         path = self.state.job_dir(job.id) / "job.log"
@@ -467,6 +533,27 @@ class Daemon:
             "state": str(job.state),
             "ended": job.state in FINAL or job.state in (JobState.PAUSED, JobState.STOPPED),
         }
+
+
+def _hook_change(req: protocol.HookRequest):
+    """The run's HookChange record; DaemonUsageError (one line) for a request that
+    cannot be one."""
+    from ..cluster import messages as msg
+
+    if req.action not in ("attach", "detach"):
+        raise DaemonUsageError(
+            f"zerotrain hook: unknown action {req.action!r}; accepted: attach, detach"
+        )
+    target = req.target
+    if req.action == "attach" and not (target.startswith("builtin") or os.path.isabs(target)):
+        raise DaemonUsageError(
+            f"zerotrain hook attach: hook {target!r}: expected an absolute PATH[:NAME] or "
+            "builtin[:NAME]"
+        )
+    try:
+        return msg.HookChange(req.action, target)
+    except msg.BadMessage as err:
+        raise DaemonUsageError(f"zerotrain hook {req.action}: {err}") from None
 
 
 def _load(path: Path, overrides: list[str]):

@@ -1,5 +1,6 @@
 """The client verbs: `zerotrain submit | jobs | status | pause | resume | stop | cancel |
-logs | export`, each a remote call to the daemon of a state dir (see ``protocol``).
+logs | export | checkpoint | set`, each a remote call to the daemon of a state dir (see
+``protocol``).
 
 Each verb finds the daemon through --state-dir, $ZEROTRAIN_STATE_DIR or the default
 (``statedir.default_state_dir``). What a user can fix is one line on stderr and exit 2

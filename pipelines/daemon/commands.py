@@ -29,8 +29,12 @@ DAEMON_COMMANDS = (
     "cancel",
     "logs",
     "export",
+    "checkpoint",
+    "set",
+    "hook",
 )
 EXIT_OK, EXIT_USAGE = 0, 2
+LIVE_TIMEOUT = 180.0  # checkpoint, set: the daemon waits up to 150 s for the run
 
 
 def _state_dir_option(p) -> None:
@@ -102,6 +106,35 @@ def register_daemon_commands(sub) -> None:
                 "--wait", action="store_true", help="return once the job's processes are gone"
             )
 
+    ckpt = sub.add_parser(
+        "checkpoint", help="a full checkpoint of a running job now; prints its step and manifest"
+    )
+    _state_dir_option(ckpt)
+    ckpt.add_argument("job", help="a job id or name")
+
+    setp = sub.add_parser(
+        "set", help="change a key of a running job at a step every rank agrees on"
+    )
+    _state_dir_option(setp)
+    setp.add_argument("job", help="a job id or name")
+    setp.add_argument("assignment", metavar="KEY=VALUE", help="e.g. optimizer.lr=3e-4")
+    setp.add_argument(
+        "--at-step",
+        type=int_at_least(1),
+        help="the step from which it holds (default: the next one every rank can honour)",
+    )
+
+    hook = sub.add_parser("hook", help="attach analyzers to a running job, or detach one")
+    actions = hook.add_subparsers(dest="hook_action", metavar="ACTION", required=True)
+    attach = actions.add_parser("attach", help="attach a script's analyzers from the next step")
+    _state_dir_option(attach)
+    attach.add_argument("job", help="a job id or name")
+    attach.add_argument("spec", metavar="PATH[:NAME]", help="a hook script, or builtin[:NAME]")
+    detach = actions.add_parser("detach", help="detach an analyzer by name")
+    _state_dir_option(detach)
+    detach.add_argument("job", help="a job id or name")
+    detach.add_argument("name", help="the hook's name")
+
     logs = sub.add_parser("logs", help="a job's output")
     _state_dir_option(logs)
     logs.add_argument("job", help="a job id or name")
@@ -168,11 +201,49 @@ def _run(args, out) -> int:
     if command == "logs":
         client.follow_logs(state_dir, args.job, args.follow)
         return EXIT_OK
+    if command == "checkpoint":
+        reply = client.call(state_dir, protocol.Checkpoint(args.job), timeout=LIVE_TIMEOUT)
+        print(
+            f"job {reply['id']} ({reply['name']}): checkpoint at step {reply['step']}: "
+            f"{reply['manifest']}",
+            file=out,
+        )
+        return EXIT_OK
+    if command == "set":
+        key, sep, value = args.assignment.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise DaemonUsageError(
+                f"zerotrain set: expected KEY=VALUE (e.g. optimizer.lr=3e-4), got "
+                f"{args.assignment!r}; nothing changed"
+            )
+        request = protocol.SetKey(args.job, key.strip(), value.strip(), args.at_step)
+        reply = client.call(state_dir, request, timeout=LIVE_TIMEOUT)
+        print(
+            f"job {reply['id']} ({reply['name']}): {reply['key']} = {reply['value']!r} from "
+            f"step {reply['step']} (recorded in {reply['file']})",
+            file=out,
+        )
+        return EXIT_OK
     if command == "export":
         status = client.call(state_dir, protocol.JobStatus(args.job))
         target = Path(args.out or f"{status['name']}.safetensors")
         path, step = client.export_job(status, status["config"], target)
         print(f"{path} (step {step})", file=out)
+        return EXIT_OK
+    if command == "hook":
+        target = args.spec if args.hook_action == "attach" else args.name
+        if args.hook_action == "attach" and target.split(":", 1)[0] != "builtin":
+            file, sep, name = target.partition(":")  # the daemon runs elsewhere: be exact
+            target = os.path.abspath(file) + sep + name
+        request = protocol.HookRequest(args.job, args.hook_action, target)
+        reply = client.call(state_dir, request, timeout=LIVE_TIMEOUT)
+        after = "the steps after" if reply["action"] == "attach" else "no step after"
+        print(
+            f"job {reply['id']} ({reply['name']}): {reply['action']}ed "
+            f"{', '.join(reply['names'])}: {after} step {reply['step']} (records in "
+            f"{reply['file']})",
+            file=out,
+        )
         return EXIT_OK
     raise DaemonUsageError(f"zerotrain: unknown daemon command {command!r}")
 

@@ -27,12 +27,15 @@ import actors
 __all__ = [
     "MAX_FRAMES",
     "MAX_FRAME_BYTES",
+    "Checkpoint",
     "Control",
     "ControlError",
     "DaemonInfo",
+    "HookRequest",
     "JobStatus",
     "ListJobs",
     "ReadLog",
+    "SetKey",
     "Submit",
     "check_request",
     "pack_frames",
@@ -85,6 +88,39 @@ class Control:
     job: str
 
 
+@actors.record(name="zerotrain.Checkpoint")
+@dataclasses.dataclass
+class Checkpoint:
+    """A full checkpoint of a running job at a step its ranks agree on, training going
+    on (answered with the step and the manifest's path)."""
+
+    job: str
+
+
+@actors.record(name="zerotrain.SetKey")
+@dataclasses.dataclass
+class SetKey:
+    """Set live key ``key`` of a running job to ``value`` (a TOML value's text) from
+    step ``at_step`` on (None: the next step every rank can still honour)."""
+
+    job: str
+    key: str
+    value: str
+    at_step: int | None
+
+
+@actors.record(name="zerotrain.HookRequest")
+@dataclasses.dataclass
+class HookRequest:
+    """Attach analyzers to a running job (``action`` "attach", ``target`` an absolute
+    ``PATH[:NAME]`` or ``builtin[:NAME]``) or detach one (``action`` "detach", ``target``
+    its name)."""
+
+    job: str
+    action: str
+    target: str
+
+
 @actors.record(name="zerotrain.ReadLog")
 @dataclasses.dataclass
 class ReadLog:
@@ -99,7 +135,17 @@ class DaemonInfo:
     pass
 
 
-REQUESTS = (Submit, ListJobs, JobStatus, Control, ReadLog, DaemonInfo)
+REQUESTS = (
+    Submit,
+    ListJobs,
+    JobStatus,
+    Control,
+    ReadLog,
+    DaemonInfo,
+    Checkpoint,
+    SetKey,
+    HookRequest,
+)
 
 
 def _fits(value, tp) -> bool:

@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import numpy as np
 import trio
@@ -175,6 +176,9 @@ class HookOutbox:
             loaded += load_hooks(texts)
         self.periods = sorted({h.every for h in loaded if h.kind == ANALYZER})
         self.exact_periods = sorted({h.every for h in loaded if h.kind == ANALYZER and h.exact})
+        # the run's own analyzers by name (the live records may detach one)
+        self.own = {h.name: (h.every, h.exact) for h in loaded if h.kind == ANALYZER}
+        self.live: list[dict] = []  # RUN/hooks_live.jsonl's records, as the Plan says
         self.target = target
         self.node = target.rsplit("@", 1)[1]
         self.capacity = capacity
@@ -192,12 +196,34 @@ class HookOutbox:
         self._settled = None  # an Event for `wait_for_credit`, set when _unsettled is 0
         self.flushed = None  # what `flush` learned: {"lost", "unconfirmed"} or None
 
+    def set_live(self, records: list[dict]) -> None:
+        """The analyzers attached and detached live (pipelines.store.overrides): from now
+        on `due` and `exact` count each in its window of steps. Every rank sets the same
+        records before the first step they change, so all sample alike."""
+        if records == self.live:
+            return
+        from pipelines.store.overrides import hook_windows
+
+        self.live = list(records)
+        windows = hook_windows(records)
+        hooks = dict(self.own)
+        for rec in records:
+            if rec["action"] == "attach":
+                hooks[rec["name"]] = (rec["every"], rec["exact"])
+        self.windows = [(e, x, *windows.get(n, (0, math.inf))) for n, (e, x) in hooks.items()]
+
+    windows = None  # [(every, exact, after, until)] once live records were set
+
     def due(self, step: int) -> bool:
         """True when some analyzer samples `step` (1-based): worth building a sample."""
+        if self.windows is not None:
+            return any(a < step <= u and step % e == 0 for e, _, a, u in self.windows)
         return any(step % every == 0 for every in self.periods)
 
     def exact(self, step: int) -> bool:
         """True when an exact analyzer samples `step`: wait for credit, never decline."""
+        if self.windows is not None:
+            return any(x and a < step <= u and step % e == 0 for e, x, a, u in self.windows)
         return any(step % every == 0 for every in self.exact_periods)
 
     async def wait_for_credit(self) -> None:

@@ -192,6 +192,9 @@ class _Ledger:
             base_dir,
         )
         self.hooks = {}  # name -> (spec, Hook), in load order
+        # name -> (after, until): the steps a hook attached or detached live may see
+        # (RUN/hooks_live.jsonl); a hook not named there sees every step
+        self.windows: dict[str, tuple[int, float]] = {}
         self.disabled = {}  # name -> why
         self.started = set()  # worker names started once (a later init is a restart)
         self.per_hook = {}  # name -> HookStats, shared by every worker of that hook
@@ -249,6 +252,35 @@ class _Ledger:
             self.series_restart = False
         self.tb = EventWriter(self.run_dir / "tb")
         self.sinks = Sinks([HooksLog(self.run_dir / "hooks.jsonl"), self.tb])
+
+    def open_live(self) -> list[str]:
+        """Read RUN/hooks_live.jsonl again: the windows of the hooks attached or detached
+        live, and the attached hooks not loaded yet (loaded now); their names."""
+        from pipelines.hooks import ANALYZER, load_hooks
+        from pipelines.store.overrides import hook_windows, read_live_hooks
+
+        records = read_live_hooks(self.run_dir)
+        self.windows = hook_windows(records)
+        new = []
+        for rec in records:
+            name = rec["name"]
+            if rec["action"] != "attach" or name in self.hooks:
+                continue
+            try:
+                loaded = load_hooks([rec["spec"]], base_dir=self.base_dir)
+                hook = next(h for h in loaded if h.name == name and h.kind == ANALYZER)
+            except Exception as exc:  # e.g. the script changed since it was attached
+                _log.error("[HookAnalyzer] hook %r not attached: %s", name, _one_line(exc))
+                continue
+            self.hooks[name] = (rec["spec"], hook)
+            self.per_hook[name] = HookStats()
+            new.append(name)
+        return new
+
+    def active(self, name: str, step: int) -> bool:
+        """Whether hook `name` is attached at `step` (see `windows`)."""
+        after, until = self.windows.get(name, (0, math.inf))
+        return after < step <= until
 
     def disable(self, name: str, why: str):
         """Call hook `name` no more in this process (logged once)."""
@@ -500,7 +532,13 @@ class HookAnalyzer(actors.Actor):
         match request:
             case ("flush", rank):
                 return self._flushed(rank)
-        raise ValueError(f"HookAnalyzer answers 'stats' or ('flush', rank), got {request!r:.80}")
+            case "hooks_changed":  # the run attached or detached a hook live
+                for name in self.ledger.open_live():
+                    await self.nursery.start(_attached, _hook_spec(self.ledger, name))
+                return sorted(self.ledger.hooks)
+        raise ValueError(
+            f"HookAnalyzer answers 'stats', 'hooks_changed' or ('flush', rank), got {request!r:.80}"
+        )
 
     def _flushed(self, rank) -> dict:
         """A rank is done and its outbox empty: the samples it sent before this call
@@ -624,7 +662,7 @@ class HookAnalyzer(actors.Actor):
         due = [
             name
             for name, (_, hook) in ledger.hooks.items()
-            if hook.due(step) and name not in ledger.disabled
+            if hook.due(step) and name not in ledger.disabled and ledger.active(name, step)
         ]
         if not due:
             return "skipped"
@@ -699,6 +737,7 @@ async def _serve(args) -> int:
     ledger = _Ledger(Path(args.run_dir), args.world, args.timeout, args.base_dir)
     try:
         ledger.open(json.loads(args.specs))
+        ledger.open_live()  # the hooks attached live (a restarted process too)
         children = [_hook_spec(ledger, name) for name in ledger.hooks]
         children.append(HookAnalyzer.child_spec(ledger, name="HookAnalyzer"))
         async with actors.child_node():
@@ -732,6 +771,15 @@ def _hook_spec(ledger: _Ledger, name: str) -> actors.ChildSpec:
             raise
 
     return actors.ChildSpec(id=f"hook:{name}", start=start, restart="temporary", type="supervisor")
+
+
+async def _attached(spec: actors.ChildSpec, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A hook attached live: its worker's supervisor runs under the HookAnalyzer (so it
+    ends with it); giving up disables the hook (as `_hook_spec` says), nothing more."""
+    try:
+        await spec.start(task_status=task_status)
+    except actors.RestartIntensityExceeded:
+        pass
 
 
 def _yield_the_cpu():

@@ -14,6 +14,9 @@
                         config_hash, stopped_early, status
       weights.safetensors  the final weights by PyTorch parameter name
       hooks.jsonl       hook outputs, when hooks are loaded
+      overrides.jsonl   the live overrides (`zerotrain set`), replayed by recovery and
+                        --resume (pipelines.store.overrides)
+      hooks_live.jsonl  the analyzers attached and detached live (`zerotrain hook`)
       .lock             the owner's advisory lock (flock) and pid
       live/             a cluster run's telemetry while it trains, for the daemon's
                         /metrics (pipelines.daemon.supervisor): rank-R.json (pid, step,

@@ -162,3 +162,37 @@ def test_resume_hash_ignores_world_size_and_mode_but_not_the_numbers():
 def test_the_global_batch_is_split_over_ranks_and_micro_steps():
     cfg = load_config("mlp_classifier", ["cluster.ranks=4", "train.grad_accum=2"])
     assert cfg.train.batch_size == 128 and cfg.micro_batch == 16
+
+
+def test_live_overrides_apply_from_their_step_by_step_then_in_decision_order():
+    from pipelines.config import LiveConfig
+
+    base = load_config("mlp_classifier")
+    live = LiveConfig(
+        base,
+        [
+            {"step": 20, "key": "optimizer.lr", "value": 0.5},
+            {"step": 10, "key": "optimizer.lr", "value": 0.1},
+            {"step": 10, "key": "optimizer.lr", "value": 0.2},  # decided later: wins
+            {"step": 10, "key": "train.clip_norm", "value": 1.0},
+        ],
+    )
+    assert live.at(9) is base
+    assert (live.at(10).optimizer.lr, live.at(10).train.clip_norm) == (0.2, 1.0)
+    assert live.at(19) is live.at(10)  # cached by how many apply
+    assert live.at(20).optimizer.lr == 0.5 and live.at(20).train.clip_norm == 1.0
+
+
+def test_a_key_that_cannot_change_live_is_named_with_the_ones_that_can():
+    from pipelines.config import LIVE_KEYS, check_live_override
+
+    cfg = load_config("mlp_classifier")
+    assert check_live_override(cfg, "optimizer.lr", "3e-4") == 3e-4
+    with pytest.raises(ConfigError) as err:
+        check_live_override(cfg, "model.hidden", "[8]")
+    assert str(err.value) == (
+        "model.hidden: cannot be changed while a job runs; the keys that can: "
+        + ", ".join(LIVE_KEYS)
+    )
+    with pytest.raises(ConfigError, match=r"^train.clip_norm: expected a number >= 0.0"):
+        check_live_override(cfg, "train.clip_norm", "-1")
