@@ -28,11 +28,14 @@ bound). The handler of :func:`get_context`'s context runs until exit (rings come
 often); any other context's stops with its last domain, which must be before
 ``ctx.term()``. At exit every handler stops before the context is flushed.
 
-Connections refused for a wrong mechanism (a peer with no credentials at all) never
-reach the handler; libzmq reports them as ``EVENT_HANDSHAKE_FAILED_*`` on a socket
-monitor, immediately followed by that connection's ``EVENT_DISCONNECTED`` (one I/O
-thread: nothing comes between). :class:`MonitorFilter` pairs them, so a refused
-connection's end is never taken for a neighbour's.
+Every refused connection shows on a socket monitor as one ``EVENT_HANDSHAKE_FAILED_*``
+and, later, one ``EVENT_DISCONNECTED``. A wrong mechanism (a peer with no credentials at
+all) never reaches the handler, and its two events come back to back. A refusal by the
+handler does not: libzmq reports the failure when the handler's answer arrives, sends
+ZMTP's ERROR command, and reports the disconnect only once the peer has read it and hung
+up, so other connections' events can come in between. :class:`MonitorFilter` counts the
+refused connections still open, so a refused connection's end is never taken for a
+neighbour's.
 """
 
 from __future__ import annotations
@@ -282,28 +285,36 @@ class MonitorFilter:
     the handshake, hung up in the middle of it, or raw garbage that is no ZMTP greeting
     (libzmq then reports no handshake failure at all) -- has another descriptor while
     the peer's is open. Before that (a new connection, nothing read yet), a disconnect
-    that immediately follows a failed handshake ends a connection never admitted; any
-    other counts as the peer's."""
+    is a refused connection's while a failed handshake has had no disconnect yet: the
+    failure event carries no descriptor, so the pairing is by count, and a refusal's
+    disconnect may come after other connections' events (module doc). Any other
+    disconnect counts as the peer's. So the peer's end, should it come while a refused
+    connection is still open, is reported at that connection's end instead. Raw
+    garbage has no failure to pair with: while a refusal is open its end takes that
+    refusal's place (whose own end then counts as any other disconnect), and with none
+    open it passes for the peer's unless ``peer_fd`` tells it apart. So before the
+    peer's first message garbage can still fail a collective (test_hostile_peers sends
+    it only after)."""
 
-    __slots__ = ("_after_failure", "peer_fd", "refused")
+    __slots__ = ("_open_refusals", "peer_fd", "refused")
 
     def __init__(self) -> None:
-        self._after_failure = False
+        self._open_refusals = 0  # failed handshakes whose disconnect has not come yet
         self.peer_fd: int | None = None  # set by the reader: the admitted peer's
         self.refused = 0  # connections that failed their handshake
 
     def is_real_disconnect(self, frames: list) -> bool:
         event, value = _event_and_value(frames)
         if event & HANDSHAKE_FAILED:
-            self._after_failure = True
+            self._open_refusals += 1
             self.refused += 1
             return False
         if event != zmq.EVENT_DISCONNECTED:
             return False
-        after_failure, self._after_failure = self._after_failure, False
-        if self.peer_fd is not None:
-            if value != self.peer_fd:
-                return False
+        if self.peer_fd is not None and value == self.peer_fd:
             self.peer_fd = None  # its descriptor may be reused by the next connection
             return True
-        return not after_failure
+        if self._open_refusals:  # some refused connection's end (which one: no matter)
+            self._open_refusals -= 1
+            return False
+        return self.peer_fd is None

@@ -103,6 +103,60 @@ def garbage_once(endpoint: str, step: int) -> None:
         raw.sendall([b"\xff" + bytes(60), b"GET / HTTP/1.0\r\n"][step % 2])
 
 
+def zmtp_plain_hello(user: bytes, password: bytes) -> bytes:
+    """A ZMTP 3.1 greeting for PLAIN, then its HELLO command (RFC 23 and 24)."""
+    greeting = b"\xff" + bytes(8) + b"\x7f\x03\x01" + b"PLAIN".ljust(20, b"\0") + bytes(32)
+    body = b"\x05HELLO" + bytes([len(user)]) + user + bytes([len(password)]) + password
+    return greeting + bytes([0x04, len(body)]) + body
+
+
+async def refused_and_kept_open(endpoint: str) -> trio.socket.SocketType:
+    """A raw connection that offers the left neighbour's name with a wrong token and
+    reads the refusal (the server's greeting, then a command with ZAP status 400), but
+    stays connected: the inbox has reported the failed handshake, not yet its end."""
+    sock = trio.socket.socket(socket.AF_UNIX)
+    await sock.connect(endpoint.removeprefix("ipc://"))
+    await sock.send(zmtp_plain_hello(b"ring1", b"not the token" * 3))
+    got = b""
+    while len(got) < 66 or len(got) < 66 + got[65]:
+        more = await sock.recv(4096)
+        assert more, f"the inbox hung up before refusing: {got!r}"
+        got += more
+    assert got[64] == 0x04 and got.endswith(b"\x03400"), got[64:]  # refused by ZAP
+    return sock
+
+
+async def hang_up(sock: trio.socket.SocketType) -> None:
+    """Hang up and wait for the inbox's side to close: it has reported the end then."""
+    sock.shutdown(socket.SHUT_WR)
+    while await sock.recv(4096):
+        pass
+    sock.close()
+
+
+async def test_refusals_whose_ends_come_after_other_events_never_pass_for_the_neighbour(
+    tmp_path,
+):
+    # A refusal by the ZAP handler is reported at once, its connection's end only when
+    # the stranger hangs up: two refused connections open at once give the inbox's
+    # monitor failed, failed, disconnected, disconnected -- before the neighbour's
+    # first message, when no descriptor tells the neighbour's end apart (MonitorFilter).
+    rings = token_rings(tmp_path, timeout=5.0, chunk_bytes=4096)
+    try:
+        with trio.fail_after(LIMIT):
+            first = await refused_and_kept_open(rings[0].endpoints[0])
+            second = await refused_and_kept_open(rings[0].endpoints[0])
+            await hang_up(second)
+            await hang_up(first)
+            arrays = await all_reduce_everywhere(rings, 1)
+        assert all((x == 3).all() for x in arrays)
+        stats = rings[0].stats()
+        assert (stats["failures"], stats["refused"]) == (0, 2)
+    finally:
+        for ring in rings:
+            ring.close()
+
+
 async def test_strangers_on_a_ring_inbox_steal_no_acks_and_force_no_regroup(tmp_path):
     rings = token_rings(tmp_path, timeout=5.0, chunk_bytes=4096)
     inbox = rings[0].endpoints[0]
