@@ -1,5 +1,6 @@
 """A rank-like process for the actor tests: started by actors.process_spec, it serves an
-``Echo`` actor under a supervisor. Run only as a supervised child.
+``Echo`` actor, and a ``Gate`` that holds and releases Echo, under a supervisor. Run
+only as a supervised child.
 PROC_WORKER_IGNORE_SIGTERM=1 makes it ignore SIGTERM (to test the SIGKILL fallback)."""
 
 import collections
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import actors  # noqa: E402
 
 NODE = []  # this process's node, once open
+HOLDS: dict[str, trio.Event] = {}  # Echo's ("hold", key) waits until Gate releases key
 
 
 class Echo(actors.Actor):
@@ -42,6 +44,9 @@ class Echo(actors.Actor):
             case ("sleep", seconds):
                 await trio.sleep(seconds)
                 return "slept"
+            case ("hold", key):
+                await HOLDS.setdefault(key, trio.Event()).wait()
+                return "released"
             case ("block", seconds):
                 time.sleep(seconds)  # blocks the whole trio loop: heartbeats stop too
                 return "blocked"
@@ -77,13 +82,30 @@ class Echo(actors.Actor):
             self.downs.append(msg)
 
 
+class Gate(actors.Actor):
+    """Holds Echo from outside its mailbox: while Echo waits in ("hold", key), a test can
+    fill Echo's mailbox, look at this process's node through Gate, and release Echo."""
+
+    async def handle_call(self, request, from_):
+        match request:
+            case ("holding", key):
+                return key in HOLDS
+            case ("release", key):
+                HOLDS[key].set()
+                return None
+            case ("node_stats",):
+                return NODE[0].statistics()
+        raise ValueError(f"unknown request {request!r}")
+
+
 async def main():
     stubborn = os.environ.get("PROC_WORKER_IGNORE_SIGTERM") == "1"
     if stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     async with actors.child_node(handle_sigterm=not stubborn) as node:
         NODE.append(node)
-        await actors.Supervisor([Echo.child_spec(name="Echo")], max_restarts=100).run()
+        children = [Echo.child_spec(name="Echo"), Gate.child_spec(name="Gate")]
+        await actors.Supervisor(children, max_restarts=100).run()
 
 
 if __name__ == "__main__":

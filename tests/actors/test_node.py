@@ -12,6 +12,7 @@ import random
 import signal
 import sys
 from contextlib import asynccontextmanager
+from functools import partial
 
 import msgpack
 import numpy as np
@@ -117,20 +118,28 @@ async def test_values_over_a_peers_limits_are_refused_with_a_reason_not_lost():
 
 async def test_remote_calls_beyond_the_mailbox_capacity_are_all_answered():
     # A call goes straight into the actor's mailbox; once it is full the serving node
-    # waits for room in a task of its own: every caller gets its own answer either way.
+    # queues it in the actor's overflow: every caller gets its own answer either way.
+    # Echo takes nothing from its mailbox until the flood has met it full.
     async with cluster("w1"):
         answers = {}
+        capacity = actors.Actor.mailbox_size
 
         async def ask(i):
             answers[i] = await actors.call("Echo@w1", ("echo", i), timeout=LIMIT)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(actors.call, "Echo@w1", ("sleep", 1.0))  # fills up behind
-            for i in range(3 * actors.Actor.mailbox_size):
+            nursery.start_soon(partial(actors.call, "Echo@w1", ("hold", "flood"), timeout=LIMIT))
+            while not await actors.call("Gate@w1", ("holding", "flood")):
+                await trio.sleep(0.01)
+            for i in range(3 * capacity):
                 nursery.start_soon(ask, i)
+            while (await actors.call("Gate@w1", ("node_stats",)))["overflowed"] == 0:
+                await trio.sleep(0.01)
+            assert (await actors.statistics("Echo@w1")).queue_depth == capacity
+            await actors.call("Gate@w1", ("release", "flood"))
         # the mailbox did fill up: some calls went the overflow's way
         assert (await actors.call("Echo@w1", ("node_stats",)))["overflowed"] > 0
-    assert answers == {i: i for i in range(3 * actors.Actor.mailbox_size)}
+    assert answers == {i: i for i in range(3 * capacity)}
 
 
 def test_a_timeout_reported_by_the_serving_node_names_the_callers_timeout():
