@@ -514,6 +514,13 @@ _INTERRUPTED = ["SIGINT"]
 
 def _interrupt(signum, frame):
     _INTERRUPTED.append(signal.Signals(signum).name)
+    ki_handler = signal.getsignal(signal.SIGINT)
+    if callable(ki_handler) and ki_handler is not signal.default_int_handler:
+        # inside trio.run before the runner's own signal receivers are installed: trio's
+        # SIGINT handler delivers the KeyboardInterrupt where it is safe (raised in trio's
+        # own code it would be a TrioInternalError)
+        ki_handler(signal.SIGINT, frame)
+        return
     raise KeyboardInterrupt
 
 

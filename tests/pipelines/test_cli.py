@@ -3,8 +3,10 @@ errors in-process through `main()` (the same code path, without an interpreter s
 
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -321,3 +323,46 @@ def test_a_stop_or_a_disk_error_deep_in_trio_groups_is_found_first_leaf_first(tm
     nested = ExceptionGroup("g", [ValueError("x"), ExceptionGroup("h", [full])])
     why = _world_error(nested, tmp_path)
     assert why is not None and "ENOSPC" in why, why
+
+
+_SIGNAL_IN_PROTECTED_CODE = """
+import os, signal
+import trio
+from pipelines import cli
+
+signal.signal(signal.SIGTERM, cli._interrupt)
+finished = []
+
+@trio.lowlevel.enable_ki_protection
+def trio_internals():  # code trio must not be interrupted in (its scheduler, its locks)
+    os.kill(os.getpid(), signal.SIGTERM)
+    total = sum(range(100_000))  # the handler runs during this
+    finished.append(total)
+
+async def main():
+    trio_internals()
+    await trio.sleep(5)  # a checkpoint: where trio raises the interrupt
+
+try:
+    trio.run(main)
+    outcome = "no interrupt"
+except BaseException as err:
+    outcome = type(err).__name__
+    if isinstance(err, BaseExceptionGroup) and err.split(KeyboardInterrupt)[0]:
+        outcome = "KeyboardInterrupt"
+print(outcome, len(finished))
+"""
+
+
+def test_a_stop_signal_inside_trio_is_raised_where_trio_allows_it():
+    """SIGTERM while trio runs but before the runner installs its own signal receivers:
+    the CLI's handler hands it to trio's KeyboardInterrupt delivery, which waits until
+    the code is out of trio's protected internals and raises it at a checkpoint -- raised
+    inside them it becomes a TrioInternalError or a corrupted run."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_IN_PROTECTED_CODE],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["KeyboardInterrupt", "1"], done.stdout
