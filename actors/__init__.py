@@ -62,7 +62,7 @@ _HOMES = {
         "stop",
         "unlink",
     ),
-    "_admission": ("Admission", "admit_curve"),
+    "_admission": ("Admission", "Keyring", "admit_curve", "secure_tcp"),
     "_bf16": ("bf16_round", "bf16_widen"),
     "_collectives": ("CollectiveError", "Ring", "shard_bounds"),
     "_errors": (
@@ -173,6 +173,7 @@ __all__ = [
     "which_children",
     # nodes, processes, wire data
     "Admission",
+    "Keyring",
     "ENV",
     "Node",
     "PeerInfo",
@@ -197,6 +198,7 @@ __all__ = [
     "PeerUnreachable",
     "Ring",
     "admit_curve",
+    "secure_tcp",
     "bf16_round",
     "bf16_widen",
     "TrioSocket",

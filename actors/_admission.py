@@ -18,6 +18,21 @@ one of two rules, and counts whom it admitted and refused:
   both authenticate and encrypt (``pipelines.launch.curve`` sets the sockets up). The
   admitted peer's z85 public key becomes each of its messages' "User-Id".
 
+CURVE on every tcp:// socket of a process (:class:`Keyring`, :func:`secure_tcp`): once a
+process installs a keyring, ``open_socket`` makes each socket that binds a tcp:// endpoint
+a CURVE server with the keyring's keypair behind a CURVE domain (every host of the run,
+or fewer for an endpoint the keyring narrows: a ring inbox admits its left neighbour's
+host only), and each socket that connects to one a CURVE client expecting the key of the
+host that binds it. Every such connection says the run's id in its handshake (ZMTP
+metadata ``X-Zt-Run``, sent both ways in READY) and a message arriving on a connection
+of another run is dropped before anyone reads it (:meth:`Keyring.accepts`). A key names
+a host, and the node that reads a message maps its "User-Id" back to that host
+(:meth:`Keyring.speaks_for`): a host may speak only for the node names it holds. The
+keyring cannot see a peer's routing id at the handshake (ZAP gets the *server's* own
+one), so CURVE DEALERs set none and the ROUTER numbers them: a peer with a valid key
+that names itself after another host's node could otherwise take that node's pipe over
+(ROUTER_HANDOVER) before its first message was refused.
+
 There is one handler per zmq Context -- libzmq routes every ZAP request of a context to
 the one socket bound at ``inproc://zeromq.zap.01``, so a second authenticator (pyzmq's
 ThreadAuthenticator) on the same context could not even bind. The handler is a thread
@@ -50,9 +65,10 @@ from collections.abc import Callable, Iterable
 
 import zmq
 
+from . import _transport
 from ._transport import get_context
 
-__all__ = ["Admission", "admit_curve"]
+__all__ = ["Admission", "Keyring", "admit_curve", "secure_tcp"]
 
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _MAX_TOKEN = 255  # PLAIN credentials are short strings
@@ -138,15 +154,7 @@ def admit_curve(context: zmq.Context, domain: str, public_keys: Iterable[bytes])
     ``stop()`` the result before ``context.term()``.
 
     Raises ValueError for a malformed key or a domain ``context`` already admits through."""
-    keys = []
-    for key in public_keys:
-        try:
-            raw = zmq.utils.z85.decode(key)
-        except (ValueError, TypeError, KeyError, struct.error):
-            raw = b""
-        if len(raw) != _CURVE_KEY:
-            raise ValueError(f"a CURVE public key is 40 z85 characters, got {key!r:.60}")
-        keys.append(raw)
+    keys = [_raw_key(key, "a CURVE public key") for key in public_keys]
     admission = Admission(domain.encode(), curve_keys=frozenset(keys))
     _register(context, admission)
     return admission
@@ -257,6 +265,182 @@ class _Handler:
             pass
         self._thread.join(2.0)
         self._stop.close()
+
+
+# ----------------------------------------------------------------------------------------
+# CURVE on every tcp:// socket: the keyring
+# ----------------------------------------------------------------------------------------
+
+RUN_PROPERTY = "X-Zt-Run"  # the run id, in every tcp connection's handshake (ZMTP metadata)
+_MAX_RUN_ID = 200  # bytes: a metadata value is at most 255
+
+
+@dataclasses.dataclass(eq=False)
+class Keyring:
+    """Who this process is on tcp://, whom it trusts, and who may speak for which node.
+
+    ``host``        the host this process runs on: ``keypair`` is that host's
+    ``keypair``     (public, secret), z85 (40 bytes each)
+    ``hosts``       every host of the run -> its z85 public key (one key names one host)
+    ``run``         the run id: said in every handshake, required of every peer
+    ``host_of``     a node name -> the host that may speak for it (None: nobody)
+    ``endpoints``   tcp endpoint -> the host that binds it, for sockets that connect by
+                    endpoint rather than to a node by name (a ring's outbox)
+    ``admits``      bound tcp endpoint -> the hosts that may connect to it (default:
+                    every host)
+
+    Install it with :func:`secure_tcp` before the process opens any tcp:// socket.
+    ValueError (one line) for a malformed key, an unknown host or an unusable run id."""
+
+    host: str
+    keypair: tuple[bytes, bytes]
+    hosts: dict[str, bytes]
+    run: str
+    host_of: Callable[[str], str | None]
+    endpoints: dict[str, str] = dataclasses.field(default_factory=dict)
+    admits: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+    _by_key: dict[str, str] = dataclasses.field(init=False, repr=False)
+    _domains: dict[frozenset[str], Admission] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for what, key in [(f"host {h!r}", k) for h, k in self.hosts.items()] + [
+            ("this host's public key", self.keypair[0]),
+            ("this host's secret key", self.keypair[1]),
+        ]:
+            _raw_key(key, what)
+        if self.host not in self.hosts or self.hosts[self.host] != self.keypair[0]:
+            raise ValueError(
+                f"host {self.host!r}: its public key is not the one the keyring lists "
+                f"for it (hosts: {', '.join(sorted(self.hosts))})"
+            )
+        run = self.run.encode() if isinstance(self.run, str) else b""
+        if not 1 <= len(run) <= _MAX_RUN_ID or b"\0" in run:
+            raise ValueError(
+                f"a run id is 1 to {_MAX_RUN_ID} bytes of text without NUL, got {self.run!r:.60}"
+            )
+        for endpoint, hosts in self.admits.items():
+            unknown = set(hosts) - set(self.hosts)
+            if unknown:
+                raise ValueError(f"{endpoint}: admits unknown host(s) {sorted(unknown)}")
+        self._by_key = {key.decode("ascii"): host for host, key in self.hosts.items()}
+        self._domains = {}
+
+    # -- what a node checks of each message --------------------------------------------
+
+    def host_of_key(self, user_id: str | None) -> str | None:
+        """The host whose z85 public key ``user_id`` is (a frame's "User-Id")."""
+        return None if user_id is None else self._by_key.get(user_id)
+
+    def speaks_for(self, user_id: str | None, name: str) -> bool:
+        """Whether the connection signed in with ``user_id`` may send as node ``name``."""
+        host = self.host_of_key(user_id)
+        return host is not None and self.host_of(name) == host
+
+    def accepts(self, frame: zmq.Frame) -> bool:
+        """Whether a received message (any of its frames) came on a connection of this
+        run: its handshake said this run's id."""
+        try:
+            return frame.get(RUN_PROPERTY) == self.run
+        except zmq.ZMQError:  # no such property: a peer that said no run id
+            return False
+
+    # -- socket options (open_socket applies them to tcp:// sockets) --------------------
+
+    def client_options(self, server_host: str) -> dict:
+        """Options of a socket connecting to ``server_host``'s socket (ValueError for a
+        host the keyring does not know)."""
+        if server_host not in self.hosts:
+            raise ValueError(
+                f"no CURVE key for host {server_host!r} (the run's hosts: "
+                f"{', '.join(sorted(self.hosts))})"
+            )
+        public, secret = self.keypair
+        return {
+            "CURVE_SERVERKEY": self.hosts[server_host],
+            "CURVE_PUBLICKEY": public,
+            "CURVE_SECRETKEY": secret,
+            "METADATA": f"{RUN_PROPERTY}:{self.run}".encode(),
+        }
+
+    def socket_options(self, binds: list[str], connects: list[str], given: dict) -> dict:
+        """The CURVE options of a socket binding ``binds`` and connecting ``connects``
+        (``given``: the caller's own options, upper-case; a client that names its
+        server key keeps it). ValueError (one line) for a socket the keyring cannot
+        secure: PLAIN on tcp, tcp binds with different admissions, or a connect to a
+        tcp endpoint whose host is not known."""
+        tcp_binds = [e for e in binds if e.startswith("tcp://")]
+        tcp_connects = [e for e in connects if e.startswith("tcp://")]
+        if "PLAIN_SERVER" in given or "PLAIN_USERNAME" in given:
+            raise ValueError("a tcp:// socket under the run's keyring is CURVE, not PLAIN")
+        if tcp_binds and tcp_connects:
+            raise ValueError("a socket under the keyring binds or connects tcp://, not both")
+        if tcp_binds:
+            allowed = {self.admits.get(e, frozenset(self.hosts)) for e in tcp_binds}
+            if len(allowed) > 1:
+                raise ValueError(f"tcp binds {tcp_binds} admit different hosts: one socket each")
+            public, secret = self.keypair
+            return {
+                "CURVE_SERVER": 1,
+                "CURVE_PUBLICKEY": public,
+                "CURVE_SECRETKEY": secret,
+                "ZAP_DOMAIN": self._domain(allowed.pop()).name,
+                "METADATA": f"{RUN_PROPERTY}:{self.run}".encode(),
+            }
+        if "CURVE_SERVERKEY" in given:
+            return {k: v for k, v in self.client_options(self.host).items() if k not in given}
+        servers = {self.endpoints.get(e) for e in tcp_connects}
+        if None in servers or len(servers) != 1:
+            unknown = [e for e in tcp_connects if e not in self.endpoints]
+            raise ValueError(
+                f"no CURVE server key for {unknown[0] if unknown else tcp_connects}: not an "
+                "endpoint of this run's hosts (connect to a node by name, or list it)"
+            )
+        return self.client_options(servers.pop())
+
+    def _domain(self, hosts: frozenset[str]) -> Admission:
+        """The CURVE domain admitting ``hosts`` (made once, kept with the process's
+        handler until exit: sockets come and go, the run's hosts do not)."""
+        domain = self._domains.get(hosts)
+        if domain is None:
+            name = f"zt-curve-{next(_domain_ids)}-{'+'.join(sorted(hosts))}"[:200]
+            keys = frozenset(_raw_key(self.hosts[h], f"host {h!r}") for h in hosts)
+            domain = Admission(name.encode(), curve_keys=keys)
+            _register(get_context(), domain, keep=True)
+            self._domains[hosts] = domain
+        return domain
+
+    def statistics(self) -> dict[str, int]:
+        """Connections admitted and refused (an unknown key) by this keyring's domains."""
+        domains = list(self._domains.values())
+        return {
+            "admitted": sum(d.admitted for d in domains),
+            "refused": sum(d.refused for d in domains),
+        }
+
+
+def _raw_key(key: bytes, what: str) -> bytes:
+    try:
+        raw = zmq.utils.z85.decode(key)
+    except (ValueError, TypeError, KeyError, struct.error):
+        raw = b""
+    if len(raw) != _CURVE_KEY:
+        raise ValueError(f"{what}: a CURVE key is 40 z85 characters, got {key!r:.60}")
+    return raw
+
+
+def secure_tcp(keyring: Keyring | None) -> Keyring | None:
+    """Make every tcp:// socket this process opens from now on CURVE with ``keyring``
+    (None: plaintext again, for tests). Returns the keyring it replaces. Sockets
+    already open keep what they had."""
+    if keyring is not None and not isinstance(keyring, Keyring):
+        raise TypeError(f"expected a Keyring or None, got {type(keyring).__name__}")
+    previous, _transport.tcp_keyring = _transport.tcp_keyring, keyring
+    return previous
+
+
+def current_keyring() -> Keyring | None:
+    """The keyring :func:`secure_tcp` installed, if any."""
+    return _transport.tcp_keyring
 
 
 # ----------------------------------------------------------------------------------------

@@ -327,6 +327,8 @@ class Node:
                 "overflowed",
                 "held",
                 "refused",
+                "refused_handshake",
+                "refused_sender",
             ),
             0,
         )
@@ -334,6 +336,7 @@ class Node:
         self._router: TrioSocket | None = None
         self._refusals: TrioSocket | None = None  # the router's failed handshakes
         self._domain: _admission.Admission | None = None
+        self._keyring: _admission.Keyring | None = None  # set when the inbox is CURVE
         self._label = f"[node {name}]"
 
     def __repr__(self) -> str:
@@ -347,10 +350,15 @@ class Node:
         """Counters: messages received / sent / rejected / dropped / stale (for a
         previous incarnation), overflowed (waited for room in a full mailbox), held
         (calls and casts this node held because their target said busy), refused
-        (connections that failed the handshake -- no token, or the wrong one -- and
-        messages whose header named another sender than their connection, or that came
-        from a new peer while the peer table was full), and peers."""
-        return {**self._stats, "peers": len(self._peers)}
+        (connections that failed the handshake -- no token or key, or the wrong one --,
+        messages whose header named another sender than their connection may speak
+        for, messages of another run, and messages from a new peer while the peer table
+        was full), with three of its parts: refused_handshake, refused_sender and
+        refused_run; and peers."""
+        other_run = self._router.refused if self._router is not None else 0
+        stats = {**self._stats, "refused_run": other_run, "peers": len(self._peers)}
+        stats["refused"] += other_run
+        return stats
 
     def peer_info(self, name: str) -> PeerInfo | None:
         peer = self._peers.get(name)
@@ -562,15 +570,22 @@ class Node:
         if peer.socket is not None:
             peer.socket.close(linger=0)
             peer.socket = None
-        if peer.endpoint is not None:
-            credentials = {} if self.token is None else _admission.present(self.name, self.token)
-            peer.socket = open_socket(
-                "DEALER",
-                connect=peer.endpoint,
-                routing_id=self.name.encode(),
-                linger=0,
-                **credentials,
-            )
+        if peer.endpoint is None:
+            return
+        keyring = _admission.current_keyring()
+        if keyring is not None and peer.endpoint.startswith("tcp://"):
+            # CURVE to the host that holds the peer's name; no routing id: the ROUTER
+            # numbers the connection, and the key says whom it speaks for (reader)
+            host = keyring.host_of(peer.name)
+            if host is None:
+                log.warning("%s no host holds %r: not connecting", self._label, peer.name)
+                return
+            options = keyring.client_options(host)
+        else:
+            options = {"routing_id": self.name.encode()}
+            if self.token is not None:
+                options.update(_admission.present(self.name, self.token))
+        peer.socket = open_socket("DEALER", connect=peer.endpoint, linger=0, **options)
 
     # Sending. Messages to a peer leave in the order they were queued -- a link or
     # monitor queued before a call arrives before it
@@ -789,19 +804,31 @@ class Node:
     # =================================================================================
 
     async def _reader(self) -> None:
+        keyring = self._keyring
         while True:
             try:
-                routing_id, msg = await self._router.recv_message()
+                routing_id, user_id, msg = await self._router.recv_message_from()
             except FrameError as exc:
-                self._reject(_routing_name(exc.routing_id), exc.reason, None)
+                if keyring is None:  # (under a keyring routing ids are the ROUTER's)
+                    self._reject(_routing_name(exc.routing_id), exc.reason, None)
+                else:
+                    self._reject(None, exc.reason, None)
                 continue
             except trio.ClosedResourceError:
                 return
             self._stats["received"] += 1
             try:
-                if routing_id != msg.sender.encode():
+                if keyring is not None:
+                    # The sender is one the connection's key may speak for: a node of
+                    # the host that key names (actors._admission.Keyring).
+                    if not keyring.speaks_for(user_id, msg.sender):
+                        self._stats["refused_sender"] += 1
+                        host = keyring.host_of_key(user_id)
+                        raise _Refused(f"host {host}'s key sent as {msg.sender!r:.40}")
+                elif routing_id != msg.sender.encode():
                     # The sender is the connection's: its routing id, which with a token
                     # only a process of the run can hold (actors._admission).
+                    self._stats["refused_sender"] += 1
                     raise _Refused(f"header names sender {msg.sender!r:.40}")
                 await self._dispatch(msg)
             except _Refused as exc:
@@ -827,7 +854,8 @@ class Node:
             except trio.ClosedResourceError:
                 return
             if _admission.event_of(frames) & _admission.HANDSHAKE_FAILED:
-                self._refuse(None, "handshake failed (no token, or not the run's)")
+                self._stats["refused_handshake"] += 1
+                self._refuse(None, "handshake failed (no credentials, or not the run's)")
 
     async def _dispatch(self, msg: Message) -> None:
         if msg.sender not in self._peers:  # (a known peer's name was checked already)
@@ -1365,6 +1393,8 @@ async def open_node(
         "ROUTER", bind=endpoint, router_handover=1, linger=0, heartbeat_ivl=0, **admission
     )
     node.endpoint = node._router.last_endpoint  # "tcp://host:*" -> the port it got
+    if node._router.accepts is not None:  # CURVE: the process's keyring admits peers
+        node._keyring = _admission.current_keyring()
     address = f"inproc://node-monitor-{id(node)}"
     node._router.zmq.monitor(address, _admission.HANDSHAKE_FAILED)
     node._refusals = open_socket("PAIR", connect=address, linger=0, rcvhwm=0)  # see Ring

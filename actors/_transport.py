@@ -53,7 +53,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import trio
@@ -296,7 +296,13 @@ def open_socket(
         settings["IMMEDIATE"] = 1
     if socket_type == zmq.ROUTER:
         settings["ROUTER_MANDATORY"] = 1
-    settings.update({name.upper(): value for name, value in options.items()})
+    given = {name.upper(): value for name, value in options.items()}
+    settings.update(given)
+    keyring = tcp_keyring
+    accepts = None
+    if keyring is not None and any(e.startswith("tcp://") for e in binds + connects):
+        settings.update(keyring.socket_options(binds, connects, given))
+        accepts = keyring.accepts
 
     zsock = get_context().socket(socket_type)
     try:
@@ -312,7 +318,13 @@ def open_socket(
     except BaseException:
         zsock.close(linger=0)
         raise
-    return TrioSocket(zsock, limits=limits)
+    return TrioSocket(zsock, limits=limits, accepts=accepts)
+
+
+# The process's CURVE keyring (actors._admission.secure_tcp): when set, every socket that
+# binds or connects a tcp:// endpoint is CURVE with it, and takes only messages that came
+# on a connection of the keyring's run (Keyring.accepts).
+tcp_keyring: Any = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -331,9 +343,19 @@ class TrioSocket:
     its blocking send/recv methods from trio.
     """
 
-    def __init__(self, zsock: zmq.Socket, *, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        zsock: zmq.Socket,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        accepts: Callable[[zmq.Frame], bool] | None = None,
+    ) -> None:
         self.zmq = zsock
         self.limits = limits
+        # A received message for which accepts(its first frame) is false is dropped
+        # before any caller sees it, and counted (a tcp connection of another run).
+        self.accepts = accepts
+        self.refused = 0
         self._fd = zsock.FD
         self._router = zsock.type == zmq.ROUTER
         self._closed = False
@@ -481,6 +503,11 @@ class TrioSocket:
                     ready = False
                     continue
                 self._after_io()
+                if self.accepts is not None and not self.accepts(frames[0]):
+                    self.refused += 1
+                    ready = False
+                    await self.fair_checkpoint()  # a flood of them must not starve trio
+                    continue
                 return frames
             ready = True
             await self._wait(_POLLIN, polled=True, confirm=False)
@@ -488,7 +515,7 @@ class TrioSocket:
     def _recv_all(self, copy: bool) -> list:
         # zmq.Socket.recv_multipart reads RCVMORE with a getsockopt per frame; a Frame
         # knows whether more follow. The rest of a multipart is always there at once.
-        if copy:
+        if copy and self.accepts is None:
             return self.zmq.recv_multipart(_DONTWAIT, copy=True)
         recv = self.zmq.recv
         frame = recv(_DONTWAIT, copy=False)
@@ -496,6 +523,10 @@ class TrioSocket:
         while frame.more:
             frame = recv(_DONTWAIT, copy=False)
             frames.append(frame)
+        if copy:  # (with accepts: it reads the first frame's properties, then bytes)
+            if self.accepts is not None and not self.accepts(frames[0]):
+                return [frames[0]]  # refused by recv_multipart: never copied
+            return [f.bytes for f in frames]
         return frames
 
     async def send_message(
@@ -521,7 +552,21 @@ class TrioSocket:
         message raises :class:`FrameError` (with ``routing_id`` set) and is dropped;
         the socket stays usable, and the caller decides whether to answer.
         """
+        routing_id, _, msg = await self.recv_message_from()
+        return routing_id, msg
+
+    async def recv_message_from(self) -> tuple[bytes | None, str | None, Message]:
+        """:meth:`recv_message` with the connection's CURVE "User-Id" (the peer's z85
+        public key, as the ZAP handler admitted it) on a socket the process's keyring
+        secures, else None: ``(routing_id, user_id, message)``. A FrameError carries
+        ``user_id`` too."""
         frames = await self.recv_multipart(copy=False)
+        user_id = None
+        if self.accepts is not None:  # (a property read costs: only where it matters)
+            try:
+                user_id = frames[0].get("User-Id") or None
+            except zmq.ZMQError:  # no ZAP handler admitted this connection
+                pass
         routing_id = None
         if self._router:
             routing_id = frames.pop(0).bytes
@@ -530,9 +575,10 @@ class TrioSocket:
         if frames and len(frames[0]) <= self.limits.max_header_bytes:
             frames[0] = frames[0].bytes
         try:
-            return routing_id, decode(frames, self.limits)
+            return routing_id, user_id, decode(frames, self.limits)
         except FrameError as exc:
             exc.routing_id = routing_id
+            exc.user_id = user_id
             raise
 
     def close(self, linger: int | None = None) -> None:

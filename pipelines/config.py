@@ -379,6 +379,10 @@ class ClusterConfig:
     # half the bytes; sums still add in float32; deterministic, but other numbers than
     # fp32's: README "Slow links")
     wire_dtype: str = "fp32"
+    # a multi-node run's CURVE keys (`zerotrain keys init DIR`; `--keys DIR` wins): every
+    # tcp:// socket between hosts is then authenticated and encrypted. Where the keys
+    # lie is no part of the config hash (each host may keep its copy elsewhere).
+    keys: str = ""
 
     def __post_init__(self):
         _check_range("cluster.ranks", self.ranks, lo=1, hi=256)
@@ -945,8 +949,11 @@ def _canonical(obj: Any) -> bytes:
 
 
 def config_hash(cfg: Config) -> str:
-    """sha256 hex of the canonical JSON of the whole resolved config."""
-    return hashlib.sha256(_canonical(cfg.to_dict())).hexdigest()
+    """sha256 hex of the canonical JSON of the whole resolved config, but for where a
+    host keeps its keys (cluster.keys): the nodes of one run compare these hashes."""
+    d = cfg.to_dict()
+    del d["cluster"]["keys"]
+    return hashlib.sha256(_canonical(d)).hexdigest()
 
 
 # What may change between a checkpoint and a resume without changing the numbers' meaning

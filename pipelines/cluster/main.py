@@ -113,6 +113,8 @@ def run_cluster(
             nodes.share_checkpoint_root(plan_path, layout, cfg)
         config_hash = identity.config_hash
         del inputs  # the top process keeps no model or data while the ranks train
+        if layout is not None:  # with keys, every tcp:// socket of this agent is CURVE
+            nodes.secure_agent(layout)
         trio.run(
             _serve,
             cfg,
@@ -124,6 +126,7 @@ def run_cluster(
             (layout, config_hash),
         )
     finally:
+        actors.secure_tcp(None)
         rundir.close()
         shutil.rmtree(ipc_dir, ignore_errors=True)
         for port in ports:
@@ -347,7 +350,8 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
         heartbeat_interval=min(0.2, hb / 5),
         heartbeat_timeout=hb,
         # One host: only this run's processes may connect. Several: the node agents of
-        # other hosts hold no token; their admission is the CURVE keys' (issue 20).
+        # other hosts hold no token; their admission is the CURVE keyring's (installed
+        # by secure_agent when the run has keys; nodes.py's module doc).
         token=token if layout is None else None,
     ) as node:
         async with trio.open_nursery() as nursery:

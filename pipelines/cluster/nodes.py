@@ -37,13 +37,19 @@ its checkpoint shards into DIR's checkpoint root, where node 0 writes the manife
 the metrics, summary.json and the final weights. Without a shared filesystem a node's
 shards stay on its host: recovery from memory works, recovery from disk does not.
 
-Transport. Between hosts only tcp://. CURVE on these sockets is not wired yet: an
-agent refuses a non-loopback address without keys, and says in one line that a
-loopback-only run goes without (a test mode).
+Transport. Between hosts only tcp://. With the cluster's keys (`--keys DIR` or
+cluster.keys; pipelines.launch.keys) every process of the run -- agents and ranks --
+installs its host's keyring (pipelines.launch.curve.node_keyring) before it opens a
+socket, so every tcp:// socket is CURVE: node K's key names host K, a key may speak
+only for its host's agent and ranks, a ring inbox admits its left neighbour's host
+only, and every handshake says the run id (actors._admission). Without keys an agent
+refuses a non-loopback address, and says in one line that a loopback-only run goes
+without (a test mode).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -57,7 +63,8 @@ import trio
 import actors
 
 from ..core import RunRefused
-from ..launch import NodeIdentity
+from ..launch import ClusterKeys, KeysError, NodeIdentity, load_keys
+from ..launch.curve import node_keyring
 from ..store.rundir import write_json_atomic
 
 __all__ = [
@@ -69,6 +76,9 @@ __all__ = [
     "agent_label",
     "announce_end",
     "check_plaintext",
+    "keyring_plan",
+    "secure_agent",
+    "secure_rank",
     "default_run_dir",
     "endpoint_of",
     "gather_nodes",
@@ -116,6 +126,7 @@ class NodeLayout:
     advertise_ip    where this node's agent and ranks bind (node 0: the master's address)
     ranks           the global ranks this node runs
     run_id          what every hello must carry (the identity's, else the master address)
+    keys            the cluster's CURVE keys (None: plaintext on loopback, a test mode)
     """
 
     identity: NodeIdentity
@@ -124,6 +135,7 @@ class NodeLayout:
     advertise_ip: str
     ranks: range
     run_id: str
+    keys: ClusterKeys | None = None
 
     @property
     def node_rank(self) -> int:
@@ -183,8 +195,8 @@ def layout_from_args(args, cfg, environ, warn) -> NodeLayout | None:
         if given:
             raise RunRefused(f"{what}: not supported on {identity.nnodes} nodes yet (one host)")
     layout = layout_for(identity)
-    check_plaintext(layout, getattr(args, "keys", None), warn)
-    return layout
+    keys = check_plaintext(layout, getattr(args, "keys", None) or cfg.cluster.keys, warn)
+    return dataclasses.replace(layout, keys=keys)
 
 
 def default_run_dir(pipeline: str, layout: NodeLayout) -> Path:
@@ -193,14 +205,18 @@ def default_run_dir(pipeline: str, layout: NodeLayout) -> Path:
     return Path("runs") / f"{pipeline}-{layout.run_id.replace(':', '-')}"
 
 
-def check_plaintext(layout: NodeLayout, keys: str | None, warn) -> None:
-    """Plain tcp:// between nodes only on loopback addresses, saying so (`warn`, one
-    line); any other address is refused (RunRefused: exit 2) until CURVE is wired in."""
+def check_plaintext(layout: NodeLayout, keys: str | None, warn) -> ClusterKeys | None:
+    """The cluster's keys from directory `keys` (checked: modes, a key for every node,
+    this node's secret key), or, without keys, plain tcp:// between nodes only on
+    loopback addresses, saying so (`warn`, one line); RunRefused (one line, exit 2)
+    for keys that cannot be used and for any other address without keys."""
     if keys:
-        raise RunRefused(
-            "--keys: CURVE on the node transport is not wired in yet; run on loopback "
-            "addresses without keys (a test mode)"
-        )
+        try:
+            loaded = load_keys(keys)
+            node_keyring(loaded, layout.node_rank, layout.nnodes, len(layout.ranks), "check")
+        except KeysError as err:
+            raise RunRefused(f"node {layout.node_rank}: keys: {err}") from None
+        return loaded
     outside = [ip for ip in (layout.master_ip, layout.advertise_ip) if not _is_loopback(ip)]
     if outside:
         raise RunRefused(
@@ -212,6 +228,42 @@ def check_plaintext(layout: NodeLayout, keys: str | None, warn) -> None:
         f"node {layout.node_rank}: plaintext tcp on loopback without keys "
         f"(master {layout.master_endpoint}, this node {layout.advertise_ip}): a test mode"
     )
+    return None
+
+
+def keyring_plan(layout: NodeLayout) -> dict | None:
+    """What a rank of this node needs to build its keyring (plan.json's "keys": no
+    secret, only where the keys lie), None without keys."""
+    if layout.keys is None:
+        return None
+    return {
+        "dir": str(Path(layout.keys.directory).resolve()),
+        "node": layout.node_rank,
+        "nnodes": layout.nnodes,
+        "ranks_per_node": len(layout.ranks),
+        "run_id": layout.run_id,
+    }
+
+
+def secure_agent(layout: NodeLayout) -> None:
+    """Install this agent's keyring (every tcp:// socket it opens is CURVE), if the run
+    has keys."""
+    if layout.keys is not None:
+        keyring = node_keyring(layout.keys, layout.node_rank, layout.nnodes,
+                               len(layout.ranks), layout.run_id)  # fmt: skip
+        actors.secure_tcp(keyring)
+
+
+def secure_rank(plan: dict) -> None:
+    """Install a rank's keyring from its plan (its host's keys, the ring endpoints), if
+    the run has keys. KeysError (one line) when the keys cannot be used."""
+    spec = plan.get("keys")
+    if not spec:
+        return
+    keys = load_keys(spec["dir"])
+    keyring = node_keyring(keys, spec["node"], spec["nnodes"], spec["ranks_per_node"],
+                           spec["run_id"], rings=plan["endpoints"])  # fmt: skip
+    actors.secure_tcp(keyring)
 
 
 def reserve_ports(ip: str, n: int) -> list[socket.socket]:
@@ -308,6 +360,7 @@ def write_plan_table(plan_path: Path, layout: NodeLayout, tables: dict[str, dict
     plan["endpoints"] = [rings[r] for r in range(len(rings))]
     plan["peers"] = peers
     plan["replica_stride"] = len(layout.ranks)  # messages.replica_holder: the next node
+    plan["keys"] = keyring_plan(layout)
     write_json_atomic(Path(plan_path), plan)
     mine = tables[str(layout.node_rank)]["ranks"]
     return {int(r): endpoint for r, endpoint in mine.items()}

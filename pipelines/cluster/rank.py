@@ -50,6 +50,7 @@ from ..core import (
     step_seed,
 )
 from ..data import EPOCHS_DIR, EpochLog, load_dataset
+from ..launch import KeysError
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import (
@@ -74,6 +75,7 @@ from .messages import (
     StopAt,
     StopPrepare,
 )
+from .nodes import secure_rank
 from .roles import (
     BackwardGate,
     Checkpointer,
@@ -727,6 +729,11 @@ def main() -> None:
         print(f"zerotrain rank: cannot read the plan (${PLAN_ENV}): {err}", file=sys.stderr)
         sys.exit(2)
     _check_ownership(plan)
+    try:  # a multi-node run with keys: every tcp:// socket of this rank is CURVE
+        secure_rank(plan)
+    except (KeysError, ValueError) as err:
+        print(f"zerotrain rank: keys: {err}", file=sys.stderr)
+        sys.exit(2)
     cluster = plan["config"]["cluster"]
     if cluster.get("pin_ranks", True):
         pin_to_cpu(int(os.environ[actors.ENV["rank"]]), int(cluster["ranks"]))

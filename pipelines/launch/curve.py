@@ -27,17 +27,31 @@ through. The authenticator is the runtime's one ZAP handler per Context
 (``actors.admit_curve``; a second handler, such as pyzmq's ThreadAuthenticator, could not
 bind beside the one that admits the run's PLAIN token): a thread of its own, beside trio,
 reading nothing but the frozen public keys.
+
+A multi-node run does not set sockets up one by one: each of its processes installs
+:func:`node_keyring` (``actors.secure_tcp``), and every tcp:// socket it opens is CURVE
+with its host's keypair -- node agents, rank nodes and ring links alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import zmq
 
-from actors import Admission, admit_curve
+from actors import Admission, Keyring, admit_curve
 
 from .keys import ClusterKeys
 
-__all__ = ["ZAP_DOMAIN", "curve_client", "curve_server", "peer_node", "start_authenticator"]
+__all__ = [
+    "ZAP_DOMAIN",
+    "curve_client",
+    "curve_server",
+    "host_name",
+    "node_keyring",
+    "peer_node",
+    "start_authenticator",
+]
 
 # The ZAP domain of every zerotrain CURVE socket; the authenticator answers only for it.
 ZAP_DOMAIN = "zerotrain"
@@ -79,3 +93,59 @@ def peer_node(frame: zmq.Frame, keys: ClusterKeys) -> int | None:
     except zmq.ZMQError:
         return None
     return keys.node_of(user_id) if user_id else None
+
+
+def host_name(node: int) -> str:
+    """The keyring's name for node (host) K, whose key is node-K.key."""
+    return f"node{node}"
+
+
+def node_keyring(
+    keys: ClusterKeys,
+    node: int,
+    nnodes: int,
+    ranks_per_node: int,
+    run_id: str,
+    rings: Sequence[str] = (),
+) -> Keyring:
+    """The keyring of a process on node `node` of an `nnodes` x `ranks_per_node` run:
+    node K's keypair; host K speaks for its agent ("cluster" for node 0, "nodeK") and
+    its ranks (rank K*R .. K*R+R-1); every handshake says `run_id`. `rings`: the run's
+    ring endpoints in rank order (a rank's process connects to its right neighbour's by
+    endpoint): ring r is bound by rank r's host and admits rank r-1's host only.
+    KeysError (one line) when `keys` holds no key for some node, or not this node's
+    secret key."""
+    from .keys import KeysError
+
+    if keys.nodes < nnodes:
+        raise KeysError(
+            f"{keys.directory}: keys for {keys.nodes} node(s), the run has {nnodes} "
+            f"(write keys for every node: zerotrain keys init DIR --nodes {nnodes})"
+        )
+    world = nnodes * ranks_per_node
+
+    def host_of(name: str) -> str | None:
+        if name == "cluster":
+            return host_name(0)
+        for prefix, count, per in (("node", nnodes, 1), ("rank", world, ranks_per_node)):
+            digits = name[len(prefix) :]
+            if name.startswith(prefix) and digits.isdigit() and digits == str(int(digits)):
+                k = int(digits)
+                if (prefix == "rank" or k >= 1) and k < count:
+                    return host_name(k // per)
+        return None
+
+    hosts = {host_name(k): keys.public[k] for k in range(nnodes)}
+    endpoints, admits = {}, {}
+    for r, endpoint in enumerate(rings):
+        endpoints[endpoint] = host_name(r // ranks_per_node)
+        admits[endpoint] = frozenset({host_name(((r - 1) % len(rings)) // ranks_per_node)})
+    return Keyring(
+        host=host_name(node),
+        keypair=keys.keypair(node),
+        hosts=hosts,
+        run=run_id,
+        host_of=host_of,
+        endpoints=endpoints,
+        admits=admits,
+    )
