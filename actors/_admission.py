@@ -64,6 +64,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 import zmq
+import zmq.utils.z85
 
 from . import _transport
 from ._transport import get_context
