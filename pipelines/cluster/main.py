@@ -236,10 +236,12 @@ def _summarize(
 
 
 def _admission_summary(cluster_stats: dict | None, finished: dict, world: int) -> dict:
-    """Whether something knocked: per node, connections and messages refused (no token,
-    a spoofed sender), rejected (malformed) and dropped (answers nobody read); per rank,
-    its ring inbox's refused connections and its regroups (collectives that failed)."""
-    keys = ("refused", "rejected", "dropped")
+    """Whether something knocked: per node, connections and messages refused (no token
+    or key, a spoofed sender, another run; and those three parts of it:
+    refused_handshake, refused_sender, refused_run), rejected (malformed) and dropped
+    (answers nobody read); per rank, its ring inbox's refused connections and its
+    regroups (collectives that failed)."""
+    keys = ("refused", "rejected", "dropped", "refused_handshake", "refused_sender", "refused_run")
     nodes = {"cluster": {k: (cluster_stats or {}).get(k, 0) for k in keys}}
     for r in range(world):
         nodes[f"rank{r}"] = {k: finished[r]["admission"]["node"][k] for k in keys}

@@ -1,0 +1,233 @@
+"""Node agents with the cluster's CURVE keys (issue 20): two `zerotrain run` processes on
+127.0.0.2 and 127.0.0.3 with `--keys DIR` give the bits of one host over CURVE on every
+tcp:// socket, and intruders at node 0's master address -- a plaintext client, an
+unknown CURVE key, a client expecting another node's server key, node 1's valid key
+claiming node 0's rank, 10,000 hostile messages under node 1's key as nodes it does
+not hold, and node 1's key from another run -- are refused, counted in summary.json,
+and change nothing.
+
+The intruders knock while node 0 waits for node 1's hello (node 0 is bound, no rank
+has started), so what they did is done before the run trains, whatever the machine's
+load: then node 1 starts and the run must end as if nobody had knocked."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+import actors
+from pipelines.launch import init_keys
+from tests.pipelines.cli_util import zerotrain
+from tests.pipelines.cluster.test_nodes import RUN, _agent, _finish, _port, _sha
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[3]
+HOSTILE = 10_000
+OTHER_RUN = 100
+GUARD = 60.0  # seconds: a bound on what must happen long before
+
+
+@pytest.fixture(scope="module")
+def one_host_sha(tmp_path_factory) -> str:
+    """The bits of the same run on one host: --ranks 4 (test_nodes' reference)."""
+    run_dir = tmp_path_factory.mktemp("one_host") / "run"
+    done = zerotrain(*RUN, "--run-dir", str(run_dir), timeout=300)
+    assert done.returncode == 0, done.stderr
+    return _sha(run_dir)
+
+
+def _bench_fuzz():
+    """scripts/bench_fuzz.py's message generators (node headers, mutations)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_fuzz
+    finally:
+        sys.path.pop(0)
+    return bench_fuzz
+
+
+def _keyed(run_dir: Path, tmp_path: Path, keys: Path, *, start_node1: bool = True):
+    """Node 0 (the master, 127.0.0.2) and, unless told not to, node 1 (127.0.0.3), both
+    with --keys and the run id mnsec-test: (master HOST:PORT, the agents)."""
+    master = f"127.0.0.2:{_port()}"
+    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir),
+              "--keys", str(keys), "--run-id", "mnsec-test"]  # fmt: skip
+    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
+    agents = {"node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0")}
+    if start_node1:
+        agents["node1"] = _agent(node1, {}, tmp_path, "node1")
+    return master, agents, node1
+
+
+def test_two_agents_with_keys_give_the_bits_of_one_host_over_curve(tmp_path, one_host_sha):
+    keys = init_keys(tmp_path / "keys", 2).directory
+    run_dir = tmp_path / "run"
+    _, agents, _ = _keyed(run_dir, tmp_path, keys)
+    results = _finish(agents, tmp_path)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["params_sha256"] == one_host_sha
+    assert summary["restarts"] == 0
+    for k in (0, 1):  # with keys, no plaintext test mode to announce
+        assert "without keys" not in results[f"node{k}"][1]
+    # every rank built its keyring from its plan: where the keys lie, never a secret
+    plan = json.loads((run_dir / "node-1" / "plan.json").read_text())
+    assert plan["keys"] == {"dir": str(keys.resolve()), "node": 1, "nnodes": 2,
+                            "ranks_per_node": 2, "run_id": "mnsec-test"}  # fmt: skip
+    assert "secret" not in (run_dir / "node-1" / "plan.json").read_text()
+    admission = summary["admission"]  # nothing refused or rejected ("dropped" counts
+    # the last heartbeats to peers already gone at the end: not what knocked)
+    knocked = [c for n in admission["nodes"].values() for k, c in n.items() if k != "dropped"]
+    assert not any(knocked), admission
+    assert admission["ring_refused_per_rank"] == [0, 0, 0, 0], admission
+
+
+class _Intruder:
+    """Raw pyzmq DEALERs against one endpoint, each watched by a monitor of its own."""
+
+    def __init__(self, endpoint: str, keys) -> None:
+        self.endpoint, self.keys = endpoint, keys
+        self.ctx = zmq.Context()
+        self.socks: list[zmq.Socket] = []
+
+    def dealer(self, keypair=None, server=None, run="mnsec-test", once=True):
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.sndhwm = 0  # (the hostile batch is queued, not dropped)
+        if once:
+            sock.reconnect_ivl = -1  # one attempt: one refusal on node 0's count
+        if keypair is not None:
+            sock.curve_publickey, sock.curve_secretkey = keypair
+            sock.curve_serverkey = server
+        if run is not None:
+            sock.setsockopt(zmq.METADATA, f"X-Zt-Run:{run}".encode())
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_DISCONNECTED
+        )
+        sock.connect(self.endpoint)
+        self.socks.append(sock)
+        return sock, monitor
+
+    @staticmethod
+    def outcome(monitor) -> str:
+        """'in' once the handshake succeeded, 'refused' once it failed or was cut."""
+        assert monitor.poll(int(GUARD * 1000)), "no handshake outcome"
+        event = recv_monitor_message(monitor)["event"]
+        return "in" if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else "refused"
+
+    def close(self) -> None:
+        for sock in self.socks:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+        self.ctx.destroy(linger=0)
+
+
+def _hb(sender: str, generation: int = 5) -> list[bytes]:
+    body = {"endpoint": "tcp://127.0.0.1:9", "names": []}
+    header = {"v": 1, "type": "hb", "sender": sender, "generation": generation, "step": 0,
+              "seq": 0, "body": body, "tensors": []}  # fmt: skip
+    return [msgpack.packb(header)]
+
+
+def _send_all(sock: zmq.Socket, messages) -> int:
+    sent = 0
+    for frames in messages:
+        assert sock.poll(int(GUARD * 1000), zmq.POLLOUT), "node 0 stopped reading"
+        sock.send_multipart(frames, zmq.DONTWAIT)
+        sent += 1
+    return sent
+
+
+def _knock(master: str, keys) -> int:
+    """Every kind of intruder at node 0's master address, each seen refused (or, for
+    the keyed ones, in with messages node 0 must refuse); how many of the hostile
+    messages are well-formed (node 0 reads their sender and refuses them; the rest it
+    rejects as malformed)."""
+    fuzz = _bench_fuzz()
+    rng = random.Random(20)
+    node0, node1 = keys.keypair(0), keys.keypair(1)
+    intruder = _Intruder(f"tcp://{master}", keys)
+    try:
+        # node 1's key, this run, claiming node 0's rank and agent; it also tells us
+        # node 0 is up (its handshake succeeds once node 0 has bound the address)
+        claim, monitor = intruder.dealer(node1, node0[0], once=False)
+        assert intruder.outcome(monitor) == "in"
+        _send_all(claim, [_hb("rank0"), _hb("cluster")])
+        # then 10,000 hostile messages under the same key: bench_fuzz's node headers
+        # (senders rank0, rank1, cluster, analyzer, fz-N: none of them node 1's),
+        # mutated, truncated, with random tensors; nothing over the frame limit
+        messages = [fuzz._mutate(fuzz._node_message(rng), rng) for _ in range(HOSTILE)]
+        messages = [m if sum(map(len, m)) < 1 << 20 else m[:1] for m in messages]
+        assert _send_all(claim, messages) == HOSTILE
+        # node 1's key as itself, but saying another run in its handshake
+        other, monitor = intruder.dealer(node1, node0[0], run="another-run", once=False)
+        assert intruder.outcome(monitor) == "in"  # (admitted by key: refused per message)
+        _send_all(other, [_hb("rank2", g) for g in range(OTHER_RUN)])
+        # refused at the handshake, one attempt each
+        stranger = zmq.curve_keypair()  # a well-formed key the cluster never issued
+        for how in ({}, {"keypair": stranger, "server": node0[0]},
+                    {"keypair": node1, "server": node1[0]}):  # fmt: skip
+            sock, monitor = intruder.dealer(**how)
+            with contextlib.suppress(zmq.Again):
+                sock.send_multipart(_hb("rank2"), zmq.DONTWAIT)
+            assert intruder.outcome(monitor) == "refused", how
+        time.sleep(1.0)  # the last messages reach node 0's reader
+    finally:
+        intruder.close()
+    return sum(map(_well_formed, messages))
+
+
+def _well_formed(frames: list[bytes]) -> bool:
+    """Whether a node decodes this message (then reads its sender) or rejects it first."""
+    try:
+        actors.decode(list(frames), actors.DEFAULT_LIMITS)
+    except actors.FrameError:
+        return False
+    return True
+
+
+def test_intruders_at_node_0_are_refused_counted_and_change_nothing(tmp_path, one_host_sha):
+    keys = init_keys(tmp_path / "keys", 2)
+    run_dir = tmp_path / "run"
+    master, agents, node1 = _keyed(run_dir, tmp_path, keys.directory, start_node1=False)
+    try:
+        well_formed = _knock(master, keys)
+        assert agents["node0"].poll() is None, (tmp_path / "node0.err").read_text()
+        agents["node1"] = _agent(node1, {}, tmp_path, "node1")
+    finally:
+        results = _finish(agents, tmp_path)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["params_sha256"] == one_host_sha
+    assert summary["restarts"] == 0
+    admission = summary["admission"]
+    cluster = admission["nodes"]["cluster"]
+    assert cluster["refused_handshake"] == 3, admission
+    assert cluster["refused_run"] == OTHER_RUN, admission
+    # every hostile message refused as a sender node 1 does not hold (the two claims
+    # too), or rejected as malformed before its sender was read: none reached an actor
+    assert cluster["refused_sender"] == 2 + well_formed, admission
+    assert cluster["rejected"] == HOSTILE - well_formed, admission
+    assert cluster["refused"] == (
+        cluster["refused_handshake"] + cluster["refused_sender"] + cluster["refused_run"]
+    ), admission
+    for r in range(4):  # the ranks saw nobody
+        rank = admission["nodes"][f"rank{r}"]
+        assert not any(c for k, c in rank.items() if k != "dropped"), admission
+    assert admission["regroups_per_rank"] == [0, 0, 0, 0], admission
