@@ -82,6 +82,14 @@ pause the whole reader: an overflow past ``_OVERFLOW_MAX`` messages or
 requests served in tasks of their own at once (stops, and calls for an actor that is
 not there or has just exited).
 
+Admission. A message's sender must be its connection's routing id; with a run token the
+ROUTER admits, at the handshake, only peers holding it (``actors._admission``). Under the
+process's CURVE keyring (tcp://, ``actors.secure_tcp``) the ROUTER admits the run's
+hosts' keys, the DEALERs set no routing id, and a message's sender must be a node of
+the host its connection's key names (``Keyring.speaks_for``); messages of another run
+never reach the reader. Either way a message that may not speak for its sender is
+refused: no answer, no state, only counts.
+
 Untrusted input. ``recv_message`` bounds and validates frames (``actors._frames``);
 this module validates bodies. A rejected message is logged with its reason, counted
 (``statistics()["rejected"]``), and answered -- with an error ``reply`` when it carried a

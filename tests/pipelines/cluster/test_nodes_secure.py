@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -231,3 +233,31 @@ def test_intruders_at_node_0_are_refused_counted_and_change_nothing(tmp_path, on
         rank = admission["nodes"][f"rank{r}"]
         assert not any(c for k, c in rank.items() if k != "dropped"), admission
     assert admission["regroups_per_rank"] == [0, 0, 0, 0], admission
+
+
+def _loose_secret(keys: Path) -> str:
+    os.chmod(keys / "node-1.key_secret", 0o644)
+    path = keys / "node-1.key_secret"
+    return (
+        f"{path}: mode 0644 lets its group or others in; a key file must be readable by "
+        f"its owner only (chmod 600 {path})"
+    )
+
+
+def _one_node_of_keys(keys: Path) -> str:
+    shutil.rmtree(keys)
+    init_keys(keys, 1)
+    return f"{keys}: keys for 1 node(s), the run has 2 (write keys for every node: " \
+        "zerotrain keys init DIR --nodes 2)"  # fmt: skip
+
+
+@pytest.mark.parametrize("spoil", [_loose_secret, _one_node_of_keys], ids=lambda f: f.__name__)
+def test_keys_that_cannot_be_used_are_refused_in_one_line_before_anything_starts(tmp_path, spoil):
+    keys = init_keys(tmp_path / "keys", 2).directory
+    why = spoil(keys)
+    args = [*RUN, "--nodes", "2", "--node-rank", "1", "--master", f"127.0.0.2:{_port()}"]
+    done = zerotrain(*args, "--advertise-addr", "127.0.0.3", "--keys", str(keys),
+                     "--run-dir", str(tmp_path / "r"))  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"zerotrain run: node 1: keys: {why}"]
+    assert not (tmp_path / "r").exists()
