@@ -75,7 +75,7 @@ def test_two_agents_with_keys_give_the_bits_of_one_host_over_curve(tmp_path, one
     keys = init_keys(tmp_path / "keys", 2).directory
     run_dir = tmp_path / "run"
     _, agents, _ = _keyed(run_dir, tmp_path, keys)
-    results = _finish(agents, tmp_path)
+    results = _finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -212,7 +212,7 @@ def test_intruders_at_node_0_are_refused_counted_and_change_nothing(tmp_path, on
         assert agents["node0"].poll() is None, (tmp_path / "node0.err").read_text()
         agents["node1"] = _agent(node1, {}, tmp_path, "node1")
     finally:
-        results = _finish(agents, tmp_path)
+        results = _finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     summary = json.loads((run_dir / "summary.json").read_text())
