@@ -343,6 +343,9 @@ def _hello(layout: NodeLayout, config_hash: str, table: dict) -> dict:
         "ranks": [layout.ranks.start, layout.ranks.stop],
         "config_hash": config_hash,
         "table": table,
+        # this agent's boot id: the same hello sent again (its answer was late) is
+        # told apart from a node started again
+        "generation": actors.current_node().generation,
     }
 
 
@@ -386,6 +389,7 @@ class Rendezvous(actors.Actor):
         self.layout = layout
         self.config_hash = config_hash
         self.tables: dict[str, dict] = {"0": own}
+        self.generations: dict[int, object] = {}  # node rank -> its agent's boot id
         self.waiting: dict[int, actors.From] = {}
         self.complete = trio.Event()
         self.fail = fail
@@ -399,6 +403,11 @@ class Rendezvous(actors.Actor):
             self.log.warning("refused a node's hello: %s", why)
             return {"refused": why}
         k = request["node_rank"]
+        generation = request.get("generation")
+        again = generation is not None and self.generations.get(k) == generation
+        self.generations[k] = generation
+        if self.complete.is_set() and again:
+            return {"tables": self.tables}  # a hello resent while its answer was on its way
         if self.complete.is_set():
             # node k started again (its agent was lost): its ranks come back at the
             # endpoints every other rank's plan names; only its agent's is new
