@@ -78,13 +78,7 @@ def run_cluster(
     t_start = time.perf_counter()
     inputs = prepare_run(cfg, resume=resume, hooks=hooks)
     identity = inputs.identity
-    rundir = RunDir(run_dir, resume=resume, checkpoint_dir=cfg.checkpoint.dir)
-    rundir.write_config(cfg, identity.config_hash, identity.resume_hash)
-    rundir.write_data(data_record(inputs.train))
-    record_epochs(inputs.train, rundir.path)
-    if inputs.resume is not None:  # steps after the checkpoint are trained again
-        rundir.forget_steps_after(int(inputs.resume.manifest["step"]))
-    _record_overrides(rundir.path, overrides, inputs.resume)
+    rundir = _open_run_dir(cfg, run_dir, inputs, resume, overrides)
     progress = core.progress_for(cfg, out)
     specs = list(cfg.hooks.specs) + list(hooks)
     analyzers = any(h.kind == "analyzer" for h in inputs.hooks)
@@ -136,6 +130,19 @@ def run_cluster(
         progress.message(f"done: {nodes.agent_label(layout)}; summary on node 0")
         return None
     return _summarize(cfg, coord, identity, rundir, progress, time.perf_counter() - t_start)
+
+
+def _open_run_dir(cfg: Config, run_dir, inputs, resume, overrides) -> RunDir:
+    """The run directory with the run's config, data record, epochs and overrides."""
+    identity = inputs.identity
+    rundir = RunDir(run_dir, resume=resume, checkpoint_dir=cfg.checkpoint.dir)
+    rundir.write_config(cfg, identity.config_hash, identity.resume_hash)
+    rundir.write_data(data_record(inputs.train))
+    record_epochs(inputs.train, rundir.path)
+    if inputs.resume is not None:  # steps after the checkpoint are trained again
+        rundir.forget_steps_after(int(inputs.resume.manifest["step"]))
+    _record_overrides(rundir.path, overrides, inputs.resume)
+    return rundir
 
 
 def _record_outcome(coord: Coordinator, rundir: RunDir, chaos) -> None:

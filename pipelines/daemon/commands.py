@@ -46,6 +46,13 @@ def _state_dir_option(p) -> None:
 
 
 def register_daemon_commands(sub) -> None:
+    _add_queue_commands(sub)
+    _add_live_commands(sub)
+    _add_output_commands(sub)
+
+
+def _add_queue_commands(sub) -> None:
+    """serve, submit, jobs, status, and the job-state verbs (pause, resume, stop, cancel)."""
     serve = sub.add_parser("serve", help="run the training daemon (foreground)")
     _state_dir_option(serve)
     serve.add_argument(
@@ -106,6 +113,9 @@ def register_daemon_commands(sub) -> None:
                 "--wait", action="store_true", help="return once the job's processes are gone"
             )
 
+
+def _add_live_commands(sub) -> None:
+    """checkpoint, set, hook attach / detach: requests to a running job."""
     ckpt = sub.add_parser(
         "checkpoint", help="a full checkpoint of a running job now; prints its step and manifest"
     )
@@ -135,6 +145,9 @@ def register_daemon_commands(sub) -> None:
     detach.add_argument("job", help="a job id or name")
     detach.add_argument("name", help="the hook's name")
 
+
+def _add_output_commands(sub) -> None:
+    """logs, export: what a job leaves."""
     logs = sub.add_parser("logs", help="a job's output")
     _state_dir_option(logs)
     logs.add_argument("job", help="a job id or name")
@@ -174,23 +187,7 @@ def _run(args, out) -> int:
         print(json.dumps(jobs, indent=1) if args.json else client.format_table(jobs), file=out)
         return EXIT_OK
     if command == "status":
-        reply = client.call(state_dir, protocol.JobStatus(args.job))
-        if args.json:
-            print(json.dumps(reply, indent=1), file=out)
-        elif args.job:
-            reply.pop("config", None)
-            width = max(map(len, reply))
-            for key, value in reply.items():
-                if key != "summary":
-                    print(f"{key:<{width}}  {'' if value is None else value}", file=out)
-        else:
-            d = reply["daemon"]
-            print(
-                f"daemon pid {d['pid']} at {d['state_dir']}: {d['cpus_in_use']} of "
-                f"{d['cpus']} cpus in use, http {d['http'] or 'off'}",
-                file=out,
-            )
-            print(client.format_table(reply["jobs"]), file=out)
+        _print_status(client.call(state_dir, protocol.JobStatus(args.job)), args, out)
         return EXIT_OK
     if command in ("pause", "resume", "stop", "cancel"):
         reply = client.call(state_dir, protocol.Control(command, args.job))
@@ -210,20 +207,7 @@ def _run(args, out) -> int:
         )
         return EXIT_OK
     if command == "set":
-        key, sep, value = args.assignment.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise DaemonUsageError(
-                f"zerotrain set: expected KEY=VALUE (e.g. optimizer.lr=3e-4), got "
-                f"{args.assignment!r}; nothing changed"
-            )
-        request = protocol.SetKey(args.job, key.strip(), value.strip(), args.at_step)
-        reply = client.call(state_dir, request, timeout=LIVE_TIMEOUT)
-        print(
-            f"job {reply['id']} ({reply['name']}): {reply['key']} = {reply['value']!r} from "
-            f"step {reply['step']} (recorded in {reply['file']})",
-            file=out,
-        )
-        return EXIT_OK
+        return _set_key(args, state_dir, out)
     if command == "export":
         status = client.call(state_dir, protocol.JobStatus(args.job))
         target = Path(args.out or f"{status['name']}.safetensors")
@@ -231,21 +215,70 @@ def _run(args, out) -> int:
         print(f"{path} (step {step})", file=out)
         return EXIT_OK
     if command == "hook":
-        target = args.spec if args.hook_action == "attach" else args.name
-        if args.hook_action == "attach" and target.split(":", 1)[0] != "builtin":
-            file, sep, name = target.partition(":")  # the daemon runs elsewhere: be exact
-            target = os.path.abspath(file) + sep + name
-        request = protocol.HookRequest(args.job, args.hook_action, target)
-        reply = client.call(state_dir, request, timeout=LIVE_TIMEOUT)
-        after = "the steps after" if reply["action"] == "attach" else "no step after"
+        return _hook(args, state_dir, out)
+    raise DaemonUsageError(f"zerotrain: unknown daemon command {command!r}")
+
+
+def _print_status(reply: dict, args, out) -> None:
+    """`zerotrain status [JOB]`: a job's fields, or the daemon's line and its jobs."""
+    from . import client
+
+    if args.json:
+        print(json.dumps(reply, indent=1), file=out)
+    elif args.job:
+        reply.pop("config", None)
+        width = max(map(len, reply))
+        for key, value in reply.items():
+            if key != "summary":
+                print(f"{key:<{width}}  {'' if value is None else value}", file=out)
+    else:
+        d = reply["daemon"]
         print(
-            f"job {reply['id']} ({reply['name']}): {reply['action']}ed "
-            f"{', '.join(reply['names'])}: {after} step {reply['step']} (records in "
-            f"{reply['file']})",
+            f"daemon pid {d['pid']} at {d['state_dir']}: {d['cpus_in_use']} of "
+            f"{d['cpus']} cpus in use, http {d['http'] or 'off'}",
             file=out,
         )
-        return EXIT_OK
-    raise DaemonUsageError(f"zerotrain: unknown daemon command {command!r}")
+        print(client.format_table(reply["jobs"]), file=out)
+
+
+def _set_key(args, state_dir: Path, out) -> int:
+    """`zerotrain set JOB KEY=VALUE [--at-step N]`."""
+    from . import client, protocol
+
+    key, sep, value = args.assignment.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise DaemonUsageError(
+            f"zerotrain set: expected KEY=VALUE (e.g. optimizer.lr=3e-4), got "
+            f"{args.assignment!r}; nothing changed"
+        )
+    request = protocol.SetKey(args.job, key.strip(), value.strip(), args.at_step)
+    reply = client.call(state_dir, request, timeout=LIVE_TIMEOUT)
+    print(
+        f"job {reply['id']} ({reply['name']}): {reply['key']} = {reply['value']!r} from "
+        f"step {reply['step']} (recorded in {reply['file']})",
+        file=out,
+    )
+    return EXIT_OK
+
+
+def _hook(args, state_dir: Path, out) -> int:
+    """`zerotrain hook attach JOB PATH[:NAME]` / `hook detach JOB NAME`."""
+    from . import client, protocol
+
+    target = args.spec if args.hook_action == "attach" else args.name
+    if args.hook_action == "attach" and target.split(":", 1)[0] != "builtin":
+        file, sep, name = target.partition(":")  # the daemon runs elsewhere: be exact
+        target = os.path.abspath(file) + sep + name
+    request = protocol.HookRequest(args.job, args.hook_action, target)
+    reply = client.call(state_dir, request, timeout=LIVE_TIMEOUT)
+    after = "the steps after" if reply["action"] == "attach" else "no step after"
+    print(
+        f"job {reply['id']} ({reply['name']}): {reply['action']}ed "
+        f"{', '.join(reply['names'])}: {after} step {reply['step']} (records in "
+        f"{reply['file']})",
+        file=out,
+    )
+    return EXIT_OK
 
 
 def _serve(args, state_dir: Path) -> int:
