@@ -71,3 +71,45 @@ def _function(n: int, above: str = "", indent: str = "") -> str:
 def test_the_scan_flags_long_functions_without_a_reason(source, flagged):
     assert bool(long_functions(source, "x.py")) is flagged
 
+
+# ---- the README's tour names every module ----------------------------------------------
+
+README = ROOT.parent / "README.md"
+
+
+def tour_entries(readme: str) -> set[str]:
+    """The names the "Where things are" block lists: `x.py` and `pkg/` at the top, `pkg/x`
+    for a module listed under its package (`client, commands` lists two)."""
+    section = readme.split("## Where things are", 1)[1].split("\n## ", 1)[0]
+    entries, package = set(), ""
+    for line in section.splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        names = line.strip().split("  ", 1)[0]
+        if not names or indent not in (4, 6):
+            continue
+        for name in names.split(", "):
+            if indent == 4:
+                package = name if name.endswith("/") else ""
+                entries.add(name)
+            elif package:
+                entries.add(package + name)
+    return entries
+
+
+def public_modules() -> set[str]:
+    """Each public module of pipelines/ as the tour names it (private `_x` modules are told
+    by their package's line)."""
+    found = set()
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT).parts
+        if any(part.startswith("_") for part in parts[:-1]) or parts[-1].startswith("_"):
+            if parts[-1] == "__init__.py" and len(parts) == 2:
+                found.add(parts[0] + "/")
+            continue
+        found.add(parts[0] if len(parts) == 1 else f"{parts[0]}/{path.stem}")
+    return found
+
+
+def test_the_readme_tour_lists_every_public_module_of_pipelines():
+    missing = sorted(public_modules() - tour_entries(README.read_text()))
+    assert missing == [], f"README.md 'Where things are' does not list: {missing}"

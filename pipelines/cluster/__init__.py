@@ -11,6 +11,8 @@ simulate` do. The modules, top to bottom:
     roles        the rank's role actors (DataLoader, Optimizer, Checkpointer,
                  HookSampler) and the gradient functions the Trainer runs
     messages     the protocol: one record and one client function per message
+    nodes        node agents, one per host (--nodes N): the Rendezvous, a lost node's rejoin
+    live         live control from outside: a token holder's remote call to the Coordinator
     prefork      ranks forked ahead by a warm process (the daemon's job runner)
     chaos        faults injected on purpose: the --chaos grammar and its runtime
 
