@@ -67,6 +67,18 @@ __all__ = [
     "resume_fields",
     "resume_hash",
     "from_resolved",
+    # the sections of a Config
+    "CheckpointConfig",
+    "ClusterConfig",
+    "DataConfig",
+    "EarlyStoppingConfig",
+    "EvalConfig",
+    "HooksConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "TrainConfig",
 ]
 
 DEFAULT_PIPELINE = "char_lm"

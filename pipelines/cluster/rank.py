@@ -88,7 +88,7 @@ from .roles import (
     reduce_gradients,
 )
 
-__all__ = ["PLAN_ENV", "RUN_ID_ENV", "main"]
+__all__ = ["PLAN_ENV", "RUN_ID_ENV", "Trainer", "main"]
 
 PLAN_ENV = "ZEROTRAIN_PLAN"
 RUN_ID_ENV = "ZEROTRAIN_RUN_ID"  # the run that started this rank (its plan's run_id)

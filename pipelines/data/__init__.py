@@ -77,6 +77,7 @@ __all__ = [
     "EpochLog",
     "RECORD_ONLY",
     "Dataset",
+    "Triplets",
     "batch_for",
     "batch_indices",
     "chars_decode",

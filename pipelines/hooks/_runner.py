@@ -27,6 +27,10 @@ from pathlib import Path
 from ._hook import ANALYZER, Hook, HookError
 from ._metrics import make_record, validate_metrics
 
+# the package exports DEFAULT_TIMEOUT_S, AnalyzerRunner, HooksLog and HookState; HookStats
+# and Sinks serve the analyzer process (hooks.process) only
+__all__ = ["DEFAULT_TIMEOUT_S", "AnalyzerRunner", "HookState", "HookStats", "HooksLog", "Sinks"]
+
 DEFAULT_TIMEOUT_S = 10.0
 
 _log = logging.getLogger("zerotrain.hooks")

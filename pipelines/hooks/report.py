@@ -29,6 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = [
+    "EXIT_BAD_RUN_DIR",
+    "EXIT_NO_MATPLOTLIB",
+    "MissingDependency",
+    "ReportError",
+    "load_run",
+    "main_report",
+    "read_jsonl",
+    "render_report",
+]
+
 EXIT_BAD_RUN_DIR = 2
 EXIT_NO_MATPLOTLIB = 3
 

@@ -35,6 +35,18 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = [
+    "FILE_VERSION",
+    "EventWriter",
+    "crc32c",
+    "encode_event",
+    "frame_record",
+    "histogram_value",
+    "masked_crc32c",
+    "read_records",
+    "scalar_value",
+]
+
 FILE_VERSION = "brain.Event:2"
 
 # ---- CRC-32C -------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import numpy as np
 
 from pipelines.model._model import Model
 
+__all__ = ["LayerModel", "check_gradients", "check_input_gradient", "close_enough", "probe_loss"]
+
 
 def probe_loss(seed=0):
     """A loss callable: sum over outputs of <R_key, outputs[key]>, R ~ N(0, 1) fixed per
