@@ -36,8 +36,9 @@ Everything public is re-exported here exactly once from a private ``actors._x`` 
 
 import importlib
 
-# private module -> the public names it defines. `import actors` imports none of them:
-# each loads on first use (``__getattr__`` below), so a process that needs only the
+# private module -> the public names it defines, each tuple that module's `__all__` in its
+# order (tests/actors/test_public_api.py compares them). `import actors` imports none of
+# them: each loads on first use (``__getattr__`` below), so a process that needs only the
 # frame codec -- `zerotrain status` -- does not pay for trio, zmq and the runtime.
 _HOMES = {
     "_actor": (
@@ -72,8 +73,8 @@ _HOMES = {
         "ChildSpecError",
         "LinkedExit",
         "NameTaken",
-        "NoNode",
         "NoSuchActor",
+        "NoNode",
         "ProcessExit",
         "RemoteError",
         "RestartIntensityExceeded",
@@ -123,110 +124,7 @@ _HOMES = {
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
 
-
-__all__ = [
-    # actors and messages
-    "Actor",
-    "ActorRef",
-    "ActorStats",
-    "Down",
-    "Exit",
-    "From",
-    "MonitorRef",
-    "NOREPLY",
-    "Stop",
-    "call",
-    "cast",
-    "current_actor",
-    "demonitor",
-    "link",
-    "monitor",
-    "send",
-    "spawn",
-    "statistics",
-    "stop",
-    "unlink",
-    # mailboxes
-    "Mailbox",
-    "MailboxClosed",
-    "MailboxFull",
-    "MailboxStats",
-    # names
-    "Address",
-    "current_node",
-    "registered",
-    "wait_registered",
-    "whereis",
-    # supervision
-    "ABANDON_AFTER",
-    "ChildInfo",
-    "ChildSpec",
-    "ChildState",
-    "ChildType",
-    "Restart",
-    "Strategy",
-    "Supervisor",
-    "child_spec",
-    "count_children",
-    "restart_child",
-    "terminate_child",
-    "which_children",
-    # nodes, processes, wire data
-    "Admission",
-    "Keyring",
-    "ENV",
-    "Node",
-    "PeerInfo",
-    "ProcessChild",
-    "WireError",
-    "child_node",
-    "from_wire",
-    "open_node",
-    "process_spec",
-    "record",
-    "to_wire",
-    # transport, frames, collectives
-    "CollectiveError",
-    "DEFAULT_LIMITS",
-    "DEFAULT_SOCKET_OPTIONS",
-    "DTYPES",
-    "FrameError",
-    "Limits",
-    "MAX_FRAME_BYTES",
-    "Message",
-    "PROTOCOL_VERSION",
-    "PeerUnreachable",
-    "Ring",
-    "admit_curve",
-    "secure_tcp",
-    "bf16_round",
-    "bf16_widen",
-    "TrioSocket",
-    "decode",
-    "encode",
-    "get_context",
-    "ipc_directory",
-    "ipc_endpoint",
-    "new_ipc_directory",
-    "open_socket",
-    "shard_bounds",
-    "wait_released",
-    # errors and exit reasons
-    "ActorError",
-    "ActorExited",
-    "CallTimeout",
-    "ChildSpecError",
-    "LinkedExit",
-    "NameTaken",
-    "NoNode",
-    "NoSuchActor",
-    "ProcessExit",
-    "RemoteError",
-    "RestartIntensityExceeded",
-    "StartChildError",
-    "format_reason",
-    "is_normal_exit",
-]
+__all__ = [name for names in _HOMES.values() for name in names]
 
 
 def __getattr__(name: str):

@@ -46,3 +46,12 @@ def test_the_package_imports_without_pipelines():
     code = "import actors, sys; print(sorted(m for m in sys.modules if m.startswith('pipelines')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_lazy_table_is_each_private_modules_all_in_its_order():
+    """actors._HOMES (what `import actors` loads on first use) repeats each private
+    module's `__all__`: a name added, removed or moved on one side only fails here."""
+    table = {
+        m.__name__.rpartition(".")[2]: tuple(getattr(m, "__all__", ())) for m in private_modules()
+    }
+    assert actors._HOMES == {module: names for module, names in table.items() if names}
