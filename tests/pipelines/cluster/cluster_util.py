@@ -1,13 +1,22 @@
-"""Shared helpers for the tests that run real clusters (rank processes over ZeroMQ)."""
+"""Shared helpers for the tests that run real clusters (rank processes over ZeroMQ):
+small runs of one host, and node agents -- one `zerotrain run` process per host -- for
+the multi-node tests (test_nodes, test_nodes_secure, test_netns)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from tests.pipelines.cli_util import zerotrain
+from tests.pipelines.cli_util import BLAS_THREAD_VARS, REPO, zerotrain
 
 # a small MLP on little data: every run is a second or two of real processes
 SMALL = [
@@ -43,3 +52,70 @@ def weights(run_dir: Path) -> np.ndarray:
 
     tensors, _ = read_safetensors_file(Path(run_dir) / "weights.safetensors")
     return np.concatenate([tensors[k].ravel() for k in sorted(tensors)])
+
+
+# ---- node agents -----------------------------------------------------------------------
+
+# what a launcher sets: an agent's identity must come from its flags and `env` alone
+LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "NNODES", "RANK", "GROUP_RANK")
+LAUNCH_PREFIXES = ("ZEROTRAIN_", "SLURM", "PET_", "TORCHELASTIC_")
+
+
+def free_port(host: str = "127.0.0.2") -> int:
+    """A tcp port free on `host` a moment ago (a master port for a run)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def launch_env(extra: dict) -> dict:
+    """The test's environment without BLAS thread counts and launcher variables, this
+    checkout first on PYTHONPATH, then `extra`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in BLAS_THREAD_VARS and k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return {**env, **extra}
+
+
+def agent(
+    args, env: dict, cwd: Path, name: str, wrap: Callable[[list], list] | None = None
+) -> subprocess.Popen:
+    """`zerotrain ARGS` as a node agent in a session of its own (a failed test kills
+    each agent's whole group), its stderr to CWD/NAME.err (kept as its `err_path`);
+    `wrap` turns the command into another (test_netns: run it in a namespace)."""
+    argv = [sys.executable, "-m", "pipelines.cli", *args]
+    proc = subprocess.Popen(
+        wrap(argv) if wrap else argv,
+        env=launch_env(env),
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=open(cwd / f"{name}.err", "w"),
+        start_new_session=True,
+    )
+    proc.err_path = cwd / f"{name}.err"
+    return proc
+
+
+def finish(agents: dict, timeout: float = 300) -> dict:
+    """Wait for every agent; {name: (exit code, its own stderr)}; kill what is left on
+    failure."""
+    results = {}
+    try:
+        deadline = time.monotonic() + timeout
+        for name, proc in agents.items():
+            code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+            results[name] = (code, proc.err_path.read_text())
+    finally:
+        for proc in agents.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return results
+
+
+def params_sha256(run_dir: Path) -> str:
+    """The run's params_sha256 (its summary.json)."""
+    return json.loads((Path(run_dir) / "summary.json").read_text())["params_sha256"]

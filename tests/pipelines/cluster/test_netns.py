@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.pipelines.cli_util import BLAS_THREAD_VARS, REPO, zerotrain
+from tests.pipelines.cli_util import REPO, zerotrain
+from tests.pipelines.cluster.cluster_util import agent, finish, params_sha256
 
 sys.path.insert(0, str(REPO / "scripts"))
 import netns_rig  # noqa: E402  (scripts/ is no package: the rig is shared with a benchmark)
@@ -29,8 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.netns]
 STEPS = ("--steps", "40")
 RUN = ("run", "char_lm", "--ranks", "4", "--mode", "zero2", *STEPS, "--seed", "11")
 PORT = 29500
-LAUNCH_PREFIXES = ("ZEROTRAIN_", "SLURM", "PET_", "TORCHELASTIC_")
-LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "NNODES", "RANK", "GROUP_RANK")
 
 
 @pytest.fixture
@@ -50,42 +46,9 @@ def netns_pair():
         assert not left, f"namespaces left behind: {sorted(left)}"
 
 
-def _env() -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in BLAS_THREAD_VARS and k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)
-    }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-def _agent(pair, host: int, args: list[str], cwd: Path) -> subprocess.Popen:
-    err = open(cwd / f"node{host}.err", "w")
-    argv = pair.argv(host, [sys.executable, "-m", "pipelines.cli", *args])
-    return subprocess.Popen(
-        argv, env=_env(), cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
-    )
-
-
-def _finish(agents: dict, cwd: Path, timeout: float = 400) -> dict:
-    """Wait for every agent; {name: (exit code, stderr)}; kill what is left on failure."""
-    results = {}
-    try:
-        deadline = time.monotonic() + timeout
-        for name, proc in agents.items():
-            code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
-            results[name] = (code, (cwd / f"{name}.err").read_text())
-    finally:
-        for proc in agents.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    return results
-
-
-def _sha(run_dir: Path) -> str:
-    return json.loads((run_dir / "summary.json").read_text())["params_sha256"]
+def _agent(pair, host: int, args: list[str], cwd: Path):
+    """Node `host`'s agent, run in the namespace of host `host`."""
+    return agent(args, {}, cwd, f"node{host}", wrap=lambda argv: pair.argv(host, argv))
 
 
 @pytest.mark.parametrize("wire", ["fp32", "bf16"])
@@ -106,7 +69,7 @@ def test_two_agents_in_two_namespaces_give_the_bits_of_one_host(tmp_path, netns_
         "node1": _agent(netns_pair, 1, node1, tmp_path),
         "node0": _agent(netns_pair, 0, [*common, "--node-rank", "0"], tmp_path),
     }
-    results = _finish(agents, tmp_path)
+    results = finish(agents, timeout=400)
     if "not wired in yet" in results["node0"][1]:
         # The only transport a non-loopback address may use is CURVE (issue 20); until
         # the node transport has it, an agent refuses --keys in one line.
@@ -116,7 +79,7 @@ def test_two_agents_in_two_namespaces_give_the_bits_of_one_host(tmp_path, netns_
     one_host = tmp_path / "one_host"
     done = zerotrain(*RUN, *wire_set, "--run-dir", str(one_host), timeout=400)
     assert done.returncode == 0, done.stderr
-    assert _sha(run_dir) == _sha(one_host)
+    assert params_sha256(run_dir) == params_sha256(one_host)
     # node 1's ranks lived on host b's address and talked to node 0's across the link
     plan1 = json.loads((run_dir / "node-1" / "plan.json").read_text())
     assert plan1["endpoints"][2].startswith(f"tcp://{netns_pair.addr(1)}:")

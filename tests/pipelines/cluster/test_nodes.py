@@ -11,73 +11,17 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.pipelines.cli_util import BLAS_THREAD_VARS, REPO, zerotrain
+from tests.pipelines.cli_util import REPO, zerotrain
+from tests.pipelines.cluster.cluster_util import agent, finish, free_port, params_sha256
 
 pytestmark = pytest.mark.slow
 
 RUN = ("run", "char_lm", "--ranks", "4", "--mode", "zero2", "--steps", "20", "--seed", "11")
-LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "NNODES", "RANK", "GROUP_RANK")
-
-
-def _port(host: str = "127.0.0.2") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def _env(extra: dict) -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in BLAS_THREAD_VARS
-        and k not in LAUNCH_VARS
-        and not k.startswith(("ZEROTRAIN_", "SLURM", "PET_", "TORCHELASTIC_"))
-    }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return {**env, **extra}
-
-
-def _agent(args, env: dict, cwd: Path, name: str) -> subprocess.Popen:
-    """An agent whose stderr goes to CWD/NAME.err (kept as its `err_path`)."""
-    out = open(cwd / f"{name}.err", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        env=_env(env),
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=out,
-        start_new_session=True,  # a failed test kills each agent's whole group
-    )
-    proc.err_path = cwd / f"{name}.err"
-    return proc
-
-
-def _finish(agents: dict, timeout: float = 300) -> dict:
-    """Wait for every agent; {name: (exit code, its own stderr)}; kill what is left on
-    failure."""
-    results = {}
-    try:
-        deadline = time.monotonic() + timeout
-        for name, proc in agents.items():
-            code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
-            results[name] = (code, proc.err_path.read_text())
-    finally:
-        for proc in agents.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    return results
-
-
-def _sha(run_dir: Path) -> str:
-    return json.loads((run_dir / "summary.json").read_text())["params_sha256"]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +34,7 @@ def one_host_sha_of(tmp_path_factory):
             run_dir = tmp_path_factory.mktemp("one_host") / "run"
             done = zerotrain(*_steps(steps), "--run-dir", str(run_dir), timeout=300)
             assert done.returncode == 0, done.stderr
-            shas[steps] = _sha(run_dir)
+            shas[steps] = params_sha256(run_dir)
         return shas[steps]
 
     return get
@@ -107,25 +51,32 @@ def _steps(steps: int) -> tuple:
     return (*RUN[: i + 1], str(steps), *RUN[i + 2 :])
 
 
-def _two_agents_by_flags(run_dir: Path, tmp_path: Path) -> tuple[str, dict]:
-    """Node 1 (advertising 127.0.0.3), then node 0 (the master, at 127.0.0.2), started
-    by flags for one run of RUN in `run_dir`: (master HOST:PORT, the agents)."""
-    master = f"127.0.0.2:{_port()}"
-    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
-    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
-    return master, {
-        "node1": _agent(node1, {}, tmp_path, "node1"),
-        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
+def _two_agents(
+    run_dir: Path, tmp_path: Path, run=RUN, extra=(), node1_env=None
+) -> tuple[str, dict, dict]:
+    """Node 1 (advertising 127.0.0.3, `node1_env` in its environment), then node 0 (the
+    master, at 127.0.0.2), started by flags for one run of RUN + EXTRA in `run_dir`:
+    (master HOST:PORT, the agents, each agent's arguments), both by name."""
+    master = f"127.0.0.2:{free_port()}"
+    common = [*run, *extra, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
+    args = {
+        "node1": [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"],
+        "node0": [*common, "--node-rank", "0"],
     }
+    agents = {
+        "node1": agent(args["node1"], node1_env or {}, tmp_path, "node1"),
+        "node0": agent(args["node0"], {}, tmp_path, "node0"),
+    }
+    return master, agents, args
 
 
 def test_two_agents_by_flags_give_the_bits_of_one_host(tmp_path, one_host_sha):
     run_dir = tmp_path / "run"
-    master, agents = _two_agents_by_flags(run_dir, tmp_path)
-    results = _finish(agents)
+    master, agents, _ = _two_agents(run_dir, tmp_path)
+    results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
-    assert _sha(run_dir) == one_host_sha
+    assert params_sha256(run_dir) == one_host_sha
     # each agent said, in one line, that it runs plaintext tcp on loopback
     for k, addr in ((0, "127.0.0.2"), (1, "127.0.0.3")):
         said = [ln for ln in results[f"node{k}"][1].splitlines() if "without keys" in ln]
@@ -145,27 +96,27 @@ def test_two_agents_by_flags_give_the_bits_of_one_host(tmp_path, one_host_sha):
 
 
 def test_two_agents_by_torchrun_variables_give_the_bits_of_one_host(tmp_path, one_host_sha):
-    port = _port()
+    port = free_port()
     run_dir = tmp_path / "run"
     common = [*RUN, "--run-dir", str(run_dir)]
     world = {"MASTER_ADDR": "127.0.0.2", "MASTER_PORT": str(port), "NNODES": "2"}
     agents = {
-        "node1": _agent(
+        "node1": agent(
             common,
             {**world, "NODE_RANK": "1", "ZEROTRAIN_ADVERTISE_ADDR": "127.0.0.3"},
             tmp_path,
             "node1",
         ),
-        "node0": _agent(common, {**world, "NODE_RANK": "0"}, tmp_path, "node0"),
+        "node0": agent(common, {**world, "NODE_RANK": "0"}, tmp_path, "node0"),
     }
-    results = _finish(agents)
+    results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
-    assert _sha(run_dir) == one_host_sha
+    assert params_sha256(run_dir) == one_host_sha
 
 
 def test_a_non_loopback_address_without_keys_is_refused_in_one_line(tmp_path):
-    args = [*RUN, "--nodes", "2", "--node-rank", "1", "--master", f"127.0.0.2:{_port()}"]
+    args = [*RUN, "--nodes", "2", "--node-rank", "1", "--master", f"127.0.0.2:{free_port()}"]
     done = zerotrain(*args, "--advertise-addr", "192.0.2.7", "--run-dir", str(tmp_path / "r"))
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
@@ -207,14 +158,14 @@ def _wait_for_steps(run_dir: Path, agents: dict, n: int, timeout: float = 240) -
 
 def test_a_rank_of_node_1_killed_recovers_to_the_bits_of_one_host(tmp_path, one_host_sha):
     run_dir = tmp_path / "run"
-    _, agents = _two_agents_by_flags(run_dir, tmp_path)
+    _, agents, _ = _two_agents(run_dir, tmp_path)
     try:
         _wait_for_steps(run_dir, agents, 5)
         victims = _rank_pids(agents["node1"].pid)
         assert len(victims) == 2
         os.kill(victims[0], signal.SIGKILL)
     finally:
-        results = _finish(agents)
+        results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -234,25 +185,19 @@ def test_a_late_monitor_ack_while_a_rank_of_node_1_waits_to_join_does_not_hang(
     Coordinator answers that join (rank 2 joins again, watched anew) instead of dropping
     it, so generation 1 forms and the run ends with the bits of one host."""
     run_dir = tmp_path / "run"
-    master = f"127.0.0.2:{_port()}"
-    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
     late = {
         "ZEROTRAIN_TEST_LATE_WATCHING": "rank2:5.0",
         "ZEROTRAIN_TEST_LATE_JOIN": "rank3:8.0",
         "PYTHONPATH": os.pathsep.join([str(LATE), str(REPO)]),
     }
-    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
-    agents = {
-        "node1": _agent(node1, late, tmp_path, "node1"),
-        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
-    }
-    results = _finish(agents, timeout=240)
+    _, agents, _ = _two_agents(run_dir, tmp_path, node1_env=late)
+    results = finish(agents, timeout=240)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     lines = results["node0"][1].splitlines()
     down = lines.index("zerotrain: rank 2 is down (noconnection); the others regroup")
     assert not any(" step " in line for line in lines[:down])  # before generation 1
-    assert _sha(run_dir) == one_host_sha
+    assert params_sha256(run_dir) == one_host_sha
 
 
 @pytest.mark.skip(
@@ -269,24 +214,18 @@ def test_a_late_monitor_ack_while_a_rank_of_node_1_trains_makes_it_regroup_not_s
     left in its collective for cluster.collective_timeout (600 s here: past the rejoin
     deadline, which would end the run) -- and the run ends with the bits of one host."""
     run_dir = tmp_path / "run"
-    master = f"127.0.0.2:{_port()}"
-    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
-    common += ["--set", "cluster.collective_timeout=600"]
     late = {
         "ZEROTRAIN_TEST_LATE_WATCHING": "rank2:5.0",
         "ZEROTRAIN_TEST_LATE_JOIN": "rank2:8.0",
         "PYTHONPATH": os.pathsep.join([str(LATE), str(REPO)]),
     }
-    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
-    agents = {
-        "node1": _agent(node1, late, tmp_path, "node1"),
-        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
-    }
-    results = _finish(agents, timeout=240)
+    extra = ["--set", "cluster.collective_timeout=600"]
+    _, agents, _ = _two_agents(run_dir, tmp_path, extra=extra, node1_env=late)
+    results = finish(agents, timeout=240)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     assert "zerotrain: rank 2 is down (noconnection); the others regroup" in results["node0"][1]
-    assert _sha(run_dir) == one_host_sha
+    assert params_sha256(run_dir) == one_host_sha
 
 
 def test_a_live_rank_of_node_1_that_does_not_rejoin_is_killed_by_its_agent(tmp_path, one_host_sha):
@@ -295,27 +234,21 @@ def test_a_live_rank_of_node_1_that_does_not_rejoin_is_killed_by_its_agent(tmp_p
     asks node 1's agent to kill it (node 0 cannot signal another host's process): it is
     replaced, and the run ends with the bits of one host."""
     run_dir = tmp_path / "run"
-    master = f"127.0.0.2:{_port()}"
-    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
-    common += ["--set", "cluster.collective_timeout=10"]
     late = {
         "ZEROTRAIN_TEST_LATE_JOIN": "rank3:600:2",
         "PYTHONPATH": os.pathsep.join([str(LATE), str(REPO)]),
     }
-    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
-    agents = {
-        "node1": _agent(node1, late, tmp_path, "node1"),
-        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
-    }
+    extra = ["--set", "cluster.collective_timeout=10"]
+    _, agents, _ = _two_agents(run_dir, tmp_path, extra=extra, node1_env=late)
     try:
         _wait_for_steps(run_dir, agents, 5)
         os.kill(_rank_pids(agents["node1"].pid)[0], signal.SIGKILL)  # rank 2
     finally:
-        results = _finish(agents, timeout=240)
+        results = finish(agents, timeout=240)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     assert "rank 3 did not rejoin in time: node 1's agent killed it" in results["node0"][1]
-    assert _sha(run_dir) == one_host_sha
+    assert params_sha256(run_dir) == one_host_sha
 
 
 STOPPED = re.compile(
@@ -332,20 +265,14 @@ def test_usr1_to_every_agent_stops_all_nodes_at_one_step_and_resume_gives_the_bi
     agreed on, with its checkpoint; both nodes started again with --resume end with the
     bits of 40 steps on one host."""
     run_dir = tmp_path / "run"
-    master = f"127.0.0.2:{_port()}"
-    common = [*_steps(40), "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
-    node0 = [*common, "--node-rank", "0"]
-    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
-    agents = {
-        "node1": _agent(node1, {}, tmp_path, "node1"),
-        "node0": _agent(node0, {}, tmp_path, "node0"),
-    }
+    _, agents, args = _two_agents(run_dir, tmp_path, _steps(40))
+    node0, node1 = args["node0"], args["node1"]
     try:
         _wait_for_steps(run_dir, agents, 5)
         for name in ("node1", "node0"):
             os.kill(agents[name].pid, signal.SIGUSR1)
     finally:
-        results = _finish(agents)
+        results = finish(agents)
     assert results["node0"][0] == 4, results["node0"][1]
     assert results["node1"][0] == 4, results["node1"][1]
     stopped = STOPPED.fullmatch(results["node0"][1].splitlines()[-1])
@@ -360,14 +287,14 @@ def test_usr1_to_every_agent_stops_all_nodes_at_one_step_and_resume_gives_the_bi
     assert results["node1"][1].splitlines()[-1].endswith(stopped[0].split(": ", 1)[1])
 
     agents = {
-        "node1": _agent([*node1, "--resume", str(run_dir)], {}, tmp_path, "node1"),
-        "node0": _agent([*node0, "--resume", str(run_dir)], {}, tmp_path, "node0"),
+        "node1": agent([*node1, "--resume", str(run_dir)], {}, tmp_path, "node1"),
+        "node0": agent([*node0, "--resume", str(run_dir)], {}, tmp_path, "node0"),
     }
-    results = _finish(agents)
+    results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     assert f"resumed at step {step}" in results["node0"][1]
-    assert _sha(run_dir) == one_host_sha_of(40)
+    assert params_sha256(run_dir) == one_host_sha_of(40)
 
 
 def _wait_for_line(path: Path, text: str, agents: dict, timeout: float = 120) -> None:
@@ -382,14 +309,7 @@ def _lose_node_1(run_dir: Path, tmp_path: Path, steps: int, extra=()) -> tuple[l
     """Two agents train `steps` steps; once 12 are logged (past the snapshot of step 10:
     cluster.snapshot_every) node 1's agent and ranks are SIGKILLed (its process group),
     and node 0 has seen its ranks down: (node 1's arguments, the agents left)."""
-    master = f"127.0.0.2:{_port()}"
-    common = [*_steps(steps), *extra, "--nodes", "2", "--master", master]
-    common += ["--run-dir", str(run_dir)]
-    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
-    agents = {
-        "node1": _agent(node1, {}, tmp_path, "node1"),
-        "node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0"),
-    }
+    _, agents, args = _two_agents(run_dir, tmp_path, _steps(steps), extra)
     try:
         _wait_for_steps(run_dir, agents, 12)
         lost = agents.pop("node1")
@@ -397,9 +317,9 @@ def _lose_node_1(run_dir: Path, tmp_path: Path, steps: int, extra=()) -> tuple[l
         lost.wait()
         _wait_for_line(tmp_path / "node0.err", "rank 2 is down", agents)
     except BaseException:
-        _finish(agents)
+        finish(agents)
         raise
-    return node1, agents
+    return args["node1"], agents
 
 
 def test_node_1_lost_and_started_again_restores_from_replicas_on_node_0_to_the_bits_of_one_host(
@@ -411,8 +331,8 @@ def test_node_1_lost_and_started_again_restores_from_replicas_on_node_0_to_the_b
     on the next node), and the run ends with the bits of one host."""
     run_dir = tmp_path / "run"
     node1, agents = _lose_node_1(run_dir, tmp_path, 40)
-    agents["node1"] = _agent(node1, {}, tmp_path, "node1-again")
-    results = _finish(agents)
+    agents["node1"] = agent(node1, {}, tmp_path, "node1-again")
+    results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert "node 1 is back: its ranks rejoin at their endpoints" in results["node0"][1]
     # the agent started again ended with the run (its own stderr, not the lost one's)
@@ -424,7 +344,7 @@ def test_node_1_lost_and_started_again_restores_from_replicas_on_node_0_to_the_b
     # node 1's ranks from node 0's replicas of their snapshot of step 10 (an earlier
     # regroup, a rank seen down under load, may have resumed from step 0)
     assert any(int(step) >= 10 for step, _ in resumed), results["node0"][1]
-    assert _sha(run_dir) == one_host_sha_of(40)
+    assert params_sha256(run_dir) == one_host_sha_of(40)
 
 
 def test_node_1_lost_with_a_rank_of_node_0_restores_from_the_last_checkpoint_exactly(
@@ -438,21 +358,21 @@ def test_node_1_lost_with_a_rank_of_node_0_restores_from_the_last_checkpoint_exa
     node1, agents = _lose_node_1(run_dir, tmp_path, 40, every)
     try:
         os.kill(_rank_pids(agents["node0"].pid)[0], signal.SIGKILL)  # rank 0
-        agents["node1"] = _agent(node1, {}, tmp_path, "node1-again")
+        agents["node1"] = agent(node1, {}, tmp_path, "node1-again")
     finally:
-        results = _finish(agents)
+        results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     resumed = re.findall(r"resuming at step (\d+) from (\w+)", results["node0"][1])
     assert any(how == "disk" and int(step) >= 10 for step, how in resumed), results["node0"][1]
-    assert _sha(run_dir) == one_host_sha_of(40)
+    assert params_sha256(run_dir) == one_host_sha_of(40)
 
 
 def test_node_1_not_back_within_the_rejoin_timeout_fails_in_one_line_naming_it(tmp_path):
     run_dir = tmp_path / "run"
     extra = ["--set", "cluster.rejoin_timeout=5", "--set", "checkpoint.every=5"]
     _, agents = _lose_node_1(run_dir, tmp_path, 40, extra)
-    results = _finish(agents)
+    results = finish(agents)
     code, err = results["node0"]
     assert code == 3, err
     last = err.splitlines()[-1]
@@ -466,13 +386,13 @@ def test_node_1_not_back_within_the_rejoin_timeout_fails_in_one_line_naming_it(t
 def test_a_node_with_another_config_is_refused_by_node_0_in_one_line(tmp_path):
     """Node 0's Rendezvous takes only a hello of this run: node 1 started with another
     seed is refused, in one line naming the difference, and starts no rank."""
-    master = f"127.0.0.2:{_port()}"
+    master = f"127.0.0.2:{free_port()}"
     run_dir = tmp_path / "run"
     common = ["--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
     other = [*RUN[:-1], "12"]  # another --seed: another config_hash
     agents = {
-        "node0": _agent([*RUN, *common, "--node-rank", "0"], {}, tmp_path, "node0"),
-        "node1": _agent([*other, *common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"],
+        "node0": agent([*RUN, *common, "--node-rank", "0"], {}, tmp_path, "node0"),
+        "node1": agent([*other, *common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"],
                         {}, tmp_path, "node1"),
     }  # fmt: skip
     try:

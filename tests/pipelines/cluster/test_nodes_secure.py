@@ -29,7 +29,8 @@ from zmq.utils.monitor import recv_monitor_message
 import actors
 from pipelines.launch import init_keys
 from tests.pipelines.cli_util import zerotrain
-from tests.pipelines.cluster.test_nodes import RUN, _agent, _finish, _port, _sha
+from tests.pipelines.cluster.cluster_util import agent, finish, free_port, params_sha256
+from tests.pipelines.cluster.test_nodes import RUN
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def one_host_sha(tmp_path_factory) -> str:
     run_dir = tmp_path_factory.mktemp("one_host") / "run"
     done = zerotrain(*RUN, "--run-dir", str(run_dir), timeout=300)
     assert done.returncode == 0, done.stderr
-    return _sha(run_dir)
+    return params_sha256(run_dir)
 
 
 def _bench_fuzz():
@@ -61,13 +62,13 @@ def _bench_fuzz():
 def _keyed(run_dir: Path, tmp_path: Path, keys: Path, *, start_node1: bool = True):
     """Node 0 (the master, 127.0.0.2) and, unless told not to, node 1 (127.0.0.3), both
     with --keys and the run id mnsec-test: (master HOST:PORT, the agents)."""
-    master = f"127.0.0.2:{_port()}"
+    master = f"127.0.0.2:{free_port()}"
     common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir),
               "--keys", str(keys), "--run-id", "mnsec-test"]  # fmt: skip
     node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
-    agents = {"node0": _agent([*common, "--node-rank", "0"], {}, tmp_path, "node0")}
+    agents = {"node0": agent([*common, "--node-rank", "0"], {}, tmp_path, "node0")}
     if start_node1:
-        agents["node1"] = _agent(node1, {}, tmp_path, "node1")
+        agents["node1"] = agent(node1, {}, tmp_path, "node1")
     return master, agents, node1
 
 
@@ -75,7 +76,7 @@ def test_two_agents_with_keys_give_the_bits_of_one_host_over_curve(tmp_path, one
     keys = init_keys(tmp_path / "keys", 2).directory
     run_dir = tmp_path / "run"
     _, agents, _ = _keyed(run_dir, tmp_path, keys)
-    results = _finish(agents)
+    results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -211,9 +212,9 @@ def test_intruders_at_node_0_are_refused_counted_and_change_nothing(tmp_path, on
     try:
         well_formed = _knock(master, keys)
         assert agents["node0"].poll() is None, (tmp_path / "node0.err").read_text()
-        agents["node1"] = _agent(node1, {}, tmp_path, "node1")
+        agents["node1"] = agent(node1, {}, tmp_path, "node1")
     finally:
-        results = _finish(agents)
+        results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -256,7 +257,7 @@ def _one_node_of_keys(keys: Path) -> str:
 def test_keys_that_cannot_be_used_are_refused_in_one_line_before_anything_starts(tmp_path, spoil):
     keys = init_keys(tmp_path / "keys", 2).directory
     why = spoil(keys)
-    args = [*RUN, "--nodes", "2", "--node-rank", "1", "--master", f"127.0.0.2:{_port()}"]
+    args = [*RUN, "--nodes", "2", "--node-rank", "1", "--master", f"127.0.0.2:{free_port()}"]
     done = zerotrain(*args, "--advertise-addr", "127.0.0.3", "--keys", str(keys),
                      "--run-dir", str(tmp_path / "r"))  # fmt: skip
     assert done.returncode == 2

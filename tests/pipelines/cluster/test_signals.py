@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster_util import SMALL
+from .cluster_util import SMALL, params_sha256
 from .test_lifecycle import DEADLINE, MARK, REPO, living
 
 # one rank trains these steps in well under a second: it gets more, so that a signal
@@ -89,10 +89,6 @@ class Run:
             if b"pipelines.cluster.rank" in cmdline and self.mark.encode() in environ:
                 pids.append(int(pid))
         return pids
-
-
-def params_sha256(run_dir: Path) -> str:
-    return json.loads((run_dir / "summary.json").read_text())["params_sha256"]
 
 
 @pytest.fixture(scope="module")
