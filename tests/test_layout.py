@@ -1,4 +1,5 @@
-"""The shape of pipelines/: no function longer than a screen and a bit.
+"""The shape of pipelines/: no function longer than a screen and a bit, a README tour
+that names every module, and tests that mirror the modules.
 
 A function of pipelines/ is at most MAX_LINES lines (``def`` to its last line) unless
 the comment block right above it (above its decorators) opens with ``# one function:``
@@ -113,3 +114,61 @@ def public_modules() -> set[str]:
 def test_the_readme_tour_lists_every_public_module_of_pipelines():
     missing = sorted(public_modules() - tour_entries(README.read_text()))
     assert missing == [], f"README.md 'Where things are' does not list: {missing}"
+
+
+# ---- tests mirror modules --------------------------------------------------------------
+
+TESTS = ROOT.parent / "tests" / "pipelines"
+
+# modules whose tests are named for what they test rather than for the module
+TESTED_IN = {
+    "cluster/main.py": ["cluster/test_cluster.py"],
+    "daemon/app.py": ["daemon/test_daemon.py"],
+    "daemon/control.py": ["daemon/test_bad_input.py"],
+    "daemon/http.py": ["daemon/test_http_notify.py", "daemon/test_status_page.py"],
+    "daemon/notify.py": ["daemon/test_http_notify.py"],
+    "daemon/protocol.py": ["daemon/test_bad_input.py"],
+    "daemon/statedir.py": ["daemon/test_bad_input.py"],
+    "data/_files.py": ["data/test_table.py", "data/test_text.py"],
+    "data/_sampling.py": ["test_data.py"],
+    "hooks/_hook.py": ["hooks/test_decorators.py"],
+    "hooks/link.py": ["hooks/test_process.py"],
+    "model/_file.py": ["model/test_file_models.py"],
+    "model/_kernels.py": ["model/test_kernels_and_bench.py"],
+    "model/bench.py": ["model/test_kernels_and_bench.py"],
+    "model/_model.py": ["model/test_flat_buffers.py", "model/test_memory.py"],
+    "model/_module.py": ["model/test_flat_buffers.py"],
+    "model/testing.py": ["model/test_layers.py", "model/test_models.py"],
+    "model/torch_twin.py": ["model/test_torch_parity.py"],
+    "store/rundir.py": ["cluster/test_lifecycle.py", "test_cli.py"],
+    "store/safetensors.py": ["store/test_checkpoint.py"],
+}
+
+
+def untested_modules(tested_in: dict[str, list[str]]) -> list[str]:
+    """Modules of pipelines/ with neither tests/pipelines/<dir>/test_<name>.py (`_name.py`
+    too) nor an entry of `tested_in` whose files all exist."""
+    missing = []
+    for path in sorted(ROOT.rglob("*.py")):
+        module = path.relative_to(ROOT)
+        if path.name == "__init__.py":
+            continue
+        own = TESTS / module.parent / f"test_{path.stem.lstrip('_')}.py"
+        named = [TESTS / t for t in tested_in.get(str(module), [])]
+        if not own.exists() and not (named and all(t.exists() for t in named)):
+            missing.append(str(module))
+    return missing
+
+
+def test_every_module_of_pipelines_has_its_tests():
+    assert untested_modules(TESTED_IN) == []
+
+
+def test_the_table_of_tests_named_otherwise_names_only_modules_without_their_own():
+    stale = [m for m in TESTED_IN if not (ROOT / m).exists()]
+    own = [
+        m
+        for m in TESTED_IN
+        if (TESTS / Path(m).parent / f"test_{Path(m).stem.lstrip('_')}.py").exists()
+    ]
+    assert stale == [] and own == []
