@@ -140,7 +140,6 @@ TESTED_IN = {
     "model/_module.py": ["model/test_flat_buffers.py"],
     "model/testing.py": ["model/test_layers.py", "model/test_models.py"],
     "model/torch_twin.py": ["model/test_torch_parity.py"],
-    "store/rundir.py": ["cluster/test_lifecycle.py", "test_cli.py"],
     "store/safetensors.py": ["store/test_checkpoint.py"],
 }
 
