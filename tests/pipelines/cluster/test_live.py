@@ -194,38 +194,23 @@ def test_an_overrides_file_with_a_key_not_live_is_refused_in_one_line(tmp_path):
     assert "optimizer.lr" in line and not (tmp_path / "run").exists()
 
 
-PROBE = """
-from pipelines.hooks import analyzer, transform
-
-
-@analyzer(every=1, exact=True)  # exact: the ranks sample every step it is due
-def probe(ctx):
-    return {"seen": float(ctx.step)}
-
-
-@transform
-def halve(ctx):
-    for g in ctx.grads.values():
-        g *= 0.5
-"""
+PROBE = Path(__file__).resolve().parents[1] / "live_probe.py"  # probe and halve
 
 
 def test_an_analyzer_attached_live_sees_exactly_its_steps_and_training_is_untouched(
     tmp_path, running
 ):
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE)
     reference = run(tmp_path / "ref", *LONG)["params_sha256"]  # no hooks at all
     run_dir = tmp_path / "run"
     # a hook from the start too: the ranks sample steps before the attach, which the
     # analyzer must not give the attached hook
     running.append(proc := start(run_dir, *LONG, "--hook", "builtin:grad_norm"))
     wait_step(run_dir, proc, 5)
-    refused = call_run(run_dir, m.HookChange("attach", f"{script}:halve"), timeout=30)
+    refused = call_run(run_dir, m.HookChange("attach", f"{PROBE}:halve"), timeout=30)
     assert refused["error"].startswith("halve: a transform cannot be attached live"), refused
-    attached = call_run(run_dir, m.HookChange("attach", f"{script}:probe"), timeout=60)
+    attached = call_run(run_dir, m.HookChange("attach", f"{PROBE}:probe"), timeout=60)
     assert attached["names"] == ["probe"] and attached["action"] == "attach", attached
-    again = call_run(run_dir, m.HookChange("attach", f"{script}:probe"), timeout=30)
+    again = call_run(run_dir, m.HookChange("attach", f"{PROBE}:probe"), timeout=30)
     assert again["error"] == "a hook named 'probe' is attached already"
     wait_step(run_dir, proc, attached["step"] + 10)
     detached = call_run(run_dir, m.HookChange("detach", "probe"), timeout=60)

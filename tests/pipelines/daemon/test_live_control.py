@@ -38,27 +38,12 @@ SET = re.compile(
 )
 
 
-PROBE = """
-from pipelines.hooks import analyzer, transform
-
-
-@analyzer(every=1, exact=True)
-def probe(ctx):
-    return {"seen": float(ctx.step)}
-
-
-@transform
-def halve(ctx):
-    for g in ctx.grads.values():
-        g *= 0.5
-"""
+PROBE = Path(__file__).resolve().parents[1] / "live_probe.py"  # probe and halve
 
 
 def test_checkpoint_set_and_hooks_of_a_running_job_and_its_resume_replaying_them(
     daemon_factory, reference_hash, tmp_path
 ):
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE)
     d = daemon_factory("--cpus", "2")
     job = d.submit(*JOB)
     d.wait_for(job, {"running"}, step=5)
@@ -89,10 +74,10 @@ def test_checkpoint_set_and_hooks_of_a_running_job_and_its_resume_replaying_them
             call(d.state_dir, protocol.SetKey(str(job), key, value, at), timeout=60)
     assert len(overrides.read_text().splitlines()) == 1  # nothing changed by the refusals
 
-    r = d.cli("hook", "attach", job, f"{script}:halve")
+    r = d.cli("hook", "attach", job, f"{PROBE}:halve")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r
     assert "halve: a transform cannot be attached live" in r.stderr
-    r = d.cli("hook", "attach", job, f"{script}:probe")
+    r = d.cli("hook", "attach", job, f"{PROBE}:probe")
     assert r.returncode == 0, r.stderr
     found = HOOKED.fullmatch(r.stdout)
     assert found and found[1] == "attached probe: the steps after", r.stdout

@@ -200,10 +200,16 @@ KILL = "os.kill(os.getpid(), signal.SIGKILL)"
 SILENCE = "ctypes.PyDLL(None).usleep(6_000_000)"
 
 
-def once_hook(tmp_path: Path, at: int, action: str) -> Path:
+def train_with_once(tmp_path: Path, at: int, action: str, noise_every: int = 1) -> tuple:
+    """Train with the exact hooks `once` (ACTION in step AT, the first time) and
+    builtin:noise_scale every `noise_every` steps: (summary, records by hook)."""
     script = tmp_path / "once.py"
     script.write_text(ONCE.format(mark=str(tmp_path / "done"), at=at, action=action))
-    return script
+    every = f"every = {noise_every}, " if noise_every != 1 else ""
+    specs = (f'hooks.specs=[{{hook = "{script}:once", exact = true}}, '
+             f'{{hook = "builtin:noise_scale", {every}exact = true}}]')  # fmt: skip
+    run = train(tmp_path, "--set", specs)
+    return run["summary"], by_hook(run["records"])
 
 
 def test_a_restarted_analyzer_starts_its_averages_afresh_and_says_so(
@@ -214,11 +220,7 @@ def test_a_restarted_analyzer_starts_its_averages_afresh_and_says_so(
     averages start there -- window_steps 1 at step 6, the every-step average of its own
     samples since -- instead of its first sample standing for all steps since step 0;
     every record of the new series, and summary.json, say restarted_at 6."""
-    script = once_hook(tmp_path, 6, KILL)
-    specs = (f'hooks.specs=[{{hook = "{script}:once", exact = true}}, '
-             '{hook = "builtin:noise_scale", exact = true}]')  # fmt: skip
-    run = train(tmp_path, "--set", specs)
-    summary, hooks = run["summary"], by_hook(run["records"])
+    summary, hooks = train_with_once(tmp_path, 6, KILL)
     assert summary["params_sha256"] == baseline["params_sha256"]
     assert (tmp_path / "done").exists()  # it was killed
     noise = hooks["noise_scale"]
@@ -242,11 +244,7 @@ def test_an_exact_hook_waits_for_a_silent_analyzer_and_its_restart(tmp_path, bas
     restarts it. The exact hooks still record every due step (the ranks waited for the
     new analyzer and sent step 5 again), no rank gave a sample up, and the numbers are
     those without hooks."""
-    script = once_hook(tmp_path, 5, SILENCE)
-    specs = (f'hooks.specs=[{{hook = "{script}:once", exact = true}}, '
-             '{hook = "builtin:noise_scale", every = 3, exact = true}]')  # fmt: skip
-    run = train(tmp_path, "--set", specs)
-    summary, hooks = run["summary"], by_hook(run["records"])
+    summary, hooks = train_with_once(tmp_path, 5, SILENCE, noise_every=3)
     assert summary["params_sha256"] == baseline["params_sha256"]
     assert [r["step"] for r in hooks["once"]] == list(range(1, STEPS + 1))
     assert [r["step"] for r in hooks["noise_scale"]] == list(range(3, STEPS + 1, 3))
