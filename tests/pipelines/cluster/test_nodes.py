@@ -6,6 +6,7 @@ elsewhere."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -26,16 +27,15 @@ RUN = ("run", "char_lm", "--ranks", "4", "--mode", "zero2", "--steps", "20", "--
 
 @pytest.fixture(scope="module")
 def one_host_sha_of(tmp_path_factory):
-    """The bits of the same run on one host (--ranks 4), by number of steps."""
-    shas = {}
+    """The bits of the same run on one host (--ranks 4), by number of steps (each run
+    once)."""
 
+    @functools.cache
     def get(steps: int) -> str:
-        if steps not in shas:
-            run_dir = tmp_path_factory.mktemp("one_host") / "run"
-            done = zerotrain(*_steps(steps), "--run-dir", str(run_dir), timeout=300)
-            assert done.returncode == 0, done.stderr
-            shas[steps] = params_sha256(run_dir)
-        return shas[steps]
+        run_dir = tmp_path_factory.mktemp("one_host") / "run"
+        done = zerotrain(*_steps(steps), "--run-dir", str(run_dir), timeout=300)
+        assert done.returncode == 0, done.stderr
+        return params_sha256(run_dir)
 
     return get
 

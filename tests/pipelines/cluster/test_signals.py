@@ -6,6 +6,7 @@ own session, real signals at several moments; every wait bounded, no speed asser
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -93,16 +94,14 @@ class Run:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """params_sha256 of runs never stopped, by world size."""
-    hashes = {}
+    """params_sha256 of runs never stopped, by world size (each run once)."""
 
+    @functools.cache
     def get(ranks: str) -> str:
-        if ranks not in hashes:
-            run_dir = tmp_path_factory.mktemp("reference") / "run"
-            run = Run(run_dir, *args(ranks))
-            assert run.finish() and run.proc.returncode == 0, run.lines[-20:]
-            hashes[ranks] = params_sha256(run_dir)
-        return hashes[ranks]
+        run_dir = tmp_path_factory.mktemp("reference") / "run"
+        run = Run(run_dir, *args(ranks))
+        assert run.finish() and run.proc.returncode == 0, run.lines[-20:]
+        return params_sha256(run_dir)
 
     return get
 
