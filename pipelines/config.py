@@ -531,11 +531,11 @@ class TrainConfig:
         _check_range("train.grad_accum", self.grad_accum, lo=1)
         _check_range("train.seed", self.seed, lo=0, hi=2**63 - 1)
         _check_range("train.clip_norm", self.clip_norm, lo=0.0)
+        _check_range("train.log_every", self.log_every, lo=0)
 
     def more(self, done: int) -> bool:
         """Whether a step follows ``done`` steps: always for a continuous run (steps 0)."""
         return self.steps == 0 or done < self.steps
-        _check_range("train.log_every", self.log_every, lo=0)
 
 
 SECTIONS = {

@@ -61,6 +61,7 @@ def test_no_config_means_the_default_char_lm_pipeline():
         ("hooks.specs=[3]", "hooks.specs[0]", "expected"),
         ("hooks.specs=[{every = 2}]", "hooks.specs[0]", "hook spec"),
         ("hooks.timeout_s=0", "hooks.timeout_s", "> 0.0"),
+        ("train.log_every=-1", "train.log_every", "an integer >= 0, got -1"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_dotted_key(override, key, fragment):
