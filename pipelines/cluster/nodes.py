@@ -439,7 +439,8 @@ class Rendezvous(actors.Actor):
             expected = [k * per, (k + 1) * per]
             return f"node {k} claims ranks {hello.get('ranks')}, expected {expected}"
         if hello.get("config_hash") != self.config_hash:
-            return f"node {k} runs another config (config_hash {hello.get('config_hash')!r:.20})"
+            theirs, mine = str(hello.get("config_hash"))[:16], self.config_hash[:16]
+            return f"node {k} runs another config (config_hash {theirs}, this run's {mine})"
         return None
 
 

@@ -412,6 +412,26 @@ def test_a_node_with_another_config_is_refused_by_node_0_in_one_line(tmp_path):
     assert not (run_dir / "error.txt").exists()  # a refusal is no crash
 
 
+def test_a_hello_of_another_config_is_refused_naming_both_hashes_in_one_line():
+    """Rendezvous._misfit: the refusal of a node with another config_hash names its
+    hash and this run's, each cut to 16 hex digits, with nothing left open."""
+    from pipelines.cluster import nodes
+    from pipelines.launch import NodeIdentity
+
+    identity = NodeIdentity(
+        nnodes=2, node_rank=0, master_addr="127.0.0.2", master_port=29500,
+        ranks_per_node=2, advertise_addr="127.0.0.2", run_id="r", launcher="flags",
+    )  # fmt: skip
+    layout = nodes.NodeLayout(identity, "127.0.0.2", 29500, "127.0.0.2", range(0, 2), "r")
+    mine, theirs = "0123456789abcdef" * 4, "fedcba9876543210" * 4
+    rdv = nodes.Rendezvous(layout, mine, {}, fail=None)
+    hello = {"run_id": "r", "nnodes": 2, "node_rank": 1, "ranks": [2, 4], "table": {}}
+    assert rdv._misfit({**hello, "config_hash": mine}) is None
+    assert rdv._misfit({**hello, "config_hash": theirs}) == (
+        "node 1 runs another config (config_hash fedcba9876543210, this run's 0123456789abcdef)"
+    )
+
+
 def _node_1_at(ip: str):
     from pipelines.cluster import nodes
     from pipelines.launch import NodeIdentity
