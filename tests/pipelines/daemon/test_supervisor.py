@@ -1,9 +1,14 @@
 """The job supervisor's readers, on records and files written here: which rank is silent
-(supervisor.silent_ranks) and the tail of an appended JSON-lines file (JsonlTail)."""
+(supervisor.silent_ranks), the tail of an appended JSON-lines file (JsonlTail) and the
+newest complete checkpoint (Telemetry)."""
 
 from __future__ import annotations
 
-from pipelines.daemon.supervisor import JsonlTail, silent_ranks
+import os
+
+import pytest
+
+from pipelines.daemon.supervisor import JsonlTail, Telemetry, silent_ranks
 
 NOW = 1_000_000.0
 HB = 2.0
@@ -65,3 +70,37 @@ def test_a_rank_that_writes_nothing_is_silent_whatever_its_phase_and_names_every
     assert silent_ranks(records, HB, NOW) == {
         1: "silent: step 60 not done in 2.5s, ranks [0, 2] wait"
     }
+
+
+def _checkpoints(root, *steps_done):
+    """step-S dirs under root; a step given as (S, "dir") has a manifest.json directory,
+    one given as (S, None) no manifest; each manifest file's mtime is NOW + S."""
+    for step, manifest in steps_done:
+        d = root / "checkpoints" / f"step-{step:08d}"
+        d.mkdir(parents=True)
+        if manifest == "file":
+            (d / "manifest.json").write_text("{}")
+            os.utime(d / "manifest.json", (NOW + step, NOW + step))
+        elif manifest == "dir":
+            (d / "manifest.json").mkdir()
+
+
+def test_the_newest_checkpoint_is_the_newest_with_a_manifest(tmp_path):
+    _checkpoints(tmp_path, (10, "file"), (20, "file"), (30, None))
+    tel = Telemetry()
+    tel.read(tmp_path, NOW + 100, {10: NOW + 9.0, 20: NOW + 18.5}, "checkpoints")
+    # step 30 is still being written; step 20's manifest came 1.5 s after its step
+    assert (tel.checkpoint_step, tel.checkpoint_s) == (20, 1.5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Telemetry._newest_checkpoint takes os.stat of manifest.json, which a "
+    "directory passes: a manifest.json directory counts as a complete checkpoint "
+    "(pipelines/daemon/supervisor.py, owned by another helper this session)",
+)
+def test_a_manifest_json_directory_is_no_complete_checkpoint(tmp_path):
+    _checkpoints(tmp_path, (10, "file"), (20, "dir"))
+    tel = Telemetry()
+    tel.read(tmp_path, NOW + 100, {10: NOW + 9.0, 20: NOW + 19.0}, "checkpoints")
+    assert tel.checkpoint_step == 10
