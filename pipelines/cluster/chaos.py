@@ -21,8 +21,10 @@ The cluster expands the SPEC into numbered events (`expand`); each
 rank receives, whenever it joins, the events aimed at it that have not fired yet, and
 fires them itself at the named point of the step with a real signal to its own pid
 (SIGKILL, SIGTERM, SIGSTOP). Before a signal it tells the coordinator, which records
-the fault time (and, for a stall, sends SIGCONT after the stated seconds). An event
-fires once: a rank replaying steps after a recovery does not fire it again.
+the fault time (and, for a stall, sends SIGCONT after the stated seconds); a wait is
+told once its gate has opened (no fault: only that it passed). An event fires once: a
+rank replaying steps after a recovery, or a rank started in a dead one's place, is not
+given it again.
 
 `delay` and `straggler` are standing conditions, not events: a delayed rank sleeps
 before each of its sends into the ring, a straggler sleeps (factor - 1) times its
@@ -37,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import trio
+
+import actors
 
 from ..config import ConfigError
 from .messages import chaos_fired
@@ -183,6 +187,14 @@ class RankChaos:
         if ev["kind"] == "wait":  # not a fault: the step waits, the loop runs on
             while not os.path.exists(ev["until"]):
                 await trio.sleep(0.05)
+            # passed: a rank that rejoins (every plan carries the pending events) must not
+            # wait at this step again, whether or not the gate still exists. A report that
+            # does not arrive only leaves the event pending: the step goes on either way
+            with trio.move_on_after(2.0):
+                try:
+                    await chaos_fired(self.coordinator, ev["id"], os.getpid(), 2.0)
+                except actors.ActorError:
+                    pass
             return
         with trio.move_on_after(2.0):
             await chaos_fired(self.coordinator, ev["id"], os.getpid(), 2.0)

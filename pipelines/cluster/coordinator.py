@@ -412,6 +412,8 @@ class Coordinator(ProtocolActor):
 
     def _chaos_fired(self, event_id: int, pid: int) -> bool:
         ev = self.fault_log.fired(event_id, self.steps.last_step, self.generation)
+        if ev["kind"] == "wait":  # its gate opened: no fault, nothing to say
+            return True
         if ev["kind"] == "stall":
             self.nursery.start_soon(_resume_later, pid, ev["seconds"])
         self.progress.message(
@@ -1056,10 +1058,13 @@ class FaultLog:
         return [e for e in self.events if e["id"] not in self.fired_at]
 
     def fired(self, event_id: int, last_step: int, generation: int) -> dict:
-        """Record chaos event `event_id` as fired now; the event."""
+        """Record chaos event `event_id` as fired now (no longer pending); the event. A
+        wait that passed is no fault."""
         now = time.time()
         self.fired_at[event_id] = now
         ev = next(e for e in self.events if e["id"] == event_id)
+        if ev["kind"] == "wait":
+            return ev
         fault = _Fault(ev["kind"], ev["rank"], last_step, now, generation, "chaos")
         if ev["kind"] == "stall":
             fault.resumes_at = now + ev["seconds"]

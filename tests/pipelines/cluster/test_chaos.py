@@ -5,7 +5,10 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+import actors
 from pipelines.cluster.chaos import RankChaos, expand, parse_chaos
+from pipelines.cluster.coordinator import FaultLog
+from pipelines.cluster.messages import ChaosFired
 
 
 def test_random_kill_expands_deterministically_from_its_seed():
@@ -65,3 +68,42 @@ def test_a_wait_holds_its_step_until_the_file_exists_and_fires_once(tmp_path):
             assert progress == [2, 3, 3]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class FiredLog(actors.Actor):
+    """The Coordinator's part in chaos: ChaosFired recorded in a real FaultLog."""
+
+    def __init__(self, log: FaultLog):
+        self.fault_log = log
+
+    async def handle_call(self, request, from_):
+        assert isinstance(request, ChaosFired), request
+        self.fault_log.fired(request.event_id, 3, 1)
+        return True
+
+
+def test_a_wait_that_passed_is_not_given_again_to_a_rank_that_rejoins(tmp_path):
+    """A rank reports its wait once the gate opened; the pending events every later plan
+    carries no longer hold it, so a rejoining rank (or one started in a dead rank's
+    place) replays the step without waiting, though the gate is gone. No fault."""
+    gate = tmp_path / "gate"
+    events = expand(parse_chaos(f"wait:rank=0,step=3,until={gate};kill:rank=0,step=5", 1), 1, 9)
+    log = FaultLog(events)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await actors.spawn(nursery, FiredLog(log), name="coordinator")
+            first = RankChaos(0, "coordinator")
+            first.load(log.pending())
+            gate.touch()
+            await first.at(3, "start")
+            assert [e["kind"] for e in log.pending()] == ["kill"]
+            gate.unlink()
+            again = RankChaos(0, "coordinator")
+            again.load(log.pending())
+            with trio.fail_after(60):  # virtual time: a wait given again would poll on
+                await again.at(3, "start")
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert log.faults == []
