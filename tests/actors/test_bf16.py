@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from actors import CollectiveError, Ring, bf16_round, bf16_widen, shard_bounds
+from actors._bf16 import bf16_add
 from actors._bf16_ref import bf16_round as ref_round
 from actors._bf16_ref import ring_sum_bf16
 from actors._transport import ipc_endpoint
@@ -77,6 +78,25 @@ def test_bf16_functions_refuse_other_dtypes_in_one_line():
         bf16_round(np.zeros(3))
     with pytest.raises(TypeError, match="bf16_widen takes uint16 bfloat16 bits, got int16"):
         bf16_widen(np.zeros(3, np.int16))
+    with pytest.raises(ValueError, match=r"^out must be uint16 of shape \(3,\), got uint16 \(4,\)"):
+        bf16_round(np.zeros(3, np.float32), out=np.zeros(4, np.uint16))
+    with pytest.raises(ValueError, match="^out must be float32 of 3 elements, got float32 4$"):
+        bf16_widen(np.zeros(3, np.uint16), out=np.zeros(4, np.float32))
+    with pytest.raises(TypeError, match=r"float32 target and uint16 bits of one size, got "
+                       r"float32 \(3\) and uint16 \(2\)$"):  # fmt: skip
+        bf16_add(np.zeros(3, np.float32), np.zeros(2, np.uint16))
+
+
+def test_bf16_add_widens_and_adds_in_float32_across_its_blocks():
+    # more than three of its 65,536-element passes, the last one short
+    n = 3 * 65_536 + 11
+    rng = np.random.default_rng(5)
+    target, other = (rng.standard_normal((2, n)) * 1e3).astype(np.float32)
+    h = bf16_round(other)
+    want = target + bf16_widen(h)
+    got = bf16_add(target, h)
+    assert got is target
+    assert got.tobytes() == want.tobytes()
 
 
 # ----------------------------------------------------------------------------------------
