@@ -214,3 +214,31 @@ async def test_a_cut_tcp_link_is_noticed_within_the_heartbeat_timeout_and_a_seco
                 worker.kill()
                 nursery.cancel_scope.cancel()
     assert noticed <= hb_timeout + 1.0, f"a cut link noticed after {noticed:.2f}s"
+
+
+def test_a_keyring_whose_keypair_is_not_its_hosts_listed_key_is_refused_in_one_line():
+    hosts = {h: public for h, (public, _) in KEYS.items()}
+    with pytest.raises(ValueError) as err:
+        actors.Keyring("node0", KEYS["node1"], hosts, RUN, NAMES.get)
+    assert str(err.value) == (
+        "host 'node0': its public key is not the one the keyring lists for it (hosts: node0, node1)"
+    )
+
+
+def test_a_bound_endpoint_admits_only_the_hosts_listed_for_it():
+    """What the ZAP handler asks of a ring inbox's domain: the listed host's key is
+    admitted (as its z85 user id), another host of the run is not; an endpoint without
+    a list admits every host."""
+    hosts = {h: public for h, (public, _) in KEYS.items()}
+    inbox, other = "tcp://127.0.0.2:40001", "tcp://127.0.0.2:40002"
+    admits = {inbox: frozenset({"node1"})}
+    kr = actors.Keyring("node0", KEYS["node0"], hosts, RUN, NAMES.get, admits=admits)
+
+    def domain(endpoint):
+        name = kr.socket_options([endpoint], [], {})["ZAP_DOMAIN"]
+        return next(d for d in kr._domains.values() if d.name == name)
+
+    raw = {h: zmq.utils.z85.decode(public) for h, public in hosts.items()}
+    assert domain(inbox).decide(b"CURVE", [raw["node1"]]) == hosts["node1"]
+    assert domain(inbox).decide(b"CURVE", [raw["node0"]]) is None
+    assert all(domain(other).decide(b"CURVE", [k]) is not None for k in raw.values())
