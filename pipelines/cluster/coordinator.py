@@ -443,7 +443,11 @@ class Coordinator(ProtocolActor):
             case ShardWritten(rank=rank, generation=generation) if rank < self.world:
                 if generation == self.generation:  # else from before a regroup: rewritten
                     written = self.manifests.shard_written(
-                        message, self.steps, self.stops, self.live.at(message.step)
+                        message,
+                        self.steps,
+                        self.stops,
+                        self.live.at(message.step),
+                        asked=message.step in self.checkpoint_waiters,
                     )
                     if written is not None and self.cfg.train.steps == 0:
                         # a continuous run's rank 0 exports a checkpoint once it is
@@ -977,11 +981,12 @@ class Manifests:
         self.shards.clear()
 
     def shard_written(
-        self, m: ShardWritten, steps: StepLog, stops: EarlyStop, live: Config
+        self, m: ShardWritten, steps: StepLog, stops: EarlyStop, live: Config, asked: bool
     ) -> bool | None:
         """None while shards of the step are missing; then whether its manifest was
         written (False: reported, the run goes on). `live`: the config at that step (its
-        live checkpoint.keep_last)."""
+        live checkpoint.keep_last); `asked`: a user asked for this checkpoint (its
+        manifest says so, and retention keeps it)."""
         s = m.step
         got = self.shards.setdefault(s, {})
         got[m.rank] = (m.info, m.counters)
@@ -1001,6 +1006,8 @@ class Manifests:
             data_epochs=core.followed_epochs(self.cfg, steps.rundir.path),
             bounds=[(i.lo, i.hi) for i in sorted(infos, key=lambda i: i.rank)],
         )
+        if asked:
+            manifest["asked"] = True
         ckpt = ckpt_mod.checkpoint_dir(self.root, s)
         try:
             ckpt_mod.write_manifest(ckpt, manifest, infos)

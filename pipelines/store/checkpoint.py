@@ -7,8 +7,10 @@ Design note. A checkpoint is a directory `<root>/step-<8 digits>/` holding
                                           "exp_avg_sq", "momentum_buffer", ...)
     manifest.json                         step, world, mode, config hashes, data position,
                                           counters, metrics, per shard: file, rank, lo,
-                                          hi, bytes, sha256; and "layout", the layout
-                                          table (`layout_table`)
+                                          hi, bytes, sha256; "layout", the layout
+                                          table (`layout_table`); "asked": true on a
+                                          checkpoint a user asked for (`zerotrain
+                                          checkpoint`), which retention keeps
 
 Durability protocol (what makes a crash at any instant harmless):
 1. each rank writes its shard to `<name>.tmp-<pid>`, fsyncs it, renames it into place and
@@ -358,7 +360,9 @@ def apply_retention(
     root, keep_last: int, keep_best: int = 0, best_metric: str = "loss", best_mode: str = "min"
 ) -> list[Path]:
     """Delete checkpoints that are neither among the newest `keep_last` valid ones nor the
-    `keep_best` best by manifest["metrics"][best_metric]. Returns what was deleted.
+    `keep_best` best by manifest["metrics"][best_metric] nor asked for by a user (manifest
+    "asked": `zerotrain checkpoint` names a restore point; only its user deletes it).
+    Returns what was deleted.
 
     Directories without a manifest are in-flight writes or torn: left alone (the writer or
     a later `latest_valid` decides), unless older than every kept checkpoint.
@@ -377,6 +381,7 @@ def apply_retention(
         scored.sort(key=lambda vc: vc[0], reverse=best_mode == "max")
         keep |= {c for _, c in scored[:keep_best]}
     oldest_kept = min(keep) if keep else None
+    keep |= {c for c, m in valid if m.get("asked") is True}
     deleted = []
     for ckpt, manifest in entries:
         if ckpt in keep:

@@ -124,7 +124,9 @@ def test_a_checkpoint_asked_for_twice_at_once_is_one_agreed_verified_resumable_c
 ):
     reference = run(tmp_path / "ref", *LONG)["params_sha256"]
     run_dir = tmp_path / "run"
-    running.append(proc := start(run_dir, *LONG))
+    # retention keeps one periodic checkpoint: the asked one is kept all the same
+    prune = ["--set", "checkpoint.every=100", "--set", "checkpoint.keep_last=1"]
+    running.append(proc := start(run_dir, *LONG, *prune))
     wait_step(run_dir, proc, 5)
     with ThreadPoolExecutor(2) as pool:
         asked = [pool.submit(call_run, run_dir, m.CheckpointNow(), timeout=60) for _ in "ab"]
@@ -134,11 +136,17 @@ def test_a_checkpoint_asked_for_twice_at_once_is_one_agreed_verified_resumable_c
     assert 5 < step < 300
     assert manifest == ckpt_mod.checkpoint_dir(run_dir / "checkpoints", step) / "manifest.json"
     assert ckpt_mod.verify_checkpoint(manifest.parent)["step"] == step
-    kept = tmp_path / "kept" / manifest.parent.name  # before retention may prune it
-    shutil.copytree(manifest.parent, kept)
     finish(proc)
     assert sha(run_dir) == reference  # the checkpoint changed nothing in training
-    # resumable: from that checkpoint alone, the run ends with the same bits
+    assert [c.name for c in ckpt_mod.list_checkpoints(run_dir / "checkpoints")] == [
+        manifest.parent.name,
+        "step-00000300",
+    ]
+    assert ckpt_mod.verify_checkpoint(manifest.parent)["asked"] is True
+    # resumable: from that checkpoint alone (a root of its own), the run ends with the
+    # same bits
+    kept = tmp_path / "kept" / manifest.parent.name
+    shutil.copytree(manifest.parent, kept)
     resumed = run(tmp_path / "resumed", *LONG, "--resume", str(kept.parent))
     assert resumed["params_sha256"] == reference
 

@@ -124,6 +124,20 @@ def test_retention_leaves_an_in_flight_checkpoint_alone(tmp_path):
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
 
 
+def test_retention_keeps_a_checkpoint_a_user_asked_for(tmp_path):
+    # step 1 asked for (`zerotrain checkpoint`), step 2 torn, steps 3-5 periodic
+    for step in (1, 2, 3, 4, 5):
+        save(tmp_path, step, 1, vectors(step), **({"asked": True} if step == 1 else {}))
+    (ck.checkpoint_dir(tmp_path, 2) / "manifest.json").unlink()
+    ck.apply_retention(tmp_path, keep_last=2)
+    # the torn step 2 is older than every checkpoint the rolling window keeps: deleted
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == [
+        "step-00000001",
+        "step-00000004",
+        "step-00000005",
+    ]
+
+
 def test_our_safetensors_files_load_with_the_safetensors_package(tmp_path):
     st = pytest.importorskip("safetensors.numpy")
     path = save(tmp_path, 3, 2, vectors())
