@@ -58,13 +58,19 @@ def test_a_host_list_expands_as_scontrol_prints_it(text, names):
         ("a b", "whitespace"),
         ("", "names no host"),
         (",", "names no host"),
-        (f"x[0-{MAX_HOSTS}]", f"more than {MAX_HOSTS}"),
-        ("x[0-300][0-300]", f"more than {MAX_HOSTS}"),
+        (f"x[0-{MAX_HOSTS}]", f"range '0-{MAX_HOSTS}' has more than {MAX_HOSTS}"),
+        ("x[0-300][0-300]", f"names more than {MAX_HOSTS} hosts"),
+        (f"x[1-{MAX_HOSTS}],y", f": more than {MAX_HOSTS} hosts"),
     ],
 )
 def test_a_list_outside_the_grammar_is_refused_in_one_line_naming_it(text, says, raises_one_line):
     with raises_one_line(HostlistError, match=f"host list {text!r}.*{says}".replace("[", r"\[")):
         expand_hostlist(text)
+
+
+def test_a_list_of_exactly_max_hosts_names_is_accepted():
+    assert len(expand_hostlist(f"x[1-{MAX_HOSTS}]")) == MAX_HOSTS
+    assert len(expand_hostlist(f"x[1-{MAX_HOSTS - 1}],y")) == MAX_HOSTS
 
 
 # ---- generated lists against the real scontrol ----------------------------------------
