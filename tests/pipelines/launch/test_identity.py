@@ -142,6 +142,13 @@ def test_a_slurm_step_on_part_of_the_allocation_takes_its_master_from_the_step_l
     assert (ident.nnodes, ident.master_addr) == (1, "gpu08")
 
 
+def test_an_srun_task_that_names_its_step_only_as_slurm_stepid_is_a_launch():
+    env = {k: v for k, v in SRUN.items() if k != "SLURM_STEP_ID"}
+    env["SLURM_STEPID"] = "0"  # the older spelling, which srun still sets
+    ident = resolve(env=env)
+    assert (ident.launcher, ident.node_rank, ident.notes) == ("slurm", 1, ())
+
+
 def test_without_a_step_list_the_job_list_is_used():
     env = {k: v for k, v in SRUN.items() if k != "SLURM_STEP_NODELIST"}
     env["SLURM_JOB_NODELIST"] = "rack[1-2]-n[01]"
