@@ -133,3 +133,22 @@ def test_a_restarted_series_counts_from_its_start_not_from_step_zero(every_step_
         assert out["trace_sigma"] == pytest.approx(trace, rel=1e-12)
         assert out["window_steps"] == pytest.approx(window, rel=1e-12)
     assert [s for s, _, _ in seen] == [1, 2, 5] and window < 5
+
+
+def test_b_simple_is_nan_while_the_averaged_g2_is_not_positive():
+    # two ranks' gradients cancel: the reduced gradient is 0, the |G|^2 estimate < 0
+    noise = NoiseScale(beta=0.9)
+    ranks = {0: {"w": np.array([1.0, 2.0])}, 1: {"w": np.array([-1.0, -2.0])}}
+    out = noise.update(ranks, {"w": np.zeros(2)}, b_small=2, step=1)
+    assert out["g2"] < 0 < out["trace_sigma"]
+    assert math.isnan(out["b_simple"]) and math.isnan(noise.b_simple)
+
+
+def test_a_sample_of_an_earlier_step_does_not_move_the_series_back():
+    """The gap of a sample is counted from the latest step folded in, whatever came
+    in between (a sample of an earlier step, e.g. a replay after a recovery)."""
+    noise = NoiseScale(beta=0.9)
+    ranks = {r: {"w": np.array([1.0 + r, 2.0])} for r in range(2)}
+    mean = {"w": np.array([1.5, 2.0])}
+    gaps = [noise.update(ranks, mean, b_small=2, step=s)["gap"] for s in (10, 8, 11)]
+    assert gaps == [10, 1, 1]
