@@ -81,3 +81,32 @@ def test_a_template_becomes_the_rank_it_is_handed_and_an_unused_one_leaves(tmp_p
     while not _gone(seen["pids"][1]):
         assert time.monotonic() < deadline, "an unused template outlived its forker"
         time.sleep(0.05)
+
+
+SKIPS_THE_DEAD = """
+import json, os, signal, sys, time
+from pipelines.cluster import prefork
+
+first, second = prefork.prefork(2)
+os.kill(first, signal.SIGKILL)  # killed while it waits
+while prefork.ForkedChild(first).poll() is None:
+    time.sleep(0.01)
+argv = [sys.executable, "-m", prefork.RANK_MODULE]
+rank = prefork.spawn_rank(argv, {"ZEROTRAIN_PLAN": "/nonexistent"}, None, (), None, [])
+while rank.poll() is None:
+    time.sleep(0.05)
+print(json.dumps({"pids": [first, second], "rank": rank.pid, "left": prefork.templates()}))
+"""
+
+
+def test_a_template_that_died_waiting_is_passed_over_for_the_next():
+    done = subprocess.run(
+        [sys.executable, "-c", SKIPS_THE_DEAD],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert (seen["rank"], seen["left"]) == (seen["pids"][1], [])
