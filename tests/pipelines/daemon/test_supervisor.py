@@ -1,6 +1,6 @@
 """The job supervisor's readers, on records and files written here: which rank is silent
-(supervisor.silent_ranks), the tail of an appended JSON-lines file (JsonlTail) and the
-newest complete checkpoint (Telemetry)."""
+(supervisor.silent_ranks), the tail of an appended JSON-lines file (JsonlTail), the
+errors per hook (HookLedger) and the newest complete checkpoint (Telemetry)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pipelines.daemon.supervisor import JsonlTail, Telemetry, silent_ranks
+from pipelines.daemon.supervisor import HookLedger, JsonlTail, Telemetry, silent_ranks
 
 NOW = 1_000_000.0
 HB = 2.0
@@ -104,3 +104,13 @@ def test_a_manifest_json_directory_is_no_complete_checkpoint(tmp_path):
     tel = Telemetry()
     tel.read(tmp_path, NOW + 100, {10: NOW + 9.0, 20: NOW + 19.0}, "checkpoints")
     assert tel.checkpoint_step == 10
+
+
+def test_the_hook_ledger_counts_error_records_per_named_hook_and_lists_healthy_ones():
+    ledger = HookLedger()
+    for record in [{"hook": "norms", "step": 1}, {"hook": "norms", "step": 2, "error": "x"},
+                   {"hook": "probe", "step": 2}, {"hook": "", "error": "x"},
+                   {"hook": 3, "error": "x"}, {"step": 4, "error": "x"},
+                   {"hook": "norms", "step": 3, "error": "y"}]:  # fmt: skip
+        ledger.add(record)
+    assert ledger.errors == {"norms": 2, "probe": 0}
