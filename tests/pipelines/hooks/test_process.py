@@ -398,3 +398,30 @@ def test_a_step_is_assembled_from_zero_shards_and_from_ddp_copies():
                               rank_grads[1][24:30])  # fmt: skip
     gap = [dataclasses.replace(s, lo=s.lo + 1) if s.rank == 1 else s for s in samples(4)]
     assert "gap" in _context(4, gap)
+
+
+async def test_an_exact_sample_gives_up_after_exact_wait_and_later_ones_fail_at_once(tmp_path):
+    """An exact step's sample waits for a down analyzer at most exact_wait seconds, then
+    is counted failed; the next exact samples fail without waiting while the analyzer
+    is still down, and are sent again once it is up."""
+    specs = [{"hook": "builtin:grad_norm", "exact": True}]
+    async with analyzer(tmp_path, specs) as nursery:
+        box = HookOutbox(specs, exact_wait=1.0)
+        nursery.start_soon(box.run)
+        assert box.exact(1) and box.offer(samples(1)[0])
+        await box.wait_for_credit()
+        assert box.stats()["sent"] == 1
+        await actors.terminate_child("cluster", "analyzer")  # down, not coming back
+        assert box.offer(samples(2)[0])
+        await box.wait_for_credit()  # given up after exact_wait
+        assert box.stats() == {"offered": 2, "sent": 1, "dropped": 0, "failed": 1, "queued": 0}
+        box.exact_wait = 3600.0  # a sample that waited again would hold the test's LIMIT
+        assert box.offer(samples(3)[0])
+        await box.wait_for_credit()
+        assert box.stats()["failed"] == 2
+        await actors.restart_child("cluster", "analyzer")
+        await wait_restarted(0)  # started again (not a restart after a crash)
+        assert box.offer(samples(4)[0])
+        await box.wait_for_credit()
+        assert box.stats() == {"offered": 4, "sent": 2, "dropped": 0, "failed": 2, "queued": 0}
+        nursery.cancel_scope.cancel()
