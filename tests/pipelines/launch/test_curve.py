@@ -163,3 +163,24 @@ async def test_the_runs_token_and_the_clusters_keys_are_admitted_by_one_handler(
             real.close()
             sock.close(0)
             auth.stop()
+
+
+def test_a_node_keyring_names_who_speaks_for_whom_and_whom_each_ring_inbox_admits(keys):
+    """2 nodes x 2 ranks: ring r is bound by rank r's host and admits only rank r-1's
+    host (rank 0's inbox: rank 3's, on node 1); node K's host speaks for its agent and
+    its ranks, nobody for a name outside the run."""
+    from pipelines.launch import KeysError
+    from pipelines.launch.curve import node_keyring
+
+    rings = [f"tcp://127.0.0.{2 + r // 2}:{7000 + r}" for r in range(4)]
+    kr = node_keyring(keys, 1, 2, 2, "run-7", rings)
+    assert (kr.host, kr.run) == ("node1", "run-7")
+    assert kr.endpoints == dict(zip(rings, ["node0", "node0", "node1", "node1"], strict=True))
+    assert [sorted(kr.admits[e]) for e in rings] == [["node1"], ["node0"], ["node0"], ["node1"]]
+    names = ["cluster", "node0", "node1", "node2", "rank0", "rank1", "rank2", "rank3",
+             "rank4", "rank01", "nodex"]  # fmt: skip
+    assert [kr.host_of(n) for n in names] == [
+        "node0", None, "node1", None, "node0", "node0", "node1", "node1", None, None, None
+    ]  # fmt: skip
+    with pytest.raises(KeysError, match="keys for 2 node\\(s\\), the run has 3"):
+        node_keyring(keys, 0, 3, 2, "run-7", rings)
