@@ -494,8 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # outside trio (starting, loading data, writing the summary) a stop signal
     # interrupts like Ctrl-C (exit 4); inside it the runners take it as a planned stop
-    stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # SIGINT does it already
-    previous = {signum: signal.signal(signum, _interrupt) for signum in stops}
+    previous = _install_stop_handlers()
     try:
         return _main(argv)
     except KeyboardInterrupt:  # before the run started, or a command other than run
@@ -505,6 +504,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _install_stop_handlers() -> dict:
+    """SIGTERM, SIGUSR1 and SIGUSR2 interrupt like SIGINT (see _interrupt); the handlers
+    they replace, to put back. SIGINT gets Python's own handler if it was ignored (a
+    process a shell started in the background): trio installs its safe KeyboardInterrupt
+    delivery only over that one, and _interrupt hands the other signals to it."""
+    stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in stops}
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    return previous
 
 
 # the signal that raised KeyboardInterrupt: SIGINT unless _interrupt says otherwise (SIGINT

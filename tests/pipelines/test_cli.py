@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -330,7 +331,7 @@ import os, signal
 import trio
 from pipelines import cli
 
-signal.signal(signal.SIGTERM, cli._interrupt)
+cli._install_stop_handlers()
 finished = []
 
 @trio.lowlevel.enable_ki_protection
@@ -354,15 +355,18 @@ print(outcome, len(finished))
 """
 
 
-def test_a_stop_signal_inside_trio_is_raised_where_trio_allows_it():
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint", "no-sigint"])
+def test_a_stop_signal_inside_trio_is_raised_where_trio_allows_it(sigint):
     """SIGTERM while trio runs but before the runner installs its own signal receivers:
     the CLI's handler hands it to trio's KeyboardInterrupt delivery, which waits until
     the code is out of trio's protected internals and raises it at a checkpoint -- raised
-    inside them it becomes a TrioInternalError or a corrupted run."""
+    inside them it becomes a TrioInternalError or a corrupted run. Also when the process
+    started with SIGINT ignored, as a shell starts a command in the background."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
         [sys.executable, "-c", _SIGNAL_IN_PROTECTED_CODE],
         capture_output=True, text=True, timeout=60, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["KeyboardInterrupt", "1"], done.stdout
