@@ -50,7 +50,6 @@ from ..core import (
     step_seed,
 )
 from ..data import EPOCHS_DIR, EpochLog, load_dataset
-from ..launch import KeysError
 from ..step import RankStep
 from ..store import checkpoint as ckpt_mod
 from ..store.rundir import (
@@ -75,7 +74,6 @@ from .messages import (
     StopAt,
     StopPrepare,
 )
-from .nodes import secure_rank
 from .roles import (
     BackwardGate,
     Checkpointer,
@@ -718,6 +716,21 @@ def _check_ownership(plan: dict) -> None:
         sys.exit(2)
 
 
+def _secure(plan: dict) -> None:
+    """A multi-node run with keys: every tcp:// socket of this rank is CURVE. Exit 2 in
+    one line when the keys cannot be used. Imported here, not at the top: a plan without
+    keys needs neither pipelines.launch nor .nodes, and a restarted rank's start is on
+    the path of a recovery (each module is compiled again when no .pyc can be written)."""
+    from ..launch import KeysError
+    from .nodes import secure_rank
+
+    try:
+        secure_rank(plan)
+    except (KeysError, ValueError) as err:
+        print(f"zerotrain rank: keys: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     logging.basicConfig(
         level=logging.WARNING,
@@ -729,11 +742,8 @@ def main() -> None:
         print(f"zerotrain rank: cannot read the plan (${PLAN_ENV}): {err}", file=sys.stderr)
         sys.exit(2)
     _check_ownership(plan)
-    try:  # a multi-node run with keys: every tcp:// socket of this rank is CURVE
-        secure_rank(plan)
-    except (KeysError, ValueError) as err:
-        print(f"zerotrain rank: keys: {err}", file=sys.stderr)
-        sys.exit(2)
+    if plan.get("keys"):
+        _secure(plan)
     cluster = plan["config"]["cluster"]
     if cluster.get("pin_ranks", True):
         pin_to_cpu(int(os.environ[actors.ENV["rank"]]), int(cluster["ranks"]))

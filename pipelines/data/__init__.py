@@ -37,18 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._digits import make_triplets, render_digits
 from ._files import DataError, file_identity, materialise, resolve_paths
 from ._follow import EPOCHS_DIR, EpochLog, load_followed, locate_in, read_epochs
 from ._sampling import batch_indices, position, steps_per_epoch
-from ._table import (
-    TableDataset,
-    check_finite,
-    class_ids,
-    load_table,
-    read_features,
-    regression_target,
-)
 from ._text import (
     TextWindows,
     chars_decode,
@@ -58,7 +49,20 @@ from ._text import (
     load_text,
     map_bytes,
 )
-from ._triplets import load_triplets
+
+# _table (and _triplets, which reads a table) and _digits load on first use: a rank of a
+# run on another dataset never needs them, and a restarted rank's imports are on the
+# path of a recovery (each module is compiled again when no .pyc can be written).
+_TABLE_NAMES = ("TableDataset", "check_finite", "class_ids", "read_features", "regression_target")
+
+
+def __getattr__(name: str):
+    if name in _TABLE_NAMES:
+        from . import _table
+
+        return getattr(_table, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "TableDataset",
@@ -194,6 +198,8 @@ def _build_arrays(name: str, seed: int, split: str, opts: dict) -> tuple[dict, d
         part = tokens[:cut] if split == "train" else tokens[cut:]
         return {"tokens": part}, {"vocab_size": len(VOCAB), "seq_len": opts["seq_len"]}
     if name == "digits":
+        from ._digits import render_digits
+
         x, y = render_digits(_rng(seed, _GEN_DIGITS, split), n, opts["noise"])
         return {"x": x, "y": y}, {"n_classes": 10, "n_features": x.shape[1]}
     if name == "friedman":
@@ -212,6 +218,8 @@ def _build_arrays(name: str, seed: int, split: str, opts: dict) -> tuple[dict, d
             {"n_features": opts["n_features"], "noise_var": (opts["noise"] / _FRIEDMAN_STD) ** 2},
         )
     if name == "digit_triplets":
+        from ._digits import make_triplets, render_digits
+
         # A pool of images half the triplet count, shared by many triplets per class.
         rng = _rng(seed, _GEN_TRIPLETS, split)
         images, labels = render_digits(rng, max(n // 2, 20), opts["noise"])
@@ -264,13 +272,20 @@ def load_dataset(data_cfg, split: str = "train", *, epochs: EpochLog | None = No
     if split not in _SPLITS:
         raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
     if data_cfg.options.get("follow"):
-        loader = load_table if data_cfg.name == "table" else load_text
+        if data_cfg.name == "table":
+            from ._table import load_table as loader
+        else:
+            loader = load_text
         return load_followed(data_cfg, split, epochs, loader)
     if data_cfg.name == "table":
+        from ._table import load_table
+
         return load_table(data_cfg, split)
     if data_cfg.name == "text":
         return load_text(data_cfg, split)
     if data_cfg.name == "triplets":
+        from ._triplets import load_triplets
+
         return load_triplets(data_cfg, split)
     name, seed, opts = data_cfg.name, data_cfg.seed, dict(data_cfg.options)
     if not data_cfg.cache_dir:
