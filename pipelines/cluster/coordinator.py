@@ -149,6 +149,7 @@ class _Join:
     from_: actors.From
     pid: int
     held: Held
+    generation: int = 0  # the newest generation the rank trained in (0: fresh)
 
 
 @dataclass
@@ -237,7 +238,7 @@ class Coordinator(ProtocolActor):
     async def handle_call(self, request, from_):
         match request:
             case Join(rank=rank, pid=pid, held=held) if rank < self.world:
-                return await self._join(rank, pid, held, from_)
+                return await self._join(rank, pid, held, from_, request.generation)
             case ChaosFired(event_id=event_id, pid=pid) if self.fault_log.knows(event_id):
                 return self._chaos_fired(event_id, pid)
             case StopQuery(step=s):
@@ -259,14 +260,14 @@ class Coordinator(ProtocolActor):
                 return self._want_hook(request, from_)
         return self.reject(request)
 
-    async def _join(self, rank: int, pid: int, held: Held, from_):
+    async def _join(self, rank: int, pid: int, held: Held, from_, generation: int = 0):
         if self.pids.get(rank) not in (None, pid):
             self.progress.message(f"rank {rank} is back (pid {pid})")
         self.pids[rank] = pid
         self.finishing.pop(rank, None)
         if not any(r == rank for r in self.monitors.values()):
             self.monitors[actors.monitor(f"Trainer@rank{rank}")] = rank
-        self.joins[rank] = _Join(from_, pid, held)
+        self.joins[rank] = _Join(from_, pid, held, generation)
         self.down.discard(rank)
         k = self.node_of(rank)
         if k in self.lost_nodes and not any(r in self.down for r in self.ranks_of(k)):
@@ -349,7 +350,9 @@ class Coordinator(ProtocolActor):
         source, step, path, manifest = self._restore_point(
             {r: j.held for r, j in self.joins.items()}
         )
-        gen = self.generation + 1
+        # past every generation a rank reports: one Coordinator numbers them in order; a
+        # Coordinator started again (node 0 lost) learns from the joins where they were
+        gen = max(self.generation, *(j.generation for j in self.joins.values())) + 1
         self.generation = gen
         if self.state is not Recovery.DONE:
             self.state = Recovery.TRAINING
@@ -918,6 +921,23 @@ class StepLog:
         extra = core.eval_text(evaluated) if evaluated else ""
         self.progress.update(s, record["loss"], record["lr"], record["samples_per_s"], extra)
         return None
+
+    def continue_log(self) -> None:
+        """A Coordinator started again in its run's dir (node 0 was lost): the steps
+        metrics.jsonl holds are not logged again -- the generation that replays them
+        gives the same records -- and their losses are known."""
+        try:
+            lines = (self.rundir.path / "metrics.jsonl").read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            try:
+                record = json.loads(line)
+                s, loss = int(record["step"]), record["loss"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by the kill
+            self.losses[s] = loss
+            self.last_step = max(self.last_step, s)
 
     def evaluated(self, s: int, metrics: dict) -> None:
         self.evals[s] = metrics

@@ -78,7 +78,7 @@ def run_cluster(
     t_start = time.perf_counter()
     inputs = prepare_run(cfg, resume=resume, hooks=hooks)
     identity = inputs.identity
-    rundir = _open_run_dir(cfg, run_dir, inputs, resume, overrides)
+    rundir, again = _open_run_dir(cfg, run_dir, inputs, resume, overrides, layout)
     progress = core.progress_for(cfg, out)
     specs = list(cfg.hooks.specs) + list(hooks)
     analyzers = any(h.kind == "analyzer" for h in inputs.hooks)
@@ -105,6 +105,10 @@ def run_cluster(
             coord.local_ranks = layout.ranks
             coord.replica_stride = len(layout.ranks)  # replicas on the next node
             nodes.share_checkpoint_root(plan_path, layout, cfg)
+            if layout.node_rank > 0:  # (its failure lines name the run's checkpoints)
+                coord.ckpt_root = rundir.path.parent / cfg.checkpoint.dir
+        if again:
+            coord.steps.continue_log()
         config_hash = identity.config_hash
         del inputs  # the top process keeps no model or data while the ranks train
         if layout is not None:  # with keys, every tcp:// socket of this agent is CURVE
@@ -132,17 +136,21 @@ def run_cluster(
     return _summarize(cfg, coord, identity, rundir, progress, time.perf_counter() - t_start)
 
 
-def _open_run_dir(cfg: Config, run_dir, inputs, resume, overrides) -> RunDir:
-    """The run directory with the run's config, data record, epochs and overrides."""
+def _open_run_dir(cfg: Config, run_dir, inputs, resume, overrides, layout) -> tuple[RunDir, bool]:
+    """The run directory with the run's config, data record, epochs and overrides; and
+    whether this is node 0 started again in a running run (its node was lost): then
+    the run dir and its checkpoints are this run's own (nodes.earlier_start)."""
     identity = inputs.identity
-    rundir = RunDir(run_dir, resume=resume, checkpoint_dir=cfg.checkpoint.dir)
+    again = layout is not None and nodes.earlier_start(run_dir, layout, identity.config_hash)
+    own = run_dir if again and resume is None else resume
+    rundir = RunDir(run_dir, resume=own, checkpoint_dir=cfg.checkpoint.dir)
     rundir.write_config(cfg, identity.config_hash, identity.resume_hash)
     rundir.write_data(data_record(inputs.train))
     record_epochs(inputs.train, rundir.path)
     if inputs.resume is not None:  # steps after the checkpoint are trained again
         rundir.forget_steps_after(int(inputs.resume.manifest["step"]))
     _record_overrides(rundir.path, overrides, inputs.resume)
-    return rundir
+    return rundir, bool(again)
 
 
 def _record_outcome(coord: Coordinator, rundir: RunDir, chaos) -> None:
@@ -435,7 +443,8 @@ async def _serve_node(cfg, coord, plan, ipc_dir: str, rundir, rank_log, multi):
         nodes.adopt_table(layout, table, tables, coord.ports)  # a lost node back
         endpoints = nodes.write_plan_table(plan[0], layout, tables)
         ranks = _rank_supervisor(cfg, plan, rundir, rank_log, layout.ranks, endpoints)
-        await nodes.supervise_node(ranks, layout, coord)
+        mine = tables[str(layout.node_rank)]  # (what node 0 started again is told)
+        await nodes.supervise_node(ranks, layout, coord, config_hash, mine)
 
 
 async def _coordinate(coord: Coordinator, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -74,6 +74,7 @@ import dataclasses
 import numbers
 
 import numpy as np
+import trio
 
 import actors
 
@@ -132,6 +133,7 @@ __all__ = [
     "boundary",
     "chaos_fired",
     "checkpoint_now",
+    "coordinator_back",
     "checkpoint_written",
     "disk_error",
     "eval_reported",
@@ -341,12 +343,18 @@ class SampleDecision:
 
 @_wire
 class Join:
+    """A rank joins the next generation: its pid, the snapshots it holds, and the
+    generation it trained last (0: a fresh process). A Coordinator started again (its
+    node was lost) numbers the next generation past every one reported, so no ring
+    message of a generation before it is taken for one of it."""
+
     rank: int
     pid: int
     held: Held
+    generation: int = 0
 
     def __post_init__(self):
-        _check(self, rank=NAT, pid=POSITIVE)
+        _check(self, rank=NAT, pid=POSITIVE, generation=NAT)
         if not isinstance(self.held, Held):
             raise BadMessage(f"Join.held: expected a Held record, got {self.held!r:.60}")
 
@@ -831,14 +839,38 @@ def replica_owner(holder: int, world: int, stride: int = 1) -> int:
     return (holder - stride) % world
 
 
-async def join(rank: int, pid: int, held: Held) -> Plan:
+async def join(rank: int, pid: int, held: Held, generation: int = 0) -> Plan:
     """Join the next generation; returns once every rank has joined. The Coordinator
     answers REGROUP when it saw this rank down while its join waited (a monitor's late
-    ack): the rank joins again."""
+    ack): the rank joins again. The Coordinator's node lost (on several nodes: node 0
+    killed) is waited for -- its agent restarted at the same address runs a Coordinator
+    again, and this rank's snapshots are what it restores from; the node agent stops
+    this rank when node 0 is not back within cluster.rejoin_timeout."""
     while True:
-        plan = await actors.call(COORDINATOR, Join(rank, pid, held), timeout=None)
+        try:
+            plan = await actors.call(COORDINATOR, Join(rank, pid, held, generation), timeout=None)
+        except (actors.ActorExited, actors.NoSuchActor) as err:
+            if not _coordinator_lost(err):
+                raise
+            await coordinator_back()
+            continue
         if plan != REGROUP:
             return _expect(plan, Plan, "join")
+
+
+def _coordinator_lost(err: actors.ActorError) -> bool:
+    """Whether a call to the Coordinator failed because its node went away (or is back
+    and has not registered it yet), not because of the call."""
+    if isinstance(err, actors.NoSuchActor):
+        return True
+    return getattr(err, "reason", None) == "noconnection"
+
+
+async def coordinator_back() -> None:
+    """Wait until the Coordinator's node is heard from (again), and a moment for its
+    Coordinator to register."""
+    await actors.current_node().wait_peer(COORDINATOR.split("@", 1)[1], alive=True)
+    await trio.sleep(0.1)
 
 
 async def step_logged(record: dict) -> None:
@@ -850,13 +882,26 @@ async def eval_reported(step: int, metrics: dict) -> None:
 
 
 async def should_stop(step: int) -> bool:
-    """Early stopping's decision after the evaluation of `step` (waits for it)."""
-    return _expect(await actors.call(COORDINATOR, StopQuery(step), timeout=None), bool, "stop")
+    """Early stopping's decision after the evaluation of `step` (waits for it); Regroup
+    when the Coordinator's node is lost meanwhile (a Coordinator started again asks
+    for the step again)."""
+    try:
+        reply = await actors.call(COORDINATOR, StopQuery(step), timeout=None)
+    except (actors.ActorExited, actors.NoSuchActor) as err:
+        if not _coordinator_lost(err):
+            raise
+        raise Regroup(f"the Coordinator was lost: {err}") from None
+    return _expect(reply, bool, "stop")
 
 
 async def rank_finished(rank: int, info: dict) -> None:
     """Report the end; returns when every rank has, raises Regroup if one failed first."""
-    reply = await actors.call(COORDINATOR, RankFinished(rank, info), timeout=None)
+    try:
+        reply = await actors.call(COORDINATOR, RankFinished(rank, info), timeout=None)
+    except (actors.ActorExited, actors.NoSuchActor) as err:
+        if not _coordinator_lost(err):
+            raise
+        raise Regroup(f"the Coordinator was lost before the run ended: {err}") from None
     if reply == REGROUP:
         raise Regroup("a rank failed before the run ended")
     if reply != EXIT:

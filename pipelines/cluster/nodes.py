@@ -27,6 +27,19 @@ says hello again; the Rendezvous answers with the table of the first start, and 
 agent takes back those rank endpoints (`adopt_table`), so every other rank's plan
 still names them. Past the timeout the run fails (exit 3) naming node K.
 
+A lost node 0 (the Coordinator's: agent and ranks killed) is waited for the same way,
+from the other side: every other agent keeps its ranks -- their snapshots, and the
+replicas they hold of node 0's ranks -- for cluster.rejoin_timeout, and their joins
+wait (messages.join). Node 0 started again with the same flags finds the record of the
+run's first start in its run dir (NODES_RECORD: run id, config hash, the whole table;
+`earlier_start`), so it takes the dir as its own again, binds its ranks' endpoints of
+that start, and its Rendezvous waits for a hello from every other node ("running": its
+ranks live). Then the new Coordinator learns the run's state from the ranks' joins --
+the generation each trained in, the snapshots and replicas each holds -- and forms the
+next generation from memory (or, with no replica left, from the last checkpoint).
+Past the timeout the other agents stop their ranks and exit 3, naming node 0 and the
+last good checkpoint.
+
 Signals. Each agent forwards a stop signal to the Coordinator as its own source ("the
 agent of node K"), so one signal to every agent (scancel) is one planned stop, and a
 second signal to one agent stops at once, as on one host.
@@ -50,6 +63,7 @@ without (a test mode).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import os
@@ -65,10 +79,12 @@ import actors
 from ..core import RunRefused
 from ..launch import ClusterKeys, KeysError, NodeIdentity, load_keys
 from ..launch.curve import node_keyring
-from ..store.rundir import write_json_atomic
+from ..store.rundir import last_good_checkpoint, write_json_atomic
 
 __all__ = [
     "HELLO_TIMEOUT",
+    "NODES_RECORD",
+    "earlier_start",
     "NodeLayout",
     "Rendezvous",
     "NodeAgent",
@@ -98,6 +114,7 @@ __all__ = [
 RENDEZVOUS = "Rendezvous@cluster"
 HELLO_TIMEOUT = 120.0  # seconds for every node to say hello (Slurm starts them together)
 _HELLO_RETRY = 0.5  # seconds between hellos while node 0 is not up yet
+NODES_RECORD = "nodes.json"  # in node 0's run dir: the run's nodes, once all said hello
 
 
 def node_name(k: int) -> str:
@@ -335,8 +352,9 @@ def adopt_table(layout: NodeLayout, mine: dict, tables: dict, ports: list) -> No
                 ) from None
 
 
-def _hello(layout: NodeLayout, config_hash: str, table: dict) -> dict:
+def _hello(layout: NodeLayout, config_hash: str, table: dict, running: bool = False) -> dict:
     return {
+        "running": running,  # this node's ranks train (node 0 was lost and is back)
         "run_id": layout.run_id,
         "node_rank": layout.node_rank,
         "nnodes": layout.nnodes,
@@ -347,6 +365,31 @@ def _hello(layout: NodeLayout, config_hash: str, table: dict) -> dict:
         # told apart from a node started again
         "generation": actors.current_node().generation,
     }
+
+
+def earlier_start(run_dir: Path, layout: NodeLayout, config_hash: str) -> dict | None:
+    """Node 0 started again in a running run: the whole table of the run's first start,
+    from NODES_RECORD in its run dir, when that record is this run's (run id, config
+    hash) and the run has not ended (no summary.json); else None (a new run)."""
+    if layout.node_rank != 0:
+        return None
+    try:
+        record = json.loads((Path(run_dir) / NODES_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if (Path(run_dir) / "summary.json").exists() or not isinstance(record, dict):
+        return None
+    if (record.get("run_id"), record.get("config_hash")) != (layout.run_id, config_hash):
+        return None
+    tables = record.get("tables")
+    if not isinstance(tables, dict) or set(tables) != {str(k) for k in range(layout.nnodes)}:
+        return None
+    return tables
+
+
+def _record_nodes(run_dir: Path, layout: NodeLayout, config_hash: str, tables: dict) -> None:
+    record = {"run_id": layout.run_id, "config_hash": config_hash, "tables": tables}
+    write_json_atomic(Path(run_dir) / NODES_RECORD, record)
 
 
 def write_plan_table(plan_path: Path, layout: NodeLayout, tables: dict[str, dict]) -> dict:
@@ -383,12 +426,23 @@ class Rendezvous(actors.Actor):
     range that is not this node's place) is answered {"refused": one line}; a second
     hello from a node rank replaces the first (a restarted agent) until the run has
     started; after that it is a lost node back, and its ranks keep their endpoints
-    (`adopt_table`). `fail(reason)` is the Coordinator's."""
+    (`adopt_table`). `fail(reason)` is the Coordinator's.
 
-    def __init__(self, layout: NodeLayout, config_hash: str, own: dict, fail) -> None:
+    `earlier`: node 0 started again in a running run (`earlier_start`): the table is
+    the first start's, every node's ranks keep their endpoints, and the Rendezvous is
+    complete once every other node has said hello again. A hello of a node whose ranks
+    train ("running") to a node 0 without that record is refused: node 0 cannot put
+    its ranks where the others' plans name them."""
+
+    def __init__(
+        self, layout: NodeLayout, config_hash: str, own: dict, fail, earlier: dict | None = None
+    ) -> None:
         self.layout = layout
         self.config_hash = config_hash
-        self.tables: dict[str, dict] = {"0": own}
+        self.earlier = earlier is not None
+        self.tables: dict[str, dict] = dict(earlier) if earlier else {}
+        self.tables["0"] = own
+        self.heard: set[int] = {0}  # node ranks that said hello to this Rendezvous
         self.generations: dict[int, object] = {}  # node rank -> its agent's boot id
         self.waiting: dict[int, actors.From] = {}
         self.complete = trio.Event()
@@ -414,9 +468,15 @@ class Rendezvous(actors.Actor):
             self.tables[str(k)] = {**self.tables[str(k)], "agent": request["table"]["agent"]}
             self.log.warning("node %d is back: its ranks rejoin at their endpoints", k)
             return {"tables": self.tables}
-        self.tables[str(k)] = request["table"]
+        if self.earlier:  # node 0 started again: every node keeps its first endpoints
+            self.tables[str(k)] = {**self.tables[str(k)], "agent": request["table"]["agent"]}
+            how = "its ranks kept their state" if request.get("running") else "started again"
+            self.log.warning("node %d said hello to node 0 started again (%s)", k, how)
+        else:
+            self.tables[str(k)] = request["table"]
+        self.heard.add(k)
         self.waiting[k] = from_
-        if len(self.tables) == self.layout.nnodes:
+        if len(self.heard) == self.layout.nnodes:
             self.complete.set()
             for waiter in self.waiting.values():
                 waiter.reply({"tables": self.tables})
@@ -441,6 +501,12 @@ class Rendezvous(actors.Actor):
         if hello.get("config_hash") != self.config_hash:
             theirs, mine = str(hello.get("config_hash"))[:16], self.config_hash[:16]
             return f"node {k} runs another config (config_hash {theirs}, this run's {mine})"
+        if hello.get("running") and not self.earlier and not self.complete.is_set():
+            return (
+                f"node {k}'s ranks train in a running run that node 0 has no record of "
+                f"(no {NODES_RECORD} of this run in its run dir): start node 0 again with "
+                "the --run-dir it had"
+            )
         return None
 
 
@@ -449,10 +515,13 @@ class Rendezvous(actors.Actor):
 # ---------------------------------------------------------------------------------------
 
 
-async def rendezvous(layout: NodeLayout, config_hash: str, table: dict, timeout: float) -> dict:
+async def rendezvous(
+    layout: NodeLayout, config_hash: str, table: dict, timeout: float, running: bool = False
+) -> dict:
     """Node K's hello to node 0; the whole table, or RunRefused (node 0 said no, or was
-    not reached within `timeout`)."""
-    hello = _hello(layout, config_hash, table)
+    not reached within `timeout`). `running`: this node's ranks train, and node 0 was
+    lost and is back."""
+    hello = _hello(layout, config_hash, table, running)
     with trio.move_on_after(timeout):
         while True:  # (a hello sent twice is harmless: the later one replaces it)
             try:
@@ -502,7 +571,15 @@ async def gather_nodes(nursery, node, layout: NodeLayout, config_hash: str, plan
     ended first (a stop, a node's failure, or HELLO_TIMEOUT without every node: the run
     fails naming the missing nodes). The reserved ports are held by `coord.ports`."""
     table = local_table(layout, node.endpoint, coord.ports)
-    rdv = Rendezvous(layout, config_hash, table, coord.fail)
+    run_dir = Path(plan_path).parent
+    earlier = earlier_start(run_dir, layout, config_hash)
+    if earlier is not None:  # started again: node 0's ranks where the others expect them
+        adopt_table(layout, table, earlier, coord.ports)
+        table = {**earlier["0"], "agent": node.endpoint}
+        coord.progress.message(
+            "node 0 started again in a running run: waiting for the other nodes' reports"
+        )
+    rdv = Rendezvous(layout, config_hash, table, coord.fail, earlier)
     await actors.spawn(nursery, rdv, name="Rendezvous")
     with trio.move_on_after(HELLO_TIMEOUT):
         async with trio.open_nursery() as waiting:
@@ -521,6 +598,7 @@ async def gather_nodes(nursery, node, layout: NodeLayout, config_hash: str, plan
         )
     if coord.outcome.done.is_set():
         return None
+    _record_nodes(run_dir, layout, config_hash, rdv.tables)
     return write_plan_table(plan_path, layout, rdv.tables)
 
 
@@ -607,10 +685,15 @@ async def announce_end(layout: NodeLayout, outcome) -> None:
             nursery.start_soon(tell, k)
 
 
-async def supervise_node(ranks: actors.Supervisor, layout: NodeLayout, coord) -> None:
+async def supervise_node(
+    ranks: actors.Supervisor, layout: NodeLayout, coord, config_hash: str, table: dict
+) -> None:
     """Node K > 0: run its rank supervisor until node 0 says the run is over (then stop
     the ranks, as node 0 stops its own). Restarts exhausted: the failure goes to node 0
-    too. Node 0 silent for the heartbeat timeout and no word from it: fail."""
+    too. Node 0 lost (silent for the heartbeat timeout, or heard from as another
+    process): the ranks keep their state and wait for it; node 0 back within
+    cluster.rejoin_timeout is told this node's part of the table (`table`) and that
+    its ranks train; not back: fail, naming node 0 and the last good checkpoint."""
     node = actors.current_node()
     async with trio.open_nursery() as nursery:
         await actors.spawn(nursery, NodeAgent(coord.outcome, layout.ranks), name="NodeAgent")
@@ -629,19 +712,50 @@ async def supervise_node(ranks: actors.Supervisor, layout: NodeLayout, coord) ->
             nursery.cancel_scope.cancel()
 
         async def watch_master() -> None:
-            await node.wait_peer("cluster", alive=False)
-            coord.fail(
-                f"node 0 at {layout.master_endpoint} lost: silent for "
-                f"{node.heartbeat_timeout:g}s (node {layout.node_rank} stops its ranks)"
-            )
+            timeout = coord.cfg.cluster.rejoin_timeout
+            while True:
+                await _master_lost(node, node.peer_info("cluster").generation)
+                coord.progress.message(
+                    f"node 0 at {layout.master_endpoint} lost: node {layout.node_rank} keeps "
+                    f"its ranks and waits up to cluster.rejoin_timeout {timeout:g}s for it"
+                )
+                with trio.move_on_after(timeout):
+                    await node.wait_peer("cluster", alive=True)
+                    try:
+                        await rendezvous(layout, config_hash, table, timeout, running=True)
+                    except RunRefused as err:
+                        coord.fail(str(err))
+                        return
+                    coord.progress.message(f"node 0 is back at {layout.master_endpoint}")
+                    continue
+                coord.fail(
+                    f"node 0 at {layout.master_endpoint} lost: not back within "
+                    f"cluster.rejoin_timeout {timeout:g}s; last good checkpoint: "
+                    f"{last_good_checkpoint(coord.ckpt_root)}"
+                )
+                return
 
         async def until_over() -> None:
             await coord.outcome.done.wait()
             nursery.cancel_scope.cancel()
 
+        await node.wait_peer("cluster", alive=True)  # (it answered the hello)
         nursery.start_soon(run_ranks)
         nursery.start_soon(watch_master)
         nursery.start_soon(until_over)
+
+
+async def _master_lost(node, generation) -> None:
+    """Return once node 0 is down, or is heard from as another process than
+    `generation` (killed and started again before its silence was noticed)."""
+    async with trio.open_nursery() as race:
+
+        async def until(**how) -> None:
+            await node.wait_peer("cluster", **how)
+            race.cancel_scope.cancel()
+
+        race.start_soon(functools.partial(until, alive=False))
+        race.start_soon(functools.partial(until, alive=True, newer_than=generation))
 
 
 def plan_env_dir(run_dir: Path, node_rank: int) -> Path:

@@ -261,7 +261,9 @@ class Trainer(ProtocolActor):
         st = self.state
         while True:
             st.enter("join")
-            plan = await msg.join(st.rank, os.getpid(), await msg.held_snapshots())
+            held = await msg.held_snapshots()
+            newest = max(st.generation, st.min_generation)  # (a Coordinator started again)
+            plan = await msg.join(st.rank, os.getpid(), held, newest)
             try:
                 self._stop_plan(plan.stop_at, plan.checkpoints)
                 self.done = plan.step  # what a round asked for from here on is told

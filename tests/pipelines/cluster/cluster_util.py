@@ -119,3 +119,41 @@ def finish(agents: dict, timeout: float = 300) -> dict:
 def params_sha256(run_dir: Path) -> str:
     """The run's params_sha256 (its summary.json)."""
     return json.loads((Path(run_dir) / "summary.json").read_text())["params_sha256"]
+
+
+def rank_pids(agent_pid: int) -> list[int]:
+    """The rank processes an agent started (its children running pipelines.cluster.rank)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent_pid and b"pipelines.cluster.rank" in cmdline:
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
+
+
+def steps_logged(run_dir: Path) -> int:
+    """Lines in node 0's metrics.jsonl: the steps the run has logged."""
+    try:
+        return len((Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def wait_for_steps(run_dir: Path, agents: dict, n: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while steps_logged(run_dir) < n:
+        assert time.monotonic() < deadline, f"no {n} steps within {timeout:g} s"
+        assert all(p.poll() is None for p in agents.values()), "an agent ended early"
+        time.sleep(0.1)
+
+
+def wait_for_line(path: Path, text: str, agents: dict, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"no {text!r} in {path.name} within {timeout:g} s"
+        assert all(p.poll() is None for p in agents.values()), "an agent ended early"
+        time.sleep(0.1)
