@@ -130,7 +130,21 @@ def test_node_0_not_back_within_the_rejoin_timeout_ends_node_1_in_one_line_namin
         r"within cluster.rejoin_timeout 5s; last good checkpoint: \S+/checkpoints/step-\d{8}",
         last,
     ), err
-    assert rank_pids(agents["node1"].pid) == []
+    assert _processes_of(run_dir) == []  # node 1 stopped its ranks on its way out
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    """The live processes whose plan (ZEROTRAIN_PLAN) lies in `run_dir`: its ranks."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        plan = next((v for v in env if v.startswith(b"ZEROTRAIN_PLAN=")), b"")
+        if str(run_dir).encode() in plan:
+            found.append(int(environ.parent.name))
+    return found
 
 
 # ---------------------------------------------------------------------------------------
