@@ -714,7 +714,8 @@ async def supervise_node(
         async def watch_master() -> None:
             timeout = coord.cfg.cluster.rejoin_timeout
             while True:
-                await _master_lost(node, node.peer_info("cluster").generation)
+                known = node.peer_info("cluster")
+                await _master_lost(node, known.generation if known else None)
                 coord.progress.message(
                     f"node 0 at {layout.master_endpoint} lost: node {layout.node_rank} keeps "
                     f"its ranks and waits up to cluster.rejoin_timeout {timeout:g}s for it"
@@ -739,7 +740,6 @@ async def supervise_node(
             await coord.outcome.done.wait()
             nursery.cancel_scope.cancel()
 
-        await node.wait_peer("cluster", alive=True)  # (it answered the hello)
         nursery.start_soon(run_ranks)
         nursery.start_soon(watch_master)
         nursery.start_soon(until_over)
@@ -755,7 +755,8 @@ async def _master_lost(node, generation) -> None:
             race.cancel_scope.cancel()
 
         race.start_soon(functools.partial(until, alive=False))
-        race.start_soon(functools.partial(until, alive=True, newer_than=generation))
+        if generation is not None:  # (None: not heard from yet, so no other one either)
+            race.start_soon(functools.partial(until, alive=True, newer_than=generation))
 
 
 def plan_env_dir(run_dir: Path, node_rank: int) -> Path:

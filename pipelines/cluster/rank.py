@@ -123,9 +123,10 @@ def _transforms(cfg, model, rank: int, world: int, specs: list):
 class Trainer(ProtocolActor):
     """Drives the steps (see the module doc). A RegroupCalled cast aborts its attempt."""
 
-    def __init__(self, state: RankState, finished: trio.Event):
+    def __init__(self, state: RankState, finished: trio.Event, multi_node: bool = False):
         self.state = state
         self.finished = finished
+        self.multi_node = multi_node
         self.exit_ok = False
         self.final_eval: dict | None = None
         self.hooks_agreed = True
@@ -145,6 +146,22 @@ class Trainer(ProtocolActor):
         self.nursery.start_soon(self._live_writer)
         if self._exports():
             self.nursery.start_soon(self._exporter)
+        if self.multi_node:
+            self.nursery.start_soon(self._watch_coordinator)
+
+    async def _watch_coordinator(self) -> None:
+        """On several nodes: node 0 lost (killed, or cut off by a partition) ends this
+        rank's step -- its collectives are aborted, as by RegroupCalled, which cannot
+        come across a cut link -- and the rank waits in its join (messages.join) until
+        node 0 is heard from again, then joins at once, with its snapshots."""
+        node = actors.current_node()
+        coordinator = COORDINATOR.split("@", 1)[1]
+        while True:
+            await node.wait_peer(coordinator, alive=False)
+            st = self.state
+            log.warning("rank %d: node 0 lost: stopping the step, waiting for it", st.rank)
+            st.abort_collectives(max(st.generation, st.min_generation) + 1)
+            await node.wait_peer(coordinator, alive=True)
 
     def _exports(self) -> bool:
         # a run started continuous (a live train.steps may end it) exports as one
@@ -637,7 +654,7 @@ async def _train_rank(plan: dict, rank: int) -> int:
 
             outbox = HookOutbox(specs, layout=model.layout)
         finished = trio.Event()
-        trainer = Trainer(state, finished)
+        trainer = Trainer(state, finished, multi_node=bool(plan.get("peers")))
         roles = [
             DataLoader.child_spec(state, name="DataLoader"),
             Optimizer.child_spec(state, name="Optimizer"),

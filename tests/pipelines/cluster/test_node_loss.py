@@ -4,10 +4,13 @@ SIGKILLed (its process group) mid-run. Node 1 keeps its ranks and their snapshot
 with the replicas of node 0's ranks -- and waits; node 0 started again with the same
 flags rebuilds the run from node 1's reports and ends with the bits of one host, from
 memory; with no replica left, from the last checkpoint; not back within
-cluster.rejoin_timeout, node 1 exits 3 in one line naming node 0."""
+cluster.rejoin_timeout, node 1 exits 3 in one line naming node 0. And a partition (two
+network namespaces, the link set down, then up: marker netns, root): node 1's ranks
+stop their step and wait; after the heal the run ends with the bits of one host."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -26,6 +29,7 @@ from tests.pipelines.cluster.cluster_util import (
     wait_for_line,
     wait_for_steps,
 )
+from tests.pipelines.cluster.test_netns import netns_pair  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -231,3 +235,62 @@ def test_a_coordinator_started_again_numbers_its_generation_past_every_one_repor
     c._form_generation()
     plans = {(p.plan.generation, p.plan.step, p.plan.source) for p in callers}
     assert plans == {(4, 20, "memory")}
+
+
+# ---------------------------------------------------------------------------------------
+# A partition: two hosts as network namespaces (scripts/netns_rig.py), the link cut
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.netns
+def test_a_partition_healed_stops_node_1_training_and_the_run_ends_with_the_bits_of_one_host(
+    tmp_path,
+    netns_pair,  # noqa: F811  (the fixture imported above)
+    one_host_sha,
+):
+    """Node 0 in namespace a, node 1 in b (CURVE keys: not loopback); the veth link set
+    down mid-run. Both sides see it: node 0's Coordinator sees node 1's ranks down and
+    waits for them (cluster.rejoin_timeout); node 1, cut off from the Coordinator,
+    keeps its ranks -- they stop training, their joins wait -- and waits for node 0.
+    The link up again, node 1's ranks rejoin, the run goes on from memory and ends
+    with the bits of one host."""
+    keys = tmp_path / "keys"
+    made = zerotrain("keys", "init", str(keys), "--nodes", "2")
+    assert made.returncode == 0, made.stderr
+    master = f"{netns_pair.addr(0)}:29500"
+    run_dir = tmp_path / "run"
+    common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
+    common += ["--keys", str(keys)]
+    node1 = [*common, "--node-rank", "1", "--advertise-addr", netns_pair.addr(1)]
+    agents = {
+        "node1": agent(node1, {}, tmp_path, "node1", wrap=functools.partial(netns_pair.argv, 1)),
+        "node0": agent(
+            [*common, "--node-rank", "0"],
+            {},
+            tmp_path,
+            "node0",
+            wrap=functools.partial(netns_pair.argv, 0),
+        ),
+    }
+    link = (netns_pair.names[0], "link", "set", netns_pair.devices[0])
+    try:
+        wait_for_steps(run_dir, agents, 6)
+        netns_pair._ip(*link, "down")
+        wait_for_line(tmp_path / "node1.err", f"node 0 at tcp://{master} lost", agents)
+        wait_for_line(tmp_path / "node0.err", "(noconnection); the others regroup", agents)
+        netns_pair._ip(*link, "up")
+    finally:
+        results = finish(agents)
+    code0, err0 = results["node0"]
+    assert code0 == 0, err0
+    assert results["node1"][0] == 0, results["node1"][1]
+    assert "node 0 is back" in results["node1"][1]
+    # node 1's ranks stopped their step as the link went (not at collective_timeout) and
+    # rejoined with their snapshots when it came back: none was killed or replaced
+    assert "did not rejoin in time" not in err0, err0
+    assert "child_exited" not in results["node1"][1], results["node1"][1]
+    ranks_log = (run_dir / "node-1" / "ranks.log").read_text()
+    assert "rank 2: node 0 lost: stopping the step" in ranks_log, ranks_log
+    resumed = _resumed(err0)
+    assert resumed and all(how == "memory" for _, how in resumed), err0
+    assert params_sha256(run_dir) == one_host_sha
