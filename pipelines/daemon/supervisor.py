@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -292,9 +293,12 @@ class Telemetry:
         for name in reversed(steps):
             try:
                 step = int(name[5:])
-                mtime = os.stat(root / name / "manifest.json").st_mtime
+                manifest = os.stat(root / name / "manifest.json")
             except (ValueError, OSError):
                 continue  # not complete yet
+            if not stat.S_ISREG(manifest.st_mode):
+                continue  # a directory of that name is no manifest
+            mtime = manifest.st_mtime
             if step != self.checkpoint_step and step in step_t:
                 self.checkpoint_step = step
                 self.checkpoint_s = max(0.0, mtime - step_t[step])
