@@ -109,7 +109,7 @@ import zmq
 
 from . import _admission, _registry
 from ._admission import HANDSHAKE_FAILED, MonitorFilter
-from ._bf16 import bf16_add, bf16_round, bf16_widen
+from ._bf16 import bf16_add, bf16_add_round, bf16_round, bf16_widen
 from ._frames import DTYPES
 from ._transport import TrioSocket, open_socket
 
@@ -1082,12 +1082,10 @@ class _Run:
         if not self.bf16:
             np.add(target, received, out=target)
             return target
-        bf16_add(target, received)
         if hop.hop != self.last_add:
+            bf16_add(target, received)
             return target  # a partial sum: rounded as it is sent
-        bits = bf16_round(target)
-        bf16_widen(bits, out=target)
-        return bits
+        return bf16_add_round(target, received)  # target then holds the bits' value
 
     def _copy(self, target: np.ndarray, received: np.ndarray) -> None:
         if self.bf16:
