@@ -390,6 +390,12 @@ class Ring:
         self._seq = 0
         self._broken: str | None = None
         self._held: deque[list] = deque()  # messages from a newer (generation, seq)
+        # The bf16 wire's outgoing bits, element i of the array at index i: each element
+        # leaves a rank at most once per collective (its segments are all distinct), and a
+        # collective returns only when the right neighbour has everything it was sent, so
+        # the next collective may overwrite what this one sent. Kept from one collective
+        # to the next: fresh 4 MiB chunks cost a page fault per 4 KiB, every time.
+        self._wire_bits = np.empty(0, _U16)
         self._lost: set[str] = set()  # links ("left", "right") dropped this generation
         self._closed = False
         self._stats = dict.fromkeys(
@@ -795,6 +801,11 @@ class _Run:
         self.wire_itemsize = 2 if self.bf16 else flat.itemsize
         self.last_add = ring.world - 2
         self.per = ring._chunk_length(flat.size, self.wire_itemsize)
+        if self.bf16:
+            if ring._wire_bits.size < flat.size:
+                ring._wire_bits = np.empty(flat.size, _U16)
+            self.bits = ring._wire_bits[: flat.size]
+            self.address = flat.__array_interface__["data"][0]
         self.left = (ring.rank - 1) % ring.world
         self.left_down = False
         self.ack_scope: trio.CancelScope | None = None  # an ack send to the left, if any
@@ -878,7 +889,7 @@ class _Run:
             async for hop, chunk, payload in items:
                 header = self.header(_DATA, hop, chunk)
                 if self.bf16 and isinstance(payload, np.ndarray) and payload.dtype != _U16:
-                    payload = bf16_round(payload)  # a float32 view of the array
+                    payload = self._round(payload)  # a float32 view of the array
                 await outbox.send_multipart([header, payload], copy=False)
                 self.sent += 1
                 self.ring._stats["bytes_sent"] += memoryview(payload).nbytes
@@ -1085,7 +1096,16 @@ class _Run:
         if hop.hop != self.last_add:
             bf16_add(target, received)
             return target  # a partial sum: rounded as it is sent
-        return bf16_add_round(target, received)  # target then holds the bits' value
+        return bf16_add_round(target, received, self._bits_of(target))  # target: their value
+
+    def _bits_of(self, view: np.ndarray) -> np.ndarray:
+        """The place in the wire buffer of `view`, a slice of the array: the same offset."""
+        start = (view.__array_interface__["data"][0] - self.address) // 4
+        return self.bits[start : start + view.size]
+
+    def _round(self, view: np.ndarray) -> np.ndarray:
+        """`view` (a slice of the array) rounded to bfloat16, in the wire buffer."""
+        return bf16_round(view, out=self._bits_of(view))
 
     def _copy(self, target: np.ndarray, received: np.ndarray) -> None:
         if self.bf16:
