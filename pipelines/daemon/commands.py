@@ -8,7 +8,6 @@ stderr for anything a user can fix).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -282,6 +281,8 @@ def _hook(args, state_dir: Path, out) -> int:
 
 
 def _serve(args, state_dir: Path) -> int:
+    import logging  # (serve's alone: a client verb logs nothing)
+
     import trio
 
     from .app import Daemon
