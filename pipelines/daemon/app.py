@@ -68,10 +68,9 @@ class Daemon:
         self._wake = trio.Event()
         self.started_at = time.time()
         self.control_stats = None
-        # a job runner started before its job (pipelines.daemon.warm); ranks up to the budget
+        # a job runner started before its job (pipelines.daemon.warm), on room: _warm_room
         self.warm = WarmPool(
             self.state.path,
-            templates=min(cpus, 16),
             launcher=_LAUNCHER,
             log_path=self.state.path / "warm.log",
         )
@@ -107,7 +106,7 @@ class Daemon:
                         log.info("[daemon] http on http://%s/", self.http_bound)
                     nursery.start_soon(self._scheduler)
                     nursery.start_soon(self._publisher)
-                    nursery.start_soon(self.warm.run, lambda: not self.running and not self.closing)
+                    nursery.start_soon(self.warm.run, self._warm_room)
                     nursery.start_soon(notify.watchdog)
                     self.ready = True
                     self._publish()
@@ -166,6 +165,16 @@ class Daemon:
 
     def cpus_in_use(self) -> int:
         return sum(sup.job.ranks for sup in self.running.values())
+
+    def _warm_room(self) -> tuple[int, int]:
+        """(CPUs a warm job runner may warm on now, CPUs of the budget free): none while
+        the daemon stops or a job starts; else the CPUs that are neither a running job's
+        in the scheduler's count nor beyond the machine's (pipelines.daemon.warm)."""
+        if self.closing or any(sup.starting() for sup in self.running.values()):
+            return 0, 0
+        used = self.cpus_in_use()
+        free = self.cpus - used
+        return min(free, len(os.sched_getaffinity(0)) - used), free
 
     async def _scheduler(self) -> None:
         async with trio.open_nursery() as jobs:
@@ -253,6 +262,7 @@ class Daemon:
             p = sup.progress
             pid = sup.process.pid if sup.process is not None else None
             out.update(step=p.step, loss=p.loss, last_step_t=p.last_t, pid=pid)
+            out["runner"] = sup.runner  # "warm-N": the daemon's N-th warm runner; "cold"
             out["samples_per_s"] = p.samples_per_s
         return out
 

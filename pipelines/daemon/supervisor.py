@@ -82,6 +82,9 @@ EXIT_STOPPED = 4  # `zerotrain run`: stopped by a planned stop, resumable (issue
 POLL_SECONDS = 0.5
 LIVE_SECONDS = 0.5  # how often a rank replaces live/rank-R.json (pipelines.cluster.rank)
 MARKER_VAR = "ZEROTRAIN_DAEMON_JOB"
+# a job counts as starting (no warm runner warms beside it) until its first step, or this
+# long after its top process started: a job that never steps does not stop warming for good
+STARTING_SECONDS = 30.0
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # Runs in the job's top process between fork and the real exec: set the parent-death
@@ -429,6 +432,7 @@ class JobSupervisor:
         self.job = job
         self.warm = warm  # a WarmPool (pipelines.daemon.warm) to take a ready runner from
         self.started_warm = False
+        self.runner: str | None = None  # once started: "warm-N" (the runner's marker) or "cold"
         self.on_start = on_start  # called with the top process's pid once it is started
         self.state_dir = Path(state_dir)
         self.config_path = config_path
@@ -456,6 +460,13 @@ class JobSupervisor:
         """The job's command line when it starts cold."""
         run = ["-m", "pipelines.cli", *self.run_args(resume)]
         return [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *run]
+
+    def starting(self) -> bool:
+        """True from the supervisor's start until the job's first step is seen (at most
+        :data:`STARTING_SECONDS` after its top process started)."""
+        if self.started_at is None:
+            return True
+        return not self.progress.step and time.time() - self.started_at < STARTING_SECONDS
 
     def request_stop(self) -> None:
         """The planned stop: SIGTERM to the job's process group (idempotent)."""
@@ -489,9 +500,11 @@ class JobSupervisor:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
+        self.runner = "cold"
         if runner is not None:
             self.process, runner_marker = runner
             self.started_warm = True
+            self.runner = runner_marker.rpartition(":")[2]
             alias_marker(self.marker, runner_marker)
             hand_over(self.process, self.run_args(resume), self.job.cwd, env, self.log_path)
         self.started_at = time.time()

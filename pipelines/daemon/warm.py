@@ -23,16 +23,23 @@ inside it as always. So a job from the runner ends with the params_sha256 of the
 `zerotrain run` (tests/pipelines/daemon/test_warm.py checks it), and a `kill -9` of the
 daemon takes the runner, its job and its ranks along.
 
-The pool (:class:`WarmPool`, one task of the daemon) keeps at most one runner and starts
-one only while the daemon runs no job: warming costs about half a CPU-second, which would
-otherwise come out of a training job's CPUs. A job that finds the runner still warming
-waits for it (it is ready sooner than a cold start would be); a job that finds none
-starts cold (`zerotrain run` exec'd). A runner that dies while it waits (killed, out of
-memory) is noticed within :data:`POLL_SECONDS` and replaced; after :data:`MAX_FAILURES`
-runners in a row that die before they are ready the pool gives up (jobs start cold) and
-says so once. A runner's output until it takes a job goes to ``DIR/warm.log``. A runner
-that cannot fork rank templates (a thread is running: e.g. BLAS threads the environment
-asked for) runs its job with exec'd ranks.
+The pool (:class:`WarmPool`, one task of the daemon) keeps at most one runner, and
+starts one again as soon as the last is taken -- so a second job submitted while one
+trains starts warm too -- but only on room the daemon's jobs do not hold (``room()``,
+the daemon's ``_warm_room``): at least one CPU of the budget that the scheduler has not
+given to a running job and that the machine has (a budget above the machine's CPUs is
+not room), and no job starting (from its start until its first step: warming beside it
+would slow the start the runner is there to shorten). Warming costs about half a
+CPU-second, which would otherwise come out of a training job's CPUs. The runner forks as
+many rank templates as the budget has CPUs free when it starts (at most
+:data:`MAX_TEMPLATES`); a job's ranks beyond them are exec'd. A job that finds the
+runner still warming waits for it (it is ready sooner than a cold start would be); a job
+that finds none starts cold (`zerotrain run` exec'd). A runner that dies while it waits
+(killed, out of memory) is noticed within :data:`POLL_SECONDS` and replaced; after
+:data:`MAX_FAILURES` runners in a row that die before they are ready the pool gives up
+(jobs start cold) and says so once. A runner's output until it takes a job goes to
+``DIR/warm.log``. A runner that cannot fork rank templates (a thread is running: e.g.
+BLAS threads the environment asked for) runs its job with exec'd ranks.
 
 Its processes carry the *runner's* marker in ``/proc/PID/environ`` (the kernel keeps the
 environment block a process was exec'd with): ``ZEROTRAIN_DAEMON_JOB=DIR:warm-N``. The
@@ -58,6 +65,7 @@ log = logging.getLogger("zerotrain.daemon")
 POLL_SECONDS = 0.1
 WARMING_WAIT = 10.0
 MAX_FAILURES = 3  # runners in a row that die before they are ready: stop warming
+MAX_TEMPLATES = 16
 READY = b"ready\n"
 
 # what a `zerotrain run` and its ranks import; a job imports anything else as it would cold
@@ -90,9 +98,9 @@ _PRELOAD = (
 class WarmPool:
     """At most one warm runner for the daemon of ``state_dir`` (see the module doc)."""
 
-    def __init__(self, state_dir: Path, *, templates: int, launcher: str, log_path: Path):
+    def __init__(self, state_dir: Path, *, launcher: str, log_path: Path):
         self.state_dir = Path(state_dir)
-        self.templates = templates
+        self.templates = 0  # rank templates of the waiting runner (the budget free then)
         self.launcher = launcher  # supervisor._LAUNCHER: PDEATHSIG, then exec
         self.log_path = Path(log_path)
         self.started = 0  # runners started (the marker's N)
@@ -114,17 +122,22 @@ class WarmPool:
             "started": self.started,
             "replaced": self.replaced,
             "taken": self.taken,
+            "templates": self.templates if self._proc else None,
             "disabled": self.failures >= MAX_FAILURES,
         }
 
-    async def run(self, idle) -> None:
-        """Keep a runner ready while ``idle()`` (no job running) allows starting one."""
+    async def run(self, room) -> None:
+        """Keep a runner ready. ``room()`` -> (CPUs a runner may warm on now, CPUs of the
+        budget free): one starts when the first is at least 1 (see the module doc), with
+        a rank template per free CPU of the budget."""
         import trio
 
         try:
             while not self._closed:
-                if self._proc is None and idle() and self.failures < MAX_FAILURES:
-                    self._start()
+                if self._proc is None and self.failures < MAX_FAILURES:
+                    usable, free = room()
+                    if usable >= 1:
+                        self._start(min(free, MAX_TEMPLATES))
                 elif self._proc is not None:
                     self._check()
                 await trio.sleep(POLL_SECONDS)
@@ -160,10 +173,11 @@ class WarmPool:
         if proc is not None:
             _kill_group(proc)
 
-    def _start(self) -> None:
+    def _start(self, templates: int) -> None:
         from .supervisor import MARKER_VAR, warm_marker
 
         self.started += 1
+        self.templates = templates
         self._marker = warm_marker(self.state_dir, self.started)
         env = {**job_environment(), MARKER_VAR: self._marker.split("=", 1)[1]}
         argv = [

@@ -106,3 +106,47 @@ def test_a_warm_jobs_processes_die_with_a_killed_daemon(daemon_factory):
         time.sleep(0.1)
     assert marked_pids(d.state_dir) == []  # the job, its ranks, any runner: all gone
     assert not (Path(running["run_dir"]) / "summary.json").exists()
+
+
+ONE_RANK = [*SMALL, "--ranks", "1", "--steps", "5000"]
+
+
+def test_a_second_job_submitted_while_one_trains_starts_on_a_runner_warmed_before_it(
+    daemon_factory,
+):
+    d = daemon_factory("--cpus", "2")
+    first = _wait_ready(d)
+    a = d.submit(*ONE_RANK)
+    d.wait_for(a, {"running"}, step=1)
+    # the budget has a CPU the first job does not hold: a runner warms again, for 1 rank
+    second = _wait_ready(d, other_than=first["pid"])
+    assert second["idle"] == first["idle"] + 1 and second["templates"] == 1
+    b = d.submit(*ONE_RANK)
+    status_b = d.wait_for(b, {"running"}, step=1)
+    status_a = d.status(a)
+    assert status_a["state"] == "running"  # b was submitted, and started, while a trains
+    assert (status_a["runner"], status_a["pid"]) == (f"warm-{first['idle']}", first["pid"])
+    # b's top process is the runner that was ready before b was submitted
+    assert (status_b["runner"], status_b["pid"]) == (f"warm-{second['idle']}", second["pid"])
+    assert _warm(d)["taken"] == 2
+    for job in (a, b):
+        call(d.state_dir, protocol.Control("cancel", str(job)))
+        d.wait_for(job, {"cancelled"})
+
+
+def test_no_runner_warms_on_cpus_the_running_jobs_hold(daemon_factory):
+    d = daemon_factory("--cpus", "2")
+    first = _wait_ready(d)
+    job = d.submit(*SMALL, "--steps", "5000")  # 2 ranks: the whole budget
+    d.wait_for(job, {"running"}, step=20)  # past its start
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        w = _warm(d)
+        assert (w["started"], w["pid"]) == (first["started"], None), w
+        time.sleep(0.1)
+    assert d.status(job)["state"] == "running"  # all along
+    call(d.state_dir, protocol.Control("cancel", str(job)))
+    d.wait_for(job, {"cancelled"})
+    # the budget is free again: a runner warms, with a template per CPU
+    again = _wait_ready(d)
+    assert again["idle"] == first["idle"] + 1 and again["templates"] == 2
