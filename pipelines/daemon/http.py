@@ -6,7 +6,11 @@ change: the thread never touches the job table or a supervisor, so a slow scrape
 slow the daemon's loop, and the loop never waits for the thread.
 
 /metrics is produced by prometheus_client from that snapshot (a custom collector, so a
-job's series appear and disappear with the job), every series labelled by job. From the
+job's series appear and disappear with the job), every series labelled by job, and
+rendered once per snapshot (:class:`MetricsText`): a scrape reuses the text of the
+snapshot it finds and adds only zerotrain_rank_up, which is read at scrape time. So a
+scrape costs the same whatever the daemon holds (jobs, finished ones included), and
+scrapes faster than the snapshot changes cost only the running ranks' /proc reads. From the
 run's metrics.jsonl: zerotrain_step, zerotrain_loss, zerotrain_samples_total,
 zerotrain_step_seconds (histogram of the gaps between consecutive steps),
 zerotrain_last_step_timestamp_seconds. From its live/ files (pipelines.daemon.supervisor,
@@ -82,12 +86,59 @@ def parse_http(text: str) -> str | None:
     return text
 
 
-class _Collector:
+class MetricsText:
+    """The /metrics body for ``daemon``: the snapshot's families rendered once per
+    snapshot (the daemon replaces it whole, so identity says it changed), plus
+    zerotrain_rank_up read now. Safe to call from several request threads."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.renders = 0  # snapshots rendered (a scrape of an unchanged one renders none)
+        self._lock = threading.Lock()
+        self._snap: dict | None = None
+        self._text = b""
+        self._up = CollectorRegistry(auto_describe=False)
+        self._up.register(_RankUp(daemon))
+
+    def render(self) -> bytes:
+        snap = self.daemon.snapshot
+        with self._lock:
+            if snap is not self._snap:
+                registry = CollectorRegistry(auto_describe=False)
+                registry.register(_Collector(snap))
+                self._text = generate_latest(registry)
+                self._snap = snap
+                self.renders += 1
+            text = self._text
+        return text + generate_latest(self._up)
+
+
+class _RankUp:
+    """zerotrain_rank_up: the running jobs' ranks, judged now (rank_health)."""
+
     def __init__(self, daemon):
         self.daemon = daemon
 
     def collect(self):
-        snap = self.daemon.snapshot
+        up = GaugeMetricFamily(
+            "zerotrain_rank_up", "1 while the rank's process runs", labels=["job", "rank"]
+        )
+        health = rank_health(self.daemon)
+        for job in self.daemon.snapshot.get("jobs", []):
+            for r in job.get("ranks_live") or ():
+                why = health.get((job["id"], r["rank"]))
+                up.add_metric([str(job["id"]), str(r["rank"])], 1.0 if why == "up" else 0.0)
+        yield up
+
+
+class _Collector:
+    """The families read from one snapshot."""
+
+    def __init__(self, snap: dict):
+        self.snap = snap
+
+    def collect(self):
+        snap = self.snap
         jobs = snap.get("jobs", [])
         step = GaugeMetricFamily("zerotrain_step", "Last optimizer step", labels=["job"])
         loss = GaugeMetricFamily("zerotrain_loss", "Last training loss", labels=["job"])
@@ -103,9 +154,6 @@ class _Collector:
         )
         hist = HistogramMetricFamily(
             "zerotrain_step_seconds", "Seconds between consecutive steps", labels=["job"]
-        )
-        up = GaugeMetricFamily(
-            "zerotrain_rank_up", "1 while the rank's process runs", labels=["job", "rank"]
         )
         compute = GaugeMetricFamily(
             "zerotrain_rank_compute_seconds",
@@ -125,7 +173,6 @@ class _Collector:
             "Error records of a hook in the run's hooks.jsonl (raised, bad metrics, hung)",
             labels=["job", "hook"],
         )
-        health = rank_health(self.daemon)
         by_state: dict[str, int] = {}
         for job in jobs:
             label = [str(job["id"])]
@@ -136,7 +183,6 @@ class _Collector:
                 restarts.add_metric([*label, reason], float(n))
             for r in job.get("ranks_live") or ():
                 rl = [*label, str(r["rank"])]
-                up.add_metric(rl, 1.0 if health.get((job["id"], r["rank"])) == "up" else 0.0)
                 if r.get("compute_per_step") is not None:
                     compute.add_metric(rl, float(r["compute_per_step"]))
                 if r.get("rss_bytes") is not None:
@@ -163,7 +209,7 @@ class _Collector:
         states = GaugeMetricFamily("zerotrain_jobs", "Jobs by state", labels=["state"])
         for state, n in sorted(by_state.items()):
             states.add_metric([state], float(n))
-        yield from (step, loss, samples, last, paused, restarts, hist, up, compute, rss, ckpt)
+        yield from (step, loss, samples, last, paused, restarts, hist, compute, rss, ckpt)
         yield hook_errors
         yield from (queue, states)
 
@@ -215,15 +261,14 @@ class HttpServer:
 
 def start_http(address: str, daemon) -> HttpServer:
     host, _, port = address.rpartition(":")
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(daemon))
+    metrics = MetricsText(daemon)
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return _reply(start_response, "405 Method Not Allowed", "read-only: GET only\n")
         if path == "/metrics":
-            return _reply(start_response, "200 OK", generate_latest(registry), CONTENT_TYPE_LATEST)
+            return _reply(start_response, "200 OK", metrics.render(), CONTENT_TYPE_LATEST)
         if path == "/healthz":
             return _reply(start_response, "200 OK", "ok\n")
         if path == "/readyz":
