@@ -23,16 +23,22 @@ temp dir, --cpus 4 so two 2-rank jobs run side by side).
              the caller's (load average 22-27, 2 cores) -- that is placement, not the
              daemon's cost.
   scrape     the same job's samples/s while a thread GETs /metrics at 10 Hz, over
-             without (alternating pairs).
+             without (alternating pairs); and, while two jobs train, the daemon's CPU
+             per /metrics request (its CPU time over 100 requests in a row), times 10
+             per second, as a share of the CPUs their ranks train on (min(ranks, CPUs
+             here)): what a 10 Hz scraper takes from training.
   status     the control call JobStatus (all jobs) while two jobs train, and the
              `zerotrain status` command line (a new Python process each time), beside
-             its floor: `python -c pass` timed the same way, interleaved. Before them,
-             the daemon's own CPU use over 5 s of the two jobs training.
+             its floor: `python -c pass` timed the same way, interleaved -- wall time
+             (p99, median) and CPU time (median, the children's rusage: less moved by
+             the machine's load). Before them, the daemon's own CPU use over 5 s of the
+             two jobs training.
   stop       `stop` at a random moment 0.5-3 s after a job's first step -> the job is
              `stopped` (its processes gone), median and max of --stops.
 
-Prints a table -- each figure, its target and its ratio to the reference measured in
-the same run -- and one final JSON line (with the load average before and after).
+Prints a table -- each figure, its target, pass or fail, and its ratio to the reference
+measured in the same run -- and one final JSON line: every figure, the load average
+before and after, and "targets": per target its value, bound, value / bound and pass.
 """
 
 from __future__ import annotations
@@ -245,17 +251,28 @@ def main() -> None:
         out["daemon_cpu_pct_2_jobs"] = (
             100 * (_cpu_seconds(d.proc.pid) - cpu0) / (time.monotonic() - t0)
         )
-        calls, clis, floor = [], [], []
+        # the daemon's CPU per /metrics request, two jobs training
+        cpu0 = _cpu_seconds(d.proc.pid)
+        for _ in range(100):
+            urllib.request.urlopen(f"http://{http}/metrics", timeout=5).read()
+        per_scrape = (_cpu_seconds(d.proc.pid) - cpu0) / 100
+        out["scrape_daemon_cpu_ms"] = per_scrape * 1e3
+        out["scrape_10hz_cpu_share"] = 10 * per_scrape / min(4, len(os.sched_getaffinity(0)))
+        calls, clis, floor, cli_cpu, floor_cpu = [], [], [], [], []
         for _ in range(200):
             t = time.perf_counter()
             call(d.state, protocol.JobStatus(""))
             calls.append(time.perf_counter() - t)
         status = [sys.executable, "-m", "pipelines.cli", "status", "--state-dir", str(d.state)]
         for _ in range(20):
-            for argv, into in ((status, clis), ([sys.executable, "-c", "pass"], floor)):
-                t = time.perf_counter()
+            for argv, into, cpu in (
+                (status, clis, cli_cpu),
+                ([sys.executable, "-c", "pass"], floor, floor_cpu),
+            ):
+                c, t = _children_cpu(), time.perf_counter()
                 subprocess.run(argv, check=True, capture_output=True)
                 into.append(time.perf_counter() - t)
+                cpu.append(_children_cpu() - c)
         for j in jobs:
             call(d.state, protocol.Control("cancel", j))
             _wait_state(d.state, j, {"cancelled"})
@@ -269,6 +286,8 @@ def main() -> None:
         out["status_cli_median_ms"] = statistics.median(clis) * 1e3
         out["python_pass_p99_ms"] = p99(floor) * 1e3
         out["python_pass_median_ms"] = statistics.median(floor) * 1e3
+        out["status_cli_cpu_ms"] = statistics.median(cli_cpu) * 1e3
+        out["python_pass_cpu_ms"] = statistics.median(floor_cpu) * 1e3
         # stop at random moments
         stop_s = []
         for _ in range(stops):
@@ -286,32 +305,59 @@ def main() -> None:
         d.close()
         shutil.rmtree(root, ignore_errors=True)
         out["load_after"] = os.getloadavg()[0]
-    # (figure, value, target, reference measured in this run or None)
-    rows = [
-        ("submit -> first step (s)", out["start_s"], "< 0.5", out["cold_run_start_s"]),
-        ("zerotrain run cold -> first step (s)", out["cold_run_start_s"], "", None),
-        ("samples/s, daemon / zerotrain run", out["daemon_samples_ratio"], "> 0.98", None),
-        ("samples/s, /metrics at 10 Hz / none", out["scrape_10hz_samples_ratio"], "> 0.99", None),
-        ("status call, 2 jobs training, p99 (ms)", out["status_call_p99_ms"], "< 100", None),
-        (
-            "zerotrain status CLI, p99 (ms)",
-            out["status_cli_p99_ms"],
-            "< 100",
-            out["python_pass_p99_ms"],
-        ),
-        ("python -c pass, p99 (ms)", out["python_pass_p99_ms"], "", None),
-        ("daemon CPU, 2 jobs training (% of a CPU)", out["daemon_cpu_pct_2_jobs"], "", None),
-        ("stop -> stopped, median (s)", out["stop_median_s"], "", None),
-        ("stop -> stopped, max (s)", out["stop_max_s"], "", None),
-    ]
-    print(f"{'figure':<42} {'value':>10}  {'target':<8} {'/ reference':>11}")
-    for name, value, target, ref in rows:
-        ratio = f"{value / ref:10.2f}x" if ref else ""
-        print(f"{name:<42} {value:10.3f}  {target:<8} {ratio:>11}")
-    print(f"load average {out['load_before']:.2f} before, {out['load_after']:.2f} after")
     out["start_over_cold"] = out["start_s"] / out["cold_run_start_s"]
     out["status_cli_over_python_pass"] = out["status_cli_p99_ms"] / out["python_pass_p99_ms"]
-    print(json.dumps({k: _rounded(v) for k, v in out.items()}))
+    out["status_cli_cpu_over_python_pass"] = out["status_cli_cpu_ms"] / out["python_pass_cpu_ms"]
+    # (figure, key, bound: ("<" or ">", number) or None, reference key or None)
+    rows = [
+        ("submit -> first step (s)", "start_s", ("<", 0.5), "cold_run_start_s"),
+        ("zerotrain run cold -> first step (s)", "cold_run_start_s", None, None),
+        ("samples/s, daemon / zerotrain run", "daemon_samples_ratio", (">", 0.98), None),
+        ("samples/s, /metrics at 10 Hz / none", "scrape_10hz_samples_ratio", (">", 0.99), None),
+        ("daemon CPU per /metrics request (ms)", "scrape_daemon_cpu_ms", None, None),
+        ("/metrics at 10 Hz, share of ranks' CPUs", "scrape_10hz_cpu_share", ("<", 0.01), None),
+        ("status call, 2 jobs training, p99 (ms)", "status_call_p99_ms", ("<", 100), None),
+        (
+            "zerotrain status CLI, p99 (ms)",
+            "status_cli_p99_ms",
+            ("<", 100),
+            "python_pass_p99_ms",
+        ),
+        ("python -c pass, p99 (ms)", "python_pass_p99_ms", None, None),
+        ("zerotrain status CLI, CPU (ms)", "status_cli_cpu_ms", None, "python_pass_cpu_ms"),
+        ("python -c pass, CPU (ms)", "python_pass_cpu_ms", None, None),
+        ("daemon CPU, 2 jobs training (% of a CPU)", "daemon_cpu_pct_2_jobs", None, None),
+        ("stop -> stopped, median (s)", "stop_median_s", None, None),
+        ("stop -> stopped, max (s)", "stop_max_s", None, None),
+    ]
+    targets = {}
+    print(f"{'figure':<42} {'value':>10}  {'target':<8} {'':<4} {'/ reference':>11}")
+    for name, key, bound, ref in rows:
+        value, verdict, shown = out[key], "", ""
+        if bound is not None:
+            op, limit = bound
+            ok = value < limit if op == "<" else value > limit
+            verdict, shown = ("pass" if ok else "FAIL"), f"{op} {limit:g}"
+            targets[key] = {
+                "value": _rounded(value),
+                "target": shown,
+                "over_target": _rounded(value / limit),
+                "pass": ok,
+            }
+        ratio = f"{value / out[ref]:10.2f}x" if ref else ""
+        print(f"{name:<42} {value:10.3f}  {shown:<8} {verdict:<4} {ratio:>11}")
+    print(f"load average {out['load_before']:.2f} before, {out['load_after']:.2f} after")
+    passed = sum(t["pass"] for t in targets.values())
+    print(f"targets: {passed} of {len(targets)} pass")
+    print(json.dumps({**{k: _rounded(v) for k, v in out.items()}, "targets": targets}))
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for children so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _rounded(value):
