@@ -7,7 +7,8 @@ A tour, one job per module:
 * ``scheduler``  which queued jobs start within the CPU budget (priority, then order)
 * ``supervisor`` one job = one `zerotrain run` process group; stop, parent death, cleanup
 * ``warm``       a `zerotrain run` process started before its job: imports done, ranks forked
-* ``protocol``   the control endpoint's records and framing (actors' frame codec)
+* ``protocol``   the control endpoint's records and framing (actors' wire format; the
+                 client's side on msgpack alone: a client verb imports no numpy)
 * ``control``    the endpoint: a Unix socket, peer uid checked, hostile input bounded
 * ``app``        the daemon itself: recovery on start, requests, shutdown; a running
                  job's live control (checkpoint, set) through pipelines.cluster.live
