@@ -58,7 +58,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .statedir import DEFAULT_HTTP, DaemonUsageError
 from .supervisor import STEP_BUCKETS, job_marker, rank_state, read_live_ranks, silent_ranks
 
-__all__ = ["DEFAULT_HTTP", "HttpServer", "parse_http", "start_http"]
+__all__ = ["DEFAULT_HTTP", "HttpServer", "MetricsText", "parse_http", "start_http"]
 
 log = logging.getLogger("zerotrain.daemon")
 

@@ -15,14 +15,14 @@ READY_THEN_DIES = "import sys, time; print('ready', flush=True); time.sleep(1.0)
 
 
 def _pool(tmp_path, launcher: str) -> WarmPool:
-    return WarmPool(tmp_path, templates=0, launcher=launcher, log_path=tmp_path / "warm.log")
+    return WarmPool(tmp_path, launcher=launcher, log_path=tmp_path / "warm.log")
 
 
 async def _run_until(pool: WarmPool, done, then: float = 0.0, limit: float = 60.0) -> None:
     """Run the pool (the daemon idle) until ``done(stats)``, then ``then`` seconds more."""
     with trio.fail_after(limit):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool.run, lambda: True)
+            nursery.start_soon(pool.run, lambda: (1, 0))  # room: warm, 0 templates
             while not done(pool.stats()):
                 await trio.sleep(0.05)
             await trio.sleep(then)
