@@ -124,6 +124,8 @@ def _parser() -> _Parser:
     run.add_argument("--keys", metavar="DIR", help="the cluster's CURVE keys (multi-node)")
     sim = sub.add_parser("simulate", help="train with injected faults (chaos simulation)")
     _add_run_options(sim)
+    add_identity_options(sim)  # a node of a multi-node simulation (ranks named globally)
+    sim.add_argument("--keys", metavar="DIR", help="the cluster's CURVE keys (multi-node)")
     sim.add_argument(
         "--chaos",
         required=True,

@@ -417,8 +417,9 @@ class Coordinator(ProtocolActor):
         ev = self.fault_log.fired(event_id, self.steps.last_step, self.generation)
         if ev["kind"] == "wait":  # its gate opened: no fault, nothing to say
             return True
-        if ev["kind"] == "stall":
-            self.nursery.start_soon(_resume_later, pid, ev["seconds"])
+        if ev["kind"] == "stall":  # another node's rank: its agent sends the SIGCONT
+            k = None if ev["rank"] in self.local_ranks else self.node_of(ev["rank"])
+            self.nursery.start_soon(_resume_later, pid, ev["seconds"], ev["rank"], k, self.progress)
         self.progress.message(
             f"chaos: {ev['kind']} rank {ev['rank']} at step {ev['step']}"
             + (f" ({ev['at']})" if ev.get("at") not in (None, "start") else "")
@@ -669,6 +670,9 @@ class Coordinator(ProtocolActor):
             "state": self.state.value,
             "stopping": self.stop_reason is not None,
             "overrides": list(self.live.overrides),
+            # callers waiting for a checkpoint (CheckpointNow) to be agreed or written
+            "checkpoint_callers": len(self.want_checkpoint)
+            + sum(map(len, self.checkpoint_waiters.values())),
         }
 
     def _refusal(self) -> str | None:
@@ -1198,8 +1202,12 @@ async def _answer_checkpoint(ckpt: Path, waiters: list) -> None:
             waiter.reply(answer)
 
 
-async def _resume_later(pid: int, seconds: float) -> None:
+async def _resume_later(pid: int, seconds: float, rank: int, node: int | None, progress) -> None:
     await trio.sleep(seconds)
+    if node is not None:  # "gone": killed meanwhile; None: node lost
+        said = await nodes.kill_rank(node, rank, pid, "cont")
+        progress.message(f"chaos: stall of rank {rank} over: node {node}'s agent says {said}")
+        return
     try:
         os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:

@@ -8,6 +8,16 @@ token and calls ``Coordinator@cluster`` with one of the records of
 pipelines.cluster.messages (RunStatus, CheckpointNow, SetOverride), as a rank would. No
 second protocol, and a process without the token gets no connection at all.
 
+A multi-node run (pipelines.cluster.nodes) has its Coordinator on node 0, whose node
+binds the master endpoint (tcp) rather than the ipc directory; each agent's plan.json
+names it ("control": the master endpoint, where a tool on that host binds its own node
+so that node 0 can answer, and the host's keys if the run has them). So a run dir of
+any node reaches the one Coordinator: DIR (node 0's, or every node's on a shared
+filesystem) or DIR/node-K, and DIR when it holds only DIR/node-K (node K's host
+without a shared filesystem). Admission there is the run's: with keys, the tool
+presents its host's key (pipelines.launch.curve.node_keyring names it
+"control<K>-..."), without keys the run is a loopback test mode that admits anyone.
+
 :func:`call_run` is synchronous (its own ``trio.run``, so any thread may use it, and a
 process may control several runs at once: each call is a node of its own).
 """
@@ -35,12 +45,16 @@ class LiveError(RuntimeError):
     """The run cannot be reached or did not answer; one line saying why."""
 
 
-def run_endpoint(run_dir) -> tuple[str, str]:
-    """(ipc dir, token) of the run training in `run_dir`; LiveError when it is not a
-    running cluster run of this user."""
-    run_dir = Path(run_dir)
+def _plan(run_dir: Path) -> dict:
+    """The plan.json of the run in `run_dir` (or of the one node-K dir in it), while it
+    runs; LiveError when it is not a running cluster run of this user."""
+    path = run_dir / "plan.json"
+    if not path.exists():
+        agents = sorted(run_dir.glob("node-*/plan.json"))
+        if len(agents) == 1:  # node K's host, no shared filesystem: DIR/node-K only
+            path = agents[0]
     try:
-        plan = json.loads((run_dir / "plan.json").read_text())
+        plan = json.loads(path.read_text())
     except (OSError, ValueError):
         raise LiveError(
             f"{run_dir} has no readable plan.json: not a cluster run that trains now "
@@ -49,6 +63,13 @@ def run_endpoint(run_dir) -> tuple[str, str]:
     ipc_dir = plan.get("ipc_dir") if isinstance(plan, dict) else None
     if not isinstance(ipc_dir, str) or not os.path.isdir(ipc_dir):
         raise LiveError(f"the run in {run_dir} is not running (its ipc directory is gone)")
+    return plan
+
+
+def run_endpoint(run_dir) -> tuple[str, str]:
+    """(ipc dir, token) of the one-host run training in `run_dir`; LiveError when it is
+    not a running cluster run of this user."""
+    ipc_dir = _plan(Path(run_dir))["ipc_dir"]
     try:
         token = (Path(ipc_dir) / TOKEN_FILE).read_text().strip()
     except OSError as err:
@@ -61,14 +82,42 @@ def call_run(run_dir, request, *, timeout: float = 120.0) -> dict:
     Coordinator of the run in `run_dir`; its answer (a dict, ``{"error": line}`` when the
     run refused). LiveError when the run cannot be reached or does not answer within
     `timeout` seconds."""
-    ipc_dir, token = run_endpoint(run_dir)
-    return trio.run(_call, ipc_dir, token, request, timeout)
+    control = _plan(Path(run_dir)).get("control")
+    if control is None:  # one host: the cluster node in the run's ipc directory
+        ipc_dir, token = run_endpoint(run_dir)
+        options = {"directory": ipc_dir, "token": token}
+        name = f"control-{os.getpid()}-{next(_CALLS)}"  # one node per call, named apart
+        return trio.run(_call, name, options, request, timeout)
+    name = f"control{control['node']}-{os.getpid()}-{next(_CALLS)}"
+    options = {"endpoint": control["bind"], "peers": {"cluster": control["master"]}}
+    keyring = _keyring(control.get("keys"))
+    if keyring is None:  # a loopback test mode: plaintext tcp
+        return trio.run(_call, name, options, request, timeout)
+    previous = actors.secure_tcp(keyring)  # node 0's over CURVE, as this host's agent
+    try:
+        return trio.run(_call, name, options, request, timeout)
+    finally:
+        actors.secure_tcp(previous)
 
 
-async def _call(ipc_dir: str, token: str, request, timeout: float) -> dict:
-    name = f"control-{os.getpid()}-{next(_CALLS)}"  # one node per call, named apart
+def _keyring(spec: dict | None):
+    """This host's keyring in a multi-node run with keys (None without)."""
+    if not spec:
+        return None
+    from ..launch import KeysError, load_keys
+    from ..launch.curve import node_keyring
+
+    try:
+        keys = load_keys(spec["dir"])
+        return node_keyring(keys, spec["node"], spec["nnodes"], spec["ranks_per_node"],
+                            spec["run_id"])  # fmt: skip
+    except KeysError as err:
+        raise LiveError(f"the run's keys cannot be used here: {err}") from None
+
+
+async def _call(name: str, options: dict, request, timeout: float) -> dict:
     failure = None
-    async with actors.open_node(name, directory=ipc_dir, token=token):
+    async with actors.open_node(name, **options):
         try:  # inside the node: its nursery would wrap the error in a group
             reply = await actors.call(msg.COORDINATOR, request, timeout)
         except actors.CallTimeout:

@@ -105,6 +105,7 @@ def run_cluster(
             coord.local_ranks = layout.ranks
             coord.replica_stride = len(layout.ranks)  # replicas on the next node
             nodes.share_checkpoint_root(plan_path, layout, cfg)
+            nodes.record_control(plan_path, layout)
             if layout.node_rank > 0:  # (its failure lines name the run's checkpoints)
                 coord.ckpt_root = rundir.path.parent / cfg.checkpoint.dir
         if again:
@@ -391,7 +392,12 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
                 from ..hooks.process import analyzer_spec
 
                 specs = analyzer_specs or []
-                spec = analyzer_spec(rundir.path, specs, cfg.cluster.ranks, cfg.hooks.timeout_s)
+                where = {}
+                if layout is not None:  # reached over tcp by every node's ranks
+                    where = nodes.analyzer_place(plan[0], layout)
+                spec = analyzer_spec(
+                    rundir.path, specs, cfg.cluster.ranks, cfg.hooks.timeout_s, **where
+                )
                 side = actors.Supervisor(
                     [spec], name="AnalyzerSupervisor", max_restarts=10, max_seconds=10.0
                 )
@@ -403,8 +409,7 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
             if analyzer_specs or attached:  # (attached live: a resume, or a recovery)
                 # up before the ranks, so the first samples have a receiver
                 await start_analyzer()
-            if layout is None:  # analyzers attached live (`zerotrain hook attach`)
-                coord.start_analyzer = start_analyzer
+            coord.start_analyzer = start_analyzer  # analyzers attached live (hook attach)
             nursery.start_soon(_ranks, ranks, coord)
             await coord.outcome.done.wait()
             if layout is not None:

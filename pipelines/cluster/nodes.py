@@ -90,6 +90,7 @@ __all__ = [
     "NodeAgent",
     "adopt_table",
     "agent_label",
+    "analyzer_place",
     "announce_end",
     "check_plaintext",
     "keyring_plan",
@@ -104,6 +105,7 @@ __all__ = [
     "local_table",
     "node_name",
     "plan_env_dir",
+    "record_control",
     "rendezvous",
     "reserve_ports",
     "share_checkpoint_root",
@@ -190,8 +192,7 @@ def layout_for(identity: NodeIdentity) -> NodeLayout:
 def layout_from_args(args, cfg, environ, warn) -> NodeLayout | None:
     """`zerotrain run`'s identity (flags from `args`, then `environ`): None for a
     one-host run, else this node's layout after the plaintext check. RunRefused (one
-    line, exit 2) for a launch that cannot be, or what a multi-node run does not take
-    yet (chaos, analyzer hooks)."""
+    line, exit 2) for a launch that cannot be."""
     from ..launch import IDENTITY_FLAGS, IdentityError, resolve_identity
 
     flags = {key: getattr(args, key, None) for key in IDENTITY_FLAGS}
@@ -204,13 +205,6 @@ def layout_from_args(args, cfg, environ, warn) -> NodeLayout | None:
         raise RunRefused(str(err)) from None
     if identity.nnodes == 1:
         return None
-    unsupported = {
-        "--chaos": getattr(args, "chaos", None),
-        "hooks": cfg.hooks.specs or args.hooks,
-    }
-    for what, given in unsupported.items():
-        if given:
-            raise RunRefused(f"{what}: not supported on {identity.nnodes} nodes yet (one host)")
     layout = layout_for(identity)
     keys = check_plaintext(layout, getattr(args, "keys", None) or cfg.cluster.keys, warn)
     return dataclasses.replace(layout, keys=keys)
@@ -303,14 +297,20 @@ def reserve_ports(ip: str, n: int) -> list[socket.socket]:
 
 def local_table(layout: NodeLayout, agent_endpoint: str, ports: list) -> dict:
     """This node's part of the table: its agent's endpoint and, per rank, a node endpoint
-    and a ring endpoint on ports reserved into `ports` (held by the caller)."""
-    held = reserve_ports(layout.advertise_ip, 2 * len(layout.ranks))
+    and a ring endpoint on ports reserved into `ports` (held by the caller); node 0's
+    also the endpoint of the hook analyzer process, which every node's ranks send
+    samples to (reserved whether or not the run starts one: a hook attached live may)."""
+    extra = 1 if layout.node_rank == 0 else 0
+    held = reserve_ports(layout.advertise_ip, 2 * len(layout.ranks) + extra)
     ports += held
     rank_nodes, rings = {}, {}
     for i, r in enumerate(layout.ranks):
         rank_nodes[str(r)] = endpoint_of(layout.advertise_ip, held[2 * i].getsockname()[1])
         rings[str(r)] = endpoint_of(layout.advertise_ip, held[2 * i + 1].getsockname()[1])
-    return {"agent": agent_endpoint, "ranks": rank_nodes, "rings": rings}
+    table = {"agent": agent_endpoint, "ranks": rank_nodes, "rings": rings}
+    if extra:
+        table["analyzer"] = endpoint_of(layout.advertise_ip, held[-1].getsockname()[1])
+    return table
 
 
 def _port_of(endpoint: str) -> int:
@@ -392,10 +392,17 @@ def _record_nodes(run_dir: Path, layout: NodeLayout, config_hash: str, tables: d
     write_json_atomic(Path(run_dir) / NODES_RECORD, record)
 
 
+def analyzer_place(plan_path: Path, layout: NodeLayout) -> dict:
+    """Node 0: where the analyzer process binds (the table's endpoint, in the plan) and
+    its keys (pipelines.hooks.process.analyzer_spec's `endpoint` and `keys`)."""
+    peers = json.loads(Path(plan_path).read_text())["peers"]
+    return {"endpoint": peers["analyzer"], "keys": keyring_plan(layout)}
+
+
 def write_plan_table(plan_path: Path, layout: NodeLayout, tables: dict[str, dict]) -> dict:
     """Put the whole run's endpoints into this node's plan.json: the ring endpoints in
-    rank order and every node's endpoint by name. Returns {rank: node endpoint} of
-    this node's ranks."""
+    rank order and every node's endpoint by name (the analyzer's among them). Returns
+    {rank: node endpoint} of this node's ranks."""
     plan = json.loads(Path(plan_path).read_text())
     rings, peers = {}, {}
     for k, part in tables.items():
@@ -403,6 +410,8 @@ def write_plan_table(plan_path: Path, layout: NodeLayout, tables: dict[str, dict
         for r, endpoint in part["ranks"].items():
             peers[f"rank{r}"] = endpoint
         rings.update({int(r): endpoint for r, endpoint in part["rings"].items()})
+    if "analyzer" in tables["0"]:  # (pipelines.hooks.process.NODE)
+        peers["analyzer"] = tables["0"]["analyzer"]
     plan["endpoints"] = [rings[r] for r in range(len(rings))]
     plan["peers"] = peers
     plan["replica_stride"] = len(layout.ranks)  # messages.replica_holder: the next node
@@ -555,6 +564,21 @@ async def report_failure(layout: NodeLayout, reason: str) -> None:
             pass
 
 
+def record_control(plan_path: Path, layout: NodeLayout) -> None:
+    """Where a control tool on this node's host reaches the run (pipelines.cluster.live):
+    node 0's Coordinator at the master endpoint, the tool's own node bound on this
+    node's advertise address (node 0 answers it there), under this host's keys if the
+    run has keys. Written before the rendezvous: the run is reachable from its start."""
+    plan = json.loads(Path(plan_path).read_text())
+    plan["control"] = {
+        "node": layout.node_rank,
+        "master": layout.master_endpoint,
+        "bind": endpoint_of(layout.advertise_ip, "*"),
+        "keys": keyring_plan(layout),
+    }
+    write_json_atomic(Path(plan_path), plan)
+
+
 def share_checkpoint_root(plan_path: Path, layout: NodeLayout, cfg) -> None:
     """Node K's ranks write their shards where node 0's ranks do: DIR's checkpoint root
     (node K's own dir is DIR/node-K)."""
@@ -610,16 +634,17 @@ class NodeAgent(actors.Actor):
     0's code; the agent then stops its ranks as node 0 stops its own.
     {"kill": rank, "pid": pid}: the Coordinator's regroup deadline passed and that rank
     of this node has not rejoined (alive, heartbeats going): SIGKILL it, so its
-    supervisor replaces it. Only a child process of this agent is signalled. Answers
-    "killed" or "gone"."""
+    supervisor replaces it. {"cont": rank, "pid": pid}: a chaos stall of that rank is
+    over (it stopped itself with SIGSTOP): SIGCONT it. Only a child process of this
+    agent is signalled. Answers "killed" / "continued", or "gone"."""
 
     def __init__(self, outcome, ranks: range) -> None:
         self.outcome = outcome
         self.ranks = ranks
 
     async def handle_call(self, request, from_):
-        if isinstance(request, dict) and "kill" in request:
-            return _kill_child_rank(request, self.ranks)
+        if isinstance(request, dict) and ("kill" in request or "cont" in request):
+            return _signal_child_rank(request, self.ranks)
         kind = request.get("over") if isinstance(request, dict) else None
         reason = request.get("reason") if isinstance(request, dict) else None
         if kind not in ("finished", "failed", "stopped") or not isinstance(reason, str):
@@ -633,11 +658,16 @@ class NodeAgent(actors.Actor):
         return "ok"
 
 
-def _kill_child_rank(request: dict, ranks: range) -> str | dict:
-    rank, pid = request.get("kill"), request.get("pid")
+_CHILD_SIGNALS = {"kill": (signal.SIGKILL, "killed"), "cont": (signal.SIGCONT, "continued")}
+
+
+def _signal_child_rank(request: dict, ranks: range) -> str | dict:
+    what = "kill" if "kill" in request else "cont"
+    signum, done = _CHILD_SIGNALS[what]
+    rank, pid = request.get(what), request.get("pid")
     if type(rank) is not int or rank not in ranks or type(pid) is not int or pid <= 0:
-        return {"refused": f"expected {{'kill': a rank in {ranks.start}..{ranks.stop - 1}, "
-                           f"'pid': its pid}}, got {request!r:.80}"}  # fmt: skip
+        return {"refused": f"expected {{'kill' or 'cont': a rank in {ranks.start}.."
+                           f"{ranks.stop - 1}, 'pid': its pid}}, got {request!r:.80}"}  # fmt: skip
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         parent = int(stat.rsplit(")", 1)[1].split()[1])
@@ -646,22 +676,23 @@ def _kill_child_rank(request: dict, ranks: range) -> str | dict:
     if parent != os.getpid():
         return "gone"  # not (any longer) a rank this agent started
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signum)
     except ProcessLookupError:
         return "gone"
-    return "killed"
+    return done
 
 
-async def kill_rank(k: int, rank: int, pid: int) -> str | None:
-    """Ask node k's agent to kill its rank `rank` (process `pid`): "killed", "gone", or
-    None when the agent was not reached (a lost node: the rejoin deadline's case)."""
+async def kill_rank(k: int, rank: int, pid: int, what: str = "kill") -> str | None:
+    """Ask node k's agent to kill its rank `rank` (process `pid`; `what` "cont": to
+    continue it after a stall): "killed" / "continued", "gone", or None when the agent
+    was not reached (a lost node: the rejoin deadline's case)."""
     try:
         answer = await actors.call(
-            f"NodeAgent@{node_name(k)}", {"kill": rank, "pid": pid}, timeout=5.0
+            f"NodeAgent@{node_name(k)}", {what: rank, "pid": pid}, timeout=5.0
         )
     except actors.ActorError:
         return None
-    return answer if answer in ("killed", "gone") else None
+    return answer if answer in ("killed", "continued", "gone") else None
 
 
 async def announce_end(layout: NodeLayout, outcome) -> None:

@@ -33,6 +33,7 @@ DAEMON_COMMANDS = (
     "hook",
 )
 EXIT_OK, EXIT_USAGE = 0, 2
+_LIVE_JOB = "a job id or name, or the run dir of a running `zerotrain run` (any node's)"
 LIVE_TIMEOUT = 180.0  # checkpoint, set: the daemon waits up to 150 s for the run
 
 
@@ -119,13 +120,13 @@ def _add_live_commands(sub) -> None:
         "checkpoint", help="a full checkpoint of a running job now; prints its step and manifest"
     )
     _state_dir_option(ckpt)
-    ckpt.add_argument("job", help="a job id or name")
+    ckpt.add_argument("job", help=_LIVE_JOB)
 
     setp = sub.add_parser(
         "set", help="change a key of a running job at a step every rank agrees on"
     )
     _state_dir_option(setp)
-    setp.add_argument("job", help="a job id or name")
+    setp.add_argument("job", help=_LIVE_JOB)
     setp.add_argument("assignment", metavar="KEY=VALUE", help="e.g. optimizer.lr=3e-4")
     setp.add_argument(
         "--at-step",
@@ -137,11 +138,11 @@ def _add_live_commands(sub) -> None:
     actions = hook.add_subparsers(dest="hook_action", metavar="ACTION", required=True)
     attach = actions.add_parser("attach", help="attach a script's analyzers from the next step")
     _state_dir_option(attach)
-    attach.add_argument("job", help="a job id or name")
+    attach.add_argument("job", help=_LIVE_JOB)
     attach.add_argument("spec", metavar="PATH[:NAME]", help="a hook script, or builtin[:NAME]")
     detach = actions.add_parser("detach", help="detach an analyzer by name")
     _state_dir_option(detach)
-    detach.add_argument("job", help="a job id or name")
+    detach.add_argument("job", help=_LIVE_JOB)
     detach.add_argument("name", help="the hook's name")
 
 
@@ -198,10 +199,9 @@ def _run(args, out) -> int:
         client.follow_logs(state_dir, args.job, args.follow)
         return EXIT_OK
     if command == "checkpoint":
-        reply = client.call(state_dir, protocol.Checkpoint(args.job), timeout=LIVE_TIMEOUT)
+        reply = _live(state_dir, protocol.Checkpoint(args.job), "checkpoint")
         print(
-            f"job {reply['id']} ({reply['name']}): checkpoint at step {reply['step']}: "
-            f"{reply['manifest']}",
+            f"{reply['label']}: checkpoint at step {reply['step']}: {reply['manifest']}",
             file=out,
         )
         return EXIT_OK
@@ -242,7 +242,7 @@ def _print_status(reply: dict, args, out) -> None:
 
 def _set_key(args, state_dir: Path, out) -> int:
     """`zerotrain set JOB KEY=VALUE [--at-step N]`."""
-    from . import client, protocol
+    from . import protocol
 
     key, sep, value = args.assignment.partition("=")
     if not sep or not key.strip() or not value.strip():
@@ -251,9 +251,9 @@ def _set_key(args, state_dir: Path, out) -> int:
             f"{args.assignment!r}; nothing changed"
         )
     request = protocol.SetKey(args.job, key.strip(), value.strip(), args.at_step)
-    reply = client.call(state_dir, request, timeout=LIVE_TIMEOUT)
+    reply = _live(state_dir, request, "set")
     print(
-        f"job {reply['id']} ({reply['name']}): {reply['key']} = {reply['value']!r} from "
+        f"{reply['label']}: {reply['key']} = {reply['value']!r} from "
         f"step {reply['step']} (recorded in {reply['file']})",
         file=out,
     )
@@ -262,22 +262,62 @@ def _set_key(args, state_dir: Path, out) -> int:
 
 def _hook(args, state_dir: Path, out) -> int:
     """`zerotrain hook attach JOB PATH[:NAME]` / `hook detach JOB NAME`."""
-    from . import client, protocol
+    from . import protocol
 
     target = args.spec if args.hook_action == "attach" else args.name
     if args.hook_action == "attach" and target.split(":", 1)[0] != "builtin":
         file, sep, name = target.partition(":")  # the daemon runs elsewhere: be exact
         target = os.path.abspath(file) + sep + name
     request = protocol.HookRequest(args.job, args.hook_action, target)
-    reply = client.call(state_dir, request, timeout=LIVE_TIMEOUT)
+    reply = _live(state_dir, request, f"hook {args.hook_action}")
     after = "the steps after" if reply["action"] == "attach" else "no step after"
     print(
-        f"job {reply['id']} ({reply['name']}): {reply['action']}ed "
+        f"{reply['label']}: {reply['action']}ed "
         f"{', '.join(reply['names'])}: {after} step {reply['step']} (records in "
         f"{reply['file']})",
         file=out,
     )
     return EXIT_OK
+
+
+def is_run_dir(job: str) -> bool:
+    """A live verb's JOB names a run dir rather than a daemon job: a directory holding
+    a plan.json, or a multi-node node's DIR/node-K/plan.json (pipelines.cluster.live)."""
+    path = Path(job)
+    return path.is_dir() and ((path / "plan.json").is_file() or any(path.glob("node-*/plan.json")))
+
+
+def _live(state_dir: Path, request, verb: str) -> dict:
+    """checkpoint / set / hook: through the daemon for a job id or name; straight to the
+    run's Coordinator for a run dir (a run of `zerotrain run`, one host or several
+    nodes). The answer, with "label" naming the job or run."""
+    from . import client, protocol
+
+    if not is_run_dir(request.job):
+        reply = client.call(state_dir, request, timeout=LIVE_TIMEOUT)
+        return {**reply, "label": f"job {reply['id']} ({reply['name']})"}
+    from ..cluster import messages as msg
+    from ..cluster.live import LiveError, call_run
+
+    if isinstance(request, protocol.Checkpoint):
+        record = msg.CheckpointNow()
+    elif isinstance(request, protocol.SetKey):
+        try:
+            record = msg.SetOverride(request.key, request.value, request.at_step)
+        except msg.BadMessage as err:
+            raise DaemonUsageError(f"zerotrain set: {err}; nothing changed") from None
+    else:
+        from .app import _hook_change
+
+        record = _hook_change(request)
+    label = f"run {request.job}"
+    try:
+        reply = call_run(request.job, record, timeout=LIVE_TIMEOUT - 30)
+    except LiveError as err:
+        raise DaemonUsageError(f"zerotrain {verb}: {label}: {err}") from None
+    if "error" in reply:
+        raise DaemonUsageError(f"zerotrain {verb}: {label}: {reply['error']}; nothing changed")
+    return {**reply, "label": label}
 
 
 def _serve(args, state_dir: Path) -> int:

@@ -129,7 +129,15 @@ _REPO = str(Path(__file__).resolve().parent.parent)
 
 
 def analyzer_spec(
-    run_dir, specs: list, world: int, timeout_s: float, *, node: str = NODE, shutdown=5.0
+    run_dir,
+    specs: list,
+    world: int,
+    timeout_s: float,
+    *,
+    node: str = NODE,
+    shutdown=5.0,
+    endpoint: str | None = None,
+    keys: dict | None = None,
 ) -> actors.ChildSpec:
     """The child spec of the analyzer process, for the cluster supervisor.
 
@@ -137,6 +145,10 @@ def analyzer_spec(
     specs      hook specs as in the config (strings or dicts; JSON data -- never Hooks,
                which cannot cross a process); transforms among them are ignored here.
     world      ranks per step. timeout_s: per-call budget of a hook, > 0.
+    endpoint   where its node binds (a multi-node run: tcp on node 0's address, which
+               every node's ranks are told); default the cluster's ipc directory.
+    keys       a multi-node run's keyring plan (pipelines.cluster.nodes.keyring_plan):
+               the process installs node 0's keyring before it opens a socket.
     Relative script paths are resolved from the current directory.
     """
     if not isinstance(world, int) or world < 1:
@@ -164,12 +176,20 @@ def analyzer_spec(
         "--specs",
         specs_json,
     ]
+    if keys is not None:
+        argv += ["--keys", json.dumps(keys)]
     path = os.environ.get("PYTHONPATH")
     env = {"PYTHONPATH": _REPO + (os.pathsep + path if path else "")}
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = os.environ.get(var, "1")  # one BLAS thread: the cores are the ranks'
     return actors.process_spec(
-        node, argv, wait_for=["HookAnalyzer"], restart="permanent", env=env, shutdown=shutdown
+        node,
+        argv,
+        wait_for=["HookAnalyzer"],
+        restart="permanent",
+        env=env,
+        shutdown=shutdown,
+        endpoint=endpoint,
     )
 
 
@@ -820,14 +840,20 @@ def _take_the_cpu_back():
 
 
 def main(argv=None) -> int:
-    """python -m pipelines.hooks.process --run-dir D --world N --timeout S --specs JSON."""
+    """python -m pipelines.hooks.process --run-dir D --world N --timeout S --specs JSON
+    [--keys JSON]."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.hooks.process")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--timeout", type=float, required=True)
     parser.add_argument("--specs", required=True, help="the hook specs as a JSON list")
     parser.add_argument("--base-dir", default=os.getcwd())
+    parser.add_argument("--keys", help="a multi-node run's keyring plan (JSON)")
     args = parser.parse_args(argv)
+    if args.keys:  # every tcp:// socket of this process is CURVE under node 0's keys
+        from ..cluster.nodes import secure_rank
+
+        secure_rank({"keys": json.loads(args.keys), "endpoints": []})
     logging.basicConfig(
         level=os.environ.get("ZEROTRAIN_ANALYZER_LOG", "WARNING"),
         format="%(name)s %(message)s",

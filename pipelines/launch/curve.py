@@ -109,10 +109,12 @@ def node_keyring(
     rings: Sequence[str] = (),
 ) -> Keyring:
     """The keyring of a process on node `node` of an `nnodes` x `ranks_per_node` run:
-    node K's keypair; host K speaks for its agent ("cluster" for node 0, "nodeK") and
-    its ranks (rank K*R .. K*R+R-1); every handshake says `run_id`. `rings`: the run's
-    ring endpoints in rank order (a rank's process connects to its right neighbour's by
-    endpoint): ring r is bound by rank r's host and admits rank r-1's host only.
+    node K's keypair; host K speaks for its agent ("cluster" for node 0, "nodeK"; node
+    0 also for the hook "analyzer"), its ranks (rank K*R .. K*R+R-1) and its control
+    tools ("controlK-...", pipelines.cluster.live); every handshake says `run_id`.
+    `rings`: the run's ring endpoints in rank order (a rank's process connects to its
+    right neighbour's by endpoint): ring r is bound by rank r's host and admits rank
+    r-1's host only.
     KeysError (one line) when `keys` holds no key for some node, or not this node's
     secret key."""
     from .keys import KeysError
@@ -125,8 +127,13 @@ def node_keyring(
     world = nnodes * ranks_per_node
 
     def host_of(name: str) -> str | None:
-        if name == "cluster":
+        if name in ("cluster", "analyzer"):  # node 0's agent and its analyzer process
             return host_name(0)
+        if name.startswith("control"):  # a control tool on host K (pipelines.cluster.live)
+            digits = name[len("control") :].split("-", 1)[0]
+            if digits.isdigit() and digits == str(int(digits)) and int(digits) < nnodes:
+                return host_name(int(digits))
+            return None
         for prefix, count, per in (("node", nnodes, 1), ("rank", world, ranks_per_node)):
             digits = name[len(prefix) :]
             if name.startswith(prefix) and digits.isdigit() and digits == str(int(digits)):
