@@ -14,11 +14,11 @@ ring neighbours, the Checkpointer that holds its replica), so nothing is resolve
 guesswork across hosts. Ranks are node-major (global rank = K*R + local rank), so N
 nodes x R ranks form the same ring as N*R ranks on one host and give the same bits.
 
-A hello from another run (run id), another config (config hash) or a world that does
-not add up is refused in one line; the agent saying it exits 2. An agent K whose ranks
-exhaust their restart budget reports it to node 0 (the run fails there, exit 3); an
-agent K that loses node 0 for longer than the heartbeat timeout stops its ranks and
-exits 3 naming the master.
+A hello from another run (run id), another config (config hash), other hooks or a
+world that does not add up is refused in one line; the agent saying it exits 2. An
+agent K whose ranks exhaust their restart budget reports it to node 0 (the run fails
+there, exit 3); an agent K that loses node 0 for longer than the heartbeat timeout
+stops its ranks and exits 3 naming the master.
 
 A lost node K (agent and ranks killed) is waited for: node 0's Coordinator sees its
 ranks down and the other ranks keep their state in memory, each rank's replica on the
@@ -146,6 +146,8 @@ class NodeLayout:
     ranks           the global ranks this node runs
     run_id          what every hello must carry (the identity's, else the master address)
     keys            the cluster's CURVE keys (None: plaintext on loopback, a test mode)
+    hooks           "KIND NAME" of each hook this node's ranks run (--hook and
+                    hooks.specs), sorted: node 0 takes only a node with its own
     """
 
     identity: NodeIdentity
@@ -155,6 +157,7 @@ class NodeLayout:
     ranks: range
     run_id: str
     keys: ClusterKeys | None = None
+    hooks: tuple[str, ...] = ()
 
     @property
     def node_rank(self) -> int:
@@ -360,6 +363,7 @@ def _hello(layout: NodeLayout, config_hash: str, table: dict, running: bool = Fa
         "nnodes": layout.nnodes,
         "ranks": [layout.ranks.start, layout.ranks.stop],
         "config_hash": config_hash,
+        "hooks": list(layout.hooks),
         "table": table,
         # this agent's boot id: the same hello sent again (its answer was late) is
         # told apart from a node started again
@@ -431,8 +435,8 @@ class Rendezvous(actors.Actor):
     with the whole table once every node has come, and takes a node's report that it
     gave up (the run fails with it).
 
-    A hello that does not fit (another run id, another config, a node rank or rank
-    range that is not this node's place) is answered {"refused": one line}; a second
+    A hello that does not fit (another run id, another config or hooks, a node rank or
+    rank range that is not this node's place) is answered {"refused": one line}; a second
     hello from a node rank replaces the first (a restarted agent) until the run has
     started; after that it is a lost node back, and its ranks keep their endpoints
     (`adopt_table`). `fail(reason)` is the Coordinator's.
@@ -510,6 +514,15 @@ class Rendezvous(actors.Actor):
         if hello.get("config_hash") != self.config_hash:
             theirs, mine = str(hello.get("config_hash"))[:16], self.config_hash[:16]
             return f"node {k} runs another config (config_hash {theirs}, this run's {mine})"
+        hooks = hello.get("hooks")
+        if not isinstance(hooks, list) or not all(isinstance(h, str) for h in hooks):
+            return f"node {k} sent hooks {hooks!r:.60}, expected a list of 'KIND NAME'"
+        if hooks != list(lay.hooks):
+            theirs, ours = (", ".join(h) or "none" for h in (hooks, lay.hooks))
+            return (
+                f"node {k} runs other hooks ({theirs}; node 0: {ours}): give every node the "
+                "same --hook (their samples meet in node 0's analyzer)"
+            )
         if hello.get("running") and not self.earlier and not self.complete.is_set():
             return (
                 f"node {k}'s ranks train in a running run that node 0 has no record of "

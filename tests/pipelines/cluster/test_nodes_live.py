@@ -254,3 +254,42 @@ def test_chaos_names_node_1s_ranks_globally_a_stall_and_a_kill_there_change_no_b
     assert {(f["kind"], f["rank"]) for f in faults} >= {("stall", 3), ("kill", 2)}, faults
     assert json.loads((run_dir / "summary.json").read_text())["restarts"] >= 1
     assert _sha(run_dir) == one_host()
+
+
+def test_a_node_without_node_0s_hooks_is_refused_in_one_line(tmp_path):
+    """Node 1 started without the --hook node 0 runs is refused by node 0's Rendezvous
+    (its ranks' samples would never reach node 0's analyzer), in one line, exit 2,
+    starting no rank."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    run_dir = tmp_path / "run"
+    master = f"127.0.0.2:{_port()}"
+    common = [*MLP, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
+    node0 = [*common, "--node-rank", "0", "--hook", f"{script}:probe"]
+    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
+    agents = {}
+    try:
+        for name, args in (("node0", node0), ("node1", node1)):
+            err = open(tmp_path / f"{name}.err", "w")
+            agents[name] = subprocess.Popen(
+                [sys.executable, "-m", "pipelines.cli", "run", *args],
+                env=_env({}), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=True,
+            )  # fmt: skip
+        code = agents["node1"].wait(timeout=DEADLINE)
+        assert agents["node0"].poll() is None  # node 0 waits on for its node 1
+    finally:
+        for proc in agents.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    err = (tmp_path / "node1.err").read_text().splitlines()
+    assert code == 2, err
+    assert len(err) == 2 and "plaintext tcp on loopback" in err[0], err
+    assert err[1] == (
+        "zerotrain run: node 0 refused node 1: node 1 runs other hooks (none; node 0: "
+        "analyzer probe): give every node the same --hook (their samples meet in node 0's "
+        "analyzer)"
+    ), err
+    rank_log = run_dir / "node-1" / "ranks.log"
+    assert not rank_log.exists() or not rank_log.read_text()  # no rank started
