@@ -24,9 +24,11 @@ process may control several runs at once: each call is a node of its own).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import threading
 from pathlib import Path
 
 import trio
@@ -90,14 +92,47 @@ def call_run(run_dir, request, *, timeout: float = 120.0) -> dict:
         return trio.run(_call, name, options, request, timeout)
     name = f"control{control['node']}-{os.getpid()}-{next(_CALLS)}"
     options = {"endpoint": control["bind"], "peers": {"cluster": control["master"]}}
-    keyring = _keyring(control.get("keys"))
-    if keyring is None:  # a loopback test mode: plaintext tcp
+    spec = control.get("keys")
+    if not spec:  # a loopback test mode: plaintext tcp
         return trio.run(_call, name, options, request, timeout)
-    previous = actors.secure_tcp(keyring)  # node 0's over CURVE, as this host's agent
-    try:
-        return trio.run(_call, name, options, request, timeout)
-    finally:
-        actors.secure_tcp(previous)
+    with _KEYRINGS.using(json.dumps(spec, sort_keys=True), lambda: _keyring(spec)):
+        return trio.run(_call, name, options, request, timeout)  # over CURVE, as this host
+
+
+class _Keyrings:
+    """The process's tcp keyring (actors.secure_tcp: one for every socket the process
+    opens) for calls running at once in several threads: calls under the same keys
+    share it; a call under other keys waits until none is left, since a socket opened
+    under the wrong host's key is refused by the run ("host node1's key sent as
+    'control0-...'")."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._installed: str | None = None
+        self._users = 0
+        self._previous = None
+
+    @contextlib.contextmanager
+    def using(self, which: str, make):
+        keyring = make()  # (LiveError before anything is installed)
+        with self._cond:
+            self._cond.wait_for(lambda: self._users == 0 or self._installed == which)
+            if self._users == 0:
+                self._previous = actors.secure_tcp(keyring)
+                self._installed = which
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                if self._users == 0:
+                    actors.secure_tcp(self._previous)
+                    self._installed = None
+                    self._cond.notify_all()
+
+
+_KEYRINGS = _Keyrings()
 
 
 def _keyring(spec: dict | None):
@@ -115,9 +150,14 @@ def _keyring(spec: dict | None):
         raise LiveError(f"the run's keys cannot be used here: {err}") from None
 
 
+# The tool's node takes the run for lost only after this long without its heartbeats: a
+# loaded machine's late heartbeat is no lost run (the call's own timeout bounds it all).
+_HEARTBEAT_TIMEOUT = 10.0
+
+
 async def _call(name: str, options: dict, request, timeout: float) -> dict:
     failure = None
-    async with actors.open_node(name, **options):
+    async with actors.open_node(name, heartbeat_timeout=_HEARTBEAT_TIMEOUT, **options):
         try:  # inside the node: its nursery would wrap the error in a group
             reply = await actors.call(msg.COORDINATOR, request, timeout)
         except actors.CallTimeout:

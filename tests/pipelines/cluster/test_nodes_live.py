@@ -293,3 +293,44 @@ def test_a_node_without_node_0s_hooks_is_refused_in_one_line(tmp_path):
     ), err
     rank_log = run_dir / "node-1" / "ranks.log"
     assert not rank_log.exists() or not rank_log.read_text()  # no rank started
+
+
+def test_with_keys_the_analyzer_and_a_checkpoint_through_node_1s_dir_go_over_curve(
+    tmp_path, one_host
+):
+    """A run with the cluster's keys: node 0's analyzer process and a control tool on
+    node 1's host (its run dir, its host's key) are admitted by the keyring; the
+    analyzer gets all 4 ranks' samples, the checkpoint has node 1's shards, and the
+    bits are one host's."""
+    from pipelines.launch import init_keys
+
+    keys = init_keys(tmp_path / "keys", 2).directory
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    run_dir = tmp_path / "run"
+    hold, gate = _gate(tmp_path, 0, 6)
+    extra = ["--keys", str(keys), "--run-id", "livemn-test", "--hook", f"{script}:probe"]
+    agents = _agents(tmp_path, run_dir, "--chaos", hold, *extra)
+    try:
+        _wait("step 5 logged", agents, lambda: len(_metrics(run_dir)) >= 5)
+        with ThreadPoolExecutor(1) as pool:
+            where = run_dir / "node-1"  # (one process: one host's keys at a time)
+            asked = pool.submit(call_run, where, m.CheckpointNow(), timeout=DEADLINE)
+            callers = lambda: call_run(where, m.RunStatus())["checkpoint_callers"]  # noqa: E731
+            _wait("a checkpoint caller", agents, lambda: callers() == 1)
+            gate.touch()
+            done = asked.result()
+        assert "error" not in done, done
+        shards = Path(done["manifest"]).parent.glob("shard-*.safetensors")
+        assert len(list(shards)) == 4
+    finally:
+        gate.touch()  # (also when the test failed)
+        results = _finish(agents)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    records = [json.loads(line) for line in open(run_dir / "hooks.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, 17))
+    assert all(r["metrics"]["ranks"] == 4.0 for r in records), records
+    refused = json.loads((run_dir / "summary.json").read_text())["admission"]["nodes"]
+    assert refused["cluster"]["refused"] == 0, refused
+    assert _sha(run_dir) == one_host()
