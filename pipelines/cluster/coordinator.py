@@ -729,8 +729,8 @@ class Coordinator(ProtocolActor):
 
     def _want_hook(self, request: HookChange, from_: actors.From):
         why = self._refusal()
-        if why is None and self.start_analyzer is None:
-            why = "hooks cannot be attached to a run on several nodes"
+        if why is None and self.start_analyzer is None:  # (main sets it once ranks start)
+            why = "the run cannot start an analyzer yet: its ranks are not started"
         if why is not None:
             return {"error": why}
         if request.action == "detach":
