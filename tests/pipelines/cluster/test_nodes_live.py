@@ -24,8 +24,8 @@ from pipelines.cluster.live import call_run
 from pipelines.store import checkpoint as ckpt_mod
 from tests.pipelines.cli_util import zerotrain
 
-from .cluster_util import SMALL
-from .test_nodes import _env, _finish, _port, _rank_pids, _sha
+from .cluster_util import SMALL, finish, free_port, launch_env, params_sha256
+from .test_nodes import _rank_pids
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def _agents(tmp_path: Path, run_dir: Path, *extra: str, command: str = "simulate
     """Node 1 (127.0.0.3), then node 0 (the master, 127.0.0.2): one run of MLP + EXTRA
     in `run_dir`, each agent's stderr in TMP/nodeK.err, its progress lines (stdout) in
     TMP/nodeK.out."""
-    master = f"127.0.0.2:{_port()}"
+    master = f"127.0.0.2:{free_port()}"
     common = [command, *MLP, *extra, "--nodes", "2", "--master", master]
     common += ["--run-dir", str(run_dir)]
     agents = {}
@@ -45,7 +45,7 @@ def _agents(tmp_path: Path, run_dir: Path, *extra: str, command: str = "simulate
         err = tmp_path / f"node{k}.err"
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipelines.cli", *common, "--node-rank", str(k), *more],
-            env=_env({}),
+            env=launch_env({}),
             cwd=tmp_path,
             stdout=open(tmp_path / f"node{k}.out", "w"),
             stderr=open(err, "w"),
@@ -99,7 +99,7 @@ def one_host(tmp_path_factory):
             run_dir = tmp_path_factory.mktemp("one_host") / "run"
             done = zerotrain("run", *MLP, *extra, "--run-dir", str(run_dir), timeout=300)
             assert done.returncode == 0, done.stderr[-3000:]
-            shas[extra] = _sha(run_dir)
+            shas[extra] = params_sha256(run_dir)
         return shas[extra]
 
     return get
@@ -132,7 +132,7 @@ def test_a_set_through_node_1s_dir_holds_on_every_node_and_survives_a_kill_on_no
         os.kill(_rank_pids(agents["node1"].pid)[1], signal.SIGKILL)  # rank 3
     finally:
         gate.touch()  # (also when the test failed)
-        results = _finish(agents)
+        results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -183,7 +183,7 @@ def test_analyzers_on_node_0_take_every_nodes_ranks_from_the_start_and_attached_
         until = _step_said(done.stdout)
     finally:
         attach_gate.touch(), detach_gate.touch()  # (also when the test failed)
-        results = _finish(agents)
+        results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     assert 5 <= after < until < 16, (after, until)
@@ -195,7 +195,7 @@ def test_analyzers_on_node_0_take_every_nodes_ranks_from_the_start_and_attached_
     assert [r["step"] for r in probed] == list(range(after + 1, until + 1))
     assert all(r["metrics"]["ranks"] == 4.0 for r in probed), probed
     assert not (run_dir / "node-1" / "hooks.jsonl").exists()
-    assert _sha(run_dir) == one_host()
+    assert params_sha256(run_dir) == one_host()
 
 
 def test_a_checkpoint_asked_through_node_0s_dir_is_written_by_every_rank_of_both_nodes(
@@ -226,12 +226,12 @@ def test_a_checkpoint_asked_through_node_0s_dir_is_written_by_every_rank_of_both
         assert len(list(manifest.parent.glob("shard-*.safetensors"))) == 4
     finally:
         gate.touch()  # (also when the test failed)
-        results = _finish(agents)
+        results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     assert 6 <= step < 16
     assert not (run_dir / "node-1" / "checkpoints").exists()
-    assert _sha(run_dir) == one_host("--set", "checkpoint.every=0")
+    assert params_sha256(run_dir) == one_host("--set", "checkpoint.every=0")
 
 
 def test_chaos_names_node_1s_ranks_globally_a_stall_and_a_kill_there_change_no_bits(
@@ -244,7 +244,7 @@ def test_chaos_names_node_1s_ranks_globally_a_stall_and_a_kill_there_change_no_b
     run_dir = tmp_path / "run"
     chaos = "stall:rank=3,step=4,seconds=0.3;kill:rank=2,step=9"
     agents = _agents(tmp_path, run_dir, "--chaos", chaos)
-    results = _finish(agents)
+    results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     said = (tmp_path / "node0.out").read_text()  # node 0's progress lines
@@ -253,7 +253,7 @@ def test_chaos_names_node_1s_ranks_globally_a_stall_and_a_kill_there_change_no_b
     faults = json.loads((run_dir / "recovery.json").read_text())["faults"]
     assert {(f["kind"], f["rank"]) for f in faults} >= {("stall", 3), ("kill", 2)}, faults
     assert json.loads((run_dir / "summary.json").read_text())["restarts"] >= 1
-    assert _sha(run_dir) == one_host()
+    assert params_sha256(run_dir) == one_host()
 
 
 def test_a_node_without_node_0s_hooks_is_refused_in_one_line(tmp_path):
@@ -263,7 +263,7 @@ def test_a_node_without_node_0s_hooks_is_refused_in_one_line(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     run_dir = tmp_path / "run"
-    master = f"127.0.0.2:{_port()}"
+    master = f"127.0.0.2:{free_port()}"
     common = [*MLP, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
     node0 = [*common, "--node-rank", "0", "--hook", f"{script}:probe"]
     node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
@@ -273,7 +273,7 @@ def test_a_node_without_node_0s_hooks_is_refused_in_one_line(tmp_path):
             err = open(tmp_path / f"{name}.err", "w")
             agents[name] = subprocess.Popen(
                 [sys.executable, "-m", "pipelines.cli", "run", *args],
-                env=_env({}), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+                env=launch_env({}), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
                 start_new_session=True,
             )  # fmt: skip
         code = agents["node1"].wait(timeout=DEADLINE)
@@ -325,7 +325,7 @@ def test_with_keys_the_analyzer_and_a_checkpoint_through_node_1s_dir_go_over_cur
         assert len(list(shards)) == 4
     finally:
         gate.touch()  # (also when the test failed)
-        results = _finish(agents)
+        results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     records = [json.loads(line) for line in open(run_dir / "hooks.jsonl")]
@@ -333,4 +333,4 @@ def test_with_keys_the_analyzer_and_a_checkpoint_through_node_1s_dir_go_over_cur
     assert all(r["metrics"]["ranks"] == 4.0 for r in records), records
     refused = json.loads((run_dir / "summary.json").read_text())["admission"]["nodes"]
     assert refused["cluster"]["refused"] == 0, refused
-    assert _sha(run_dir) == one_host()
+    assert params_sha256(run_dir) == one_host()
