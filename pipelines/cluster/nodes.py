@@ -514,7 +514,7 @@ class Rendezvous(actors.Actor):
         if hello.get("config_hash") != self.config_hash:
             theirs, mine = str(hello.get("config_hash"))[:16], self.config_hash[:16]
             return f"node {k} runs another config (config_hash {theirs}, this run's {mine})"
-        hooks = hello.get("hooks")
+        hooks = hello.get("hooks", [])  # (no "hooks": a node that runs none)
         if not isinstance(hooks, list) or not all(isinstance(h, str) for h in hooks):
             return f"node {k} sent hooks {hooks!r:.60}, expected a list of 'KIND NAME'"
         if hooks != list(lay.hooks):
