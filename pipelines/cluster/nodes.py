@@ -323,7 +323,8 @@ def _port_of(endpoint: str) -> int:
 def adopt_table(layout: NodeLayout, mine: dict, tables: dict, ports: list) -> None:
     """Node K started again in a running run (the Rendezvous answered with the table
     of its first start): its ranks must bind the endpoints every other rank's plan
-    names, so the fresh ports held in `ports` are released and those taken back
+    names (node 0: its analyzer's too), so the fresh ports held in `ports` are released
+    and those taken back
     (RunRefused, one line, if one is in use -- an earlier agent of this node alive -- or
     if this node now has another address)."""
     first = tables[str(layout.node_rank)]
@@ -340,19 +341,21 @@ def adopt_table(layout: NodeLayout, mine: dict, tables: dict, ports: list) -> No
         sock.close()
     ports.clear()
     family = socket.AF_INET6 if ":" in layout.advertise_ip else socket.AF_INET
-    for what in ("ranks", "rings"):
-        for r, endpoint in first[what].items():
-            sock = socket.socket(family)
-            ports.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((layout.advertise_ip, _port_of(endpoint)))
-            except OSError as err:
-                raise RunRefused(
-                    f"node {layout.node_rank}: rank {r}'s endpoint {endpoint} from the run's "
-                    f"first start is taken ({err.strerror}): is an earlier agent of node "
-                    f"{layout.node_rank} still running?"
-                ) from None
+    held = [(f"rank {r}'s", e) for what in ("ranks", "rings") for r, e in first[what].items()]
+    if "analyzer" in first:  # node 0's analyzer process, named in every node's plan
+        held.append(("the analyzer's", first["analyzer"]))
+    for whose, endpoint in held:
+        sock = socket.socket(family)
+        ports.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((layout.advertise_ip, _port_of(endpoint)))
+        except OSError as err:
+            raise RunRefused(
+                f"node {layout.node_rank}: {whose} endpoint {endpoint} from the run's "
+                f"first start is taken ({err.strerror}): is an earlier agent of node "
+                f"{layout.node_rank} still running?"
+            ) from None
 
 
 def _hello(layout: NodeLayout, config_hash: str, table: dict, running: bool = False) -> dict:
