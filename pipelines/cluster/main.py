@@ -14,7 +14,6 @@ metrics, manifests, the fault record.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import secrets
@@ -105,11 +104,7 @@ def run_cluster(
         if layout is not None:  # node-major ranks; node K's shards go to node 0's root
             coord.local_ranks = layout.ranks
             coord.replica_stride = len(layout.ranks)  # replicas on the next node
-            # every node's ranks must run the same hooks: node 0 compares them
-            hooked = tuple(sorted(f"{h.kind} {h.name}" for h in inputs.hooks))
-            layout = dataclasses.replace(layout, hooks=hooked)
-            nodes.share_checkpoint_root(plan_path, layout, cfg)
-            nodes.record_control(plan_path, layout)
+            layout = nodes.plan_node(plan_path, layout, cfg, inputs.hooks)
             if layout.node_rank > 0:  # (its failure lines name the run's checkpoints)
                 coord.ckpt_root = rundir.path.parent / cfg.checkpoint.dir
         if again:

@@ -105,6 +105,7 @@ __all__ = [
     "local_table",
     "node_name",
     "plan_env_dir",
+    "plan_node",
     "record_control",
     "rendezvous",
     "reserve_ports",
@@ -578,6 +579,15 @@ async def report_failure(layout: NodeLayout, reason: str) -> None:
             )
         except actors.ActorError:
             pass
+
+
+def plan_node(plan_path: Path, layout: NodeLayout, cfg, hooks) -> NodeLayout:
+    """This node's part of its plan.json (the shared checkpoint root, the control
+    endpoint); the layout with the hooks its ranks run (`hooks`: the loaded Hooks),
+    which every node's hello carries and node 0 compares with its own."""
+    share_checkpoint_root(plan_path, layout, cfg)
+    record_control(plan_path, layout)
+    return dataclasses.replace(layout, hooks=tuple(sorted(f"{h.kind} {h.name}" for h in hooks)))
 
 
 def record_control(plan_path: Path, layout: NodeLayout) -> None:
