@@ -421,11 +421,14 @@ def test_every_worked_example_runs_on_one_rank(tmp_path):
     the transform runs in the rank and logs every step. The two analyzers that need two
     ranks say nothing; the others log what they analyzed (a sample the analyzer was too
     busy for is dropped and counted, never lost)."""
-    # dead_layer every 12 steps (its own default is 10): step 12, the last, is always
-    # analyzed, so exactly one record is owed
+    # dead_layer every 12 steps (its own default is 10) and exact (the rank waits for the
+    # analyzer to take it: a busy analyzer may drop a plain sample, the last one too), so
+    # exactly one record is owed, step 12's
     examples = [p for p in sorted(SCRIPTS.glob("*.py")) if p.stem != "dead_layer"]
     every_example = [a for p in examples for a in ("--hook", str(p))]
-    dead_every_12 = f'hooks.specs=[{{hook = "{SCRIPTS / "dead_layer.py"}", every = 12}}]'
+    dead_every_12 = (
+        f'hooks.specs=[{{hook = "{SCRIPTS / "dead_layer.py"}", every = 12, exact = true}}]'
+    )
     run = train(tmp_path, *every_example, "--set", dead_every_12, ranks=1)
     hooks = by_hook(run["records"])
     assert all("error" not in r for r in run["records"])
