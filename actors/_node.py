@@ -30,6 +30,7 @@ exit        ref, reason                            none: the linked remote actor
 demonitor   ref                                    none (also undoes a link)
 down        ref, reason                            --
 error       reason                                 none: "your message was rejected"
+held        reason                                 none: "your name is held by a live peer"
 =========== ====================================== ==================================
 
 Liveness. Each node sends ``hb`` to each of its peers every ``heartbeat_interval`` from
@@ -46,6 +47,18 @@ process killed before answering, and restarted, would leave the watcher waiting 
 ``down`` that no one owes it. While the reader itself is paused (the last-resort
 bounds under "Back-pressure") it cannot hear anyone, so it judges no one, and deadlines
 restart when it resumes.
+
+Duplicates. A peer named *exclusive* (:meth:`Node.exclusive`: a node agent, one process
+per name) is held by its incarnation while that one is up: a message under its name from
+another generation is then no restart but a second process with the same name. It is
+refused (counted, ``statistics()["refused_duplicate"]``) before it touches the peer --
+no retirement, no new endpoint -- and the newcomer is told, once it has said where it
+listens (its ``hb``), with a ``held`` message naming the holder (at most once per
+heartbeat interval), sent from a socket of its own, since the peer's socket leads to the
+holder. The newcomer's node fails its
+calls to the teller with ``ActorExited(reason="held: ...")`` and keeps the reason
+(:meth:`Node.held_by`). Once the holder is down (silent past ``heartbeat_timeout``) a
+new generation is a restart again, as for any peer.
 
 Delivery across a restart. A message still queued in ZeroMQ when its peer dies is
 handed to the peer's restarted incarnation when ZeroMQ reconnects (same name, same
@@ -82,7 +95,10 @@ pause the whole reader: an overflow past ``_OVERFLOW_MAX`` messages or
 requests served in tasks of their own at once (stops, and calls for an actor that is
 not there or has just exited).
 
-Admission. A message's sender must be its connection's routing id; with a run token the
+Admission. A message's sender must be its connection's routing id (``name@boot id`` as
+this module's DEALERs set it, so that a second process with a peer's name never takes
+over the first one's pipe by ROUTER_HANDOVER; a bare ``name`` is accepted too); with a
+run token the
 ROUTER admits, at the handshake, only peers holding it (``actors._admission``). Under the
 process's CURVE keyring (tcp://, ``actors.secure_tcp``) the ROUTER admits the run's
 hosts' keys, the DEALERs set no routing id, and a message's sender must be a node of
@@ -337,6 +353,7 @@ class Node:
                 "refused",
                 "refused_handshake",
                 "refused_sender",
+                "refused_duplicate",
             ),
             0,
         )
@@ -346,6 +363,9 @@ class Node:
         self._domain: _admission.Admission | None = None
         self._keyring: _admission.Keyring | None = None  # set when the inbox is CURVE
         self._label = f"[node {name}]"
+        self._exclusive: set[str] = set()
+        self._told: dict[str, tuple[int, float]] = {}  # exclusive name -> a newcomer told
+        self._held_by: str | None = None  # why this node's name is held elsewhere
 
     def __repr__(self) -> str:
         return f"Node({self.name!r}, {self.endpoint!r})"
@@ -362,7 +382,8 @@ class Node:
         messages whose header named another sender than their connection may speak
         for, messages of another run, and messages from a new peer while the peer table
         was full), with three of its parts: refused_handshake, refused_sender and
-        refused_run; and peers."""
+        refused_run; refused_duplicate (messages from a second process under the name
+        of a live exclusive peer: module doc, "Duplicates"); and peers."""
         other_run = self._router.refused if self._router is not None else 0
         stats = {**self._stats, "refused_run": other_run, "peers": len(self._peers)}
         stats["refused"] += other_run
@@ -371,6 +392,17 @@ class Node:
     def peer_info(self, name: str) -> PeerInfo | None:
         peer = self._peers.get(name)
         return None if peer is None else peer.info()
+
+    def exclusive(self, *names: str) -> None:
+        """Peers ``names`` are one process each (node agents): while one's incarnation
+        is up, a message under its name from another generation is a duplicate, refused
+        and told so, not a restart (module doc, "Duplicates")."""
+        self._exclusive.update(check_name(n, "node name") for n in names)
+
+    def held_by(self) -> str | None:
+        """What a peer said when it refused this node as a second process with the name
+        of a live one (a ``held`` message), or None."""
+        return self._held_by
 
     def connect(self, name: str, endpoint: str | None = None) -> None:
         """Start talking to (and heart-beating) node ``name`` now rather than on first use."""
@@ -590,7 +622,7 @@ class Node:
                 return
             options = keyring.client_options(host)
         else:
-            options = {"routing_id": self.name.encode()}
+            options = {"routing_id": _routing_id(self.name, self.generation)}
             if self.token is not None:
                 options.update(_admission.present(self.name, self.token))
         peer.socket = open_socket("DEALER", connect=peer.endpoint, linger=0, **options)
@@ -833,7 +865,10 @@ class Node:
                         self._stats["refused_sender"] += 1
                         host = keyring.host_of_key(user_id)
                         raise _Refused(f"host {host}'s key sent as {msg.sender!r:.40}")
-                elif routing_id != msg.sender.encode():
+                elif routing_id not in (
+                    msg.sender.encode(),
+                    _routing_id(msg.sender, msg.generation),
+                ):
                     # The sender is the connection's: its routing id, which with a token
                     # only a process of the run can hold (actors._admission).
                     self._stats["refused_sender"] += 1
@@ -883,6 +918,10 @@ class Node:
         at = msg.body.get("at")
         if at is not None and type(at) is not int:
             raise _Rejected(f"at must be an int (the addressed generation), got {at!r:.40}")
+        holder = self._peers.get(msg.sender)
+        if holder is not None and self._is_duplicate(holder, msg.generation):
+            self._refuse_duplicate(holder, msg.generation, endpoint)
+            return
         peer = self._peer(msg.sender, endpoint, inbound=True)
         if not self._heard_from(peer, msg.generation):
             return
@@ -895,6 +934,53 @@ class Node:
                      self._label, msg.type, msg.seq, msg.sender, at, self.generation)  # fmt: skip
             return
         await handler(self, peer, msg)
+
+    def _is_duplicate(self, holder: _Peer, generation: int) -> bool:
+        """A message under an exclusive peer's name from another generation while the
+        holder is up and heard from within ``heartbeat_timeout``."""
+        return (
+            holder.name in self._exclusive
+            and bool(holder.alive)
+            and holder.generation not in (None, generation)
+            and generation not in holder.retired
+            and trio.current_time() - holder.last_seen <= self.heartbeat_timeout
+        )
+
+    def _refuse_duplicate(self, holder: _Peer, generation: int, endpoint: str | None) -> None:
+        """Count a duplicate's message; tell the duplicate, at the endpoint its ``hb``
+        names, at most once per ``heartbeat_interval`` (the holder's socket is not its;
+        so the duplicate hears this node as often as from a peer, and does not take it
+        for silent while it waits to see whether the holder goes)."""
+        self._stats["refused_duplicate"] += 1
+        now = trio.current_time()
+        told = self._told.get(holder.name)
+        if endpoint is None or (
+            told and told[0] == generation and now - told[1] < self.heartbeat_interval
+        ):
+            return
+        self._told[holder.name] = (generation, now)
+        reason = (
+            f"{holder.name} is held by a live process (generation {holder.generation:x} at "
+            f"{holder.endpoint}, heard from {now - holder.last_seen:.1f}s ago)"
+        )
+        if told is None or told[0] != generation:  # (logged once per duplicate)
+            log.warning("%s refused %s generation %x at %s: %s", self._label, holder.name,
+                        generation, endpoint, reason)  # fmt: skip
+        if self._nursery is not None:
+            self._nursery.start_soon(self._tell_held, holder.name, generation, endpoint, reason)
+
+    async def _tell_held(self, name: str, generation: int, endpoint: str, reason: str) -> None:
+        newcomer = _Peer(name, endpoint, trio.current_time())
+        self._connect(newcomer)
+        if newcomer.socket is None:
+            return
+        message = Message("held", self.name, self.generation, 0, 0,
+                          {"at": generation, "reason": reason}, [])  # fmt: skip
+        try:
+            with trio.move_on_after(self.send_timeout):
+                await newcomer.socket.send_multipart(encode(message), copy=False)
+        finally:
+            newcomer.socket.close(linger=int(self.send_timeout * 1000))
 
     def _refuse(self, routing_id: bytes | None, reason: str) -> None:
         """Drop a message from a connection that may not speak for its sender: no
@@ -1177,6 +1263,17 @@ class Node:
         reason = msg.body.get("reason")
         log.warning("%s %s rejected a message from us: %s", self._label, peer.name, reason)
 
+    async def _on_held(self, peer: _Peer, msg: Message) -> None:
+        if msg.body.get("at") is None:  # (_dispatch checked that it is this generation)
+            raise _Rejected("held must say the generation it refuses (at)")
+        reason = _field(msg, "reason", str)
+        self._held_by = reason
+        log.info("%s refused by %s: %s", self._label, peer.name, reason)
+        for seq, pending in list(self._pending.items()):
+            if pending.peer == peer.name:
+                del self._pending[seq]
+                pending.fail(ActorExited(pending.target, f"held: {reason}"))
+
     _handlers: dict[str, Callable[..., Any]] = {
         "hb": _on_hb,
         "call": _on_call,
@@ -1194,6 +1291,7 @@ class Node:
         "error": _on_error,
         "busy": _on_busy,
         "ready": _on_ready,
+        "held": _on_held,
     }
 
     async def _spawn_request(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -1272,9 +1370,14 @@ def _drain_monitor(sock: TrioSocket) -> None:
             return
 
 
+def _routing_id(name: str, generation: int) -> bytes:
+    """A node's DEALER routing id: ``name@boot id`` ('@' is in no name), one per process."""
+    return f"{name}@{generation:x}".encode()
+
+
 def _routing_name(routing_id: bytes | None) -> str | None:
     try:
-        return check_name(routing_id.decode()) if routing_id else None
+        return check_name(routing_id.decode().split("@")[0]) if routing_id else None
     except (UnicodeDecodeError, ValueError):
         return None
 

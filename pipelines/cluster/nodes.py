@@ -15,10 +15,11 @@ guesswork across hosts. Ranks are node-major (global rank = K*R + local rank), s
 nodes x R ranks form the same ring as N*R ranks on one host and give the same bits.
 
 A hello from another run (run id), another config (config hash), other hooks or a
-world that does not add up is refused in one line; the agent saying it exits 2. An
-agent K whose ranks exhaust their restart budget reports it to node 0 (the run fails
-there, exit 3); an agent K that loses node 0 for longer than the heartbeat timeout
-stops its ranks and exits 3 naming the master.
+world that does not add up is refused in one line; the agent saying it exits 2. So is a
+second agent of a node rank whose agent node 0 hears from: node 0's node holds each
+agent's name for its live process (actors._node, "Duplicates") and tells the second one
+who holds it. An agent K whose ranks exhaust their restart budget reports it to node 0
+(the run fails there, exit 3); an agent K that loses node 0 waits for it (below).
 
 A lost node K (agent and ranks killed) is waited for: node 0's Coordinator sees its
 ranks down and the other ranks keep their state in memory, each rank's replica on the
@@ -118,6 +119,9 @@ RENDEZVOUS = "Rendezvous@cluster"
 HELLO_TIMEOUT = 120.0  # seconds for every node to say hello (Slurm starts them together)
 _HELLO_RETRY = 0.5  # seconds between hellos while node 0 is not up yet
 NODES_RECORD = "nodes.json"  # in node 0's run dir: the run's nodes, once all said hello
+# heartbeat timeouts a hello goes on while node 0 says a live agent holds this node
+# rank: a predecessor just killed is declared lost within about one
+_HELD_GRACE = 3
 
 
 def node_name(k: int) -> str:
@@ -440,10 +444,12 @@ class Rendezvous(actors.Actor):
     gave up (the run fails with it).
 
     A hello that does not fit (another run id, another config or hooks, a node rank or
-    rank range that is not this node's place) is answered {"refused": one line}; a second
-    hello from a node rank replaces the first (a restarted agent) until the run has
-    started; after that it is a lost node back, and its ranks keep their endpoints
-    (`adopt_table`). `fail(reason)` is the Coordinator's.
+    rank range that is not this node's place) is answered {"refused": one line}. A hello
+    from a second agent of a node rank whose agent is up never gets here (node 0's node
+    refuses it: `gather_nodes`); once that agent was lost, a hello from another agent
+    replaces the first (a restarted agent) until the run has started; after that it is
+    a lost node back, and its ranks keep their endpoints (`adopt_table`). `fail(reason)`
+    is the Coordinator's.
 
     `earlier`: node 0 started again in a running run (`earlier_start`): the table is
     the first start's, every node's ranks keep their endpoints, and the Rendezvous is
@@ -546,14 +552,27 @@ async def rendezvous(
 ) -> dict:
     """Node K's hello to node 0; the whole table, or RunRefused (node 0 said no, or was
     not reached within `timeout`). `running`: this node's ranks train, and node 0 was
-    lost and is back."""
+    lost and is back.
+
+    Node 0 may say that a live agent holds this node rank (actors._node, "Duplicates").
+    That is also what an agent started again right after its predecessor was killed
+    hears, until node 0 has not heard from the dead one for its heartbeat timeout: so
+    the hello goes on for _HELD_GRACE heartbeat timeouts from the first such word, and
+    only a node rank still held then is refused (RunRefused, one line)."""
     hello = _hello(layout, config_hash, table, running)
+    node = actors.current_node()
+    held_since = None
     with trio.move_on_after(timeout):
         while True:  # (a hello sent twice is harmless: the later one replaces it)
+            bounded = not _up() or node.held_by() is not None
             try:
-                reply = await actors.call(RENDEZVOUS, hello, timeout=None if _up() else 2.0)
+                reply = await actors.call(RENDEZVOUS, hello, timeout=2.0 if bounded else None)
             except actors.ActorError:
-                await trio.sleep(_HELLO_RETRY)  # node 0 is not up (yet)
+                if node.held_by() is not None:
+                    held_since = held_since or trio.current_time()
+                    if trio.current_time() - held_since > _HELD_GRACE * node.heartbeat_timeout:
+                        raise _held(layout) from None
+                await trio.sleep(_HELLO_RETRY)  # node 0 is not up (yet), or holds us
                 continue
             if "refused" in reply:
                 raise RunRefused(f"node 0 refused node {layout.node_rank}: {reply['refused']}")
@@ -561,6 +580,17 @@ async def rendezvous(
     raise RunRefused(
         f"node {layout.node_rank}: no answer from node 0 at {layout.master_endpoint} "
         f"within {timeout:g}s (is node 0 started, and the master address right?)"
+    )
+
+
+def _held(layout: NodeLayout) -> RunRefused:
+    """Node 0 still says that a live agent holds this node rank: one line."""
+    node = actors.current_node()
+    k, patience = layout.node_rank, _HELD_GRACE * node.heartbeat_timeout
+    return RunRefused(
+        f"node 0 refused node {k}: {node.held_by()}; a node rank runs one agent at a time "
+        f"(still held after {patience:g}s: node {k} started again is taken once node 0 "
+        f"has not heard from its agent for {node.heartbeat_timeout:g}s)"
     )
 
 
@@ -629,6 +659,9 @@ async def gather_nodes(nursery, node, layout: NodeLayout, config_hash: str, plan
         coord.progress.message(
             "node 0 started again in a running run: waiting for the other nodes' reports"
         )
+    # a second agent of a node rank whose agent is up is refused (actors._node,
+    # "Duplicates"), not taken for that node started again
+    node.exclusive(*(node_name(k) for k in range(1, layout.nnodes)))
     rdv = Rendezvous(layout, config_hash, table, coord.fail, earlier)
     await actors.spawn(nursery, rdv, name="Rendezvous")
     with trio.move_on_after(HELLO_TIMEOUT):

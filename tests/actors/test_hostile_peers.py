@@ -222,6 +222,75 @@ async def test_a_header_naming_another_sender_than_its_connection_is_refused():
         assert node.peer_info("mallory") is None  # nothing kept for it, nothing answered
 
 
+async def test_a_second_process_under_a_live_exclusive_peers_name_is_refused_and_told():
+    """An exclusive peer (a node agent) is held by its live incarnation: a second process
+    under its name -- another generation -- is refused, changes nothing, and is told at
+    the endpoint its hb names who holds the name; once the holder is silent past the
+    heartbeat timeout, the newcomer is a restart, taken as for any peer."""
+    options = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
+    with trio.fail_after(LIMIT):
+        async with actors.open_node("hub", **options) as node:
+            node.exclusive("agent1")
+            held_at = ipc_endpoint("agent1", node.directory)
+            dup_at = ipc_endpoint("agent1-dup", node.directory)
+            holder = open_socket("DEALER", connect=node.endpoint, routing_id=b"agent1@a")
+            dup = open_socket("DEALER", connect=node.endpoint, routing_id=b"agent1@b")
+            dup_inbox = open_socket("ROUTER", bind=dup_at)
+            beating = trio.CancelScope()
+            with holder, dup, dup_inbox:
+
+                async def beat() -> None:  # the holder lives: heard every interval
+                    with beating:
+                        while True:
+                            await holder.send_message(hb("agent1", 0xA, held_at))
+                            await trio.sleep(0.1)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(beat)
+                    await wait_for(lambda: node.peer_info("agent1") is not None)
+                    await dup.send_message(hb("agent1", 0xB, dup_at))
+                    while (told := (await dup_inbox.recv_message())[1]).type != "held":
+                        pass
+                    assert (told.sender, told.body["at"]) == ("hub", 0xB)
+                    assert told.body["reason"].startswith(
+                        f"agent1 is held by a live process (generation a at {held_at}, "
+                    ), told.body
+                    info = node.peer_info("agent1")
+                    assert (info.alive, info.generation, info.endpoint) == (True, 0xA, held_at)
+                    assert node.statistics()["refused_duplicate"] >= 1
+                    beating.cancel()  # the holder falls silent: lost, not held
+                await wait_for(lambda: node.peer_info("agent1").alive is False)
+                await dup.send_message(hb("agent1", 0xB, dup_at))
+                await wait_for(lambda: node.peer_info("agent1").generation == 0xB)
+                info = node.peer_info("agent1")
+                assert (info.alive, info.endpoint) == (True, dup_at)
+
+
+async def test_a_node_told_its_name_is_held_fails_its_calls_there_with_the_reason():
+    """The newcomer's side: a `held` message from a peer fails the calls waiting on that
+    peer with ActorExited(reason "held: ...") and is kept as held_by()."""
+    with trio.fail_after(LIMIT):
+        async with actors.open_node("newcomer") as node:
+            master_at = ipc_endpoint("master", node.directory)
+            master_inbox = open_socket("ROUTER", bind=master_at)
+            master = open_socket("DEALER", connect=node.endpoint, routing_id=b"master@1")
+            with master_inbox, master:
+                node.connect("master", master_at)
+
+                async def hold_it() -> None:
+                    while (await master_inbox.recv_message())[1].type != "call":
+                        pass
+                    body = {"at": node.generation, "reason": "newcomer is held by X"}
+                    await master.send_message(Message("held", "master", 1, 0, 0, body))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(hold_it)
+                    with pytest.raises(actors.ActorExited) as exited:
+                        await actors.call("Rendezvous@master", "hello", timeout=None)
+                assert exited.value.reason == "held: newcomer is held by X"
+                assert node.held_by() == "newcomer is held by X"
+
+
 def offer(sock, frames) -> None:
     """Queue ``frames`` if the socket has a pipe for them, else drop them: a refused
     handshake takes the pipe away, and a send that waited for one would wait forever."""

@@ -617,7 +617,8 @@ FIELDS = {
     "monitor": ["to", "ref"], "link": ["to", "ref", "sender"], "watching": ["ref"],
     "demonitor": ["ref"], "exit": ["ref", "reason"], "down": ["ref", "reason"],
     "reply": ["ok", "value", "kind", "reason"], "hb": ["endpoint", "names"],
-    "error": ["reason"], "busy": ["to"], "ready": ["to"], "nonsense": ["to"],
+    "error": ["reason"], "busy": ["to"], "ready": ["to"], "held": ["reason"],
+    "nonsense": ["to"],
 }  # fmt: skip
 
 

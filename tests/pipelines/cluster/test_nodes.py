@@ -251,6 +251,42 @@ def test_a_live_rank_of_node_1_that_does_not_rejoin_is_killed_by_its_agent(tmp_p
     assert params_sha256(run_dir) == one_host_sha
 
 
+def test_a_second_agent_of_a_running_node_is_refused_in_one_line_and_the_run_goes_on(
+    tmp_path, one_host_sha_of
+):
+    """A second agent started with node 1's rank (another run dir) while node 1's agent
+    runs: node 0 refuses it as a duplicate of a live agent -- it is not node 1 started
+    again -- and tells it so: still held after 3 heartbeat timeouts, it exits 2 in one
+    line naming node 1 and the agent that holds it. Node 1's agent keeps its place and
+    the run ends with one host's bits."""
+    run_dir = tmp_path / "run"
+    _, agents, args = _two_agents(run_dir, tmp_path, run=_steps(40))
+    try:
+        _wait_for_steps(run_dir, agents, 5)
+        elsewhere = str(tmp_path / "elsewhere")
+        dup = agent([elsewhere if a == str(run_dir) else a for a in args["node1"]], {},
+                    tmp_path, "node1-dup")  # fmt: skip
+        code = dup.wait(timeout=120)
+        err = dup.err_path.read_text().splitlines()
+    finally:
+        results = finish(agents)
+    assert code == 2, err
+    assert "plaintext tcp on loopback" in err[0], err  # its test-mode note, then at most
+    # its node's own log lines (node 0 silent: the run may end within the dup's grace)
+    assert all(line.startswith("[node node1] ") for line in err[1:-1]), err
+    assert re.fullmatch(
+        r"zerotrain run: node 0 refused node 1: node1 is held by a live process \(generation "
+        r"[0-9a-f]+ at tcp://127\.0\.0\.3:\d+, heard from \d+\.\ds ago\); a node rank runs "
+        r"one agent at a time \(still held after 6s: node 1 started again is taken once "
+        r"node 0 has not heard from its agent for 2s\)",
+        err[-1],
+    ), err
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    assert "is back" not in results["node0"][1]
+    assert params_sha256(run_dir) == one_host_sha_of(40)
+
+
 STOPPED = re.compile(
     r"zerotrain run: stopped at step (\d+) \(SIGUSR1 to the agent of node [01]\); "
     r"checkpoint (\S+); continue with --resume (\S+)"
