@@ -240,7 +240,7 @@ def _summarize(
     summary["cpus_per_rank"] = [finished[r].get("cpus") for r in range(world)]
     if coord.analyzer_stats is not None:
         summary["hooks"]["analyzer"] = coord.analyzer_stats
-    summary["admission"] = _admission_summary(coord.node_stats, finished, world)
+    summary["admission"] = _admission_summary(coord.node_stats, finished, world, coord.agent_stats)
     rundir.write_summary(summary)
     progress.message(
         f"done: {steps} steps on {world} ranks ({cfg.cluster.mode}) in {wall:.1f}s, final loss "
@@ -250,18 +250,27 @@ def _summarize(
     return summary
 
 
-def _admission_summary(cluster_stats: dict | None, finished: dict, world: int) -> dict:
-    """Whether something knocked: per node, connections and messages refused (no token
-    or key, a spoofed sender, another run; and those three parts of it:
-    refused_handshake, refused_sender, refused_run), rejected (malformed) and dropped
-    (answers nobody read); per rank, its ring inbox's refused connections and its
-    regroups (collectives that failed)."""
-    keys = ("refused", "rejected", "dropped", "refused_handshake", "refused_sender", "refused_run")
-    nodes = {"cluster": {k: (cluster_stats or {}).get(k, 0) for k in keys}}
+def _admission_summary(
+    cluster_stats: dict | None, finished: dict, world: int, agent_stats: dict
+) -> dict:
+    """Whether something knocked: per node -- the cluster (node 0's agent), each other
+    node's agent (node1, ...: None when it did not answer node 0's last word) and each
+    rank -- connections and messages refused (no token or key, a spoofed sender,
+    another run; and those three parts of it: refused_handshake, refused_sender,
+    refused_run), refused_duplicate (a second process under a live agent's name),
+    rejected (malformed) and dropped (answers nobody read); per rank, its ring inbox's
+    refused connections and its regroups (collectives that failed)."""
+    keys = ("refused", "rejected", "dropped", "refused_handshake", "refused_sender",
+            "refused_run", "refused_duplicate")  # fmt: skip
+    per_node = {"cluster": {k: (cluster_stats or {}).get(k, 0) for k in keys}}
+    for k, stats in sorted(agent_stats.items()):
+        per_node[nodes.node_name(k)] = (
+            None if stats is None else {key: stats.get(key, 0) for key in keys}
+        )
     for r in range(world):
-        nodes[f"rank{r}"] = {k: finished[r]["admission"]["node"][k] for k in keys}
+        per_node[f"rank{r}"] = {k: finished[r]["admission"]["node"][k] for k in keys}
     return {
-        "nodes": nodes,
+        "nodes": per_node,
         "ring_refused_per_rank": [finished[r]["admission"]["ring_refused"] for r in range(world)],
         "regroups_per_rank": [finished[r]["admission"]["regroups"] for r in range(world)],
     }
@@ -354,6 +363,7 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
     hb = cfg.cluster.heartbeat_timeout
     coord.analyzer_stats = None
     coord.node_stats = None
+    coord.agent_stats = {}  # node rank -> its agent's node statistics (announce_end)
     # Only this run's processes may connect (actors._admission); the token also sits in
     # the run's 0700 ipc directory, so a tool of the same user can join the run's nodes.
     token = secrets.token_hex(16)  # (written, unused, in a multi-node run)
@@ -412,7 +422,7 @@ async def _serve_ranks(cfg, coord, plan, ipc_dir: str, analyzer_specs, rundir, r
             nursery.start_soon(_ranks, ranks, coord)
             await coord.outcome.done.wait()
             if layout is not None:
-                await nodes.announce_end(layout, coord.outcome)
+                coord.agent_stats = await nodes.announce_end(layout, coord.outcome)
             if analyzer and coord.outcome.failure is None and not coord.outcome.stopped:
                 with trio.move_on_after(cfg.hooks.timeout_s + 5):
                     while True:  # it may be restarting (a hook hung): ask again

@@ -690,7 +690,8 @@ class NodeAgent(actors.Actor):
 
     {"over": "finished" | "failed" | "stopped", "reason": str}: the run is over. It sets
     this node's outcome (`coord.outcome`) as node 0's, so every agent exits with node
-    0's code; the agent then stops its ranks as node 0 stops its own.
+    0's code; the agent then stops its ranks as node 0 stops its own. Answers {"node":
+    this agent's node statistics} (summary.json's admission counts: who knocked here).
     {"kill": rank, "pid": pid}: the Coordinator's regroup deadline passed and that rank
     of this node has not rejoined (alive, heartbeats going): SIGKILL it, so its
     supervisor replaces it. {"cont": rank, "pid": pid}: a chaos stall of that rank is
@@ -714,7 +715,7 @@ class NodeAgent(actors.Actor):
             elif kind == "stopped":
                 self.outcome.stopped = reason
             self.outcome.done.set()
-        return "ok"
+        return {"node": actors.current_node().statistics()}
 
 
 _CHILD_SIGNALS = {"kill": (signal.SIGKILL, "killed"), "cont": (signal.SIGCONT, "continued")}
@@ -754,9 +755,10 @@ async def kill_rank(k: int, rank: int, pid: int, what: str = "kill") -> str | No
     return answer if answer in ("killed", "continued", "gone") else None
 
 
-async def announce_end(layout: NodeLayout, outcome) -> None:
+async def announce_end(layout: NodeLayout, outcome) -> dict[int, dict | None]:
     """Node 0, the run over: tell every other agent how it ended (each within 5 s; an
-    agent not reached finds out when node 0 falls silent)."""
+    agent not reached finds out when node 0 falls silent). Returns each agent's node
+    statistics by node rank, None for an agent not reached."""
     if outcome.failure is not None:
         word = {"over": "failed", "reason": outcome.failure}
     elif outcome.stopped is not None:
@@ -764,15 +766,20 @@ async def announce_end(layout: NodeLayout, outcome) -> None:
     else:
         word = {"over": "finished", "reason": ""}
 
+    stats: dict[int, dict | None] = dict.fromkeys(range(1, layout.nnodes))
+
     async def tell(k: int) -> None:
         try:
-            await actors.call(f"NodeAgent@{node_name(k)}", word, timeout=5.0)
+            answer = await actors.call(f"NodeAgent@{node_name(k)}", word, timeout=5.0)
         except actors.ActorError:
-            pass
+            return
+        if isinstance(answer, dict) and isinstance(answer.get("node"), dict):
+            stats[k] = answer["node"]
 
     async with trio.open_nursery() as nursery:
         for k in range(1, layout.nnodes):
             nursery.start_soon(tell, k)
+    return stats
 
 
 async def supervise_node(

@@ -59,17 +59,19 @@ def _bench_fuzz():
     return bench_fuzz
 
 
-def _keyed(run_dir: Path, tmp_path: Path, keys: Path, *, start_node1: bool = True):
-    """Node 0 (the master, 127.0.0.2) and, unless told not to, node 1 (127.0.0.3), both
-    with --keys and the run id mnsec-test: (master HOST:PORT, the agents)."""
+def _keyed(run_dir: Path, tmp_path: Path, keys: Path, *, start=("node0", "node1")):
+    """The agents of node 0 (the master, 127.0.0.2) and node 1 (127.0.0.3), both with
+    --keys and the run id mnsec-test, those named in `start` started (in that order):
+    (master HOST:PORT, the agents started, every agent's arguments by name)."""
     master = f"127.0.0.2:{free_port()}"
     common = [*RUN, "--nodes", "2", "--master", master, "--run-dir", str(run_dir),
               "--keys", str(keys), "--run-id", "mnsec-test"]  # fmt: skip
-    node1 = [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"]
-    agents = {"node0": agent([*common, "--node-rank", "0"], {}, tmp_path, "node0")}
-    if start_node1:
-        agents["node1"] = agent(node1, {}, tmp_path, "node1")
-    return master, agents, node1
+    args = {
+        "node0": [*common, "--node-rank", "0"],
+        "node1": [*common, "--node-rank", "1", "--advertise-addr", "127.0.0.3"],
+    }
+    agents = {name: agent(args[name], {}, tmp_path, name) for name in start}
+    return master, agents, args
 
 
 def test_two_agents_with_keys_give_the_bits_of_one_host_over_curve(tmp_path, one_host_sha):
@@ -208,11 +210,11 @@ def _well_formed(frames: list[bytes]) -> bool:
 def test_intruders_at_node_0_are_refused_counted_and_change_nothing(tmp_path, one_host_sha):
     keys = init_keys(tmp_path / "keys", 2)
     run_dir = tmp_path / "run"
-    master, agents, node1 = _keyed(run_dir, tmp_path, keys.directory, start_node1=False)
+    master, agents, args = _keyed(run_dir, tmp_path, keys.directory, start=["node0"])
     try:
         well_formed = _knock(master, keys)
         assert agents["node0"].poll() is None, (tmp_path / "node0.err").read_text()
-        agents["node1"] = agent(node1, {}, tmp_path, "node1")
+        agents["node1"] = agent(args["node1"], {}, tmp_path, "node1")
     finally:
         results = finish(agents)
     assert results["node0"][0] == 0, results["node0"][1]
@@ -232,9 +234,78 @@ def test_intruders_at_node_0_are_refused_counted_and_change_nothing(tmp_path, on
     assert cluster["refused"] == (
         cluster["refused_handshake"] + cluster["refused_sender"] + cluster["refused_run"]
     ), admission
-    for r in range(4):  # the ranks saw nobody
-        rank = admission["nodes"][f"rank{r}"]
-        assert not any(c for k, c in rank.items() if k != "dropped"), admission
+    for name in ("node1", "rank0", "rank1", "rank2", "rank3"):  # the others saw nobody
+        seen = admission["nodes"][name]
+        assert not any(c for k, c in seen.items() if k != "dropped"), admission
+
+
+def _listening(pid: int, ip: str) -> str | None:
+    """The tcp endpoint process `pid` listens on at `ip` (an agent's node inbox: the
+    ports it reserves for its ranks are bound, never listening), or None yet."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    want = "".join(reversed([f"{int(b):02X}" for b in ip.split(".")]))
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address, port = fields[1].split(":")
+        if address == want and fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+            return f"tcp://{ip}:{int(port, 16)}"
+    return None
+
+
+def test_intruders_at_node_1s_agent_are_refused_and_counted_in_the_summary(tmp_path, one_host_sha):
+    """Node 1's agent is up, node 0 not yet (node 1 waits to say hello): at node 1's
+    inbox three connections are refused at the handshake, node 0's valid key claims
+    node 1's agent and a rank of node 1, and speaks from another run. Then node 0
+    starts; the run ends with one host's bits, and summary.json counts what knocked at
+    node 1 under "node1" (node 0's agent saw nobody)."""
+    keys = init_keys(tmp_path / "keys", 2)
+    run_dir = tmp_path / "run"
+    _, agents, args = _keyed(run_dir, tmp_path, keys.directory, start=["node1"])
+    node0, node1 = keys.keypair(0), keys.keypair(1)
+    try:
+        deadline = time.monotonic() + GUARD
+        while (inbox := _listening(agents["node1"].pid, "127.0.0.3")) is None:
+            assert time.monotonic() < deadline, "node 1's agent never listened"
+            assert agents["node1"].poll() is None, (tmp_path / "node1.err").read_text()
+            time.sleep(0.1)
+        intruder = _Intruder(inbox, keys)
+        try:
+            claim, monitor = intruder.dealer(node0, node1[0], once=False)
+            assert intruder.outcome(monitor) == "in"  # (a key of the run: refused per message)
+            _send_all(claim, [_hb("node1"), _hb("rank2")])
+            other, monitor = intruder.dealer(node0, node1[0], run="another-run", once=False)
+            assert intruder.outcome(monitor) == "in"
+            _send_all(other, [_hb("cluster", g) for g in range(10)])
+            stranger = zmq.curve_keypair()
+            for how in ({}, {"keypair": stranger, "server": node1[0]},
+                        {"keypair": node0, "server": node0[0]}):  # fmt: skip
+                sock, monitor = intruder.dealer(**how)
+                with contextlib.suppress(zmq.Again):
+                    sock.send_multipart(_hb("node1"), zmq.DONTWAIT)
+                assert intruder.outcome(monitor) == "refused", how
+            time.sleep(1.0)  # the last messages reach node 1's reader
+        finally:
+            intruder.close()
+        assert agents["node1"].poll() is None, (tmp_path / "node1.err").read_text()
+        agents["node0"] = agent(args["node0"], {}, tmp_path, "node0")
+    finally:
+        results = finish(agents)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["params_sha256"] == one_host_sha
+    admission = summary["admission"]
+    assert {k: c for k, c in admission["nodes"]["node1"].items() if k != "dropped"} == {
+        "refused": 15, "refused_handshake": 3, "refused_sender": 2, "refused_run": 10,
+        "refused_duplicate": 0, "rejected": 0,
+    }, admission  # fmt: skip
+    cluster = admission["nodes"]["cluster"]
+    assert not any(c for k, c in cluster.items() if k != "dropped"), admission
 
 
 def _loose_secret(keys: Path) -> str:
