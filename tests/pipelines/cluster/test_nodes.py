@@ -200,23 +200,20 @@ def test_a_late_monitor_ack_while_a_rank_of_node_1_waits_to_join_does_not_hang(
     assert params_sha256(run_dir) == one_host_sha
 
 
-@pytest.mark.skip(
-    reason="its planted 5 s late 'watching' ack no longer makes the Coordinator see rank 2 "
-    "down on a quiet machine (the run ends with one host's bits, restarts 0, so the "
-    "scenario is not exercised); since the live-control/warm-runner merges -- to re-plant"
-)
 def test_a_late_monitor_ack_while_a_rank_of_node_1_trains_makes_it_regroup_not_stall(
     tmp_path, one_host_sha
 ):
-    """Rank 2 (node 1) joins last (8 s late), so generation 1 trains at once, and
-    acknowledges the monitor of its Trainer 5 s late: the Coordinator sees a live rank
-    down while it trains. The others regroup, and so does rank 2, told as well -- not
-    left in its collective for cluster.collective_timeout (600 s here: past the rejoin
-    deadline, which would end the run) -- and the run ends with the bits of one host."""
+    """Rank 2 (node 1) never acknowledges the Coordinator's monitors of its Trainer
+    until it has trained, and its first collective is held until a regroup aborts it:
+    the Coordinator sees a live rank down (heartbeat_timeout after the monitor) while
+    that rank is in its collective, whatever the load, and the run cannot end first.
+    The others regroup, and so does rank 2, told as well -- not left in its collective
+    for cluster.collective_timeout (600 s here: past the rejoin deadline, which would
+    end the run) -- and the run ends with the bits of one host."""
     run_dir = tmp_path / "run"
     late = {
-        "ZEROTRAIN_TEST_LATE_WATCHING": "rank2:5.0",
-        "ZEROTRAIN_TEST_LATE_JOIN": "rank2:8.0",
+        "ZEROTRAIN_TEST_UNACKED_UNTIL_TRAINING": "rank2",
+        "ZEROTRAIN_TEST_LATE_JOIN": "rank2:8.0",  # (joins last: the first round trains)
         "PYTHONPATH": os.pathsep.join([str(LATE), str(REPO)]),
     }
     extra = ["--set", "cluster.collective_timeout=600"]
@@ -225,6 +222,9 @@ def test_a_late_monitor_ack_while_a_rank_of_node_1_trains_makes_it_regroup_not_s
     assert results["node0"][0] == 0, results["node0"][1]
     assert results["node1"][0] == 0, results["node1"][1]
     assert "zerotrain: rank 2 is down (noconnection); the others regroup" in results["node0"][1]
+    # rank 2 was in its collective when told: the plant's line, in node 1's ranks.log
+    held = "late_ack: the first collective, held, was aborted by a regroup"
+    assert held in (run_dir / "node-1" / "ranks.log").read_text()
     assert params_sha256(run_dir) == one_host_sha
 
 
