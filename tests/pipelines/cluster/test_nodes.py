@@ -12,13 +12,20 @@ import os
 import re
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.pipelines.cli_util import REPO, zerotrain
-from tests.pipelines.cluster.cluster_util import agent, finish, free_port, params_sha256
+from tests.pipelines.cluster.cluster_util import (
+    agent,
+    finish,
+    free_port,
+    params_sha256,
+    rank_pids,
+    wait_for_line,
+    wait_for_steps,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -127,41 +134,12 @@ def test_a_non_loopback_address_without_keys_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def _rank_pids(agent_pid: int) -> list[int]:
-    """The rank processes an agent started (its children running pipelines.cluster.rank)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == agent_pid and b"pipelines.cluster.rank" in cmdline:
-            pids.append(int(stat.parent.name))
-    return sorted(pids)
-
-
-def _steps_logged(run_dir: Path) -> int:
-    try:
-        return len((run_dir / "metrics.jsonl").read_text().splitlines())
-    except OSError:
-        return 0
-
-
-def _wait_for_steps(run_dir: Path, agents: dict, n: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while _steps_logged(run_dir) < n:
-        assert time.monotonic() < deadline, f"no {n} steps within {timeout:g} s"
-        assert all(p.poll() is None for p in agents.values()), "an agent ended early"
-        time.sleep(0.1)
-
-
 def test_a_rank_of_node_1_killed_recovers_to_the_bits_of_one_host(tmp_path, one_host_sha):
     run_dir = tmp_path / "run"
     _, agents, _ = _two_agents(run_dir, tmp_path)
     try:
-        _wait_for_steps(run_dir, agents, 5)
-        victims = _rank_pids(agents["node1"].pid)
+        wait_for_steps(run_dir, agents, 5)
+        victims = rank_pids(agents["node1"].pid)
         assert len(victims) == 2
         os.kill(victims[0], signal.SIGKILL)
     finally:
@@ -241,8 +219,8 @@ def test_a_live_rank_of_node_1_that_does_not_rejoin_is_killed_by_its_agent(tmp_p
     extra = ["--set", "cluster.collective_timeout=10"]
     _, agents, _ = _two_agents(run_dir, tmp_path, extra=extra, node1_env=late)
     try:
-        _wait_for_steps(run_dir, agents, 5)
-        os.kill(_rank_pids(agents["node1"].pid)[0], signal.SIGKILL)  # rank 2
+        wait_for_steps(run_dir, agents, 5)
+        os.kill(rank_pids(agents["node1"].pid)[0], signal.SIGKILL)  # rank 2
     finally:
         results = finish(agents, timeout=240)
     assert results["node0"][0] == 0, results["node0"][1]
@@ -262,7 +240,7 @@ def test_a_second_agent_of_a_running_node_is_refused_in_one_line_and_the_run_goe
     run_dir = tmp_path / "run"
     _, agents, args = _two_agents(run_dir, tmp_path, run=_steps(40))
     try:
-        _wait_for_steps(run_dir, agents, 5)
+        wait_for_steps(run_dir, agents, 5)
         elsewhere = str(tmp_path / "elsewhere")
         dup = agent([elsewhere if a == str(run_dir) else a for a in args["node1"]], {},
                     tmp_path, "node1-dup")  # fmt: skip
@@ -304,7 +282,7 @@ def test_usr1_to_every_agent_stops_all_nodes_at_one_step_and_resume_gives_the_bi
     _, agents, args = _two_agents(run_dir, tmp_path, _steps(40))
     node0, node1 = args["node0"], args["node1"]
     try:
-        _wait_for_steps(run_dir, agents, 5)
+        wait_for_steps(run_dir, agents, 5)
         for name in ("node1", "node0"):
             os.kill(agents[name].pid, signal.SIGUSR1)
     finally:
@@ -333,25 +311,17 @@ def test_usr1_to_every_agent_stops_all_nodes_at_one_step_and_resume_gives_the_bi
     assert params_sha256(run_dir) == one_host_sha_of(40)
 
 
-def _wait_for_line(path: Path, text: str, agents: dict, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in path.read_text():
-        assert time.monotonic() < deadline, f"no {text!r} in {path.name} within {timeout:g} s"
-        assert all(p.poll() is None for p in agents.values()), "an agent ended early"
-        time.sleep(0.1)
-
-
 def _lose_node_1(run_dir: Path, tmp_path: Path, steps: int, extra=()) -> tuple[list, dict]:
     """Two agents train `steps` steps; once 12 are logged (past the snapshot of step 10:
     cluster.snapshot_every) node 1's agent and ranks are SIGKILLed (its process group),
     and node 0 has seen its ranks down: (node 1's arguments, the agents left)."""
     _, agents, args = _two_agents(run_dir, tmp_path, _steps(steps), extra)
     try:
-        _wait_for_steps(run_dir, agents, 12)
+        wait_for_steps(run_dir, agents, 12)
         lost = agents.pop("node1")
         os.killpg(lost.pid, signal.SIGKILL)
         lost.wait()
-        _wait_for_line(tmp_path / "node0.err", "rank 2 is down", agents)
+        wait_for_line(tmp_path / "node0.err", "rank 2 is down", agents)
     except BaseException:
         finish(agents)
         raise
@@ -393,7 +363,7 @@ def test_node_1_lost_with_a_rank_of_node_0_restores_from_the_last_checkpoint_exa
     every = ["--set", "checkpoint.every=5"]
     node1, agents = _lose_node_1(run_dir, tmp_path, 40, every)
     try:
-        os.kill(_rank_pids(agents["node0"].pid)[0], signal.SIGKILL)  # rank 0
+        os.kill(rank_pids(agents["node0"].pid)[0], signal.SIGKILL)  # rank 0
         agents["node1"] = agent(node1, {}, tmp_path, "node1-again")
     finally:
         results = finish(agents)

@@ -24,8 +24,7 @@ from pipelines.cluster.live import call_run
 from pipelines.store import checkpoint as ckpt_mod
 from tests.pipelines.cli_util import zerotrain
 
-from .cluster_util import SMALL, finish, free_port, launch_env, params_sha256
-from .test_nodes import _rank_pids
+from .cluster_util import SMALL, finish, free_port, launch_env, params_sha256, rank_pids
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +128,7 @@ def test_a_set_through_node_1s_dir_holds_on_every_node_and_survives_a_kill_on_no
         assert said.endswith(f"(recorded in {recorded})"), said
         gate.touch()
         _wait(f"step {step + 2}", agents, lambda: len(_metrics(run_dir)) >= step + 2)
-        os.kill(_rank_pids(agents["node1"].pid)[1], signal.SIGKILL)  # rank 3
+        os.kill(rank_pids(agents["node1"].pid)[1], signal.SIGKILL)  # rank 3
     finally:
         gate.touch()  # (also when the test failed)
         results = finish(agents)
