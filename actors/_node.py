@@ -95,10 +95,15 @@ pause the whole reader: an overflow past ``_OVERFLOW_MAX`` messages or
 requests served in tasks of their own at once (stops, and calls for an actor that is
 not there or has just exited).
 
-Admission. A message's sender must be its connection's routing id (``name@boot id`` as
-this module's DEALERs set it, so that a second process with a peer's name never takes
-over the first one's pipe by ROUTER_HANDOVER; a bare ``name`` is accepted too); with a
-run token the
+Admission. A message's sender must be its connection's routing id (``name@boot id>peer``
+as this module's DEALERs set it, so that a second process with a peer's name never takes
+over the first one's pipe by ROUTER_HANDOVER; ``name@boot id`` and a bare ``name`` are
+accepted too). A DEALER keeps reconnecting to a peer's endpoint until the peer is
+forgotten; when a new node binds the endpoint of one that ended (a control tool's
+ephemeral tcp port, reused), the old connection reaches the new node under an id that
+names the old peer: its messages are dropped and counted (``misaddressed``), and the
+new node's own connection from that sender, under another id, is not handed over to
+it. With a run token the
 ROUTER admits, at the handshake, only peers holding it (``actors._admission``). Under the
 process's CURVE keyring (tcp://, ``actors.secure_tcp``) the ROUTER admits the run's
 hosts' keys, the DEALERs set no routing id, and a message's sender must be a node of
@@ -348,6 +353,7 @@ class Node:
                 "rejected",
                 "dropped",
                 "stale",
+                "misaddressed",
                 "overflowed",
                 "held",
                 "refused",
@@ -592,8 +598,9 @@ class Node:
             if self._nursery is not None:
                 self._nursery.start_soon(self._run_peer, peer)
         elif endpoint and endpoint != peer.endpoint:
-            peer.endpoint = endpoint  # it moved (restarted elsewhere): reconnect
+            peer.endpoint = endpoint  # it moved (restarted elsewhere), or is now known
             self._connect(peer)
+            peer.changed.unpark_all()  # (a reply may wait for it: _reply)
         return peer
 
     def _make_room(self) -> bool:
@@ -622,7 +629,7 @@ class Node:
                 return
             options = keyring.client_options(host)
         else:
-            options = {"routing_id": _routing_id(self.name, self.generation)}
+            options = {"routing_id": _routing_id(self.name, self.generation, peer.name)}
             if self.token is not None:
                 options.update(_admission.present(self.name, self.token))
         peer.socket = open_socket("DEALER", connect=peer.endpoint, linger=0, **options)
@@ -680,6 +687,13 @@ class Node:
         ``droppable`` message is dropped; any other is handed to a helper task that
         waits up to ``send_timeout`` (order is then not guaranteed)."""
         peer = self._peers.get(peer_name) or self._peer(peer_name)
+        if peer.endpoint is None and not droppable and self._nursery is not None:
+            if peer.later >= _MAX_LATER:
+                self._stats["dropped"] += 1
+                return
+            peer.later += 1
+            self._nursery.start_soon(self._send_when_known, peer, kind, body, tensors, seq)
+            return
         try:
             frames = self._frames(peer, kind, body, tensors, seq)
             if self._send_at_once(peer, frames):
@@ -715,6 +729,27 @@ class Node:
 
         peer.later += 1
         self._nursery.start_soon(send_later)
+
+    async def _known(self, name: str) -> _Peer:
+        """Peer ``name`` once its endpoint is known. A caller reached only over tcp can be
+        heard before its first hb, which names its endpoint, is: what it is owed waits
+        for the endpoint instead of being dropped (callers bound the wait)."""
+        while (peer := self._peer(name)).endpoint is None:
+            await peer.changed.park()
+        return peer
+
+    async def _send_when_known(self, peer: _Peer, kind: str, body: dict, tensors, seq) -> None:
+        try:
+            with trio.move_on_after(self.send_timeout):
+                try:
+                    await self._send(await self._known(peer.name), kind, body, tensors, seq)
+                except ActorExited:
+                    pass
+                return
+        finally:
+            peer.later -= 1
+        self._stats["dropped"] += 1
+        log.warning("%s dropped %s to %s: its endpoint never came", self._label, kind, peer.name)
 
     async def _run_peer(self, peer: _Peer) -> None:
         with peer.scope:  # cancelled when the peer is forgotten
@@ -868,7 +903,15 @@ class Node:
                 elif routing_id not in (
                     msg.sender.encode(),
                     _routing_id(msg.sender, msg.generation),
+                    _routing_id(msg.sender, msg.generation, self.name),
                 ):
+                    if _routing_name(routing_id) == msg.sender and routing_id.startswith(
+                        _routing_id(msg.sender, msg.generation) + b">"
+                    ):
+                        # Its sender's connection to a node that had this endpoint before
+                        # us, reconnected here by ZeroMQ: not ours (module doc).
+                        self._stats["misaddressed"] += 1
+                        continue
                     # The sender is the connection's: its routing id, which with a token
                     # only a process of the run can hold (actors._admission).
                     self._stats["refused_sender"] += 1
@@ -1316,7 +1359,7 @@ class Node:
         with trio.move_on_after(self.send_timeout):
             try:
                 try:
-                    await self._send(self._peer(peer), "reply", body, tensors, seq=seq)
+                    await self._send(await self._known(peer), "reply", body, tensors, seq=seq)
                 except WireError as exc:  # (raised before anything is sent)
                     body = _error("bad_reply", f"the reply cannot travel: {exc}")
                     await self._send(self._peer(peer), "reply", body, seq=seq)
@@ -1370,9 +1413,12 @@ def _drain_monitor(sock: TrioSocket) -> None:
             return
 
 
-def _routing_id(name: str, generation: int) -> bytes:
-    """A node's DEALER routing id: ``name@boot id`` ('@' is in no name), one per process."""
-    return f"{name}@{generation:x}".encode()
+def _routing_id(name: str, generation: int, to: str | None = None) -> bytes:
+    """A node's DEALER routing id: ``name@boot id>peer`` ('@' is in no name), one per
+    process and peer it sends to (module doc, "Admission"); the generation is
+    hex, so the first '>' after the '@' ends it."""
+    sender = f"{name}@{generation:x}"
+    return (sender if to is None else f"{sender}>{to}").encode()
 
 
 def _routing_name(routing_id: bytes | None) -> str | None:

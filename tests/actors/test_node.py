@@ -7,10 +7,13 @@ Each test runs a node in the test process and one or two worker processes
 
 import dataclasses
 import enum
+import errno
 import os
 import random
 import signal
+import socket
 import sys
+import time
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -18,6 +21,7 @@ import msgpack
 import numpy as np
 import pytest
 import trio
+import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -521,6 +525,71 @@ async def test_a_call_to_an_unreachable_node_fails_with_noconnection():
         async with actors.open_node("test", heartbeat_interval=0.1, heartbeat_timeout=0.5):
             with pytest.raises(ActorExited, match="noconnection"):
                 await actors.call("Echo@nowhere", 1, timeout=10)
+
+
+async def _call_once(name: str, bind: str, server: str) -> tuple:
+    """One short-lived tcp node, as a control tool opens: call Probe@srv, stay a moment
+    (the server's connections to earlier tools may reach it meanwhile); the reply and
+    the node's misaddressed count."""
+    options = {"endpoint": bind, "peers": {"srv": server}, "heartbeat_timeout": HEARTBEAT_TIMEOUT}
+    async with actors.open_node(name, **options) as node:
+        reply = await actors.call("Probe@srv", ("hello", name), timeout=LIMIT)
+        await trio.sleep(0.3)
+        return reply, node.statistics()["misaddressed"]
+
+
+def _on_the_port_when_free(name: str, bind: str, server: str) -> tuple:
+    """_call_once, once the port is free again (ZeroMQ closes the last tool's listening
+    socket in its own thread, a moment after that tool's node is closed)."""
+    for _ in range(100):
+        try:
+            return trio.run(_call_once, name, bind, server)
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            time.sleep(0.05)
+    raise AssertionError(f"{bind} stayed in use")
+
+
+async def test_tcp_callers_one_after_another_on_one_port_each_get_their_own_reply():
+    """Control tools that end and start again on one tcp port (as an ephemeral port the
+    OS hands out again): the server's connection to the ended tool reconnects to the new
+    one, under an id naming the ended tool, and is dropped there (misaddressed); each
+    tool gets its own reply, none of them after a heartbeat's wait."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        bind = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    options = {"endpoint": "tcp://127.0.0.1:*", "heartbeat_timeout": HEARTBEAT_TIMEOUT}
+    async with actors.open_node("srv", **options) as node, trio.open_nursery() as nursery:
+        await actors.spawn(nursery, Probe(), name="Probe")
+        seen = []
+        for i in range(4):  # each tool in a thread of its own: one node per trio run
+            call = partial(_on_the_port_when_free, f"ctl-{i}", bind, node.endpoint)
+            seen.append(await trio.to_thread.run_sync(call))
+        nursery.cancel_scope.cancel()
+    assert [list(reply) for reply, _ in seen] == [["hello", f"ctl-{i}"] for i in range(4)]
+    assert all(misaddressed > 0 for _, misaddressed in seen[1:]), seen
+
+
+async def test_a_tcp_callers_reply_waits_for_the_heartbeat_that_names_its_endpoint():
+    """A call can reach a tcp node before the caller's first hb, which names where to
+    answer, does: the reply waits for that hb instead of being dropped."""
+    options = {"endpoint": "tcp://127.0.0.1:*", "heartbeat_timeout": HEARTBEAT_TIMEOUT}
+    async with actors.open_node("srv", **options) as node, trio.open_nursery() as nursery:
+        await actors.spawn(nursery, Probe(), name="Probe")
+        inbox = open_socket("ROUTER", bind="tcp://127.0.0.1:*")
+        out = open_socket("DEALER", connect=node.endpoint, routing_id=b"caller@1>srv")
+        with inbox, out, trio.fail_after(LIMIT):
+            call = {"to": "Probe", "request": "early"}
+            await out.send_message(Message("call", "caller", 1, 0, 5, call))
+            while node.statistics()["received"] < 1:
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)  # Probe has answered: the answer has nowhere to go yet
+            hb = {"endpoint": inbox.last_endpoint, "names": []}
+            await out.send_message(Message("hb", "caller", 1, 0, 0, hb))
+            answer = await next_of_type(inbox, "reply")
+            assert (answer.seq, answer.body["value"]) == (5, "early")
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_malformed_message_is_rejected_and_the_node_keeps_serving():
