@@ -109,11 +109,25 @@ def finish(agents: dict, timeout: float = 300) -> dict:
             code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
             results[name] = (code, proc.err_path.read_text())
     finally:
-        for proc in agents.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        kill_left(agents)
     return results
+
+
+def kill_left(agents: dict) -> None:
+    """SIGKILL the process group of every agent still running, and reap it."""
+    for proc in agents.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def reference_sha(tmp_path_factory, *run_args: str) -> str:
+    """params_sha256 of `zerotrain *run_args` on one host, in a fresh run dir: the bits a
+    multi-node run of the same config must give."""
+    run_dir = tmp_path_factory.mktemp("one_host") / "run"
+    done = zerotrain(*run_args, "--run-dir", str(run_dir), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return params_sha256(run_dir)
 
 
 def params_sha256(run_dir: Path) -> str:

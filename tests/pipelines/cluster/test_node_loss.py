@@ -26,6 +26,7 @@ from tests.pipelines.cluster.cluster_util import (
     free_port,
     params_sha256,
     rank_pids,
+    reference_sha,
     wait_for_line,
     wait_for_steps,
 )
@@ -41,10 +42,7 @@ RUN = ("run", "char_lm", "--ranks", "4", "--mode", "zero2", "--steps", str(STEPS
 @pytest.fixture(scope="module")
 def one_host_sha(tmp_path_factory) -> str:
     """The bits of the same run on one host (--ranks 4)."""
-    run_dir = tmp_path_factory.mktemp("one_host") / "run"
-    done = zerotrain(*RUN, "--run-dir", str(run_dir), timeout=300)
-    assert done.returncode == 0, done.stderr
-    return params_sha256(run_dir)
+    return reference_sha(tmp_path_factory, *RUN)
 
 
 def _lose_node_0(run_dir: Path, tmp_path: Path, extra=()) -> tuple[list, dict]:

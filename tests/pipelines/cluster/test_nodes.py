@@ -21,8 +21,10 @@ from tests.pipelines.cluster.cluster_util import (
     agent,
     finish,
     free_port,
+    kill_left,
     params_sha256,
     rank_pids,
+    reference_sha,
     wait_for_line,
     wait_for_steps,
 )
@@ -39,10 +41,7 @@ def one_host_sha_of(tmp_path_factory):
 
     @functools.cache
     def get(steps: int) -> str:
-        run_dir = tmp_path_factory.mktemp("one_host") / "run"
-        done = zerotrain(*_steps(steps), "--run-dir", str(run_dir), timeout=300)
-        assert done.returncode == 0, done.stderr
-        return params_sha256(run_dir)
+        return reference_sha(tmp_path_factory, *_steps(steps))
 
     return get
 
@@ -406,10 +405,7 @@ def test_a_node_with_another_config_is_refused_by_node_0_in_one_line(tmp_path):
         err = (tmp_path / "node1.err").read_text().splitlines()
         assert agents["node0"].poll() is None  # node 0 waits on for its node 1
     finally:
-        for proc in agents.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        kill_left(agents)
     assert code == 2, err
     assert len(err) == 2 and "plaintext tcp on loopback" in err[0], err  # its test-mode note
     assert err[1].startswith(

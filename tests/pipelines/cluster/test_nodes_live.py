@@ -24,7 +24,16 @@ from pipelines.cluster.live import call_run
 from pipelines.store import checkpoint as ckpt_mod
 from tests.pipelines.cli_util import zerotrain
 
-from .cluster_util import SMALL, finish, free_port, launch_env, params_sha256, rank_pids
+from .cluster_util import (
+    SMALL,
+    finish,
+    free_port,
+    kill_left,
+    launch_env,
+    params_sha256,
+    rank_pids,
+    reference_sha,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -95,10 +104,7 @@ def one_host(tmp_path_factory):
 
     def get(*extra: str) -> str:
         if extra not in shas:
-            run_dir = tmp_path_factory.mktemp("one_host") / "run"
-            done = zerotrain("run", *MLP, *extra, "--run-dir", str(run_dir), timeout=300)
-            assert done.returncode == 0, done.stderr[-3000:]
-            shas[extra] = params_sha256(run_dir)
+            shas[extra] = reference_sha(tmp_path_factory, "run", *MLP, *extra)
         return shas[extra]
 
     return get
@@ -278,10 +284,7 @@ def test_a_node_without_node_0s_hooks_is_refused_in_one_line(tmp_path):
         code = agents["node1"].wait(timeout=DEADLINE)
         assert agents["node0"].poll() is None  # node 0 waits on for its node 1
     finally:
-        for proc in agents.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        kill_left(agents)
     err = (tmp_path / "node1.err").read_text().splitlines()
     assert code == 2, err
     assert len(err) == 2 and "plaintext tcp on loopback" in err[0], err

@@ -29,7 +29,12 @@ from zmq.utils.monitor import recv_monitor_message
 import actors
 from pipelines.launch import init_keys
 from tests.pipelines.cli_util import zerotrain
-from tests.pipelines.cluster.cluster_util import agent, finish, free_port, params_sha256
+from tests.pipelines.cluster.cluster_util import (
+    agent,
+    finish,
+    free_port,
+    reference_sha,
+)
 from tests.pipelines.cluster.test_nodes import RUN
 
 pytestmark = pytest.mark.slow
@@ -43,10 +48,7 @@ GUARD = 60.0  # seconds: a bound on what must happen long before
 @pytest.fixture(scope="module")
 def one_host_sha(tmp_path_factory) -> str:
     """The bits of the same run on one host: --ranks 4 (test_nodes' reference)."""
-    run_dir = tmp_path_factory.mktemp("one_host") / "run"
-    done = zerotrain(*RUN, "--run-dir", str(run_dir), timeout=300)
-    assert done.returncode == 0, done.stderr
-    return params_sha256(run_dir)
+    return reference_sha(tmp_path_factory, *RUN)
 
 
 def _bench_fuzz():
@@ -74,15 +76,34 @@ def _keyed(run_dir: Path, tmp_path: Path, keys: Path, *, start=("node0", "node1"
     return master, agents, args
 
 
+def _refused_at_the_handshake(intruder, server: bytes, other_host: tuple, sender: str) -> None:
+    """Three knocks on the agent whose server key is `server`, each refused at the
+    handshake: no key, a well-formed key the cluster never issued, and another host's
+    key against that host's own server key (the wrong server)."""
+    stranger = zmq.curve_keypair()
+    for how in ({}, {"keypair": stranger, "server": server},
+                {"keypair": other_host, "server": other_host[0]}):  # fmt: skip
+        sock, monitor = intruder.dealer(**how)
+        with contextlib.suppress(zmq.Again):
+            sock.send_multipart(_hb(sender), zmq.DONTWAIT)
+        assert intruder.outcome(monitor) == "refused", how
+
+
+def _ended_with(results: dict, run_dir: Path, sha: str) -> dict:
+    """Both agents exited 0 and the run has the bits `sha`; its summary."""
+    for name, (code, err) in results.items():
+        assert code == 0, f"{name}: {err}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["params_sha256"] == sha
+    return summary
+
+
 def test_two_agents_with_keys_give_the_bits_of_one_host_over_curve(tmp_path, one_host_sha):
     keys = init_keys(tmp_path / "keys", 2).directory
     run_dir = tmp_path / "run"
     _, agents, _ = _keyed(run_dir, tmp_path, keys)
     results = finish(agents)
-    assert results["node0"][0] == 0, results["node0"][1]
-    assert results["node1"][0] == 0, results["node1"][1]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["params_sha256"] == one_host_sha
+    summary = _ended_with(results, run_dir, one_host_sha)
     # (not restarts == 0: on a loaded machine a rank silent past the heartbeat timeout
     # is replaced, plaintext or CURVE; the bits say the run lost nothing)
     for k in (0, 1):  # with keys, no plaintext test mode to announce
@@ -185,13 +206,7 @@ def _knock(master: str, keys) -> int:
         assert intruder.outcome(monitor) == "in"  # (admitted by key: refused per message)
         _send_all(other, [_hb("rank2", g) for g in range(OTHER_RUN)])
         # refused at the handshake, one attempt each
-        stranger = zmq.curve_keypair()  # a well-formed key the cluster never issued
-        for how in ({}, {"keypair": stranger, "server": node0[0]},
-                    {"keypair": node1, "server": node1[0]}):  # fmt: skip
-            sock, monitor = intruder.dealer(**how)
-            with contextlib.suppress(zmq.Again):
-                sock.send_multipart(_hb("rank2"), zmq.DONTWAIT)
-            assert intruder.outcome(monitor) == "refused", how
+        _refused_at_the_handshake(intruder, node0[0], node1, "rank2")
         time.sleep(1.0)  # the last messages reach node 0's reader
     finally:
         intruder.close()
@@ -217,10 +232,7 @@ def test_intruders_at_node_0_are_refused_counted_and_change_nothing(tmp_path, on
         agents["node1"] = agent(args["node1"], {}, tmp_path, "node1")
     finally:
         results = finish(agents)
-    assert results["node0"][0] == 0, results["node0"][1]
-    assert results["node1"][0] == 0, results["node1"][1]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["params_sha256"] == one_host_sha
+    summary = _ended_with(results, run_dir, one_host_sha)
     # (not restarts == 0: on a loaded machine a rank silent past the heartbeat timeout
     # is replaced, plaintext or CURVE; the bits say the run lost nothing)
     admission = summary["admission"]
@@ -281,13 +293,7 @@ def test_intruders_at_node_1s_agent_are_refused_and_counted_in_the_summary(tmp_p
             other, monitor = intruder.dealer(node0, node1[0], run="another-run", once=False)
             assert intruder.outcome(monitor) == "in"
             _send_all(other, [_hb("cluster", g) for g in range(10)])
-            stranger = zmq.curve_keypair()
-            for how in ({}, {"keypair": stranger, "server": node1[0]},
-                        {"keypair": node0, "server": node0[0]}):  # fmt: skip
-                sock, monitor = intruder.dealer(**how)
-                with contextlib.suppress(zmq.Again):
-                    sock.send_multipart(_hb("node1"), zmq.DONTWAIT)
-                assert intruder.outcome(monitor) == "refused", how
+            _refused_at_the_handshake(intruder, node1[0], node0, "node1")
             time.sleep(1.0)  # the last messages reach node 1's reader
         finally:
             intruder.close()
@@ -295,10 +301,7 @@ def test_intruders_at_node_1s_agent_are_refused_and_counted_in_the_summary(tmp_p
         agents["node0"] = agent(args["node0"], {}, tmp_path, "node0")
     finally:
         results = finish(agents)
-    assert results["node0"][0] == 0, results["node0"][1]
-    assert results["node1"][0] == 0, results["node1"][1]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["params_sha256"] == one_host_sha
+    summary = _ended_with(results, run_dir, one_host_sha)
     admission = summary["admission"]
     assert {k: c for k, c in admission["nodes"]["node1"].items() if k != "dropped"} == {
         "refused": 15, "refused_handshake": 3, "refused_sender": 2, "refused_run": 10,

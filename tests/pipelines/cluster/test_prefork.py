@@ -53,18 +53,23 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_a_template_becomes_the_rank_it_is_handed_and_an_unused_one_leaves(tmp_path):
-    (tmp_path / "plan.json").write_text("not json")  # relative: read in the cwd handed over
-    out = tmp_path / "rank.out"
+def _script(code: str, *args: str) -> dict:
+    """Run `code` in a fresh interpreter of this checkout; what it printed, as JSON."""
     done = subprocess.run(
-        [sys.executable, "-c", FORKER, str(out), str(tmp_path)],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=180,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr
-    seen = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_a_template_becomes_the_rank_it_is_handed_and_an_unused_one_leaves(tmp_path):
+    (tmp_path / "plan.json").write_text("not json")  # relative: read in the cwd handed over
+    out = tmp_path / "rank.out"
+    seen = _script(FORKER, str(out), str(tmp_path))
     assert seen["refused"] == "prefork() needs a single-threaded process (threads run here)"
     assert seen["other"]  # not a rank's argv: exec'd as usual
     # the first template became the rank: it read ./plan.json in tmp_path, said why it
@@ -100,13 +105,5 @@ print(json.dumps({"pids": [first, second], "rank": rank.pid, "left": prefork.tem
 
 
 def test_a_template_that_died_waiting_is_passed_over_for_the_next():
-    done = subprocess.run(
-        [sys.executable, "-c", SKIPS_THE_DEAD],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stderr
-    seen = json.loads(done.stdout)
+    seen = _script(SKIPS_THE_DEAD)
     assert (seen["rank"], seen["left"]) == (seen["pids"][1], [])
