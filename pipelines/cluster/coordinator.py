@@ -474,8 +474,11 @@ class Coordinator(ProtocolActor):
     def _log_step(self, record: dict) -> None:
         if record["generation"] == self.generation:
             self.at_step = record["step"]
-        for line in self.fault_log.step_seen(record["generation"], time.time()):
+        recovered = self.fault_log.step_seen(record["generation"], time.time())
+        for line in recovered:
             self.progress.message(line)
+        if recovered:  # their recovery times, for the daemon's /metrics
+            self._write_live_faults()
         failure = self.steps.log(record)
         if failure is not None:
             self.fail(failure)
@@ -1057,9 +1060,10 @@ class _Fault:
     steps_replayed: int | None = None
     restored_from: str = ""
     resumes_at: float | None = None  # a stall: when SIGCONT is due
+    event: int | None = None  # the chaos event's id, for a planned fault
 
     def record(self) -> dict:
-        return {
+        record = {
             "kind": self.kind,
             "rank": self.rank,
             "step": self.step,
@@ -1069,6 +1073,26 @@ class _Fault:
             "steps_replayed": self.steps_replayed,
             "restored_from": self.restored_from,
         }
+        if self.event is not None:
+            record["event"] = self.event
+        return record
+
+    @classmethod
+    def of_record(cls, record: dict) -> _Fault:
+        """A fault recorded by an earlier Coordinator of the run (live/faults.json)."""
+        return cls(
+            str(record["kind"]),
+            int(record["rank"]),
+            int(record["step"]),
+            time.time(),
+            -1,  # an earlier Coordinator's generation: any generation now is later
+            str(record.get("reason", "")),
+            record.get("detection_s"),
+            record.get("recovery_s"),
+            record.get("steps_replayed"),
+            str(record.get("restored_from", "")),
+            event=record.get("event"),
+        )
 
 
 class FaultLog:
@@ -1096,7 +1120,7 @@ class FaultLog:
         ev = next(e for e in self.events if e["id"] == event_id)
         if ev["kind"] == "wait":
             return ev
-        fault = _Fault(ev["kind"], ev["rank"], last_step, now, generation, "chaos")
+        fault = _Fault(ev["kind"], ev["rank"], last_step, now, generation, "chaos", event=event_id)
         if ev["kind"] == "stall":
             fault.resumes_at = now + ev["seconds"]
         self.faults.append(fault)
@@ -1121,6 +1145,26 @@ class FaultLog:
         fault.detected_s = now - fault.t
         fault.reason = reason if fault.reason != "chaos" else f"chaos: {reason}"
         return fault
+
+    def continue_from(self, path: Path, lost: range, last_step: int, generation: int) -> None:
+        """A Coordinator started again (node 0 was lost): the faults and restarts its
+        predecessor recorded in `path` (live/faults.json, as far as it got), its fired
+        chaos events no longer pending, and the loss of node 0's ranks `lost` after
+        `last_step` as faults of their own, recovered once a generation trains."""
+        try:
+            earlier = json.loads(path.read_text())
+            records, restarts = list(earlier["faults"]), int(earlier["restarts"])
+            faults = [_Fault.of_record(r) for r in records]
+        except (OSError, ValueError, KeyError, TypeError):
+            faults, restarts = [], 0  # killed before it wrote any, or mid-write
+        now = time.time()
+        for fault in faults:
+            if fault.event is not None and self.knows(fault.event):
+                self.fired_at[fault.event] = now
+        reason = "node 0 lost (its agent and ranks); started again"
+        faults += [_Fault("node_lost", r, last_step, now, generation, reason) for r in lost]
+        self.faults = faults + self.faults
+        self.restarts += restarts + len(lost)
 
     def restored(self, step: int, source: str) -> None:
         """A generation formed at `step` from `source`: what earlier faults replay."""

@@ -108,7 +108,7 @@ def run_cluster(
             if layout.node_rank > 0:  # (its failure lines name the run's checkpoints)
                 coord.ckpt_root = rundir.path.parent / cfg.checkpoint.dir
         if again:
-            coord.steps.continue_log()
+            _continue_after_loss(coord, rundir, layout)
         config_hash = identity.config_hash
         del inputs  # the top process keeps no model or data while the ranks train
         if layout is not None:  # with keys, every tcp:// socket of this agent is CURVE
@@ -151,6 +151,15 @@ def _open_run_dir(cfg: Config, run_dir, inputs, resume, overrides, layout) -> tu
         rundir.forget_steps_after(int(inputs.resume.manifest["step"]))
     _record_overrides(rundir.path, overrides, inputs.resume)
     return rundir, bool(again)
+
+
+def _continue_after_loss(coord: Coordinator, rundir: RunDir, layout: NodeLayout) -> None:
+    """Node 0 started again in its running run: the steps and faults the Coordinator
+    before it recorded are the run's (metrics.jsonl, live/faults.json), and the loss of
+    node 0's ranks is a fault of its own."""
+    coord.steps.continue_log()
+    faults = rundir.path / "live" / "faults.json"
+    coord.fault_log.continue_from(faults, layout.ranks, coord.steps.last_step, coord.generation)
 
 
 def _record_outcome(coord: Coordinator, rundir: RunDir, chaos) -> None:

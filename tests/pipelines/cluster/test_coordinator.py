@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 
 import trio
 
 import actors
-from pipelines.cluster.coordinator import Coordinator, Recovery
+from pipelines.cluster.coordinator import Coordinator, FaultLog, Recovery
 from pipelines.cluster.messages import (
     ChaosFired,
     EvalReported,
@@ -120,3 +121,40 @@ async def test_messages_the_coordinator_cannot_act_on_are_rejected_or_dropped(tm
     ]
     assert len([line for line in logged if " dropped " in line]) == 2
     assert c.state is Recovery.STARTING and not c.outcome.done.is_set()
+
+
+EVENTS = [
+    {"id": 0, "kind": "kill", "rank": 2, "step": 3},
+    {"id": 1, "kind": "kill", "rank": 3, "step": 9},
+]
+
+
+def test_a_fault_log_continued_by_a_coordinator_started_again(tmp_path):
+    """Node 0 lost and started again: the new FaultLog takes its predecessor's faults and
+    restarts from live/faults.json, no longer offers the events that fired, and adds the
+    loss of node 0's ranks, which the next generation's restore point completes."""
+    earlier = FaultLog(EVENTS)
+    earlier.fired(0, 3, 1)
+    earlier.down(2, "noconnection", 3, 1)
+    earlier.restored(2, "memory")
+    faults = tmp_path / "faults.json"
+    records = [f.record() for f in earlier.faults]
+    faults.write_text(json.dumps({"faults": records, "restarts": earlier.restarts}))
+    log = FaultLog(EVENTS)
+    log.continue_from(faults, range(0, 2), 6, 0)
+    assert [e["id"] for e in log.pending()] == [1]
+    assert [(f.kind, f.rank) for f in log.faults] == [
+        ("kill", 2),
+        ("node_lost", 0),
+        ("node_lost", 1),
+    ]
+    assert log.restarts == 3
+    log.restored(4, "memory")
+    assert log.faults[0].record() == records[0]  # as its Coordinator recorded it
+    assert [(f.steps_replayed, f.restored_from) for f in log.faults[1:]] == [(2, "memory")] * 2
+    # killed before it wrote anything whole: only the loss
+    faults.write_text('{"faults": [')
+    log = FaultLog(EVENTS)
+    log.continue_from(faults, range(0, 2), 6, 0)
+    assert [f.kind for f in log.faults] == ["node_lost"] * 2
+    assert (log.restarts, len(log.pending())) == (2, 2)

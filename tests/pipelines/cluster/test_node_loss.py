@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,11 @@ def one_host_sha(tmp_path_factory) -> str:
     return reference_sha(tmp_path_factory, *RUN)
 
 
-def _lose_node_0(run_dir: Path, tmp_path: Path, extra=()) -> tuple[list, dict]:
+def _lose_node_0(run_dir: Path, tmp_path: Path, extra=(), before=None) -> tuple[list, dict]:
     """Two agents train RUN; once 6 steps are logged (past the snapshot of step 4:
-    cluster.snapshot_every) node 0's agent and ranks are SIGKILLed (its process group),
-    and node 1 has seen it lost: (node 0's arguments, the agents left)."""
+    cluster.snapshot_every) and `before(agents)` has returned, node 0's agent and ranks
+    are SIGKILLed (its process group), and node 1 has seen it lost: (node 0's
+    arguments, the agents left)."""
     master = f"127.0.0.2:{free_port()}"
     common = [*RUN, *extra, "--nodes", "2", "--master", master, "--run-dir", str(run_dir)]
     node0 = [*common, "--node-rank", "0"]
@@ -59,6 +61,8 @@ def _lose_node_0(run_dir: Path, tmp_path: Path, extra=()) -> tuple[list, dict]:
     }
     try:
         wait_for_steps(run_dir, agents, 6)
+        if before is not None:
+            before(agents)
         lost = agents.pop("node0")
         os.killpg(lost.pid, signal.SIGKILL)
         lost.wait()
@@ -95,6 +99,51 @@ def test_node_0_lost_and_started_again_continues_from_memory_to_the_bits_of_one_
     assert params_sha256(run_dir) == one_host_sha
     logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
     assert logged == list(range(1, STEPS + 1))
+
+
+def _recovered_crash(run_dir: Path, agents: dict) -> None:
+    """SIGKILL a rank of node 1 and wait until node 0's live/faults.json has its crash
+    recovered."""
+    os.kill(rank_pids(agents["node1"].pid)[0], signal.SIGKILL)
+    faults = run_dir / "live" / "faults.json"
+    deadline = time.monotonic() + 240
+    while not any(f["recovery_s"] is not None for f in _faults(faults)):
+        assert time.monotonic() < deadline, "the crash was never recovered"
+        for name, proc in agents.items():
+            assert proc.poll() is None, f"{name} ended: {proc.err_path.read_text()[-2000:]}"
+        time.sleep(0.1)
+
+
+def _faults(path: Path) -> list[dict]:
+    try:
+        return json.loads(path.read_text())["faults"]
+    except (OSError, ValueError):
+        return []
+
+
+def test_the_faults_before_node_0_was_lost_and_its_loss_are_in_the_runs_record(
+    tmp_path, one_host_sha
+):
+    """A rank of node 1 crashes and is replaced; then node 0 is lost and started again.
+    recovery.json, which the new Coordinator writes, holds the crash its predecessor
+    recorded and the loss of node 0's ranks 0 and 1, each with where the run restored
+    from and its recovery time; the restarts count all three; the bits are one host's."""
+    run_dir = tmp_path / "run"
+    node0, agents = _lose_node_0(run_dir, tmp_path, before=lambda a: _recovered_crash(run_dir, a))
+    agents["node0"] = agent(node0, {}, tmp_path, "node0-again")
+    results = finish(agents)
+    assert results["node0"][0] == 0, results["node0"][1]
+    assert results["node1"][0] == 0, results["node1"][1]
+    recovery = json.loads((run_dir / "recovery.json").read_text())
+    kinds = [(f["kind"], f["rank"]) for f in recovery["faults"]]
+    assert len(kinds) == 3 and kinds[0][0] == "crash" and kinds[0][1] in (2, 3), kinds
+    assert kinds[1:] == [("node_lost", 0), ("node_lost", 1)], kinds
+    for fault in recovery["faults"]:
+        assert fault["recovery_s"] is not None and fault["restored_from"], fault
+    assert recovery["restarts"] == 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] == 3
+    assert summary["params_sha256"] == one_host_sha
 
 
 def test_node_0_lost_with_a_rank_of_node_1_restores_from_the_last_checkpoint_exactly(
