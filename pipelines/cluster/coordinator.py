@@ -158,6 +158,7 @@ class _Outcome:
     failure: str | None = None
     finished: dict = field(default_factory=dict)  # rank -> its final info
     stopped: str | None = None  # a planned stop's one line (a signal ended the run)
+    master_lost: bool = False  # node K > 0: node 0 is lost and waited for (nodes.py)
 
 
 class Coordinator(ProtocolActor):

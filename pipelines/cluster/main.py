@@ -36,7 +36,7 @@ from ..core import RunIdentity, RunStopped, TrainingFailed, prepare_run
 from ..data import data_record, record_epochs
 from ..store import checkpoint as ckpt_mod
 from ..store.overrides import OVERRIDES_FILE, append_override, hook_windows, read_overrides
-from ..store.rundir import LOCK_FD_ENV, Progress, RunDir, write_json_atomic
+from ..store.rundir import LOCK_FD_ENV, Progress, RunDir, last_good_checkpoint, write_json_atomic
 from . import messages as msg
 from . import nodes, prefork
 from .chaos import expand
@@ -297,7 +297,8 @@ async def _serve(cfg, coord: Coordinator, plan, ipc_dir: str, analyzer_specs, ru
             async with trio.open_nursery() as nursery:
                 layout = multi[0]
                 to = "Coordinator" if layout is None else "Coordinator@cluster"
-                nursery.start_soon(_forward_stop_signals, signals, to, _signal_source(layout))
+                source = _signal_source(layout)
+                nursery.start_soon(_forward_stop_signals, signals, to, source, coord)
                 if layout is not None and layout.node_rank > 0:
                     await _serve_node(cfg, coord, plan, ipc_dir, rundir, rank_log, multi)
                 else:
@@ -320,7 +321,7 @@ def _signal_source(layout: NodeLayout | None) -> str:
     return f"the agent of node {layout.node_rank}"
 
 
-async def _forward_stop_signals(signals, coordinator: str, source: str) -> None:
+async def _forward_stop_signals(signals, coordinator: str, source: str, coord) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         while True:  # the Coordinator may not be registered yet (the first moments)
@@ -328,7 +329,22 @@ async def _forward_stop_signals(signals, coordinator: str, source: str) -> None:
                 await msg.stop_requested(coordinator, source, name, 5.0)
                 break
             except actors.ActorError:
+                if coord.outcome.master_lost:  # node K > 0 while node 0 is lost
+                    _stop_unagreed(coord, f"{name} to {source}")
+                    return
                 await trio.sleep(0.05)
+
+
+def _stop_unagreed(coord: Coordinator, reason: str) -> None:
+    """Node K > 0 asked to stop while node 0 is lost: no Coordinator can agree a step
+    with its ranks, so this node stops now (exit 4), naming the checkpoint to resume
+    from; node 0, if it comes back, waits for this node as for any lost one."""
+    if not coord.outcome.done.is_set():
+        coord.outcome.stopped = (
+            f"stopped ({reason}) while node 0 is lost: no step could be agreed; last good "
+            f"checkpoint: {last_good_checkpoint(coord.ckpt_root)}"
+        )
+        coord.outcome.done.set()
 
 
 def _rank_supervisor(cfg, plan, rundir, rank_log, ranks, endpoints=None) -> actors.Supervisor:

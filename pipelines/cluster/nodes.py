@@ -813,6 +813,7 @@ async def supervise_node(
             while True:
                 known = node.peer_info("cluster")
                 await _master_lost(node, known.generation if known else None)
+                coord.outcome.master_lost = True  # (a stop signal now stops this node)
                 coord.progress.message(
                     f"node 0 at {layout.master_endpoint} lost: node {layout.node_rank} keeps "
                     f"its ranks and waits up to cluster.rejoin_timeout {timeout:g}s for it"
@@ -824,6 +825,7 @@ async def supervise_node(
                     except RunRefused as err:
                         coord.fail(str(err))
                         return
+                    coord.outcome.master_lost = False
                     coord.progress.message(f"node 0 is back at {layout.master_endpoint}")
                     continue
                 coord.fail(

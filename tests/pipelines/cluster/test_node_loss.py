@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.store import checkpoint as ckpt_mod
 from tests.pipelines.cli_util import zerotrain
 from tests.pipelines.cluster.cluster_util import (
     agent,
@@ -144,6 +145,29 @@ def test_the_faults_before_node_0_was_lost_and_its_loss_are_in_the_runs_record(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"] == 3
     assert summary["params_sha256"] == one_host_sha
+
+
+def test_a_stop_signal_to_node_1_while_node_0_is_lost_stops_node_1_at_once_in_one_line(
+    tmp_path,
+):
+    """SIGTERM to node 1's agent while it waits for the lost node 0: no Coordinator can
+    agree a step, so node 1 stops its ranks and exits 4 now (not after
+    cluster.rejoin_timeout), in one line naming the checkpoint to resume from."""
+    run_dir = tmp_path / "run"
+    extra = ("--set", "cluster.rejoin_timeout=600", "--set", "checkpoint.every=5")
+    _, agents = _lose_node_0(run_dir, tmp_path, extra=extra)
+    ranks = rank_pids(agents["node1"].pid)
+    assert ranks
+    os.kill(agents["node1"].pid, signal.SIGTERM)
+    code, err = finish(agents, timeout=120)["node1"]
+    assert code == 4, err
+    last = err.strip().splitlines()[-1]
+    step_5 = ckpt_mod.checkpoint_dir(run_dir / "checkpoints", 5)
+    assert last == (
+        "zerotrain run: stopped (SIGTERM to the agent of node 1) while node 0 is lost: "
+        f"no step could be agreed; last good checkpoint: {step_5}"
+    )
+    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists()]
 
 
 def test_node_0_lost_with_a_rank_of_node_1_restores_from_the_last_checkpoint_exactly(
