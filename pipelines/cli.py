@@ -494,6 +494,8 @@ def _cmd_report(args, out) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # first of all: building the parser imports numpy (pipelines.use -> config)
+    _limit_blas_threads()
     # outside trio (starting, loading data, writing the summary) a stop signal
     # interrupts like Ctrl-C (exit 4); inside it the runners take it as a planned stop
     previous = _install_stop_handlers()
@@ -544,7 +546,6 @@ def _main(argv: list[str]) -> int:
     except _UsageError as err:
         print(str(err), file=sys.stderr)
         return EXIT_USAGE
-    _limit_blas_threads()
     if daemon:  # (imports only what the verb needs: see _daemon_parser)
         return run_daemon_command(args)
     from .config import ConfigError

@@ -14,7 +14,7 @@ import pytest
 from pipelines.cli import main
 from pipelines.store.checkpoint import read_safetensors_file
 from pipelines.store.rundir import Progress
-from tests.pipelines.cli_util import zerotrain
+from tests.pipelines.cli_util import BLAS_THREAD_VARS, REPO, zerotrain
 
 # A run of a few steps on a few hundred samples: seconds, not minutes.
 TINY = [
@@ -161,6 +161,33 @@ def test_run_with_two_ranks_writes_the_run_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["steps"] == 4
+    # the environment the ranks inherit (zerotrain() leaves the BLAS thread vars unset)
+    assert summary["blas_threads"] == "1"
+
+
+def test_the_cli_limits_blas_threads_before_building_its_parser_imports_numpy():
+    # pipelines.use (the parser's commands) imports numpy, after which the limit could
+    # no longer take: each rank's numpy BLAS then ran a pool of threads on its one CPU
+    code = (
+        "import os, sys\n"
+        "from pipelines import cli\n"
+        "assert 'numpy' not in sys.modules\n"
+        "cli.main(['pipelines'])\n"
+        "assert 'numpy' in sys.modules\n"
+        "print(' '.join(os.environ.get(v, '-') for v in cli._BLAS_THREAD_VARS))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_THREAD_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "1 1 1"
+    env["OPENBLAS_NUM_THREADS"] = "2"  # the user's choice wins
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.stdout.splitlines()[-1] == "2 1 1", proc.stderr
 
 
 def test_simulate_validates_its_chaos_spec(capsys, tmp_path):
