@@ -88,3 +88,51 @@ def test_a_rank_of_a_one_host_run_imports_no_multi_node_launch_code_and_no_other
             }
             assert sorted(unused & mods) == [], node
             assert sorted(m for m in mods if m.startswith("pipelines.launch")) == [], node
+
+
+def test_a_slow_disk_under_live_telemetry_does_not_stall_the_ranks_event_loop(
+    tmp_path, monkeypatch
+):
+    # live/rank-R.json is replaced every LIVE_SECONDS; on ext4 that can take 5-20 ms,
+    # and a rank's loop blocked that long mid-collective holds up every rank
+    import threading
+    import types
+
+    import trio
+
+    from pipelines.cluster import rank as rank_mod
+
+    real_write = rank_mod._write_live
+    release = threading.Event()
+    seen = {}
+
+    def slow_write(*args):
+        seen["released_by_the_loop"] = release.wait(5.0)  # a disk that hangs
+        real_write(*args)
+
+    monkeypatch.setattr(rank_mod, "_write_live", slow_write)
+    trainer = object.__new__(rank_mod.Trainer)
+    trainer.state = types.SimpleNamespace(
+        ckpt_root=str(tmp_path / "checkpoints"),
+        rank=1,
+        done_steps=7,
+        phase="step",
+        phase_since=0.0,
+        timing={"compute_s": 0.5},
+        timed_steps=7,
+    )
+    record = tmp_path / "live" / "rank-1.json"
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trainer._live_writer)
+            await trio.sleep(0.05)  # runs only while the write is away from the loop
+            release.set()
+            while not record.exists():
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert seen["released_by_the_loop"]
+    rec = json.loads(record.read_text())
+    assert (rec["rank"], rec["step"], rec["phase"], rec["pid"]) == (1, 7, "step", os.getpid())
