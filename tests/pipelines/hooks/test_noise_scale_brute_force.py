@@ -137,3 +137,52 @@ def test_the_noise_column_is_the_spread_one_wrong_step_implies(bench):
     want = (1 - beta**2) * beta**2 * e / (10.0 * (1 - beta**10))
     assert row["rel_diff"] == pytest.approx(want, rel=1e-9)
     assert row["noise_sd"] == pytest.approx(want, rel=1e-9)
+
+
+def test_the_noise_column_splits_into_the_parts_of_g2_and_of_trace(bench):
+    """A wrong tr Σ (step 4) and a wrong |G|² (step 8) in an otherwise exact constant
+    series: the `tr` part is step 4's term alone, the `g2` part step 8's alone, and the
+    whole the root of their squares' sum (their errors enter as e_tr / T - e_g2 / G)."""
+    beta, e_tr, e_g2 = 0.9, 5.0, 0.25
+    exact = {s: (1.0, 10.0) for s in range(1, 11)}
+    wrong = {**exact, 4: (1.0, 10.0 + e_tr), 8: (1.0 + e_g2, 10.0)}
+    (row,) = bench["compare"]("synthetic", hook_run(wrong, list(exact), beta), exact, beta, 10)[
+        "checkpoints"
+    ]
+    weight = {s: (1 - beta) * beta ** (10 - s) for s in (4, 8)}
+    total = 1 - beta**10  # the weights' sum: T = 10 total, G = total
+    want_tr = weight[4] * e_tr / (10.0 * total)
+    want_g2 = weight[8] * e_g2 / total
+    assert row["noise_sd_trace"] == pytest.approx(want_tr, rel=1e-9)
+    assert row["noise_sd_g2"] == pytest.approx(want_g2, rel=1e-9)
+    assert row["noise_sd"] == pytest.approx(math.hypot(want_tr, want_g2), rel=1e-9)
+
+
+def test_a_beta_passes_only_if_every_counted_checkpoint_is_within_ten_percent(bench):
+    """Checkpoints every 10 steps, beta 0.9 (window 10 steps: the checkpoints after step
+    10 count). A hook whose tr Σ is 5 % high throughout passes; one 30 % high from step
+    35 on is 14 % off at step 40 and fails, and a run too short to count any checkpoint
+    does not pass either."""
+    exact = {s: (1.0, 10.0) for s in range(1, 41)}
+
+    def hook_off(rel: float, start: int) -> dict:
+        off = {s: (g2, tr * (1 + rel)) if s >= start else (g2, tr) for s, (g2, tr) in exact.items()}
+        return hook_run(off, list(exact), 0.9)
+
+    good = bench["compare"]("synthetic", hook_off(0.05, 1), exact, 0.9, 10)
+    assert good["pass"] and good["counted"] == 3
+    assert good["max_abs_rel_diff"] == pytest.approx(0.05)
+    bad = bench["compare"]("synthetic", hook_off(0.30, 35), exact, 0.9, 10)
+    assert not bad["pass"] and bad["counted"] == 3
+    assert [abs(r["rel_diff"]) <= 0.10 for r in bad["checkpoints"]] == [True] * 3 + [False]
+    short = {s: v for s, v in exact.items() if s <= 9}
+    none = bench["compare"]("synthetic", hook_run(short, list(short), 0.9), short, 0.9, 3)
+    assert none["counted"] == 0 and not none["pass"]
+
+
+def test_the_chance_of_passing_is_the_product_of_each_checkpoints_normal_probability(bench):
+    chance = bench["chance_within"]
+    assert chance([0.05], 0.10) == pytest.approx(0.954499736, rel=1e-9)  # 2 sd
+    assert chance([0.05, 0.10], 0.10) == pytest.approx(0.954499736 * 0.682689492, rel=1e-9)
+    assert chance([], 0.10) == 1.0 and chance([0.0], 0.10) == 1.0
+    assert math.isnan(chance([0.05, math.nan], 0.10))
