@@ -29,10 +29,13 @@ temp dir, --cpus 4 so two 2-rank jobs run side by side).
              here)): what a 10 Hz scraper takes from training.
   status     the control call JobStatus (all jobs) while two jobs train, and the
              `zerotrain status` command line (a new Python process each time), beside
-             its floor: `python -c pass` timed the same way, interleaved -- wall time
-             (p99, median) and CPU time (median, the children's rusage: less moved by
-             the machine's load). Before them, the daemon's own CPU use over 5 s of the
-             two jobs training.
+             its floor: `python -c pass` timed the same way, interleaved,
+             --status-samples of each -- wall time (p99, median) and CPU time (median,
+             the children's rusage: less moved by the machine's load). The two jobs
+             train until cancelled (train.steps = 0), and each must have advanced
+             during the sampling (else the figure is void: the script fails); the
+             steps they made and the load average during it are printed. Before them,
+             the daemon's own CPU use over 5 s of the two jobs training.
   stop       `stop` at a random moment 0.5-3 s after a job's first step -> the job is
              `stopped` (its processes gone), median and max of --stops.
 
@@ -67,6 +70,8 @@ JOB = ["mlp_classifier", "--ranks", "2", "--seed", "3"]
 
 
 def _submit_args(steps: int) -> argparse.Namespace:
+    """The job, `steps` steps; 0: until stopped (its LR decaying over 2000 steps, no
+    eval: the config's early stopping would end it)."""
     return argparse.Namespace(
         config="mlp_classifier",
         ranks=2,
@@ -74,7 +79,7 @@ def _submit_args(steps: int) -> argparse.Namespace:
         steps=steps,
         seed=3,
         model=None,
-        overrides=[],
+        overrides=[] if steps else ["schedule.total_steps=2000", "eval.every=0"],
         hooks=[],
         name=None,
         priority=0,
@@ -103,6 +108,14 @@ def _wait_state(state: Path, job: str, states: set, timeout=300.0, every=0.02) -
             return s
         time.sleep(every)
     raise TimeoutError(f"job {job} not in {states}")
+
+
+def _step(state: Path, job: str) -> int:
+    """Job ``job``'s step now; RuntimeError unless it is running."""
+    s = call(state, protocol.JobStatus(job))
+    if s["state"] != "running":
+        raise RuntimeError(f"job {job} is {s['state']}, not running")
+    return int(s["step"] or 0)
 
 
 def _wait_warm(state: Path, timeout=120.0) -> None:
@@ -192,6 +205,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--stops", type=int, default=10)
+    ap.add_argument(
+        "--status-samples",
+        type=int,
+        default=100,
+        help="`zerotrain status` runs (and as many `python -c pass`) for its p99 (default 100)",
+    )
     opts = ap.parse_args()
     runs, stops = (2, 3) if opts.quick else (opts.runs, opts.stops)
     rng = random.Random(18)
@@ -242,7 +261,7 @@ def main() -> None:
             scraped.append(pair[1] / pair[0])
         out["scrape_10hz_samples_ratio"] = statistics.median(scraped)
         # status while two jobs train
-        jobs = [d.submit(2000)[0] for _ in range(2)]
+        jobs = [d.submit(0)[0] for _ in range(2)]  # train.steps = 0: until cancelled
         for j in jobs:
             _wait_state(d.state, j, {"running"})
         # the daemon's own CPU while they train and nobody asks it anything
@@ -264,7 +283,9 @@ def main() -> None:
             call(d.state, protocol.JobStatus(""))
             calls.append(time.perf_counter() - t)
         status = [sys.executable, "-m", "pipelines.cli", "status", "--state-dir", str(d.state)]
-        for _ in range(20):
+        steps0 = [_step(d.state, j) for j in jobs]
+        out["load_status"] = [os.getloadavg()[0]]
+        for _ in range(opts.status_samples):
             for argv, into, cpu in (
                 (status, clis, cli_cpu),
                 ([sys.executable, "-c", "pass"], floor, floor_cpu),
@@ -273,6 +294,11 @@ def main() -> None:
                 subprocess.run(argv, check=True, capture_output=True)
                 into.append(time.perf_counter() - t)
                 cpu.append(_children_cpu() - c)
+        out["load_status"].append(os.getloadavg()[0])
+        trained = [_step(d.state, j) - s for j, s in zip(jobs, steps0, strict=True)]
+        out["status_jobs_steps"] = trained
+        if min(trained) <= 0:
+            raise RuntimeError(f"a job did not train while `status` was sampled: {trained}")
         for j in jobs:
             call(d.state, protocol.Control("cancel", j))
             _wait_state(d.state, j, {"cancelled"})
@@ -347,6 +373,10 @@ def main() -> None:
         ratio = f"{value / out[ref]:10.2f}x" if ref else ""
         print(f"{name:<42} {value:10.3f}  {shown:<8} {verdict:<4} {ratio:>11}")
     print(f"load average {out['load_before']:.2f} before, {out['load_after']:.2f} after")
+    print(
+        "status sampled while the two jobs trained {} and {} steps; load average {:.2f} "
+        "then {:.2f}".format(*out["status_jobs_steps"], *out["load_status"])
+    )
     passed = sum(t["pass"] for t in targets.values())
     print(f"targets: {passed} of {len(targets)} pass")
     print(json.dumps({**{k: _rounded(v) for k, v in out.items()}, "targets": targets}))
