@@ -29,11 +29,9 @@ under DIR can be resumed from.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 
 from .cliargs import flag_overrides, int_at_least
@@ -397,6 +395,8 @@ def _first(err: BaseException, pick):
 def _save_traceback(run_dir: Path) -> str:
     """Write the current exception's traceback to error.txt in the run dir; say where
     it went. Never raises: the run dir may be what failed."""
+    import traceback
+
     text = traceback.format_exc()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -430,6 +430,8 @@ def _cmd_ckpt(args, out) -> int:
         print(f"no checkpoints under {target}", file=out)
         return EXIT_INVALID if args.ckpt_command == "verify" else EXIT_OK
     if args.ckpt_command == "inspect":
+        import json
+
         for row in rows:
             print(json.dumps(row, indent=1, sort_keys=True), file=out)
         return EXIT_OK

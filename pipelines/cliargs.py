@@ -10,7 +10,6 @@ hand read the same flags into the same config.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 
 __all__ = ["SHORTHAND_KEYS", "flag_overrides", "int_at_least"]
@@ -44,6 +43,8 @@ def int_at_least(least: int) -> Callable[[str], int]:
 def flag_overrides(args: argparse.Namespace, model: str | None) -> list[str]:
     """`--set` overrides, then one per shorthand flag given, then the file model `model`
     (PATH.py:NAME) if any: later overrides win, so a flag beats a `--set` of its key."""
+    import json
+
     overrides = list(args.overrides)
     for flag, key in SHORTHAND_KEYS:
         value = getattr(args, flag)

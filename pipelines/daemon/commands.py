@@ -7,7 +7,6 @@ stderr for anything a user can fix).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -184,7 +183,12 @@ def _run(args, out) -> int:
         return EXIT_OK
     if command == "jobs":
         jobs = client.call(state_dir, protocol.ListJobs(args.all))
-        print(json.dumps(jobs, indent=1) if args.json else client.format_table(jobs), file=out)
+        if args.json:
+            import json
+
+            print(json.dumps(jobs, indent=1), file=out)
+        else:
+            print(client.format_table(jobs), file=out)
         return EXIT_OK
     if command == "status":
         _print_status(client.call(state_dir, protocol.JobStatus(args.job)), args, out)
@@ -223,6 +227,8 @@ def _print_status(reply: dict, args, out) -> None:
     from . import client
 
     if args.json:
+        import json
+
         print(json.dumps(reply, indent=1), file=out)
     elif args.job:
         reply.pop("config", None)

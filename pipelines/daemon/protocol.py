@@ -22,11 +22,17 @@ checks both directions against ``actors``.
 Everything received is untrusted: the framing is bounded before anything is allocated
 (:data:`MAX_FRAMES`, :data:`MAX_FRAME_BYTES`), the header is decoded under msgpack
 length caps and checked, and :func:`check_request` checks each record's field types.
+
+The requests are plain classes (:class:`_Request`: fields in declaration order, by
+position or keyword, compared and shown as dataclasses are), not dataclasses: importing
+``dataclasses`` imports ``inspect``, ``ast`` and ``dis``, which a client verb has no use
+for (``test_client`` pins what a verb imports). The daemon's codec declares them
+dataclasses when it registers them (``actors.record`` takes dataclasses), keeping these
+same methods, so both sides build and compare a request alike.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 
 import msgpack
@@ -77,9 +83,52 @@ def _record(name: str):
     return register
 
 
+class _Request:
+    """A request record: its fields are its class's annotations, in order; built by
+    position or keyword (all required), compared field by field with its own class, and
+    shown as ``Name(field=value, ...)`` -- as a dataclass is (see the module doc)."""
+
+    _fields: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._fields = tuple(cls.__dict__.get("__annotations__", {}))
+
+    def __init__(self, *args, **kwargs):
+        names = self._fields
+        if len(args) > len(names):
+            raise TypeError(
+                f"{type(self).__qualname__}() takes {len(names)} fields "
+                f"({', '.join(names) or 'none'}), got {len(args)} positional"
+            )
+        values = dict(zip(names, args, strict=False))  # (fewer args: the rest by keyword)
+        for key, value in kwargs.items():
+            if key not in names or key in values:
+                raise TypeError(
+                    f"{type(self).__qualname__}() got an unexpected or repeated field "
+                    f"{key!r}; its fields: {', '.join(names) or 'none'}"
+                )
+            values[key] = value
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise TypeError(f"{type(self).__qualname__}() is missing {', '.join(missing)}")
+        for name in names:
+            setattr(self, name, values[name])
+
+    def __repr__(self):
+        shown = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields)
+        return f"{type(self).__qualname__}({shown})"
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self._fields)
+
+    __hash__ = None  # mutable, as a dataclass with eq and not frozen
+
+
 @_record("zerotrain.Submit")
-@dataclasses.dataclass
-class Submit:
+class Submit(_Request):
     """Queue a job. ``config_toml`` is the pipeline file's text, copied at submit so the
     job's config is fixed; ``overrides`` are `--set` texts (the flag shorthands folded
     in); ``hooks`` are absolute ``PATH[:NAME]`` or ``builtin[:NAME]`` specs."""
@@ -94,20 +143,17 @@ class Submit:
 
 
 @_record("zerotrain.ListJobs")
-@dataclasses.dataclass
-class ListJobs:
+class ListJobs(_Request):
     all: bool
 
 
 @_record("zerotrain.JobStatus")
-@dataclasses.dataclass
-class JobStatus:
+class JobStatus(_Request):
     job: str
 
 
 @_record("zerotrain.Control")
-@dataclasses.dataclass
-class Control:
+class Control(_Request):
     """``verb`` is one of pause, resume, stop, cancel."""
 
     verb: str
@@ -115,8 +161,7 @@ class Control:
 
 
 @_record("zerotrain.Checkpoint")
-@dataclasses.dataclass
-class Checkpoint:
+class Checkpoint(_Request):
     """A full checkpoint of a running job at a step its ranks agree on, training going
     on (answered with the step and the manifest's path)."""
 
@@ -124,8 +169,7 @@ class Checkpoint:
 
 
 @_record("zerotrain.SetKey")
-@dataclasses.dataclass
-class SetKey:
+class SetKey(_Request):
     """Set live key ``key`` of a running job to ``value`` (a TOML value's text) from
     step ``at_step`` on (None: the next step every rank can still honour)."""
 
@@ -136,8 +180,7 @@ class SetKey:
 
 
 @_record("zerotrain.HookRequest")
-@dataclasses.dataclass
-class HookRequest:
+class HookRequest(_Request):
     """Attach analyzers to a running job (``action`` "attach", ``target`` an absolute
     ``PATH[:NAME]`` or ``builtin[:NAME]``) or detach one (``action`` "detach", ``target``
     its name)."""
@@ -148,16 +191,14 @@ class HookRequest:
 
 
 @_record("zerotrain.ReadLog")
-@dataclasses.dataclass
-class ReadLog:
+class ReadLog(_Request):
     job: str
     offset: int
     limit: int
 
 
 @_record("zerotrain.DaemonInfo")
-@dataclasses.dataclass
-class DaemonInfo:
+class DaemonInfo(_Request):
     pass
 
 
@@ -200,12 +241,11 @@ def check_request(value) -> object:
     import typing  # (the daemon's side alone: a client verb need not import it)
 
     hints = typing.get_type_hints(type(value))
-    for f in dataclasses.fields(value):
-        item = getattr(value, f.name)
-        if not _fits(item, hints[f.name]):
+    for name in value._fields:
+        item = getattr(value, name)
+        if not _fits(item, hints[name]):
             raise ControlError(
-                f"{type(value).__name__}.{f.name} must be {hints[f.name]}, "
-                f"got {type(item).__name__}"
+                f"{type(value).__name__}.{name} must be {hints[name]}, got {type(item).__name__}"
             )
     return value
 
@@ -229,7 +269,7 @@ def encode_call(request, seq: int, sender: str, timeout: float) -> bytes:
     if name is None:
         names = ", ".join(cls.__name__ for cls in REQUESTS)
         raise TypeError(f"request must be one of {names}, got {type(request).__name__}")
-    fields = {f.name: _plain(getattr(request, f.name)) for f in dataclasses.fields(request)}
+    fields = {name: _plain(getattr(request, name)) for name in request._fields}
     body = {"to": "daemon", "request": {"$r": name, "f": fields}, "timeout": float(timeout)}
     values = (_WIRE_VERSION, "call", sender, 0, 0, seq, body, [])
     header = dict(zip(_HEADER_KEYS, values, strict=True))
@@ -336,12 +376,16 @@ _codec = None
 
 
 def _actors():
-    """``actors`` with the requests registered as its records (once)."""
+    """``actors`` with the requests registered as its records (once): each declared a
+    dataclass in place, its own ``__init__``, ``__repr__`` and ``__eq__`` kept."""
     global _codec
     if _codec is None:
+        import dataclasses
+
         import actors
 
         for cls, name in _RECORD_NAMES.items():
+            dataclasses.dataclass(cls, init=False, repr=False, eq=False)
             actors.record(name=name)(cls)
         _codec = actors
     return _codec

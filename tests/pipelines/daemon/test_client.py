@@ -32,6 +32,30 @@ def _modules_imported_by(*args: str) -> set[str]:
     return set(line.split()[1:])
 
 
+# what a client verb may import beyond the interpreter's own start: argparse parsing a
+# subcommand, the Unix socket, msgpack, fcntl and signal (the floor below imports them
+# so, on any Python version, the set says what they bring along) -- and the daemon
+# package's client side with the command line it is reached through
+_CLIENT_FLOOR = (
+    "import argparse, atexit, fcntl, signal, socket, struct, sys\n"
+    "import msgpack\n"
+    "p = argparse.ArgumentParser(prog='zerotrain')\n"
+    "p.add_subparsers(dest='verb').add_parser('status').add_argument('--state-dir')\n"
+    "p.parse_args(['status', '--state-dir', 'x'])\n"
+    "print(*sorted(sys.modules))\n"
+)
+_CLIENT_OWN = {
+    "pipelines",
+    "pipelines.cli",
+    "pipelines.cliargs",
+    "pipelines.daemon",
+    "pipelines.daemon.client",
+    "pipelines.daemon.commands",
+    "pipelines.daemon.protocol",
+    "pipelines.daemon.statedir",
+}
+
+
 def _heavy(mods: set[str]) -> list[str]:
     heavy = {"numpy", "trio", "zmq", "pipelines.config", "pipelines.data", "pipelines.use"}
     return sorted(
@@ -45,6 +69,20 @@ def test_zerotrain_status_imports_no_training_modules_nor_numpy_trio_zmq(tmp_pat
     mods = _modules_imported_by("status", "--state-dir", str(tmp_path / "none"))
     assert "pipelines.daemon.protocol" in mods  # it did get as far as the call
     assert _heavy(mods) == []
+
+
+def test_the_client_verbs_import_argparse_a_socket_msgpack_and_the_client_alone(
+    daemon_factory,
+):
+    d = daemon_factory("--cpus", "2")
+    r = subprocess.run([sys.executable, "-c", _CLIENT_FLOOR], capture_output=True, text=True)
+    floor = set(r.stdout.split())
+    assert {"argparse", "msgpack", "socket"} <= floor
+    for verb in (["status"], ["jobs", "--all"], ["status", "1"]):
+        mods = _modules_imported_by(*verb, "--state-dir", str(d.state_dir))
+        assert "pipelines.daemon.protocol" in mods  # it did get as far as the call
+        # e.g. no dataclasses (inspect, ast, dis), typing, traceback, json, numpy, trio
+        assert sorted(mods - floor - _CLIENT_OWN) == [], verb
 
 
 def test_zerotrain_status_json_answered_by_a_daemon_imports_no_numpy(daemon_factory):
