@@ -156,13 +156,14 @@ def _parser() -> _Parser:
     return parser
 
 
-def _daemon_parser() -> _Parser:
-    """The parser of `serve` and the client verbs alone. `zerotrain status` is a remote
-    call that should cost little more than the interpreter's start: the full parser
-    imports numpy and the training modules for the other commands' options."""
+def _daemon_parser(verb: str) -> _Parser:
+    """The parser of daemon command ``verb`` (`serve` or a client verb) alone. `zerotrain
+    status` is a remote call that should cost little more than the interpreter's start:
+    the full parser imports numpy and the training modules for the other commands'
+    options, and builds every other verb's."""
     parser = _Parser(prog="zerotrain", description="Data-parallel training, OTP-style.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    register_daemon_commands(sub)
+    register_daemon_commands(sub, verb)
     return parser
 
 
@@ -544,7 +545,7 @@ def _interrupt(signum, frame):
 def _main(argv: list[str]) -> int:
     daemon = bool(argv) and argv[0] in DAEMON_COMMANDS
     try:
-        args = (_daemon_parser() if daemon else _parser()).parse_args(argv)
+        args = (_daemon_parser(argv[0]) if daemon else _parser()).parse_args(argv)
     except _UsageError as err:
         print(str(err), file=sys.stderr)
         return EXIT_USAGE

@@ -44,14 +44,16 @@ def _state_dir_option(p) -> None:
     )
 
 
-def register_daemon_commands(sub) -> None:
-    _add_queue_commands(sub)
-    _add_live_commands(sub)
-    _add_output_commands(sub)
+def register_daemon_commands(sub, verb: str | None = None) -> None:
+    """Add `serve` and the client verbs to the `zerotrain` subcommands ``sub``, in
+    :data:`_VERBS`' order; ``verb``: that one alone (a client verb's own parser builds
+    no other verb's options)."""
+    for names, add in _VERBS:
+        if verb is None or verb in names:
+            add(sub, verb)
 
 
-def _add_queue_commands(sub) -> None:
-    """serve, submit, jobs, status, and the job-state verbs (pause, resume, stop, cancel)."""
+def _add_serve(sub, _) -> None:
     serve = sub.add_parser("serve", help="run the training daemon (foreground)")
     _state_dir_option(serve)
     serve.add_argument(
@@ -71,6 +73,8 @@ def _add_queue_commands(sub) -> None:
         help="seconds a stopping job gets before SIGKILL (default 25)",
     )
 
+
+def _add_submit(sub, _) -> None:
     submit = sub.add_parser("submit", help="queue a training job; prints its id")
     _state_dir_option(submit)
     submit.add_argument(
@@ -88,39 +92,52 @@ def _add_queue_commands(sub) -> None:
     submit.add_argument("--name", help="a name for the job (default job-ID)")
     submit.add_argument("--priority", type=int, default=0, help="higher starts first (default 0)")
 
+
+def _add_jobs(sub, _) -> None:
     jobs = sub.add_parser("jobs", help="list the daemon's jobs (not ended ones unless --all)")
     _state_dir_option(jobs)
     jobs.add_argument("--all", action="store_true", help="also done, failed and cancelled jobs")
     jobs.add_argument("--json", action="store_true", help="a JSON list")
 
+
+def _add_status(sub, _) -> None:
     status = sub.add_parser("status", help="one job's status, or the daemon's")
     _state_dir_option(status)
     status.add_argument("job", nargs="?", default="", help="a job id or name")
     status.add_argument("--json", action="store_true", help="a JSON object")
 
-    for verb, text in (
-        ("pause", "stop a job at a step and keep it paused (processes exit)"),
-        ("resume", "continue a paused or stopped job"),
-        ("stop", "stop a job with a checkpoint; resumable"),
-        ("cancel", "stop a job for good"),
-    ):
-        p = sub.add_parser(verb, help=text)
+
+_JOB_STATE_VERBS = {
+    "pause": "stop a job at a step and keep it paused (processes exit)",
+    "resume": "continue a paused or stopped job",
+    "stop": "stop a job with a checkpoint; resumable",
+    "cancel": "stop a job for good",
+}
+
+
+def _add_job_state_verbs(sub, verb: str | None) -> None:
+    """pause, resume, stop, cancel (``verb``: that one alone)."""
+    for name, text in _JOB_STATE_VERBS.items():
+        if verb is not None and name != verb:
+            continue
+        p = sub.add_parser(name, help=text)
         _state_dir_option(p)
         p.add_argument("job", help="a job id or name")
-        if verb != "resume":
+        if name != "resume":
             p.add_argument(
                 "--wait", action="store_true", help="return once the job's processes are gone"
             )
 
 
-def _add_live_commands(sub) -> None:
-    """checkpoint, set, hook attach / detach: requests to a running job."""
+def _add_checkpoint(sub, _) -> None:
     ckpt = sub.add_parser(
         "checkpoint", help="a full checkpoint of a running job now; prints its step and manifest"
     )
     _state_dir_option(ckpt)
     ckpt.add_argument("job", help=_LIVE_JOB)
 
+
+def _add_set(sub, _) -> None:
     setp = sub.add_parser(
         "set", help="change a key of a running job at a step every rank agrees on"
     )
@@ -133,6 +150,8 @@ def _add_live_commands(sub) -> None:
         help="the step from which it holds (default: the next one every rank can honour)",
     )
 
+
+def _add_hook(sub, _) -> None:
     hook = sub.add_parser("hook", help="attach analyzers to a running job, or detach one")
     actions = hook.add_subparsers(dest="hook_action", metavar="ACTION", required=True)
     attach = actions.add_parser("attach", help="attach a script's analyzers from the next step")
@@ -145,8 +164,7 @@ def _add_live_commands(sub) -> None:
     detach.add_argument("name", help="the hook's name")
 
 
-def _add_output_commands(sub) -> None:
-    """logs, export: what a job leaves."""
+def _add_logs(sub, _) -> None:
     logs = sub.add_parser("logs", help="a job's output")
     _state_dir_option(logs)
     logs.add_argument("job", help="a job id or name")
@@ -154,10 +172,29 @@ def _add_output_commands(sub) -> None:
         "-f", "--follow", action="store_true", help="keep printing until the job ends"
     )
 
+
+def _add_export(sub, _) -> None:
     export = sub.add_parser("export", help="a job's latest weights as safetensors (PyTorch names)")
     _state_dir_option(export)
     export.add_argument("job", help="a job id or name")
     export.add_argument("out", nargs="?", help="output file (default JOBNAME.safetensors)")
+
+
+# (verbs, what adds them), in `zerotrain --help`'s order: the queue and the job-state
+# verbs, then the requests to a running job (checkpoint, set, hook attach / detach),
+# then what a job leaves (logs, export)
+_VERBS = (
+    (("serve",), _add_serve),
+    (("submit",), _add_submit),
+    (("jobs",), _add_jobs),
+    (("status",), _add_status),
+    (tuple(_JOB_STATE_VERBS), _add_job_state_verbs),
+    (("checkpoint",), _add_checkpoint),
+    (("set",), _add_set),
+    (("hook",), _add_hook),
+    (("logs",), _add_logs),
+    (("export",), _add_export),
+)
 
 
 def run_daemon_command(args, out=None) -> int:

@@ -41,6 +41,26 @@ def test_every_daemon_verb_has_its_parser():
         assert parsed.command == verb and parsed.state_dir == "/nowhere"
 
 
+def _verb_parsers(verb: str | None) -> dict:
+    import argparse
+
+    sub = argparse.ArgumentParser(prog="zerotrain").add_subparsers(dest="command")
+    commands.register_daemon_commands(sub, verb)
+    return sub.choices
+
+
+def test_a_verbs_own_parser_is_the_one_the_full_command_line_builds_for_it():
+    # `zerotrain VERB` builds VERB's parser alone (pipelines.cli._daemon_parser)
+    full = _verb_parsers(None)
+    assert sorted(full) == sorted(DAEMON_COMMANDS)
+    for verb in DAEMON_COMMANDS:
+        alone = _verb_parsers(verb)
+        assert list(alone) == [verb]
+        assert alone[verb].format_help() == full[verb].format_help(), verb
+        parsed = alone[verb].parse_args([*VERBS[verb], "--state-dir", "/nowhere"])
+        assert parsed == full[verb].parse_args([*VERBS[verb], "--state-dir", "/nowhere"])
+
+
 @pytest.mark.parametrize("assignment", ["optimizer.lr", "=3e-4", "optimizer.lr= "])
 def test_a_set_that_is_not_key_equals_value_is_refused_before_any_daemon(
     capsys, tmp_path, assignment
