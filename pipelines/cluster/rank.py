@@ -500,16 +500,10 @@ class Trainer(ProtocolActor):
         before the collective) and RSS; `t` is when it was written. Written by a task
         of its own, so a rank whose step hangs while its event loop runs still reports
         (the same phase since the same time), and one whose loop stops does not (an
-        old `t`). A reader sees an old file or a new one. Nothing reads it back here.
-
-        The record is made on the event loop (so the liveness above holds) and written
-        by a worker thread: replacing a file costs about 1 ms, at times 5-20 ms (ext4
-        flushes a file renamed over another), and a loop blocked that long in a step's
-        collectives holds up every rank."""
+        old `t`). A reader sees an old file or a new one. Nothing reads it back here."""
         st = self.state
         live = Path(st.ckpt_root).parent / "live"
         tmp = live / f".rank-{st.rank}.json.{os.getpid()}"
-        final = live / f"rank-{st.rank}.json"
         while True:
             status = {
                 "rank": st.rank,
@@ -522,10 +516,12 @@ class Trainer(ProtocolActor):
                 "rss_bytes": _rss_bytes(),
                 "t": time.time(),
             }
-            # abandoned on cancel: a hung disk must not hold up the rank's exit
-            await trio.to_thread.run_sync(
-                _write_live, live, tmp, final, json.dumps(status), abandon_on_cancel=True
-            )
+            try:
+                live.mkdir(exist_ok=True)
+                tmp.write_text(json.dumps(status))
+                os.replace(tmp, live / f"rank-{st.rank}.json")
+            except OSError:
+                pass  # telemetry only: a full disk must not end the rank
             await trio.sleep(LIVE_SECONDS)
 
     async def _gradients(self, s: int, batches, overlap: bool):
@@ -563,17 +559,6 @@ class Trainer(ProtocolActor):
 
 
 LIVE_SECONDS = 0.5
-
-
-def _write_live(live: Path, tmp: Path, final: Path, text: str) -> None:
-    """Replace `final` with `text` (written to `tmp`, renamed); telemetry only, so a
-    full or read-only disk is ignored rather than ending the rank."""
-    try:
-        live.mkdir(exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, final)
-    except OSError:
-        pass
 
 
 def _rss_bytes() -> int:
