@@ -33,6 +33,11 @@ error       reason                                 none: "your message was rejec
 held        reason                                 none: "your name is held by a live peer"
 =========== ====================================== ==================================
 
+Endpoints. A peer listens where ``peers`` says, else in the ipc directory, and every
+``hb`` names its endpoint. A peer that contacted this node and is neither configured nor
+in the directory now (a tcp caller heard before its first ``hb``) has no endpoint yet:
+what it is owed waits for that ``hb`` (bounded like any waiting send).
+
 Liveness. Each node sends ``hb`` to each of its peers every ``heartbeat_interval`` from
 its trio loop -- a process whose loop is blocked or stopped falls silent. A peer not
 heard from within ``heartbeat_timeout`` (since its last message, or since we first
@@ -573,15 +578,22 @@ class Node:
     # Peers and sending
     # =================================================================================
 
-    def _resolve(self, name: str) -> str | None:
+    def _resolve(self, name: str, *, inbound: bool = False) -> str | None:
+        """Where peer ``name`` listens: as configured, else in the ipc directory. For a
+        peer that contacted us (``inbound``) only if it is there now: a tcp caller heard
+        before its first hb is not, and what it is owed waits for that hb (``_known``)
+        -- sent to the directory, it would be dropped when the hb moves the peer."""
         if name in self._configured:
             return self._configured[name]
-        if self.directory is not None:
-            try:
-                return ipc_endpoint(name, self.directory)
-            except ValueError:
-                return None
-        return None
+        if self.directory is None:
+            return None
+        try:
+            endpoint = ipc_endpoint(name, self.directory)
+        except ValueError:
+            return None
+        if inbound and not os.path.exists(endpoint[len("ipc://") :]):
+            return None
+        return endpoint
 
     def _peer(self, name: str, endpoint: str | None = None, *, inbound: bool = False) -> _Peer:
         """The peer ``name``, made on first use. ``inbound``: for a peer that contacted
@@ -592,7 +604,9 @@ class Node:
             check_name(name, "node name")
             if inbound and len(self._peers) >= _MAX_PEERS and not self._make_room():
                 raise _Refused(f"peer table full ({_MAX_PEERS} peers)")
-            peer = _Peer(name, endpoint or self._resolve(name), trio.current_time())
+            peer = _Peer(
+                name, endpoint or self._resolve(name, inbound=inbound), trio.current_time()
+            )
             self._peers[name] = peer
             self._connect(peer)
             if self._nursery is not None:
@@ -806,6 +820,8 @@ class Node:
                 if out.generation is None and now - out.sent_at > self.heartbeat_timeout:
                     if not self._paused:  # never acknowledged: the request was lost
                         del self._out[ref]
+                        log.warning("%s %s of %s not acknowledged: noconnection",
+                                    self._label, out.kind, out.target)  # fmt: skip
                         self._deliver_remote_exit(out, ref, "noconnection")
 
     def _forget(self, peer: _Peer) -> None:

@@ -571,10 +571,17 @@ async def test_tcp_callers_one_after_another_on_one_port_each_get_their_own_repl
     assert all(misaddressed > 0 for _, misaddressed in seen[1:]), seen
 
 
-async def test_a_tcp_callers_reply_waits_for_the_heartbeat_that_names_its_endpoint():
+@pytest.mark.parametrize("directory", [False, True], ids=["tcp_only", "with_ipc_directory"])
+async def test_a_tcp_callers_reply_waits_for_the_heartbeat_that_names_its_endpoint(
+    directory, tmp_path
+):
     """A call can reach a tcp node before the caller's first hb, which names where to
-    answer, does: the reply waits for that hb instead of being dropped."""
+    answer, does: the reply waits for that hb instead of being dropped -- also on a node
+    that finds its local peers in an ipc directory (node 0's agent), where the caller,
+    not in the directory, must not be taken to listen there."""
     options = {"endpoint": "tcp://127.0.0.1:*", "heartbeat_timeout": HEARTBEAT_TIMEOUT}
+    if directory:
+        options["directory"] = str(tmp_path)
     async with actors.open_node("srv", **options) as node, trio.open_nursery() as nursery:
         await actors.spawn(nursery, Probe(), name="Probe")
         inbox = open_socket("ROUTER", bind="tcp://127.0.0.1:*")
