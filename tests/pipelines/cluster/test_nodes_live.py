@@ -81,6 +81,16 @@ def _wait(what: str, agents: dict, done) -> None:
         time.sleep(0.05)
 
 
+def _callers(run_dir: Path, asked: list) -> int:
+    """The checkpoint callers the run's Coordinator holds (RunStatus), once none of the
+    `asked` checkpoint calls has ended (while the run is held, none may)."""
+    for call in asked:
+        assert not call.done(), (
+            f"a checkpoint call ended early: {call.exception() or call.result()}"
+        )
+    return call_run(run_dir, m.RunStatus())["checkpoint_callers"]
+
+
 def _gate(tmp_path: Path, rank: int, step: int) -> tuple[str, Path]:
     """A chaos `wait` event holding rank `rank` (and so the run) before step `step`
     until the returned path exists."""
@@ -220,7 +230,7 @@ def test_a_checkpoint_asked_through_node_0s_dir_is_written_by_every_rank_of_both
                 for where in (run_dir, run_dir / "node-1")
             ]
             # both waiting at node 0's Coordinator before the run may go on
-            callers = lambda: call_run(run_dir, m.RunStatus())["checkpoint_callers"]  # noqa: E731
+            callers = lambda: _callers(run_dir, asked)  # noqa: E731
             _wait("two checkpoint callers", agents, lambda: callers() == 2)
             gate.touch()
             first, second = (f.result() for f in asked)
@@ -318,7 +328,7 @@ def test_with_keys_the_analyzer_and_a_checkpoint_through_node_1s_dir_go_over_cur
         with ThreadPoolExecutor(1) as pool:
             where = run_dir / "node-1"  # (one process: one host's keys at a time)
             asked = pool.submit(call_run, where, m.CheckpointNow(), timeout=DEADLINE)
-            callers = lambda: call_run(where, m.RunStatus())["checkpoint_callers"]  # noqa: E731
+            callers = lambda: _callers(where, [asked])  # noqa: E731
             _wait("a checkpoint caller", agents, lambda: callers() == 1)
             gate.touch()
             done = asked.result()
