@@ -23,17 +23,20 @@ SHORTHAND_KEYS = (
 )
 
 
-def int_at_least(least: int) -> Callable[[str], int]:
-    """An argparse `type=` that accepts a whole number >= `least`; anything else fails
-    with one line naming what is accepted and what was given."""
-    accepted = "a positive integer" if least == 1 else f"an integer >= {least}"
+def int_at_least(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse `type=` that accepts a whole number >= `least` (and <= `most`);
+    anything else fails with one line naming what is accepted and what was given."""
+    if most is not None:
+        accepted = f"an integer from {least} to {most}"
+    else:
+        accepted = "a positive integer" if least == 1 else f"an integer >= {least}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < least:
+        if value is None or value < least or (most is not None and value > most):
             raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")
         return value
 

@@ -39,7 +39,14 @@ from .control import serve_control
 from .jobs import FINAL, Job, JobState, JobTable
 from .scheduler import to_start
 from .statedir import DaemonUsageError, StateDir
-from .supervisor import _LAUNCHER, EXIT_STOPPED, JobSupervisor, job_marker, kill_processes
+from .supervisor import (
+    EXIT_STOPPED,
+    JOB_NICE,
+    JobSupervisor,
+    job_marker,
+    kill_processes,
+    launcher_argv,
+)
 from .warm import WarmPool
 
 __all__ = ["Daemon"]
@@ -54,9 +61,18 @@ LIVE_CALL_SECONDS = 150.0  # a round, a step and a checkpoint's write and verifi
 
 
 class Daemon:
-    def __init__(self, state_dir: Path, *, cpus: int, http: str | None, grace: float = 25.0):
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        cpus: int,
+        http: str | None,
+        grace: float = 25.0,
+        job_nice: int = JOB_NICE,
+    ):
         self.state = StateDir(state_dir)
         self.cpus = cpus
+        self.job_nice = job_nice
         self.http_address = http
         self.grace = grace
         self.table: JobTable | None = None
@@ -71,7 +87,7 @@ class Daemon:
         # a job runner started before its job (pipelines.daemon.warm), on room: _warm_room
         self.warm = WarmPool(
             self.state.path,
-            launcher=_LAUNCHER,
+            launch=launcher_argv(job_nice),
             log_path=self.state.path / "warm.log",
         )
 
@@ -210,6 +226,7 @@ class Daemon:
             self.grace,
             on_start=lambda pid: self.table.update(job.id, pid=pid),
             warm=self.warm,
+            nice=self.job_nice,
         )
         self.running[job.id] = sup
         nursery.start_soon(self._run_job, sup)

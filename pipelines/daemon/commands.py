@@ -72,6 +72,14 @@ def _add_serve(sub, _) -> None:
         default=25,
         help="seconds a stopping job gets before SIGKILL (default 25)",
     )
+    serve.add_argument(
+        "--job-nice",
+        type=int_at_least(0, 19),
+        default=10,
+        metavar="N",
+        help="jobs run N nice levels below the daemon, 0-19 (default 10: the daemon and "
+        "commands like status are served first; a job alone trains as fast)",
+    )
 
 
 def _add_submit(sub, _) -> None:
@@ -376,7 +384,9 @@ def _serve(args, state_dir: Path) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="zerotrain serve: %(message)s"
     )
-    daemon = Daemon(state_dir, cpus=cpus, http=http, grace=float(args.grace))
+    daemon = Daemon(
+        state_dir, cpus=cpus, http=http, grace=float(args.grace), job_nice=args.job_nice
+    )
     daemon.open()
     trio.run(daemon.serve)
     return EXIT_OK

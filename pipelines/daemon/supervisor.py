@@ -61,6 +61,7 @@ import trio
 
 __all__ = [
     "EXIT_STOPPED",
+    "JOB_NICE",
     "POLL_SECONDS",
     "HookLedger",
     "JobSupervisor",
@@ -71,6 +72,7 @@ __all__ = [
     "job_marker",
     "job_processes",
     "kill_processes",
+    "launcher_argv",
     "read_live_ranks",
     "silent_ranks",
     "warm_marker",
@@ -89,13 +91,31 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 
 # Runs in the job's top process between fork and the real exec: set the parent-death
 # signal, then make sure the parent did not die before it was set (the signal would
-# never come), then become `zerotrain run`.
+# never come), then lower the job's priority (below), then become `zerotrain run`.
 _LAUNCHER = (
     "import ctypes, os, sys\n"
     "if ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0) != 0: sys.exit(70)\n"
     "if os.getppid() != int(sys.argv[1]): sys.exit(71)\n"
-    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+    "nice = int(sys.argv[2])\n"
+    "if nice:\n"
+    "    os.nice(nice)\n"
+    "    try:\n"
+    "        with open('/proc/self/autogroup', 'w') as f: f.write(str(nice))\n"
+    "    except OSError: pass\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[3:]])\n"
 )
+# A job's processes run JOB_NICE nice levels below the daemon (`zerotrain serve
+# --job-nice`), and so do their session's scheduling group where Linux groups sessions
+# (autogroup): training takes every CPU nothing else wants, while the daemon, its HTTP
+# endpoint and an operator's `zerotrain status` are served first. Ranks compete with each
+# other as before (one value for all), so a job alone on the machine trains as fast.
+JOB_NICE = 10
+
+
+def launcher_argv(nice: int) -> list[str]:
+    """The start of a job process's command line: the launcher, told the daemon's pid and
+    how many nice levels to go down (the job's own arguments follow)."""
+    return [sys.executable, "-c", _LAUNCHER, str(os.getpid()), str(nice)]
 
 
 def job_marker(state_dir: Path, job_id: int | None) -> str:
@@ -428,8 +448,10 @@ class JobSupervisor:
         grace: float,
         on_start,
         warm=None,
+        nice: int = JOB_NICE,
     ):
         self.job = job
+        self.nice = nice  # nice levels below the daemon (launcher_argv)
         self.warm = warm  # a WarmPool (pipelines.daemon.warm) to take a ready runner from
         self.started_warm = False
         self.runner: str | None = None  # once started: "warm-N" (the runner's marker) or "cold"
@@ -459,7 +481,7 @@ class JobSupervisor:
     def argv(self, resume: bool) -> list[str]:
         """The job's command line when it starts cold."""
         run = ["-m", "pipelines.cli", *self.run_args(resume)]
-        return [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *run]
+        return [*launcher_argv(self.nice), *run]
 
     def starting(self) -> bool:
         """True from the supervisor's start until the job's first step is seen (at most

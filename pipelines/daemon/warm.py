@@ -98,10 +98,10 @@ _PRELOAD = (
 class WarmPool:
     """At most one warm runner for the daemon of ``state_dir`` (see the module doc)."""
 
-    def __init__(self, state_dir: Path, *, launcher: str, log_path: Path):
+    def __init__(self, state_dir: Path, *, launch: list[str], log_path: Path):
         self.state_dir = Path(state_dir)
         self.templates = 0  # rank templates of the waiting runner (the budget free then)
-        self.launcher = launcher  # supervisor._LAUNCHER: PDEATHSIG, then exec
+        self.launch = launch  # supervisor.launcher_argv: PDEATHSIG, nice, then exec
         self.log_path = Path(log_path)
         self.started = 0  # runners started (the marker's N)
         self.replaced = 0  # runners that died while waiting, replaced
@@ -181,10 +181,7 @@ class WarmPool:
         self._marker = warm_marker(self.state_dir, self.started)
         env = {**job_environment(), MARKER_VAR: self._marker.split("=", 1)[1]}
         argv = [
-            sys.executable,
-            "-c",
-            self.launcher,
-            str(os.getpid()),
+            *self.launch,
             "-m",
             "pipelines.daemon.warm",
             str(self.templates),

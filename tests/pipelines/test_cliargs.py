@@ -29,6 +29,18 @@ def test_anything_else_is_one_line_naming_what_is_accepted(least, text, accepted
     assert str(info.value) == f"expected {accepted}, got {text!r}"
 
 
+@pytest.mark.parametrize(("text", "value"), [("0", 0), ("19", 19), ("10", 10)])
+def test_a_whole_number_within_both_bounds_is_accepted(text, value):
+    assert int_at_least(0, 19)(text) == value
+
+
+@pytest.mark.parametrize("text", ["20", "-1", "x"])
+def test_outside_both_bounds_is_one_line_naming_the_range(text):
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        int_at_least(0, 19)(text)
+    assert str(info.value) == f"expected an integer from 0 to 19, got {text!r}"
+
+
 def _args(**flags):
     given = dict.fromkeys(("ranks", "mode", "steps", "seed"))
     return argparse.Namespace(**{**given, "overrides": [], **flags})

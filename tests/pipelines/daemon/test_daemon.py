@@ -4,6 +4,7 @@ rank processes under it, driven by the client verbs as a user would."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -66,6 +67,20 @@ def test_a_higher_priority_job_starts_first(shared_daemon):
     assert hi["ended"] <= lo["started"]
 
 
+def _nice_of(pid: int) -> tuple[int, int | None] | None:
+    """(nice value, its session's autogroup nice or None without autogroup) of `pid`;
+    None once it is gone."""
+    try:
+        nice = os.getpriority(os.PRIO_PROCESS, pid)
+    except ProcessLookupError:
+        return None
+    try:
+        group = Path(f"/proc/{pid}/autogroup").read_text().split()
+    except FileNotFoundError:
+        return (nice, None) if os.path.exists(f"/proc/{pid}") else None
+    return nice, int(group[-1])
+
+
 def test_a_paused_job_holds_no_process_exports_its_checkpoint_and_resumes_bit_identical(
     shared_daemon, reference_hash, tmp_path
 ):
@@ -73,6 +88,13 @@ def test_a_paused_job_holds_no_process_exports_its_checkpoint_and_resumes_bit_id
     d = shared_daemon
     job = d.submit(*LONG)
     d.wait_for(job, {"running"}, step=30)
+    # the job's processes (top, ranks) run 10 nice levels below the daemon (--job-nice's
+    # default), their session's scheduling group too where Linux has one
+    daemon_nice = os.getpriority(os.PRIO_PROCESS, d.proc.pid)
+    seen = [_nice_of(pid) for pid in marked_pids(d.state_dir)]
+    seen = [s for s in seen if s is not None]  # (a process may end while we look)
+    assert len(seen) >= 3 and all(s[0] == daemon_nice + 10 for s in seen), seen
+    assert all(s[1] in (None, 10) for s in seen), seen
     # what `zerotrain pause JOB --wait` does, from here: at ~3 ms a step the job must not
     # end while a command line starts (its output is checked on an endless job below)
     call(d.state_dir, protocol.Control("pause", str(job)))

@@ -5,6 +5,8 @@ cold); one that dies after it said ready is replaced without counting."""
 
 from __future__ import annotations
 
+import sys
+
 import trio
 
 from pipelines.daemon.warm import MAX_FAILURES, WarmPool
@@ -14,8 +16,11 @@ DIES_AT_ONCE = "import sys; sys.exit(3)"
 READY_THEN_DIES = "import sys, time; print('ready', flush=True); time.sleep(1.0); sys.exit(3)"
 
 
-def _pool(tmp_path, launcher: str) -> WarmPool:
-    return WarmPool(tmp_path, launcher=launcher, log_path=tmp_path / "warm.log")
+def _pool(tmp_path, program: str) -> WarmPool:
+    """A pool whose runners are `program` (its runner's arguments after it, unused)."""
+    return WarmPool(
+        tmp_path, launch=[sys.executable, "-c", program], log_path=tmp_path / "warm.log"
+    )
 
 
 async def _run_until(pool: WarmPool, done, then: float = 0.0, limit: float = 60.0) -> None:
