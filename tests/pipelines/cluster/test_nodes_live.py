@@ -92,8 +92,8 @@ def _callers(run_dir: Path, asked: list) -> int:
 
 
 def _gate(tmp_path: Path, rank: int, step: int) -> tuple[str, Path]:
-    """A chaos `wait` event holding rank `rank` (and so the run) before step `step`
-    until the returned path exists."""
+    """A chaos `wait` event holding rank `rank` (and so the run) once `step` steps are
+    done (its step index `step` starts only then) until the returned path exists."""
     path = tmp_path / f"gate-{rank}-{step}"
     return f"wait:rank={rank},step={step},until={path}", path
 
@@ -223,7 +223,9 @@ def test_a_checkpoint_asked_through_node_0s_dir_is_written_by_every_rank_of_both
     hold, gate = _gate(tmp_path, 3, 6)  # rank 3: node 1's
     agents = _agents(tmp_path, run_dir, "--chaos", hold, "--set", "checkpoint.every=0")
     try:
-        _wait("step 5 logged", agents, lambda: len(_metrics(run_dir)) >= 5)
+        # held: with fewer steps logged a checkpoint could be agreed after step 6 and
+        # written before the hold, answering before the test looks
+        _wait("step 6 logged", agents, lambda: len(_metrics(run_dir)) >= 6)
         with ThreadPoolExecutor(2) as pool:
             asked = [
                 pool.submit(call_run, where, m.CheckpointNow(), timeout=DEADLINE)
@@ -324,7 +326,9 @@ def test_with_keys_the_analyzer_and_a_checkpoint_through_node_1s_dir_go_over_cur
     extra = ["--keys", str(keys), "--run-id", "livemn-test", "--hook", f"{script}:probe"]
     agents = _agents(tmp_path, run_dir, "--chaos", hold, *extra)
     try:
-        _wait("step 5 logged", agents, lambda: len(_metrics(run_dir)) >= 5)
+        # held: with fewer steps logged a checkpoint could be agreed after step 6 and
+        # written before the hold, answering before the test looks
+        _wait("step 6 logged", agents, lambda: len(_metrics(run_dir)) >= 6)
         with ThreadPoolExecutor(1) as pool:
             where = run_dir / "node-1"  # (one process: one host's keys at a time)
             asked = pool.submit(call_run, where, m.CheckpointNow(), timeout=DEADLINE)
