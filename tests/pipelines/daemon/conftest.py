@@ -108,6 +108,10 @@ class DaemonProcess:
     def __init__(self, state_dir: Path, *extra, env=None):
         self.state_dir = Path(state_dir)
         self.extra = [str(e) for e in extra]
+        if "--job-nice" not in self.extra:
+            # jobs level with the rest of the suite: at serve's default (10) a job of
+            # one test worker gets a tenth of a CPU the other worker's processes want
+            self.extra += ["--job-nice", "0"]
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.log_path = self.state_dir.with_name(self.state_dir.name + "-serve.log")

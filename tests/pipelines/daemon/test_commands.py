@@ -41,6 +41,12 @@ def test_every_daemon_verb_has_its_parser():
         assert parsed.command == verb and parsed.state_dir == "/nowhere"
 
 
+def test_serve_runs_jobs_10_nice_levels_below_the_daemon_unless_told():
+    serve = _verb_parsers("serve")["serve"]
+    assert serve.parse_args([]).job_nice == 10
+    assert serve.parse_args(["--job-nice", "0"]).job_nice == 0
+
+
 def _verb_parsers(verb: str | None) -> dict:
     import argparse
 
