@@ -32,10 +32,13 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 
 from .cliargs import flag_overrides, int_at_least
 from .daemon import DAEMON_COMMANDS, register_daemon_commands, run_daemon_command
+
+TYPE_CHECKING = False  # (typing and pathlib stay out of a client verb's start)
+if TYPE_CHECKING:
+    from pathlib import Path
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 2, 3, 4
 
@@ -44,8 +47,36 @@ class _UsageError(Exception):
     pass
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, sized to the terminal without importing shutil (argparse
+    builds a formatter for every add_argument, and shutil brings zlib, bz2 and lzma into
+    every client verb's start): $COLUMNS, else stdout's terminal, else 80 columns."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _terminal_columns() -> int:
+    """What shutil.get_terminal_size().columns says."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit code 2)."""
+
+    def __init__(self, *args, formatter_class=_Formatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -180,6 +211,8 @@ def _resolve(args):
 
 
 def _resume_dir(args, cfg) -> Path | None:
+    from pathlib import Path
+
     if args.resume is None:
         return None
     if args.resume:
@@ -259,7 +292,7 @@ def _overrides(args, cfg, resume) -> list[dict] | None:
             f"zerotrain {args.command}: {where} starts a run; a --resume replays the "
             "overrides its run recorded (RUN/overrides.jsonl)"
         )
-    if not Path(args.overrides_file).is_file():
+    if not os.path.isfile(args.overrides_file):
         raise _UsageError(f"zerotrain {args.command}: {where}: no such file")
     try:
         records = read_overrides(args.overrides_file)
@@ -306,6 +339,8 @@ def _plan_run(args):
 def _run_dir(args, cfg, resume: Path | None, layout) -> Path:
     """--run-dir; else a multi-node run's own default; else the resumed run's dir when
     it holds a config.json; else runs/<pipeline>-<time>."""
+    from pathlib import Path
+
     from .store.rundir import default_run_dir
 
     if layout is not None and not args.run_dir:
@@ -419,6 +454,8 @@ def _cmd_pipelines(args, out) -> int:
 
 
 def _cmd_ckpt(args, out) -> int:
+    from pathlib import Path
+
     from .store.checkpoint import inspect_checkpoint
 
     target = Path(args.dir)

@@ -14,29 +14,32 @@ import socket
 import struct
 import sys
 import time
-from pathlib import Path
 
 from . import protocol
 from .statedir import DaemonUsageError, no_daemon_message
+
+TYPE_CHECKING = False  # (typing and pathlib stay out of a client verb's start)
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["call", "export_job", "format_table", "submit_request"]
 
 _U32 = struct.Struct(">I")
 
 
-def call(state_dir: Path, request, *, timeout: float = 30.0):
+def call(state_dir: str | Path, request, *, timeout: float = 30.0):
     """One request to the daemon at ``state_dir``; its answer's value.
 
     DaemonUsageError for: no daemon there, a refusal, or the daemon's own usage error.
     """
-    path = Path(state_dir) / "control.sock"
+    path = os.path.join(state_dir, "control.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         try:
             _connect(sock, str(path), timeout)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
-            raise DaemonUsageError(no_daemon_message(Path(state_dir))) from None
+            raise DaemonUsageError(no_daemon_message(state_dir)) from None
         except PermissionError:
             raise DaemonUsageError(
                 f"cannot reach the zerotrain daemon at {state_dir}: permission denied "
@@ -105,6 +108,8 @@ def submit_request(args) -> protocol.Submit:
     (config and overrides, hooks, data files, a file model) and build the request: the
     pipeline file's text, not its path, so later edits of the file do not change the
     queued job."""
+    from pathlib import Path
+
     from ..cliargs import flag_overrides
     from ..config import CONFIG_DIR, ConfigError, load_config
     from ..core import load_hooks
@@ -206,6 +211,7 @@ def export_job(status: dict, config: dict, out: Path) -> tuple[Path, int]:
     """Write the job's latest weights (PyTorch names) to ``out``: its final weights once
     done, else its newest valid checkpoint's parameters. Returns (out, step)."""
     import shutil
+    from pathlib import Path
 
     from ..config import from_resolved
     from ..store.checkpoint import export_weights, latest_valid, load_full

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from ..cliargs import int_at_least
 from .statedir import DEFAULT_HTTP, DaemonUsageError, default_state_dir
+
+TYPE_CHECKING = False  # (typing and pathlib stay out of a client verb's start)
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["DAEMON_COMMANDS", "register_daemon_commands", "run_daemon_command"]
 
@@ -258,6 +261,8 @@ def _run(args, out) -> int:
         return _set_key(args, state_dir, out)
     if command == "export":
         status = client.call(state_dir, protocol.JobStatus(args.job))
+        from pathlib import Path
+
         target = Path(args.out or f"{status['name']}.safetensors")
         path, step = client.export_job(status, status["config"], target)
         print(f"{path} (step {step})", file=out)
@@ -334,6 +339,8 @@ def _hook(args, state_dir: Path, out) -> int:
 def is_run_dir(job: str) -> bool:
     """A live verb's JOB names a run dir rather than a daemon job: a directory holding
     a plan.json, or a multi-node node's DIR/node-K/plan.json (pipelines.cluster.live)."""
+    from pathlib import Path
+
     path = Path(job)
     return path.is_dir() and ((path / "plan.json").is_file() or any(path.glob("node-*/plan.json")))
 

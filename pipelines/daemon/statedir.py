@@ -21,7 +21,10 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from pathlib import Path
+
+TYPE_CHECKING = False  # (typing and pathlib stay out of a client verb's start)
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["DEFAULT_HTTP", "DaemonUsageError", "StateDir", "default_state_dir", "no_daemon_message"]
 
@@ -33,27 +36,26 @@ class DaemonUsageError(Exception):
     """A mistake a user can fix: printed as its one line, exit code 2."""
 
 
-def default_state_dir(flag: str | None = None) -> Path:
+def default_state_dir(flag: str | None = None) -> str:
     """--state-dir, else $ZEROTRAIN_STATE_DIR, else $XDG_STATE_HOME/zerotrain, else
-    ~/.local/state/zerotrain."""
-    if flag:
-        return Path(flag).expanduser().absolute()
-    env = os.environ.get("ZEROTRAIN_STATE_DIR")
-    if env:
-        return Path(env).expanduser().absolute()
-    xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
-    return (base / "zerotrain").absolute()
+    ~/.local/state/zerotrain: an absolute path."""
+    where = flag or os.environ.get("ZEROTRAIN_STATE_DIR")
+    if not where:
+        xdg = os.environ.get("XDG_STATE_HOME")
+        where = os.path.join(xdg or os.path.join("~", ".local", "state"), "zerotrain")
+    return os.path.abspath(os.path.expanduser(where))
 
 
-def no_daemon_message(path: Path) -> str:
+def no_daemon_message(path: str | Path) -> str:
     return f"no zerotrain daemon at {path} -- start one with: zerotrain serve --state-dir {path}"
 
 
 class StateDir:
     """Paths inside one state directory; :meth:`acquire` makes this process its owner."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: str | Path):
+        from pathlib import Path
+
         self.path = Path(path)
         self.lock_path = self.path / "daemon.lock"
         self.db_path = self.path / "jobs.sqlite3"

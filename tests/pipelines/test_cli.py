@@ -147,6 +147,19 @@ def test_an_unknown_pipeline_and_a_missing_command_exit_2(capsys):
     assert "invalid choice: 'frobnicate'" in assert_one_line_error(run_main(capsys, "frobnicate"))
 
 
+@pytest.mark.parametrize("columns", [None, "120", "0", "-5", "wide"])
+def test_help_is_as_wide_as_shutil_says_the_terminal_is(monkeypatch, columns):
+    """The command line's help formatter sizes itself without shutil (a client verb's
+    start): the same width shutil.get_terminal_size gives."""
+    from pipelines.cli import _terminal_columns
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert _terminal_columns() == shutil.get_terminal_size().columns
+
+
 def test_pipelines_lists_every_builtin_with_a_description(capsys):
     proc = run_main(capsys, "pipelines")
     assert proc.returncode == 0
