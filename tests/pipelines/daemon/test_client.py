@@ -33,12 +33,12 @@ def _modules_imported_by(*args: str) -> set[str]:
 
 
 # what a client verb may import beyond the interpreter's own start: argparse parsing a
-# subcommand, the Unix socket, msgpack, fcntl, signal and pathlib (the floor below imports
-# them so, on any Python version, the set says what they bring along) -- and the daemon
+# subcommand, the Unix socket, msgpack, fcntl and signal (the floor below imports them
+# so, on any Python version, the set says what they bring along) -- and the daemon
 # package's client side with the command line it is reached through
 _CLIENT_FLOOR = (
     "from __future__ import annotations\n"
-    "import argparse, atexit, fcntl, pathlib, signal, socket, struct, sys\n"
+    "import argparse, atexit, fcntl, signal, socket, struct, sys\n"
     "import msgpack\n"
     "p = argparse.ArgumentParser(prog='zerotrain')\n"
     "p.add_subparsers(dest='verb').add_parser('status').add_argument('--state-dir')\n"
