@@ -30,7 +30,8 @@ temp dir, --cpus 4 so two 2-rank jobs run side by side).
              per second, as a share of the CPUs their ranks train on (min(ranks, CPUs
              here)): what a 10 Hz scraper takes from training.
   status     the control call JobStatus (all jobs) while two jobs train, and the
-             `zerotrain status` command line (a new Python process each time), beside
+             `zerotrain status` command line (a new Python process each time, bytecode
+             cached as in an installed package, whatever PYTHONDONTWRITEBYTECODE says), beside
              its floor: `python -c pass` timed the same way, interleaved,
              --status-samples of each -- wall time (p99, median) and CPU time (median,
              the children's rusage: less moved by the machine's load). The two jobs
@@ -289,6 +290,11 @@ def main() -> None:
         script = Path(sys.executable).with_name("zerotrain")
         cli = [str(script)] if script.exists() else [sys.executable, "-m", "pipelines.cli"]
         status = [*cli, "status", "--state-dir", str(d.state)]
+        # as installed: with bytecode caching (an environment that sets
+        # PYTHONDONTWRITEBYTECODE compiles every module changed since its last .pyc at
+        # every start), its .pyc files written by one run first
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        subprocess.run(status, check=True, capture_output=True, env=env)
         steps0 = [_step(d.state, j) for j in jobs]
         out["load_status"] = [os.getloadavg()[0]]
         for _ in range(opts.status_samples):
@@ -297,7 +303,7 @@ def main() -> None:
                 ([sys.executable, "-c", "pass"], floor, floor_cpu),
             ):
                 c, t = _children_cpu(), time.perf_counter()
-                subprocess.run(argv, check=True, capture_output=True)
+                subprocess.run(argv, check=True, capture_output=True, env=env)
                 into.append(time.perf_counter() - t)
                 cpu.append(_children_cpu() - c)
         out["load_status"].append(os.getloadavg()[0])
