@@ -528,15 +528,24 @@ class Coordinator(ProtocolActor):
         than cluster.max_total_restarts of them in the whole run, end the run. Chaos
         faults are planned and not counted. Another node's rank lost over tcp
         ("noconnection": a late ack, a slow link, a lost node) is no error of the step:
-        it counts against the budget only."""
+        it counts against the budget only.
+
+        The step is the newest one logged, which may be one behind the failing rank's:
+        rank 0's record of the step before can arrive after the crash. So the same error
+        one step apart counts as the same step."""
         key = (self.at_step, reason)
         budget = self.cfg.cluster.max_total_restarts
         self.unplanned += 1
         remote_link = reason == "noconnection" and rank not in self.local_ranks
-        if not remote_link and self.crashes.get(key, self.generation) < self.generation:
+        earlier = [
+            s
+            for s in (self.at_step - 1, self.at_step, self.at_step + 1)
+            if self.crashes.get((s, reason), self.generation) < self.generation
+        ]
+        if not remote_link and earlier:
             self.fail(
-                f"rank {rank} failed again at step {self.at_step} with the same error after "
-                f"a restore ({reason}); last good checkpoint: "
+                f"rank {rank} failed again at step {max(self.at_step, *earlier)} with the same "
+                f"error after a restore ({reason}); last good checkpoint: "
                 f"{last_good_checkpoint(self.ckpt_root)}"
             )
             return True

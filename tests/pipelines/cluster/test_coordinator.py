@@ -158,3 +158,24 @@ def test_a_fault_log_continued_by_a_coordinator_started_again(tmp_path):
     log.continue_from(faults, range(0, 2), 6, 0)
     assert [f.kind for f in log.faults] == ["node_lost"] * 2
     assert (log.restarts, len(log.pending())) == (2, 2)
+
+
+def test_the_same_error_a_step_apart_after_a_restore_is_the_same_steps(tmp_path):
+    """A rank's crash can reach the Coordinator before rank 0's record of the step before
+    it: the same error one logged step apart, a generation later, is a repeat."""
+    c = coordinator(tmp_path / "a", world=2)
+    c.local_ranks = range(2)
+    why = "TransformError: raised at step 12 on rank 1"
+    c.generation, c.at_step = 1, 11
+    assert not c._crashed_before(1, why)  # first time: a restore
+    c.generation, c.at_step = 2, 10  # replaying: step 11's record not in yet
+    assert c._crashed_before(1, why)
+    assert c.outcome.failure.startswith(
+        f"rank 1 failed again at step 11 with the same error after a restore ({why}); "
+    )
+    other = coordinator(tmp_path / "b", world=2)
+    other.local_ranks = range(2)
+    other.generation, other.at_step = 1, 11
+    assert not other._crashed_before(1, why)
+    other.generation, other.at_step = 2, 9  # two steps before: another step's
+    assert not other._crashed_before(1, why)
