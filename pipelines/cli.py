@@ -569,12 +569,17 @@ _INTERRUPTED = ["SIGINT"]
 
 def _interrupt(signum, frame):
     _INTERRUPTED.append(signal.Signals(signum).name)
-    ki_handler = signal.getsignal(signal.SIGINT)
-    if callable(ki_handler) and ki_handler is not signal.default_int_handler:
-        # inside trio.run before the runner's own signal receivers are installed: trio's
-        # SIGINT handler delivers the KeyboardInterrupt where it is safe (raised in trio's
-        # own code it would be a TrioInternalError)
-        ki_handler(signal.SIGINT, frame)
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        # Inside trio.run: SIGINT's handler is trio's. Before the runner's own signal
+        # receiver is installed, it delivers the KeyboardInterrupt where that is safe
+        # (raised in trio's own code it would be a TrioInternalError); it takes SIGINT
+        # alone (it asserts so). While a runner installs its receiver, SIGINT's handler
+        # is already the receiver's, which must hear this signal, not SIGINT.
+        try:
+            handler(signum, frame)
+        except AssertionError:
+            handler(signal.SIGINT, frame)
         return
     raise KeyboardInterrupt
 

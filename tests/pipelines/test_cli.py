@@ -410,3 +410,36 @@ def test_a_stop_signal_inside_trio_is_raised_where_trio_allows_it(sigint):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["KeyboardInterrupt", "1"], done.stdout
+
+
+_SIGNAL_WHILE_A_RECEIVER_IS_INSTALLED = """
+import os, signal
+import trio
+from pipelines import cli
+
+cli._install_stop_handlers()
+
+async def main():
+    # a runner installing its receiver for every stop signal has put SIGINT's handler
+    # in place and not yet SIGTERM's (trio installs them one by one, SIGINT first)
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        async for signum in signals:
+            print(signal.Signals(signum).name, cli._INTERRUPTED[-1])
+            break
+
+trio.run(main)
+"""
+
+
+def test_a_stop_signal_while_the_runner_installs_its_receiver_keeps_its_name():
+    """SIGTERM in the moment a runner's signal receiver holds SIGINT but not yet SIGTERM:
+    the CLI's handler hands it to that receiver as SIGTERM, so the run says it stopped
+    for SIGTERM (not SIGINT)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_WHILE_A_RECEIVER_IS_INSTALLED],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["SIGTERM", "SIGTERM"], done.stdout
