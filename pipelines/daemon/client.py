@@ -37,7 +37,7 @@ def call(state_dir: str | Path, request, *, timeout: float = 30.0):
     sock.settimeout(timeout)
     try:
         try:
-            _connect(sock, str(path), timeout)
+            _connect(sock, path, timeout)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
             raise DaemonUsageError(no_daemon_message(state_dir)) from None
         except PermissionError:

@@ -11,7 +11,7 @@ import os
 import sys
 
 from ..cliargs import int_at_least
-from .statedir import DEFAULT_HTTP, DaemonUsageError, default_state_dir
+from .statedir import DEFAULT_HTTP, DEFAULT_JOB_NICE, DaemonUsageError, default_state_dir
 
 TYPE_CHECKING = False  # (typing and pathlib stay out of a client verb's start)
 if TYPE_CHECKING:
@@ -78,10 +78,10 @@ def _add_serve(sub, _) -> None:
     serve.add_argument(
         "--job-nice",
         type=int_at_least(0, 19),
-        default=10,
+        default=DEFAULT_JOB_NICE,
         metavar="N",
-        help="jobs run N nice levels below the daemon, 0-19 (default 10: the daemon and "
-        "commands like status are served first; a job alone trains as fast)",
+        help=f"jobs run N nice levels below the daemon, 0-19 (default {DEFAULT_JOB_NICE}: the "
+        "daemon and commands like status are served first; a job alone trains as fast)",
     )
 
 

@@ -30,6 +30,7 @@ __all__ = ["DEFAULT_HTTP", "DaemonUsageError", "StateDir", "default_state_dir", 
 
 
 DEFAULT_HTTP = "127.0.0.1:9477"  # `zerotrain serve --http`: loopback, a fixed port
+DEFAULT_JOB_NICE = 10  # `zerotrain serve --job-nice` (pipelines.daemon.supervisor)
 
 
 class DaemonUsageError(Exception):

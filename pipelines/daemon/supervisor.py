@@ -59,6 +59,8 @@ from pathlib import Path
 
 import trio
 
+from .statedir import DEFAULT_JOB_NICE
+
 __all__ = [
     "EXIT_STOPPED",
     "JOB_NICE",
@@ -109,7 +111,7 @@ _LAUNCHER = (
 # (autogroup): training takes every CPU nothing else wants, while the daemon, its HTTP
 # endpoint and an operator's `zerotrain status` are served first. Ranks compete with each
 # other as before (one value for all), so a job alone on the machine trains as fast.
-JOB_NICE = 10
+JOB_NICE = DEFAULT_JOB_NICE
 
 
 def launcher_argv(nice: int) -> list[str]:
