@@ -38,7 +38,7 @@ from . import notify, protocol
 from .control import serve_control
 from .jobs import FINAL, Job, JobState, JobTable
 from .scheduler import to_start
-from .statedir import DaemonUsageError, StateDir
+from .statedir import RECENT_ENDED, DaemonUsageError, StateDir
 from .supervisor import (
     EXIT_STOPPED,
     JOB_NICE,
@@ -285,7 +285,7 @@ class Daemon:
 
     def _publish(self) -> None:
         jobs = []
-        for job in self.table.all():
+        for job in self.table.recent(RECENT_ENDED):
             view = self.job_view(job)
             sup = self.running.get(job.id)
             if sup is not None:
@@ -330,9 +330,6 @@ class Daemon:
                     self.table.update(job_id, step=sup.progress.step, loss=sup.progress.loss)
 
     def info(self) -> dict:
-        states: dict[str, int] = {}
-        for job in self.table.all():
-            states[str(job.state)] = states.get(str(job.state), 0) + 1
         return {
             "pid": os.getpid(),
             "state_dir": str(self.state.path),
@@ -342,7 +339,7 @@ class Daemon:
             "ready": self.ready,
             "closing": self.closing,
             "started": self.started_at,
-            "jobs": states,
+            "jobs": self.table.counts(),
             "control": dict(vars(self.control_stats)) if self.control_stats else {},
             "warm": self.warm.stats(),
         }
@@ -357,7 +354,8 @@ class Daemon:
             return [self.job_view(j) for j in jobs]
         if isinstance(request, protocol.JobStatus):
             if not request.job:
-                return {"daemon": self.info(), "jobs": [self.job_view(j) for j in self.table.all()]}
+                jobs = self.table.recent(RECENT_ENDED)
+                return {"daemon": self.info(), "jobs": [self.job_view(j) for j in jobs]}
             job = self._find(request.job, "status")
             return {**self.job_view(job), "config": job.config}
         if isinstance(request, protocol.Control):
@@ -375,12 +373,12 @@ class Daemon:
         if ref.isdigit():
             job = self.table.get(int(ref))
         else:
-            named = [j for j in self.table.all() if j.name == ref]
-            job = named[-1] if named else None
+            job = self.table.named(ref)
         if job is None:
-            known = self.table.all()
-            listing = ", ".join(f"{j.id} ({j.name}, {j.state})" for j in known[-20:])
-            more = f" and {len(known) - 20} older" if len(known) > 20 else ""
+            ids = self.table.ids()
+            known = [self.table.get(i) for i in ids[-20:]]
+            listing = ", ".join(f"{j.id} ({j.name}, {j.state})" for j in known)
+            more = f" and {len(ids) - 20} older" if len(ids) > 20 else ""
             raise DaemonUsageError(
                 f"zerotrain {verb}: unknown job {ref!r}; "
                 + (f"known jobs: {listing}{more}" if known else "no jobs have been submitted")

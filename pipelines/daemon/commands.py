@@ -11,7 +11,13 @@ import os
 import sys
 
 from ..cliargs import int_at_least
-from .statedir import DEFAULT_HTTP, DEFAULT_JOB_NICE, DaemonUsageError, default_state_dir
+from .statedir import (
+    DEFAULT_HTTP,
+    DEFAULT_JOB_NICE,
+    RECENT_ENDED,
+    DaemonUsageError,
+    default_state_dir,
+)
 
 TYPE_CHECKING = False  # (typing and pathlib stay out of a client verb's start)
 if TYPE_CHECKING:
@@ -112,7 +118,11 @@ def _add_jobs(sub, _) -> None:
 
 
 def _add_status(sub, _) -> None:
-    status = sub.add_parser("status", help="one job's status, or the daemon's")
+    status = sub.add_parser(
+        "status",
+        help=f"one job's status, or the daemon's: its jobs not ended and the last {RECENT_ENDED} "
+        "ended (jobs --all lists every job)",
+    )
     _state_dir_option(status)
     status.add_argument("job", nargs="?", default="", help="a job id or name")
     status.add_argument("--json", action="store_true", help="a JSON object")

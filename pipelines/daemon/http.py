@@ -6,7 +6,8 @@ change: the thread never touches the job table or a supervisor, so a slow scrape
 slow the daemon's loop, and the loop never waits for the thread.
 
 /metrics is produced by prometheus_client from that snapshot (a custom collector, so a
-job's series appear and disappear with the job), every series labelled by job, and
+job's series appear with the job and disappear once it is no longer among the snapshot's
+jobs: those not ended and the last few ended), every series labelled by job, and
 rendered once per snapshot (:class:`MetricsText`): a scrape reuses the text of the
 snapshot it finds and adds only zerotrain_rank_up, which is read at scrape time. So a
 scrape costs the same whatever the daemon holds (jobs, finished ones included), and
@@ -173,10 +174,8 @@ class _Collector:
             "Error records of a hook in the run's hooks.jsonl (raised, bad metrics, hung)",
             labels=["job", "hook"],
         )
-        by_state: dict[str, int] = {}
         for job in jobs:
             label = [str(job["id"])]
-            by_state[job["state"]] = by_state.get(job["state"], 0) + 1
             paused.add_metric(label, 1.0 if job["state"] == "paused" else 0.0)
             restarts.add_metric([*label, "resume"], float(job.get("restarts") or 0))
             for reason, n in sorted((job.get("restarts_by_reason") or {}).items()):
@@ -205,6 +204,7 @@ class _Collector:
                     buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
                 hist.add_metric(label, buckets, job["step_sum"])
         queue = GaugeMetricFamily("zerotrain_queue_depth", "Jobs waiting to start")
+        by_state = snap.get("daemon", {}).get("jobs", {})  # every job, not only those listed
         queue.add_metric([], float(by_state.get("queued", 0)))
         states = GaugeMetricFamily("zerotrain_jobs", "Jobs by state", labels=["state"])
         for state, n in sorted(by_state.items()):

@@ -141,12 +141,15 @@ class JobTable:
     Reads come from a cache of parsed rows: the daemon is the table's only writer, and
     every write through :meth:`add` and :meth:`update` drops the row it changed, so a
     row's JSON columns are parsed once per change, not on every status request and
-    every second's publishing (parsing all rows cost 0.06 ms a job each time). The
-    :class:`Job` objects returned are shared: read them, never change them.
+    every second's publishing. The cache holds every job not ended and only the
+    ``ended_cached`` most recently read ended ones: a daemon that runs jobs for months
+    keeps their history on disk, not in memory. The :class:`Job` objects returned are
+    shared: read them, never change them.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, ended_cached: int = 64):
         self.path = Path(path)
+        self.ended_cached = ended_cached
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -156,7 +159,8 @@ class JobTable:
             missing = set(_COLUMNS) - {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
             if missing:
                 raise sqlite3.DatabaseError(f"table jobs lacks columns {sorted(missing)}")
-            self._cache: dict[int, Job] = {}
+            self._cache: dict[int, Job] = {}  # every job not ended
+            self._ended: dict[int, Job] = {}  # ended ones, least recently read first
         except sqlite3.Error as err:
             raise DaemonUsageError(
                 f"zerotrain serve: cannot read the job database {self.path}: {err} "
@@ -171,20 +175,56 @@ class JobTable:
     def get(self, job_id: int) -> Job | None:
         job = self._cache.get(job_id)
         if job is None:
+            job = self._ended.pop(job_id, None)
+        if job is None:
             row = self.db.execute(
                 f"SELECT {','.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
             if row is None:
                 return None
-            job = self._cache[job_id] = Job._from_row(row)
+            job = Job._from_row(row)
+        if job.state in FINAL:
+            self._ended[job_id] = job  # (re)inserted last: the most recently read
+            if len(self._ended) > self.ended_cached:
+                del self._ended[next(iter(self._ended))]
+        else:
+            self._cache[job_id] = job
         return job
 
     def all(self, states=None) -> list[Job]:
-        jobs = [self.get(job_id) for job_id in self.ids()]
-        return [j for j in jobs if j is not None and (states is None or j.state in states)]
+        """Every job, or those in ``states``, in submission order."""
+        return [j for j in map(self.get, self.ids(states)) if j is not None]
 
-    def ids(self) -> list[int]:
-        return [r[0] for r in self.db.execute("SELECT id FROM jobs ORDER BY id")]
+    def ids(self, states=None) -> list[int]:
+        if states is None:
+            return [r[0] for r in self.db.execute("SELECT id FROM jobs ORDER BY id")]
+        wanted = sorted(JobState(s).value for s in states)
+        marks = ",".join("?" * len(wanted))
+        query = f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY id"
+        return [r[0] for r in self.db.execute(query, wanted)]
+
+    def recent(self, ended: int) -> list[Job]:
+        """The jobs not ended and the ``ended`` that ended last, in submission order:
+        what a listing of the daemon's present shows."""
+        final = sorted(s.value for s in FINAL)
+        last = self.db.execute(
+            "SELECT id FROM jobs WHERE state IN (?,?,?) ORDER BY ended DESC, id DESC LIMIT ?",
+            (*final, ended),
+        )
+        ids = sorted({*self.ids(set(JobState) - FINAL), *(r[0] for r in last)})
+        return [j for j in map(self.get, ids) if j is not None]
+
+    def named(self, name: str) -> Job | None:
+        """The newest job called ``name``."""
+        row = self.db.execute(
+            "SELECT id FROM jobs WHERE name = ? ORDER BY id DESC LIMIT 1", (name,)
+        ).fetchone()
+        return None if row is None else self.get(row[0])
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs are in each state (states with none left out)."""
+        rows = self.db.execute("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")
+        return dict(rows.fetchall())
 
     # ---- writes (one transaction each) ----------------------------------------------
 
@@ -226,7 +266,7 @@ class JobTable:
             if not name:
                 self.db.execute("UPDATE jobs SET name = ? WHERE id = ?", (f"job-{job_id}", job_id))
             self.db.execute("UPDATE jobs SET run_dir = ? WHERE id = ?", (run_dir, job_id))
-        self._cache.pop(job_id, None)
+        self._forget(job_id)
         return self.get(job_id)
 
     def update(self, job_id: int, **fields) -> None:
@@ -243,6 +283,10 @@ class JobTable:
                 value = value.value
             values.append(value)
         sets = ", ".join(f"{k} = ?" for k in fields)
-        self._cache.pop(job_id, None)  # also when the write fails: read it anew
+        self._forget(job_id)  # also when the write fails: read it anew
         with self.db:
             self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*values, job_id))
+
+    def _forget(self, job_id: int) -> None:
+        self._cache.pop(job_id, None)
+        self._ended.pop(job_id, None)

@@ -31,6 +31,7 @@ __all__ = ["DEFAULT_HTTP", "DaemonUsageError", "StateDir", "default_state_dir", 
 
 DEFAULT_HTTP = "127.0.0.1:9477"  # `zerotrain serve --http`: loopback, a fixed port
 DEFAULT_JOB_NICE = 10  # `zerotrain serve --job-nice` (pipelines.daemon.supervisor)
+RECENT_ENDED = 20  # ended jobs that `status` and the HTTP page list beside those not ended
 
 
 class DaemonUsageError(Exception):

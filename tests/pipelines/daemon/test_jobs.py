@@ -73,3 +73,42 @@ def test_reads_show_every_update_though_rows_are_parsed_once(tmp_path):
     assert [j.state for j in table.all()] == [JobState.DONE, JobState.QUEUED]
     assert [j.id for j in table.all({JobState.QUEUED})] == [second.id]
     assert table.get(99) is None
+
+
+def _end(table, job, when):
+    table.update(job.id, state=JobState.DONE, ended=when, summary={"params_sha256": "z"})
+
+
+def test_a_listing_of_the_present_is_the_jobs_not_ended_and_the_last_ended(tmp_path):
+    table = JobTable(tmp_path / "jobs.sqlite3")
+    jobs = [_add(table, name="a" if i % 2 else "b") for i in range(8)]
+    for job, when in zip(jobs[:6], [5.0, 1.0, 6.0, 2.0, 3.0, 4.0], strict=True):
+        _end(table, job, when)
+    table.update(jobs[6].id, state=JobState.RUNNING)
+    # ended last: jobs[2] (6.0) and jobs[0] (5.0); not ended: jobs[6], jobs[7]
+    assert [j.id for j in table.recent(2)] == [jobs[i].id for i in (0, 2, 6, 7)]
+    assert [j.id for j in table.recent(0)] == [jobs[6].id, jobs[7].id]
+    assert table.counts() == {"done": 6, "queued": 1, "running": 1}
+    assert table.named("a").id == jobs[7].id and table.named("c") is None
+    assert [j.id for j in table.all({JobState.DONE, JobState.RUNNING})] == [j.id for j in jobs[:7]]
+
+
+def test_ended_jobs_are_read_from_the_database_not_held_in_memory(tmp_path):
+    """A long-lived daemon's history stays on disk: reading every ended job (as `jobs
+    --all` does) keeps only ``ended_cached`` of them parsed."""
+    import tracemalloc
+
+    table = JobTable(tmp_path / "jobs.sqlite3", ended_cached=4)
+    big = {"train": {"steps": 3}, "note": "x" * 20_000}
+    for i in range(150):
+        job = _add(table)
+        table.update(job.id, config=big)
+        _end(table, job, float(i))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assert len(table.all()) == 150 and table.get(1).config["note"] == big["note"]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 500_000, f"{held} bytes still held after reading 150 ended jobs of 20 KB"

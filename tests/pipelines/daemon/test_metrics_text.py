@@ -30,7 +30,8 @@ def _snapshot(state_dir, pid: int, step: int, finished: int) -> dict:
         "step_sum": 0.0,
     }
     done = [{"id": 2 + i, "state": "done", "step": 10, "restarts": 0} for i in range(finished)]
-    return {"jobs": [running, *done], "daemon": {"state_dir": str(state_dir)}}
+    counts = {"running": 1, "done": 10 * finished}  # also those no longer listed
+    return {"jobs": [running, *done], "daemon": {"state_dir": str(state_dir), "jobs": counts}}
 
 
 def _series(text: bytes) -> dict:
@@ -50,7 +51,7 @@ def test_a_snapshot_is_rendered_once_and_rank_up_is_judged_at_each_scrape(tmp_pa
         up = ("zerotrain_rank_up", (("job", "1"), ("rank", "0")))
         first = _series(metrics.render())
         assert first[("zerotrain_step", (("job", "1"),))] == 7 and first[up] == 1.0
-        assert first[("zerotrain_jobs", (("state", "done"),))] == 50
+        assert first[("zerotrain_jobs", (("state", "done"),))] == 500
         rank.send_signal(signal.SIGSTOP)
         try:
             deadline = time.monotonic() + 10  # until /proc shows it stopped
