@@ -375,10 +375,9 @@ class Daemon:
         else:
             job = self.table.named(ref)
         if job is None:
-            ids = self.table.ids()
-            known = [self.table.get(i) for i in ids[-20:]]
+            known, total = self.table.newest(20), sum(self.table.counts().values())
             listing = ", ".join(f"{j.id} ({j.name}, {j.state})" for j in known)
-            more = f" and {len(ids) - 20} older" if len(ids) > 20 else ""
+            more = f" and {total - 20} older" if total > 20 else ""
             raise DaemonUsageError(
                 f"zerotrain {verb}: unknown job {ref!r}; "
                 + (f"known jobs: {listing}{more}" if known else "no jobs have been submitted")

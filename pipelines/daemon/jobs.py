@@ -77,6 +77,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     summary     TEXT                -- summary.json once done, JSON
 );
 """
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_by_end ON jobs (ended);
+CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs (name);
+"""
 
 _COLUMNS = (
     "id name pipeline config config_hash argv cwd ranks priority state want run_dir "
@@ -147,18 +152,20 @@ class JobTable:
     shared: read them, never change them.
     """
 
-    def __init__(self, path: Path, *, ended_cached: int = 64):
+    def __init__(self, path: Path, *, ended_cached: int = 32):
         self.path = Path(path)
         self.ended_cached = ended_cached
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA cache_size=-512")  # KiB: the rows read are few (indexes)
             self.db.executescript(_SCHEMA)
             self.db.execute("SELECT count(*) FROM jobs").fetchone()
             missing = set(_COLUMNS) - {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
             if missing:
                 raise sqlite3.DatabaseError(f"table jobs lacks columns {sorted(missing)}")
+            self.db.executescript(_INDEXES)
             self._cache: dict[int, Job] = {}  # every job not ended
             self._ended: dict[int, Job] = {}  # ended ones, least recently read first
         except sqlite3.Error as err:
@@ -205,14 +212,20 @@ class JobTable:
 
     def recent(self, ended: int) -> list[Job]:
         """The jobs not ended and the ``ended`` that ended last, in submission order:
-        what a listing of the daemon's present shows."""
+        what a listing of the daemon's present shows. The indexes on state and end time
+        keep its cost that of the rows it returns, however long the history."""
         final = sorted(s.value for s in FINAL)
-        last = self.db.execute(
-            "SELECT id FROM jobs WHERE state IN (?,?,?) ORDER BY ended DESC, id DESC LIMIT ?",
+        last = self.db.execute(  # +state: newest first down the end-time index
+            "SELECT id FROM jobs WHERE +state IN (?,?,?) ORDER BY ended DESC, id DESC LIMIT ?",
             (*final, ended),
         )
         ids = sorted({*self.ids(set(JobState) - FINAL), *(r[0] for r in last)})
         return [j for j in map(self.get, ids) if j is not None]
+
+    def newest(self, n: int) -> list[Job]:
+        """The ``n`` jobs submitted last, in submission order."""
+        rows = self.db.execute("SELECT id FROM jobs ORDER BY id DESC LIMIT ?", (n,))
+        return [j for j in map(self.get, sorted(r[0] for r in rows)) if j is not None]
 
     def named(self, name: str) -> Job | None:
         """The newest job called ``name``."""

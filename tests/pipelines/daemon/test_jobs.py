@@ -112,3 +112,47 @@ def test_ended_jobs_are_read_from_the_database_not_held_in_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert held < 500_000, f"{held} bytes still held after reading 150 ended jobs of 20 KB"
+
+
+def _vm_steps(table, read) -> int:
+    """SQLite virtual-machine instructions ``read`` costs (counted every 100)."""
+    steps = [0]
+
+    def count():
+        steps[0] += 1
+
+    table.db.set_progress_handler(count, 100)
+    try:
+        read()
+    finally:
+        table.db.set_progress_handler(None, 100)
+    return steps[0] * 100
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda t: t.recent(20),
+        lambda t: t.all({JobState.QUEUED, JobState.RUNNING}),
+        lambda t: t.named("n5"),
+        lambda t: t.newest(20),
+    ],
+    ids=["recent", "not_ended", "named", "newest"],
+)
+def test_what_the_daemon_reads_each_second_costs_the_same_for_a_long_history(tmp_path, read):
+    costs = []
+    for history in (100, 1000):
+        table = JobTable(tmp_path / f"{history}.sqlite3", ended_cached=0)
+        table.db.execute("BEGIN")
+        for i in range(history):  # ended jobs, straight into the table
+            table.db.execute(
+                "INSERT INTO jobs (name, pipeline, config, config_hash, argv, cwd, ranks, "
+                "priority, state, run_dir, submitted, ended) "
+                "VALUES (?, 'p', '{}', 'h', '[]', '/', 1, 0, 'done', '/r', ?, ?)",
+                (f"n{i}", float(i), float(i)),
+            )
+        table.db.execute("COMMIT")
+        _add(table), _add(table)
+        costs.append(_vm_steps(table, lambda table=table: read(table)))
+        table.close()
+    assert costs[1] <= costs[0] + 200, f"{costs[0]} -> {costs[1]} VM steps for 10x the history"
