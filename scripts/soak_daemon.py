@@ -20,7 +20,8 @@ and must end `done` with the params_sha256 of `zerotrain run` of the same config
 seed (computed once per seed). Meanwhile a thread samples the daemon's RSS
 (/proc/PID/status VmRSS) and open fds (/proc/PID/fd) every second, scrapes /metrics and
 asks the daemon's status. RSS growth is measured from the end of the first job (imports
-and first allocations done) to the end of the soak; fds from the same point.
+and first allocations done) to the end of the soak, and at each quarter of that time;
+fds from the same point.
 
 Prints one line per job, a summary table and a final JSON line. Exit 1 if any job's hash
 differs or a job fails.
@@ -90,6 +91,17 @@ def _rss_fds(pid: int) -> tuple[int, int]:
     with open(f"/proc/{pid}/status") as f:
         rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _quarters(samples: list[tuple[float, int, int]], t_first: float) -> list[float]:
+    """RSS (MB) at the first sample past each quarter of the time after the first job:
+    whether the growth levels off or goes on."""
+    later = [(t, rss) for t, rss, _ in samples if t >= t_first]
+    if not later:
+        return []
+    span = later[-1][0] - t_first
+    marks = [t_first + span * q / 4 for q in (1, 2, 3, 4)]
+    return [round(next(r for t, r in later if t >= mark) / 2**20, 2) for mark in marks]
 
 
 def _wait(state: Path, job: str, pred, timeout=300.0) -> dict:
@@ -222,7 +234,7 @@ def main() -> None:
                 flush=True,
             )
             if after_first is None:
-                after_first = _rss_fds(daemon.pid)
+                after_first, t_first = _rss_fds(daemon.pid), time.monotonic()
         stop.set()
         thread.join(5)
         last = _rss_fds(daemon.pid)
@@ -237,6 +249,7 @@ def main() -> None:
             "rss_end_mb": round(last[0] / 2**20, 2),
             "rss_max_mb": round(max(r for _, r, _ in samples) / 2**20, 2) if samples else None,
             "rss_growth_pct": round(100.0 * (last[0] - rss0) / rss0, 2),
+            "rss_by_quarter_mb": _quarters(samples, t_first),
             "fds_after_first_job": fd0,
             "fds_end": last[1],
             "fds_min": min(fds) if fds else None,
