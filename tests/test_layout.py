@@ -123,7 +123,6 @@ TESTS = ROOT.parent / "tests" / "pipelines"
 # modules whose tests are named for what they test rather than for the module
 TESTED_IN = {
     "cluster/main.py": ["cluster/test_cluster.py"],
-    "daemon/app.py": ["daemon/test_daemon.py"],
     "daemon/control.py": ["daemon/test_bad_input.py"],
     "daemon/http.py": ["daemon/test_http_notify.py", "daemon/test_status_page.py"],
     "daemon/notify.py": ["daemon/test_http_notify.py"],
