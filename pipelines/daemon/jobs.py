@@ -139,6 +139,12 @@ class Job:
         return out
 
 
+def _state_marks(states) -> tuple[str, list[str]]:
+    """SQL placeholders for ``state IN (...)`` and their values, in a fixed order."""
+    values = sorted(JobState(s).value for s in states)
+    return ",".join("?" * len(values)), values
+
+
 class JobTable:
     """The jobs table of one state dir. Opening it checks that the file is a database we
     can read; a file that is not is reported (DaemonUsageError) and left as it is.
@@ -148,7 +154,8 @@ class JobTable:
     row's JSON columns are parsed once per change, not on every status request and
     every second's publishing. The cache holds every job not ended and only the
     ``ended_cached`` most recently read ended ones: a daemon that runs jobs for months
-    keeps their history on disk, not in memory. The :class:`Job` objects returned are
+    keeps their history on disk, not in memory (at least the ``RECENT_ENDED`` listed
+    every second, or each publish parses them again). The :class:`Job` objects returned are
     shared: read them, never change them.
     """
 
@@ -200,13 +207,12 @@ class JobTable:
 
     def all(self, states=None) -> list[Job]:
         """Every job, or those in ``states``, in submission order."""
-        return [j for j in map(self.get, self.ids(states)) if j is not None]
+        return self._jobs(self.ids(states))
 
     def ids(self, states=None) -> list[int]:
         if states is None:
             return [r[0] for r in self.db.execute("SELECT id FROM jobs ORDER BY id")]
-        wanted = sorted(JobState(s).value for s in states)
-        marks = ",".join("?" * len(wanted))
+        marks, wanted = _state_marks(states)
         query = f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY id"
         return [r[0] for r in self.db.execute(query, wanted)]
 
@@ -214,18 +220,20 @@ class JobTable:
         """The jobs not ended and the ``ended`` that ended last, in submission order:
         what a listing of the daemon's present shows. The indexes on state and end time
         keep its cost that of the rows it returns, however long the history."""
-        final = sorted(s.value for s in FINAL)
+        marks, final = _state_marks(FINAL)
         last = self.db.execute(  # +state: newest first down the end-time index
-            "SELECT id FROM jobs WHERE +state IN (?,?,?) ORDER BY ended DESC, id DESC LIMIT ?",
+            f"SELECT id FROM jobs WHERE +state IN ({marks}) ORDER BY ended DESC, id DESC LIMIT ?",
             (*final, ended),
         )
-        ids = sorted({*self.ids(set(JobState) - FINAL), *(r[0] for r in last)})
-        return [j for j in map(self.get, ids) if j is not None]
+        return self._jobs(sorted({*self.ids(set(JobState) - FINAL), *(r[0] for r in last)}))
 
     def newest(self, n: int) -> list[Job]:
         """The ``n`` jobs submitted last, in submission order."""
         rows = self.db.execute("SELECT id FROM jobs ORDER BY id DESC LIMIT ?", (n,))
-        return [j for j in map(self.get, sorted(r[0] for r in rows)) if j is not None]
+        return self._jobs(sorted(r[0] for r in rows))
+
+    def _jobs(self, ids) -> list[Job]:
+        return [j for j in map(self.get, ids) if j is not None]
 
     def named(self, name: str) -> Job | None:
         """The newest job called ``name``."""
